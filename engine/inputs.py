@@ -1,0 +1,112 @@
+"""One request's validated inputs, and the packed batch every backend consumes.
+
+``RequestInputs`` is what the server's validation produces: numpy arrays already
+checked against the spec (dtypes, shapes, lengths, index ranges, finite values).
+``collate`` packs several requests into one ``Batch`` of torch tensors: candidate
+rows of all requests back to back, request-scope features kept once per request
+with ``row_request`` saying which request each row belongs to (for the broadcast).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .spec import ModelSpec
+
+
+@dataclass(frozen=True, slots=True)
+class SparseInput:
+    """The ids of one sparse feature for one request."""
+
+    values: np.ndarray
+    """int64 ids, all bags back to back."""
+    lengths: np.ndarray | None = None
+    """int64 bag lengths, one per candidate (candidate scope); None: one bag (request scope)."""
+    weights: np.ndarray | None = None
+    """float32 per-value weights, same length as ``values`` (weighted features only)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInputs:
+    """A validated request: N candidates and every input of the model."""
+
+    num_candidates: int
+    """N, the number of candidates to score."""
+    sparse: dict[str, SparseInput]
+    """Sparse inputs by feature name."""
+    dense: dict[str, np.ndarray]
+    """float32 dense inputs by name: [dim] for request scope, [N, dim] for candidate scope."""
+
+
+@dataclass(frozen=True, slots=True)
+class SparseBatch:
+    """One sparse feature over a batch, in CSR form."""
+
+    values: torch.Tensor
+    """int64 [nnz]."""
+    offsets: torch.Tensor
+    """int64 [bags + 1]; bags = requests (request scope) or rows (candidate scope)."""
+    weights: torch.Tensor | None
+    """float32 [nnz] or None."""
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Several requests packed for one forward pass."""
+
+    num_rows: int
+    """B, candidate rows in total."""
+    num_requests: int
+    """R, requests in the batch."""
+    row_request: torch.Tensor
+    """int64 [B]: the request each row belongs to."""
+    sparse: dict[str, SparseBatch]
+    """Per sparse feature."""
+    dense: dict[str, torch.Tensor]
+    """float32 [R, dim] (request scope) or [B, dim] (candidate scope)."""
+
+
+def collate(spec: ModelSpec, requests: list[RequestInputs]) -> Batch:
+    """Pack ``requests`` (already validated against ``spec``) into one Batch."""
+    if not requests:
+        raise ValueError("collate needs at least one request")
+    counts = np.array([r.num_candidates for r in requests], dtype=np.int64)
+    row_request = np.repeat(np.arange(len(requests), dtype=np.int64), counts)
+    sparse = {}
+    for feature in spec.sparse:
+        parts = [r.sparse[feature.name] for r in requests]
+        values = np.concatenate([p.values.astype(np.int64, copy=False) for p in parts])
+        if feature.scope == "request":
+            lengths = np.array([len(p.values) for p in parts], dtype=np.int64)
+        else:
+            lengths = np.concatenate([p.lengths for p in parts]).astype(np.int64, copy=False)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        weights = None
+        if feature.weighted:
+            weights = torch.from_numpy(
+                np.concatenate([p.weights for p in parts]).astype(np.float32, copy=False))
+        sparse[feature.name] = SparseBatch(torch.from_numpy(values), torch.from_numpy(offsets),
+                                           weights)
+    dense = {}
+    for feature in spec.dense:
+        if feature.scope == "request":
+            stacked = np.stack([r.dense[feature.name].reshape(feature.dim) for r in requests])
+        else:
+            stacked = np.concatenate([r.dense[feature.name].reshape(-1, feature.dim)
+                                      for r in requests])
+        dense[feature.name] = torch.from_numpy(stacked.astype(np.float32, copy=False))
+    return Batch(int(counts.sum()), len(requests), torch.from_numpy(row_request), sparse, dense)
+
+
+def split_scores(scores: np.ndarray, requests: list[RequestInputs]) -> list[np.ndarray]:
+    """Cut a batch's [B, H] scores back into one array per request ([N] when H == 1)."""
+    out, start = [], 0
+    for r in requests:
+        part = scores[start:start + r.num_candidates]
+        out.append(part[:, 0] if part.shape[1] == 1 else part)
+        start += r.num_candidates
+    return out
