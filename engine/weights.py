@@ -93,7 +93,8 @@ def dequantize_rowwise(codes: torch.Tensor, scale: torch.Tensor,
     return codes.float() * scale[:, None] + offset[:, None]
 
 
-def init_weights(spec: ModelSpec, seed: int = 0, table_scale: float = 0.5) -> dict[str, torch.Tensor]:
+def init_weights(spec: ModelSpec, seed: int = 0,
+                 table_scale: float = 0.5) -> dict[str, torch.Tensor]:
     """Deterministic random weights for ``spec`` (demo models and tests).
 
     Tables are uniform in [-table_scale, table_scale]; layers use a scaled normal
