@@ -1,0 +1,99 @@
+"""Shared kernel plumbing: interpreter fallback, a compile-failure-proof autotuner, checks.
+
+Without a CUDA device the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``,
+set here before any ``@triton.jit`` decorates, because Triton reads it at decoration time),
+so the CPU tests and a CPU host run the same kernel code as the card.
+
+``SafeTuner`` replaces ``triton.autotune``: Triton's autotuner only skips configs that run
+out of resources, while a config can also fail inside an MLIR pass (Triton 3.6 failed
+``TritonGPURemoveLayoutConversions`` on a masked 2-D row gather at 32+ rows per program).
+Here every config is tried, any exception drops that config, and the fastest survivor is
+cached per key. Tuning launches kernels and synchronizes, so warm up (call once per shape
+bucket) before capturing a CUDA graph; under the interpreter the first config is used.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402  (must come after the interpreter switch above)
+
+
+def interpreting() -> bool:
+    """True when kernels run under Triton's CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class SafeTuner:
+    """Pick the fastest config per key among those that compile and run."""
+
+    def __init__(self, name: str, configs: Sequence[dict]) -> None:
+        if not configs:
+            raise ValueError(f"{name}: no configs to tune over")
+        self.name = name
+        self.configs = list(configs)
+        self.best: dict[tuple, dict] = {}
+
+    def run(self, key: tuple, launch: Callable[[dict], None],
+            candidates: Sequence[dict] | None = None) -> dict:
+        """Launch with the cached best config for ``key``, tuning on first sight."""
+        configs = list(candidates) if candidates is not None else self.configs
+        if key in self.best:
+            launch(self.best[key])
+            return self.best[key]
+        if interpreting() or len(configs) == 1:
+            launch(configs[0])
+            self.best[key] = configs[0]
+            return configs[0]
+        timings = []
+        errors = []
+        for config in configs:
+            try:
+                ms = triton.testing.do_bench(lambda c=config: launch(c), warmup=5, rep=20,
+                                             return_mode="median")
+                timings.append((ms, config))
+            except Exception as exc:  # noqa: BLE001 - any compile or launch failure prunes
+                errors.append(f"{config}: {type(exc).__name__}: {str(exc)[:200]}")
+        if not timings:
+            raise RuntimeError(f"{self.name}: every config failed for key {key}:\n  "
+                               + "\n  ".join(errors))
+        if errors:
+            warnings.warn(f"{self.name}: pruned {len(errors)} config(s) for key {key}: "
+                          + "; ".join(errors), stacklevel=2)
+        best = min(timings, key=lambda t: t[0])[1]
+        self.best[key] = best
+        launch(best)  # leave the outputs of the chosen config in place
+        return best
+
+
+def check_tensor(what: str, t: torch.Tensor, *, dtypes: Sequence[torch.dtype] | None = None,
+                 ndim: int | None = None, device: torch.device | None = None) -> None:
+    """Raise ValueError naming ``what`` when ``t`` has the wrong dtype, rank or device."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"{what} has dtype {t.dtype}; expected one of {list(dtypes)}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{what} has shape {list(t.shape)}; expected {ndim} dimensions")
+    if device is not None and not same_device(t.device, device):
+        raise ValueError(f"{what} is on {t.device}; expected {device}")
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Device equality where ``cuda`` matches ``cuda:0`` (the current device)."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    return a.index is None or b.index is None or a.index == b.index
+
+
+def next_pow2(n: int, low: int = 1) -> int:
+    """Smallest power of two >= max(n, low)."""
+    return max(low, triton.next_power_of_2(max(1, n)))

@@ -1,0 +1,411 @@
+"""Table-batched embedding bags: every sparse feature of one table dtype in ONE launch.
+
+Scope and limits:
+- Tables of one dtype (fp32, fp16, bf16, or int8 row-wise: uint8 codes with an fp32 scale
+  and offset per row) are packed into one flat buffer (``PackedTables``) with int64 element
+  and row bases, so one launch reads all of them. A model mixing table dtypes launches once
+  per dtype group.
+- Input is CSR: all features' indices back to back (int32 or int64), and per feature
+  ``bags + 1`` absolute offsets (int32 or int64) concatenated in feature order.
+- sum or mean pooling, optional per-value weights, fp32 accumulation, empty bags give zeros;
+  the pooled vector is cast to ``out``'s dtype and written straight into its column slice
+  of ``out`` (the interaction input), at any row stride.
+- Candidate-scope features have one bag per output row; request-scope features have one
+  bag per request, gathered once and written to every row of that request
+  (``request_offsets``), so rows are never gathered per candidate.
+- Bounds: an index outside [0, rows) of its table is masked (reads nothing, adds nothing)
+  and sets ``bad[request]`` to 1, so the caller can fail that request alone.
+- Long bags (features whose ``max_bag`` >= ``LANES``) take one bag per program and read
+  ``LANES`` positions per step; their programs are ordered first so they never form the
+  tail. Short bags take ``BAGS`` bags per program, one position each per step.
+- Deterministic: no atomics; every sum has a fixed order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ._common import SafeTuner, check_tensor, next_pow2
+
+import triton  # isort: skip  (after _common, which may switch on the interpreter)
+import triton.language as tl  # isort: skip
+
+TABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.uint8)
+INDEX_DTYPES = (torch.int32, torch.int64)
+# (BAGS, LANES, num_warps); rows per program stay <= 16 (Triton 3.6 broke at 32).
+CONFIGS = [
+    {"BAGS": 16, "LANES": 16, "num_warps": 4},
+    {"BAGS": 8, "LANES": 16, "num_warps": 4},
+    {"BAGS": 16, "LANES": 16, "num_warps": 8},
+    {"BAGS": 8, "LANES": 8, "num_warps": 2},
+    {"BAGS": 4, "LANES": 16, "num_warps": 2},
+]
+_META_COLS = 9  # elem_base, row_base, rows, dim, bag_base, num_bags, out_col, first_prog, flags
+_REQUEST, _MEAN, _WEIGHTED, _LONG = 1, 2, 4, 8
+
+
+@dataclass(frozen=True, slots=True)
+class BagFeature:
+    """Static description of one sparse feature for the launcher."""
+
+    table: int
+    """Index of its table in the ``PackedTables``."""
+    out_col: int
+    """First column of its slice in ``out``."""
+    request_scope: bool = False
+    """One bag per request (broadcast to the request's rows) instead of one per row."""
+    mean: bool = False
+    """Mean pooling (sum divided by the bag length) instead of sum."""
+    weighted: bool = False
+    """Multiply each row by its per-value weight."""
+    max_bag: int = 1
+    """Largest bag expected; bags this long or longer take the long-bag path."""
+
+    def __post_init__(self) -> None:
+        for name in ("table", "out_col", "max_bag"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"BagFeature.{name} is {value!r}; expected an int >= 0")
+
+
+class PackedTables:
+    """Tables of one dtype in one flat buffer, with int64 bases per table."""
+
+    def __init__(self, tables: Sequence[torch.Tensor],
+                 scales: Sequence[torch.Tensor] | None = None,
+                 shifts: Sequence[torch.Tensor] | None = None) -> None:
+        if not tables:
+            raise ValueError("PackedTables needs at least one table")
+        dtype, device = tables[0].dtype, tables[0].device
+        for i, t in enumerate(tables):
+            check_tensor(f"table {i}", t, dtypes=TABLE_DTYPES, ndim=2, device=device)
+            if t.dtype != dtype:
+                raise ValueError(f"table {i} has dtype {t.dtype}, table 0 has {dtype}: "
+                                 "pack one dtype per PackedTables")
+        self.quantized = dtype == torch.uint8
+        if self.quantized and (scales is None or shifts is None):
+            raise ValueError("uint8 tables need per-row scales and shifts (offsets)")
+        self.rows = [t.shape[0] for t in tables]
+        self.dims = [t.shape[1] for t in tables]
+        self.elem_base = [0]
+        self.row_base = [0]
+        for t in tables[:-1]:
+            self.elem_base.append(self.elem_base[-1] + t.numel())
+            self.row_base.append(self.row_base[-1] + t.shape[0])
+        self.data = torch.cat([t.reshape(-1) for t in tables])
+        self.scale = self.shift = self.data  # placeholders: never read unless quantized
+        if self.quantized:
+            for i, (s, o) in enumerate(zip(scales, shifts, strict=True)):
+                for what, v in (("scale", s), ("shift", o)):
+                    check_tensor(f"table {i} {what}", v, dtypes=[torch.float32], ndim=1,
+                                 device=device)
+                    if v.shape[0] != self.rows[i]:
+                        raise ValueError(f"table {i} {what} has shape {list(v.shape)}; "
+                                         f"expected [{self.rows[i]}]")
+            self.scale = torch.cat(list(scales))
+            self.shift = torch.cat(list(shifts))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+
+@triton.jit
+def _gather(table_ptr, scale_ptr, shift_ptr, weights_ptr, indices_ptr, pos, valid,
+            elem_base, row_base, rows, dim, is_weighted, d, dmask,
+            QUANT: tl.constexpr, WEIGHTED: tl.constexpr):
+    """Rows [n, BLOCK_D] (fp32, zero where masked) at index positions ``pos`` [n]."""
+    idx = tl.load(indices_ptr + pos, mask=valid, other=0).to(tl.int64)
+    inb = valid & (idx >= 0) & (idx < rows)
+    ptrs = table_ptr + (elem_base + idx * dim)[:, None] + d[None, :]
+    vals = tl.load(ptrs, mask=inb[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    if QUANT:
+        s = tl.load(scale_ptr + row_base + idx, mask=inb, other=0.0)
+        o = tl.load(shift_ptr + row_base + idx, mask=inb, other=0.0)
+        vals = vals * s[:, None] + o[:, None]
+    if WEIGHTED:
+        # Unweighted features in a weighted launch read weight 1 (their slots are unused).
+        w = tl.load(weights_ptr + pos, mask=inb, other=1.0).to(tl.float32)
+        w = tl.where(is_weighted != 0, w, 1.0)
+        vals = vals * w[:, None]
+    return vals, (valid & (inb == 0)).to(tl.int32)
+
+
+@triton.jit
+def _finish(acc, length, bad, bags, bmask, out_ptr, bad_ptr, row_request_ptr,
+            request_offsets_ptr, out_stride, out_col, dim, flags, d, dmask):
+    """Mean, bad flags, and the store of pooled ``acc`` [n, BLOCK_D] for ``bags`` [n]."""
+    if (flags & 2) != 0:
+        acc = acc / tl.maximum(length, 1).to(tl.float32)[:, None]
+    val = acc.to(out_ptr.dtype.element_ty)
+    is_bad = (bad != 0) & bmask
+    if (flags & 1) != 0:
+        tl.store(bad_ptr + bags, tl.full(bags.shape, 1, tl.int32), mask=is_bad)
+        rs = tl.load(request_offsets_ptr + bags, mask=bmask, other=0).to(tl.int64)
+        n = tl.load(request_offsets_ptr + bags + 1, mask=bmask, other=0).to(tl.int64) - rs
+        for k in range(0, tl.max(n, axis=0)):
+            ptrs = out_ptr + ((rs + k) * out_stride + out_col)[:, None] + d[None, :]
+            tl.store(ptrs, val, mask=(bmask & (k < n))[:, None] & dmask[None, :])
+    else:
+        owner = tl.load(row_request_ptr + bags, mask=is_bad, other=0)
+        tl.store(bad_ptr + owner, tl.full(bags.shape, 1, tl.int32), mask=is_bad)
+        ptrs = out_ptr + (bags.to(tl.int64) * out_stride + out_col)[:, None] + d[None, :]
+        tl.store(ptrs, val, mask=bmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _embedding_bag_kernel(
+    # pointers
+    table_ptr, scale_ptr, shift_ptr, indices_ptr, offsets_ptr, weights_ptr,
+    out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr, prog_feature_ptr, meta_ptr,
+    # strides
+    out_stride,
+    # meta-parameters
+    BAGS: tl.constexpr, LANES: tl.constexpr, BLOCK_D: tl.constexpr,
+    QUANT: tl.constexpr, WEIGHTED: tl.constexpr,
+):
+    """One program pools BAGS short bags, or one long bag LANES positions at a time.
+
+    table [sum rows*dim] flat, scale/shift [sum rows] fp32 (QUANT), indices [nnz],
+    offsets [sum (bags_f + 1)] absolute into indices, weights [nnz] fp32 (WEIGHTED),
+    out [B, out_stride] (columns out_col .. out_col+dim per feature), bad [R] int32,
+    row_request [B], request_offsets [R + 1], prog_feature [programs] int32,
+    meta [F, 9] int64 (see ``_META_COLS``).
+    """
+    pid = tl.program_id(0)
+    f = tl.load(prog_feature_ptr + pid).to(tl.int64)
+    meta = meta_ptr + f * 9
+    elem_base = tl.load(meta + 0)
+    row_base = tl.load(meta + 1)
+    rows = tl.load(meta + 2)
+    dim = tl.load(meta + 3)
+    bag_base = tl.load(meta + 4)
+    num_bags = tl.load(meta + 5)
+    out_col = tl.load(meta + 6)
+    local = pid - tl.load(meta + 7)
+    flags = tl.load(meta + 8)
+    is_weighted = flags & 4
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < dim
+    if (flags & 8) != 0:
+        bags = local + tl.arange(0, 1)
+        bmask = bags < num_bags
+        start = tl.load(offsets_ptr + bag_base + bags, mask=bmask, other=0).to(tl.int64)
+        end = tl.load(offsets_ptr + bag_base + bags + 1, mask=bmask, other=0).to(tl.int64)
+        lanes = tl.arange(0, LANES)
+        acc = tl.zeros([LANES, BLOCK_D], dtype=tl.float32)
+        bad = tl.zeros([LANES], dtype=tl.int32)
+        for j in range(0, tl.max(end - start, axis=0), LANES):
+            pos = start + j + lanes
+            vals, b = _gather(table_ptr, scale_ptr, shift_ptr, weights_ptr, indices_ptr, pos,
+                              pos < end, elem_base, row_base, rows, dim, is_weighted, d, dmask,
+                              QUANT, WEIGHTED)
+            acc += vals
+            bad = bad | b
+        pooled = tl.expand_dims(tl.sum(acc, axis=0), 0)
+        bad1 = tl.expand_dims(tl.max(bad, axis=0), 0)
+        _finish(pooled, end - start, bad1, bags, bmask, out_ptr, bad_ptr, row_request_ptr,
+                request_offsets_ptr, out_stride, out_col, dim, flags, d, dmask)
+    else:
+        bags = local * BAGS + tl.arange(0, BAGS)
+        bmask = bags < num_bags
+        start = tl.load(offsets_ptr + bag_base + bags, mask=bmask, other=0).to(tl.int64)
+        length = tl.load(offsets_ptr + bag_base + bags + 1, mask=bmask, other=0) - start
+        acc = tl.zeros([BAGS, BLOCK_D], dtype=tl.float32)
+        bad = tl.zeros([BAGS], dtype=tl.int32)
+        for j in range(0, tl.max(length, axis=0)):
+            vals, b = _gather(table_ptr, scale_ptr, shift_ptr, weights_ptr, indices_ptr,
+                              start + j, j < length, elem_base, row_base, rows, dim,
+                              is_weighted, d, dmask, QUANT, WEIGHTED)
+            acc += vals
+            bad = bad | b
+        _finish(acc, length, bad, bags, bmask, out_ptr, bad_ptr, row_request_ptr,
+                request_offsets_ptr, out_stride, out_col, dim, flags, d, dmask)
+
+
+_tuner = SafeTuner("embedding_bag", CONFIGS)
+_plans: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+
+def _bag_counts(features: Sequence[BagFeature], num_rows: int, num_requests: int) -> list[int]:
+    return [num_requests if f.request_scope else num_rows for f in features]
+
+
+def _plan(packed: PackedTables, features: tuple[BagFeature, ...], num_rows: int,
+          num_requests: int, bags_per_prog: int, lanes: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                      int]:
+    """Per-feature metadata and the program -> feature map, cached per shape bucket."""
+    key = (tuple(packed.elem_base), tuple(packed.rows), tuple(packed.dims), features,
+           num_rows, num_requests, bags_per_prog, lanes, str(packed.device))
+    if key in _plans:
+        return _plans[key]
+    counts = _bag_counts(features, num_rows, num_requests)
+    bag_base = [0]
+    for c in counts[:-1]:
+        bag_base.append(bag_base[-1] + c + 1)
+    is_long = [f.max_bag >= lanes for f in features]
+    # Long-bag features first: their programs do the most work, so they must not start last.
+    order = sorted(range(len(features)), key=lambda i: not is_long[i])
+    meta = [[0] * _META_COLS for _ in features]
+    prog_feature: list[int] = []
+    for i in order:
+        f, t = features[i], features[i].table
+        programs = counts[i] if is_long[i] else -(-counts[i] // bags_per_prog)
+        flags = (_REQUEST * f.request_scope) | (_MEAN * f.mean) | (_WEIGHTED * f.weighted) \
+            | (_LONG * is_long[i])
+        meta[i] = [packed.elem_base[t], packed.row_base[t], packed.rows[t], packed.dims[t],
+                   bag_base[i], counts[i], f.out_col, len(prog_feature), flags]
+        prog_feature.extend([i] * programs)
+    plan = (torch.tensor(meta, dtype=torch.int64, device=packed.device),
+            torch.tensor(prog_feature, dtype=torch.int32, device=packed.device), len(prog_feature))
+    _plans[key] = plan
+    return plan
+
+
+def _check_launch(packed: PackedTables, features: Sequence[BagFeature], indices: torch.Tensor,
+                  offsets: torch.Tensor, out: torch.Tensor, weights: torch.Tensor | None,
+                  num_requests: int) -> None:
+    dev = packed.device
+    check_tensor("indices", indices, dtypes=INDEX_DTYPES, ndim=1, device=dev)
+    check_tensor("offsets", offsets, dtypes=INDEX_DTYPES, ndim=1, device=dev)
+    check_tensor("out", out, dtypes=[torch.float32, torch.float16, torch.bfloat16], ndim=2,
+                 device=dev)
+    if out.stride(1) != 1:
+        raise ValueError(f"out (shape {list(out.shape)}, strides {out.stride()}) needs unit "
+                         "column stride")
+    want = sum(c + 1 for c in _bag_counts(features, out.shape[0], num_requests))
+    if offsets.shape[0] != want:
+        raise ValueError(f"offsets has shape {list(offsets.shape)}; expected [{want}] "
+                         f"(bags + 1 per feature, B={out.shape[0]}, R={num_requests})")
+    for i, f in enumerate(features):
+        if not 0 <= f.table < len(packed.rows):
+            raise ValueError(f"feature {i} reads table {f.table}; there are {len(packed.rows)}")
+        if f.out_col + packed.dims[f.table] > out.shape[1]:
+            end = f.out_col + packed.dims[f.table]
+            raise ValueError(f"feature {i} writes columns {f.out_col}..{end} but out has "
+                             f"shape {list(out.shape)}")
+    if any(f.weighted for f in features):
+        if weights is None:
+            raise ValueError("a feature is weighted but no weights were given")
+        check_tensor("weights", weights, dtypes=[torch.float32], ndim=1, device=dev)
+        if weights.shape != indices.shape:
+            raise ValueError(f"weights has shape {list(weights.shape)}; indices has "
+                             f"{list(indices.shape)}")
+
+
+def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices: torch.Tensor,
+                  offsets: torch.Tensor, out: torch.Tensor, *,
+                  weights: torch.Tensor | None = None, row_request: torch.Tensor | None = None,
+                  request_offsets: torch.Tensor | None = None,
+                  bad: torch.Tensor | None = None) -> torch.Tensor:
+    """Pool every feature's bags into its slice of ``out`` [B, W] in one launch.
+
+    ``offsets`` holds, per feature in order, bags+1 absolute positions into ``indices``
+    (bags = B for candidate scope, R for request scope). ``row_request`` [B] maps rows to
+    requests and ``request_offsets`` [R + 1] gives each request's rows (needed with
+    request-scope features; both default to one request per row). Returns ``bad`` [R]
+    int32: 1 where a request sent an index outside its table (those rows read nothing).
+    CSR consistency (monotone offsets within [0, nnz]) is the caller's: see ``check_csr``.
+    """
+    features = tuple(features)
+    num_rows = out.shape[0]
+    if request_offsets is None:
+        if any(f.request_scope for f in features):
+            raise ValueError("request-scope features need request_offsets")
+        request_offsets = torch.arange(num_rows + 1, device=out.device, dtype=torch.int64)
+    num_requests = request_offsets.shape[0] - 1
+    if row_request is None:
+        if num_requests != num_rows:
+            raise ValueError(f"row_request is needed when R={num_requests} != B={num_rows}")
+        row_request = request_offsets[:-1]
+    _check_launch(packed, features, indices, offsets, out, weights, num_requests)
+    check_tensor("row_request", row_request, dtypes=INDEX_DTYPES, ndim=1, device=packed.device)
+    if bad is None:
+        bad = torch.zeros(num_requests, dtype=torch.int32, device=out.device)
+    else:
+        check_tensor("bad", bad, dtypes=[torch.int32], ndim=1, device=packed.device)
+        bad.zero_()
+    if not features or num_rows == 0:
+        return bad
+    block_d = next_pow2(max(packed.dims[f.table] for f in features), 16)
+    weighted = any(f.weighted for f in features)
+
+    def launch(cfg: dict) -> None:
+        meta, prog_feature, programs = _plan(packed, features, num_rows, num_requests,
+                                             cfg["BAGS"], cfg["LANES"])
+        _embedding_bag_kernel[(programs,)](
+            packed.data, packed.scale, packed.shift, indices, offsets,
+            weights if weighted else indices, out, bad, row_request, request_offsets,
+            prog_feature, meta, out.stride(0),
+            BAGS=cfg["BAGS"], LANES=cfg["LANES"], BLOCK_D=block_d, QUANT=packed.quantized,
+            WEIGHTED=weighted, num_warps=cfg["num_warps"])
+
+    key = (packed.dtype, block_d, weighted, features, num_rows, num_requests, out.dtype,
+           indices.dtype)
+    _tuner.run(key, launch)
+    return bad
+
+
+def check_csr(offsets: torch.Tensor, bag_counts: Sequence[int], nnz: int) -> None:
+    """Raise ValueError unless each feature's offsets rise monotonically within [0, nnz].
+
+    Run on the host copy (it synchronizes on a device tensor); the kernel trusts offsets.
+    """
+    offsets = offsets.detach().cpu().to(torch.int64)
+    base = 0
+    for i, count in enumerate(bag_counts):
+        part = offsets[base:base + count + 1]
+        if part.shape[0] != count + 1:
+            raise ValueError(f"offsets has {offsets.shape[0]} entries; feature {i} needs "
+                             f"{count + 1} from position {base}")
+        if part[0] < 0 or part[-1] > nnz or bool((part[1:] < part[:-1]).any()):
+            raise ValueError(f"feature {i} offsets are not monotone within [0, {nnz}]: "
+                             f"{part[:8].tolist()}...")
+        base += count + 1
+
+
+def embedding_bag_reference(tables: Sequence[torch.Tensor], features: Sequence[BagFeature],
+                            indices: torch.Tensor, offsets: torch.Tensor, num_rows: int, *,
+                            weights: torch.Tensor | None = None,
+                            request_offsets: torch.Tensor | None = None
+                            ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Plain-torch fp32 pooling: per feature [B, dim] (broadcast for request scope), bad [R].
+
+    ``tables`` are fp32 (dequantize int8 first). Out-of-range indices add nothing.
+    """
+    if request_offsets is None:
+        request_offsets = torch.arange(num_rows + 1)
+    request_offsets = request_offsets.cpu().to(torch.int64)
+    num_requests = request_offsets.shape[0] - 1
+    row_request = torch.repeat_interleave(torch.arange(num_requests),
+                                          request_offsets[1:] - request_offsets[:-1])
+    indices, offsets = indices.cpu().to(torch.int64), offsets.cpu().to(torch.int64)
+    bad = torch.zeros(num_requests, dtype=torch.bool)
+    pooled, base = [], 0
+    for f in features:
+        table = tables[f.table].float().cpu()
+        count = num_requests if f.request_scope else num_rows
+        offs = offsets[base:base + count + 1]
+        base += count + 1
+        idx = indices[offs[0]:offs[-1]]
+        ok = (idx >= 0) & (idx < table.shape[0])
+        w = ok.float()
+        if f.weighted:
+            w = w * weights.cpu()[offs[0]:offs[-1]]
+        bag_of = torch.repeat_interleave(torch.arange(count), offs[1:] - offs[:-1])
+        owner = bag_of if f.request_scope else row_request[bag_of]
+        bad[owner[~ok]] = True
+        sums = F.embedding_bag(torch.where(ok, idx, 0), table, offs[:-1] - offs[0],
+                               mode="sum", per_sample_weights=w)
+        if f.mean:
+            sums = sums / (offs[1:] - offs[:-1]).clamp_min(1).float()[:, None]
+        pooled.append(sums[row_request] if f.request_scope else sums)
+    return pooled, bad

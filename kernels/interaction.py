@@ -1,0 +1,156 @@
+"""Feature interactions: the DLRM dot interaction kernel and the DCNv2 cross layer.
+
+Dot: each row holds T vectors of width D back to back (``v`` [B, >= T*D], vector t at
+columns t*D .. t*D+D, x first); a program loads ROWS rows' [T, D] tiles, forms the Gram
+matrix on the tensor cores (fp32 accumulation) and scatters the wanted pairs through a
+precomputed destination map, so the output layout is free: the reference order
+([x, pairs i > j row-major], or i >= j with self-interaction), or any column permutation
+(the model puts request-only columns first so the next layer can split W·[u;i]).
+Limits: T <= 128, D <= 512 per tile; the Gram is computed in full (T^2 D per row), which
+is a few percent of the first top-MLP layer's FLOPs for DLRM shapes.
+
+DCNv2 cross layer x_{l+1} = x0 * (V (U x_l) + b) + x_l is two fused GEMMs: ``linear`` for
+U x_l, then ``linear`` with the cross epilogue (see ``cross_layer``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import check_tensor, interpreting, next_pow2
+from .linear import linear
+
+import triton  # isort: skip  (after _common, which may switch on the interpreter)
+import triton.language as tl  # isort: skip
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ROWS_GPU = 4
+_ROWS_CPU = 8
+
+
+@triton.jit
+def _dot_interaction_kernel(
+    # pointers
+    v_ptr, out_ptr, dest_ptr,
+    # sizes
+    B, T, D, x_dest,
+    # strides
+    stride_vm, stride_om,
+    # meta-parameters
+    ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_X: tl.constexpr, IEEE: tl.constexpr,
+):
+    """ROWS rows per program. v [B, T*D] (row stride stride_vm), out [B, K],
+    dest [BLOCK_T, BLOCK_T] int32 (output column of pair (i, j), -1: not stored);
+    with HAS_X, vector 0 is also copied to out columns x_dest .. x_dest+D."""
+    pid = tl.program_id(0)
+    t = tl.arange(0, BLOCK_T)
+    d = tl.arange(0, BLOCK_D)
+    dest = tl.load(dest_ptr + t[:, None] * BLOCK_T + t[None, :])
+    for r in tl.static_range(ROWS):
+        row = pid * ROWS + r
+        # Row validity as tensors (t * 0 + row), not a scalar: masks must be tensors.
+        t_ok = (t < T) & ((t * 0 + row) < B)
+        d_ok = (d < D) & ((d * 0 + row) < B)
+        base = v_ptr + row.to(tl.int64) * stride_vm
+        v = tl.load(base + t[:, None] * D + d[None, :], mask=t_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        if IEEE:
+            gram = tl.dot(v, tl.trans(v), input_precision="ieee")
+        else:
+            gram = tl.dot(v, tl.trans(v))
+        out_row = out_ptr + row.to(tl.int64) * stride_om
+        tl.store(out_row + dest, gram.to(out_ptr.dtype.element_ty),
+                 mask=(dest >= 0) & t_ok[:, None])
+        if HAS_X:
+            x = tl.load(base + d, mask=d_ok, other=0.0)
+            tl.store(out_row + x_dest + d, x.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+def pair_columns(num_vectors: int, self_interaction: bool, first_col: int) -> list[tuple]:
+    """(i, j, column) of each pair in the reference order, starting at ``first_col``."""
+    out, col = [], first_col
+    for i in range(num_vectors):
+        for j in range(i + 1 if self_interaction else i):
+            out.append((i, j, col))
+            col += 1
+    return out
+
+
+def dest_map(num_vectors: int, pairs: list[tuple], width: int,
+             device: torch.device | str = "cpu") -> torch.Tensor:
+    """The kernel's [BLOCK_T, BLOCK_T] int32 destination map for (i, j, column) pairs.
+
+    ``width`` is the output's column count; every column must fall inside it (the kernel
+    trusts the map).
+    """
+    block_t = next_pow2(num_vectors, 16)
+    dest = torch.full((block_t, block_t), -1, dtype=torch.int32)
+    for i, j, col in pairs:
+        if not (0 <= j <= i < num_vectors and 0 <= col < width):
+            raise ValueError(f"pair ({i}, {j}) -> column {col} is outside T={num_vectors}, "
+                             f"width={width}")
+        dest[i, j] = col
+    return dest.to(device)
+
+
+def dot_interaction(v: torch.Tensor, num_vectors: int, dim: int, dest: torch.Tensor,
+                    out: torch.Tensor, x_dest: int | None = None) -> torch.Tensor:
+    """Pairwise dots of the ``num_vectors`` vectors in each row of ``v`` into ``out``.
+
+    v [B, >= T*D] (unit column stride), dest from ``dest_map``, out [B, K]; with ``x_dest``
+    vector 0 is copied to out[:, x_dest:x_dest+D] too. Returns ``out``.
+    """
+    check_tensor("v", v, dtypes=FLOAT_DTYPES, ndim=2)
+    check_tensor("out", out, dtypes=FLOAT_DTYPES, ndim=2, device=v.device)
+    check_tensor("dest", dest, dtypes=[torch.int32], ndim=2, device=v.device)
+    block_t, block_d = next_pow2(num_vectors, 16), next_pow2(dim, 16)
+    if not 1 <= num_vectors <= 128 or not 1 <= dim <= 512:
+        raise ValueError(f"dot interaction supports T <= 128, D <= 512; got T={num_vectors}, "
+                         f"D={dim}")
+    if v.shape[1] < num_vectors * dim or v.stride(1) != 1:
+        raise ValueError(f"v has shape {list(v.shape)}, strides {v.stride()}; needs "
+                         f"{num_vectors}*{dim} columns with unit column stride")
+    if out.shape[0] != v.shape[0] or out.stride(1) != 1:
+        raise ValueError(f"out has shape {list(out.shape)}, strides {out.stride()}; needs "
+                         f"{v.shape[0]} rows and unit column stride")
+    if list(dest.shape) != [block_t, block_t] or not dest.is_contiguous():
+        raise ValueError(f"dest has shape {list(dest.shape)}; expected [{block_t}, {block_t}]")
+    if x_dest is not None and not 0 <= x_dest <= out.shape[1] - dim:
+        raise ValueError(f"x_dest {x_dest} + D {dim} does not fit out {list(out.shape)}")
+    rows = _ROWS_CPU if interpreting() else _ROWS_GPU
+    grid = (triton.cdiv(v.shape[0], rows),)
+    _dot_interaction_kernel[grid](
+        v, out, dest, v.shape[0], num_vectors, dim, x_dest if x_dest is not None else 0,
+        v.stride(0), out.stride(0),
+        ROWS=rows, BLOCK_T=block_t, BLOCK_D=block_d, HAS_X=x_dest is not None,
+        IEEE=v.dtype == torch.float32, num_warps=4)
+    return out
+
+
+def dot_interaction_reference(vectors: torch.Tensor, self_interaction: bool,
+                              with_x: bool = True) -> torch.Tensor:
+    """[B, T, D] -> [x (if with_x), pairs] in fp32, pairs in the reference order."""
+    vectors = vectors.float()
+    t = vectors.shape[1]
+    gram = vectors @ vectors.transpose(1, 2)
+    rows, cols = torch.tril_indices(t, t, offset=0 if self_interaction else -1)
+    dots = gram[:, rows, cols]
+    return torch.cat([vectors[:, 0], dots], dim=1) if with_x else dots
+
+
+def cross_layer(x0: torch.Tensor, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                bias: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One DCNv2 layer: x0 * (V (U x) + b) + x, as two GEMMs with fused epilogues.
+
+    x0, x [B, D]; u [rank, D]; v [D, rank]; bias [D]. Returns [B, D] in x's dtype.
+    """
+    low = linear(x, u)
+    return linear(low, v, bias, cross=(x0, x), out=out)
+
+
+def cross_layer_reference(x0: torch.Tensor, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                          bias: torch.Tensor) -> torch.Tensor:
+    """fp32 DCNv2 layer."""
+    x0, x = x0.float(), x.float()
+    return x0 * ((x @ u.float().T) @ v.float().T + bias.float()) + x

@@ -1,0 +1,251 @@
+"""Fused linear layers: out = epilogue(A @ W^T), fp32 accumulation, one launch per layer.
+
+Scope and limits:
+- A [M, K] (any strides; optionally rows gathered through ``a_rows``), W [N, K] in torch's
+  Linear layout (a transposed contiguous copy, ``W.t().contiguous().t()``, reads coalesced),
+  fp32 / fp16 / bf16 operands; fp32 operands use exact fp32 products (no TF32).
+- Epilogue, in this order: + bias[n]; + add[add_rows[m], n] (the request-scope half of a
+  split layer, computed once per request and broadcast to its rows); the DCNv2 cross
+  update x0 * acc + x; activation none / relu / sigmoid; cast to ``out``'s dtype.
+- ``final``: the next, narrow layer (H <= 8 outputs, each sigmoid or raw) is fused in: the
+  program holds the whole activated row (N <= 256) and writes only the H scores (fp32).
+- Deterministic: no split-K, a fixed reduction order per config.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import SafeTuner, check_tensor, next_pow2
+
+import triton  # isort: skip  (after _common, which may switch on the interpreter)
+import triton.language as tl  # isort: skip
+
+ACTIVATIONS = {"none": 0, "relu": 1, "sigmoid": 2}
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_FINAL_N = 256
+MAX_FINAL_H = 8
+_GPU_CONFIGS = [
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+]
+_CPU_CONFIGS = [{"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}]
+_tuner = SafeTuner("linear", _GPU_CONFIGS)
+
+
+@triton.jit
+def _linear_kernel(
+    # pointers
+    a_ptr, w_ptr, bias_ptr, out_ptr, a_rows_ptr, add_ptr, add_rows_ptr, x0_ptr, x_ptr,
+    wf_ptr, bf_ptr, fact_ptr,
+    # sizes
+    M, N, K, H,
+    # strides
+    stride_am, stride_ak, stride_wn, stride_wk, stride_om, stride_on, stride_addm,
+    stride_x0m, stride_xm,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, A_ROWS: tl.constexpr, ADD_ROWS: tl.constexpr,
+    CROSS: tl.constexpr, FINAL: tl.constexpr, IEEE: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_N] tile of act(A @ W^T + bias (+ add) (x0 * . + x)).
+
+    a [M or more, K], w [N, K], bias [N], out [M, N] (or [M, H] fp32 with FINAL),
+    a_rows [M], add [R, N], add_rows [M], x0/x [M, N] (CROSS), wf [H, N], bf [H], fact [H].
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    rows = offs_m.to(tl.int64)
+    if A_ROWS:
+        rows = tl.load(a_rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        k_mask = (k + offs_k) < K
+        a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(a, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a.to(w.dtype), w, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+    mn_mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if ADD_ROWS:
+        owner = tl.load(add_rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+        acc += tl.load(add_ptr + owner[:, None] * stride_addm + offs_n[None, :], mask=mn_mask,
+                       other=0.0).to(tl.float32)
+    if CROSS:
+        x0 = tl.load(x0_ptr + offs_m[:, None].to(tl.int64) * stride_x0m
+                     + offs_n[None, :], mask=mn_mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_n[None, :],
+                    mask=mn_mask, other=0.0).to(tl.float32)
+        acc = x0 * acc + x
+    if ACT == 1:
+        acc = tl.maximum(acc, 0.0)
+    if ACT == 2:
+        acc = tl.sigmoid(acc)
+    if FINAL:
+        # The whole row is in this program (grid has one N tile): reduce it to H scores.
+        acc = tl.where(mn_mask, acc, 0.0)
+        for h in range(H):
+            wf = tl.load(wf_ptr + h * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            score = tl.sum(acc * wf[None, :], axis=1) + tl.load(bf_ptr + h).to(tl.float32)
+            score = tl.where(tl.load(fact_ptr + h) != 0, tl.sigmoid(score), score)
+            tl.store(out_ptr + offs_m.to(tl.int64) * stride_om + h * stride_on, score,
+                     mask=m_mask)
+    else:
+        out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mn_mask)
+
+
+def _configs(final_n: int | None) -> list[dict]:
+    from ._common import interpreting
+
+    base = _CPU_CONFIGS if interpreting() else _GPU_CONFIGS
+    if final_n is None:
+        return base
+    block_n = next_pow2(final_n, 16)
+    seen, out = set(), []
+    for c in base:
+        c = {**c, "BLOCK_N": block_n, "BLOCK_M": min(c["BLOCK_M"], 64)}
+        key = tuple(sorted(c.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+def _check(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           a_rows: torch.Tensor | None, add: torch.Tensor | None, add_rows: torch.Tensor | None,
+           cross: tuple[torch.Tensor, torch.Tensor] | None, m: int) -> None:
+    check_tensor("a", a, dtypes=FLOAT_DTYPES, ndim=2)
+    check_tensor("weight", weight, dtypes=[a.dtype], ndim=2, device=a.device)
+    n, k = weight.shape
+    if a.shape[1] != k:
+        raise ValueError(f"a has shape {list(a.shape)} but weight has {list(weight.shape)}: "
+                         f"K differs ({a.shape[1]} vs {k})")
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=FLOAT_DTYPES, ndim=1, device=a.device)
+        if bias.shape[0] != n or bias.stride(0) != 1:
+            raise ValueError(f"bias has shape {list(bias.shape)}; expected contiguous [{n}]")
+    if a_rows is not None:
+        check_tensor("a_rows", a_rows, dtypes=[torch.int32, torch.int64], ndim=1,
+                     device=a.device)
+    if (add is None) != (add_rows is None):
+        raise ValueError("add and add_rows come together")
+    if add is not None:
+        check_tensor("add", add, dtypes=FLOAT_DTYPES, ndim=2, device=a.device)
+        check_tensor("add_rows", add_rows, dtypes=[torch.int32, torch.int64], ndim=1,
+                     device=a.device)
+        if add.shape[1] != n or add.stride(1) != 1 or add_rows.shape[0] != m:
+            raise ValueError(f"add {list(add.shape)} / add_rows {list(add_rows.shape)} do not "
+                             f"fit M={m}, N={n} (add needs unit column stride)")
+    if cross is not None:
+        for what, t in zip(("x0", "x"), cross, strict=True):
+            check_tensor(what, t, dtypes=FLOAT_DTYPES, ndim=2, device=a.device)
+            if list(t.shape) != [m, n] or t.stride(1) != 1:
+                raise ValueError(f"cross {what} has shape {list(t.shape)}, strides "
+                                 f"{t.stride()}; expected [{m}, {n}] with unit column stride")
+
+
+def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           activation: str = "none", out: torch.Tensor | None = None,
+           a_rows: torch.Tensor | None = None, add: torch.Tensor | None = None,
+           add_rows: torch.Tensor | None = None,
+           cross: tuple[torch.Tensor, torch.Tensor] | None = None,
+           final: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """act(A[a_rows] @ W^T + bias + add[add_rows]), optionally x0 * (.) + x before act.
+
+    ``final`` = (wf [H, N], bf [H], sigmoid [H] int32) fuses the next, narrow layer and
+    returns fp32 scores [M, H]; otherwise returns ``out`` [M, N] (allocated in A's dtype
+    when not given; it may be a strided view, e.g. a column slice of a wider buffer).
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation is {activation!r}; expected one of {list(ACTIVATIONS)}")
+    m = a_rows.shape[0] if a_rows is not None else a.shape[0]
+    _check(a, weight, bias, a_rows, add, add_rows, cross, m)
+    n, k = weight.shape
+    h = 0
+    if final is not None:
+        wf, bf, fact = final
+        h = wf.shape[0]
+        if n > MAX_FINAL_N or h > MAX_FINAL_H or list(wf.shape) != [h, n] or not wf.is_contiguous():
+            raise ValueError(f"final layer {list(wf.shape)} does not fit N={n} <= {MAX_FINAL_N}, "
+                             f"H <= {MAX_FINAL_H} (contiguous)")
+        if bf.shape != (h,) or fact.shape != (h,) or fact.dtype != torch.int32:
+            raise ValueError(f"final bias {list(bf.shape)} / sigmoid flags {list(fact.shape)} "
+                             f"{fact.dtype} must be [{h}] (flags int32)")
+        width, out_dtype = h, torch.float32
+    else:
+        width, out_dtype = n, a.dtype
+    if out is None:
+        out = torch.empty(m, width, device=a.device, dtype=out_dtype)
+    check_tensor("out", out, dtypes=[out_dtype], ndim=2, device=a.device)
+    if list(out.shape) != [m, width]:
+        raise ValueError(f"out has shape {list(out.shape)}; expected [{m}, {width}]")
+    if m == 0:
+        return out
+    dummy = weight
+    x0, x = cross if cross is not None else (dummy, dummy)
+    wf, bf, fact = final if final is not None else (dummy, dummy, dummy)
+
+    def launch(cfg: dict) -> None:
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
+        _linear_kernel[grid](
+            a, weight, bias if bias is not None else dummy, out,
+            a_rows if a_rows is not None else dummy, add if add is not None else dummy,
+            add_rows if add_rows is not None else dummy, x0, x, wf, bf, fact,
+            m, n, k, h,
+            a.stride(0), a.stride(1), weight.stride(0), weight.stride(1),
+            out.stride(0), out.stride(1), add.stride(0) if add is not None else 0,
+            x0.stride(0), x.stride(0),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+            ACT=ACTIVATIONS[activation], HAS_BIAS=bias is not None, A_ROWS=a_rows is not None,
+            ADD_ROWS=add is not None, CROSS=cross is not None, FINAL=final is not None,
+            IEEE=a.dtype == torch.float32, num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"])
+
+    key = (m, n, k, h, a.dtype, activation, bias is not None, a_rows is not None,
+           add is not None, cross is not None, a.stride(), weight.stride(), out.stride())
+    _tuner.run(key, launch, _configs(n if final is not None else None))
+    return out
+
+
+def linear_reference(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                     activation: str = "none", a_rows: torch.Tensor | None = None,
+                     add: torch.Tensor | None = None, add_rows: torch.Tensor | None = None,
+                     cross: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     final: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                     ) -> torch.Tensor:
+    """The same computation in plain torch, fp32."""
+    a = a.float()
+    if a_rows is not None:
+        a = a[a_rows.long()]
+    y = a @ weight.float().T
+    if bias is not None:
+        y = y + bias.float()
+    if add is not None:
+        y = y + add.float()[add_rows.long()]
+    if cross is not None:
+        y = cross[0].float() * y + cross[1].float()
+    if activation == "relu":
+        y = torch.relu(y)
+    elif activation == "sigmoid":
+        y = torch.sigmoid(y)
+    if final is not None:
+        wf, bf, fact = final
+        s = y @ wf.float().T + bf.float()
+        y = torch.where(fact.bool()[None, :], torch.sigmoid(s), s)
+    return y

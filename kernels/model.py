@@ -1,0 +1,170 @@
+"""TritonModel: a whole spec'd model's forward on the recserve kernels.
+
+Per forward (``forward_prepared``), with E the embedding buffer and Z the top MLP input:
+bottom MLP (fused bias+ReLU GEMMs; once per request when every dense input is request
+scope) -> E's x slice; one table-batched gather launch per table dtype -> E's slices
+(request-scope bags gathered once per request); interaction (dot kernel E -> Z, cat: Z = E,
+dcnv2: fused cross GEMMs); top MLP with the first layer split W_u·u (per request) +
+W_c·c (per row) and the last narrow layer fused into the one before it.
+
+Deterministic for a given batch (no atomics, fixed reductions, cached kernel configs). On
+CPU the kernels run under Triton's interpreter in fp32 (for tests). ``prepare`` uploads a
+batch once (packed CSR per table dtype) so the forward alone can be timed or captured in a
+CUDA graph; call the forward once per shape bucket before capturing (it autotunes).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from recserve.engine.inputs import Batch
+from recserve.engine.spec import ModelSpec
+from recserve.engine.weights import check_weights
+
+from .embedding_bag import BagFeature, PackedTables, embedding_bag
+from .interaction import cross_layer, dest_map, dot_interaction
+from .layout import build_layout
+from .linear import MAX_FINAL_H, MAX_FINAL_N, linear
+from .prepare import PreparedBatch, prepare_batch
+
+
+def _kn(w: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[N, K] weight as a view of a K-major copy, so the GEMM reads it coalesced."""
+    return w.to(device=device, dtype=dtype).t().contiguous().t()
+
+
+class TritonModel:
+    """Forward of ``spec`` with Triton kernels; ``forward(batch) -> (scores, bad_request)``."""
+
+    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor],
+                 device: str | torch.device = "cuda",
+                 compute_dtype: torch.dtype | None = None) -> None:
+        problems = check_weights(spec, weights)
+        if problems:
+            raise ValueError("weights do not match the spec:\n  " + "\n  ".join(problems))
+        self.spec = spec
+        self.device = torch.device(device)
+        if compute_dtype is None:
+            compute_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.dtype = compute_dtype
+        self.layout = build_layout(spec)
+        self._pack_tables(weights)
+        self._load_layers(weights)
+
+    def _pack_tables(self, weights: dict[str, torch.Tensor]) -> None:
+        spec, dev = self.spec, self.device
+        by_dtype: dict[str, list[str]] = {}
+        for t in spec.tables:
+            if any(f.table == t.name for f in spec.sparse):
+                by_dtype.setdefault(t.dtype, []).append(t.name)
+        self.groups = []  # (PackedTables, BagFeatures, feature names)
+        first_vector = 1 if spec.dense else 0
+        for names in by_dtype.values():
+            stems = [f"tables.{n}" for n in names]
+            tables = [weights[f"{s}.weight"].to(dev) for s in stems]
+            quant = tables[0].dtype == torch.uint8
+            packed = PackedTables(
+                tables,
+                [weights[f"{s}.scale"].to(dev) for s in stems] if quant else None,
+                [weights[f"{s}.offset"].to(dev) for s in stems] if quant else None)
+            feats, fnames = [], []
+            for k, f in enumerate(spec.sparse):
+                if f.table in names:
+                    feats.append(BagFeature(
+                        names.index(f.table), self.layout.vector_cols[first_vector + k],
+                        f.scope == "request", f.pooling == "mean", f.weighted, f.max_bag))
+                    fnames.append(f.name)
+            self.groups.append((packed, tuple(feats), tuple(fnames)))
+
+    def _load_layers(self, weights: dict[str, torch.Tensor]) -> None:
+        spec, dev, dt, lay = self.spec, self.device, self.dtype, self.layout
+        self.bottom = [(_kn(weights[f"bottom.{k}.weight"], dt, dev),
+                        weights[f"bottom.{k}.bias"].to(dev, dt))
+                       for k in range(len(spec.bottom_mlp))]
+        self.cross = [(_kn(weights[f"cross.{n}.u"], dt, dev),
+                       _kn(weights[f"cross.{n}.v"], dt, dev),
+                       weights[f"cross.{n}.bias"].to(dev, dt))
+                      for n in range(spec.interaction.layers)]
+        top = [(weights[f"top.{k}.weight"], weights[f"top.{k}.bias"])
+               for k in range(len(spec.top_mlp))]
+        w0 = top[0][0][:, list(lay.z_order)]
+        self.top_u = _kn(w0[:, :lay.ku], dt, dev) if lay.ku else None
+        self.top = [(_kn(w0[:, lay.ku:], dt, dev), top[0][1].to(dev, dt))]
+        self.top += [(_kn(w, dt, dev), b.to(dev, dt)) for w, b in top[1:]]
+        self.sigmoid = torch.tensor([o.activation == "sigmoid" for o in spec.outputs],
+                                    dtype=torch.int32, device=dev)
+        self.fuse_final = (len(top) >= 2 and spec.top_mlp[-2] <= MAX_FINAL_N
+                           and len(spec.outputs) <= MAX_FINAL_H)
+        if self.fuse_final:
+            wf, bf = top[-1]
+            self.final = (wf.to(dev, dt).contiguous(), bf.to(dev, torch.float32), self.sigmoid)
+            self.top.pop()
+        self.dest = None
+        if spec.interaction.kind == "dot":
+            self.dest = dest_map(spec.num_vectors, list(lay.pairs), spec.interaction_dim, dev)
+
+    def prepare(self, batch: Batch, validate: bool = True) -> PreparedBatch:
+        """Upload ``batch`` in the kernels' packed form (see ``prepare.prepare_batch``)."""
+        return prepare_batch(self, batch, validate)
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores [B, H] fp32 and bad_request [R] bool (an id outside its table)."""
+        return self.forward_prepared(self.prepare(batch))
+
+    @torch.no_grad()
+    def forward_prepared(self, p: PreparedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward on an already uploaded batch: kernel launches only, no host sync."""
+        spec, lay = self.spec, self.layout
+        e = torch.empty(p.num_rows, lay.e_width, device=self.device, dtype=self.dtype)
+        if spec.dense:
+            self._bottom(p, e)
+        bad = None
+        for (packed, feats, _), (indices, offsets, weights) in zip(self.groups, p.groups,
+                                                                     strict=True):
+            flags = embedding_bag(packed, feats, indices, offsets, e, weights=weights,
+                                  row_request=p.row_request, request_offsets=p.request_offsets)
+            bad = flags if bad is None else bad | flags
+        if bad is None:
+            bad = torch.zeros(p.num_requests, dtype=torch.int32, device=self.device)
+        z = self._interact(e)
+        return self._top(p, z), bad != 0
+
+    def _bottom(self, p: PreparedBatch, e: torch.Tensor) -> None:
+        lay, spec = self.layout, self.spec
+        x_cols = slice(lay.vector_cols[0], lay.vector_cols[0] + spec.bottom_out_dim)
+        x = p.dense
+        for k, (w, b) in enumerate(self.bottom):
+            last = k == len(self.bottom) - 1 and not lay.x_request
+            x = linear(x, w, b, activation="relu", out=e[:, x_cols] if last else None)
+        if lay.x_request or not self.bottom:
+            e[:, x_cols] = x[p.row_request] if lay.x_request else x
+
+    def _interact(self, e: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        kind = spec.interaction.kind
+        if kind == "cat":
+            return e
+        if kind == "dcnv2":
+            x = e
+            for u, v, b in self.cross:
+                x = cross_layer(e, x, u, v, b)
+            return x
+        z = torch.empty(e.shape[0], spec.interaction_dim, device=e.device, dtype=self.dtype)
+        d = self.spec.table(spec.sparse[0].table).dim
+        return dot_interaction(e, spec.num_vectors, d, self.dest, z, self.layout.x_col_in_z)
+
+    def _top(self, p: PreparedBatch, z: torch.Tensor) -> torch.Tensor:
+        ku = self.layout.ku
+        h = z[:, ku:]
+        extra = {}
+        if ku:
+            u_half = linear(z[:, :ku], self.top_u, a_rows=p.first_rows)
+            extra = {"add": u_half, "add_rows": p.row_request}
+        n = len(self.top)
+        for k, (w, b) in enumerate(self.top):
+            kw = extra if k == 0 else {}
+            if k == n - 1 and self.fuse_final:
+                return linear(h, w, b, activation="relu", final=self.final, **kw)
+            h = linear(h, w, b, activation="none" if k == n - 1 else "relu", **kw)
+        logits = h.float()
+        return torch.where(self.sigmoid.bool()[None, :], torch.sigmoid(logits), logits)

@@ -1,0 +1,102 @@
+"""Host-side packing of a ``Batch`` into the device tensors the fused forward reads.
+
+Per table-dtype group: one index array (int32 when every id fits, so an out-of-range id
+can never wrap into range, else int64), per feature bags+1 absolute offsets, and per-value
+weights when a feature is weighted. Plus row -> request map, each request's first row and
+row range, and the dense inputs (request-scope ones broadcast on the host unless every
+dense input is request scope, in which case the bottom MLP runs once per request).
+All shapes depend only on (B, R, nnz per group), so a prepared batch is a static input
+for a CUDA graph: copy the next batch of the same shape into its tensors and replay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from recserve.engine.inputs import Batch
+
+from .embedding_bag import check_csr
+
+if TYPE_CHECKING:
+    from .model import TritonModel
+
+_INT32 = (-(1 << 31), (1 << 31) - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedBatch:
+    """A batch on the device, in the kernels' layout."""
+
+    num_rows: int
+    """B, candidate rows."""
+    num_requests: int
+    """R, requests."""
+    row_request: torch.Tensor
+    """int32 [B]: request of each row."""
+    request_offsets: torch.Tensor
+    """int32 [R + 1]: rows of request r are request_offsets[r] .. request_offsets[r+1]."""
+    first_rows: torch.Tensor
+    """int32 [R]: one row of each request (clamped into [0, B))."""
+    dense: torch.Tensor | None
+    """[B or R, dense_in_dim] in the compute dtype (R when x is request-only)."""
+    groups: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], ...]
+    """Per table-dtype group: (indices, offsets, weights or None)."""
+
+
+def _group_csr(batch: Batch, names: tuple[str, ...], validate: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    parts, offsets, weights, base, counts = [], [], [], 0, []
+    any_weighted = any(batch.sparse[n].weights is not None for n in names)
+    for n in names:
+        sb = batch.sparse[n]
+        rel = sb.offsets.to(torch.int64)
+        start = int(rel[0])
+        values = sb.values[start:int(rel[-1])]
+        parts.append(values)
+        offsets.append(rel - start + base)
+        counts.append(rel.shape[0] - 1)
+        if any_weighted:
+            weights.append(sb.weights[start:int(rel[-1])] if sb.weights is not None
+                           else torch.ones(values.shape[0]))
+        base += values.shape[0]
+    indices = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+    offs = torch.cat(offsets)
+    if validate:
+        check_csr(offs, counts, indices.shape[0])
+    fits32 = indices.numel() == 0 or (int(indices.min()) >= _INT32[0]
+                                      and int(indices.max()) <= _INT32[1])
+    index_dtype = torch.int32 if fits32 and base <= _INT32[1] else torch.int64
+    w = torch.cat(weights).float() if any_weighted else None
+    return indices.to(index_dtype), offs.to(index_dtype), w
+
+
+def prepare_batch(model: TritonModel, batch: Batch, validate: bool = True) -> PreparedBatch:
+    """Pack and upload ``batch`` for ``model`` (one host pass, a few H2D copies)."""
+    spec, dev = model.spec, model.device
+    b, r = batch.num_rows, batch.num_requests
+    row_request = batch.row_request.to(torch.int64)
+    counts = torch.bincount(row_request, minlength=r)
+    if validate and (row_request.shape[0] != b or counts.shape[0] != r
+                     or bool((row_request[1:] < row_request[:-1]).any())):
+        raise ValueError(f"row_request (shape {list(row_request.shape)}) must be sorted request "
+                         f"ids in [0, {r}) for B={b}")
+    request_offsets = torch.zeros(r + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=request_offsets[1:])
+    first_rows = request_offsets[:-1].clamp(max=max(b - 1, 0))
+    dense = None
+    if spec.dense:
+        if model.layout.x_request:
+            dense = torch.cat([batch.dense[f.name] for f in spec.dense], dim=1)
+        else:
+            dense = torch.cat([batch.dense[f.name][row_request] if f.scope == "request"
+                               else batch.dense[f.name] for f in spec.dense], dim=1)
+        dense = dense.to(dev, model.dtype)
+    groups = tuple(tuple(t.to(dev) if t is not None else None
+                         for t in _group_csr(batch, names, validate))
+                   for _, _, names in model.groups)
+    return PreparedBatch(b, r, row_request.to(dev, torch.int32),
+                         request_offsets.to(dev, torch.int32), first_rows.to(dev, torch.int32),
+                         dense, groups)
