@@ -1,0 +1,46 @@
+"""Server settings: one frozen dataclass, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .codec import DEFAULT_MAX_FRAME, MAX_FRAME_LIMIT, CodecLimits
+
+DEFAULT_PORT = 7700
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Where the server listens and the limits it enforces."""
+
+    host: str = "127.0.0.1"
+    """Address to bind (``0.0.0.0`` for every interface)."""
+    port: int = DEFAULT_PORT
+    """TCP port; 0 picks a free one (tests)."""
+    max_frame_bytes: int = DEFAULT_MAX_FRAME
+    """Largest frame accepted; a bigger one is answered ``too_large`` and the connection closed."""
+    max_candidates: int = 4096
+    """Most candidates (N) in one infer request; more is answered ``too_large``."""
+    max_pending_per_connection: int = 256
+    """Requests in flight on one connection before the server stops reading from it."""
+    max_in_flight: int = 8192
+    """Requests in flight over all connections before new ones are answered ``overloaded``."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not self.host:
+            raise ValueError(f"ServerConfig.host is {self.host!r}; expected an address")
+        _check_int("port", self.port, 0, 65535)
+        _check_int("max_frame_bytes", self.max_frame_bytes, 64, MAX_FRAME_LIMIT)
+        _check_int("max_candidates", self.max_candidates, 1, 1 << 24)
+        _check_int("max_pending_per_connection", self.max_pending_per_connection, 1, 1 << 20)
+        _check_int("max_in_flight", self.max_in_flight, 1, 1 << 24)
+
+    @property
+    def codec_limits(self) -> CodecLimits:
+        """Unpacking limits derived from these settings."""
+        return CodecLimits(max_frame_bytes=self.max_frame_bytes)
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"ServerConfig.{name} is {value!r}; expected an int in [{low}, {high}]")

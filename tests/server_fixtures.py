@@ -1,0 +1,119 @@
+"""Helpers for the server tests: small models, a server on its own thread, a raw socket."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import threading
+from types import SimpleNamespace
+
+import msgpack
+import numpy as np
+
+from recserve.engine.inputs import RequestInputs, collate
+from recserve.engine.reference import ReferenceModel
+from recserve.engine.spec import DenseFeature, Interaction, ModelSpec, Output, SparseFeature, Table
+from recserve.engine.weights import init_weights
+from recserve.server.app import Server
+from recserve.server.config import ServerConfig
+
+
+def small_spec() -> ModelSpec:
+    """Every input form: weighted and plain sparse of both scopes, dense of both scopes."""
+    return ModelSpec(
+        name="small",
+        tables=(Table("items", 50, 8), Table("users", 30, 8), Table("tags", 10, 8)),
+        sparse=(SparseFeature("user", "users", "sum", "request"),
+                SparseFeature("history", "items", "mean", "request", max_bag=6, weighted=True),
+                SparseFeature("item", "items", "sum", "candidate"),
+                SparseFeature("tags", "tags", "mean", "candidate", max_bag=3, weighted=True)),
+        dense=(DenseFeature("ctx", 2, "request"), DenseFeature("feat", 3, "candidate")),
+        bottom_mlp=(8,), interaction=Interaction("dot"), top_mlp=(6, 1))
+
+
+def multi_spec() -> ModelSpec:
+    """Two outputs (scores come back [N, 2]), cat interaction, no dense inputs."""
+    return ModelSpec(
+        name="multi", tables=(Table("items", 40, 4),),
+        sparse=(SparseFeature("seen", "items", "sum", "request", max_bag=4),
+                SparseFeature("item", "items", "sum", "candidate")),
+        interaction=Interaction("cat"), top_mlp=(5, 2),
+        outputs=(Output("click"), Output("watch_time", "logit")))
+
+
+def loaded(spec: ModelSpec, version: int = 1, seed: int = 0) -> SimpleNamespace:
+    """What the backend takes: name, version, spec, weights."""
+    return SimpleNamespace(name=spec.name, version=version, spec=spec,
+                           weights=init_weights(spec, seed=seed))
+
+
+def reference_scores(model: SimpleNamespace, inputs: RequestInputs) -> np.ndarray:
+    """Scores straight from the reference model ([N] for one output)."""
+    scores = ReferenceModel(model.spec, model.weights).forward(collate(model.spec, [inputs]))
+    scores = scores.numpy()
+    return scores[:, 0] if scores.shape[1] == 1 else scores
+
+
+class ServerThread:
+    """A real server on 127.0.0.1 (ephemeral port) with its event loop on a thread."""
+
+    def __init__(self, backend: object, **config: object) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.server = Server(backend, ServerConfig(port=0, **config))
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.run(self.server.start())
+        self.host, self.port = self.server.address
+
+    def run(self, coro: object, timeout: float = 30.0) -> object:
+        """Run a coroutine on the server's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        """Close the server and its loop."""
+        self.run(self.server.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+class RawConnection:
+    """A bare socket speaking frames, for requests no well-behaved client would send."""
+
+    def __init__(self, port: int, timeout: float = 30.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.buffer = b""
+
+    def send_payload(self, payload: bytes) -> None:
+        """One frame around ``payload`` (any bytes)."""
+        self.sock.sendall(struct.pack(">I", len(payload)) + payload)
+
+    def send(self, message: object) -> None:
+        """One frame holding ``message`` packed as msgpack."""
+        self.send_payload(msgpack.packb(message, use_bin_type=True))
+
+    def _read(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            data = self.sock.recv(1 << 16)
+            if not data:
+                raise ConnectionError("closed")
+            self.buffer += data
+        out, self.buffer = self.buffer[:n], self.buffer[n:]
+        return out
+
+    def receive(self) -> dict:
+        """The next response."""
+        (length,) = struct.unpack(">I", self._read(4))
+        return msgpack.unpackb(self._read(length), raw=False)
+
+    def is_closed_by_peer(self) -> bool:
+        """True once the server has closed its end (reads hit EOF)."""
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        """Close the socket."""
+        self.sock.close()
