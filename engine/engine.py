@@ -1,0 +1,273 @@
+"""The asyncio face of the engine: ``await engine.score(...)`` over the scheduler and an executor.
+
+Everything here runs on the event loop thread except the executor's work and model
+builds; executor threads hand results back with ``loop.call_soon_threadsafe``, so the
+scheduler and the request table are only ever touched from the loop. Whenever a
+request arrives or a batch finishes, the engine fills every free executor slot with
+the scheduler's next batch (continuous batching); a timer expires queued requests at
+their deadlines even while every slot is busy.
+
+Models are keyed ``(name, version)``. ``load`` builds a model off the loop and swaps
+it in atomically; the name's other versions are retired: new requests no longer reach
+them, but their queued and running work finishes on them, then they are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from .executor import Executor, Job, JobResult
+from .inputs import RequestInputs
+from .scheduler import EngineError, Priority, Scheduler
+from .settings import EngineSettings
+from .spec import ModelSpec
+
+ModelKey = tuple[str, int]
+
+
+class _Pending:
+    """A request between ``score`` and its answer."""
+
+    __slots__ = ("future", "inputs", "key", "scores", "rows_left", "outputs")
+
+    def __init__(self, future: asyncio.Future, inputs: RequestInputs, key: ModelKey,
+                 outputs: int) -> None:
+        self.future, self.inputs, self.key = future, inputs, key
+        self.scores = np.empty((inputs.num_candidates, outputs), dtype=np.float32)
+        self.rows_left = inputs.num_candidates
+        self.outputs = outputs
+
+
+class Engine:
+    """Scores requests for several loaded models with continuous batching.
+
+    Use ``async with Engine(settings, CpuExecutor) as engine`` (or ``await start()`` and
+    ``await close()``). ``clock`` is the time base of deadlines (``time.monotonic``).
+    """
+
+    def __init__(self, settings: EngineSettings,
+                 executor_factory: Callable[[EngineSettings], Executor], *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.clock = clock
+        self._factory = executor_factory
+        self._scheduler = Scheduler(settings)
+        self._executor: Executor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._models: dict[ModelKey, Any] = {}
+        self._retired: set[ModelKey] = set()
+        self._work: Counter[ModelKey] = Counter()
+        self._pending: dict[int, _Pending] = {}
+        self._next_id = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._closed = False
+        self.counters: Counter[str] = Counter()
+        """Totals since start: requests, batches, rows, padding_rows, expired, failed, ..."""
+
+    async def start(self) -> None:
+        """Create and start the executor."""
+        if self._executor is None:
+            self._loop = asyncio.get_running_loop()
+            self._executor = self._factory(self.settings)
+            self._executor.start()
+
+    async def close(self) -> None:
+        """Refuse new work, fail what is queued, let running batches finish, stop."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        for request_id in list(self._pending):
+            self._finish(request_id, EngineError("overloaded", "the engine is shutting down"))
+        if self._executor is not None:
+            await asyncio.to_thread(self._executor.close)
+
+    async def __aenter__(self) -> Engine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def load(self, name: str, version: int, spec: ModelSpec,
+                   weights: dict[str, torch.Tensor]) -> None:
+        """Build ``(name, version)`` in a background thread and make it the name's serving
+        version; raises ``EngineError`` with the reason (and changes nothing) if it fails."""
+        if self._executor is None:
+            raise RuntimeError("Engine.load before start()")
+        try:
+            model = await asyncio.to_thread(self._executor.build_model, spec, weights)
+        except Exception as exc:
+            code = "bad_request" if isinstance(exc, ValueError) else "internal"
+            raise EngineError(code, f"loading {name} version {version} failed: {exc}") from exc
+        key = (name, version)
+        self._models[key] = model  # atomic swap: planned batches hold the old handle
+        self._retired.discard(key)
+        for other in [k for k in self._models if k[0] == name and k != key]:
+            self._retire(other)
+
+    def unload(self, name: str, version: int | None = None) -> None:
+        """Retire one version (or every version) of a model; running work finishes first."""
+        keys = [k for k in self._models if k[0] == name and version in (None, k[1])
+                and k not in self._retired]
+        if not keys:
+            raise EngineError("not_found", f"model {name!r} version {version} is not loaded")
+        for key in keys:
+            self._retire(key)
+
+    def models(self) -> list[ModelKey]:
+        """Every servable (name, version), sorted."""
+        return sorted(k for k in self._models if k not in self._retired)
+
+    def resolve(self, name: str, version: int | None = None) -> ModelKey:
+        """The key ``score`` would use: ``version`` None means the highest loaded one."""
+        versions = [k[1] for k in self.models() if k[0] == name]
+        if version is None and versions:
+            return name, max(versions)
+        if version in versions:
+            return name, version
+        which = "any version" if version is None else f"version {version}"
+        raise EngineError("not_found", f"model {name!r} has {which} loaded")
+
+    def spec(self, name: str, version: int | None = None) -> ModelSpec:
+        """The spec of a servable model (for validating requests against it)."""
+        return self._models[self.resolve(name, version)].spec
+
+    async def score(self, name: str, inputs: RequestInputs, *, version: int | None = None,
+                    priority: Priority = Priority.NORMAL,
+                    deadline: float | None = None) -> np.ndarray:
+        """Scores [N] (one output) or [N, H] for a validated request, in candidate order.
+
+        ``deadline`` is an absolute time on ``self.clock``. Raises ``EngineError``
+        (not_found, overloaded, too_large, deadline_exceeded, bad_request, internal).
+        Cancelling the awaiting task drops the request's queued work.
+        """
+        if self._closed or self._loop is None:
+            raise EngineError("overloaded", "the engine is not running")
+        key = self.resolve(name, version)
+        outputs = len(self._models[key].spec.outputs)
+        if inputs.num_candidates == 0:
+            return np.zeros((0,) if outputs == 1 else (0, outputs), dtype=np.float32)
+        self._next_id += 1
+        request_id = self._next_id
+        self._scheduler.submit(request_id, key, inputs.num_candidates, self.clock(),
+                               priority, deadline)
+        future = self._loop.create_future()
+        self._pending[request_id] = _Pending(future, inputs, key, outputs)
+        self._work[key] += 1
+        self.counters["requests"] += 1
+        self._pump()
+        try:
+            scores = await future
+        except asyncio.CancelledError:
+            if request_id in self._pending:
+                self.counters["cancelled"] += 1
+                self._finish(request_id, None)
+            raise
+        return scores[:, 0] if outputs == 1 else scores
+
+    @property
+    def queued_rows(self) -> int:
+        """Rows waiting for a batch."""
+        return self._scheduler.queued_rows
+
+    @property
+    def pending_requests(self) -> int:
+        """Requests queued or running."""
+        return len(self._pending)
+
+    def _pump(self) -> None:
+        """Fill every free slot with a batch; re-arm the deadline/fill timer."""
+        if self._closed or self._executor is None:
+            return
+        wake_at = None
+        while self._executor.free_slots() > 0:
+            decision = self._scheduler.next_batch(self.clock())
+            self._expire(decision.expired)
+            plan = decision.plan
+            if plan is None:
+                wake_at = decision.wake_at
+                break
+            inputs = tuple(self._pending[p.request_id].inputs for p in plan.pieces)
+            self.counters["batches"] += 1
+            self.counters["rows"] += plan.rows
+            self.counters["padding_rows"] += plan.padding
+            self._executor.submit(Job(plan, self._models[plan.model], inputs), self._done)
+        self._arm_timer(wake_at)
+
+    def _done(self, result: JobResult) -> None:
+        """Executor thread: hand the result to the loop."""
+        try:
+            self._loop.call_soon_threadsafe(self._on_done, result)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    def _on_done(self, result: JobResult) -> None:
+        for piece, outcome in zip(result.job.plan.pieces, result.pieces, strict=True):
+            pending = self._pending.get(piece.request_id)
+            if pending is None:  # cancelled, expired or failed meanwhile
+                continue
+            if outcome.error is not None:
+                self.counters["failed"] += 1
+                self._finish(piece.request_id, outcome.error)
+                continue
+            pending.scores[piece.start:piece.start + piece.count] = outcome.scores
+            pending.rows_left -= piece.count
+            if pending.rows_left == 0:
+                self._finish(piece.request_id, pending.scores)
+        self._pump()
+
+    def _finish(self, request_id: int, outcome: np.ndarray | EngineError | None) -> None:
+        """Answer a request (None: it was cancelled) and drop its unsent rows."""
+        pending = self._pending.pop(request_id)
+        self._scheduler.cancel(request_id)
+        if not pending.future.done() and outcome is not None:
+            if isinstance(outcome, EngineError):
+                pending.future.set_exception(outcome)
+            else:
+                pending.future.set_result(outcome)
+        self._work[pending.key] -= 1
+        if not self._work[pending.key]:
+            del self._work[pending.key]
+            if pending.key in self._retired:
+                self._drop(pending.key)
+
+    def _expire(self, request_ids: tuple[int, ...]) -> None:
+        for request_id in request_ids:
+            self.counters["expired"] += 1
+            self._finish(request_id, EngineError(
+                "deadline_exceeded", "the deadline passed while the request was queued"))
+
+    def _retire(self, key: ModelKey) -> None:
+        self._retired.add(key)
+        if not self._work[key]:
+            self._drop(key)
+
+    def _drop(self, key: ModelKey) -> None:
+        self._retired.discard(key)
+        self._work.pop(key, None)
+        del self._models[key]  # running batches keep their own reference until they finish
+
+    def _arm_timer(self, wake_at: float | None) -> None:
+        deadline = self._scheduler.next_deadline()
+        target = min((t for t in (wake_at, deadline) if t is not None), default=None)
+        if target == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = target
+        if target is not None:
+            self._timer = self._loop.call_later(max(0.0, target - self.clock()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer, self._timer_at = None, None
+        self._expire(self._scheduler.expire(self.clock()))
+        self._pump()
