@@ -9,7 +9,8 @@ out of resources, while a config can also fail inside an MLIR pass (Triton 3.6 f
 ``TritonGPURemoveLayoutConversions`` on a masked 2-D row gather at 32+ rows per program).
 Here every config is tried, any exception drops that config, and the fastest survivor is
 cached per key. Tuning launches kernels and synchronizes, so warm up (call once per shape
-bucket) before capturing a CUDA graph; under the interpreter the first config is used.
+bucket) before capturing a CUDA graph. Under the interpreter, or with
+``RECSERVE_AUTOTUNE=0`` (quick GPU test runs), the first config is used untimed.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class SafeTuner:
         if key in self.best:
             launch(self.best[key])
             return self.best[key]
-        if interpreting() or len(configs) == 1:
+        if interpreting() or len(configs) == 1 or os.environ.get("RECSERVE_AUTOTUNE") == "0":
             launch(configs[0])
             self.best[key] = configs[0]
             return configs[0]

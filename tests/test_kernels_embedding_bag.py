@@ -1,0 +1,195 @@
+"""Table-batched embedding bag kernel vs its plain-torch reference.
+
+CPU runs use Triton's interpreter (set by recserve.kernels on hosts without CUDA); the
+``cuda`` parameters are the same tests on a GPU (``pytest -m gpu``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recserve.engine.weights import dequantize_rowwise, quantize_rowwise
+from recserve.kernels.embedding_bag import (
+    BagFeature,
+    PackedTables,
+    check_csr,
+    embedding_bag,
+    embedding_bag_reference,
+)
+
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="interpreter tests run on hosts without CUDA")),
+    pytest.param("cuda", marks=pytest.mark.gpu),
+]
+# (table dtype) -> (atol, rtol) of the pooled fp32 output against the fp32 reference over
+# the same stored values: only the summation order differs.
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-5, 1e-5),
+       torch.bfloat16: (1e-5, 1e-5), torch.uint8: (1e-5, 1e-5)}
+
+
+def _tables(dtype: torch.dtype, dims: list[int], rows: list[int], gen: torch.Generator):
+    """Stored tables, their scales/shifts (int8) and the fp32 values the kernel must see."""
+    stored, scales, shifts, exact = [], [], [], []
+    for r, d in zip(rows, dims, strict=True):
+        values = torch.rand(r, d, generator=gen) * 2 - 1
+        if dtype == torch.uint8:
+            codes, scale, shift = quantize_rowwise(values)
+            stored.append(codes)
+            scales.append(scale)
+            shifts.append(shift)
+            exact.append(dequantize_rowwise(codes, scale, shift))
+        else:
+            stored.append(values.to(dtype))
+            exact.append(stored[-1].float())
+    return stored, scales or None, shifts or None, exact
+
+
+def _csr(features, rows_of, num_rows, num_requests, gen, index_dtype):
+    """Random bags: empty, 1 and max_bag long ones, index 0 and rows-1, repeats."""
+    values, offsets, pos = [], [], 0
+    for f in features:
+        count = num_requests if f.request_scope else num_rows
+        lengths = torch.randint(0, f.max_bag + 1, (count,), generator=gen)
+        lengths[0], lengths[-1] = f.max_bag, 0
+        if count > 2:
+            lengths[1] = 1
+        rows = rows_of[f.table]
+        offsets.append(pos)
+        for n in lengths.tolist():
+            v = torch.randint(0, rows, (n,), generator=gen)
+            if n >= 3:
+                v[0], v[1], v[2] = 0, rows - 1, v[0]
+            values.append(v)
+            pos += n
+            offsets.append(pos)
+    return torch.cat(values).to(index_dtype), torch.tensor(offsets, dtype=index_dtype)
+
+
+def _requests(num_rows: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    cuts = torch.sort(torch.randint(0, num_rows + 1, (3,), generator=gen)).values
+    request_offsets = torch.cat([torch.tensor([0]), cuts, torch.tensor([num_rows])])
+    row_request = torch.repeat_interleave(torch.arange(len(request_offsets) - 1),
+                                          request_offsets[1:] - request_offsets[:-1])
+    return request_offsets, row_request
+
+
+def _run(dtype, dims, rows, features, device, seed, index_dtype=torch.int64, num_rows=13,
+         out_dtype=torch.float32, corrupt=None):
+    gen = torch.Generator().manual_seed(seed)
+    stored, scales, shifts, exact = _tables(dtype, dims, rows, gen)
+    request_offsets, row_request = _requests(num_rows, gen)
+    num_requests = len(request_offsets) - 1
+    indices, offsets = _csr(features, rows, num_rows, num_requests, gen, index_dtype)
+    if corrupt is not None:
+        corrupt(indices, offsets)
+    weights = torch.rand(indices.shape[0], generator=gen) * 2 - 1
+    width = max(f.out_col + dims[f.table] for f in features)
+    # a strided slice of a wider NaN-poisoned buffer: every written cell must be overwritten
+    big = torch.full((num_rows, width + 7), float("nan"), dtype=out_dtype, device=device)
+    out = big[:, 3:3 + width]
+    packed = PackedTables([t.to(device) for t in stored],
+                          [s.to(device) for s in scales] if scales else None,
+                          [s.to(device) for s in shifts] if shifts else None)
+    bad = embedding_bag(packed, features, indices.to(device), offsets.to(device), out,
+                        weights=weights.to(device), row_request=row_request.to(device),
+                        request_offsets=request_offsets.to(device))
+    ref, ref_bad = embedding_bag_reference(exact, features, indices, offsets, num_rows,
+                                           weights=weights, request_offsets=request_offsets)
+    return out.float().cpu(), bad.cpu(), ref, ref_bad
+
+
+def _features(dims: list[int]) -> list[BagFeature]:
+    col = [0]
+    for t in (0, 1, 2, 0, 1):
+        col.append(col[-1] + dims[t])
+    return [
+        BagFeature(0, col[0], max_bag=3),
+        BagFeature(1, col[1], max_bag=120),                       # long candidate bags
+        BagFeature(2, col[2], request_scope=True, mean=True, max_bag=40),
+        BagFeature(0, col[3], request_scope=True, weighted=True, max_bag=2),
+        BagFeature(1, col[4], mean=True, weighted=True, max_bag=1),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.uint8])
+@pytest.mark.parametrize("dims,index_dtype", [([4, 37, 12], torch.int32),
+                                              ([16, 5, 256], torch.int64)])
+def test_pooling_matches_reference(device, dtype, dims, index_dtype):
+    features = _features(dims)
+    out, bad, ref, ref_bad = _run(dtype, dims, [50, 9, 300], features, device,
+                                  seed=hash((str(dtype), tuple(dims))) % 1000,
+                                  index_dtype=index_dtype)
+    atol, rtol = TOL[dtype]
+    for f, want in zip(features, ref, strict=True):
+        got = out[:, f.out_col:f.out_col + want.shape[1]]
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    assert not bad.any() and not ref_bad.any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_out_of_range_ids_are_flagged_and_never_read(device):
+    dims, rows = [8, 8, 8], [5, 40, 5]
+    # Tables 0 and 2 surround table 1 in the packed buffer and hold huge values: a read past
+    # either end of table 1 would show up in its pooled sums.
+    features = [BagFeature(1, 0, max_bag=4), BagFeature(1, 8, request_scope=True, max_bag=20)]
+
+    def corrupt(indices, offsets):
+        starts = offsets[:14].tolist()  # candidate bags of feature 0
+        rows_with_ids = [r for r in range(13) if starts[r + 1] > starts[r]]
+        indices[starts[rows_with_ids[0]]] = -1
+        indices[starts[rows_with_ids[-1]]] = 40
+        req = offsets[14:].tolist()
+        indices[req[0]] = 1 << 40 if indices.dtype == torch.int64 else (1 << 31) - 1
+
+    out, bad, ref, ref_bad = _run(torch.float32, dims, rows, features, device, seed=7,
+                                  corrupt=corrupt)
+    assert torch.isfinite(out[:, :16]).all()
+    torch.testing.assert_close(out[:, :8], ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:, 8:16], ref[1], atol=1e-5, rtol=1e-5)
+    assert bad.bool().tolist() == ref_bad.tolist()
+    assert bad[0] == 1  # request 0 sent the 2^40 id in its request-scope bag
+    assert ref_bad.sum() >= 2  # and the two corrupted candidate rows flagged their requests
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_same_batch_gives_identical_bits(device):
+    dims = [12, 12, 12]
+    first = _run(torch.bfloat16, dims, [50, 9, 300], _features(dims), device, seed=3)[0]
+    second = _run(torch.bfloat16, dims, [50, 9, 300], _features(dims), device, seed=3)[0]
+    assert torch.equal(first, second)
+
+
+@pytest.mark.gpu
+def test_bf16_output_within_bf16_rounding_on_gpu():
+    dims = [128, 128, 128]
+    features = _features(dims)
+    out, _, ref, _ = _run(torch.bfloat16, dims, [5000, 90, 3000], features, "cuda", seed=11,
+                          num_rows=300, out_dtype=torch.bfloat16)
+    for f, want in zip(features, ref, strict=True):
+        got = out[:, f.out_col:f.out_col + 128]
+        own = (want.bfloat16().float() - want).abs().max()  # torch's own bf16 rounding
+        assert (got - want).abs().max() <= 2 * own + 1e-6
+
+
+def test_launcher_rejects_bad_arguments():
+    packed = PackedTables([torch.zeros(4, 8)])
+    feats = [BagFeature(0, 0)]
+    out = torch.zeros(3, 8)
+    idx, offs = torch.zeros(3, dtype=torch.int64), torch.arange(4)
+    with pytest.raises(ValueError, match=r"offsets has shape \[3\]"):
+        embedding_bag(packed, feats, idx, offs[:3], out)
+    with pytest.raises(ValueError, match="indices has dtype torch.float32"):
+        embedding_bag(packed, feats, idx.float(), offs, out)
+    with pytest.raises(ValueError, match=r"writes columns 4..12 but out has shape \[3, 8\]"):
+        embedding_bag(packed, [BagFeature(0, 4)], idx, offs, out)
+    with pytest.raises(ValueError, match="unit column stride"):
+        embedding_bag(packed, feats, idx, offs, torch.zeros(8, 3).t())
+    with pytest.raises(ValueError, match="request-scope features need request_offsets"):
+        embedding_bag(packed, [BagFeature(0, 0, request_scope=True)], idx, offs, out)
+    with pytest.raises(ValueError, match="one dtype per PackedTables"):
+        PackedTables([torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.float16)])
+    with pytest.raises(ValueError, match="not monotone"):
+        check_csr(torch.tensor([0, 2, 1, 3]), [3], 3)

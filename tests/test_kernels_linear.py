@@ -1,0 +1,140 @@
+"""Fused linear, dot interaction and DCNv2 cross kernels vs their plain-torch references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recserve.kernels.interaction import (
+    cross_layer,
+    cross_layer_reference,
+    dest_map,
+    dot_interaction,
+    dot_interaction_reference,
+    pair_columns,
+)
+from recserve.kernels.linear import linear, linear_reference
+
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="interpreter tests run on hosts without CUDA")),
+    pytest.param("cuda", marks=pytest.mark.gpu),
+]
+# fp32 on the interpreter / GPU (exact fp32 products): summation order only.
+FP32_TOL = (2e-5, 2e-5)
+
+
+def _assert_bf16_close(got: torch.Tensor, ref: torch.Tensor, torch_bf16: torch.Tensor) -> None:
+    """bf16 kernels are judged against the fp32 reference relative to torch-bf16's error."""
+    own = (torch_bf16.float() - ref).abs().max().item()
+    err = (got.float() - ref).abs().max().item()
+    assert err <= 2 * own + 1e-3 * ref.abs().max().item(), (err, own)
+
+
+def _rand(*shape, gen, device, dtype=torch.float32):
+    return (torch.randn(*shape, generator=gen) / shape[-1] ** 0.25).to(device, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,n,k", [(1, 5, 3), (37, 70, 50), (64, 130, 129)])
+@pytest.mark.parametrize("activation", ["none", "relu", "sigmoid"])
+def test_linear_epilogues(device, m, n, k, activation):
+    gen = torch.Generator().manual_seed(m * n + k)
+    a, w, b = _rand(m, k, gen=gen, device=device), _rand(n, k, gen=gen, device=device), \
+        _rand(n, gen=gen, device=device)
+    out = torch.full((m, n + 3), float("nan"), device=device)[:, 1:1 + n]
+    got = linear(a, w, b, activation=activation, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    ref = linear_reference(a.cpu(), w.cpu(), b.cpu(), activation=activation)
+    torch.testing.assert_close(got.cpu(), ref, atol=FP32_TOL[0], rtol=FP32_TOL[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_split_rows_cross_and_final(device):
+    gen = torch.Generator().manual_seed(5)
+    m, n, k, r, h = 29, 48, 33, 4, 3
+    a = _rand(m + 6, k, gen=gen, device=device)
+    w, b = _rand(n, k, gen=gen, device=device), _rand(n, gen=gen, device=device)
+    a_rows = torch.randperm(m + 6, generator=gen)[:m].to(device)
+    add, add_rows = _rand(r, n, gen=gen, device=device), torch.randint(0, r, (m,), generator=gen)
+    x0, x = _rand(m, n, gen=gen, device=device), _rand(m, n, gen=gen, device=device)
+    final = (_rand(h, n, gen=gen, device=device), _rand(h, gen=gen, device=device),
+             torch.tensor([1, 0, 1], dtype=torch.int32, device=device))
+    kwargs = {"a_rows": a_rows, "add": add, "add_rows": add_rows.to(device)}
+    got = linear(a, w, b, activation="relu", final=final, **kwargs)
+    ref = linear_reference(a, w, b, activation="relu", final=final, **kwargs)
+    assert got.shape == (m, h) and got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, atol=FP32_TOL[0], rtol=FP32_TOL[1])
+    got = linear(a[:m], w, b, cross=(x0, x))
+    torch.testing.assert_close(got, linear_reference(a[:m], w, b, cross=(x0, x)),
+                               atol=FP32_TOL[0], rtol=FP32_TOL[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", [(8, 1024, 3456), (300, 256, 512), (2048, 1024, 1024)])
+def test_linear_bf16_on_gpu(m, n, k):
+    gen = torch.Generator().manual_seed(k)
+    a, w, b = (_rand(m, k, gen=gen, device="cuda"), _rand(n, k, gen=gen, device="cuda"),
+               _rand(n, gen=gen, device="cuda"))
+    ref = linear_reference(a, w, b, activation="relu")
+    bf = [t.bfloat16() for t in (a, w, b)]
+    torch_bf16 = torch.relu(torch.nn.functional.linear(*bf))
+    _assert_bf16_close(linear(*bf, activation="relu"), ref, torch_bf16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("t,d", [(2, 4), (5, 37), (27, 16)])
+@pytest.mark.parametrize("self_interaction", [False, True])
+def test_dot_interaction_reference_order(device, t, d, self_interaction):
+    gen = torch.Generator().manual_seed(t * d)
+    b = 9
+    v = _rand(b, t * d + 5, gen=gen, device=device)  # extra trailing columns are ignored
+    pairs = pair_columns(t, self_interaction, d)
+    width = d + len(pairs)
+    out = torch.full((b, width), float("nan"), device=device)
+    dot_interaction(v, t, d, dest_map(t, pairs, width, device), out, x_dest=0)
+    ref = dot_interaction_reference(v[:, :t * d].reshape(b, t, d).cpu(), self_interaction)
+    torch.testing.assert_close(out.cpu(), ref, atol=FP32_TOL[0], rtol=FP32_TOL[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dot_interaction_permuted_destinations(device):
+    gen = torch.Generator().manual_seed(1)
+    b, t, d = 6, 4, 8
+    v = _rand(b, t * d, gen=gen, device=device)
+    natural = pair_columns(t, False, 0)
+    perm = torch.randperm(len(natural), generator=gen).tolist()
+    pairs = [(i, j, perm[c]) for i, j, c in natural]
+    out = torch.full((b, len(pairs) + d), float("nan"), device=device)
+    dot_interaction(v, t, d, dest_map(t, pairs, out.shape[1], device), out, x_dest=len(pairs))
+    ref = dot_interaction_reference(v.reshape(b, t, d).cpu(), False, with_x=False)
+    torch.testing.assert_close(out[:, perm].cpu(), ref, atol=FP32_TOL[0], rtol=FP32_TOL[1])
+    torch.testing.assert_close(out[:, len(pairs):].cpu(), v[:, :d].cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cross_layer(device):
+    gen = torch.Generator().manual_seed(2)
+    b, width, rank = 11, 40, 7
+    x0, x = _rand(b, width, gen=gen, device=device), _rand(b, width, gen=gen, device=device)
+    u, v = _rand(rank, width, gen=gen, device=device), _rand(width, rank, gen=gen, device=device)
+    bias = _rand(width, gen=gen, device=device)
+    got = cross_layer(x0, x, u, v, bias)
+    torch.testing.assert_close(got.cpu(), cross_layer_reference(x0, x, u, v, bias).cpu(),
+                               atol=FP32_TOL[0], rtol=FP32_TOL[1])
+
+
+def test_launchers_reject_bad_arguments():
+    a, w = torch.zeros(4, 6), torch.zeros(5, 7)
+    with pytest.raises(ValueError, match=r"a has shape \[4, 6\] but weight has \[5, 7\]"):
+        linear(a, w)
+    with pytest.raises(ValueError, match="activation is 'gelu'"):
+        linear(a, torch.zeros(5, 6), activation="gelu")
+    with pytest.raises(ValueError, match="weight has dtype torch.float16"):
+        linear(a, torch.zeros(5, 6, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"out has shape \[4, 4\]; expected \[4, 5\]"):
+        linear(a, torch.zeros(5, 6), out=torch.zeros(4, 4))
+    with pytest.raises(ValueError, match="outside T=3"):
+        dest_map(3, [(3, 0, 0)], 10)
+    with pytest.raises(ValueError, match=r"v has shape \[2, 5\]"):
+        dot_interaction(torch.zeros(2, 5), 3, 2, dest_map(3, [], 4), torch.zeros(2, 4))
