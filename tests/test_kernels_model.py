@@ -1,0 +1,139 @@
+"""TritonModel (whole forward on the kernels) vs ReferenceModel, and the bench workloads."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from recserve.engine.inputs import RequestInputs, SparseInput, collate
+from recserve.engine.reference import ReferenceModel
+from recserve.engine.spec import DenseFeature, Interaction, ModelSpec, Output, SparseFeature, Table
+from recserve.engine.weights import init_weights
+from recserve.kernels.layout import build_layout
+from recserve.kernels.model import TritonModel
+
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="interpreter tests run on hosts without CUDA")),
+    pytest.param("cuda", marks=pytest.mark.gpu),
+]
+# compute dtype -> absolute tolerance on scores (sigmoid outputs and logits of size ~1)
+TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+INTERACTIONS = {"dot": Interaction("dot"), "dot-self": Interaction("dot", self_interaction=True),
+                "dcnv2": Interaction("dcnv2", layers=2, rank=5), "cat": Interaction("cat")}
+
+
+def _spec(kind: str, dense_scopes: tuple[str, ...] = ("request", "candidate")) -> ModelSpec:
+    d = 8
+    tables = (Table("a", 50, d), Table("b", 20, d, "fp16"), Table("c", 30, d, "int8"),
+              Table("e", 11, d, "bf16"))
+    sparse = (SparseFeature("hist", "a", scope="request", max_bag=40, pooling="mean"),
+              SparseFeature("item", "b", max_bag=3, weighted=True),
+              SparseFeature("tags", "c", max_bag=5),
+              SparseFeature("country", "a", scope="request", max_bag=2),
+              SparseFeature("genre", "e", max_bag=20, pooling="mean"))
+    dense = tuple(DenseFeature(f"d{i}", 3 + i, scope=s) for i, s in enumerate(dense_scopes))
+    return ModelSpec("m", tables, sparse, dense, (16, d), INTERACTIONS[kind], (24, 12, 2),
+                     (Output("click"), Output("watch", "logit")))
+
+
+def _request(spec: ModelSpec, rng: np.random.Generator, n: int) -> RequestInputs:
+    sparse = {}
+    for f in spec.sparse:
+        rows = spec.table(f.table).rows
+        lengths = None if f.scope == "request" else rng.integers(0, f.max_bag + 1, n)
+        count = int(rng.integers(0, f.max_bag + 1)) if lengths is None else int(lengths.sum())
+        w = rng.random(count).astype(np.float32) if f.weighted else None
+        sparse[f.name] = SparseInput(rng.integers(0, rows, count), lengths, w)
+    dense = {f.name: rng.standard_normal(f.dim if f.scope == "request" else (n, f.dim))
+             .astype(np.float32) for f in spec.dense}
+    return RequestInputs(n, sparse, dense)
+
+
+def _check(spec: ModelSpec, device: str, dtype: torch.dtype, seed: int, sizes=(3, 1, 6)):
+    rng = np.random.default_rng(seed)
+    weights = init_weights(spec, seed)
+    batch = collate(spec, [_request(spec, rng, n) for n in sizes])
+    want = ReferenceModel(spec, weights).forward(batch)
+    model = TritonModel(spec, weights, device=device, compute_dtype=dtype)
+    got, bad = model.forward(batch)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert bad.tolist() == [False] * len(sizes)
+    torch.testing.assert_close(got.cpu(), want, atol=TOL[dtype], rtol=0)
+    return model, batch, got
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", list(INTERACTIONS))
+def test_forward_matches_reference(device, kind):
+    model, _, _ = _check(_spec(kind), device, torch.float32, seed=len(kind))
+    if kind != "dcnv2":  # the request half of the first top layer is split off
+        assert model.layout.ku > 0 and model.top_u is not None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["dot", "cat"])
+def test_request_only_dense_runs_bottom_once_per_request(device, kind):
+    spec = _spec(kind, dense_scopes=("request", "request"))
+    assert build_layout(spec).x_request
+    _check(spec, device, torch.float32, seed=4, sizes=(2, 5))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", list(INTERACTIONS))
+def test_bf16_forward_on_gpu(kind):
+    _check(_spec(kind), "cuda", torch.bfloat16, seed=9, sizes=(30, 1, 200))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_id_fails_only_its_request_and_is_deterministic(device):
+    spec = _spec("dot")
+    rng = np.random.default_rng(3)
+    weights = init_weights(spec, 3)
+    requests = [_request(spec, rng, n) for n in (2, 4, 3)]
+    good = ReferenceModel(spec, weights).forward(collate(spec, requests))
+    ids = requests[1].sparse["tags"].values
+    assert len(ids) > 0
+    ids[0] = 30  # one past the last row of table c (the server would have rejected it)
+    model = TritonModel(spec, weights, device=device, compute_dtype=torch.float32)
+    batch = collate(spec, requests)
+    first, bad = model.forward(batch)
+    assert bad.tolist() == [False, True, False]
+    keep = torch.tensor([0, 0, 1, 1, 1, 1, 2, 2, 2]) != 1
+    torch.testing.assert_close(first.cpu()[keep], good[keep], atol=TOL[torch.float32], rtol=0)
+    second, _ = model.forward(batch)
+    assert torch.equal(first, second)
+
+
+def _workloads():
+    path = Path(__file__).resolve().parents[1] / "bench" / "workloads.py"
+    spec = importlib.util.spec_from_file_location("bench_workloads", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("interaction", ["dot", "dcnv2"])
+def test_bench_workloads_peer_and_prepared_path(interaction):
+    wl = _workloads()
+    spec = wl.dlrmv2_spec(max_rows=40, table_dtype="fp32", interaction=interaction)
+    assert spec.interaction_dim == (479 if interaction == "dot" else 3456)
+    weights = wl.device_weights(spec, "cpu", seed=1)
+    inputs = wl.fixed_hot_inputs(spec, 3, zipf=True, device="cpu", seed=2)
+    requests = [RequestInputs(1, {f.name: SparseInput(
+        inputs["values"][k][r * f.max_bag:(r + 1) * f.max_bag].numpy(), np.array([f.max_bag]))
+        for k, f in enumerate(spec.sparse)}, {"dense": inputs["dense"][r:r + 1].numpy()})
+        for r in range(3)]
+    want = ReferenceModel(spec, weights).forward(collate(spec, requests))
+    peer = wl.TorchPeer(spec, weights, dtype=torch.float32, concat=interaction == "dot")
+    torch.testing.assert_close(peer.forward(inputs["dense"], inputs["values"],
+                                            inputs["offsets"]), want, atol=1e-5, rtol=0)
+    if interaction == "dot":  # the Triton path on the bench's pre-staged inputs
+        model = TritonModel(spec, weights, device="cpu")
+        got, bad = model.forward_prepared(wl.to_prepared(model, inputs))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        assert not bad.any()
