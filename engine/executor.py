@@ -118,6 +118,15 @@ def index_problem(spec: ModelSpec, inputs: RequestInputs) -> str | None:
     return None
 
 
+def _ids_in_range(spec: ModelSpec, batch: Batch) -> bool:
+    # One check per feature over the whole batch; per request only when it fails.
+    for feature in spec.sparse:
+        values = batch.sparse[feature.name].values.numpy()
+        if len(values) and (values.min() < 0 or values.max() >= spec.table(feature.table).rows):
+            return False
+    return True
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is an allocator failure worth retrying on a smaller batch."""
     return isinstance(exc, MemoryError | torch.OutOfMemoryError)
@@ -194,22 +203,30 @@ class CpuExecutor(Executor):
         """Run one job synchronously (the worker's body; public for tests)."""
         spec = job.model.spec
         results: list[PieceResult | None] = [None] * len(job.plan.pieces)
-        items = []
-        for i, (piece, inputs) in enumerate(zip(job.plan.pieces, job.inputs, strict=True)):
-            rows = slice_rows(spec, inputs, piece.start, piece.count)
-            problem = index_problem(spec, rows)
-            if problem is None:
-                items.append((i, rows))
-            else:
-                results[i] = PieceResult(error=EngineError("bad_request", problem))
+        items = [(i, slice_rows(spec, inputs, piece.start, piece.count)) for i, (piece, inputs)
+                 in enumerate(zip(job.plan.pieces, job.inputs, strict=True))]
+        try:
+            batch = collate(spec, [rows for _, rows in items])
+        except Exception:  # a malformed request: _score isolates it
+            batch = None
+        if batch is None or not _ids_in_range(spec, batch):  # rare: find the bad requests
+            batch, good = None, []
+            for i, rows in items:
+                problem = index_problem(spec, rows)
+                if problem is None:
+                    good.append((i, rows))
+                else:
+                    results[i] = PieceResult(error=EngineError("bad_request", problem))
+            items = good
         if items:
-            self._score(job.model, items, results)
+            self._score(job.model, items, results, batch)
         return tuple(results)
 
     def _score(self, model: ReferenceModel, items: list[tuple[int, RequestInputs]],
-               results: list[PieceResult | None]) -> None:
+               results: list[PieceResult | None], batch: Batch | None = None) -> None:
         try:
-            batch = collate(model.spec, [rows for _, rows in items])
+            if batch is None:
+                batch = collate(model.spec, [rows for _, rows in items])
             if self.fault is not None:
                 self.fault(batch)
             scores = model.forward(batch).numpy()
