@@ -302,3 +302,22 @@ def test_cancel_drops_queued_and_unsent_work():
     assert [[p.request_id for p in plan.pieces] for plan in plans] == [[1], [3]]
     np.testing.assert_allclose(scores, expected(SPEC, weights["tiny"], inputs), rtol=1e-5,
                                atol=1e-6)
+
+
+def test_fill_wait_holds_a_small_batch_then_the_timer_sends_it():
+    async def main():
+        settings = EngineSettings(max_batch_rows=64, buckets=(64,), slots=1, fill_wait_s=0.05)
+        engine, executor, weights = await started(settings)
+        rng = np.random.default_rng(9)
+        order = [random_inputs(SPEC, rng, 10) for _ in range(2)]
+        first = asyncio.create_task(engine.score("tiny", order[0]))
+        await settle()
+        assert engine.queued_rows == 10 and not executor.plans  # waiting for more rows
+        results = await asyncio.gather(first, engine.score("tiny", order[1]))
+        await engine.close()
+        return executor.plans, weights, order, results
+    plans, weights, order, results = run(main())
+    assert [[p.request_id for p in plan.pieces] for plan in plans] == [[1, 2]]
+    for inputs, scores in zip(order, results, strict=True):
+        np.testing.assert_allclose(scores, expected(SPEC, weights["tiny"], inputs), rtol=1e-5,
+                                   atol=1e-6)
