@@ -1,0 +1,318 @@
+"""GPU executor: the only code that owns CUDA streams, events, pinned memory and graphs.
+
+Per slot and model: pinned host staging and device buffers (allocated once, in
+``build_model``) and one CUDA graph per batch bucket, captured after a warm-up that
+also autotunes every kernel for that shape. A batch goes through three streams:
+
+  launcher thread: pack pieces into the slot's pinned buffers (numpy views, no allocation)
+  copy-in stream:  used prefixes host -> device                      -> event h2d
+  compute stream:  (waits h2d) cast dense, replay the bucket's graph   -> event compute
+  copy-out stream: (waits compute) scores and bad-id flags -> pinned   -> event done
+  completion thread: waits ``done`` (off the launcher), resolves the pieces, frees the slot
+
+So while batch k computes, batch k+1 is being copied in and batch k-1's scores copied
+out; nothing on the hot path synchronizes the device. A request whose ids fall outside
+a table is flagged by the gather kernel and fails alone; an exception while launching
+(an out-of-memory, say) re-runs the batch's pieces one by one without graphs.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .demo import random_inputs
+from .executor import Done, Executor, Job, JobResult, PieceResult, index_problem, slice_rows
+from .inputs import collate
+from .scheduler import EngineError
+from .settings import EngineSettings
+from .spec import ModelSpec
+from .staging import Buffers, PackedSizes, StagingLayout, allocate, pack, staging_layout
+
+_STAGES = ("h2d", "compute", "d2h")
+
+
+@dataclass(slots=True)
+class SlotState:
+    """One slot's buffers, graphs and events for one model."""
+
+    host: Buffers
+    device: Buffers
+    dense_compute: torch.Tensor | None
+    scores_out: torch.Tensor
+    bad_out: torch.Tensor
+    pool: object
+    graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict)
+    events: dict[str, torch.cuda.Event] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class GpuModel:
+    """A TritonModel with its staging layout and per-slot state (see ``build_model``)."""
+
+    spec: ModelSpec
+    triton: object
+    layout: StagingLayout
+    slots: list[SlotState]
+
+
+class GpuExecutor(Executor):
+    """Runs batch plans on one CUDA device with the fused Triton forward."""
+
+    def __init__(self, settings: EngineSettings, device: str = "cuda", *,
+                 use_graphs: bool = True) -> None:
+        self.settings = settings
+        self.device = torch.device(device)
+        self.use_graphs = use_graphs
+        self.timeline: list[tuple[int, str, float, float]] = []
+        """(batch seq, stage, start ms, end ms) for the last ``timeline_limit`` batches."""
+        self.timeline_limit = 0
+        self.busy_ms = 0.0
+        self.batches = 0
+        self.bytes_in = 0
+        self._lock = threading.Lock()
+        self._free: list[int] = []
+        self._launch_q: queue.SimpleQueue = queue.SimpleQueue()
+        self._done_q: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        """Create the streams and start the launcher and completion threads."""
+        if self._threads:
+            return
+        torch.cuda.set_device(self.device)
+        self._streams = {s: torch.cuda.Stream(self.device) for s in _STAGES}
+        self._origin = torch.cuda.Event(enable_timing=True)
+        self._origin.record()
+        self._free = list(range(self.settings.slots))
+        for target, name in ((self._launcher, "launch"), (self._completer, "complete")):
+            thread = threading.Thread(target=target, name=f"recserve-gpu-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def build_model(self, spec: ModelSpec, weights: dict[str, torch.Tensor]) -> GpuModel:
+        """Upload weights, allocate every slot's buffers, warm up and capture the graphs."""
+        from recserve.kernels.model import TritonModel
+
+        triton_model = TritonModel(spec, weights, self.device)
+        layout = staging_layout(spec, [names for _, _, names in triton_model.groups],
+                                self.settings.max_batch_rows, triton_model.layout.x_request)
+        slots = [self._new_slot(triton_model, layout) for _ in range(self.settings.slots)]
+        model = GpuModel(spec, triton_model, layout, slots)
+        rng = np.random.default_rng(0)
+        for slot in slots:
+            for bucket in self.settings.buckets:
+                sizes = pack(layout, slot.host, [random_inputs(spec, rng, bucket)], bucket)
+                self._copy_in(model, slot, sizes, torch.cuda.current_stream(self.device))
+                if self.use_graphs:
+                    slot.graphs[bucket] = _capture(lambda s=slot, b=bucket: _step(model, s, b),
+                                                   slot.pool, self.device)
+                else:
+                    _step(model, slot, bucket)
+        torch.cuda.synchronize(self.device)
+        return model
+
+    def _new_slot(self, triton_model, layout: StagingLayout) -> SlotState:
+        rows, outputs = layout.max_rows, len(layout.spec.outputs)
+        dense_compute = None
+        host = allocate(layout, "cpu", pin=True)
+        device = allocate(layout, self.device)
+        if device.dense is not None:
+            dense_compute = torch.zeros_like(device.dense, dtype=triton_model.dtype)
+        events = {f"{s}_{edge}": torch.cuda.Event(enable_timing=True)
+                  for s in _STAGES for edge in ("start", "end")}
+        return SlotState(host, device, dense_compute,
+                         torch.zeros(rows, outputs, pin_memory=True),
+                         torch.zeros(rows + 1, dtype=torch.bool, pin_memory=True),
+                         torch.cuda.graph_pool_handle(), events=events)
+
+    def free_slots(self) -> int:
+        """Slots not holding a job."""
+        with self._lock:
+            return len(self._free)
+
+    def submit(self, job: Job, done: Done) -> None:
+        """Claim a slot and queue ``job`` for the launcher thread (never blocks)."""
+        with self._lock:
+            if not self._free:
+                raise RuntimeError(f"all {self.settings.slots} slots are busy")
+            slot = self._free.pop()
+        self._launch_q.put((job, slot, done))
+
+    def close(self) -> None:
+        """Finish queued jobs, then stop both threads."""
+        if not self._threads:
+            return
+        self._launch_q.put(None)
+        self._threads[0].join()
+        self._done_q.put(None)
+        self._threads[1].join()
+        self._threads.clear()
+
+    def stats(self) -> dict:
+        """Counters: batches run, GPU busy time from CUDA events, bytes copied in."""
+        return {"batches": self.batches, "gpu_busy_ms": self.busy_ms, "bytes_in": self.bytes_in}
+
+    def _launcher(self) -> None:
+        torch.cuda.set_device(self.device)
+        while (item := self._launch_q.get()) is not None:
+            job, slot_index, done = item
+            try:
+                sizes = self._launch(job, slot_index)
+            except Exception as exc:  # OOM or a bug: isolate per piece, keep serving
+                self._release(slot_index)
+                done(JobResult(job, self._fallback(job, exc)))
+                continue
+            self._done_q.put((job, slot_index, sizes, done))
+
+    def _launch(self, job: Job, slot_index: int) -> PackedSizes:
+        model: GpuModel = job.model
+        slot = model.slots[slot_index]
+        plan = job.plan
+        pieces = [slice_rows(model.spec, inputs, p.start, p.count)
+                  for p, inputs in zip(plan.pieces, job.inputs, strict=True)]
+        sizes = pack(model.layout, slot.host, pieces, plan.bucket)
+        ev, streams = slot.events, self._streams
+        ev["h2d_start"].record(streams["h2d"])
+        self.bytes_in += self._copy_in(model, slot, sizes, streams["h2d"])
+        ev["h2d_end"].record(streams["h2d"])
+        compute = streams["compute"]
+        compute.wait_event(ev["h2d_end"])
+        with torch.cuda.stream(compute):
+            ev["compute_start"].record(compute)
+            if plan.bucket in slot.graphs:
+                graph, scores, bad = slot.graphs[plan.bucket]
+                graph.replay()
+            else:
+                scores, bad = _step(model, slot, plan.bucket)
+            ev["compute_end"].record(compute)
+        out = streams["d2h"]
+        out.wait_event(ev["compute_end"])
+        with torch.cuda.stream(out):
+            ev["d2h_start"].record(out)
+            slot.scores_out[:sizes.rows].copy_(scores[:sizes.rows], non_blocking=True)
+            slot.bad_out[:sizes.requests].copy_(bad[:sizes.requests], non_blocking=True)
+            ev["d2h_end"].record(out)
+        if plan.bucket not in slot.graphs:  # allocator-owned outputs: keep until copied
+            scores.record_stream(out)
+            bad.record_stream(out)
+        return sizes
+
+    def _copy_in(self, model: GpuModel, slot: SlotState, sizes: PackedSizes,
+                 stream: torch.cuda.Stream) -> int:
+        host, dev, b = slot.host, slot.device, sizes.bucket
+        pairs = [(dev.row_request, host.row_request, b),
+                 (dev.request_offsets, host.request_offsets, b + 2),
+                 (dev.first_rows, host.first_rows, b + 1)]
+        if dev.dense is not None:
+            pairs.append((dev.dense, host.dense, b + 1 if model.layout.dense_per_request else b))
+        for (di, do, dw), (hi, ho, hw), nnz, used in zip(dev.groups, host.groups, sizes.nnz,
+                                                         sizes.offsets, strict=True):
+            pairs += [(di, hi, nnz), (do, ho, used)]
+            if dw is not None:
+                pairs.append((dw, hw, nnz))
+        copied = 0
+        with torch.cuda.stream(stream):
+            for device_buf, host_buf, n in pairs:
+                if n:
+                    device_buf[:n].copy_(host_buf[:n], non_blocking=True)
+                    copied += host_buf[:n].numel() * host_buf.element_size()
+        return copied
+
+    def _completer(self) -> None:
+        while (item := self._done_q.get()) is not None:
+            job, slot_index, sizes, done = item
+            model: GpuModel = job.model
+            slot = model.slots[slot_index]
+            slot.events["d2h_end"].synchronize()  # this thread's only wait: the batch is done
+            scores = slot.scores_out[:sizes.rows].numpy().copy()
+            bad = slot.bad_out[:sizes.requests].numpy().copy()
+            self._account(job.plan.seq, slot)
+            self._release(slot_index)
+            done(JobResult(job, self._results(job, scores, bad)))
+
+    def _results(self, job: Job, scores: np.ndarray, bad: np.ndarray) -> tuple:
+        results, start = [], 0
+        for i, (piece, inputs) in enumerate(zip(job.plan.pieces, job.inputs, strict=True)):
+            if bad[i]:
+                problem = index_problem(job.model.spec, inputs) or "an id is outside its table"
+                results.append(PieceResult(error=EngineError("bad_request", problem)))
+            else:
+                results.append(PieceResult(scores=scores[start:start + piece.count]))
+            start += piece.count
+        return tuple(results)
+
+    def _account(self, seq: int, slot: SlotState) -> None:
+        ev = slot.events
+        self.busy_ms += ev["compute_start"].elapsed_time(ev["compute_end"])
+        self.batches += 1
+        if self.timeline_limit and len(self.timeline) < self.timeline_limit:
+            for stage in _STAGES:
+                start = self._origin.elapsed_time(ev[f"{stage}_start"])
+                end = self._origin.elapsed_time(ev[f"{stage}_end"])
+                self.timeline.append((seq, stage, start, end))
+
+    def _release(self, slot_index: int) -> None:
+        with self._lock:
+            self._free.append(slot_index)
+
+    def _fallback(self, job: Job, exc: Exception) -> tuple[PieceResult, ...]:
+        """Score each piece alone on the default stream, without graphs."""
+        model: GpuModel = job.model
+        results = []
+        for piece, inputs in zip(job.plan.pieces, job.inputs, strict=True):
+            rows = slice_rows(model.spec, inputs, piece.start, piece.count)
+            try:
+                scores, bad = model.triton.forward(collate(model.spec, [rows]))
+                if bool(bad.any()):
+                    problem = index_problem(model.spec, rows) or "an id is outside its table"
+                    results.append(PieceResult(error=EngineError("bad_request", problem)))
+                else:
+                    results.append(PieceResult(scores=scores.float().cpu().numpy()))
+            except Exception as piece_exc:
+                kind = "out of memory" if isinstance(piece_exc, torch.OutOfMemoryError) \
+                    else f"{type(piece_exc).__name__}: {piece_exc}"
+                results.append(PieceResult(error=EngineError(
+                    "internal", f"scoring failed ({kind}) after the batch failed ({exc})")))
+        return tuple(results)
+
+
+def _step(model: GpuModel, slot: SlotState, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The device work of one batch on the slot's device buffers (what a graph captures)."""
+    from recserve.kernels.prepare import PreparedBatch
+
+    dev, layout = slot.device, model.layout
+    r_cap = bucket + 1
+    dense = None
+    if slot.dense_compute is not None:
+        rows = r_cap if layout.dense_per_request else bucket
+        dense = slot.dense_compute[:rows]
+        dense.copy_(dev.dense[:rows])  # fp32 staging -> compute dtype, on the device
+    groups = []
+    for group, (indices, offsets, weights) in zip(layout.groups, dev.groups, strict=True):
+        used = sum((r_cap if req else bucket) + 1 for req in group.request_scope)
+        groups.append((indices, offsets[:used], weights))
+    prepared = PreparedBatch(bucket, r_cap, dev.row_request[:bucket],
+                             dev.request_offsets[:r_cap + 1], dev.first_rows[:r_cap], dense,
+                             tuple(groups))
+    return model.triton.forward_prepared(prepared)
+
+
+def _capture(step, pool, device: torch.device):
+    """Warm ``step`` up on a side stream (autotuning its kernels), then capture it."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        scores, bad = step()
+    return graph, scores, bad

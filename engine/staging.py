@@ -1,0 +1,199 @@
+"""Fixed-size staging buffers for one model, and packing a batch's pieces straight into them.
+
+The GPU executor owns, per slot, one host set (pinned) and one device set of these
+buffers, allocated once when a model is built. A batch of R requests and ``rows`` rows
+is padded to its bucket B with one extra "padding request" owning the padding rows,
+so every bucket has fixed tensor shapes (a static input for a CUDA graph):
+
+  row_request [B], request_offsets [B + 2], first_rows [B + 1]   (R_cap = B + 1)
+  dense fp32 [B or R_cap, dense_in_dim]
+  per table group: indices [cap], offsets [sum over features of bags + 1], weights [cap]
+
+Bags beyond the real requests and rows are empty, dense padding is zero, so padding
+rows compute finite scores that are never read. Only the used prefix of each buffer
+travels to the device. Ids are clipped into int32 range when the group is int32 (an id
+that was out of range stays out of range, so the kernel still flags it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .inputs import RequestInputs
+from .spec import ModelSpec
+
+_INT32_MAX = (1 << 31) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class GroupLayout:
+    """One table-dtype group: its features in kernel order and buffer capacities."""
+
+    features: tuple[str, ...]
+    request_scope: tuple[bool, ...]
+    weighted: bool
+    index_dtype: torch.dtype
+    index_capacity: int
+    offsets_capacity: int
+
+
+@dataclass(frozen=True, slots=True)
+class StagingLayout:
+    """Buffer shapes for a model at up to ``max_rows`` rows per batch."""
+
+    spec: ModelSpec
+    max_rows: int
+    dense_width: int
+    dense_per_request: bool
+    groups: tuple[GroupLayout, ...]
+
+    @property
+    def max_requests(self) -> int:
+        """R_cap at the largest bucket: every real request has a row, plus the padding one."""
+        return self.max_rows + 1
+
+
+def staging_layout(spec: ModelSpec, group_features: list[tuple[str, ...]], max_rows: int,
+                   dense_per_request: bool) -> StagingLayout:
+    """Layout for ``spec`` whose kernels gather ``group_features`` per launch group."""
+    by_name = {f.name: f for f in spec.sparse}
+    groups = []
+    for names in group_features:
+        feats = [by_name[n] for n in names]
+        bags = [max_rows + 1 if f.scope == "request" else max_rows for f in feats]
+        capacity = sum(f.max_bag * b for f, b in zip(feats, bags, strict=True))
+        rows = max(spec.table(f.table).rows for f in feats)
+        small = rows <= _INT32_MAX and capacity <= _INT32_MAX
+        groups.append(GroupLayout(tuple(names), tuple(f.scope == "request" for f in feats),
+                                  any(f.weighted for f in feats),
+                                  torch.int32 if small else torch.int64,
+                                  capacity, sum(b + 1 for b in bags)))
+    return StagingLayout(spec, max_rows, spec.dense_in_dim, dense_per_request, tuple(groups))
+
+
+@dataclass(frozen=True, slots=True)
+class Buffers:
+    """One full set of staging tensors (host or device)."""
+
+    row_request: torch.Tensor
+    request_offsets: torch.Tensor
+    first_rows: torch.Tensor
+    dense: torch.Tensor | None
+    groups: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], ...]
+
+
+def allocate(layout: StagingLayout, device: torch.device | str, pin: bool = False) -> Buffers:
+    """Allocate one set of buffers (zeroed) for ``layout`` on ``device``."""
+    def make(shape, dtype):
+        return torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
+
+    b, r = layout.max_rows, layout.max_requests
+    dense = None
+    if layout.dense_width:
+        dense = make(((r if layout.dense_per_request else b), layout.dense_width), torch.float32)
+    groups = tuple((make(g.index_capacity, g.index_dtype),
+                    make(g.offsets_capacity, g.index_dtype),
+                    make(g.index_capacity, torch.float32) if g.weighted else None)
+                   for g in layout.groups)
+    return Buffers(make(b, torch.int32), make(r + 1, torch.int32), make(r, torch.int32),
+                   dense, groups)
+
+
+@dataclass(frozen=True, slots=True)
+class PackedSizes:
+    """How much of each buffer one packed batch uses (what must be copied)."""
+
+    bucket: int
+    """B: the padded batch size."""
+    rows: int
+    """Real rows."""
+    requests: int
+    """Real requests (pieces)."""
+    nnz: tuple[int, ...]
+    """Ids written per group."""
+    offsets: tuple[int, ...]
+    """Offsets written per group (fixed for a bucket)."""
+
+
+def pack(layout: StagingLayout, host: Buffers, pieces: list[RequestInputs],
+         bucket: int) -> PackedSizes:
+    """Write ``pieces`` (already sliced to their planned rows) into ``host`` for ``bucket``."""
+    spec = layout.spec
+    counts = np.array([p.num_candidates for p in pieces], dtype=np.int64)
+    rows, real = int(counts.sum()), len(pieces)
+    if not 1 <= rows <= bucket <= layout.max_rows:
+        raise ValueError(f"{rows} rows do not fit bucket {bucket} (max {layout.max_rows})")
+    r_cap = bucket + 1
+    row_request = host.row_request.numpy()[:bucket]
+    row_request[:rows] = np.repeat(np.arange(real, dtype=np.int32), counts)
+    row_request[rows:] = real  # the padding request owns the padding rows
+    offsets = host.request_offsets.numpy()[:r_cap + 1]
+    offsets[0] = 0
+    np.cumsum(counts, out=offsets[1:real + 1], dtype=np.int32)
+    offsets[real + 1:] = bucket
+    np.minimum(offsets[:-1], bucket - 1, out=host.first_rows.numpy()[:r_cap])
+    if host.dense is not None:
+        _pack_dense(spec, host.dense.numpy(), pieces, counts, bucket, r_cap,
+                    layout.dense_per_request)
+    nnz, used = [], []
+    for group, buffers in zip(layout.groups, host.groups, strict=True):
+        n, o = _pack_group(group, buffers, pieces, bucket, r_cap)
+        nnz.append(n)
+        used.append(o)
+    return PackedSizes(bucket, rows, real, tuple(nnz), tuple(used))
+
+
+def _pack_dense(spec: ModelSpec, dense: np.ndarray, pieces: list[RequestInputs],
+                counts: np.ndarray, bucket: int, r_cap: int, per_request: bool) -> None:
+    col = 0
+    for f in spec.dense:
+        cols = slice(col, col + f.dim)
+        if per_request:
+            for i, p in enumerate(pieces):
+                dense[i, cols] = p.dense[f.name].reshape(f.dim)
+            dense[len(pieces):r_cap, cols] = 0.0
+        else:
+            start = 0
+            for p, n in zip(pieces, counts, strict=True):
+                dense[start:start + n, cols] = p.dense[f.name]  # [dim] broadcasts over rows
+                start += int(n)
+            dense[start:bucket, cols] = 0.0
+        col += f.dim
+
+
+def _pack_group(group: GroupLayout, buffers: tuple, pieces: list[RequestInputs], bucket: int,
+                r_cap: int) -> tuple[int, int]:
+    indices_t, offsets_t, weights_t = buffers
+    indices, offsets = indices_t.numpy(), offsets_t.numpy()
+    weights = weights_t.numpy() if weights_t is not None else None
+    pos, opos = 0, 0
+    for name, request_scope in zip(group.features, group.request_scope, strict=True):
+        bags = r_cap if request_scope else bucket
+        seg = offsets[opos:opos + bags + 1]
+        seg[0] = pos
+        bag = 1
+        for p in pieces:
+            s = p.sparse[name]
+            values = s.values
+            n = len(values)
+            if group.index_dtype == torch.int32:
+                np.clip(values, -1, _INT32_MAX, out=indices[pos:pos + n], casting="unsafe")
+            else:
+                indices[pos:pos + n] = values
+            if weights is not None:
+                weights[pos:pos + n] = s.weights if s.weights is not None else 1.0
+            if request_scope:
+                seg[bag] = pos + n
+                bag += 1
+            else:
+                k = len(s.lengths)
+                np.cumsum(s.lengths, out=seg[bag:bag + k], dtype=seg.dtype)
+                seg[bag:bag + k] += pos
+                bag += k
+            pos += n
+        seg[bag:] = pos  # empty padding bags
+        opos += bags + 1
+    return pos, opos

@@ -1,0 +1,97 @@
+"""Staging: pieces packed into fixed bucket-shaped buffers score like the reference.
+
+This is the GPU executor's host-side packing and its device step (``_step``) run on
+CPU tensors, with the kernels under Triton's interpreter.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from recserve.engine.demo import random_inputs
+from recserve.engine.gpu_executor import SlotState, _step
+from recserve.engine.inputs import SparseInput, collate
+from recserve.engine.reference import ReferenceModel
+from recserve.engine.spec import DenseFeature, Interaction, ModelSpec, SparseFeature, Table
+from recserve.engine.staging import allocate, pack, staging_layout
+from recserve.engine.weights import init_weights
+from recserve.kernels.model import TritonModel
+
+
+def small_spec(dense_scope: str = "candidate") -> ModelSpec:
+    return ModelSpec(
+        name="s",
+        tables=(Table("t", 50, 8), Table("g", 11, 8)),
+        sparse=(SparseFeature("hist", "t", "mean", "request", 6),
+                SparseFeature("item", "t", scope="candidate"),
+                SparseFeature("tags", "g", "sum", "candidate", 3, weighted=True)),
+        dense=(DenseFeature("u", 2, "request"), DenseFeature("c", 3, dense_scope)),
+        bottom_mlp=(8,), interaction=Interaction("dot"), top_mlp=(6, 1))
+
+
+def packed_scores(spec, weights, pieces, bucket, max_rows=16):
+    model = TritonModel(spec, weights, "cpu")
+    layout = staging_layout(spec, [names for _, _, names in model.groups], max_rows,
+                            model.layout.x_request)
+    host = allocate(layout, "cpu")
+    for t in (host.row_request, host.request_offsets, host.first_rows):
+        t.fill_(-7)  # poison: pack must write every entry the step reads
+    sizes = pack(layout, host, pieces, bucket)
+    slot = SlotState(host, host, torch.zeros_like(host.dense) if host.dense is not None
+                     else None, torch.zeros(0), torch.zeros(0), None)
+    from recserve.engine.gpu_executor import GpuModel
+
+    scores, bad = _step(GpuModel(spec, model, layout, [slot]), slot, bucket)
+    return sizes, host, scores[:sizes.rows], bad[:sizes.requests]
+
+
+@pytest.mark.parametrize("dense_scope", ["candidate", "request"])
+def test_packed_bucket_matches_reference(dense_scope):
+    spec = small_spec(dense_scope)
+    weights = init_weights(spec, seed=5)
+    rng = np.random.default_rng(11)
+    pieces = [random_inputs(spec, rng, n) for n in (3, 1, 4)]
+    sizes, host, scores, bad = packed_scores(spec, weights, pieces, bucket=12)
+    assert (sizes.rows, sizes.requests, sizes.bucket) == (8, 3, 12)
+    want = ReferenceModel(spec, weights).forward(collate(spec, pieces))
+    torch.testing.assert_close(scores, want, rtol=1e-4, atol=1e-5)
+    assert not bool(bad.any())
+    # Padding: rows 8..11 belong to the padding request 3, whose bags are empty.
+    assert host.row_request[:12].tolist() == [0, 0, 0, 1, 2, 2, 2, 2, 3, 3, 3, 3]
+    assert host.request_offsets[:14].tolist() == [0, 3, 4, 8] + [12] * 10
+
+
+def test_an_out_of_range_id_flags_only_its_request():
+    spec = small_spec()
+    weights = init_weights(spec, seed=2)
+    rng = np.random.default_rng(3)
+    pieces = [random_inputs(spec, rng, n) for n in (2, 3, 2)]
+    item = pieces[1].sparse["item"]
+    values = item.values.copy()
+    values[1] = 50  # table "t" has 50 rows
+    pieces[1].sparse["item"] = SparseInput(values, item.lengths)
+    hist = pieces[2].sparse["hist"]
+    pieces[2].sparse["hist"] = SparseInput(np.array([-1, *hist.values[1:]]))
+    _, _, scores, bad = packed_scores(spec, weights, pieces, bucket=8)
+    assert bad.tolist() == [False, True, True]
+    want = ReferenceModel(spec, weights).forward(collate(spec, pieces[:1]))
+    torch.testing.assert_close(scores[:2], want, rtol=1e-4, atol=1e-5)
+
+
+def test_huge_ids_cannot_wrap_into_range_in_int32_staging():
+    spec = small_spec()
+    weights = init_weights(spec)
+    piece = random_inputs(spec, np.random.default_rng(0), 2)
+    item = piece.sparse["item"]
+    piece.sparse["item"] = SparseInput(np.array([(1 << 32) + 3, 1]), item.lengths)
+    _, _, _, bad = packed_scores(spec, weights, [piece], bucket=4)
+    assert bad.tolist() == [True]
+
+
+def test_pack_refuses_a_batch_larger_than_its_bucket():
+    spec = small_spec()
+    model = TritonModel(spec, init_weights(spec), "cpu")
+    layout = staging_layout(spec, [n for _, _, n in model.groups], 8, model.layout.x_request)
+    pieces = [random_inputs(spec, np.random.default_rng(0), 5)]
+    with pytest.raises(ValueError, match="5 rows do not fit bucket 4"):
+        pack(layout, allocate(layout, "cpu"), pieces, 4)
