@@ -99,6 +99,7 @@ class GpuExecutor(Executor):
         """Upload weights, allocate every slot's buffers, warm up and capture the graphs."""
         from recserve.kernels.model import TritonModel
 
+        torch.cuda.set_device(self.device)  # runs on a loader thread
         triton_model = TritonModel(spec, weights, self.device)
         layout = staging_layout(spec, [names for _, _, names in triton_model.groups],
                                 self.settings.max_batch_rows, triton_model.layout.x_request)
@@ -313,6 +314,7 @@ def _capture(step, pool, device: torch.device):
     torch.cuda.current_stream(device).wait_stream(side)
     torch.cuda.synchronize(device)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    # thread_local: the launcher thread keeps serving other models while this one captures.
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         scores, bad = step()
     return graph, scores, bad
