@@ -4,7 +4,8 @@ Per slot and model: pinned host staging and device buffers (allocated once, in
 ``build_model``) and one CUDA graph per batch bucket, captured after a warm-up that
 also autotunes every kernel for that shape. A batch goes through three streams:
 
-  launcher thread: pack pieces into the slot's pinned buffers (numpy views, no allocation)
+  launcher threads (one per slot, so packing runs in parallel: numpy releases the GIL):
+                   pack pieces into the slot's pinned buffers (numpy views, no allocation)
   copy-in stream:  used prefixes host -> device                      -> event h2d
   compute stream:  (waits h2d) cast dense, replay the bucket's graph   -> event compute
   copy-out stream: (waits compute) scores and bad-id flags -> pinned   -> event done
@@ -76,6 +77,7 @@ class GpuExecutor(Executor):
         self.batches = 0
         self.bytes_in = 0
         self._lock = threading.Lock()
+        self._launch_lock = threading.Lock()  # stream work is issued one batch at a time
         self._free: list[int] = []
         self._launch_q: queue.SimpleQueue = queue.SimpleQueue()
         self._done_q: queue.SimpleQueue = queue.SimpleQueue()
@@ -90,7 +92,8 @@ class GpuExecutor(Executor):
         self._origin = torch.cuda.Event(enable_timing=True)
         self._origin.record()
         self._free = list(range(self.settings.slots))
-        for target, name in ((self._launcher, "launch"), (self._completer, "complete")):
+        targets = [(self._launcher, f"launch-{i}") for i in range(self.settings.slots)]
+        for target, name in [*targets, (self._completer, "complete")]:
             thread = threading.Thread(target=target, name=f"recserve-gpu-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -149,10 +152,13 @@ class GpuExecutor(Executor):
         """Finish queued jobs, then stop both threads."""
         if not self._threads:
             return
-        self._launch_q.put(None)
-        self._threads[0].join()
+        *launchers, completer = self._threads
+        for _ in launchers:
+            self._launch_q.put(None)
+        for thread in launchers:
+            thread.join()
         self._done_q.put(None)
-        self._threads[1].join()
+        completer.join()
         self._threads.clear()
 
     def stats(self) -> dict:
@@ -164,20 +170,24 @@ class GpuExecutor(Executor):
         while (item := self._launch_q.get()) is not None:
             job, slot_index, done = item
             try:
-                sizes = self._launch(job, slot_index)
+                self._launch(job, slot_index, done)
             except Exception as exc:  # OOM or a bug: isolate per piece, keep serving
                 self._release(slot_index)
                 done(JobResult(job, self._fallback(job, exc)))
-                continue
-            self._done_q.put((job, slot_index, sizes, done))
 
-    def _launch(self, job: Job, slot_index: int) -> PackedSizes:
+    def _launch(self, job: Job, slot_index: int, done: Done) -> None:
         model: GpuModel = job.model
         slot = model.slots[slot_index]
         plan = job.plan
         pieces = [slice_rows(model.spec, inputs, p.start, p.count)
                   for p, inputs in zip(plan.pieces, job.inputs, strict=True)]
         sizes = pack(model.layout, slot.host, pieces, plan.bucket)
+        with self._launch_lock:  # the completion queue stays in stream order
+            self._issue(model, slot, plan, sizes)
+            self._done_q.put((job, slot_index, sizes, done))
+
+    def _issue(self, model: GpuModel, slot: SlotState, plan, sizes: PackedSizes) -> None:
+        """Enqueue copy-in, compute and copy-out of one packed batch on the three streams."""
         ev, streams = slot.events, self._streams
         ev["h2d_start"].record(streams["h2d"])
         self.bytes_in += self._copy_in(model, slot, sizes, streams["h2d"])
@@ -202,7 +212,6 @@ class GpuExecutor(Executor):
         if plan.bucket not in slot.graphs:  # allocator-owned outputs: keep until copied
             scores.record_stream(out)
             bad.record_stream(out)
-        return sizes
 
     def _copy_in(self, model: GpuModel, slot: SlotState, sizes: PackedSizes,
                  stream: torch.cuda.Stream) -> int:
