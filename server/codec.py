@@ -55,12 +55,16 @@ class CodecLimits:
 class FrameDecoder:
     """Incremental frame splitter: ``feed(bytes)`` returns every payload completed so far.
 
-    Raises ``TooLarge`` as soon as a length header exceeds ``max_frame_bytes``; the
-    stream cannot be resynchronised after that, so the caller must close it.
+    A length header above ``max_frame_bytes`` ends the stream: ``feed`` returns the
+    frames completed before it and sets ``error`` to a ``TooLarge``; the stream cannot
+    be resynchronised after that, so the caller answers and closes, and later feeds
+    return nothing.
     """
 
     def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME) -> None:
         self.max_frame_bytes = max_frame_bytes
+        self.error: TooLarge | None = None
+        """Set once an oversize length header was read."""
         self._buffer = bytearray()
         self._need: int | None = None  # payload length of the frame being read
 
@@ -71,6 +75,8 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> list[bytearray]:
         """Append ``data``; return the payloads of all frames now complete, in order."""
+        if self.error is not None:
+            return []
         self._buffer += data
         frames = []
         pos = 0
@@ -81,8 +87,10 @@ class FrameDecoder:
                     break
                 (length,) = HEADER.unpack_from(buf, pos)
                 if length > self.max_frame_bytes:
-                    raise TooLarge(message=f"frame of {length} bytes is above the limit of "
-                                           f"{self.max_frame_bytes} bytes")
+                    self.error = TooLarge(message=f"frame of {length} bytes is above the "
+                                                  f"limit of {self.max_frame_bytes} bytes")
+                    buf.clear()
+                    return frames
                 pos += HEADER.size
                 self._need = length
             if len(buf) - pos < self._need:

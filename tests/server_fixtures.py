@@ -55,11 +55,22 @@ def reference_scores(model: SimpleNamespace, inputs: RequestInputs) -> np.ndarra
     return scores[:, 0] if scores.shape[1] == 1 else scores
 
 
-class ServerThread:
-    """A real server on 127.0.0.1 (ephemeral port) with its event loop on a thread."""
+LOOPS = ["asyncio", "uvloop"]
 
-    def __init__(self, backend: object, **config: object) -> None:
-        self.loop = asyncio.new_event_loop()
+
+class ServerThread:
+    """A real server on 127.0.0.1 (ephemeral port) with its event loop on a thread.
+
+    ``loop``: "asyncio" (the standard loop) or "uvloop" (the one the CLI installs).
+    """
+
+    def __init__(self, backend: object, loop: str = "asyncio", **config: object) -> None:
+        if loop == "uvloop":  # what ``recserve serve`` runs on
+            import uvloop
+
+            self.loop = uvloop.new_event_loop()
+        else:
+            self.loop = asyncio.new_event_loop()
         self.server = Server(backend, ServerConfig(port=0, **config))
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -71,7 +82,9 @@ class ServerThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def stop(self) -> None:
-        """Close the server and its loop."""
+        """Close the server and its loop (again: nothing)."""
+        if self.loop.is_closed():
+            return
         self.run(self.server.close())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)

@@ -57,8 +57,13 @@ def test_frame_header_split_across_chunks():
 def test_oversize_length_header_is_too_large_before_the_payload_arrives():
     decoder = FrameDecoder(max_frame_bytes=100)
     assert len(decoder.feed(frame(b"\x80" * 100))) == 1  # exactly at the limit is fine
-    with pytest.raises(TooLarge, match="101 bytes is above the limit of 100"):
-        decoder.feed(struct.pack(">I", 101))
+    assert decoder.error is None
+    # Frames completed before the bad header still come out; nothing after it does.
+    out = decoder.feed(frame(b"\x81") + struct.pack(">I", 101) + frame(b"\x82"))
+    assert [bytes(p) for p in out] == [b"\x81"]
+    assert isinstance(decoder.error, TooLarge)
+    assert "101 bytes is above the limit of 100" in decoder.error.message
+    assert decoder.feed(frame(b"\x83")) == []
 
 
 def test_empty_frame_is_a_bad_request():

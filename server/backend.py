@@ -1,0 +1,120 @@
+"""What the dispatcher scores with: a narrow async interface, and the reference backend.
+
+``Backend`` is all the server needs from an engine: which models it serves, and an
+awaitable ``score``. ``ReferenceBackend`` is the first cut: every model held as a
+``ReferenceModel`` on the CPU, requests scored one at a time in a worker thread so
+the event loop never blocks. The batching engine replaces it behind this interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from recserve.engine.inputs import RequestInputs, collate
+from recserve.engine.reference import ReferenceModel
+from recserve.engine.spec import ModelSpec
+
+from .errors import NotFound
+
+
+@dataclass(frozen=True, slots=True)
+class ModelHandle:
+    """One servable model version."""
+
+    name: str
+    """Model name, as clients send it."""
+    version: int
+    """Integer version."""
+    spec: ModelSpec
+    """Its spec: the dispatcher validates requests against it."""
+
+
+class Backend(Protocol):
+    """The scoring engine behind the server."""
+
+    def models(self) -> list[ModelHandle]:
+        """Every model version being served, sorted by name then version."""
+        ...
+
+    def resolve(self, name: str, version: int | None) -> ModelHandle:
+        """The version asked for (the highest served one when None); raises ``NotFound``."""
+        ...
+
+    async def score(self, model: str, version: int, inputs: RequestInputs) -> np.ndarray:
+        """float32 scores, [N] for one output or [N, H] for H outputs."""
+        ...
+
+    async def close(self) -> None:
+        """Release threads and memory; no ``score`` call may follow."""
+        ...
+
+
+class ReferenceBackend:
+    """Scores with ``ReferenceModel`` (fp32, CPU), one request at a time off the event loop.
+
+    ``models`` is any iterable of objects with ``name``, ``version``, ``spec`` and
+    ``weights`` attributes (``engine.repository.LoadedModel`` fits).
+    """
+
+    def __init__(self, models: Any, device: str = "cpu") -> None:
+        self._handles: dict[tuple[str, int], ModelHandle] = {}
+        self._models: dict[tuple[str, int], ReferenceModel] = {}
+        for loaded in models:
+            key = (loaded.name, int(loaded.version))
+            if key in self._handles:
+                raise ValueError(f"model {key[0]!r} version {key[1]} is given twice")
+            self._handles[key] = ModelHandle(loaded.name, key[1], loaded.spec)
+            self._models[key] = ReferenceModel(loaded.spec, loaded.weights, device)
+        # One worker: requests are scored one at a time in this first cut.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recserve-score")
+
+    @classmethod
+    def from_repository(cls, root: Any, device: str = "cpu") -> ReferenceBackend:
+        """Load the highest version of every model in the repository at ``root``."""
+        from recserve.engine.repository import ModelRepository
+
+        repo = ModelRepository(root)
+        return cls([repo.load(name, version) for name, version in repo.models()], device)
+
+    def models(self) -> list[ModelHandle]:
+        """Every model version being served, sorted by name then version."""
+        return [self._handles[key] for key in sorted(self._handles)]
+
+    def resolve(self, name: str, version: int | None) -> ModelHandle:
+        """The version asked for (the highest served one when None); raises ``NotFound``."""
+        versions = sorted(v for (n, v) in self._handles if n == name)
+        if not versions:
+            served = sorted({n for (n, _) in self._handles})
+            raise NotFound(message=f"model {name!r} is not served here; models: {served}")
+        if version is None:
+            version = versions[-1]
+        handle = self._handles.get((name, version))
+        if handle is None:
+            raise NotFound(message=f"model {name!r} has no version {version} here; "
+                                   f"versions: {versions}")
+        return handle
+
+    async def score(self, model: str, version: int, inputs: RequestInputs) -> np.ndarray:
+        """float32 scores, [N] for one output or [N, H] for H outputs."""
+        reference = self._models.get((model, version))
+        if reference is None:
+            raise NotFound(message=f"model {model!r} version {version} is not served here")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, _forward, reference, inputs)
+
+    async def close(self) -> None:
+        """Stop the worker thread (waiting for the request it is scoring)."""
+        await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
+
+
+def _forward(model: ReferenceModel, inputs: RequestInputs) -> np.ndarray:
+    batch = collate(model.spec, [inputs])
+    with torch.inference_mode():
+        scores = model.forward(batch).float().cpu().numpy()
+    return scores[:, 0] if scores.shape[1] == 1 else scores

@@ -1,0 +1,136 @@
+"""asyncio adapter: bytes in, frames to the session, responses out, with backpressure.
+
+No business logic: frames are cut and unpacked by the codec, requests handled by a
+``dispatch.Session``. Backpressure: a connection with ``max_pending_per_connection``
+requests unanswered, or whose transport is above its write high-water mark
+(``pause_writing``), stops handing frames to the session and stops reading, so a
+client that floods requests or never reads its responses cannot make the server
+buffer without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections import deque
+from collections.abc import Callable
+
+from .codec import CodecLimits, FrameDecoder, decode_message, encode_message
+from .dispatch import Dispatcher, Session, error_response
+from .errors import InternalError, RecserveError
+
+log = logging.getLogger("recserve.server")
+
+
+class ServerProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, dispatcher: Dispatcher, limits: CodecLimits, max_pending: int,
+                 on_lost: Callable[[ServerProtocol], None] | None = None) -> None:
+        self._dispatcher = dispatcher
+        self._limits = limits
+        self._max_pending = max_pending
+        self._on_lost = on_lost
+        self._decoder = FrameDecoder(limits.max_frame_bytes)
+        self._session: Session | None = None
+        self._transport: asyncio.Transport | None = None
+        self._write_paused = False
+        self._read_paused = False
+        self._closing = False
+        self._processing = False
+        # Frames cut from received bytes but not yet handled: at most what arrived
+        # before reading paused, since reading pauses while this is not empty.
+        self._backlog: deque[bytearray] = deque()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, so no isinstance check.
+        self._transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Responses are single small writes; Nagle would hold them back ~40 ms.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._session = Session(self._dispatcher, self._send)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing or self._session is None:
+            return
+        self._backlog.extend(self._decoder.feed(data))
+        self._process()
+        if self._decoder.error is not None:
+            # The rest of the stream cannot be framed any more: answer, then close.
+            self._send(error_response(None, self._decoder.error))
+            self.close()
+
+    def _process(self) -> None:
+        """Hand queued frames to the session while it is under its pending limit."""
+        if self._processing or self._session is None:
+            return
+        self._processing = True  # responses sent from submit() must not re-enter
+        try:
+            while (self._backlog and not self._closing and not self._write_paused
+                   and self._session.pending < self._max_pending):
+                payload = self._backlog.popleft()
+                try:
+                    message = decode_message(payload, self._limits)
+                except RecserveError as exc:
+                    self._send(error_response(None, exc))
+                    continue
+                self._session.submit(message)
+        finally:
+            self._processing = False
+        self._update_reading()
+
+    def eof_received(self) -> bool | None:
+        # EOF means the client is gone (a half-close cannot be told apart from a close):
+        # returning False closes the transport, and connection_lost cancels its requests
+        # so departed clients do not keep holding admission slots or compute.
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        if self._session is not None:
+            self._session.close()
+        if self._on_lost is not None:
+            self._on_lost(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._process()
+
+    def close(self) -> None:
+        """Close after the responses already written are flushed."""
+        self._closing = True
+        if self._transport is not None:
+            self._transport.close()
+
+    def _send(self, response: dict) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        try:
+            frame = encode_message(response)
+        except (TypeError, ValueError, OverflowError) as exc:
+            log.exception("cannot encode the response to request %r", response.get("id"))
+            frame = encode_message(error_response(response.get("id"), InternalError(
+                message=f"response could not be encoded: {exc}")))
+        transport.write(frame)
+        self._process()
+
+    def _update_reading(self) -> None:
+        transport = self._transport
+        if transport is None or self._closing or transport.is_closing():
+            return
+        pending = self._session.pending if self._session is not None else 0
+        should_pause = (self._write_paused or bool(self._backlog)
+                        or pending >= self._max_pending)
+        if should_pause and not self._read_paused:
+            transport.pause_reading()
+            self._read_paused = True
+        elif not should_pause and self._read_paused:
+            transport.resume_reading()
+            self._read_paused = False
