@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 
 from .backend import Backend
 from .config import ServerConfig
@@ -30,8 +31,8 @@ class Server:
         self._server = await loop.create_server(
             lambda: self._connect(limits), self.config.host, self.config.port)
         host, port = self.address
-        log.info("recserve listening on %s:%d (%d models)", host, port,
-                 len(self.backend.models()))
+        served = ", ".join(f"{h.name} v{h.version}" for h in self.backend.models())
+        log.info("recserve listening on %s:%d, serving %s", host, port, served or "no models")
 
     def _connect(self, limits) -> ServerProtocol:
         protocol = ServerProtocol(self.dispatcher, limits,
@@ -61,7 +62,8 @@ class Server:
         await self._server.serve_forever()
 
     async def close(self) -> None:
-        """Stop accepting, drop every connection (in-flight requests are cancelled)."""
+        """Stop accepting, drop every connection (in-flight requests are cancelled), and
+        close the backend."""
         if self._server is not None:
             self._server.close()
         for protocol in list(self._connections):
@@ -69,3 +71,20 @@ class Server:
         if self._server is not None:
             await self._server.wait_closed()
         await self.backend.close()
+
+
+async def serve_until_signalled(backend: Backend, config: ServerConfig) -> None:
+    """Run a server until SIGINT or SIGTERM, then close it."""
+    server = Server(backend, config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("recserve stopping")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await server.close()

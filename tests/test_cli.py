@@ -1,0 +1,185 @@
+"""The recserve command line: help, model building commands, and a real `recserve serve`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from recserve.engine.repository import ModelRepository
+from recserve.server.cli import build_parser, main
+
+COMMANDS = ["serve", "ping", "models", "infer", "demo-model", "import-dlrm"]
+
+
+def test_top_level_help_lists_every_command_with_examples(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for command in COMMANDS:
+        assert command in out
+    assert "examples:" in out and "recserve infer --demo-candidates 5" in out
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(capsys, command):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: recserve {command}")
+    if command != "ping" and command != "models":
+        assert "example" in out
+
+
+def test_serve_defaults():
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port, args.model_repo) == ("127.0.0.1", 7700, None)
+    assert args.max_frame_bytes == 16 << 20
+
+
+def test_demo_model_writes_a_loadable_repository(tmp_path, capsys):
+    assert main(["demo-model", str(tmp_path / "repo")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "repo" / "demo" / "1")
+    loaded = ModelRepository(tmp_path / "repo").load("demo")
+    assert loaded.version == 1 and loaded.spec.name == "demo"
+
+
+def _tiny_dlrm(tmp_path):
+    """A DLRM_Net-layout state dict: one table (dim 4), bottom 3->4, dot, top 5->1."""
+    torch.manual_seed(0)
+    state = {"emb_l.0.weight": torch.randn(6, 4),
+             "bot_l.0.weight": torch.randn(4, 3), "bot_l.0.bias": torch.randn(4),
+             "top_l.0.weight": torch.randn(1, 5), "top_l.0.bias": torch.randn(1)}
+    torch.save(state, tmp_path / "dlrm.pt")
+    features = {"sparse": [{"name": "item", "scope": "candidate"}],
+                "dense": [{"name": "dense", "dim": 3, "scope": "candidate"}],
+                "interaction": "dot", "output": {"name": "click", "activation": "sigmoid"}}
+    (tmp_path / "features.json").write_text(json.dumps(features))
+
+
+def test_import_dlrm(tmp_path, capsys):
+    _tiny_dlrm(tmp_path)
+    base = ["import-dlrm", str(tmp_path / "dlrm.pt"), "--features",
+            str(tmp_path / "features.json"), "--repo", str(tmp_path / "repo"), "--name", "ctr"]
+    assert main(base) == 0
+    assert main([*base, "--version", "5"]) == 0
+    out = capsys.readouterr().out.split()
+    assert out == [str(tmp_path / "repo" / "ctr" / "1"), str(tmp_path / "repo" / "ctr" / "5")]
+    repo = ModelRepository(tmp_path / "repo")
+    assert repo.versions("ctr") == [1, 5]
+    assert [f.name for f in repo.load("ctr").spec.sparse] == ["item"]
+    (tmp_path / "features.json").write_text("{not json")
+    assert main(base) == 1
+    assert "error:" in capsys.readouterr().err
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_client_commands_report_a_missing_server(capsys):
+    port = str(_free_port())
+    assert main(["ping", "--port", port]) == 1
+    assert "nothing listens on 127.0.0.1:" in capsys.readouterr().err
+    assert main(["infer", "--port", port]) == 1
+    assert "REQUEST.json file or --demo-candidates" in capsys.readouterr().err
+
+
+def _start_serve(args, env=None):
+    """Start `recserve serve ARGS --port 0`; (process, port) once it listens."""
+    proc = subprocess.Popen([sys.executable, "-m", "recserve.server.cli", "serve", "--port",
+                             "0", *args], env=env, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+        if match:
+            return proc, match.group(1)
+    proc.wait()
+    pytest.fail("serve exited before listening:\n" + "".join(lines))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """`recserve serve` as a real process, demo model built into an empty cache."""
+    cache = tmp_path_factory.mktemp("cache")
+    proc, port = _start_serve(["--max-candidates", "50"],
+                              env={**os.environ, "XDG_CACHE_HOME": str(cache)})
+    try:
+        yield proc, port, cache
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_serve_builds_the_demo_into_the_cache_and_answers(served, capsys):
+    proc, port, cache = served
+    assert (cache / "recserve" / "models" / "demo" / "1" / "spec.json").is_file()
+    assert main(["ping", "--port", port]) == 0
+    assert "protocol 1" in capsys.readouterr().out
+    assert main(["models", "--port", port]) == 0
+    out = capsys.readouterr().out
+    assert "demo version 1" in out and "watch_history" in out and "limits: 50 candidates" in out
+    assert main(["models", "--port", port, "--json"]) == 0
+    models = json.loads(capsys.readouterr().out)
+    assert models["models"][0]["name"] == "demo"
+
+
+def test_infer_generated_and_from_a_file(served, tmp_path, capsys):
+    _, port, _ = served
+    assert main(["infer", "--demo-candidates", "7", "--port", port, "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["model"] == "demo" and len(answer["scores"]) == 7
+    assert all(0.0 < s < 1.0 for s in answer["scores"])  # sigmoid output
+    request = {"model": "demo", "candidates": 2, "inputs": {
+        "watch_history": [1, 2, 3], "country": [4], "device": [5], "hour_of_day": [6],
+        "member_dense": [0.1, 0.2, 0.3, 0.4],
+        "title_id": {"values": [10, 11], "lengths": [1, 1]},
+        "genres": {"values": [1, 2, 3], "lengths": [2, 1]},
+        "title_dense": [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]}}
+    (tmp_path / "req.json").write_text(json.dumps(request))
+    assert main(["infer", str(tmp_path / "req.json"), "--port", port]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("demo version 1: 2 candidates scored")
+    assert [line.split()[0] for line in out[1:]] == ["0", "1"]
+    request["inputs"]["genres"]["values"][2] = 64
+    (tmp_path / "bad.json").write_text(json.dumps(request))
+    assert main(["infer", str(tmp_path / "bad.json"), "--port", port]) == 1
+    err = capsys.readouterr().err
+    assert "bad_request" in err and "input 'genres' values[2] is 64" in err
+    assert main(["infer", "--demo-candidates", "51", "--port", port]) == 1
+    assert "too_large" in capsys.readouterr().err
+    assert main(["infer", "--demo-candidates", "3", "--model", "nope", "--port", port]) == 1
+    assert "no model 'nope'" in capsys.readouterr().err
+
+
+def test_serve_exits_cleanly_on_sigterm(tmp_path, capsys):
+    assert main(["demo-model", str(tmp_path)]) == 0
+    proc, port = _start_serve(["--model-repo", str(tmp_path)])
+    try:
+        assert main(["ping", "--port", port]) == 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert "recserve stopping" in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_serve_refuses_an_empty_repository(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "recserve.server.cli", "serve", "--port", "0",
+                             "--model-repo", str(tmp_path)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1
+    assert f"no models in {tmp_path}" in result.stderr
