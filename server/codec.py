@@ -27,6 +27,7 @@ _NUMPY_TO_WIRE = {np.dtype(np.float32): "f4", np.dtype(np.float64): "f8",
                   np.dtype(np.float16): "f2", np.dtype(np.int32): "i4",
                   np.dtype(np.int64): "i8"}
 MAX_NDIM = 4
+MAX_NESTING = 1023  # msgpack's C unpacker refuses deeper frames (its stack is 1024)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,8 +121,10 @@ def decode_message(payload: bytes | bytearray, limits: CodecLimits) -> dict:
     except msgpack.ExtraData:
         raise BadRequest(message="frame holds bytes after its msgpack map; "
                                  "a frame must hold exactly one map") from None
-    except (ValueError, msgpack.FormatError, msgpack.StackError, TypeError,
-            UnicodeDecodeError, RecursionError) as exc:
+    except (msgpack.StackError, RecursionError):
+        raise BadRequest(message="frame nests maps and arrays too deeply "
+                                 f"(at most {MAX_NESTING} levels)") from None
+    except (ValueError, msgpack.FormatError, TypeError, UnicodeDecodeError) as exc:
         raise BadRequest(message=f"frame is not valid msgpack: {exc}") from None
     if not isinstance(message, dict):
         raise BadRequest(message=f"frame holds {type_name(message)}; "

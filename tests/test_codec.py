@@ -88,6 +88,13 @@ def test_bad_payloads_are_bad_requests(payload, match):
         decode_message(payload, LIMITS)
 
 
+def test_nesting_depth_is_bounded():
+    nested = lambda depth: b"\x81\xa1x" + b"\x91" * depth + b"\x00"  # noqa: E731
+    assert decode_message(nested(1022), LIMITS)["x"] is not None
+    with pytest.raises(BadRequest, match="nests maps and arrays too deeply"):
+        decode_message(nested(5000), LIMITS)
+
+
 def test_unpack_limits_apply():
     limits = CodecLimits(max_str_len=10, max_map_len=3, max_array_len=4)
     decode_message(msgpack.packb({"a": "x" * 10, "b": [1, 2, 3, 4]}), limits)
