@@ -56,13 +56,19 @@ def ranking_spec(max_rows: int = 1_000_000, table_dtype: str = "bf16") -> ModelS
 
 
 def device_weights(spec: ModelSpec, device: str | torch.device, seed: int = 0,
-                   table_scale: float = 0.5) -> dict[str, torch.Tensor]:
+                   table_scale: float = 0.5,
+                   tables_from: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Random weights built on ``device`` (fast for GB-sized tables), same layout and
-    scaling as ``engine.weights.init_weights``."""
+    scaling as ``engine.weights.init_weights``; ``tables_from`` reuses another spec's
+    tables (same names, shapes and dtypes) instead of drawing new ones."""
     gen = torch.Generator(device=device).manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
     for name, want in expected_tensors(spec).items():
         if name.endswith((".scale", ".offset")):
+            continue
+        if tables_from is not None and name.startswith("tables."):
+            stem = name.removesuffix(".weight")
+            out.update({k: v for k, v in tables_from.items() if k.startswith(stem + ".")})
             continue
         if name.startswith("tables."):
             rows, dim = want.shape

@@ -1,0 +1,332 @@
+"""Kernel benchmark: recserve's Triton path vs PyTorch peers, side by side on one card.
+
+    python bench/kernels.py OUTDIR [--quick] [--max-rows N] [--sizes 512 8192] [--budget-s S]
+
+Workloads ``dlrmv2`` and ``dlrm-dot`` (bench/workloads.py), uniform and Zipf(1.15) ids, per
+batch size B: recserve gather (one launch), forward, forward in a CUDA graph; PyTorch
+eager gather (26 per-table ``embedding_bag`` calls, and one call over a concatenated
+table), eager forward, eager forward in a CUDA graph; torch.compile at a few sizes.
+Every timing is the median of ``triton.testing.do_bench`` (it flushes L2 between calls)
+while rotating over several input sets. Gather GB/s counts table-row bytes read (small
+tables sit in L2, so it is an effective rate and may exceed the copy rate); TFLOP/s counts
+the model's multiply-adds. Both are also given as fractions of a device copy and a bf16
+matmul measured in the same run. Results go to OUTDIR/kernels.json after every record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import workloads as wl  # noqa: E402
+
+from recserve.kernels.embedding_bag import embedding_bag  # noqa: E402
+from recserve.kernels.model import TritonModel, capture_graph  # noqa: E402
+
+import triton  # noqa: E402  isort: skip
+
+SETS = 3  # input sets rotated through in every timing
+DEV = "cuda"  # "cpu" only for the smoke run (--device cpu): interpreter, tiny shapes
+
+
+class Recorder:
+    """Collects result records, rewrites the JSON file after each, prints one line each."""
+
+    def __init__(self, outdir: Path, budget_s: float) -> None:
+        outdir.mkdir(parents=True, exist_ok=True)
+        self.path = outdir / "kernels.json"
+        self.records: list[dict] = []
+        self.start = time.time()
+        self.budget_s = budget_s
+
+    def add(self, **record) -> dict:
+        record["t"] = round(time.time() - self.start, 1)
+        self.records.append(record)
+        self.path.write_text(json.dumps(self.records, indent=1))
+        print(json.dumps(record), flush=True)
+        return record
+
+    def out_of_time(self) -> bool:
+        return time.time() - self.start > self.budget_s
+
+    def guarded(self, what: str, fn, *args, **kwargs):
+        """Run one measurement; a failure is recorded and the run goes on."""
+        if self.out_of_time():
+            self.add(section="skipped", what=what, reason="time budget")
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - one failing peer must not lose the rest
+            self.add(section="error", what=what, error=f"{type(exc).__name__}: {exc}"[:500],
+                     trace=traceback.format_exc()[-1500:])
+            return None
+
+
+def timed_us(fns: list) -> float:
+    """Median microseconds per call, rotating through ``fns`` (one per input set)."""
+    state = {"i": 0}
+
+    def run() -> None:
+        fns[state["i"] % len(fns)]()
+        state["i"] += 1
+
+    if DEV == "cpu":  # smoke run: one timed call per set, just to exercise the code
+        t0 = time.perf_counter()
+        for _ in fns:
+            run()
+        return (time.perf_counter() - t0) / len(fns) * 1e6
+    return triton.testing.do_bench(run, warmup=10, rep=40, return_mode="median") * 1000.0
+
+
+def env_info() -> dict:
+    props = torch.cuda.get_device_properties(0) if DEV == "cuda" else None
+    commit = os.environ.get("RECSERVE_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                                    text=True, timeout=5).stdout.strip() or "unknown"
+        except (OSError, subprocess.SubprocessError):
+            commit = "unknown"
+    card = {"gpu": props.name, "sms": props.multi_processor_count,
+            "mem_gib": round(props.total_memory / 2**30, 1)} if props else {"gpu": "cpu"}
+    return {**card, "torch": torch.__version__,
+            "triton": triton.__version__, "commit": commit,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def baselines(rec: Recorder) -> dict:
+    """Device copy GB/s (read + write bytes) and bf16 8192^3 matmul TFLOP/s."""
+    n = 2**30 if DEV == "cuda" else 2**20
+    src = torch.empty(n, dtype=torch.uint8, device=DEV)
+    dst = torch.empty_like(src)
+    us = timed_us([lambda: dst.copy_(src)])
+    copy = rec.add(section="copy", bytes=2 * src.numel(), us=us, GBps=2 * src.numel() / us / 1e3)
+    n = 8192 if DEV == "cuda" else 256
+    a = torch.randn(n, n, device=DEV, dtype=torch.bfloat16)
+    us = timed_us([lambda: a @ a])
+    mm = rec.add(section="matmul", n=n, us=us, tflops=2 * n**3 / us / 1e6)
+    return {"copy_GBps": copy["GBps"], "matmul_tflops": mm["tflops"]}
+
+
+def gather_fn(model: TritonModel, p, e: torch.Tensor):
+    """The model's one-launch gather of prepared batch ``p`` into ``e`` (one dtype group)."""
+    packed, feats, _ = model.groups[0]
+    indices, offsets, weights = p.groups[0]
+
+    def run() -> torch.Tensor:
+        return embedding_bag(packed, feats, indices, offsets, e, weights=weights,
+                             row_request=p.row_request, request_offsets=p.request_offsets)
+
+    return run
+
+
+def peer_inputs(sets: list[dict]) -> list[tuple]:
+    return [(s["dense"], s["values"], s["offsets"]) for s in sets]
+
+
+def measure(rec: Recorder, base: dict, ctx: dict, variant: str, fns: list, gather: bool,
+            check=None) -> None:
+    """Time ``fns`` and record us, samples/s and GB/s or TFLOP/s (with fractions)."""
+    spec, b = ctx["spec"], ctx["B"]
+    us = timed_us(fns)
+    row = {"section": "gather" if gather else "forward", "workload": ctx["name"],
+           "dist": ctx["dist"], "B": b, "variant": variant, "us": round(us, 2),
+           "samples_per_s": round(b / us * 1e6)}
+    if gather:
+        gbps = wl.gather_bytes(spec, b) / us / 1e3
+        row.update(GBps=round(gbps, 1), frac_copy=round(gbps / base["copy_GBps"], 3))
+    else:
+        tflops = wl.model_flops(spec, b) / us / 1e6
+        row.update(TFLOPs=round(tflops, 2), frac_matmul=round(tflops / base["matmul_tflops"], 4))
+    if check is not None:
+        row.update(check())
+    rec.add(**row)
+
+
+def bench_batch(rec: Recorder, base: dict, ctx: dict, model: TritonModel,
+                peers: dict) -> None:
+    """Every variant at one (workload, dist, B)."""
+    spec, b = ctx["spec"], ctx["B"]
+    sets = [wl.fixed_hot_inputs(spec, b, ctx["dist"] == "zipf", DEV, seed=s)
+            for s in range(SETS)]
+    prepared = [wl.to_prepared(model, s) for s in sets]
+    e = torch.empty(b, model.layout.e_width, device=DEV, dtype=model.dtype)
+    g = rec.guarded
+    g("recserve gather", measure, rec, base, ctx, "recserve",
+      [gather_fn(model, p, e) for p in prepared], True)
+    pin = peer_inputs(sets)
+    g("torch gather per table", measure, rec, base, ctx, "torch_per_table",
+      [(lambda a=a: peers["per_table"].pooled(a[1], a[2])) for a in pin], True)
+    g("torch gather concat", measure, rec, base, ctx, "torch_concat",
+      [(lambda a=a: peers["concat"].pooled(a[1], a[2])) for a in pin], True)
+
+    def agreement() -> dict:
+        ours, bad = model.forward_prepared(prepared[0])
+        theirs = peers["per_table"].forward(*pin[0])
+        return {"max_diff_vs_eager": float((ours - theirs).abs().max()),
+                "bad_rows": int(bad.sum())}
+
+    g("recserve forward", measure, rec, base, ctx, "recserve",
+      [(lambda p=p: model.forward_prepared(p)) for p in prepared], False, agreement)
+    g("torch eager", measure, rec, base, ctx, "torch_eager",
+      [(lambda a=a: peers["per_table"].forward(*a)) for a in pin], False)
+    if DEV == "cpu":
+        return
+    graphs = g("recserve graph capture", lambda: [capture_graph(model.forward_prepared, p)[0]
+                                                  for p in prepared])
+    if graphs:
+        g("recserve graph", measure, rec, base, ctx, "recserve_graph",
+          [gr.replay for gr in graphs], False)
+    tgraphs = g("torch graph capture", lambda: [capture_graph(peers["per_table"].forward, *a)[0]
+                                                for a in pin])
+    if tgraphs:
+        g("torch graph", measure, rec, base, ctx, "torch_eager_graph",
+          [gr.replay for gr in tgraphs], False)
+
+
+def bench_compile(rec: Recorder, base: dict, ctx: dict, compiled) -> None:
+    """torch.compile of the eager peer at one size (compiling takes seconds per shape)."""
+    sets = peer_inputs([wl.fixed_hot_inputs(ctx["spec"], ctx["B"], False, DEV, seed=s)
+                        for s in range(SETS)])
+    t0 = time.time()
+    for a in sets:
+        compiled(*a)
+    torch.cuda.synchronize()
+    rec.add(section="compile_time", workload=ctx["name"], B=ctx["B"], s=time.time() - t0)
+    measure(rec, base, ctx, "torch_compile", [(lambda a=a: compiled(*a)) for a in sets], False)
+
+
+def bench_int8(rec: Recorder, base: dict, spec, weights: dict, sizes: list[int]) -> None:
+    """Gather rate of int8 row-wise tables vs the same tables in bf16, same ids."""
+    from recserve.engine.weights import quantize_rowwise
+
+    spec8 = wl.dlrmv2_spec(spec.tables[0].rows, "int8", "dcnv2")
+    spec8 = type(spec)(**{**{f: getattr(spec, f) for f in spec.__dataclass_fields__},
+                          "tables": spec8.tables})
+    w8 = {k: v for k, v in weights.items() if not k.startswith("tables.")}
+    for t in spec.tables:
+        stem = f"tables.{t.name}"
+        w8[f"{stem}.weight"], w8[f"{stem}.scale"], w8[f"{stem}.offset"] = \
+            quantize_rowwise(weights[f"{stem}.weight"])
+    model8, model16 = TritonModel(spec8, w8, DEV), TritonModel(spec, weights, DEV)
+    for b in sizes:
+        inputs = [wl.fixed_hot_inputs(spec, b, False, DEV, seed=s) for s in range(SETS)]
+        rates = {}
+        for label, model, sp in (("bf16", model16, spec), ("int8", model8, spec8)):
+            e = torch.empty(b, model.layout.e_width, device=DEV, dtype=model.dtype)
+            us = timed_us([gather_fn(model, wl.to_prepared(model, i), e) for i in inputs])
+            rates[label] = b * sum(f.max_bag for f in sp.sparse) / us  # lookups per us
+            rec.add(section="int8_gather", B=b, tables=label, us=round(us, 2),
+                    GBps=round(wl.gather_bytes(sp, b) / us / 1e3, 1))
+        rec.add(section="int8_speedup", B=b, lookup_rate_ratio=rates["int8"] / rates["bf16"])
+    del model8, w8
+    torch.cuda.empty_cache()
+
+
+def bench_accuracy(rec: Recorder, max_rows: int = 100_000, batch: int = 512) -> None:
+    """Scores of bf16 and int8-table TritonModels vs the fp32 ReferenceModel (dlrmv2)."""
+    from recserve.engine.inputs import Batch, SparseBatch
+    from recserve.engine.reference import ReferenceModel
+    from recserve.engine.weights import quantize_rowwise
+
+    spec32 = wl.dlrmv2_spec(max_rows, "fp32", "dcnv2")
+    w32 = wl.device_weights(spec32, DEV, seed=5)
+    inputs = wl.fixed_hot_inputs(spec32, batch, False, DEV, seed=9)
+    rows = torch.arange(batch, device=DEV)
+    ref_batch = Batch(batch, batch, rows, {f.name: SparseBatch(v, o, None) for f, v, o in zip(
+        spec32.sparse, inputs["values"], inputs["offsets"], strict=True)},
+        {"dense": inputs["dense"]})
+    want = ReferenceModel(spec32, w32, device=DEV).forward(ref_batch)
+    for dtype in ("bf16", "int8"):
+        spec = wl.dlrmv2_spec(max_rows, dtype, "dcnv2")
+        w = {k: v for k, v in w32.items() if not k.startswith("tables.")}
+        for t in spec.tables:
+            stem = f"tables.{t.name}"
+            if dtype == "int8":
+                w[f"{stem}.weight"], w[f"{stem}.scale"], w[f"{stem}.offset"] = \
+                    quantize_rowwise(w32[f"{stem}.weight"])
+            else:
+                w[f"{stem}.weight"] = w32[f"{stem}.weight"].bfloat16()
+        model = TritonModel(spec, w, DEV)
+        got, bad = model.forward_prepared(wl.to_prepared(model, inputs))
+        rec.add(section="accuracy", workload="dlrmv2", tables=dtype, B=batch,
+                max_abs_diff_vs_fp32=float((got - want).abs().max()), bad=int(bad.sum()))
+
+
+def summary(records: list[dict]) -> str:
+    """A text table: one line per (workload, dist, B), microseconds per variant."""
+    cols = ["recserve_gather", "torch_per_table_gather", "torch_concat_gather",
+            "recserve_fwd", "recserve_graph_fwd", "torch_eager_fwd", "torch_eager_graph_fwd",
+            "torch_compile_fwd"]
+    table: dict[tuple, dict] = {}
+    for r in records:
+        if r.get("section") in ("gather", "forward"):
+            key = (r["workload"], r["dist"], r["B"])
+            suffix = "_gather" if r["section"] == "gather" else "_fwd"
+            table.setdefault(key, {})[r["variant"] + suffix] = r["us"]
+    lines = ["workload  dist     B      " + " ".join(f"{c[:14]:>14}" for c in cols)]
+    for key in sorted(table, key=lambda k: (k[0], k[1], k[2])):
+        vals = " ".join(f"{table[key].get(c, float('nan')):14.1f}" for c in cols)
+        lines.append(f"{key[0]:9} {key[1]:8} {key[2]:<6} {vals}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("outdir", type=Path)
+    ap.add_argument("--quick", action="store_true", help="B in 512, 8192 only; no zipf dot")
+    ap.add_argument("--max-rows", type=int, default=4_000_000)
+    ap.add_argument("--sizes", type=int, nargs="*", default=[8192, 512, 2048, 256, 32768])
+    ap.add_argument("--compile-sizes", type=int, nargs="*", default=[512, 8192])
+    ap.add_argument("--budget-s", type=float, default=200.0,
+                    help="stop starting new measurements after this many seconds")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cpu: a smoke run of this script under the interpreter (tiny shapes)")
+    args = ap.parse_args()
+    global DEV
+    DEV = args.device
+    sizes = [8192, 512] if args.quick else args.sizes
+    table_dtype = "bf16" if DEV == "cuda" else "fp32"
+    rec = Recorder(args.outdir, args.budget_s)
+    rec.add(section="env", **env_info(), max_rows=args.max_rows, sizes=sizes)
+    base = baselines(rec)
+    shared: dict = {}
+    for name, inter in (("dlrmv2", "dcnv2"), ("dlrm-dot", "dot")):
+        spec = wl.dlrmv2_spec(args.max_rows, table_dtype, inter)
+        weights = wl.device_weights(spec, DEV, seed=0, tables_from=shared or None)
+        shared = {k: v for k, v in weights.items() if k.startswith("tables.")}
+        model = TritonModel(spec, weights, device=DEV)
+        dt = torch.bfloat16 if DEV == "cuda" else torch.float32
+        peers = {"per_table": wl.TorchPeer(spec, weights, dt),
+                 "concat": wl.TorchPeer(spec, weights, dt, concat=True)}
+        dists = ["uniform"] if args.quick and name == "dlrm-dot" else ["uniform", "zipf"]
+        for dist in dists:
+            for b in sizes:
+                ctx = {"name": name, "spec": spec, "dist": dist, "B": b}
+                rec.guarded(f"{name} {dist} B={b}", bench_batch, rec, base, ctx, model, peers)
+            if name == "dlrmv2" and dist == "uniform":
+                rec.guarded("int8", bench_int8, rec, base, spec, weights,
+                            [8192, 512] if DEV == "cuda" else sizes[:1])
+        if name == "dlrmv2" and args.compile_sizes:
+            compiled = torch.compile(peers["per_table"].forward)
+            for b in args.compile_sizes:
+                ctx = {"name": name, "spec": spec, "dist": "uniform", "B": b}
+                rec.guarded(f"compile B={b}", bench_compile, rec, base, ctx, compiled)
+        del peers, model
+        torch.cuda.empty_cache()
+    rec.guarded("accuracy", bench_accuracy, rec, min(args.max_rows, 100_000))
+    rec.add(section="done")
+    print(summary(rec.records), flush=True)
+
+
+if __name__ == "__main__":
+    main()
