@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from enum import StrEnum
 
 from recserve.engine import VERSION
@@ -93,12 +93,17 @@ class Dispatcher:
         self.config = config
         self.in_flight = 0
         """Requests being handled over all connections (admission count)."""
+        self.immediate: dict[Op, Callable[[dict], dict]] = {
+            Op.PING: self.ping, Op.MODELS: self.models}
+        """Ops answered at once on the event loop: cheap, never admitted or queued."""
+        self.admitted: dict[Op, Callable[[dict], Awaitable[dict]]] = {Op.INFER: self.infer}
+        """Ops run as tasks, each holding an admission slot until it is answered."""
 
-    def ping(self) -> dict:
+    def ping(self, message: dict) -> dict:
         """Body of a ping response."""
         return {"protocol": PROTOCOL_VERSION, "server": f"recserve {VERSION}"}
 
-    def models(self) -> dict:
+    def models(self, message: dict) -> dict:
         """Body of a models response: every served model and the server's limits."""
         return {"models": [describe_model(h) for h in self.backend.models()],
                 "limits": {"max_candidates": self.config.max_candidates,
@@ -121,6 +126,12 @@ class Dispatcher:
         except TimeoutError:
             raise DeadlineExceeded(message=f"not scored within deadline_ms="
                                            f"{message['deadline_ms']}") from None
+        expected = (inputs.num_candidates,) if len(handle.spec.outputs) == 1 else (
+            inputs.num_candidates, len(handle.spec.outputs))
+        if tuple(scores.shape) != expected:
+            # A backend bug; refuse to send scores that cannot be matched to candidates.
+            raise InternalError(message=f"backend returned scores of shape "
+                                        f"{list(scores.shape)}; expected {list(expected)}")
         return {"model": handle.name, "version": handle.version,
                 "scores": scores.astype("float32", copy=False)}
 
@@ -177,22 +188,21 @@ class Session:
             op = parse_op(message)
             if rid in self._tasks:
                 raise BadRequest(message=f"id {rid} is already in flight on this connection")
-            if op is Op.PING:
-                self._send(ok_response(rid, self._dispatcher.ping()))
-            elif op is Op.MODELS:
-                self._send(ok_response(rid, self._dispatcher.models()))
+            handler = self._dispatcher.immediate.get(op)
+            if handler is not None:
+                self._send(ok_response(rid, handler(message)))
             else:
-                self._start(rid, message)
+                self._start(rid, op, message)
         except RecserveError as exc:
             self._send(error_response(rid, exc))
 
-    def _start(self, rid: int, message: dict) -> None:
+    def _start(self, rid: int, op: Op, message: dict) -> None:
         dispatcher = self._dispatcher
         if dispatcher.in_flight >= dispatcher.config.max_in_flight:
             raise Overloaded(message=f"{dispatcher.in_flight} requests in flight; the limit "
                                      f"is {dispatcher.config.max_in_flight}")
         dispatcher.in_flight += 1
-        task = asyncio.get_running_loop().create_task(self._run(rid, message))
+        task = asyncio.get_running_loop().create_task(self._run(rid, op, message))
         self._tasks[rid] = task
         self._admitted.add(task)
         # Also on done: a task cancelled before its first step never runs its body.
@@ -204,9 +214,9 @@ class Session:
             self._admitted.discard(task)
             self._dispatcher.in_flight -= 1
 
-    async def _run(self, rid: int, message: dict) -> None:
+    async def _run(self, rid: int, op: Op, message: dict) -> None:
         try:
-            response = ok_response(rid, await self._dispatcher.infer(message))
+            response = ok_response(rid, await self._dispatcher.admitted[op](message))
         except RecserveError as exc:
             response = error_response(rid, exc)
         except Exception as exc:

@@ -36,10 +36,11 @@ class ControlledBackend:
     for ``release()``; ``failing``: sizes that raise.
     """
 
-    def __init__(self, order=(), held=(), failing=()):
+    def __init__(self, order=(), held=(), failing=(), truncating=()):
         self.inner = ReferenceBackend([MODEL])
         self.order = list(order)
         self.held, self.failing = set(held), set(failing)
+        self.truncating = set(truncating)
         self._turn: asyncio.Condition | None = None
         self._release: asyncio.Event | None = None
         self.active = self.peak = 0
@@ -69,7 +70,7 @@ class ControlledBackend:
             async with self._turn:
                 self.order.pop(0)
                 self._turn.notify_all()
-        return scores
+        return scores[:-1] if n in self.truncating else scores
 
     async def release(self):
         self._release = self._release or asyncio.Event()
@@ -199,7 +200,7 @@ def test_admission_limit_answers_overloaded_and_keeps_the_accepted_request(loop)
 
 
 def test_clients_raise_overloaded_deadline_and_internal_as_subclasses(loop):
-    backend = ControlledBackend(held=[2], failing=[4])
+    backend = ControlledBackend(held=[2], failing=[4], truncating=[5])
     thread = ServerThread(backend, max_in_flight=1, loop=loop)
 
     async def go():
@@ -216,6 +217,8 @@ def test_clients_raise_overloaded_deadline_and_internal_as_subclasses(loop):
             assert (await held).shape == (2,)
             with pytest.raises(InternalError, match="RuntimeError: boom at 4"):
                 await client.infer("small", wire(4)[1])
+            with pytest.raises(InternalError, match="scores of shape \\[4\\]; expected \\[5\\]"):
+                await client.infer("small", wire(5)[1])
             assert (await client.infer("small", wire(3)[1])).shape == (3,)
 
     try:
