@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Every GPU check in one call (DESIGN.md, "GPU checks"): install, `pytest -m gpu`, the kernel
+# benchmark against the PyTorch peers, then the engine and server load runs.
+#
+#   bash bench/gpu_check.sh OUTDIR
+#
+# Runs on a machine whose Python already has torch, triton, numpy, msgpack, uvloop,
+# nvidia-ml-py and safetensors, with no package registry. Target: under 5 minutes on an H200.
+# Every step runs even if an earlier one failed; exit codes go to OUTDIR/summary.txt.
+# OUTDIR holds at most 8 files (the transfer limit); this script writes 4:
+#   summary.txt  card, versions, commit, pip tail, each step's exit code and seconds
+#   pytest-gpu.log, kernels.log, kernels.json
+# Environment knobs: PYTHON (default python), KERNEL_BENCH_ARGS (default: --budget-s 140),
+# PYTEST_TIMEOUT_S (120), BENCH_TIMEOUT_S (200), RECSERVE_COMMIT (default: git HEAD).
+set -u -o pipefail
+export PYTHONUNBUFFERED=1
+
+OUT=${1:?usage: bench/gpu_check.sh OUTDIR}
+mkdir -p "$OUT"
+PY=${PYTHON:-python}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+export RECSERVE_COMMIT=${RECSERVE_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+SUMMARY="$OUT/summary.txt"
+START=$(date +%s)
+
+step() {  # step NAME CMD...: run, log exit code and wall seconds, never abort the script
+    local name=$1; shift
+    local t0; t0=$(date +%s)
+    "$@"
+    local rc=$?
+    echo "step $name rc=$rc seconds=$(( $(date +%s) - t0 )) total=$(( $(date +%s) - START ))" \
+        | tee -a "$SUMMARY"
+}
+
+{
+    echo "recserve gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) commit $RECSERVE_COMMIT"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+    "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" 2>&1
+} > "$SUMMARY"
+
+install() {
+    "$PY" -m pip install --no-deps --no-build-isolation -e . > "$OUT/pip.tmp" 2>&1
+    local rc=$?
+    tail -n 3 "$OUT/pip.tmp" >> "$SUMMARY"
+    rm -f "$OUT/pip.tmp"
+    return $rc
+}
+step install install
+
+# GPU tests: one config per kernel (no autotuning) so compiles stay few; the benchmark
+# below autotunes over every config and prunes those that fail to compile on this card.
+step pytest-gpu bash -c "set -o pipefail; RECSERVE_AUTOTUNE=0 timeout ${PYTEST_TIMEOUT_S:-120} \
+    $PY -m pytest -m gpu -q --no-header -p no:cacheprovider -o addopts='' tests \
+    2>&1 | tee '$OUT/pytest-gpu.log' | tail -n 5"
+
+# Kernel benchmark: recserve vs eager / eager + CUDA graph / torch.compile; partial results
+# are in kernels.json after every measurement, so a timeout still leaves data.
+step kernels-bench bash -c "timeout ${BENCH_TIMEOUT_S:-200} $PY bench/kernels.py '$OUT' \
+    ${KERNEL_BENCH_ARGS:---budget-s 140} > '$OUT/kernels.log' 2>&1; rc=\$?; \
+    tail -n 14 '$OUT/kernels.log'; exit \$rc"
+
+# === LEAD: engine benchmark goes here (e.g. bench/engine.py "$OUT"), writing at most
+# === 2 files into $OUT; wrap it in `step engine-bench ...` so its exit code is recorded.
+
+# === LEAD: short server load run goes here (start the server on 127.0.0.1, drive it with
+# === the load client, stop it), writing at most 2 files into $OUT; wrap in `step ...`.
+
+echo "gpu_check done in $(( $(date +%s) - START )) s" | tee -a "$SUMMARY"
+ls "$OUT" | tee -a "$SUMMARY"
