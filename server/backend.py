@@ -1,14 +1,18 @@
-"""What the dispatcher scores with: a narrow async interface, and the reference backend.
+"""What the dispatcher scores with: a narrow async interface, and two implementations.
 
 ``Backend`` is all the server needs from an engine: which models it serves, and an
 awaitable ``score``. ``ReferenceBackend`` is the first cut: every model held as a
 ``ReferenceModel`` on the CPU, requests scored one at a time in a worker thread so
-the event loop never blocks. The batching engine replaces it behind this interface.
+the event loop never blocks. ``EngineBackend`` adapts the batching ``engine.Engine``
+(continuous batching, deadlines, hot swap) to the same interface.
+
+Deadlines are absolute ``time.monotonic()`` seconds (the engine's default clock).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -20,7 +24,7 @@ from recserve.engine.inputs import RequestInputs, collate
 from recserve.engine.reference import ReferenceModel
 from recserve.engine.spec import ModelSpec
 
-from .errors import NotFound
+from .errors import DeadlineExceeded, NotFound, RecserveError
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,8 +50,10 @@ class Backend(Protocol):
         """The version asked for (the highest served one when None); raises ``NotFound``."""
         ...
 
-    async def score(self, model: str, version: int, inputs: RequestInputs) -> np.ndarray:
-        """float32 scores, [N] for one output or [N, H] for H outputs."""
+    async def score(self, model: str, version: int, inputs: RequestInputs,
+                    deadline: float | None = None) -> np.ndarray:
+        """float32 scores, [N] for one output or [N, H] for H outputs; ``RecserveError``
+        subclasses for refusals (``DeadlineExceeded`` once ``deadline`` has passed)."""
         ...
 
     async def close(self) -> None:
@@ -100,21 +106,90 @@ class ReferenceBackend:
                                    f"versions: {versions}")
         return handle
 
-    async def score(self, model: str, version: int, inputs: RequestInputs) -> np.ndarray:
+    async def score(self, model: str, version: int, inputs: RequestInputs,
+                    deadline: float | None = None) -> np.ndarray:
         """float32 scores, [N] for one output or [N, H] for H outputs."""
         reference = self._models.get((model, version))
         if reference is None:
             raise NotFound(message=f"model {model!r} version {version} is not served here")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, _forward, reference, inputs)
+        return await loop.run_in_executor(self._executor, _forward, reference, inputs,
+                                          deadline)
 
     async def close(self) -> None:
         """Stop the worker thread (waiting for the request it is scoring)."""
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
 
 
-def _forward(model: ReferenceModel, inputs: RequestInputs) -> np.ndarray:
+def _forward(model: ReferenceModel, inputs: RequestInputs, deadline: float | None) -> np.ndarray:
+    if deadline is not None and time.monotonic() > deadline:
+        # It waited in the queue past its deadline: skip the work nobody will read.
+        raise DeadlineExceeded(message="deadline passed while queued")
     batch = collate(model.spec, [inputs])
     with torch.inference_mode():
         scores = model.forward(batch).float().cpu().numpy()
     return scores[:, 0] if scores.shape[1] == 1 else scores
+
+
+class EngineBackend:
+    """The batching ``engine.Engine`` behind the Backend interface.
+
+    The engine must be started; models are loaded into it with ``await load(...)`` (or
+    ``engine.load``). Its ``EngineError`` codes are wire codes, raised here as the
+    matching ``RecserveError`` subclasses. ``close`` closes the engine.
+    """
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    async def load(self, loaded: Any) -> None:
+        """Load one model (``name``, ``version``, ``spec``, ``weights``) into the engine."""
+        await self._call(self.engine.load(loaded.name, int(loaded.version), loaded.spec,
+                                          loaded.weights))
+
+    async def load_repository(self, root: Any) -> None:
+        """Load the highest version of every model in the repository at ``root``."""
+        from recserve.engine.repository import ModelRepository
+
+        repo = ModelRepository(root)
+        for name, version in repo.models():
+            await self.load(repo.load(name, version))
+
+    def models(self) -> list[ModelHandle]:
+        """Every model version being served, sorted by name then version."""
+        return [ModelHandle(n, v, self.engine.spec(n, v)) for n, v in self.engine.models()]
+
+    def resolve(self, name: str, version: int | None) -> ModelHandle:
+        """The version asked for (the highest served one when None); raises ``NotFound``."""
+        try:
+            name, version = self.engine.resolve(name, version)
+            return ModelHandle(name, version, self.engine.spec(name, version))
+        except Exception as exc:
+            raise _wire_error(exc) from None
+
+    async def score(self, model: str, version: int, inputs: RequestInputs,
+                    deadline: float | None = None) -> np.ndarray:
+        """float32 scores, [N] for one output or [N, H] for H outputs."""
+        return await self._call(self.engine.score(model, inputs, version=version,
+                                                  deadline=deadline))
+
+    async def close(self) -> None:
+        """Close the engine (queued requests fail, running batches finish)."""
+        await self.engine.close()
+
+    @staticmethod
+    async def _call(awaitable: Any) -> Any:
+        try:
+            return await awaitable
+        except RecserveError:
+            raise
+        except Exception as exc:
+            raise _wire_error(exc) from None
+
+
+def _wire_error(exc: Exception) -> Exception:
+    """An engine failure with a wire ``code`` as a RecserveError; anything else unchanged."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, str):
+        return RecserveError.from_code(code, getattr(exc, "message", str(exc)))
+    return exc

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
 
@@ -120,9 +121,12 @@ class Dispatcher:
         handle = self.backend.resolve(name, version)
         inputs = validate_inputs(handle.spec, message["candidates"], message["inputs"],
                                  self.config.max_candidates)
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
+            # The backend gets the deadline to drop expired work; wait_for guarantees
+            # the answer even from a backend that ignores it.
             scores = await asyncio.wait_for(
-                self.backend.score(handle.name, handle.version, inputs), timeout)
+                self.backend.score(handle.name, handle.version, inputs, deadline), timeout)
         except TimeoutError:
             raise DeadlineExceeded(message=f"not scored within deadline_ms="
                                            f"{message['deadline_ms']}") from None

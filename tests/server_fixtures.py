@@ -64,7 +64,8 @@ class ServerThread:
     ``loop``: "asyncio" (the standard loop) or "uvloop" (the one the CLI installs).
     """
 
-    def __init__(self, backend: object, loop: str = "asyncio", **config: object) -> None:
+    def __init__(self, backend: object, loop: str = "asyncio", setup: object = None,
+                 **config: object) -> None:
         if loop == "uvloop":  # what ``recserve serve`` runs on
             import uvloop
 
@@ -74,6 +75,8 @@ class ServerThread:
         self.server = Server(backend, ServerConfig(port=0, **config))
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
+        if setup is not None:  # a coroutine function to run on the loop first
+            self.run(setup())
         self.run(self.server.start())
         self.host, self.port = self.server.address
 

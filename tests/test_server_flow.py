@@ -51,7 +51,7 @@ class ControlledBackend:
     def resolve(self, name, version):
         return self.inner.resolve(name, version)
 
-    async def score(self, model, version, inputs):
+    async def score(self, model, version, inputs, deadline=None):
         n = inputs.num_candidates
         self._turn = self._turn or asyncio.Condition()
         self._release = self._release or asyncio.Event()
@@ -65,7 +65,7 @@ class ControlledBackend:
         if n in self.order:
             async with self._turn:
                 await self._turn.wait_for(lambda: self.order[0] == n)
-        scores = await self.inner.score(model, version, inputs)
+        scores = await self.inner.score(model, version, inputs, deadline)
         if n in self.order:
             async with self._turn:
                 self.order.pop(0)

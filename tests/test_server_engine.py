@@ -1,0 +1,78 @@
+"""The server over the batching engine (EngineBackend, CPU executor): same answers and
+error codes as over the reference backend, with many requests batched together."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from server_fixtures import (
+    RawConnection,
+    ServerThread,
+    loaded,
+    multi_spec,
+    reference_scores,
+    small_spec,
+)
+
+from recserve.engine.demo import random_inputs, to_wire
+from recserve.engine.engine import Engine
+from recserve.engine.executor import CpuExecutor
+from recserve.engine.settings import EngineSettings
+from recserve.server import AsyncClient, NotFound
+from recserve.server.backend import EngineBackend
+
+SMALL = loaded(small_spec(), version=4, seed=11)
+MULTI = loaded(multi_spec(), version=1, seed=12)
+
+
+@pytest.fixture(scope="module")
+def server():
+    settings = EngineSettings(max_batch_rows=64, buckets=(16, 64), slots=1)
+    engine = Engine(settings, lambda s: CpuExecutor(s, torch_threads=1))
+    backend = EngineBackend(engine)
+
+    async def setup():
+        await engine.start()
+        await backend.load(SMALL)
+        await backend.load(MULTI)
+
+    thread = ServerThread(backend, loop="uvloop", setup=setup, max_candidates=64)
+    yield thread
+    thread.stop()
+
+
+def wire(model, n, seed):
+    inputs = random_inputs(model.spec, np.random.default_rng(seed), n)
+    return inputs, to_wire(model.spec, inputs)
+
+
+def test_pipelined_requests_through_the_engine_match_the_reference(server):
+    requests = [(SMALL if i % 3 else MULTI, 1 + (i * 7) % 40, i) for i in range(30)]
+
+    async def go():
+        async with await AsyncClient.connect(server.host, server.port) as client:
+            return await asyncio.gather(*(client.infer(m.spec.name, wire(m, n, s)[1])
+                                          for m, n, s in requests))
+
+    results = asyncio.run(go())
+    for (model, n, seed), scores in zip(requests, results, strict=True):
+        expected = reference_scores(model, wire(model, n, seed)[0])
+        assert scores.shape == expected.shape
+        np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_engine_refusals_arrive_as_wire_codes(server):
+    async def go():
+        async with await AsyncClient.connect(server.host, server.port) as client:
+            with pytest.raises(NotFound, match="version 9"):
+                await client.infer("small", wire(SMALL, 2, 0)[1], version=9)
+            models = await client.models()
+            assert [(m["name"], m["version"]) for m in models] == [("multi", 1), ("small", 4)]
+
+    asyncio.run(go())
+    conn = RawConnection(server.port)
+    conn.send({"id": 1, "op": "infer", "model": "small", "candidates": 65, "inputs": {}})
+    assert conn.receive()["error"]["code"] == "too_large"
+    conn.close()
