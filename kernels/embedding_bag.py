@@ -192,43 +192,70 @@ def _embedding_bag_kernel(
     out_col = tl.load(meta + 6)
     local = pid - tl.load(meta + 7)
     flags = tl.load(meta + 8)
-    is_weighted = flags & 4
+    if (flags & 8) != 0:
+        _pool_long(table_ptr, scale_ptr, shift_ptr, indices_ptr, offsets_ptr, weights_ptr,
+                   out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
+                   elem_base, row_base, rows, dim, bag_base, num_bags, out_col, local, flags,
+                   out_stride, LANES, BLOCK_D, QUANT, WEIGHTED)
+    else:
+        _pool_short(table_ptr, scale_ptr, shift_ptr, indices_ptr, offsets_ptr, weights_ptr,
+                    out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
+                    elem_base, row_base, rows, dim, bag_base, num_bags, out_col, local, flags,
+                    out_stride, BAGS, BLOCK_D, QUANT, WEIGHTED)
+
+
+@triton.jit
+def _pool_long(table_ptr, scale_ptr, shift_ptr, indices_ptr, offsets_ptr, weights_ptr,
+               out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
+               elem_base, row_base, rows, dim, bag_base, num_bags, out_col, local, flags,
+               out_stride, LANES: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr,
+               WEIGHTED: tl.constexpr):
+    """Bag ``local`` of a long-bag feature, LANES positions per step, one [LANES, D] tile."""
     d = tl.arange(0, BLOCK_D)
     dmask = d < dim
-    if (flags & 8) != 0:
-        bags = local + tl.arange(0, 1)
-        bmask = bags < num_bags
-        start = tl.load(offsets_ptr + bag_base + bags, mask=bmask, other=0).to(tl.int64)
-        end = tl.load(offsets_ptr + bag_base + bags + 1, mask=bmask, other=0).to(tl.int64)
-        lanes = tl.arange(0, LANES)
-        acc = tl.zeros([LANES, BLOCK_D], dtype=tl.float32)
-        bad = tl.zeros([LANES], dtype=tl.int32)
-        for j in range(0, tl.max(end - start, axis=0), LANES):
-            pos = start + j + lanes
-            vals, b = _gather(table_ptr, scale_ptr, shift_ptr, weights_ptr, indices_ptr, pos,
-                              pos < end, elem_base, row_base, rows, dim, is_weighted, d, dmask,
-                              QUANT, WEIGHTED)
-            acc += vals
-            bad = bad | b
-        pooled = tl.expand_dims(tl.sum(acc, axis=0), 0)
-        bad1 = tl.expand_dims(tl.max(bad, axis=0), 0)
-        _finish(pooled, end - start, bad1, bags, bmask, out_ptr, bad_ptr, row_request_ptr,
-                request_offsets_ptr, out_stride, out_col, dim, flags, d, dmask)
-    else:
-        bags = local * BAGS + tl.arange(0, BAGS)
-        bmask = bags < num_bags
-        start = tl.load(offsets_ptr + bag_base + bags, mask=bmask, other=0).to(tl.int64)
-        length = tl.load(offsets_ptr + bag_base + bags + 1, mask=bmask, other=0) - start
-        acc = tl.zeros([BAGS, BLOCK_D], dtype=tl.float32)
-        bad = tl.zeros([BAGS], dtype=tl.int32)
-        for j in range(0, tl.max(length, axis=0)):
-            vals, b = _gather(table_ptr, scale_ptr, shift_ptr, weights_ptr, indices_ptr,
-                              start + j, j < length, elem_base, row_base, rows, dim,
-                              is_weighted, d, dmask, QUANT, WEIGHTED)
-            acc += vals
-            bad = bad | b
-        _finish(acc, length, bad, bags, bmask, out_ptr, bad_ptr, row_request_ptr,
-                request_offsets_ptr, out_stride, out_col, dim, flags, d, dmask)
+    bags = local + tl.arange(0, 1)
+    bmask = bags < num_bags
+    start = tl.load(offsets_ptr + bag_base + bags, mask=bmask, other=0).to(tl.int64)
+    end = tl.load(offsets_ptr + bag_base + bags + 1, mask=bmask, other=0).to(tl.int64)
+    lanes = tl.arange(0, LANES)
+    acc = tl.zeros([LANES, BLOCK_D], dtype=tl.float32)
+    bad = tl.zeros([LANES], dtype=tl.int32)
+    for j in range(0, tl.max(end - start, axis=0), LANES):
+        pos = start + j + lanes
+        vals, b = _gather(table_ptr, scale_ptr, shift_ptr, weights_ptr, indices_ptr, pos,
+                          pos < end, elem_base, row_base, rows, dim, flags & 4, d, dmask,
+                          QUANT, WEIGHTED)
+        acc += vals
+        bad = bad | b
+    pooled = tl.expand_dims(tl.sum(acc, axis=0), 0)
+    _finish(pooled, end - start, tl.expand_dims(tl.max(bad, axis=0), 0), bags, bmask, out_ptr,
+            bad_ptr, row_request_ptr, request_offsets_ptr, out_stride, out_col, dim, flags, d,
+            dmask)
+
+
+@triton.jit
+def _pool_short(table_ptr, scale_ptr, shift_ptr, indices_ptr, offsets_ptr, weights_ptr,
+                out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
+                elem_base, row_base, rows, dim, bag_base, num_bags, out_col, local, flags,
+                out_stride, BAGS: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr,
+                WEIGHTED: tl.constexpr):
+    """Bags local*BAGS .. +BAGS of a short-bag feature, one position of each per step."""
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < dim
+    bags = local * BAGS + tl.arange(0, BAGS)
+    bmask = bags < num_bags
+    start = tl.load(offsets_ptr + bag_base + bags, mask=bmask, other=0).to(tl.int64)
+    length = tl.load(offsets_ptr + bag_base + bags + 1, mask=bmask, other=0) - start
+    acc = tl.zeros([BAGS, BLOCK_D], dtype=tl.float32)
+    bad = tl.zeros([BAGS], dtype=tl.int32)
+    for j in range(0, tl.max(length, axis=0)):
+        vals, b = _gather(table_ptr, scale_ptr, shift_ptr, weights_ptr, indices_ptr, start + j,
+                          j < length, elem_base, row_base, rows, dim, flags & 4, d, dmask,
+                          QUANT, WEIGHTED)
+        acc += vals
+        bad = bad | b
+    _finish(acc, length, bad, bags, bmask, out_ptr, bad_ptr, row_request_ptr,
+            request_offsets_ptr, out_stride, out_col, dim, flags, d, dmask)
 
 
 _tuner = SafeTuner("embedding_bag", CONFIGS)
