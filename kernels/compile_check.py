@@ -1,0 +1,115 @@
+"""Compile every kernel config for a GPU target without a GPU (Triton's ahead-of-time path).
+
+The interpreter is not the compiler: a kernel can pass every CPU test and still fail in an
+MLIR pass or in ptxas for some block sizes. This compiles each autotune config of each
+kernel, for the dtype and epilogue variants the model uses, down to a cubin:
+
+    TRITON_INTERPRET=0 python -m recserve.kernels.compile_check [--arch 90] [--quick]
+
+It needs no CUDA device (Triton ships ptxas), but it uses this host's Triton version, which
+may differ from the card's; the GPU run (autotuning prunes configs that fail) is the proof.
+Exit status 1 when any config fails; each result is printed on one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+_PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16", "u8": "*u8"}
+
+
+def _compile(fn, signature: dict, constexprs: dict, options: dict, arch: int) -> str | None:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {n: ("constexpr" if n in constexprs else signature[n]) for n in fn.arg_names}
+    try:
+        triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", arch, 32),
+                       options=options)
+        return None
+    except Exception as exc:  # noqa: BLE001 - report every failure, keep going
+        return f"{type(exc).__name__}: {str(exc)[-600:]}"
+
+
+def _embedding_jobs(quick: bool):
+    from . import embedding_bag as eb
+
+    dtypes = ["bf16", "u8"] if quick else ["fp32", "fp16", "bf16", "u8"]
+    for table in dtypes:
+        for out in (["bf16"] if quick else ["bf16", "fp32"]):
+            for cfg in eb.CONFIGS:
+                sig = {n: "*i32" for n in eb._embedding_bag_kernel.arg_names if n.endswith("_ptr")}
+                sig.update(table_ptr=_PTR[table], scale_ptr="*fp32", shift_ptr="*fp32",
+                           weights_ptr="*fp32", out_ptr=_PTR[out], meta_ptr="*i64",
+                           out_stride="i32")
+                const = {"BAGS": cfg["BAGS"], "LANES": cfg["LANES"], "BLOCK_D": 128,
+                         "QUANT": table == "u8", "WEIGHTED": table != "fp32"}
+                yield eb._embedding_bag_kernel, sig, const, {"num_warps": cfg["num_warps"]}
+
+
+def _linear_jobs(quick: bool):
+    from . import linear as li
+
+    variants = [dict(ACT=1, HAS_BIAS=True, A_ROWS=False, ADD_ROWS=False, CROSS=False,
+                     FINAL=False),
+                dict(ACT=0, HAS_BIAS=True, A_ROWS=True, ADD_ROWS=True, CROSS=True, FINAL=False),
+                dict(ACT=1, HAS_BIAS=True, A_ROWS=False, ADD_ROWS=True, CROSS=False,
+                     FINAL=True)]
+    for dtype in (["bf16"] if quick else ["bf16", "fp16", "fp32"]):
+        for cfg in li._configs(None):
+            for flags in variants:
+                c = dict(cfg)
+                if flags["FINAL"]:
+                    c.update(BLOCK_N=256, BLOCK_M=min(c["BLOCK_M"], 64))
+                sig = {n: _PTR[dtype] for n in li._linear_kernel.arg_names if n.endswith("_ptr")}
+                sig.update(a_rows_ptr="*i32", add_rows_ptr="*i32", fact_ptr="*i32",
+                           bf_ptr="*fp32", out_ptr="*fp32" if flags["FINAL"] else _PTR[dtype])
+                sig.update({n: "i32" for n in li._linear_kernel.arg_names
+                            if n in ("M", "N", "K", "H") or n.startswith("stride")})
+                const = {"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"],
+                         "BLOCK_K": c["BLOCK_K"], "IEEE": dtype == "fp32", **flags}
+                yield li._linear_kernel, sig, const, {"num_warps": c["num_warps"],
+                                                      "num_stages": c["num_stages"]}
+
+
+def _dot_jobs(quick: bool):
+    from . import interaction as it
+
+    for dtype in (["bf16"] if quick else ["bf16", "fp32"]):
+        for block_t, block_d in ((32, 128), (16, 16)):
+            sig = {"v_ptr": _PTR[dtype], "out_ptr": _PTR[dtype], "dest_ptr": "*i32"}
+            sig.update({n: "i32" for n in ("B", "T", "D", "x_dest", "stride_vm", "stride_om")})
+            const = {"ROWS": it._ROWS_GPU, "BLOCK_T": block_t, "BLOCK_D": block_d,
+                     "HAS_X": True, "IEEE": dtype == "fp32"}
+            yield it._dot_interaction_kernel, sig, const, {"num_warps": 4}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Compile every job; print one line each; return the number of failures."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200)")
+    ap.add_argument("--quick", action="store_true", help="bf16 variants only")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("set TRITON_INTERPRET=0: the interpreter does not compile", file=sys.stderr)
+        return 1
+    failures = 0
+    for jobs in (_embedding_jobs, _linear_jobs, _dot_jobs):
+        for fn, sig, const, options in jobs(args.quick):
+            t0 = time.time()
+            error = _compile(fn, sig, const, options, args.arch)
+            failures += error is not None
+            status = "OK  " if error is None else "FAIL"
+            print(f"{status} {fn.__name__} {const} {options} {time.time() - t0:.1f}s"
+                  + (f"\n     {error}" if error else ""), flush=True)
+    print(f"{failures} failure(s)")
+    return failures
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TRITON_INTERPRET", "0")
+    sys.exit(1 if main() else 0)
