@@ -18,7 +18,7 @@ import torch
 
 from recserve.engine.inputs import Batch
 
-from .embedding_bag import check_csr
+from .tables import check_csr
 
 if TYPE_CHECKING:
     from .model import TritonModel
