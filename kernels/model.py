@@ -149,7 +149,10 @@ class TritonModel:
             for u, v, b in self.cross:
                 x = cross_layer(e, x, u, v, b)
             return x
-        z = torch.empty(e.shape[0], spec.interaction_dim, device=e.device, dtype=self.dtype)
+        # Rows padded to 16 bytes so the next GEMM's loads stay aligned (479 -> 480 columns).
+        width = spec.interaction_dim
+        z = torch.empty(e.shape[0], -(-width // 8) * 8, device=e.device,
+                        dtype=self.dtype)[:, :width]
         d = self.spec.table(spec.sparse[0].table).dim
         return dot_interaction(e, spec.num_vectors, d, self.dest, z, self.layout.x_col_in_z)
 

@@ -137,3 +137,17 @@ def test_bench_workloads_peer_and_prepared_path(interaction):
         got, bad = model.forward_prepared(wl.to_prepared(model, inputs))
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
         assert not bad.any()
+
+
+def test_bench_ranking_workload_matches_reference():
+    wl = _workloads()
+    spec = wl.ranking_spec(max_rows=60)
+    rng = np.random.default_rng(4)
+    weights = init_weights(spec, 2)
+    batch = collate(spec, wl.ranking_requests(spec, rng, 3, zipf=True, candidates=(1, 4)))
+    model = TritonModel(spec, weights, device="cpu")
+    assert model.layout.ku > 0 and model.layout.x_request is False
+    got, bad = model.forward(batch)
+    want = ReferenceModel(spec, weights).forward(batch)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+    assert not bad.any()
