@@ -110,10 +110,15 @@ def _linear_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mn_mask)
 
 
-def _configs(final_n: int | None) -> list[dict]:
+def _configs(final_n: int | None, m: int | None = None) -> list[dict]:
+    """Candidates for one call: small batches only try BLOCK_M <= 64 tiles, large ones only
+    BLOCK_M >= 64 (fewer compiles per shape; the card's tuning picks among the rest)."""
     from ._common import interpreting
 
     base = _CPU_CONFIGS if interpreting() else _GPU_CONFIGS
+    if m is not None and not interpreting():
+        small = [c for c in base if c["BLOCK_M"] <= 64]
+        base = small if m <= 1024 else [c for c in base if c["BLOCK_M"] >= 64]
     if final_n is None:
         return base
     block_n = next_pow2(final_n, 16)
@@ -219,7 +224,7 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     key = (m, n, k, h, a.dtype, activation, bias is not None, a_rows is not None,
            add is not None, cross is not None, a.stride(), weight.stride(), out.stride())
-    _tuner.run(key, launch, _configs(n if final is not None else None))
+    _tuner.run(key, launch, _configs(n if final is not None else None, m))
     return out
 
 
