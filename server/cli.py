@@ -14,6 +14,7 @@ from .client import DEFAULT_HOST, DEFAULT_PORT, Client
 from .codec import DEFAULT_MAX_FRAME
 from .config import ServerConfig
 from .errors import RecserveError
+from .serving import CPU_TORCH_THREADS, DEFAULTS_NOTE, DEVICE_DEFAULTS, DEVICES
 
 DESCRIPTION = """\
 recserve serves DLRM-family ranking models over msgpack-on-TCP (the wire contract
@@ -81,11 +82,14 @@ def _add_serve(commands) -> None:
 Without --model-repo the demo model is built (once) into the cache folder
 ($XDG_CACHE_HOME/recserve/models, else ~/.cache/recserve/models) and served.
 With --model-repo DIR the highest version of every model in DIR is served.
-Requests are scored on the CPU with the reference model, one at a time.
+Requests are scored by the batching engine (continuous batching across requests and
+connections) on the GPU when torch sees one, else on the CPU; --one-at-a-time scores
+them one by one with the reference model instead (a baseline for benchmarks).
 
 examples:
   recserve serve
-  recserve serve --model-repo models --host 0.0.0.0 --max-candidates 1000""")
+  recserve serve --model-repo models --host 0.0.0.0 --max-candidates 1000
+  recserve serve --device cpu --max-batch-rows 2048 --buckets 256,1024,2048""")
     p.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default: "
                    "%(default)s; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (default: "
@@ -103,8 +107,51 @@ examples:
     p.add_argument("--max-pending-per-connection", type=int, default=256, metavar="N",
                    help="requests in flight on one connection before the server stops "
                    "reading from it (default: %(default)s)")
+    _add_engine(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log verbosity on stderr (default: %(default)s)")
+
+
+def _add_engine(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine", "how requests are batched and scored; the defaults "
+                             "depend on the device (" + DEFAULTS_NOTE + ")")
+    g.add_argument("--device", choices=DEVICES, default="auto", help="where to score: auto "
+                   "is cuda when torch sees a GPU, else cpu (default: %(default)s)")
+    g.add_argument("--one-at-a-time", action="store_true", help="no batching: score each "
+                   "request alone with the reference model (benchmark baseline)")
+    g.add_argument("--max-batch-rows", type=int, metavar="ROWS",
+                   help="most candidate rows in one batch (default: the last bucket)")
+    g.add_argument("--buckets", type=_int_tuple, metavar="A,B,...",
+                   help="batch sizes a batch is padded up to, ascending (a GPU graph per "
+                   f"bucket; default: {_show(DEVICE_DEFAULTS['cpu'].buckets)} on cpu, "
+                   f"{_show(DEVICE_DEFAULTS['cuda'].buckets)} on cuda)")
+    g.add_argument("--slots", type=int, metavar="K",
+                   help=f"batches in flight in the executor (default: "
+                   f"{DEVICE_DEFAULTS['cpu'].slots} on cpu, {DEVICE_DEFAULTS['cuda'].slots} "
+                   "on cuda)")
+    g.add_argument("--max-queued-rows", type=int, metavar="ROWS",
+                   help="queued candidate rows above which new requests are answered "
+                   f"overloaded (default: {DEVICE_DEFAULTS['cpu'].max_queued_rows} on cpu, "
+                   f"{DEVICE_DEFAULTS['cuda'].max_queued_rows} on cuda)")
+    g.add_argument("--fill-wait-ms", type=float, metavar="MS",
+                   help="longest a lone request waits for more rows before a partly full "
+                   f"batch is sent anyway (default: {DEVICE_DEFAULTS['cpu'].fill_wait_s * 1e3:g}"
+                   f" on cpu, {DEVICE_DEFAULTS['cuda'].fill_wait_s * 1e3:g} on cuda)")
+    g.add_argument("--torch-threads", type=int, metavar="N",
+                   help="torch intra-op threads of the CPU executor (default: "
+                   f"{CPU_TORCH_THREADS or 'torch decides'})")
+
+
+def _show(values: tuple[int, ...]) -> str:
+    return ",".join(map(str, values))
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of ints"
+                                         ) from None
 
 
 def _add_infer(commands) -> None:
@@ -179,7 +226,7 @@ def _serve(args: argparse.Namespace) -> int:
                           max_pending_per_connection=args.max_pending_per_connection)
     # torch comes in with the backend: imported only by the commands that need it.
     from .app import serve_until_signalled
-    from .backend import ReferenceBackend
+    from .serving import ServeOptions, engine_settings, open_backend, resolve_device
 
     repo = args.model_repo
     if repo is None:
@@ -187,12 +234,17 @@ def _serve(args: argparse.Namespace) -> int:
 
         repo = default_cache_dir() / "models"
         logging.getLogger("recserve").info("demo model: %s", build_demo_repository(repo))
-    backend = ReferenceBackend.from_repository(repo)
-    if not backend.models():
-        raise ValueError(f"no models in {repo} (expected {repo}/<model>/<version>/)")
+    device = resolve_device(args.device)
+    settings = engine_settings(device, args.max_batch_rows, args.buckets, args.slots,
+                               args.max_queued_rows, args.fill_wait_ms)
+    options = ServeOptions(repo, device, settings, args.one_at_a_time, args.torch_threads)
+
+    async def run() -> None:
+        await serve_until_signalled(await open_backend(options), config)
+
     import uvloop  # the event loop is chosen here only, never on import
 
-    uvloop.run(serve_until_signalled(backend, config))
+    uvloop.run(run())
     return 0
 
 

@@ -183,3 +183,62 @@ def test_serve_refuses_an_empty_repository(tmp_path):
                             timeout=60)
     assert result.returncode == 1
     assert f"no models in {tmp_path}" in result.stderr
+
+
+def test_engine_settings_follow_the_device_defaults_and_overrides():
+    from recserve.server.serving import DEVICE_DEFAULTS, engine_settings
+
+    assert engine_settings("cpu") == DEVICE_DEFAULTS["cpu"]
+    assert engine_settings("cuda") == DEVICE_DEFAULTS["cuda"]
+    trimmed = engine_settings("cpu", max_batch_rows=1000)
+    assert trimmed.buckets == (256, 512, 1000) and trimmed.max_batch_rows == 1000
+    custom = engine_settings("cpu", buckets=(8, 64), slots=3, max_queued_rows=99,
+                             fill_wait_ms=2.5)
+    assert (custom.max_batch_rows, custom.slots, custom.max_queued_rows) == (64, 3, 99)
+    assert custom.fill_wait_s == 0.0025
+    with pytest.raises(ValueError, match="last bucket"):
+        engine_settings("cpu", max_batch_rows=100, buckets=(8, 64))
+
+
+def test_serve_engine_flags_parse():
+    args = build_parser().parse_args(["serve", "--device", "cpu", "--buckets", "16,128",
+                                      "--slots", "2", "--fill-wait-ms", "0.5",
+                                      "--one-at-a-time"])
+    assert (args.device, args.buckets, args.slots, args.fill_wait_ms) == ("cpu", (16, 128), 2,
+                                                                          0.5)
+    assert args.one_at_a_time
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--buckets", "16,x"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--device", "tpu"])
+
+
+def test_open_backend_engine_or_one_at_a_time(tmp_path):
+    import asyncio
+
+    import numpy as np
+
+    from recserve.engine.demo import build_demo_repository, demo_spec, random_inputs
+    from recserve.server.backend import EngineBackend, ReferenceBackend
+    from recserve.server.serving import ServeOptions, engine_settings, open_backend
+
+    build_demo_repository(tmp_path)
+    inputs = random_inputs(demo_spec(), np.random.default_rng(1), 9)
+
+    async def scores(one_at_a_time):
+        options = ServeOptions(tmp_path, "cpu", engine_settings("cpu", buckets=(16, 64)),
+                               one_at_a_time)
+        backend = await open_backend(options)
+        try:
+            kind = type(backend)
+            return kind, await backend.score("demo", 1, inputs)
+        finally:
+            await backend.close()
+
+    kind, batched = asyncio.run(scores(False))
+    assert kind is EngineBackend
+    kind, alone = asyncio.run(scores(True))
+    assert kind is ReferenceBackend
+    np.testing.assert_allclose(batched, alone, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="no models in"):
+        asyncio.run(open_backend(ServeOptions(tmp_path / "empty")))

@@ -1,0 +1,160 @@
+"""What ``recserve serve`` runs: the batching engine (or the one-at-a-time baseline) on a device.
+
+``ServeOptions`` gathers the command line's choices; ``open_backend`` builds the backend
+on the running event loop (the engine's executor threads hand results back to it),
+loads every model of the repository and warms each one up, so that a backend it
+returns is ready to score at full speed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from recserve.engine.settings import EngineSettings
+
+log = logging.getLogger("recserve.server")
+
+DEVICES = ("auto", "cpu", "cuda")
+
+# Per-device engine defaults. cuda: the engine's own (a CUDA graph per bucket, 2 slots so
+# one batch copies while another computes). cpu: measured on a 2-core machine with
+# bench/server.py (demo model, ranking traffic over loopback); see DEFAULTS_NOTE.
+DEVICE_DEFAULTS = {
+    "cuda": EngineSettings(),
+    "cpu": EngineSettings(max_batch_rows=2048, buckets=(256, 512, 1024, 2048), slots=1),
+}
+CPU_TORCH_THREADS: int | None = None
+# Measured 2026-11-26 (closed loop, 32 in flight, 4 connections): 1 slot beat 2 slots (two
+# batches' torch threads fight over 2 cores: p99 doubled under 0.8 of capacity), 2048 rows
+# kept p99 under 10 ms at 0.8 of capacity where 1024 fell behind, and a fill wait only
+# added latency (the queue fills batches by itself under load).
+DEFAULTS_NOTE = ("on cpu: 1 slot, batches up to 2048 rows, no fill wait, chosen from "
+                 "bench/server.py runs on 2 cores")
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    """How ``recserve serve`` scores requests."""
+
+    repo: Path
+    """Model repository; the highest version of every model in it is served."""
+    device: str = "auto"
+    """``cpu``, ``cuda``, or ``auto`` (cuda when torch sees a GPU)."""
+    settings: EngineSettings | None = None
+    """Engine batching settings (None: the device's defaults; unused with one_at_a_time)."""
+    one_at_a_time: bool = False
+    """Score with the reference model one request at a time (the benchmark baseline)."""
+    torch_threads: int | None = None
+    """Intra-op threads of the CPU executor; None keeps torch's default."""
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"ServeOptions.device is {self.device!r}; expected one of {DEVICES}")
+        if self.torch_threads is not None and (
+                isinstance(self.torch_threads, bool) or not isinstance(self.torch_threads, int)
+                or self.torch_threads < 1):
+            raise ValueError(f"ServeOptions.torch_threads is {self.torch_threads!r}; "
+                             "expected a positive int or None")
+
+
+def engine_settings(device: str, max_batch_rows: int | None = None,
+                    buckets: tuple[int, ...] | None = None, slots: int | None = None,
+                    max_queued_rows: int | None = None,
+                    fill_wait_ms: float | None = None) -> EngineSettings:
+    """``device``'s default settings with the given values replacing them.
+
+    ``max_batch_rows`` alone trims (or extends) the default buckets to end at it;
+    ``buckets`` alone sets ``max_batch_rows`` to its last entry.
+    """
+    base = DEVICE_DEFAULTS[device]
+    if buckets is None:
+        buckets = base.buckets
+        if max_batch_rows is not None:
+            buckets = tuple(b for b in buckets if b < max_batch_rows) + (max_batch_rows,)
+    if max_batch_rows is None:
+        max_batch_rows = buckets[-1] if buckets else base.max_batch_rows
+    return EngineSettings(
+        max_batch_rows=max_batch_rows, buckets=tuple(buckets),
+        slots=base.slots if slots is None else slots,
+        max_queued_rows=base.max_queued_rows if max_queued_rows is None else max_queued_rows,
+        fill_wait_s=base.fill_wait_s if fill_wait_ms is None else fill_wait_ms / 1e3,
+        aging_s=base.aging_s)
+
+
+def resolve_device(device: str) -> str:
+    """``cpu`` or ``cuda`` for a ``--device`` value; ``cuda`` without a GPU is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA device")
+    return device
+
+
+def executor_factory(device: str, torch_threads: int | None = None):
+    """A factory ``settings -> Executor`` for ``cpu`` or ``cuda``."""
+    if device == "cuda":
+        from recserve.engine.gpu_executor import GpuExecutor
+
+        return lambda settings: GpuExecutor(settings, "cuda")
+    from recserve.engine.executor import CpuExecutor
+
+    return lambda settings: CpuExecutor(settings, torch_threads=torch_threads)
+
+
+async def open_backend(options: ServeOptions):
+    """An ``EngineBackend`` (or ``ReferenceBackend``) for ``options``, every repository model
+    loaded and warmed up.
+
+    Raises ``ValueError`` for an empty repository; the backend is closed again if a
+    load fails.
+    """
+    from recserve.engine.repository import ModelRepository
+
+    repo = ModelRepository(options.repo)
+    listed = repo.models()
+    if not listed:
+        raise ValueError(f"no models in {options.repo} (expected {options.repo}/<model>/"
+                         "<version>/)")
+    from .backend import EngineBackend, ReferenceBackend
+
+    device = resolve_device(options.device)
+    if options.one_at_a_time:
+        log.info("scoring one request at a time with the reference model on %s", device)
+        return ReferenceBackend([repo.load(n, v) for n, v in listed], device)
+    from recserve.engine.engine import Engine
+
+    settings = options.settings or DEVICE_DEFAULTS[device]
+    threads = options.torch_threads if options.torch_threads is not None else (
+        CPU_TORCH_THREADS if device == "cpu" else None)
+    engine = Engine(settings, executor_factory(device, threads))
+    await engine.start()
+    backend = EngineBackend(engine)
+    try:
+        for name, version in listed:
+            started = time.perf_counter()
+            await backend.load(repo.load(name, version))
+            await warm_up(backend, name, version)
+            log.info("loaded %s version %d on %s in %.1f s", name, version, device,
+                     time.perf_counter() - started)
+    except BaseException:
+        await backend.close()
+        raise
+    return backend
+
+
+async def warm_up(backend, name: str, version: int) -> None:
+    """Score a few random requests so first-use costs (allocations, kernel caches) are paid
+    before traffic arrives; the GPU executor already captured its graphs in ``load``."""
+    from recserve.engine.demo import random_inputs
+
+    spec = backend.engine.spec(name, version)
+    rng = np.random.default_rng(0)
+    for rows in sorted({1, backend.engine.settings.buckets[0]}):
+        await backend.score(name, version, random_inputs(spec, rng, rows))
