@@ -1,12 +1,13 @@
 """Host-side packing of a ``Batch`` into the device tensors the fused forward reads.
 
-Per table-dtype group: one index array (int32 when every id fits, so an out-of-range id
-can never wrap into range, else int64), per feature bags+1 absolute offsets, and per-value
-weights when a feature is weighted. Plus row -> request map, each request's first row and
-row range, and the dense inputs (request-scope ones broadcast on the host unless every
-dense input is request scope, in which case the bottom MLP runs once per request).
-All shapes depend only on (B, R, nnz per group), so a prepared batch is a static input
-for a CUDA graph: copy the next batch of the same shape into its tensors and replay.
+Per table-dtype group: one index array (int32 unless a table of the group has 2^31+ rows;
+ids that do not fit become -1, out of range either way, so none can wrap into range), per
+feature bags+1 absolute offsets, and per-value weights when a feature is weighted. Plus the
+row -> request map, each request's first row and row range, and the dense inputs
+(request-scope ones broadcast on the host unless every dense input is request scope, in
+which case the bottom MLP runs once per request).
+With a ``capacity`` every shape is fixed per bucket, so a prepared batch is a static input
+for a CUDA graph: ``copy_prepared`` the next batch into it and replay.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .tables import check_csr
 if TYPE_CHECKING:
     from .model import TritonModel
 
-_INT32 = (-(1 << 31), (1 << 31) - 1)
+_INT32 = (-(1 << 31), (1 << 31) - 1)  # int32 range
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,57 +47,109 @@ class PreparedBatch:
     """Per table-dtype group: (indices, offsets, weights or None)."""
 
 
-def _group_csr(batch: Batch, names: tuple[str, ...], validate: bool
+def _group_csr(batch: Batch, names: tuple[str, ...], bag_caps: list[int], nnz_cap: int | None,
+               wide: bool, validate: bool
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     parts, offsets, weights, base, counts = [], [], [], 0, []
     any_weighted = any(batch.sparse[n].weights is not None for n in names)
-    for n in names:
+    for n, cap in zip(names, bag_caps, strict=True):
         sb = batch.sparse[n]
         rel = sb.offsets.to(torch.int64)
-        start = int(rel[0])
-        values = sb.values[start:int(rel[-1])]
+        start, end = int(rel[0]), int(rel[-1])
+        values = sb.values[start:end]
         parts.append(values)
-        offsets.append(rel - start + base)
-        counts.append(rel.shape[0] - 1)
+        # padding bags (rows or requests beyond the batch) are empty
+        pad = torch.full((cap + 1 - rel.shape[0],), end - start, dtype=torch.int64)
+        offsets.append(torch.cat([rel - start, pad]) + base)
+        counts.append(cap)
         if any_weighted:
-            weights.append(sb.weights[start:int(rel[-1])] if sb.weights is not None
+            weights.append(sb.weights[start:end] if sb.weights is not None
                            else torch.ones(values.shape[0]))
         base += values.shape[0]
-    indices = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+    indices = torch.cat(parts).to(torch.int64)
+    if nnz_cap is not None:
+        if base > nnz_cap:
+            raise ValueError(f"batch has {base} ids in a table group; capacity is {nnz_cap}")
+        indices = torch.cat([indices, torch.zeros(nnz_cap - base, dtype=torch.int64)])
+        weights.append(torch.zeros(nnz_cap - base))
     offs = torch.cat(offsets)
     if validate:
         check_csr(offs, counts, indices.shape[0])
-    fits32 = indices.numel() == 0 or (int(indices.min()) >= _INT32[0]
-                                      and int(indices.max()) <= _INT32[1])
-    index_dtype = torch.int32 if fits32 and base <= _INT32[1] else torch.int64
+    if not wide:
+        # Every table of the group has < 2^31 rows: an id that does not fit int32 is out of
+        # range anyway, so it becomes -1 (still out of range, still flagged).
+        indices = torch.where((indices < _INT32[0]) | (indices > _INT32[1]), -1, indices)
+    index_dtype = torch.int64 if wide else torch.int32
     w = torch.cat(weights).float() if any_weighted else None
     return indices.to(index_dtype), offs.to(index_dtype), w
 
 
-def prepare_batch(model: TritonModel, batch: Batch, validate: bool = True) -> PreparedBatch:
-    """Pack and upload ``batch`` for ``model`` (one host pass, a few H2D copies)."""
-    spec, dev = model.spec, model.device
+def prepare_batch(model: TritonModel, batch: Batch, validate: bool = True,
+                  capacity: tuple[int, int, int] | None = None) -> PreparedBatch:
+    """Pack and upload ``batch`` for ``model`` (one host pass, a few H2D copies).
+
+    ``capacity`` = (rows, requests, ids per table group) pads the batch to fixed shapes, so
+    every batch of a bucket fits one captured CUDA graph: padding rows belong to a padding
+    request (so requests must exceed the batch's by one when rows are padded), have empty
+    bags and zero dense inputs; read scores[:B] and bad[:R].
+    """
+    dev = model.device
     b, r = batch.num_rows, batch.num_requests
+    b_cap, r_cap, nnz_cap = capacity if capacity is not None else (b, r, None)
+    if b_cap < b or r_cap < r or (b_cap > b and r_cap == r):
+        raise ValueError(f"capacity {capacity} does not hold B={b}, R={r} (padding rows need "
+                         "one more request)")
     row_request = batch.row_request.to(torch.int64)
     counts = torch.bincount(row_request, minlength=r)
     if validate and (row_request.shape[0] != b or counts.shape[0] != r
                      or bool((row_request[1:] < row_request[:-1]).any())):
         raise ValueError(f"row_request (shape {list(row_request.shape)}) must be sorted request "
                          f"ids in [0, {r}) for B={b}")
-    request_offsets = torch.zeros(r + 1, dtype=torch.int64)
+    row_request = torch.cat([row_request, torch.full((b_cap - b,), r_cap - 1)])
+    counts = torch.cat([counts, torch.zeros(r_cap - r, dtype=torch.int64)])
+    counts[-1] += b_cap - b
+    request_offsets = torch.zeros(r_cap + 1, dtype=torch.int64)
     torch.cumsum(counts, 0, out=request_offsets[1:])
-    first_rows = request_offsets[:-1].clamp(max=max(b - 1, 0))
-    dense = None
-    if spec.dense:
-        if model.layout.x_request:
-            dense = torch.cat([batch.dense[f.name] for f in spec.dense], dim=1)
-        else:
-            dense = torch.cat([batch.dense[f.name][row_request] if f.scope == "request"
-                               else batch.dense[f.name] for f in spec.dense], dim=1)
-        dense = dense.to(dev, model.dtype)
-    groups = tuple(tuple(t.to(dev) if t is not None else None
-                         for t in _group_csr(batch, names, validate))
-                   for _, _, names in model.groups)
-    return PreparedBatch(b, r, row_request.to(dev, torch.int32),
+    first_rows = request_offsets[:-1].clamp(max=max(b_cap - 1, 0))
+    dense = _dense(model, batch, row_request[:b], b_cap, r_cap)
+    groups = []
+    for packed, feats, names in model.groups:
+        caps = [r_cap if f.request_scope else b_cap for f in feats]
+        wide = max(packed.rows) > _INT32[1]
+        groups.append(tuple(t.to(dev) if t is not None else None
+                            for t in _group_csr(batch, names, caps, nnz_cap, wide, validate)))
+    return PreparedBatch(b_cap, r_cap, row_request.to(dev, torch.int32),
                          request_offsets.to(dev, torch.int32), first_rows.to(dev, torch.int32),
-                         dense, groups)
+                         dense, tuple(groups))
+
+
+def _dense(model: TritonModel, batch: Batch, row_request: torch.Tensor, b_cap: int,
+           r_cap: int) -> torch.Tensor | None:
+    spec = model.spec
+    if not spec.dense:
+        return None
+    if model.layout.x_request:
+        dense = torch.cat([batch.dense[f.name] for f in spec.dense], dim=1)
+        pad = r_cap - dense.shape[0]
+    else:
+        dense = torch.cat([batch.dense[f.name][row_request] if f.scope == "request"
+                           else batch.dense[f.name] for f in spec.dense], dim=1)
+        pad = b_cap - dense.shape[0]
+    dense = torch.cat([dense, dense.new_zeros(pad, dense.shape[1])])
+    return dense.to(model.device, model.dtype)
+
+
+def copy_prepared(dst: PreparedBatch, src: PreparedBatch) -> None:
+    """Copy ``src`` into ``dst``'s tensors (same capacity) before replaying a graph on dst."""
+    if (dst.num_rows, dst.num_requests) != (src.num_rows, src.num_requests):
+        raise ValueError(f"capacities differ: dst B={dst.num_rows}, R={dst.num_requests}; "
+                         f"src B={src.num_rows}, R={src.num_requests}")
+    pairs = [(dst.row_request, src.row_request), (dst.request_offsets, src.request_offsets),
+             (dst.first_rows, src.first_rows), (dst.dense, src.dense)]
+    for dg, sg in zip(dst.groups, src.groups, strict=True):
+        pairs += list(zip(dg, sg, strict=True))
+    for d, s_ in pairs:
+        if (d is None) != (s_ is None) or (d is not None and d.shape != s_.shape):
+            raise ValueError("prepared batches differ in shape; prepare both with one capacity")
+        if d is not None:
+            d.copy_(s_, non_blocking=True)

@@ -151,3 +151,30 @@ def test_bench_ranking_workload_matches_reference():
     want = ReferenceModel(spec, weights).forward(batch)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
     assert not bad.any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_padded_capacity_gives_fixed_shapes_and_same_scores(device):
+    from recserve.kernels.prepare import copy_prepared
+
+    spec = _spec("dot")
+    rng = np.random.default_rng(8)
+    weights = init_weights(spec, 8)
+    model = TritonModel(spec, weights, device=device, compute_dtype=torch.float32)
+    ref = ReferenceModel(spec, weights)
+    capacity = (16, 5, 600)
+    static = None
+    for sizes in ((3, 4), (1, 2, 6)):
+        batch = collate(spec, [_request(spec, rng, n) for n in sizes])
+        p = model.prepare(batch, capacity=capacity)
+        assert p.num_rows == 16 and p.num_requests == 5
+        if static is None:
+            static = p
+        else:
+            copy_prepared(static, p)
+        scores, bad = model.forward_prepared(static)
+        assert scores.shape == (16, 2) and bad.shape == (5,) and not bad.any()
+        torch.testing.assert_close(scores[:sum(sizes)].cpu(), ref.forward(batch), atol=2e-5,
+                                   rtol=0)
+    with pytest.raises(ValueError, match="does not hold"):
+        model.prepare(batch, capacity=(16, 3, 600))
