@@ -32,6 +32,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def ieee_dot(dtype: torch.dtype) -> bool:
+    """Whether a kernel's ``tl.dot`` must upcast to fp32 with exact (IEEE) products: for fp32
+    operands (no TF32), and for bf16 under the interpreter, whose bf16 dot returns garbage
+    (Triton 3.9); bf16 x bf16 products are exact in fp32, so results match the card's."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting())
+
+
 class SafeTuner:
     """Pick the fastest config per key among those that compile and run."""
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_tensor, interpreting, next_pow2
+from ._common import check_tensor, ieee_dot, interpreting, next_pow2
 from .linear import linear
 
 import triton  # isort: skip  (after _common, which may switch on the interpreter)
@@ -56,7 +56,8 @@ def _dot_interaction_kernel(
         v = tl.load(base + t[:, None] * D + d[None, :], mask=t_ok[:, None] & d_ok[None, :],
                     other=0.0)
         if IEEE:
-            gram = tl.dot(v, tl.trans(v), input_precision="ieee")
+            v32 = v.to(tl.float32)
+            gram = tl.dot(v32, tl.trans(v32), input_precision="ieee")
         else:
             gram = tl.dot(v, tl.trans(v))
         out_row = out_ptr + row.to(tl.int64) * stride_om
@@ -124,7 +125,7 @@ def dot_interaction(v: torch.Tensor, num_vectors: int, dim: int, dest: torch.Ten
         v, out, dest, v.shape[0], num_vectors, dim, x_dest if x_dest is not None else 0,
         v.stride(0), out.stride(0),
         ROWS=rows, BLOCK_T=block_t, BLOCK_D=block_d, HAS_X=x_dest is not None,
-        IEEE=v.dtype == torch.float32, num_warps=4)
+        IEEE=ieee_dot(v.dtype), num_warps=4)
     return out
 
 

@@ -3,7 +3,8 @@
 Scope and limits:
 - A [M, K] (any strides; optionally rows gathered through ``a_rows``), W [N, K] in torch's
   Linear layout (a transposed contiguous copy, ``W.t().contiguous().t()``, reads coalesced),
-  fp32 / fp16 / bf16 operands; fp32 operands use exact fp32 products (no TF32).
+  fp32 / fp16 / bf16 operands; fp32 operands use exact fp32 products (no TF32), and so do
+  bf16 ones under the interpreter, whose bf16 ``tl.dot`` is broken (Triton 3.9).
 - Epilogue, in this order: + bias[n]; + add[add_rows[m], n] (the request-scope half of a
   split layer, computed once per request and broadcast to its rows); the DCNv2 cross
   update x0 * acc + x; activation none / relu / sigmoid; cast to ``out``'s dtype.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import SafeTuner, check_tensor, next_pow2
+from ._common import SafeTuner, check_tensor, ieee_dot, next_pow2
 
 import triton  # isort: skip  (after _common, which may switch on the interpreter)
 import triton.language as tl  # isort: skip
@@ -74,7 +75,7 @@ def _linear_kernel(
         a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         if IEEE:
-            acc = tl.dot(a, w, acc, input_precision="ieee")
+            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(a.to(w.dtype), w, acc)
         a_ptrs += BLOCK_K * stride_ak
@@ -219,7 +220,7 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
             ACT=ACTIVATIONS[activation], HAS_BIAS=bias is not None, A_ROWS=a_rows is not None,
             ADD_ROWS=add is not None, CROSS=cross is not None, FINAL=final is not None,
-            IEEE=a.dtype == torch.float32, num_warps=cfg["num_warps"],
+            IEEE=ieee_dot(a.dtype), num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"])
 
     key = (m, n, k, h, a.dtype, activation, bias is not None, a_rows is not None,

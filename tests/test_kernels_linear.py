@@ -70,16 +70,34 @@ def test_linear_split_rows_cross_and_final(device):
                                atol=FP32_TOL[0], rtol=FP32_TOL[1])
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("m,n,k", [(8, 1024, 3456), (300, 256, 512), (2048, 1024, 1024)])
-def test_linear_bf16_on_gpu(m, n, k):
+BF16_SHAPES = [pytest.param("cpu", 8, 96, 200, marks=DEVICES[0].marks),
+               pytest.param("cpu", 37, 70, 50, marks=DEVICES[0].marks)] + [
+    pytest.param("cuda", m, n, k, marks=pytest.mark.gpu)
+    for m, n, k in [(8, 1024, 3456), (300, 256, 512), (2048, 1024, 1024)]]
+
+
+@pytest.mark.parametrize("device,m,n,k", BF16_SHAPES)
+def test_linear_bf16_within_torch_bf16_error(device, m, n, k):
     gen = torch.Generator().manual_seed(k)
-    a, w, b = (_rand(m, k, gen=gen, device="cuda"), _rand(n, k, gen=gen, device="cuda"),
-               _rand(n, gen=gen, device="cuda"))
+    a, w, b = (_rand(m, k, gen=gen, device=device), _rand(n, k, gen=gen, device=device),
+               _rand(n, gen=gen, device=device))
     ref = linear_reference(a, w, b, activation="relu")
     bf = [t.bfloat16() for t in (a, w, b)]
     torch_bf16 = torch.relu(torch.nn.functional.linear(*bf))
     _assert_bf16_close(linear(*bf, activation="relu"), ref, torch_bf16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dot_interaction_bf16_within_torch_bf16_error(device):
+    gen = torch.Generator().manual_seed(3)
+    b, t, d = 7, 27, 64
+    v = _rand(b, t * d, gen=gen, device=device)
+    pairs = pair_columns(t, False, d)
+    out = torch.empty(b, d + len(pairs), device=device, dtype=torch.bfloat16)
+    dot_interaction(v.bfloat16(), t, d, dest_map(t, pairs, out.shape[1], device), out, 0)
+    ref = dot_interaction_reference(v.reshape(b, t, d), False)
+    torch_bf16 = dot_interaction_reference(v.bfloat16().reshape(b, t, d), False).bfloat16()
+    _assert_bf16_close(out, ref, torch_bf16)
 
 
 @pytest.mark.parametrize("device", DEVICES)

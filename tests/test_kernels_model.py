@@ -21,8 +21,9 @@ DEVICES = [
         torch.cuda.is_available(), reason="interpreter tests run on hosts without CUDA")),
     pytest.param("cuda", marks=pytest.mark.gpu),
 ]
-# compute dtype -> absolute tolerance on scores (sigmoid outputs and logits of size ~1)
-TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+# compute dtype -> (atol, rtol) on scores (sigmoid outputs, and logits of size ~1-5);
+# bf16: 8-bit mantissas, a few roundings per layer over ~6 layers.
+TOL = {torch.float32: (2e-5, 0.0), torch.bfloat16: (2e-2, 2e-2)}
 INTERACTIONS = {"dot": Interaction("dot"), "dot-self": Interaction("dot", self_interaction=True),
                 "dcnv2": Interaction("dcnv2", layers=2, rank=5), "cat": Interaction("cat")}
 
@@ -63,7 +64,8 @@ def _check(spec: ModelSpec, device: str, dtype: torch.dtype, seed: int, sizes=(3
     got, bad = model.forward(batch)
     assert got.shape == want.shape and got.dtype == torch.float32
     assert bad.tolist() == [False] * len(sizes)
-    torch.testing.assert_close(got.cpu(), want, atol=TOL[dtype], rtol=0)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got.cpu(), want, atol=atol, rtol=rtol)
     return model, batch, got
 
 
@@ -83,10 +85,10 @@ def test_request_only_dense_runs_bottom_once_per_request(device, kind):
     _check(spec, device, torch.float32, seed=4, sizes=(2, 5))
 
 
-@pytest.mark.gpu
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", list(INTERACTIONS))
-def test_bf16_forward_on_gpu(kind):
-    _check(_spec(kind), "cuda", torch.bfloat16, seed=9, sizes=(30, 1, 200))
+def test_bf16_forward_within_tolerance(device, kind):
+    _check(_spec(kind), device, torch.bfloat16, seed=9, sizes=(30, 1, 200))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -104,7 +106,7 @@ def test_bad_id_fails_only_its_request_and_is_deterministic(device):
     first, bad = model.forward(batch)
     assert bad.tolist() == [False, True, False]
     keep = torch.tensor([0, 0, 1, 1, 1, 1, 2, 2, 2]) != 1
-    torch.testing.assert_close(first.cpu()[keep], good[keep], atol=TOL[torch.float32], rtol=0)
+    torch.testing.assert_close(first.cpu()[keep], good[keep], atol=2e-5, rtol=0)
     second, _ = model.forward(batch)
     assert torch.equal(first, second)
 
