@@ -147,14 +147,16 @@ async def run_load(port: int, bodies: list[bytes], seconds: float, connections: 
 
 
 def start_server(repo: Path, extra: list[str]) -> tuple[subprocess.Popen, int]:
-    """``recserve serve`` on a free port; (process, port) once it listens."""
+    """``recserve serve`` on a free port; (process, port) once it is ready."""
     proc = subprocess.Popen([sys.executable, "-m", "recserve.server.cli", "serve", "--port",
                              "0", "--model-repo", str(repo), "--log-level", "info", *extra],
                             stderr=subprocess.PIPE, text=True)
+    port = None
     for line in proc.stderr:
         match = re.search(r"listening on [\d.]+:(\d+)", line)
-        if match:
-            return proc, int(match.group(1))
+        port = int(match.group(1)) if match else port
+        if port is not None and "ready: every model is loaded" in line:
+            return proc, port
     raise RuntimeError(f"serve {extra} exited before listening")
 
 

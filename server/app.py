@@ -1,28 +1,54 @@
-"""The TCP server: binds, accepts connections, and closes them all on shutdown."""
+"""The TCP server: binds, accepts connections up to a limit, drops stalled ones, drains on
+shutdown and closes them all.
+
+Graceful shutdown is ``drain`` then ``close``: draining stops accepting connections,
+answers new requests on open connections ``overloaded`` (so clients retry elsewhere),
+and waits until every request already accepted has been answered; ``close`` then closes
+the backend (failing whatever a timed-out drain left queued, with an answer), flushes and
+closes the connections.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 from .backend import Backend
 from .config import ServerConfig
+from .control import Control
 from .dispatch import Dispatcher
+from .errors import Overloaded
 from .protocol import ServerProtocol
+from .stats import RequestHook, ServerStats
 
 log = logging.getLogger("recserve.server")
 
+FLUSH_S = 2.0  # on close: how long connections get to flush their last responses
+
 
 class Server:
-    """A recserve server for one backend; ``await start()``, then ``await close()``."""
+    """A recserve server for one backend; ``await start()``, then ``await close()``.
 
-    def __init__(self, backend: Backend, config: ServerConfig | None = None) -> None:
+    ``repository`` is where admin ops load models from; ``monitor`` a started GpuMonitor
+    for the ``stats`` op; ``on_request_done`` callbacks see every answered request as
+    ``(model, op, code, seconds)`` (see ``stats.ServerStats``).
+    """
+
+    def __init__(self, backend: Backend, config: ServerConfig | None = None, *,
+                 repository: Path | None = None, monitor: Any = None,
+                 on_request_done: Iterable[RequestHook] = ()) -> None:
         self.config = config or ServerConfig()
         self.backend = backend
-        self.dispatcher = Dispatcher(backend, self.config)
+        self.stats = ServerStats(list(on_request_done))
+        self.dispatcher = Dispatcher(backend, self.config, self.stats)
+        self.control = Control(self.dispatcher, repository, monitor).install()
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[ServerProtocol] = set()
+        self._sweeper: asyncio.Task | None = None
 
     async def start(self) -> None:
         """Bind and start accepting connections."""
@@ -30,16 +56,44 @@ class Server:
         limits = self.config.codec_limits
         self._server = await loop.create_server(
             lambda: self._connect(limits), self.config.host, self.config.port)
+        self._sweeper = loop.create_task(self._sweep())
         host, port = self.address
         served = ", ".join(f"{h.name} v{h.version}" for h in self.backend.models())
         log.info("recserve listening on %s:%d, serving %s", host, port, served or "no models")
 
+    def mark_ready(self) -> None:
+        """Every configured model is loaded and warmed: ``health`` may report ready."""
+        self.control.not_ready = None
+
     def _connect(self, limits) -> ServerProtocol:
+        refuse = None
+        if len(self._connections) >= self.config.max_connections:
+            refuse = Overloaded(message=f"{len(self._connections)} connections are open; the "
+                                        f"limit is {self.config.max_connections}")
         protocol = ServerProtocol(self.dispatcher, limits,
                                   self.config.max_pending_per_connection,
-                                  on_lost=self._connections.discard)
-        self._connections.add(protocol)
+                                  on_lost=self._lost, refuse=refuse)
+        if refuse is None:
+            self._connections.add(protocol)
+            self.dispatcher.connections = len(self._connections)
         return protocol
+
+    def _lost(self, protocol: ServerProtocol) -> None:
+        self._connections.discard(protocol)
+        self.dispatcher.connections = len(self._connections)
+
+    async def _sweep(self) -> None:
+        """Drop connections stalled mid-frame or not reading, a few times per timeout."""
+        config = self.config
+        period = min(1.0, max(0.02, min(config.frame_timeout_s, config.write_timeout_s) / 4))
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for protocol in list(self._connections):
+                reason = protocol.timed_out(now, config.frame_timeout_s, config.write_timeout_s)
+                if reason is not None:
+                    log.info("dropping a connection: %s", reason)
+                    protocol.abort()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -61,30 +115,37 @@ class Server:
         assert self._server is not None
         await self._server.serve_forever()
 
-    async def close(self) -> None:
-        """Stop accepting, drop every connection (in-flight requests are cancelled), and
-        close the backend."""
+    async def drain(self, timeout: float) -> bool:
+        """Stop accepting and wait up to ``timeout`` s for every accepted request to be
+        answered; True when none is left."""
+        self.dispatcher.draining = True
         if self._server is not None:
             self._server.close()
+        try:
+            await asyncio.wait_for(self.dispatcher.wait_idle(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        """Stop accepting, close the backend (answering what it still holds), flush and
+        close every connection."""
+        self.dispatcher.draining = True
+        if self._server is not None:
+            self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await self.backend.close()
+        try:  # the requests the backend just refused still have to send their answers
+            await asyncio.wait_for(self.dispatcher.wait_idle(), FLUSH_S)
+        except TimeoutError:
+            log.warning("%d requests still unanswered at close", self.dispatcher.active)
         for protocol in list(self._connections):
             protocol.close()
+        deadline = time.monotonic() + FLUSH_S
+        while self._connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for protocol in list(self._connections):  # a client that does not read: give up
+            protocol.abort()
         if self._server is not None:
             await self._server.wait_closed()
-        await self.backend.close()
-
-
-async def serve_until_signalled(backend: Backend, config: ServerConfig) -> None:
-    """Run a server until SIGINT or SIGTERM, then close it."""
-    server = Server(backend, config)
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-        log.info("recserve stopping")
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        await server.close()

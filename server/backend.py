@@ -116,6 +116,10 @@ class ReferenceBackend:
         return await loop.run_in_executor(self._executor, _forward, reference, inputs,
                                           deadline)
 
+    def stats(self) -> dict:
+        """What the ``stats`` op reports under ``engine``."""
+        return {"kind": "one_at_a_time", "models": len(self._models)}
+
     async def close(self) -> None:
         """Stop the worker thread (waiting for the request it is scoring)."""
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
@@ -172,6 +176,20 @@ class EngineBackend:
         """float32 scores, [N] for one output or [N, H] for H outputs."""
         return await self._call(self.engine.score(model, inputs, version=version,
                                                   deadline=deadline))
+
+    def unload(self, name: str, version: int | None = None) -> None:
+        """Stop serving ``name`` (one version, or all); its running work finishes first."""
+        try:
+            self.engine.unload(name, version)
+        except Exception as exc:
+            raise _wire_error(exc) from None
+
+    def stats(self) -> dict:
+        """Engine counters and queue depth, for the ``stats`` op (cheap: no device call)."""
+        engine = self.engine
+        return {"kind": "engine", "counters": dict(engine.counters),
+                "queued_rows": engine.queued_rows, "pending_requests": engine.pending_requests,
+                "models": [{"name": n, "version": v} for n, v in engine.models()]}
 
     async def close(self) -> None:
         """Close the engine (queued requests fail, running batches finish)."""

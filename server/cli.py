@@ -27,6 +27,7 @@ examples:
   recserve serve                                   # demo model on 127.0.0.1:7700
   recserve serve --model-repo models --host 0.0.0.0 --port 7700
   recserve ping
+  recserve health --ready                          # exit 0 when ready to serve
   recserve models
   recserve infer --demo-candidates 5               # a generated request for "demo"
   recserve infer request.json                      # {"model", "candidates", "inputs"}
@@ -53,6 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
         _add_connection(sub)
         if name == "models":
             sub.add_argument("--json", action="store_true", help="print the raw response as JSON")
+    health = _command(commands, "health", "check a server's health: exit 0 when it is live "
+                      "(with --ready: ready to serve), 1 otherwise", """\
+For probes (Docker HEALTHCHECK, Kubernetes liveness and readiness): live means the
+server answers; ready means every configured model is loaded and warmed up and the
+server is not shutting down.
+
+examples:
+  recserve health --port 7700            # liveness
+  recserve health --port 7700 --ready    # readiness""")
+    health.add_argument("--ready", action="store_true", help="exit 0 only when ready")
+    _add_connection(health, timeout=3.0)
     _add_infer(commands)
     demo = _command(commands, "demo-model", "write the demo model into a repository folder",
                     "example:\n  recserve demo-model models   # writes models/demo/1/")
@@ -68,13 +80,13 @@ def _command(commands, name: str, help_text: str, epilog: str | None = None):
                                formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def _add_connection(parser: argparse.ArgumentParser) -> None:
+def _add_connection(parser: argparse.ArgumentParser, timeout: float = 60.0) -> None:
     parser.add_argument("--host", default=DEFAULT_HOST, help="server address (default: "
                         "%(default)s)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="server port (default: "
                         "%(default)s)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the "
-                        "server (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=timeout, help="seconds to wait for "
+                        "the server (default: %(default)s)")
 
 
 def _add_serve(commands) -> None:
@@ -85,6 +97,8 @@ With --model-repo DIR the highest version of every model in DIR is served.
 Requests are scored by the batching engine (continuous batching across requests and
 connections) on the GPU when torch sees one, else on the CPU; --one-at-a-time scores
 them one by one with the reference model instead (a baseline for benchmarks).
+Admin ops (load, unload, reload) are on when RECSERVE_ADMIN_TOKEN is set in the
+environment; their requests must carry that token.
 
 examples:
   recserve serve
@@ -107,6 +121,23 @@ examples:
     p.add_argument("--max-pending-per-connection", type=int, default=256, metavar="N",
                    help="requests in flight on one connection before the server stops "
                    "reading from it (default: %(default)s)")
+    p.add_argument("--max-connections", type=int, default=1024, metavar="N",
+                   help="open connections; one more is answered overloaded and closed "
+                   "(default: %(default)s)")
+    p.add_argument("--frame-timeout", type=float, default=30.0, metavar="S",
+                   help="drop a client that sends part of a frame and stalls this long "
+                   "(default: %(default)s)")
+    p.add_argument("--write-timeout", type=float, default=30.0, metavar="S",
+                   help="drop a client that does not read its responses for this long "
+                   "(default: %(default)s)")
+    p.add_argument("--drain-seconds", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM/SIGINT, wait this long for accepted requests to be "
+                   "answered, then exit 0; a second signal exits at once (default: "
+                   "%(default)s)")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address of the Prometheus "
+                   "endpoint (default: %(default)s)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus "
+                   "metrics on this port (default: off)")
     _add_engine(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log verbosity on stderr (default: %(default)s)")
@@ -204,8 +235,8 @@ example:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``recserve`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    handlers = {"serve": _serve, "ping": _ping, "models": _models, "infer": _infer,
-                "demo-model": _demo_model, "import-dlrm": _import_dlrm}
+    handlers = {"serve": _serve, "health": _health, "ping": _ping, "models": _models,
+                "infer": _infer, "demo-model": _demo_model, "import-dlrm": _import_dlrm}
     try:
         return handlers[args.command](args)
     except RecserveError as exc:
@@ -223,10 +254,13 @@ def _serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(host=args.host, port=args.port, max_frame_bytes=args.max_frame_bytes,
                           max_candidates=args.max_candidates, max_in_flight=args.max_in_flight,
-                          max_pending_per_connection=args.max_pending_per_connection)
+                          max_pending_per_connection=args.max_pending_per_connection,
+                          max_connections=args.max_connections,
+                          frame_timeout_s=args.frame_timeout, write_timeout_s=args.write_timeout,
+                          drain_s=args.drain_seconds,
+                          admin_token=os.environ.get("RECSERVE_ADMIN_TOKEN") or None)
     # torch comes in with the backend: imported only by the commands that need it.
-    from .app import serve_until_signalled
-    from .serving import ServeOptions, engine_settings, open_backend, resolve_device
+    from .serving import ServeOptions, engine_settings, resolve_device, serve
 
     repo = args.model_repo
     if repo is None:
@@ -237,15 +271,21 @@ def _serve(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     settings = engine_settings(device, args.max_batch_rows, args.buckets, args.slots,
                                args.max_queued_rows, args.fill_wait_ms)
-    options = ServeOptions(repo, device, settings, args.one_at_a_time, args.torch_threads)
-
-    async def run() -> None:
-        await serve_until_signalled(await open_backend(options), config)
-
+    options = ServeOptions(repo, device, settings, args.one_at_a_time, args.torch_threads,
+                           args.metrics_host, args.metrics_port)
     import uvloop  # the event loop is chosen here only, never on import
 
-    uvloop.run(run())
-    return 0
+    return uvloop.run(serve(options, config))
+
+
+def _health(args: argparse.Namespace) -> int:
+    with Client(args.host, args.port, timeout=args.timeout) as client:
+        answer = client.call("health")
+    ok = answer["ready"] if args.ready else answer["live"]
+    state = "ready" if answer["ready"] else f"live, not ready ({answer.get('reason')})"
+    models = ", ".join(f"{m['name']} v{m['version']}" for m in answer.get("models", []))
+    print(f"{state}; models: {models or 'none'}")
+    return 0 if ok else 1
 
 
 def _ping(args: argparse.Namespace) -> int:

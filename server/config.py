@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 from .codec import DEFAULT_MAX_FRAME, MAX_FRAME_LIMIT, CodecLimits
 
@@ -25,6 +26,18 @@ class ServerConfig:
     """Requests in flight on one connection before the server stops reading from it."""
     max_in_flight: int = 8192
     """Requests in flight over all connections before new ones are answered ``overloaded``."""
+    max_connections: int = 1024
+    """Open connections; one more is answered ``overloaded`` (id nil) and closed at once."""
+    frame_timeout_s: float = 30.0
+    """Longest a frame may take to arrive once its first byte has: a client that sends half a
+    frame and stalls is dropped."""
+    write_timeout_s: float = 30.0
+    """Longest the server waits for a client to read its responses once the send buffer to it
+    is full: a client that never reads is dropped."""
+    drain_s: float = 30.0
+    """Graceful shutdown: longest to wait for accepted requests to be answered."""
+    admin_token: str | None = field(default=None, repr=False)
+    """Token the admin ops (load, unload, reload) must carry; None turns them off."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -34,6 +47,15 @@ class ServerConfig:
         _check_int("max_candidates", self.max_candidates, 1, 1 << 24)
         _check_int("max_pending_per_connection", self.max_pending_per_connection, 1, 1 << 20)
         _check_int("max_in_flight", self.max_in_flight, 1, 1 << 24)
+        _check_int("max_connections", self.max_connections, 1, 1 << 20)
+        for name in ("frame_timeout_s", "write_timeout_s", "drain_s"):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, int | float)
+                    or not math.isfinite(value) or value <= 0):
+                raise ValueError(f"ServerConfig.{name} is {value!r}; expected seconds > 0")
+        if self.admin_token is not None and (not isinstance(self.admin_token, str)
+                                             or not self.admin_token):
+            raise ValueError("ServerConfig.admin_token must be a non-empty str or None")
 
     @property
     def codec_limits(self) -> CodecLimits:

@@ -1,10 +1,11 @@
-"""Requests to responses: the op table, envelope checks, typed errors, ids to futures.
+"""Requests to responses: the op tables, envelope checks, typed errors, ids to futures.
 
-``Dispatcher`` is shared by all connections (it holds the backend and the server-wide
-admission count); ``Session`` is one connection's view: it starts a task per
-request, remembers id -> task while the request is in flight, and hands each
-response to a ``send`` callback as soon as it is ready, in whatever order they finish.
-Nothing here touches sockets or bytes.
+``Dispatcher`` is shared by all connections (it holds the backend, the server-wide
+admission count and the request stats); ``Session`` is one connection's view: it
+starts a task per request, remembers id -> task while the request is in flight, and
+hands each response to a ``send`` callback as soon as it is ready, in whatever order
+they finish. The data-plane ops (ping, models, infer) are here; ``control`` adds the
+control plane (health, stats, load, unload, reload). Nothing here touches sockets.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from recserve.engine import VERSION
 from .backend import Backend, ModelHandle
 from .config import ServerConfig
 from .errors import BadRequest, DeadlineExceeded, InternalError, Overloaded, RecserveError
+from .stats import ServerStats
 from .validate import validate_inputs
 
 log = logging.getLogger("recserve.server")
@@ -36,15 +38,41 @@ class Op(StrEnum):
     PING = "ping"
     MODELS = "models"
     INFER = "infer"
+    HEALTH = "health"
+    STATS = "stats"
+    LOAD = "load"
+    UNLOAD = "unload"
+    RELOAD = "reload"
 
 
+_NONE: frozenset[str] = frozenset()
 _KEYS: dict[Op, tuple[frozenset[str], frozenset[str]]] = {
     # op: (required keys, optional keys) besides id and op
-    Op.PING: (frozenset(), frozenset()),
-    Op.MODELS: (frozenset(), frozenset()),
+    Op.PING: (_NONE, _NONE),
+    Op.MODELS: (_NONE, _NONE),
     Op.INFER: (frozenset({"model", "candidates", "inputs"}),
                frozenset({"version", "deadline_ms"})),
+    Op.HEALTH: (_NONE, _NONE),
+    Op.STATS: (_NONE, _NONE),
+    Op.LOAD: (frozenset({"token", "model"}), frozenset({"version"})),
+    Op.UNLOAD: (frozenset({"token", "model"}), frozenset({"version"})),
+    Op.RELOAD: (frozenset({"token", "model"}), _NONE),
 }
+
+
+class Request:
+    """What the stats need to know about one request while it is handled."""
+
+    __slots__ = ("op", "model", "started")
+
+    def __init__(self, op: str, started: float) -> None:
+        self.op = op
+        self.model = ""
+        """Set by a handler once it has resolved a served model (a bounded label)."""
+        self.started = started
+
+
+Handler = Callable[[dict, Request], Awaitable[dict]]
 
 
 def ok_response(request_id: int | None, body: dict) -> dict:
@@ -73,7 +101,7 @@ def parse_op(message: dict) -> Op:
     name = message.get("op")
     try:
         op = Op(name)
-    except ValueError:
+    except (ValueError, TypeError):
         known = ", ".join(o.value for o in Op)
         raise BadRequest(message=f"unknown op {name!r}; ops are {known}") from None
     required, optional = _KEYS[op]
@@ -89,16 +117,43 @@ def parse_op(message: dict) -> Op:
 class Dispatcher:
     """Runs ops against a backend; shared by every connection of one server."""
 
-    def __init__(self, backend: Backend, config: ServerConfig) -> None:
+    def __init__(self, backend: Backend, config: ServerConfig,
+                 stats: ServerStats | None = None) -> None:
         self.backend = backend
         self.config = config
+        self.stats = stats or ServerStats()
         self.in_flight = 0
         """Requests being handled over all connections (admission count)."""
+        self.background = 0
+        """Control-plane ops running as tasks (not admitted, still waited for on drain)."""
+        self.connections = 0
+        """Open connections (kept by the server)."""
+        self.draining = False
+        """Set on graceful shutdown: new admitted and background ops are refused."""
+        self._idle: asyncio.Event | None = None
         self.immediate: dict[Op, Callable[[dict], dict]] = {
             Op.PING: self.ping, Op.MODELS: self.models}
         """Ops answered at once on the event loop: cheap, never admitted or queued."""
-        self.admitted: dict[Op, Callable[[dict], Awaitable[dict]]] = {Op.INFER: self.infer}
+        self.admitted: dict[Op, Handler] = {Op.INFER: self.infer}
         """Ops run as tasks, each holding an admission slot until it is answered."""
+        self.tasks: dict[Op, Handler] = {}
+        """Ops run as tasks without an admission slot (model loads: slow and rare)."""
+
+    @property
+    def active(self) -> int:
+        """Admitted and background requests not yet answered."""
+        return self.in_flight + self.background
+
+    def changed(self) -> None:
+        """Call when ``active`` drops: wakes ``wait_idle``."""
+        if self._idle is not None and self.active == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no admitted or background request is left."""
+        while self.active:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
 
     def ping(self, message: dict) -> dict:
         """Body of a ping response."""
@@ -110,7 +165,7 @@ class Dispatcher:
                 "limits": {"max_candidates": self.config.max_candidates,
                            "max_frame_bytes": self.config.max_frame_bytes}}
 
-    async def infer(self, message: dict) -> dict:
+    async def infer(self, message: dict, request: Request) -> dict:
         """Body of an infer response; raises RecserveError for a request it refuses."""
         name, version = message["model"], message.get("version")
         if not isinstance(name, str):
@@ -119,6 +174,7 @@ class Dispatcher:
             raise BadRequest(message=f"version is {version!r}; expected a non-negative int")
         timeout = _deadline(message.get("deadline_ms"))
         handle = self.backend.resolve(name, version)
+        request.model = handle.name
         inputs = validate_inputs(handle.spec, message["candidates"], message["inputs"],
                                  self.config.max_candidates)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -174,53 +230,68 @@ class Session:
         self._dispatcher = dispatcher
         self._send = send
         self._tasks: dict[int, asyncio.Task] = {}
-        self._admitted: set[asyncio.Task] = set()  # tasks holding a server-wide slot
+        self._held: dict[asyncio.Task, str] = {}  # task -> the count it holds: admitted|background
 
     @property
     def pending(self) -> int:
         """Requests accepted on this connection and not yet answered."""
         return len(self._tasks)
 
+    def reject(self, error: RecserveError) -> None:
+        """Answer a frame that could not even be read as a request (id nil)."""
+        self._answer(error_response(None, error), Request("", time.perf_counter()))
+
     def submit(self, message: dict) -> None:
         """Handle one decoded request; its response is sent now or when its task ends."""
+        request = Request("", time.perf_counter())
         try:
             rid = parse_id(message)
         except RecserveError as exc:
-            self._send(error_response(None, exc))
+            self._answer(error_response(None, exc), request)
             return
         try:
             op = parse_op(message)
+            request.op = op.value
             if rid in self._tasks:
                 raise BadRequest(message=f"id {rid} is already in flight on this connection")
             handler = self._dispatcher.immediate.get(op)
             if handler is not None:
-                self._send(ok_response(rid, handler(message)))
+                self._answer(ok_response(rid, handler(message)), request)
             else:
-                self._start(rid, op, message)
+                self._start(rid, op, message, request)
         except RecserveError as exc:
-            self._send(error_response(rid, exc))
+            self._answer(error_response(rid, exc), request)
 
-    def _start(self, rid: int, op: Op, message: dict) -> None:
+    def _start(self, rid: int, op: Op, message: dict, request: Request) -> None:
         dispatcher = self._dispatcher
-        if dispatcher.in_flight >= dispatcher.config.max_in_flight:
+        if dispatcher.draining:
+            raise Overloaded(message="the server is shutting down; retry on another replica")
+        admitted = op in dispatcher.admitted
+        if admitted and dispatcher.in_flight >= dispatcher.config.max_in_flight:
             raise Overloaded(message=f"{dispatcher.in_flight} requests in flight; the limit "
                                      f"is {dispatcher.config.max_in_flight}")
-        dispatcher.in_flight += 1
-        task = asyncio.get_running_loop().create_task(self._run(rid, op, message))
+        handler = dispatcher.admitted[op] if admitted else dispatcher.tasks.get(op)
+        if handler is None:
+            raise BadRequest(message=f"op {op.value} is not served by this server")
+        kind = "in_flight" if admitted else "background"
+        setattr(dispatcher, kind, getattr(dispatcher, kind) + 1)
+        task = asyncio.get_running_loop().create_task(self._run(rid, handler, message, request))
         self._tasks[rid] = task
-        self._admitted.add(task)
+        self._held[task] = kind
         # Also on done: a task cancelled before its first step never runs its body.
         task.add_done_callback(self._release)
 
     def _release(self, task: asyncio.Task) -> None:
-        """Give back the task's admission slot, once."""
-        if task in self._admitted:
-            self._admitted.discard(task)
-            self._dispatcher.in_flight -= 1
+        """Give back the task's admission (or background) count, once."""
+        kind = self._held.pop(task, None)
+        if kind is not None:
+            dispatcher = self._dispatcher
+            setattr(dispatcher, kind, getattr(dispatcher, kind) - 1)
+            dispatcher.changed()
 
-    async def _run(self, rid: int, op: Op, message: dict) -> None:
+    async def _run(self, rid: int, handler: Handler, message: dict, request: Request) -> None:
         try:
-            response = ok_response(rid, await self._dispatcher.admitted[op](message))
+            response = ok_response(rid, await handler(message, request))
         except RecserveError as exc:
             response = error_response(rid, exc)
         except Exception as exc:
@@ -233,6 +304,13 @@ class Session:
         task = asyncio.current_task()
         if task is not None:
             self._release(task)
+        self._answer(response, request)
+
+    def _answer(self, response: dict, request: Request) -> None:
+        error = response.get("error")
+        code = error["code"] if error else "ok"
+        self._dispatcher.stats.record(request.model, request.op, code,
+                                      time.perf_counter() - request.started)
         self._send(response)
 
     def close(self) -> None:

@@ -5,7 +5,8 @@ No business logic: frames are cut and unpacked by the codec, requests handled by
 requests unanswered, or whose transport is above its write high-water mark
 (``pause_writing``), stops handing frames to the session and stops reading, so a
 client that floods requests or never reads its responses cannot make the server
-buffer without bound.
+buffer without bound. ``timed_out`` (polled by the server) tells a connection that has
+sat on half a frame, or on a full send buffer, for too long.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -27,8 +29,10 @@ class ServerProtocol(asyncio.Protocol):
     """One client connection."""
 
     def __init__(self, dispatcher: Dispatcher, limits: CodecLimits, max_pending: int,
-                 on_lost: Callable[[ServerProtocol], None] | None = None) -> None:
+                 on_lost: Callable[[ServerProtocol], None] | None = None,
+                 refuse: RecserveError | None = None) -> None:
         self._dispatcher = dispatcher
+        self._refuse = refuse  # answer this (id nil) and close: the server is full
         self._limits = limits
         self._max_pending = max_pending
         self._on_lost = on_lost
@@ -42,6 +46,8 @@ class ServerProtocol(asyncio.Protocol):
         # Frames cut from received bytes but not yet handled: at most what arrived
         # before reading paused, since reading pauses while this is not empty.
         self._backlog: deque[bytearray] = deque()
+        self._partial_since: float | None = None  # monotonic time a partial frame began
+        self._blocked_since: float | None = None  # monotonic time writing was paused
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, so no isinstance check.
@@ -51,16 +57,38 @@ class ServerProtocol(asyncio.Protocol):
             # Responses are single small writes; Nagle would hold them back ~40 ms.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._session = Session(self._dispatcher, self._send)
+        if self._refuse is not None:
+            self._session.reject(self._refuse)
+            self.close()
 
     def data_received(self, data: bytes) -> None:
         if self._closing or self._session is None:
             return
         self._backlog.extend(self._decoder.feed(data))
+        if not self._decoder.buffered:
+            self._partial_since = None
+        elif self._partial_since is None:
+            self._partial_since = time.monotonic()
         self._process()
         if self._decoder.error is not None:
             # The rest of the stream cannot be framed any more: answer, then close.
-            self._send(error_response(None, self._decoder.error))
+            self._session.reject(self._decoder.error)
             self.close()
+
+    def timed_out(self, now: float, frame_timeout: float, write_timeout: float) -> str | None:
+        """Why this connection should be dropped at ``now`` (monotonic), or None."""
+        if self._blocked_since is not None and now - self._blocked_since > write_timeout:
+            return f"it has not read its responses for {write_timeout:g} s"
+        if (self._partial_since is not None and not self._read_paused
+                and now - self._partial_since > frame_timeout):
+            return f"it sent part of a frame and nothing more for {frame_timeout:g} s"
+        return None
+
+    def abort(self) -> None:
+        """Drop the connection now, discarding unsent responses."""
+        self._closing = True
+        if self._transport is not None:
+            self._transport.abort()
 
     def _process(self) -> None:
         """Hand queued frames to the session while it is under its pending limit."""
@@ -74,7 +102,7 @@ class ServerProtocol(asyncio.Protocol):
                 try:
                     message = decode_message(payload, self._limits)
                 except RecserveError as exc:
-                    self._send(error_response(None, exc))
+                    self._session.reject(exc)
                     continue
                 self._session.submit(message)
         finally:
@@ -96,10 +124,12 @@ class ServerProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        self._blocked_since = time.monotonic()
         self._update_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self._blocked_since = None
         self._process()
 
     def close(self) -> None:
@@ -134,3 +164,5 @@ class ServerProtocol(asyncio.Protocol):
         elif not should_pause and self._read_paused:
             transport.resume_reading()
             self._read_paused = False
+            if self._partial_since is not None:  # the wait was ours, not the client's
+                self._partial_since = time.monotonic()

@@ -8,7 +8,10 @@ returns is ready to score at full speed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from recserve.engine.settings import EngineSettings
+
+from .config import ServerConfig
 
 log = logging.getLogger("recserve.server")
 
@@ -51,6 +56,10 @@ class ServeOptions:
     """Score with the reference model one request at a time (the benchmark baseline)."""
     torch_threads: int | None = None
     """Intra-op threads of the CPU executor; None keeps torch's default."""
+    metrics_host: str = "127.0.0.1"
+    """Address of the Prometheus endpoint."""
+    metrics_port: int | None = None
+    """Port of the Prometheus endpoint; None: no endpoint."""
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -108,22 +117,19 @@ def executor_factory(device: str, torch_threads: int | None = None):
     return lambda settings: CpuExecutor(settings, torch_threads=torch_threads)
 
 
-async def open_backend(options: ServeOptions):
-    """An ``EngineBackend`` (or ``ReferenceBackend``) for ``options``, every repository model
-    loaded and warmed up.
-
-    Raises ``ValueError`` for an empty repository; the backend is closed again if a
-    load fails.
-    """
+async def create_backend(options: ServeOptions):
+    """An ``EngineBackend`` with its engine started and no model yet (or, one at a time, a
+    ``ReferenceBackend`` already holding every model). Raises ``ValueError`` for an empty
+    repository."""
     from recserve.engine.repository import ModelRepository
+
+    from .backend import EngineBackend, ReferenceBackend
 
     repo = ModelRepository(options.repo)
     listed = repo.models()
     if not listed:
         raise ValueError(f"no models in {options.repo} (expected {options.repo}/<model>/"
                          "<version>/)")
-    from .backend import EngineBackend, ReferenceBackend
-
     device = resolve_device(options.device)
     if options.one_at_a_time:
         log.info("scoring one request at a time with the reference model on %s", device)
@@ -135,14 +141,31 @@ async def open_backend(options: ServeOptions):
         CPU_TORCH_THREADS if device == "cpu" else None)
     engine = Engine(settings, executor_factory(device, threads))
     await engine.start()
-    backend = EngineBackend(engine)
+    return EngineBackend(engine)
+
+
+async def load_models(backend, repo_root: Path) -> None:
+    """Load and warm up the highest version of every model in the repository (nothing to do
+    for a ``ReferenceBackend``, built with its models)."""
+    from recserve.engine.repository import ModelRepository
+
+    if not hasattr(backend, "load"):
+        return
+    repo = ModelRepository(repo_root)
+    for name, version in repo.models():
+        started = time.perf_counter()
+        loaded = await asyncio.to_thread(repo.load, name, version)
+        await backend.load(loaded)
+        await warm_up(backend, name, version)
+        log.info("loaded %s version %d in %.1f s", name, version,
+                 time.perf_counter() - started)
+
+
+async def open_backend(options: ServeOptions):
+    """``create_backend`` then ``load_models``: a backend ready to score at full speed."""
+    backend = await create_backend(options)
     try:
-        for name, version in listed:
-            started = time.perf_counter()
-            await backend.load(repo.load(name, version))
-            await warm_up(backend, name, version)
-            log.info("loaded %s version %d on %s in %.1f s", name, version, device,
-                     time.perf_counter() - started)
+        await load_models(backend, options.repo)
     except BaseException:
         await backend.close()
         raise
@@ -158,3 +181,81 @@ async def warm_up(backend, name: str, version: int) -> None:
     rng = np.random.default_rng(0)
     for rows in sorted({1, backend.engine.settings.buckets[0]}):
         await backend.score(name, version, random_inputs(spec, rng, rows))
+
+
+async def serve(options: ServeOptions, config: ServerConfig) -> int:
+    """Run ``recserve serve`` until SIGTERM or SIGINT; the exit status.
+
+    The server listens (live, not ready) while the models load, then reports ready. The
+    first signal drains: no new connections, new requests answered ``overloaded``, every
+    accepted request answered within ``config.drain_s``; then exit 0. A second signal
+    exits at once (status 1). A model that fails to load at start exits 1.
+    """
+    from recserve.engine.monitor import GpuMonitor
+
+    from .app import Server
+
+    backend = await create_backend(options)
+    monitor = GpuMonitor().start()
+    server = Server(backend, config, repository=options.repo, monitor=monitor)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second signal (%s): exiting now", signal.Signals(signum).name)
+            logging.shutdown()
+            os._exit(1)
+        log.info("recserve stopping: draining for up to %g s", config.drain_s)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    exporter = None
+    try:
+        await server.start()
+        exporter = await _start_metrics(server, options)
+        status = await _until_stopped(server, backend, options, stop)
+        if status == 0 and not await server.drain(config.drain_s):
+            log.warning("drain time over: %d requests still in flight are answered "
+                        "overloaded", server.dispatcher.active)
+        return status
+    finally:
+        await server.close()
+        if exporter is not None:
+            await exporter.close()
+        monitor.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        log.info("recserve stopped")
+
+
+async def _until_stopped(server, backend, options: ServeOptions, stop: asyncio.Event) -> int:
+    """Load the models (then mark ready) and wait for the stop signal; 1 if a load fails."""
+    loading = asyncio.ensure_future(load_models(backend, options.repo))
+    waiting = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({loading, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    if loading.done() and loading.exception() is not None:
+        waiting.cancel()
+        log.error("loading the models failed: %s", loading.exception())
+        return 1
+    if not loading.done():  # stopped while loading: never became ready
+        loading.cancel()
+        await asyncio.gather(loading, return_exceptions=True)
+        return 0
+    server.mark_ready()
+    log.info("ready: every model is loaded and warmed up")
+    await waiting
+    return 0
+
+
+async def _start_metrics(server, options: ServeOptions):
+    """The Prometheus endpoint, when asked for and built in (``server/metrics.py``)."""
+    if options.metrics_port is None:
+        return None
+    try:
+        from .metrics import start_metrics
+    except ImportError:
+        log.warning("--metrics-port given, but this build has no metrics endpoint")
+        return None
+    return await start_metrics(server, options.metrics_host, options.metrics_port)

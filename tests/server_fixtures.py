@@ -16,6 +16,7 @@ from recserve.engine.reference import ReferenceModel
 from recserve.engine.spec import DenseFeature, Interaction, ModelSpec, Output, SparseFeature, Table
 from recserve.engine.weights import init_weights
 from recserve.server.app import Server
+from recserve.server.codec import encode_message
 from recserve.server.config import ServerConfig
 
 
@@ -106,8 +107,8 @@ class RawConnection:
         self.sock.sendall(struct.pack(">I", len(payload)) + payload)
 
     def send(self, message: object) -> None:
-        """One frame holding ``message`` packed as msgpack."""
-        self.send_payload(msgpack.packb(message, use_bin_type=True))
+        """One frame holding ``message`` packed as msgpack (numpy arrays as typed arrays)."""
+        self.send_payload(encode_message(message)[4:])
 
     def _read(self, n: int) -> bytes:
         while len(self.buffer) < n:

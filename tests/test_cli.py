@@ -16,7 +16,7 @@ import torch
 from recserve.engine.repository import ModelRepository
 from recserve.server.cli import build_parser, main
 
-COMMANDS = ["serve", "ping", "models", "infer", "demo-model", "import-dlrm"]
+COMMANDS = ["serve", "health", "ping", "models", "infer", "demo-model", "import-dlrm"]
 
 
 def test_top_level_help_lists_every_command_with_examples(capsys):
@@ -36,7 +36,7 @@ def test_every_command_has_help(capsys, command):
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: recserve {command}")
-    if command != "ping" and command != "models":
+    if command not in ("ping", "models"):
         assert "example" in out
 
 
@@ -92,22 +92,26 @@ def test_client_commands_report_a_missing_server(capsys):
     port = str(_free_port())
     assert main(["ping", "--port", port]) == 1
     assert "nothing listens on 127.0.0.1:" in capsys.readouterr().err
+    assert main(["health", "--port", port]) == 1
+    assert main(["health", "--port", port, "--ready"]) == 1
     assert main(["infer", "--port", port]) == 1
     assert "REQUEST.json file or --demo-candidates" in capsys.readouterr().err
 
 
 def _start_serve(args, env=None):
-    """Start `recserve serve ARGS --port 0`; (process, port) once it listens."""
+    """Start `recserve serve ARGS --port 0`; (process, port) once it is ready."""
     proc = subprocess.Popen([sys.executable, "-m", "recserve.server.cli", "serve", "--port",
                              "0", *args], env=env, stderr=subprocess.PIPE, text=True)
-    lines = []
+    lines, port = [], None
     for line in proc.stderr:
         lines.append(line)
         match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
         if match:
-            return proc, match.group(1)
+            port = match.group(1)
+        if port is not None and "ready: every model is loaded" in line:
+            return proc, port
     proc.wait()
-    pytest.fail("serve exited before listening:\n" + "".join(lines))
+    pytest.fail("serve exited before it was ready:\n" + "".join(lines))
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +132,9 @@ def test_serve_builds_the_demo_into_the_cache_and_answers(served, capsys):
     assert (cache / "recserve" / "models" / "demo" / "1" / "spec.json").is_file()
     assert main(["ping", "--port", port]) == 0
     assert "protocol 1" in capsys.readouterr().out
+    assert main(["health", "--port", port]) == 0
+    assert main(["health", "--port", port, "--ready"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["ready; models: demo v1"] * 2
     assert main(["models", "--port", port]) == 0
     out = capsys.readouterr().out
     assert "demo version 1" in out and "watch_history" in out and "limits: 50 candidates" in out

@@ -1,0 +1,54 @@
+"""Server-side request counters and latency histograms, and the hooks that observe requests.
+
+Every answered request is recorded once, as ``(model, op, code, seconds)``: ``model`` is
+the name of a model the server resolved for it ("" when none, so a client sending random
+model names cannot grow these tables), ``code`` is ``"ok"`` or the error code. The
+``stats`` op reads ``to_dict``; other observers (a metrics exporter) register a callback
+in ``on_request_done``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from recserve.engine.histogram import Histogram
+
+log = logging.getLogger("recserve.server")
+
+RequestHook = Callable[[str, str, str, float], None]
+"""``hook(model, op, code, seconds)``, called on the event loop when a request is answered."""
+
+
+class ServerStats:
+    """Counts of answered requests by (model, op, code), and latency per model for infer."""
+
+    def __init__(self, hooks: list[RequestHook] | None = None) -> None:
+        self.started = time.time()
+        self.requests: Counter[tuple[str, str, str]] = Counter()
+        self.latency: dict[str, Histogram] = {}
+        """End-to-end infer latency (frame read to response written) per model."""
+        self.on_request_done: list[RequestHook] = list(hooks or [])
+        """Callbacks run for every answered request; one that raises is logged and kept."""
+
+    def record(self, model: str, op: str, code: str, seconds: float) -> None:
+        """Count one answered request and run the hooks."""
+        self.requests[(model, op, code)] += 1
+        if op == "infer" and model:
+            histogram = self.latency.get(model)
+            if histogram is None:
+                histogram = self.latency[model] = Histogram()
+            histogram.observe(seconds)
+        for hook in self.on_request_done:
+            try:
+                hook(model, op, code, seconds)
+            except Exception:  # an observer's bug must not fail the request path
+                log.exception("on_request_done hook %r failed", hook)
+
+    def to_dict(self) -> dict:
+        """``{requests: [{model, op, code, count}], latency_s: {model: histogram}}``."""
+        return {"requests": [{"model": m, "op": o, "code": c, "count": n}
+                             for (m, o, c), n in sorted(self.requests.items())],
+                "latency_s": {m: h.to_dict() for m, h in sorted(self.latency.items())}}
