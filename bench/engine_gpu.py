@@ -1,0 +1,134 @@
+"""The engine on a GPU at full load, against the kernels' bare forward on the same card.
+
+    python bench/engine_gpu.py OUTDIR [--max-rows 4000000] [--batches 48]
+
+Workload ``dlrmv2`` (bench/workloads.py) at B = 8192. The bare forward is the CUDA graph
+the engine itself replays for that bucket, timed alone with ``do_bench`` on inputs
+already on the device. The engine run submits requests from the event loop as fast as
+the queue takes them: (a) 8192-row requests, one per batch; (b) ranking-sized requests
+(N in 100..700) that the scheduler packs into 8192-row batches. samples/s of each run is
+compared with the bare forward's, and the event timeline of the run says how much of the
+copy-in time overlapped another batch's compute. Writes OUTDIR/engine_gpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import workloads as wl  # noqa: E402
+
+from recserve.engine.engine import Engine  # noqa: E402
+from recserve.engine.gpu_executor import GpuExecutor  # noqa: E402
+from recserve.engine.inputs import RequestInputs, SparseInput  # noqa: E402
+from recserve.engine.settings import EngineSettings  # noqa: E402
+
+import triton  # noqa: E402  isort: skip
+
+
+def full_requests(spec, rng, rows: int, count: int) -> list[RequestInputs]:
+    """``count`` requests of ``rows`` candidates, every bag at its max_bag (MLPerf shape)."""
+    out = []
+    for _ in range(count):
+        sparse = {}
+        for f in spec.sparse:
+            table_rows = spec.table(f.table).rows
+            values = rng.integers(0, table_rows, rows * f.max_bag, dtype=np.int64)
+            sparse[f.name] = SparseInput(values, np.full(rows, f.max_bag, dtype=np.int64))
+        dense = {f.name: rng.standard_normal((rows, f.dim), dtype=np.float32) for f in spec.dense}
+        out.append(RequestInputs(rows, sparse, dense))
+    return out
+
+
+def overlap_fraction(timeline: list[tuple[int, str, float, float]]) -> float:
+    """Share of copy-in time that ran while some other batch was computing."""
+    computes = [(s, e) for _, stage, s, e in timeline if stage == "compute"]
+    copies = [(seq, s, e) for seq, stage, s, e in timeline if stage == "h2d"]
+    total = covered = 0.0
+    for _, start, end in copies:
+        total += end - start
+        for c_start, c_end in computes:
+            covered += max(0.0, min(end, c_end) - max(start, c_start))
+    return covered / total if total else float("nan")
+
+
+async def engine_run(settings, spec, weights, requests, repeats: int) -> dict:
+    executors = []
+
+    def factory(s):
+        executor = GpuExecutor(s, "cuda")
+        executors.append(executor)
+        return executor
+
+    async with Engine(settings, factory) as engine:
+        await engine.load(spec.name, 1, spec, weights)
+        await asyncio.gather(*(engine.score(spec.name, r) for r in requests[:4]))  # warm
+        executor = executors[0]
+        executor.timeline.clear()
+        executor.timeline_limit = 100_000
+        busy0 = executor.busy_ms
+        rows = sum(r.num_candidates for r in requests) * repeats
+        start = time.perf_counter()
+        await asyncio.gather(*(engine.score(spec.name, r) for _ in range(repeats)
+                               for r in requests))
+        wall = time.perf_counter() - start
+        model = engine._models[(spec.name, 1)]  # the built GpuModel: its graphs, for timing
+        slot = model.slots[0]
+        graph = slot.graphs[settings.max_batch_rows][0]
+        bare_ms = triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
+        return {"rows": rows, "wall_s": wall, "samples_per_s": rows / wall,
+                "gpu_busy_fraction": (executor.busy_ms - busy0) / 1e3 / wall,
+                "copy_overlap_fraction": overlap_fraction(executor.timeline),
+                "batches": len({t[0] for t in executor.timeline}),
+                "bare_forward_us": bare_ms * 1e3,
+                "bare_samples_per_s": settings.max_batch_rows / (bare_ms / 1e3)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("outdir", type=Path)
+    p.add_argument("--max-rows", type=int, default=4_000_000, help="table row cap")
+    p.add_argument("--batch", type=int, default=8192)
+    p.add_argument("--batches", type=int, default=48, help="8192-row batches per run")
+    p.add_argument("--slots", type=int, default=4)
+    args = p.parse_args()
+    args.outdir.mkdir(parents=True, exist_ok=True)
+    spec = wl.dlrmv2_spec(args.max_rows)
+    weights = wl.device_weights(spec, "cuda")
+    settings = EngineSettings(max_batch_rows=args.batch, buckets=(args.batch,),
+                              slots=args.slots, max_queued_rows=args.batch * args.batches * 2)
+    rng = np.random.default_rng(0)
+    results = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "triton": triton.__version__, "workload": "dlrmv2", "batch": args.batch,
+               "slots": args.slots, "max_rows": args.max_rows}
+    full = full_requests(spec, rng, args.batch, 4)
+    results["full_batches"] = asyncio.run(engine_run(settings, spec, weights, full,
+                                                     args.batches // 4))
+    ranking = [RequestInputs(n, {k: SparseInput(v.values[:n * f.max_bag], v.lengths[:n])
+                                 for (k, v), f in zip(r.sparse.items(), spec.sparse,
+                                                      strict=True)},
+                             {k: v[:n] for k, v in r.dense.items()})
+               for r in full for n in rng.integers(100, 701, 30)]
+    repeats = max(1, args.batches * args.batch // sum(r.num_candidates for r in ranking))
+    results["ranking_requests"] = asyncio.run(engine_run(settings, spec, weights, ranking,
+                                                         repeats))
+    for name in ("full_batches", "ranking_requests"):
+        r = results[name]
+        r["ratio_to_bare"] = r["samples_per_s"] / r["bare_samples_per_s"]
+        print(f"{name:17s} engine {r['samples_per_s'] / 1e6:6.2f} M samples/s, bare forward "
+              f"{r['bare_samples_per_s'] / 1e6:6.2f} M/s ({r['bare_forward_us']:.0f} us), ratio "
+              f"{r['ratio_to_bare']:.2f}; GPU busy {r['gpu_busy_fraction']:.0%}, copy-in "
+              f"overlapped {r['copy_overlap_fraction']:.0%} over {r['batches']} batches")
+    (args.outdir / "engine_gpu.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
