@@ -141,7 +141,7 @@ class Server:
         except TimeoutError:
             log.warning("%d requests still unanswered at close", self.dispatcher.active)
         for protocol in list(self._connections):
-            protocol.close()
+            protocol.finish()
         deadline = time.monotonic() + FLUSH_S
         while self._connections and time.monotonic() < deadline:
             await asyncio.sleep(0.01)

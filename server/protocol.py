@@ -132,6 +132,23 @@ class ServerProtocol(asyncio.Protocol):
         self._blocked_since = None
         self._process()
 
+    def finish(self) -> None:
+        """Shutdown: end our side after the responses already written are flushed, keep
+        reading (and dropping) what the client still sends so that closing does not reset
+        the connection under its unread responses; the transport closes when the client
+        closes (the server aborts it after a while otherwise)."""
+        self._closing = True
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        if self._read_paused:
+            transport.resume_reading()
+            self._read_paused = False
+        transport.write_eof()
+
     def close(self) -> None:
         """Close after the responses already written are flushed."""
         self._closing = True
