@@ -10,8 +10,8 @@
 # OUTDIR holds at most 8 files (the transfer limit); this script writes 4:
 #   summary.txt  card, versions, commit, pip tail, each step's exit code and seconds
 #   pytest-gpu.log, kernels.log, kernels.json
-# Environment knobs: PYTHON (default python), KERNEL_BENCH_ARGS (default: --budget-s 140),
-# PYTEST_TIMEOUT_S (120), BENCH_TIMEOUT_S (200), RECSERVE_COMMIT (default: git HEAD).
+# Environment knobs: PYTHON (default python), KERNEL_BENCH_ARGS (default: --budget-s 120),
+# PYTEST_TIMEOUT_S (110), BENCH_TIMEOUT_S (170), RECSERVE_COMMIT (default: git HEAD).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 
@@ -50,14 +50,14 @@ step install install
 
 # GPU tests: one config per kernel (no autotuning) so compiles stay few; the benchmark
 # below autotunes over every config and prunes those that fail to compile on this card.
-step pytest-gpu bash -c "set -o pipefail; RECSERVE_AUTOTUNE=0 timeout ${PYTEST_TIMEOUT_S:-120} \
+step pytest-gpu bash -c "set -o pipefail; RECSERVE_AUTOTUNE=0 timeout ${PYTEST_TIMEOUT_S:-110} \
     $PY -m pytest -m gpu -q --no-header -p no:cacheprovider -o addopts='' tests \
     2>&1 | tee '$OUT/pytest-gpu.log' | tail -n 5"
 
 # Kernel benchmark: recserve vs eager / eager + CUDA graph / torch.compile; partial results
 # are in kernels.json after every measurement, so a timeout still leaves data.
-step kernels-bench bash -c "timeout ${BENCH_TIMEOUT_S:-200} $PY bench/kernels.py '$OUT' \
-    ${KERNEL_BENCH_ARGS:---budget-s 140} > '$OUT/kernels.log' 2>&1; rc=\$?; \
+step kernels-bench bash -c "timeout ${BENCH_TIMEOUT_S:-170} $PY bench/kernels.py '$OUT' \
+    ${KERNEL_BENCH_ARGS:---budget-s 120} > '$OUT/kernels.log' 2>&1; rc=\$?; \
     tail -n 14 '$OUT/kernels.log'; exit \$rc"
 
 # === LEAD: engine benchmark goes here (e.g. bench/engine.py "$OUT"), writing at most

@@ -280,13 +280,28 @@ def summary(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def load_workloads(max_rows: int, table_dtype: str) -> dict[str, tuple]:
+    """name -> (spec, weights, TritonModel, peers) for dlrmv2 and dlrm-dot (shared tables)."""
+    loaded: dict[str, tuple] = {}
+    shared: dict = {}
+    dt = torch.bfloat16 if DEV == "cuda" else torch.float32
+    for name, inter in (("dlrmv2", "dcnv2"), ("dlrm-dot", "dot")):
+        spec = wl.dlrmv2_spec(max_rows, table_dtype, inter)
+        weights = wl.device_weights(spec, DEV, seed=0, tables_from=shared or None)
+        shared = {k: v for k, v in weights.items() if k.startswith("tables.")}
+        peers = {"per_table": wl.TorchPeer(spec, weights, dt),
+                 "concat": wl.TorchPeer(spec, weights, dt, concat=True)}
+        loaded[name] = (spec, weights, TritonModel(spec, weights, device=DEV), peers)
+    return loaded
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("outdir", type=Path)
     ap.add_argument("--quick", action="store_true", help="B in 512, 8192 only; no zipf dot")
     ap.add_argument("--max-rows", type=int, default=4_000_000)
     ap.add_argument("--sizes", type=int, nargs="*", default=[8192, 512, 2048, 256, 32768])
-    ap.add_argument("--compile-sizes", type=int, nargs="*", default=[512, 8192])
+    ap.add_argument("--compile-sizes", type=int, nargs="*", default=[8192, 512])
     ap.add_argument("--budget-s", type=float, default=200.0,
                     help="stop starting new measurements after this many seconds")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
@@ -295,35 +310,36 @@ def main() -> None:
     global DEV
     DEV = args.device
     sizes = [8192, 512] if args.quick else args.sizes
-    table_dtype = "bf16" if DEV == "cuda" else "fp32"
     rec = Recorder(args.outdir, args.budget_s)
     rec.add(section="env", **env_info(), max_rows=args.max_rows, sizes=sizes)
     base = baselines(rec)
-    shared: dict = {}
-    for name, inter in (("dlrmv2", "dcnv2"), ("dlrm-dot", "dot")):
-        spec = wl.dlrmv2_spec(args.max_rows, table_dtype, inter)
-        weights = wl.device_weights(spec, DEV, seed=0, tables_from=shared or None)
-        shared = {k: v for k, v in weights.items() if k.startswith("tables.")}
-        model = TritonModel(spec, weights, device=DEV)
-        dt = torch.bfloat16 if DEV == "cuda" else torch.float32
-        peers = {"per_table": wl.TorchPeer(spec, weights, dt),
-                 "concat": wl.TorchPeer(spec, weights, dt, concat=True)}
-        dists = ["uniform"] if args.quick and name == "dlrm-dot" else ["uniform", "zipf"]
-        for dist in dists:
-            for b in sizes:
-                ctx = {"name": name, "spec": spec, "dist": dist, "B": b}
-                rec.guarded(f"{name} {dist} B={b}", bench_batch, rec, base, ctx, model, peers)
-            if name == "dlrmv2" and dist == "uniform":
-                rec.guarded("int8", bench_int8, rec, base, spec, weights,
-                            [8192, 512] if DEV == "cuda" else sizes[:1])
-        if name == "dlrmv2" and args.compile_sizes:
-            compiled = torch.compile(peers["per_table"].forward)
-            for b in args.compile_sizes:
-                ctx = {"name": name, "spec": spec, "dist": "uniform", "B": b}
-                rec.guarded(f"compile B={b}", bench_compile, rec, base, ctx, compiled)
-        del peers, model
-        torch.cuda.empty_cache()
-    rec.guarded("accuracy", bench_accuracy, rec, min(args.max_rows, 100_000))
+    loaded = load_workloads(args.max_rows, "bf16" if DEV == "cuda" else "fp32")
+    first = sizes[:2]  # the target sizes come first, so a short budget still covers them
+    plan = [(n, "uniform", b) for n in loaded for b in first]
+    plan += [("int8", "", 0)] + [("compile", "uniform", b) for b in args.compile_sizes]
+    plan += [("accuracy", "", 0)]
+    plan += [(n, "uniform", b) for n in loaded for b in sizes[2:]]
+    plan += [(n, "zipf", b) for n in loaded for b in sizes
+             if not (args.quick and n == "dlrm-dot")]
+    compiled = None
+    for name, dist, b in plan:
+        if name == "int8":
+            spec, weights, _, _ = loaded["dlrmv2"]
+            rec.guarded("int8", bench_int8, rec, base, spec, weights,
+                        [8192, 512] if DEV == "cuda" else sizes[:1])
+        elif name == "accuracy":
+            rec.guarded("accuracy", bench_accuracy, rec, min(args.max_rows, 100_000))
+        elif name == "compile":
+            spec, _, _, peers = loaded["dlrmv2"]
+            compiled = compiled or torch.compile(peers["per_table"].forward)
+            ctx = {"name": "dlrmv2", "spec": spec, "dist": dist, "B": b}
+            rec.guarded(f"compile B={b}", bench_compile, rec, base, ctx, compiled)
+        else:
+            spec, _, model, peers = loaded[name]
+            ctx = {"name": name, "spec": spec, "dist": dist, "B": b}
+            rec.guarded(f"{name} {dist} B={b}", bench_batch, rec, base, ctx, model, peers)
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
     rec.add(section="done")
     print(summary(rec.records), flush=True)
 
