@@ -28,7 +28,7 @@ _ROWS_GPU = 4
 _ROWS_CPU = 8
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "T", "D", "x_dest"])
 def _dot_interaction_kernel(
     # pointers
     v_ptr, out_ptr, dest_ptr,

@@ -37,7 +37,9 @@ _CPU_CONFIGS = [{"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "n
 _tuner = SafeTuner("linear", _GPU_CONFIGS)
 
 
-@triton.jit
+# Sizes are not specialized (one compile serves every batch size and layer width); strides
+# are, so 16-divisible row strides keep vectorized loads.
+@triton.jit(do_not_specialize=["M", "N", "K", "H"])
 def _linear_kernel(
     # pointers
     a_ptr, w_ptr, bias_ptr, out_ptr, a_rows_ptr, add_ptr, add_rows_ptr, x0_ptr, x_ptr,
