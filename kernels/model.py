@@ -155,7 +155,7 @@ class TritonModel:
         width = spec.interaction_dim
         z = torch.empty(e.shape[0], -(-width // 8) * 8, device=e.device,
                         dtype=self.dtype)[:, :width]
-        d = self.spec.table(spec.sparse[0].table).dim
+        d = spec.bottom_out_dim if spec.dense else spec.table(spec.sparse[0].table).dim
         return dot_interaction(e, spec.num_vectors, d, self.dest, z, self.layout.x_col_in_z)
 
     def _top(self, p: PreparedBatch, z: torch.Tensor) -> torch.Tensor:

@@ -180,3 +180,15 @@ def test_padded_capacity_gives_fixed_shapes_and_same_scores(device):
                                    rtol=0)
     with pytest.raises(ValueError, match="does not hold"):
         model.prepare(batch, capacity=(16, 3, 600))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["dot", "cat", "dcnv2"])
+def test_models_without_dense_or_without_sparse(device, kind):
+    inter = INTERACTIONS[kind]
+    dense_only = ModelSpec("d", (), (), (DenseFeature("a", 5),), (8,), inter, (4, 1))
+    sparse_only = ModelSpec("s", (Table("t", 9, 8),), (
+        SparseFeature("u", "t", scope="request", max_bag=3),
+        SparseFeature("c", "t", max_bag=2)), (), (), inter, (6, 1))
+    for spec in (dense_only, sparse_only):
+        _check(spec, device, torch.float32, seed=6, sizes=(2, 3))
