@@ -48,6 +48,7 @@ class Server:
         self.control = Control(self.dispatcher, repository, monitor).install()
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[ServerProtocol] = set()
+        self._overflow: set[ServerProtocol] = set()  # over the limit: one probe, then closed
         self._sweeper: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -76,10 +77,13 @@ class Server:
         if refuse is None:
             self._connections.add(protocol)
             self.dispatcher.connections = len(self._connections)
+        else:
+            self._overflow.add(protocol)
         return protocol
 
     def _lost(self, protocol: ServerProtocol) -> None:
         self._connections.discard(protocol)
+        self._overflow.discard(protocol)
         self.dispatcher.connections = len(self._connections)
 
     async def _sweep(self) -> None:
@@ -89,7 +93,7 @@ class Server:
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
-            for protocol in list(self._connections):
+            for protocol in [*self._connections, *self._overflow]:
                 reason = protocol.timed_out(now, config.frame_timeout_s, config.write_timeout_s)
                 if reason is not None:
                     log.info("dropping a connection: %s", reason)
@@ -145,7 +149,7 @@ class Server:
         deadline = time.monotonic() + FLUSH_S
         while self._connections and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        for protocol in list(self._connections):  # a client that does not read: give up
+        for protocol in [*self._connections, *self._overflow]:  # not reading: give up
             protocol.abort()
         if self._server is not None:
             await self._server.wait_closed()

@@ -24,6 +24,8 @@ from .errors import InternalError, RecserveError
 
 log = logging.getLogger("recserve.server")
 
+PROBES = ("ping", "health")  # ops answered even over the connection limit
+
 
 class ServerProtocol(asyncio.Protocol):
     """One client connection."""
@@ -32,7 +34,8 @@ class ServerProtocol(asyncio.Protocol):
                  on_lost: Callable[[ServerProtocol], None] | None = None,
                  refuse: RecserveError | None = None) -> None:
         self._dispatcher = dispatcher
-        self._refuse = refuse  # answer this (id nil) and close: the server is full
+        # The server is full: answer one probe (ping, health) or else this error, then close.
+        self._refuse = refuse
         self._limits = limits
         self._max_pending = max_pending
         self._on_lost = on_lost
@@ -58,13 +61,15 @@ class ServerProtocol(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._session = Session(self._dispatcher, self._send)
         if self._refuse is not None:
-            self._session.reject(self._refuse)
-            self.close()
+            self._partial_since = time.monotonic()  # the frame timeout drops a silent one
 
     def data_received(self, data: bytes) -> None:
         if self._closing or self._session is None:
             return
         self._backlog.extend(self._decoder.feed(data))
+        if self._refuse is not None:
+            self._probe_only()
+            return
         if not self._decoder.buffered:
             self._partial_since = None
         elif self._partial_since is None:
@@ -74,6 +79,23 @@ class ServerProtocol(asyncio.Protocol):
             # The rest of the stream cannot be framed any more: answer, then close.
             self._session.reject(self._decoder.error)
             self.close()
+
+    def _probe_only(self) -> None:
+        """Over the connection limit: health probes still get through (a full server is
+        alive, and must not be restarted for it); anything else is refused."""
+        if not self._backlog and self._decoder.error is None:
+            return
+        message = None
+        if self._backlog:
+            try:
+                message = decode_message(self._backlog.popleft(), self._limits)
+            except RecserveError:
+                pass
+        if message is not None and message.get("op") in PROBES:
+            self._session.submit(message)
+        else:
+            self._session.reject(self._refuse)
+        self.close()
 
     def timed_out(self, now: float, frame_timeout: float, write_timeout: float) -> str | None:
         """Why this connection should be dropped at ``now`` (monotonic), or None."""

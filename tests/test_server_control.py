@@ -207,10 +207,16 @@ def test_connections_above_the_limit_are_refused_and_closed():
         for i, conn in enumerate(kept):  # both accepted and served
             assert call(conn, {"id": i, "op": "ping"})["ok"] is True
         extra = RawConnection(thread.port)
-        answer = extra.receive()
+        answer = call(extra, {"id": 3, "op": "models"})
         assert answer["id"] is None and answer["error"]["code"] == "overloaded"
         assert extra.is_closed_by_peer()
         extra.close()
+        probe = RawConnection(thread.port)  # a full server is still alive for its probes
+        answer = call(probe, {"id": 4, "op": "health"})
+        assert answer["ok"] is True and answer["live"] is True
+        assert probe.is_closed_by_peer()
+        probe.close()
+        assert thread.server.connections == 2
         kept.pop().close()
         deadline = asyncio.run(_wait_until(lambda: thread.server.connections == 1))
         assert deadline
