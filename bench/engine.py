@@ -167,7 +167,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--loads", default="0.5,0.9,1.3,1.8",
                    help="offered rates as multiples of the one-at-a-time capacity")
     p.add_argument("--max-batch-rows", type=int, default=2048)
-    p.add_argument("--slots", type=int, default=1)
+    p.add_argument("--slots", type=int, default=2)
     p.add_argument("--engine-threads", type=int, default=1,
                    help="torch threads while the engine runs (its slots run in parallel)")
     p.add_argument("--baseline-threads", type=int, default=0,
