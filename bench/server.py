@@ -34,7 +34,9 @@ import numpy as np
 from recserve.engine.demo import build_demo_repository, demo_request, demo_spec, ranking_candidates
 from recserve.server.codec import HEADER, FrameDecoder, encode_message
 
-DEFAULT_CONFIGS = ["one-at-a-time=--one-at-a-time", "engine="]
+DEFAULT_CONFIGS = ["one-at-a-time=--one-at-a-time --device cpu", "engine=--device cpu",
+                   "engine-2w=--device cpu --workers 2", "null=--device null",
+                   "null-2w=--device null --workers 2"]
 
 
 def request_bodies(count: int, seed: int) -> tuple[list[bytes], list[int]]:
@@ -146,18 +148,43 @@ async def run_load(port: int, bodies: list[bytes], seconds: float, connections: 
             "p50_ms": pct[0], "p90_ms": pct[1], "p99_ms": pct[2]}
 
 
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds used so far by ``pid`` ("main") and by its children ("workers")."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def stat(p: int) -> list[str]:
+        with open(f"/proc/{p}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+
+    def used(fields: list[str]) -> float:
+        return (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+
+    out = {"main": used(stat(pid)), "workers": 0.0}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != pid:
+            try:
+                fields = stat(int(entry))
+            except OSError:
+                continue
+            if int(fields[1]) == pid:  # ppid
+                out["workers"] += used(fields)
+    return out
+
+
 def start_server(repo: Path, extra: list[str]) -> tuple[subprocess.Popen, int]:
     """``recserve serve`` on a free port; (process, port) once it is ready."""
     proc = subprocess.Popen([sys.executable, "-m", "recserve.server.cli", "serve", "--port",
                              "0", "--model-repo", str(repo), "--log-level", "info", *extra],
                             stderr=subprocess.PIPE, text=True)
     port = None
+    seen: list[str] = []
     for line in proc.stderr:
+        seen = [*seen[-20:], line]
         match = re.search(r"listening on [\d.]+:(\d+)", line)
         port = int(match.group(1)) if match else port
         if port is not None and "ready: every model is loaded" in line:
             return proc, port
-    raise RuntimeError(f"serve {extra} exited before listening")
+    raise RuntimeError(f"serve {extra} exited before listening:\n{''.join(seen)}")
 
 
 def bench_config(name: str, extra: list[str], repo: Path, bodies: list[bytes],
@@ -169,8 +196,13 @@ def bench_config(name: str, extra: list[str], repo: Path, bodies: list[bytes],
 
         run = uvloop.run
         run(run_load(port, bodies, 1.0, args.connections, None, args.concurrency, 1))  # warm
+        before = cpu_seconds(proc.pid)
         cap = run(run_load(port, bodies, args.duration, args.connections, None,
                            args.concurrency, 2))
+        after = cpu_seconds(proc.pid)
+        # CPU per answered request, per process kind: where the front end's time goes.
+        cap["cpu_us_per_request"] = {k: 1e6 * (after[k] - before[k]) / max(1, cap["completed"])
+                                     for k in after}
         runs = [cap]
         for i, load in enumerate(args.loads):
             rate = load * cap["requests_per_s"]
@@ -211,9 +243,12 @@ def main() -> None:
             for r in result["runs"]:
                 what = (f"load {r['load']:.2f}" if r["offered_per_s"] else
                         f"closed c={r['concurrency']}")
+                cpu = r.get("cpu_us_per_request")
+                cpu = (f"  cpu/req main {cpu['main']:.0f} us, workers {cpu['workers']:.0f} us"
+                       if cpu else "")
                 print(f"{name:<16} {what:<14} {r['requests_per_s']:8.1f} req/s  p50 "
-                      f"{r['p50_ms']:7.2f}  p99 {r['p99_ms']:7.2f} ms  errors {r['errors']}",
-                      flush=True)
+                      f"{r['p50_ms']:7.2f}  p99 {r['p99_ms']:7.2f} ms  errors {r['errors']}"
+                      f"{cpu}", flush=True)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"server-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -69,6 +69,8 @@ class GpuExecutor(Executor):
                  use_graphs: bool = True) -> None:
         self.settings = settings
         self.device = torch.device(device)
+        if self.device.index is None:  # set_device and streams need an explicit index
+            self.device = torch.device(self.device.type, 0)
         self.use_graphs = use_graphs
         self.timeline: list[tuple[int, str, float, float]] = []
         """(batch seq, stage, start ms, end ms) for the last ``timeline_limit`` batches."""
