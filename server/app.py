@@ -27,7 +27,7 @@ from .stats import RequestHook, ServerStats
 
 log = logging.getLogger("recserve.server")
 
-FLUSH_S = 2.0  # on close: how long connections get to flush their last responses
+FLUSH_S = 1.0  # on close: how long active connections get to take their last responses
 
 
 class Server:
@@ -35,12 +35,13 @@ class Server:
 
     ``repository`` is where admin ops load models from; ``monitor`` a started GpuMonitor
     for the ``stats`` op; ``on_request_done`` callbacks see every answered request as
-    ``(model, op, code, seconds)`` (see ``stats.ServerStats``).
+    ``(model, op, code, seconds)`` (see ``stats.ServerStats``); ``reuse_port`` binds with
+    SO_REUSEPORT (worker processes of the multi-core front end share the port).
     """
 
     def __init__(self, backend: Backend, config: ServerConfig | None = None, *,
                  repository: Path | None = None, monitor: Any = None,
-                 on_request_done: Iterable[RequestHook] = ()) -> None:
+                 on_request_done: Iterable[RequestHook] = (), reuse_port: bool = False) -> None:
         self.config = config or ServerConfig()
         self.backend = backend
         self.stats = ServerStats(list(on_request_done))
@@ -50,17 +51,23 @@ class Server:
         self._connections: set[ServerProtocol] = set()
         self._overflow: set[ServerProtocol] = set()  # over the limit: one probe, then closed
         self._sweeper: asyncio.Task | None = None
+        self._reuse_port = reuse_port  # several worker processes listen on one port
 
     async def start(self) -> None:
         """Bind and start accepting connections."""
         loop = asyncio.get_running_loop()
         limits = self.config.codec_limits
         self._server = await loop.create_server(
-            lambda: self._connect(limits), self.config.host, self.config.port)
+            lambda: self._connect(limits), self.config.host, self.config.port,
+            reuse_port=self._reuse_port or None)
         self._sweeper = loop.create_task(self._sweep())
         host, port = self.address
         served = ", ".join(f"{h.name} v{h.version}" for h in self.backend.models())
         log.info("recserve listening on %s:%d, serving %s", host, port, served or "no models")
+
+    def current_stats(self) -> dict:
+        """What the ``stats`` op answers under ``stats`` (for exporters in this process)."""
+        return self.control.snapshot()
 
     def mark_ready(self) -> None:
         """Every configured model is loaded and warmed: ``health`` may report ready."""

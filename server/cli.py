@@ -134,6 +134,11 @@ examples:
                    help="on SIGTERM/SIGINT, wait this long for accepted requests to be "
                    "answered, then exit 0; a second signal exits at once (default: "
                    "%(default)s)")
+    p.add_argument("--workers", type=int, default=1, metavar="W",
+                   help="front-end processes: with W > 1, W worker processes share the port "
+                   "(SO_REUSEPORT), decode and validate requests and hand them to this "
+                   "process's one engine; limits on connections and requests in flight are "
+                   "split among them (default: %(default)s: one process does all)")
     p.add_argument("--metrics-host", default="127.0.0.1", help="address of the Prometheus "
                    "endpoint (default: %(default)s)")
     p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus "
@@ -147,7 +152,8 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine", "how requests are batched and scored; the defaults "
                              "depend on the device (" + DEFAULTS_NOTE + ")")
     g.add_argument("--device", choices=DEVICES, default="auto", help="where to score: auto "
-                   "is cuda when torch sees a GPU, else cpu (default: %(default)s)")
+                   "is cuda when torch sees a GPU, else cpu; null scores nothing (zeros, for "
+                   "measuring the front end alone) (default: %(default)s)")
     g.add_argument("--one-at-a-time", action="store_true", help="no batching: score each "
                    "request alone with the reference model (benchmark baseline)")
     g.add_argument("--max-batch-rows", type=int, metavar="ROWS",
@@ -272,7 +278,8 @@ def _serve(args: argparse.Namespace) -> int:
     settings = engine_settings(device, args.max_batch_rows, args.buckets, args.slots,
                                args.max_queued_rows, args.fill_wait_ms)
     options = ServeOptions(repo, device, settings, args.one_at_a_time, args.torch_threads,
-                           args.metrics_host, args.metrics_port)
+                           args.metrics_host, args.metrics_port, args.workers,
+                           args.log_level.upper())
     import uvloop  # the event loop is chosen here only, never on import
 
     return uvloop.run(serve(options, config))

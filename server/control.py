@@ -58,18 +58,23 @@ class Control:
                 "models": [{"name": h.name, "version": h.version} for h in served]}
 
     def stats(self, message: dict) -> dict:
-        """Server, engine and GPU counters (see PROTOCOL.md); no device call is made here."""
+        """Body of a ``stats`` response: ``{stats: snapshot()}``."""
+        return {"stats": self.snapshot()}
+
+    def snapshot(self, server: dict | None = None) -> dict:
+        """Server, engine and GPU counters (PROTOCOL.md, ``stats``); no device call is made.
+        ``server`` replaces this process's server part (the multi-process front end)."""
         d = self.dispatcher
         now = time.time()
         backend_stats = getattr(d.backend, "stats", None)
         gpu = self.monitor.snapshot().to_dict() if self.monitor is not None else {
             "available": False, "reason": "no GPU monitor", "time": now, "gpus": []}
-        return {"stats": {
-            "time": now, "uptime_s": now - self.started, "version": VERSION,
-            "server": {"connections": d.connections, "in_flight": d.in_flight,
-                       **d.stats.to_dict()},
-            "engine": backend_stats() if backend_stats is not None else {},
-            "gpu": gpu}}
+        if server is None:
+            server = {"connections": d.connections, "in_flight": d.in_flight,
+                      **d.stats.to_dict()}
+        return {"time": now, "uptime_s": now - self.started, "version": VERSION,
+                "server": server, "engine": backend_stats() if backend_stats else {},
+                "gpu": gpu}
 
     async def load(self, message: dict, request: Request) -> dict:
         """Load a version (default: the repository's highest) and make it the serving one."""

@@ -25,6 +25,7 @@ from .errors import InternalError, RecserveError
 log = logging.getLogger("recserve.server")
 
 PROBES = ("ping", "health")  # ops answered even over the connection limit
+QUIET_S = 0.5  # on shutdown, a connection silent this long is closed at once
 
 
 class ServerProtocol(asyncio.Protocol):
@@ -51,6 +52,7 @@ class ServerProtocol(asyncio.Protocol):
         self._backlog: deque[bytearray] = deque()
         self._partial_since: float | None = None  # monotonic time a partial frame began
         self._blocked_since: float | None = None  # monotonic time writing was paused
+        self._last_data = time.monotonic()  # when bytes last arrived
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, so no isinstance check.
@@ -64,6 +66,7 @@ class ServerProtocol(asyncio.Protocol):
             self._partial_since = time.monotonic()  # the frame timeout drops a silent one
 
     def data_received(self, data: bytes) -> None:
+        self._last_data = time.monotonic()
         if self._closing or self._session is None:
             return
         self._backlog.extend(self._decoder.feed(data))
@@ -163,8 +166,9 @@ class ServerProtocol(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        if not transport.can_write_eof():
-            transport.close()
+        quiet = time.monotonic() - self._last_data > QUIET_S
+        if quiet or not transport.can_write_eof():
+            transport.close()  # nothing arriving: a plain close cannot reset anything
             return
         if self._read_paused:
             transport.resume_reading()

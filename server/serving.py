@@ -24,7 +24,7 @@ from .config import ServerConfig
 
 log = logging.getLogger("recserve.server")
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda", "null")
 
 # Per-device engine defaults. cuda: the engine's own (a CUDA graph per bucket, 2 slots so
 # one batch copies while another computes). cpu: measured on a 2-core machine with
@@ -32,6 +32,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DEVICE_DEFAULTS = {
     "cuda": EngineSettings(),
     "cpu": EngineSettings(max_batch_rows=2048, buckets=(256, 512, 1024, 2048), slots=1),
+    "null": EngineSettings(max_batch_rows=2048, buckets=(256, 512, 1024, 2048), slots=1),
 }
 CPU_TORCH_THREADS: int | None = None
 # Measured 2026-11-26 (closed loop, 32 in flight, 4 connections): 1 slot beat 2 slots (two
@@ -60,10 +61,18 @@ class ServeOptions:
     """Address of the Prometheus endpoint."""
     metrics_port: int | None = None
     """Port of the Prometheus endpoint; None: no endpoint."""
+    workers: int = 1
+    """Front-end processes: 1 serves from this process; more start that many worker
+    processes that parse and validate, and keep only the engine here (``hub``)."""
+    log_level: str = "INFO"
+    """Log level of worker processes."""
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"ServeOptions.device is {self.device!r}; expected one of {DEVICES}")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or not (
+                1 <= self.workers <= 256):
+            raise ValueError(f"ServeOptions.workers is {self.workers!r}; expected 1..256")
         if self.torch_threads is not None and (
                 isinstance(self.torch_threads, bool) or not isinstance(self.torch_threads, int)
                 or self.torch_threads < 1):
@@ -101,13 +110,17 @@ def resolve_device(device: str) -> str:
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "null":
+        return device
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA device")
     return device
 
 
 def executor_factory(device: str, torch_threads: int | None = None):
-    """A factory ``settings -> Executor`` for ``cpu`` or ``cuda``."""
+    """A factory ``settings -> Executor`` for ``cpu``, ``cuda`` or ``null``."""
+    if device == "null":
+        return _null_executor
     if device == "cuda":
         from recserve.engine.gpu_executor import GpuExecutor
 
@@ -115,6 +128,34 @@ def executor_factory(device: str, torch_threads: int | None = None):
     from recserve.engine.executor import CpuExecutor
 
     return lambda settings: CpuExecutor(settings, torch_threads=torch_threads)
+
+
+def _null_executor(settings: EngineSettings):
+    """An executor that scores nothing (zeros at once): ``--device null`` measures the
+    network front end and the engine's queueing alone, without any model compute."""
+    from types import SimpleNamespace
+
+    from recserve.engine.executor import Executor, JobResult, PieceResult
+
+    class NullExecutor(Executor):
+        def start(self) -> None:
+            pass
+
+        def build_model(self, spec, weights):
+            return SimpleNamespace(spec=spec)
+
+        def free_slots(self) -> int:
+            return settings.slots  # every job is done inside submit
+
+        def submit(self, job, done) -> None:
+            outputs = len(job.model.spec.outputs)
+            done(JobResult(job, tuple(PieceResult(np.zeros((p.count, outputs), np.float32))
+                                      for p in job.plan.pieces)))
+
+        def close(self) -> None:
+            pass
+
+    return NullExecutor()
 
 
 async def create_backend(options: ServeOptions):
@@ -132,6 +173,9 @@ async def create_backend(options: ServeOptions):
                          "<version>/)")
     device = resolve_device(options.device)
     if options.one_at_a_time:
+        if device == "null":
+            raise ValueError("--one-at-a-time scores with the reference model; not with "
+                             "--device null")
         log.info("scoring one request at a time with the reference model on %s", device)
         return ReferenceBackend([repo.load(n, v) for n, v in listed], device)
     from recserve.engine.engine import Engine
@@ -194,10 +238,15 @@ async def serve(options: ServeOptions, config: ServerConfig) -> int:
     from recserve.engine.monitor import GpuMonitor
 
     from .app import Server
+    from .hub import Hub
 
     backend = await create_backend(options)
     monitor = GpuMonitor().start()
-    server = Server(backend, config, repository=options.repo, monitor=monitor)
+    if options.workers > 1:
+        server = Hub(backend, config, options.workers, repository=options.repo,
+                     monitor=monitor, log_level=options.log_level)
+    else:
+        server = Server(backend, config, repository=options.repo, monitor=monitor)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 

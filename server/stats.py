@@ -52,3 +52,27 @@ class ServerStats:
         return {"requests": [{"model": m, "op": o, "code": c, "count": n}
                              for (m, o, c), n in sorted(self.requests.items())],
                 "latency_s": {m: h.to_dict() for m, h in sorted(self.latency.items())}}
+
+
+def merge_server_stats(parts: list[dict]) -> dict:
+    """Several processes' ``server`` stats as one: counts and histograms added up."""
+    requests: Counter[tuple[str, str, str]] = Counter()
+    latency: dict[str, dict] = {}
+    connections = in_flight = 0
+    for part in parts:
+        connections += part.get("connections", 0)
+        in_flight += part.get("in_flight", 0)
+        for row in part.get("requests", []):
+            requests[(row["model"], row["op"], row["code"])] += row["count"]
+        for model, hist in part.get("latency_s", {}).items():
+            into = latency.get(model)
+            if into is None:
+                latency[model] = {**hist, "counts": list(hist["counts"])}
+                continue
+            into["counts"] = [a + b for a, b in zip(into["counts"], hist["counts"], strict=True)]
+            into["sum"] += hist["sum"]
+            into["count"] += hist["count"]
+    return {"connections": connections, "in_flight": in_flight,
+            "requests": [{"model": m, "op": o, "code": c, "count": n}
+                         for (m, o, c), n in sorted(requests.items())],
+            "latency_s": dict(sorted(latency.items()))}

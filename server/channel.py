@@ -1,0 +1,133 @@
+"""Messages between front-end worker processes and the engine process (no I/O).
+
+The multi-core front end (``hub``, ``worker``) moves decoding and validation into worker
+processes; what crosses to the one process that owns the engine is already validated
+numpy data, in a flat binary layout the engine side reads back as zero-copy
+``np.frombuffer`` views (no msgpack, no checks). Every message is one frame (the wire's
+4-byte length header) whose first byte is its kind:
+
+- ``S`` score request: ``rid u64, deadline f64 (NaN: none), version u32, N u32,
+  name_len u16, name, then the request's arrays`` in spec order (per sparse feature:
+  values, lengths, weights; then each dense feature); an absent array is dtype 0.
+- ``R`` score reply: ``rid u64, status u8`` then the scores array (status 0) or a
+  msgpack ``{code, message}`` (status 1).
+- ``C`` control: one msgpack map with a ``kind`` key (models, admin, stats, drain, ...).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import msgpack
+import numpy as np
+
+from recserve.engine.inputs import RequestInputs, SparseInput
+from recserve.engine.spec import ModelSpec
+
+from .codec import HEADER
+
+_SCORE = struct.Struct("<cQdIIH")
+_REPLY = struct.Struct("<cQB")
+_ARRAY = struct.Struct("<BB")
+_I8, _F4 = np.dtype("<i8"), np.dtype("<f4")
+_DTYPES = {1: _I8, 2: _F4}
+_CODES = {v: k for k, v in _DTYPES.items()}
+
+
+def _put_array(parts: list, array: np.ndarray | None, dtype: np.dtype) -> None:
+    if array is None:
+        parts.append(_ARRAY.pack(0, 0))
+        return
+    array = np.asarray(array, dtype=dtype)
+    parts.append(_ARRAY.pack(_CODES[dtype], array.ndim))
+    parts.append(struct.pack(f"<{array.ndim}I", *array.shape))
+    parts.append(np.ascontiguousarray(array).data)
+
+
+def _get_array(data: memoryview, pos: int) -> tuple[np.ndarray | None, int]:
+    code, ndim = _ARRAY.unpack_from(data, pos)
+    pos += _ARRAY.size
+    if code == 0:
+        return None, pos
+    shape = struct.unpack_from(f"<{ndim}I", data, pos)
+    pos += 4 * ndim
+    dtype = _DTYPES[code]
+    count = math.prod(shape)
+    array = np.frombuffer(data, dtype, count, pos).reshape(shape)
+    return array, pos + count * dtype.itemsize
+
+
+def frame(payload: bytes | bytearray) -> bytes:
+    """The payload with its length header."""
+    return HEADER.pack(len(payload)) + payload
+
+
+def encode_score(rid: int, name: str, version: int, inputs: RequestInputs,
+                 deadline: float | None, spec: ModelSpec) -> bytes:
+    """A framed score request (arrays in ``spec``'s order)."""
+    raw = name.encode()
+    parts: list = [_SCORE.pack(b"S", rid, math.nan if deadline is None else deadline,
+                               version, inputs.num_candidates, len(raw)), raw]
+    for f in spec.sparse:
+        s = inputs.sparse[f.name]
+        _put_array(parts, s.values, _I8)
+        _put_array(parts, s.lengths, _I8)
+        _put_array(parts, s.weights, _F4)
+    for f in spec.dense:
+        _put_array(parts, inputs.dense[f.name], _F4)
+    return frame(b"".join(parts))
+
+
+def score_header(payload: memoryview) -> tuple[int, str, int, int, float | None, int]:
+    """(rid, name, version, N, deadline, offset of the arrays) of a score request."""
+    _, rid, deadline, version, n, name_len = _SCORE.unpack_from(payload, 0)
+    start = _SCORE.size
+    name = bytes(payload[start:start + name_len]).decode()
+    return (rid, name, version, n, None if math.isnan(deadline) else deadline,
+            start + name_len)
+
+
+def decode_inputs(payload: memoryview, pos: int, n: int, spec: ModelSpec) -> RequestInputs:
+    """The request's arrays (views of ``payload``) as RequestInputs."""
+    sparse = {}
+    for f in spec.sparse:
+        values, pos = _get_array(payload, pos)
+        lengths, pos = _get_array(payload, pos)
+        weights, pos = _get_array(payload, pos)
+        sparse[f.name] = SparseInput(values, lengths, weights)
+    dense = {}
+    for f in spec.dense:
+        dense[f.name], pos = _get_array(payload, pos)
+    return RequestInputs(n, sparse, dense)
+
+
+def encode_reply(rid: int, scores: np.ndarray) -> bytes:
+    """A framed score reply carrying float32 scores."""
+    parts: list = [_REPLY.pack(b"R", rid, 0)]
+    _put_array(parts, scores, _F4)
+    return frame(b"".join(parts))
+
+
+def encode_error(rid: int, code: str, message: str) -> bytes:
+    """A framed score reply carrying an error."""
+    return frame(_REPLY.pack(b"R", rid, 1) + msgpack.packb({"code": code, "message": message}))
+
+
+def decode_reply(payload: memoryview) -> tuple[int, np.ndarray | None, dict | None]:
+    """(rid, scores, None) or (rid, None, {code, message})."""
+    _, rid, status = _REPLY.unpack_from(payload, 0)
+    if status == 0:
+        scores, _ = _get_array(payload, _REPLY.size)
+        return rid, scores, None
+    return rid, None, msgpack.unpackb(payload[_REPLY.size:], raw=False)
+
+
+def encode_control(message: dict) -> bytes:
+    """A framed control message (a msgpack map with ``kind``)."""
+    return frame(b"C" + msgpack.packb(message, use_bin_type=True))
+
+
+def decode_control(payload: memoryview) -> dict:
+    """The control message of a ``C`` payload."""
+    return msgpack.unpackb(payload[1:], raw=False, strict_map_key=False)

@@ -1,0 +1,274 @@
+"""The multi-core front end's engine process: worker processes parse, this one scores.
+
+One event loop cannot decode and validate frames as fast as a GPU scores them (on the demo
+model's ranking traffic one core tops out near 8k requests/s with a no-op scorer; see
+bench/server.py). ``Hub`` starts W worker processes (``worker``): each is a complete
+recserve server listening with SO_REUSEPORT on the same port, so the kernel spreads
+connections over them, and each sends already-validated requests to this process
+through its own channel (a Unix socket pair; ``channel`` has the layout), where the one
+engine batches requests from every worker together. Admin and stats ops are forwarded
+here; model tables and readiness are pushed to the workers.
+
+Limits are per worker (``max_connections`` and ``max_in_flight`` divided among them);
+the engine's queue bound is global. Shutdown: ``drain`` tells every worker to drain
+(each refuses new requests and answers the accepted ones, which this process keeps
+scoring), waits for them to exit, then ``close`` closes the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import math
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import channel
+from .codec import FrameDecoder
+from .config import ServerConfig
+from .control import Control
+from .dispatch import Dispatcher, Op, Request
+from .errors import InternalError, RecserveError
+from .stats import merge_server_stats
+
+log = logging.getLogger("recserve.server")
+START_TIMEOUT_S = 60.0
+RESPAWN_PAUSE_S = 1.0
+
+
+class EngineSide(asyncio.Protocol):
+    """This process's end of one worker's channel."""
+
+    def __init__(self, hub: Hub, index: int) -> None:
+        self.hub, self.index = hub, index
+        self.decoder = FrameDecoder(1 << 31)
+        self.transport: asyncio.Transport | None = None
+        self.listening = asyncio.get_running_loop().create_future()
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        for payload in self.decoder.feed(data):
+            view = memoryview(payload)
+            if view[:1] == b"S":
+                self.hub.score(self, view)
+            else:
+                self.hub.on_control(self, channel.decode_control(view))
+
+    def connection_lost(self, exc) -> None:
+        self.hub.lost(self)
+        for future in (self.listening, self.closed):
+            if not future.done():
+                future.set_result(False)
+
+    def send(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+
+class Hub:
+    """The engine process of ``recserve serve --workers W``; same life cycle as ``Server``
+    (``start``, ``mark_ready``, ``drain``, ``close``, ``current_stats``)."""
+
+    def __init__(self, backend: Any, config: ServerConfig, workers: int, *,
+                 repository: Path | None = None, monitor: Any = None,
+                 log_level: str = "INFO") -> None:
+        if workers < 2:
+            raise ValueError(f"Hub needs 2 or more workers, got {workers}")
+        self.backend, self.config, self.workers = backend, config, workers
+        self.dispatcher = Dispatcher(backend, config)  # admission-free: for Control only
+        self.control = Control(self.dispatcher, repository, monitor).install()
+        self.log_level = log_level
+        self.sides: list[EngineSide] = []
+        self.procs: list[subprocess.Popen] = []
+        self.worker_stats: dict[int, dict] = {}
+        self._tasks: dict[tuple[int, int], asyncio.Task] = {}
+        self._reserve: socket.socket | None = None
+        self.port = config.port
+
+    async def start(self) -> None:
+        """Reserve the port, start the workers, return once all of them listen."""
+        family = socket.getaddrinfo(self.config.host, None, type=socket.SOCK_STREAM)[0][0]
+        self._reserve = socket.socket(family, socket.SOCK_STREAM)
+        self._reserve.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self._reserve.bind((self.config.host, self.config.port))  # bound, never listening
+        self.port = self._reserve.getsockname()[1]
+        for index in range(self.workers):
+            await self._spawn(index)
+        try:
+            ok = await asyncio.wait_for(asyncio.gather(*(s.listening for s in self.sides)),
+                                        START_TIMEOUT_S)
+        except TimeoutError:
+            ok = [False]
+        if not all(ok):
+            raise RuntimeError("a front-end worker process did not start")
+        self.broadcast_models()
+        log.info("recserve listening on %s:%d with %d worker processes", self.config.host,
+                 self.port, self.workers)
+
+    async def _spawn(self, index: int) -> None:
+        ours, theirs = socket.socketpair()
+        share = lambda value: max(1, math.ceil(value / self.workers))  # noqa: E731
+        config = dataclasses.replace(
+            self.config, port=self.port, admin_token=None,
+            max_connections=share(self.config.max_connections),
+            max_in_flight=share(self.config.max_in_flight))
+        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        settings = {"channel_fd": theirs.fileno(), "config": fields,
+                    "log_level": self.log_level}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "recserve.server.worker", json.dumps(settings)],
+            pass_fds=[theirs.fileno()])
+        theirs.close()
+        _, side = await asyncio.get_running_loop().connect_accepted_socket(
+            lambda: EngineSide(self, index), ours)
+        if index < len(self.sides):  # a replacement
+            self.procs[index], self.sides[index] = proc, side
+        else:
+            self.procs.append(proc)
+            self.sides.append(side)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) the workers listen on."""
+        return self.config.host, self.port
+
+    def mark_ready(self) -> None:
+        """Every configured model is loaded: tell the workers (their health turns ready)."""
+        self.control.not_ready = None
+        self.broadcast_models()
+
+    def broadcast_models(self) -> None:
+        """Push the served models (with specs) and readiness to every worker."""
+        models = [{"name": h.name, "version": h.version, "spec": h.spec.to_json()}
+                  for h in self.backend.models()]
+        message = channel.encode_control({"kind": "models", "models": models,
+                                          "not_ready": self.control.not_ready})
+        for side in self.sides:
+            side.send(message)
+
+    def current_stats(self) -> dict:
+        """What the ``stats`` op answers: the workers' server counters merged."""
+        return self.control.snapshot(merge_server_stats(list(self.worker_stats.values())))
+
+    def score(self, side: EngineSide, view: memoryview) -> None:
+        """A score request from a worker: run it on the engine, reply when done."""
+        rid, name, version, n, deadline, pos = channel.score_header(view)
+        task = asyncio.get_running_loop().create_task(
+            self._score(side, rid, name, version, n, deadline, view, pos))
+        self._tasks[(side.index, rid)] = task
+
+    async def _score(self, side, rid, name, version, n, deadline, view, pos) -> None:
+        try:
+            spec = self.backend.resolve(name, version).spec
+            inputs = channel.decode_inputs(view, pos, n, spec)
+            scores = await self.backend.score(name, version, inputs, deadline)
+            side.send(channel.encode_reply(rid, scores))
+        except RecserveError as exc:
+            side.send(channel.encode_error(rid, str(exc.code), exc.message))
+        except asyncio.CancelledError:
+            pass  # the worker's client went away: nobody to answer
+        except Exception as exc:
+            log.exception("scoring a request from worker %d failed", side.index)
+            side.send(channel.encode_error(rid, "internal", f"{type(exc).__name__}: {exc}"))
+        finally:
+            self._tasks.pop((side.index, rid), None)
+
+    def on_control(self, side: EngineSide, message: dict) -> None:
+        """A control message from a worker."""
+        kind = message["kind"]
+        if kind == "cancel":
+            task = self._tasks.get((side.index, message["rid"]))
+            if task is not None:
+                task.cancel()
+        elif kind == "stats":
+            self.worker_stats[side.index] = message["server"]
+        elif kind == "op":
+            self.worker_stats[side.index] = message["server"]
+            asyncio.get_running_loop().create_task(self._op(side, message))
+        elif kind == "listening" and not side.listening.done():
+            side.listening.set_result(True)
+
+    async def _op(self, side: EngineSide, message: dict) -> None:
+        request, rid = message["message"], message["rid"]
+        op = Op(request["op"])
+        try:
+            if op is Op.STATS:
+                body = {"stats": self.current_stats()}
+            else:
+                record = Request(op.value, time.perf_counter())
+                try:
+                    body = await self.dispatcher.tasks[op](request, record)
+                finally:
+                    self.broadcast_models()  # before the reply: the caller sees the change
+                body["_model"] = record.model
+            reply = {"kind": "reply", "rid": rid, "body": body}
+        except RecserveError as exc:
+            reply = {"kind": "reply", "rid": rid,
+                     "error": {"code": str(exc.code), "message": exc.message}}
+        except Exception as exc:
+            log.exception("op %s from worker %d failed", op.value, side.index)
+            error = InternalError(message=f"{type(exc).__name__}: {exc}")
+            reply = {"kind": "reply", "rid": rid,
+                     "error": {"code": str(error.code), "message": error.message}}
+        side.send(channel.encode_control(reply))
+
+    def lost(self, side: EngineSide) -> None:
+        """A worker's channel closed: drop its work (its clients are gone with it)."""
+        for (index, _), task in list(self._tasks.items()):
+            if index == side.index:
+                task.cancel()
+        self.worker_stats.pop(side.index, None)
+        if not self.dispatcher.draining and self.sides[side.index] is side:
+            log.error("front-end worker %d exited unexpectedly; starting another",
+                      side.index)
+            asyncio.get_running_loop().create_task(self._respawn(side.index))
+
+    async def _respawn(self, index: int) -> None:
+        """Replace a crashed worker (after a pause, so a worker that crashes at start
+        cannot spin the machine)."""
+        await asyncio.to_thread(self.procs[index].wait)
+        await asyncio.sleep(RESPAWN_PAUSE_S)
+        if self.dispatcher.draining:
+            return
+        await self._spawn(index)
+        if await self.sides[index].listening:
+            self.broadcast_models()
+            log.info("front-end worker %d restarted", index)
+
+    async def drain(self, timeout: float) -> bool:
+        """Tell every worker to drain; True once all have exited within ``timeout``."""
+        self.dispatcher.draining = True
+        drain = channel.encode_control({"kind": "drain"})
+        for side in self.sides:
+            side.send(drain)
+        try:
+            await asyncio.wait_for(asyncio.gather(*(s.closed for s in self.sides)),
+                                   timeout + 2.0)
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        """Stop the workers (killing any still running), close the engine."""
+        self.dispatcher.draining = True
+        for side in self.sides:
+            if side.transport is not None:
+                side.transport.close()
+        for proc in self.procs:
+            try:
+                await asyncio.to_thread(proc.wait, 5.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                await asyncio.to_thread(proc.wait)
+        await self.backend.close()
+        if self._reserve is not None:
+            self._reserve.close()

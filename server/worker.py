@@ -1,0 +1,230 @@
+"""A front-end worker process of the multi-core server (started by ``hub``, never by hand).
+
+It is a full recserve server (codec, protocol, dispatch, validation, limits, health,
+timeouts, drain) listening with SO_REUSEPORT beside its sibling workers, over a
+``RemoteBackend``: validated requests go to the engine process through a channel (a Unix
+socket inherited at spawn; ``channel`` has the message layout), admin and stats ops are
+forwarded there too, and the model table and readiness come back as pushes. Workers
+ignore SIGINT/SIGTERM: the engine process tells them when to drain, and a worker whose
+channel ends (the engine process died) exits at once.
+
+    python -m recserve.server.worker '<json settings>'   # the hub's command line
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+import numpy as np
+
+from recserve.engine.spec import ModelSpec
+
+from . import channel
+from .backend import ModelHandle
+from .codec import FrameDecoder
+from .config import ServerConfig
+from .dispatch import Op, Request
+from .errors import InternalError, NotFound, RecserveError
+
+log = logging.getLogger("recserve.server")
+STATS_PUSH_S = 0.5  # how stale the merged request counts may be in another worker's stats
+
+
+class Channel(asyncio.Protocol):
+    """The worker's end of its channel: requests out, replies and pushes in."""
+
+    def __init__(self, backend: RemoteBackend) -> None:
+        self.backend = backend
+        self.decoder = FrameDecoder(1 << 31)
+        self.transport: asyncio.Transport | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        for payload in self.decoder.feed(data):
+            view = memoryview(payload)
+            if view[:1] == b"R":
+                self.backend.on_reply(*channel.decode_reply(view))
+            else:
+                self.backend.on_control(channel.decode_control(view))
+
+    def connection_lost(self, exc) -> None:
+        self.backend.on_lost()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def send(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+
+class RemoteBackend:
+    """The Backend interface over the channel to the engine process."""
+
+    def __init__(self) -> None:
+        self.channel: Channel | None = None
+        self.server: Any = None  # the worker's Server, for pushes (readiness)
+        self.on_drain: Any = None  # called when the engine process says drain
+        self._handles: dict[tuple[str, int], ModelHandle] = {}
+        self._futures: dict[int, asyncio.Future] = {}
+        self._next = 0
+
+    def models(self) -> list[ModelHandle]:
+        """Every served model version (as last pushed), sorted by name then version."""
+        return [self._handles[k] for k in sorted(self._handles)]
+
+    def resolve(self, name: str, version: int | None) -> ModelHandle:
+        """The version asked for (the highest served one when None); raises ``NotFound``."""
+        versions = sorted(v for (n, v) in self._handles if n == name)
+        if version is None and versions:
+            version = versions[-1]
+        handle = self._handles.get((name, version))
+        if handle is None:
+            which = "is not served here" if not versions else f"has no version {version} here"
+            raise NotFound(message=f"model {name!r} {which}; versions: {versions}")
+        return handle
+
+    async def score(self, model: str, version: int, inputs, deadline: float | None = None):
+        """Scores from the engine process; a cancelled call cancels the engine's work."""
+        spec = self._handles[(model, version)].spec
+        return await self._ask(channel.encode_score, model, version, inputs, deadline, spec)
+
+    async def control(self, message: dict) -> dict:
+        """Send a control request to the engine process and await its reply."""
+        return await self._ask(lambda rid: channel.encode_control({**message, "rid": rid}))
+
+    async def _ask(self, encode, *args) -> Any:
+        if self.channel is None:
+            raise InternalError(message="the engine process is gone")
+        self._next += 1
+        rid = self._next
+        future = asyncio.get_running_loop().create_future()
+        self._futures[rid] = future
+        self.channel.send(encode(rid, *args))
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if self.channel is not None:
+                self.channel.send(channel.encode_control({"kind": "cancel", "rid": rid}))
+            raise
+        finally:
+            self._futures.pop(rid, None)
+
+    def on_reply(self, rid: int, scores: np.ndarray | None, error: dict | None) -> None:
+        future = self._futures.get(rid)
+        if future is None or future.done():
+            return
+        if error is not None:
+            future.set_exception(RecserveError.from_code(error["code"], error["message"]))
+        else:
+            future.set_result(scores)
+
+    def on_control(self, message: dict) -> None:
+        kind = message["kind"]
+        if kind == "reply":
+            future = self._futures.get(message["rid"])
+            if future is not None and not future.done():
+                if message.get("error"):
+                    error = message["error"]
+                    future.set_exception(RecserveError.from_code(error["code"],
+                                                                 error["message"]))
+                else:
+                    future.set_result(message["body"])
+        elif kind == "models":
+            self._handles = {(m["name"], m["version"]): ModelHandle(
+                m["name"], m["version"], ModelSpec.from_json(m["spec"]))
+                for m in message["models"]}
+            self.server.control.not_ready = message["not_ready"]
+        elif kind == "drain" and self.on_drain is not None:
+            self.on_drain()
+
+    def on_lost(self) -> None:
+        self.channel = None
+        for future in self._futures.values():
+            if not future.done():
+                future.set_exception(InternalError(message="the engine process is gone"))
+
+    async def close(self) -> None:
+        """Nothing to release: the engine belongs to the engine process."""
+
+
+def _forward(backend: RemoteBackend):
+    """A handler running an op in the engine process (this worker's fresh stats go along,
+    so a ``stats`` answer counts this worker's requests up to now)."""
+    async def handler(message: dict, request: Request) -> dict:
+        body = await backend.control({"kind": "op", "message": message,
+                                      "server": _server_stats(backend.server)})
+        request.model = body.pop("_model", "")
+        return body
+    return handler
+
+
+def _server_stats(server) -> dict:
+    d = server.dispatcher
+    return {"connections": d.connections, "in_flight": d.in_flight, **d.stats.to_dict()}
+
+
+async def run(settings: dict) -> int:
+    """The worker's life: connect the channel, listen, serve until drained or orphaned."""
+    from .app import Server
+
+    loop = asyncio.get_running_loop()
+    backend = RemoteBackend()
+    sock = socket.socket(fileno=settings["channel_fd"])
+    _, chan = await loop.connect_accepted_socket(lambda: Channel(backend), sock)
+    backend.channel = chan
+    config = ServerConfig(**settings["config"])
+    server = Server(backend, config, reuse_port=True)
+    backend.server = server
+    for op in (Op.LOAD, Op.UNLOAD, Op.RELOAD, Op.STATS):
+        server.dispatcher.immediate.pop(op, None)
+        server.dispatcher.tasks[op] = _forward(backend)
+    backend.on_drain = lambda: loop.create_task(_drain(server, chan, config.drain_s))
+    await server.start()
+    chan.send(channel.encode_control({"kind": "listening", "pid": os.getpid()}))
+    pusher = loop.create_task(_push_stats(server, chan))
+    await chan.closed
+    pusher.cancel()
+    if not server.dispatcher.draining:  # orphaned: the engine process died
+        log.error("worker %d: the engine process is gone; exiting", os.getpid())
+        return 1
+    return 0
+
+
+async def _drain(server, chan: Channel, seconds: float) -> None:
+    await server.drain(seconds)
+    await server.close()
+    chan.send(channel.encode_control({"kind": "drained"}))
+    if chan.transport is not None:
+        chan.transport.close()
+
+
+async def _push_stats(server, chan: Channel) -> None:
+    while True:
+        chan.send(channel.encode_control({"kind": "stats", "server": _server_stats(server)}))
+        await asyncio.sleep(STATS_PUSH_S)
+
+
+def main() -> int:
+    """Entry point: ``python -m recserve.server.worker SETTINGS_JSON``."""
+    settings = json.loads(sys.argv[1])
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the engine process decides when to stop
+        signal.signal(sig, signal.SIG_IGN)
+    logging.basicConfig(level=settings.get("log_level", "INFO"), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s")
+    import uvloop
+
+    return uvloop.run(run(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""The multi-core front end: `recserve serve --workers 2` as a real process. Worker processes
+share the port, validate, and hand requests to the engine process; answers, health, stats,
+admin ops, graceful shutdown and a worker crash behave as in the single-process server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+from server_fixtures import RawConnection
+from test_faults_process import Sender, start
+
+from recserve.engine.demo import build_demo_repository, random_inputs, to_wire
+from recserve.engine.inputs import collate
+from recserve.engine.reference import ReferenceModel
+from recserve.engine.repository import ModelRepository
+
+TOKEN = "workers-token"
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repo")
+    build_demo_repository(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def served(repo):
+    os.environ["RECSERVE_ADMIN_TOKEN"] = TOKEN
+    try:
+        proc, port = start(repo, "--workers", "2", "--max-connections", "64")
+    finally:
+        del os.environ["RECSERVE_ADMIN_TOKEN"]
+    yield proc, port
+    proc.kill()
+    proc.wait()
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(entry))
+    return out
+
+
+def call(conn: RawConnection, message: dict) -> dict:
+    conn.send(message)
+    return conn.receive()
+
+
+def test_answers_match_the_reference_from_every_connection(served, repo):
+    _, port = served
+    model = ModelRepository(repo).load("demo")
+    reference = ReferenceModel(model.spec, model.weights)
+    rng = np.random.default_rng(4)
+    conns = [RawConnection(port) for _ in range(6)]  # spread over both workers
+    for rid in range(18):
+        n = int(rng.integers(1, 300))
+        inputs = random_inputs(model.spec, rng, n, zipf=True)
+        conns[rid % 6].send({"id": rid, "op": "infer", "model": "demo", "candidates": n,
+                             "inputs": to_wire(model.spec, inputs)})
+        answer = conns[rid % 6].receive()
+        assert answer["ok"] is True, answer
+        expected = reference.forward(collate(model.spec, [inputs])).numpy()[:, 0]
+        np.testing.assert_allclose(np.frombuffer(answer["scores"]["data"], "<f4"), expected,
+                                   rtol=1e-5, atol=1e-6)
+    bad = call(conns[0], {"id": 99, "op": "infer", "model": "demo", "candidates": 0,
+                          "inputs": {}})
+    assert bad["error"]["code"] == "bad_request"  # validated in the worker
+    for conn in conns:
+        assert call(conn, {"id": 1, "op": "health"})["ready"] is True
+        conn.close()
+
+
+def test_stats_merge_every_worker(served):
+    _, port = served
+    conns = [RawConnection(port) for _ in range(4)]
+    for i, conn in enumerate(conns):
+        assert call(conn, {"id": i, "op": "ping"})["ok"] is True
+    end, pings = time.monotonic() + 10, 0
+    while time.monotonic() < end:  # other workers push their counts twice a second
+        stats = call(conns[0], {"id": 9, "op": "stats"})["stats"]
+        rows = stats["server"]["requests"]
+        pings = sum(r["count"] for r in rows if r["op"] == "ping")
+        if pings >= 4:
+            break
+        time.sleep(0.1)
+    assert pings >= 4
+    assert stats["server"]["connections"] >= 4 and stats["engine"]["kind"] == "engine"
+    for conn in conns:
+        conn.close()
+
+
+def test_admin_ops_reach_the_engine_process(served):
+    _, port = served
+    conn = RawConnection(port)
+    admin = {"op": "unload", "token": TOKEN, "model": "demo"}
+    assert call(conn, {"id": 1, **admin, "token": "nope"})["error"]["code"] == "unauthorized"
+    assert call(conn, {"id": 2, **admin}) == {"id": 2, "ok": True, "model": "demo",
+                                             "unloaded": [1]}
+    health = call(conn, {"id": 3, "op": "health"})
+    assert health["ready"] is False and health["models"] == []
+    answer = call(conn, {"id": 4, **admin, "op": "load"})
+    assert answer == {"id": 4, "ok": True, "model": "demo", "version": 1}
+    assert call(conn, {"id": 5, "op": "health"})["ready"] is True
+    conn.close()
+
+
+def test_a_crashed_worker_leaves_the_other_serving(repo):
+    proc, port = start(repo, "--workers", "2")
+    try:
+        workers = children(proc.pid)
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)
+        # gone; a connection made in the instant of the crash may be reset (the kernel is
+        # still taking the dead listener out of the SO_REUSEPORT group: about 10 ms here),
+        # after that every connection lands on the survivor
+        assert _wait(lambda: children(proc.pid) == workers[1:])
+        time.sleep(0.5)
+        for i in range(20):  # new connections all land on the survivor
+            conn = RawConnection(port)
+            assert call(conn, {"id": i, "op": "ping"})["ok"] is True
+            conn.close()
+        assert _wait(lambda: len(children(proc.pid)) == 2)  # a replacement is started
+        assert _wait(lambda: "restarted" in "".join(proc.log))
+        for i in range(20):  # and serves (with the model table) beside the survivor
+            conn = RawConnection(port)
+            assert call(conn, {"id": i, "op": "health"})["ready"] is True
+            conn.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    proc.reader.join(5)
+    assert "front-end worker" in "".join(proc.log) and "exited unexpectedly" in "".join(
+        proc.log)
+
+
+def test_sigterm_drains_every_worker(repo):
+    proc, port = start(repo, "--workers", "2", "--drain-seconds", "20")
+    senders = [Sender(port, seed=k) for k in range(4)]
+    try:
+        for s in senders:
+            s.start()
+        assert _wait(lambda: all(len(s.answers) >= 5 for s in senders))
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        for s in senders:
+            s.join(30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert children(proc.pid) == []
+    for s in senders:
+        before = [rid for rid, at in s.sent.items() if at < signalled]
+        assert [rid for rid in before if rid not in s.answers] == []
+        assert set(s.answers.values()) <= {"ok", "overloaded"}
+
+
+def _wait(predicate, timeout: float = 30.0) -> bool:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
