@@ -1,0 +1,151 @@
+"""``recserve serve``: its options (server limits, engine settings, front-end workers) and
+the command itself. Split from ``cli`` to keep each file small; ``cli.main`` dispatches."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .client import DEFAULT_HOST, DEFAULT_PORT
+from .codec import DEFAULT_MAX_FRAME
+from .config import ServerConfig
+from .serving import CPU_TORCH_THREADS, DEFAULTS_NOTE, DEVICE_DEFAULTS, DEVICES
+
+
+def add_serve(commands, command) -> None:
+    """The ``serve`` subcommand and its options."""
+    p = command(commands, "serve", "run a server until SIGINT or SIGTERM", """\
+Without --model-repo the demo model is built (once) into the cache folder
+($XDG_CACHE_HOME/recserve/models, else ~/.cache/recserve/models) and served.
+With --model-repo DIR the highest version of every model in DIR is served.
+Requests are scored by the batching engine (continuous batching across requests and
+connections) on the GPU when torch sees one, else on the CPU; --one-at-a-time scores
+them one by one with the reference model instead (a baseline for benchmarks).
+Admin ops (load, unload, reload) are on when RECSERVE_ADMIN_TOKEN is set in the
+environment; their requests must carry that token.
+
+examples:
+  recserve serve
+  recserve serve --model-repo models --host 0.0.0.0 --max-candidates 1000
+  recserve serve --device cpu --max-batch-rows 2048 --buckets 256,1024,2048""")
+    p.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default: "
+                   "%(default)s; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (default: "
+                   "%(default)s; 0 picks a free one)")
+    p.add_argument("--model-repo", type=Path, metavar="DIR",
+                   help="model repository to serve (default: the demo model in the cache)")
+    p.add_argument("--max-candidates", type=int, default=4096, metavar="N",
+                   help="most candidates per infer request (default: %(default)s)")
+    p.add_argument("--max-frame-bytes", type=int, default=DEFAULT_MAX_FRAME, metavar="BYTES",
+                   help="largest request frame; a bigger one is answered too_large and the "
+                   "connection closed (default: %(default)s = 16 MiB)")
+    p.add_argument("--max-in-flight", type=int, default=8192, metavar="N",
+                   help="requests in flight over all connections before new ones are "
+                   "answered overloaded (default: %(default)s)")
+    p.add_argument("--max-pending-per-connection", type=int, default=256, metavar="N",
+                   help="requests in flight on one connection before the server stops "
+                   "reading from it (default: %(default)s)")
+    p.add_argument("--max-connections", type=int, default=1024, metavar="N",
+                   help="open connections; one more is answered overloaded and closed "
+                   "(default: %(default)s)")
+    p.add_argument("--frame-timeout", type=float, default=30.0, metavar="S",
+                   help="drop a client that sends part of a frame and stalls this long "
+                   "(default: %(default)s)")
+    p.add_argument("--write-timeout", type=float, default=30.0, metavar="S",
+                   help="drop a client that does not read its responses for this long "
+                   "(default: %(default)s)")
+    p.add_argument("--drain-seconds", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM/SIGINT, wait this long for accepted requests to be "
+                   "answered, then exit 0; a second signal exits at once (default: "
+                   "%(default)s)")
+    p.add_argument("--workers", type=int, default=1, metavar="W",
+                   help="front-end processes: with W > 1, W worker processes share the port "
+                   "(SO_REUSEPORT), decode and validate requests and hand them to this "
+                   "process's one engine; limits on connections and requests in flight are "
+                   "split among them (default: %(default)s: one process does all)")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address of the Prometheus "
+                   "endpoint (default: %(default)s)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus "
+                   "metrics on this port (default: off)")
+    _add_engine(p)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="log verbosity on stderr (default: %(default)s)")
+
+
+def _add_engine(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine", "how requests are batched and scored; the defaults "
+                             "depend on the device (" + DEFAULTS_NOTE + ")")
+    g.add_argument("--device", choices=DEVICES, default="auto", help="where to score: auto "
+                   "is cuda when torch sees a GPU, else cpu; null scores nothing (zeros, for "
+                   "measuring the front end alone) (default: %(default)s)")
+    g.add_argument("--one-at-a-time", action="store_true", help="no batching: score each "
+                   "request alone with the reference model (benchmark baseline)")
+    g.add_argument("--max-batch-rows", type=int, metavar="ROWS",
+                   help="most candidate rows in one batch (default: the last bucket)")
+    g.add_argument("--buckets", type=_int_tuple, metavar="A,B,...",
+                   help="batch sizes a batch is padded up to, ascending (a GPU graph per "
+                   f"bucket; default: {_show(DEVICE_DEFAULTS['cpu'].buckets)} on cpu, "
+                   f"{_show(DEVICE_DEFAULTS['cuda'].buckets)} on cuda)")
+    g.add_argument("--slots", type=int, metavar="K",
+                   help=f"batches in flight in the executor (default: "
+                   f"{DEVICE_DEFAULTS['cpu'].slots} on cpu, {DEVICE_DEFAULTS['cuda'].slots} "
+                   "on cuda)")
+    g.add_argument("--max-queued-rows", type=int, metavar="ROWS",
+                   help="queued candidate rows above which new requests are answered "
+                   f"overloaded (default: {DEVICE_DEFAULTS['cpu'].max_queued_rows} on cpu, "
+                   f"{DEVICE_DEFAULTS['cuda'].max_queued_rows} on cuda)")
+    g.add_argument("--fill-wait-ms", type=float, metavar="MS",
+                   help="longest a lone request waits for more rows before a partly full "
+                   f"batch is sent anyway (default: {DEVICE_DEFAULTS['cpu'].fill_wait_s * 1e3:g}"
+                   f" on cpu, {DEVICE_DEFAULTS['cuda'].fill_wait_s * 1e3:g} on cuda)")
+    g.add_argument("--torch-threads", type=int, metavar="N",
+                   help="torch intra-op threads of the CPU executor (default: "
+                   f"{CPU_TORCH_THREADS or 'torch decides'})")
+
+
+def _show(values: tuple[int, ...]) -> str:
+    return ",".join(map(str, values))
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of ints"
+                                         ) from None
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Run ``recserve serve``; the exit status."""
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServerConfig(host=args.host, port=args.port, max_frame_bytes=args.max_frame_bytes,
+                          max_candidates=args.max_candidates, max_in_flight=args.max_in_flight,
+                          max_pending_per_connection=args.max_pending_per_connection,
+                          max_connections=args.max_connections,
+                          frame_timeout_s=args.frame_timeout, write_timeout_s=args.write_timeout,
+                          drain_s=args.drain_seconds,
+                          admin_token=os.environ.get("RECSERVE_ADMIN_TOKEN") or None)
+    # torch comes in with the backend: imported only by the commands that need it.
+    from .serving import ServeOptions, engine_settings, resolve_device, serve
+
+    repo = args.model_repo
+    if repo is None:
+        from recserve.engine.demo import build_demo_repository
+
+        from .cli import default_cache_dir
+
+        repo = default_cache_dir() / "models"
+        logging.getLogger("recserve").info("demo model: %s", build_demo_repository(repo))
+    device = resolve_device(args.device)
+    settings = engine_settings(device, args.max_batch_rows, args.buckets, args.slots,
+                               args.max_queued_rows, args.fill_wait_ms)
+    options = ServeOptions(repo, device, settings, args.one_at_a_time, args.torch_threads,
+                           args.metrics_host, args.metrics_port, args.workers,
+                           args.log_level.upper())
+    import uvloop  # the event loop is chosen here only, never on import
+
+    return uvloop.run(serve(options, config))

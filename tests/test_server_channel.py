@@ -1,0 +1,72 @@
+"""The worker <-> engine process channel layout (server/channel.py), from bytes: requests
+round-trip to equal arrays for every input form, replies carry scores or typed errors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from server_fixtures import loaded, multi_spec, small_spec
+
+from recserve.engine.demo import random_inputs
+from recserve.server import channel
+from recserve.server.codec import FrameDecoder
+
+
+def one_frame(data: bytes) -> memoryview:
+    (payload,) = FrameDecoder().feed(data)
+    return memoryview(payload)
+
+
+@pytest.mark.parametrize("spec", [small_spec(), multi_spec()], ids=["small", "multi"])
+@pytest.mark.parametrize("deadline", [None, 12345.25])
+def test_score_requests_round_trip(spec, deadline):
+    inputs = random_inputs(spec, np.random.default_rng(3), 5)
+    view = one_frame(channel.encode_score(77, spec.name, 4, inputs, deadline, spec))
+    assert bytes(view[:1]) == b"S"
+    rid, name, version, n, got_deadline, pos = channel.score_header(view)
+    assert (rid, name, version, n, got_deadline) == (77, spec.name, 4, 5, deadline)
+    back = channel.decode_inputs(view, pos, n, spec)
+    assert back.num_candidates == 5
+    for f in spec.sparse:
+        a, b = inputs.sparse[f.name], back.sparse[f.name]
+        np.testing.assert_array_equal(a.values, b.values)
+        assert b.values.dtype == np.int64
+        for x, y in ((a.lengths, b.lengths), (a.weights, b.weights)):
+            assert (x is None) == (y is None)
+            if x is not None:
+                np.testing.assert_array_equal(x, y)
+    for f in spec.dense:
+        assert back.dense[f.name].dtype == np.float32
+        np.testing.assert_array_equal(inputs.dense[f.name], back.dense[f.name])
+
+
+def test_non_ascii_model_names_and_narrow_dtypes():
+    spec = loaded(small_spec()).spec
+    inputs = random_inputs(spec, np.random.default_rng(1), 2)
+    narrow = type(inputs)(2, {k: type(v)(v.values.astype(np.int32), v.lengths, v.weights)
+                              for k, v in inputs.sparse.items()}, inputs.dense)
+    view = one_frame(channel.encode_score(1, "modèle", 0, narrow, None, spec))
+    _, name, _, _, deadline, pos = channel.score_header(view)
+    assert name == "modèle" and deadline is None
+    back = channel.decode_inputs(view, pos, 2, spec)
+    np.testing.assert_array_equal(back.sparse["item"].values, inputs.sparse["item"].values)
+
+
+@pytest.mark.parametrize("shape", [(0,), (7,), (7, 2)])
+def test_replies_carry_scores(shape):
+    scores = np.arange(math.prod(shape), dtype=np.float64).reshape(shape)
+    rid, got, error = channel.decode_reply(one_frame(channel.encode_reply(2**64 - 1, scores)))
+    assert rid == 2**64 - 1 and error is None
+    assert got.dtype == np.float32 and got.shape == shape
+    np.testing.assert_array_equal(got, scores)
+
+
+def test_replies_carry_errors_and_control_messages_round_trip():
+    rid, scores, error = channel.decode_reply(one_frame(channel.encode_error(
+        5, "overloaded", "queue full")))
+    assert (rid, scores, error) == (5, None, {"code": "overloaded", "message": "queue full"})
+    message = {"kind": "models", "models": [{"name": "m", "version": 1}], "not_ready": None}
+    view = one_frame(channel.encode_control(message))
+    assert bytes(view[:1]) == b"C" and channel.decode_control(view) == message
