@@ -88,6 +88,11 @@ async def engine_run(settings, spec, weights, requests, repeats: int) -> dict:
                 "gpu_busy_fraction": (executor.busy_ms - busy0) / 1e3 / wall,
                 "copy_overlap_fraction": overlap_fraction(executor.timeline),
                 "batches": len({t[0] for t in executor.timeline}),
+                "stage_mean_ms": {stage: float(np.mean([e - s for _, st, s, e in
+                                                        executor.timeline if st == stage]))
+                                  for stage in ("h2d", "compute", "d2h")},
+                "compute_start_gap_ms": float(np.mean(np.diff(sorted(
+                    s for _, st, s, _ in executor.timeline if st == "compute")))),
                 "bare_forward_us": bare_ms * 1e3,
                 "bare_samples_per_s": settings.max_batch_rows / (bare_ms / 1e3)}
 
@@ -126,7 +131,9 @@ def main() -> None:
         print(f"{name:17s} engine {r['samples_per_s'] / 1e6:6.2f} M samples/s, bare forward "
               f"{r['bare_samples_per_s'] / 1e6:6.2f} M/s ({r['bare_forward_us']:.0f} us), ratio "
               f"{r['ratio_to_bare']:.2f}; GPU busy {r['gpu_busy_fraction']:.0%}, copy-in "
-              f"overlapped {r['copy_overlap_fraction']:.0%} over {r['batches']} batches")
+              f"overlapped {r['copy_overlap_fraction']:.0%} over {r['batches']} batches; "
+              f"stage ms {r['stage_mean_ms']}, compute starts every "
+              f"{r['compute_start_gap_ms']:.2f} ms")
     (args.outdir / "engine_gpu.json").write_text(json.dumps(results, indent=2) + "\n")
 
 

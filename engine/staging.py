@@ -83,10 +83,13 @@ class Buffers:
     first_rows: torch.Tensor
     dense: torch.Tensor | None
     groups: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], ...]
+    scratch: torch.Tensor | None = None
+    """Host only: int64 room for one feature's ids on their way into an int32 buffer."""
 
 
 def allocate(layout: StagingLayout, device: torch.device | str, pin: bool = False) -> Buffers:
-    """Allocate one set of buffers (zeroed) for ``layout`` on ``device``."""
+    """Allocate one set of buffers (zeroed) for ``layout`` on ``device`` (with the packing
+    scratch when it is the host set)."""
     def make(shape, dtype):
         return torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
 
@@ -98,8 +101,13 @@ def allocate(layout: StagingLayout, device: torch.device | str, pin: bool = Fals
                     make(g.offsets_capacity, g.index_dtype),
                     make(g.index_capacity, torch.float32) if g.weighted else None)
                    for g in layout.groups)
+    scratch = None
+    if torch.device(device).type == "cpu":
+        room = max((g.index_capacity for g in layout.groups if g.index_dtype == torch.int32),
+                   default=0)
+        scratch = torch.zeros(room, dtype=torch.int64)  # packing only: never copied, not pinned
     return Buffers(make(b, torch.int32), make(r + 1, torch.int32), make(r, torch.int32),
-                   dense, groups)
+                   dense, groups, scratch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +148,7 @@ def pack(layout: StagingLayout, host: Buffers, pieces: list[RequestInputs],
                     layout.dense_per_request)
     nnz, used = [], []
     for group, buffers in zip(layout.groups, host.groups, strict=True):
-        n, o = _pack_group(group, buffers, pieces, bucket, r_cap)
+        n, o = _pack_group(group, buffers, host.scratch, pieces, bucket, r_cap)
         nnz.append(n)
         used.append(o)
     return PackedSizes(bucket, rows, real, tuple(nnz), tuple(used))
@@ -155,6 +163,10 @@ def _pack_dense(spec: ModelSpec, dense: np.ndarray, pieces: list[RequestInputs],
             for i, p in enumerate(pieces):
                 dense[i, cols] = p.dense[f.name].reshape(f.dim)
             dense[len(pieces):r_cap, cols] = 0.0
+        elif f.scope == "candidate":
+            rows = int(counts.sum())
+            np.concatenate([p.dense[f.name] for p in pieces], out=dense[:rows, cols])
+            dense[rows:bucket, cols] = 0.0
         else:
             start = 0
             for p, n in zip(pieces, counts, strict=True):
@@ -164,36 +176,43 @@ def _pack_dense(spec: ModelSpec, dense: np.ndarray, pieces: list[RequestInputs],
         col += f.dim
 
 
-def _pack_group(group: GroupLayout, buffers: tuple, pieces: list[RequestInputs], bucket: int,
-                r_cap: int) -> tuple[int, int]:
+def _pack_group(group: GroupLayout, buffers: tuple, scratch: torch.Tensor | None,
+                pieces: list[RequestInputs], bucket: int, r_cap: int) -> tuple[int, int]:
+    # One concatenate per feature, not one call per piece: with dozens of requests in a
+    # batch, per-piece numpy calls would cost more than the copies themselves.
     indices_t, offsets_t, weights_t = buffers
     indices, offsets = indices_t.numpy(), offsets_t.numpy()
     weights = weights_t.numpy() if weights_t is not None else None
     pos, opos = 0, 0
     for name, request_scope in zip(group.features, group.request_scope, strict=True):
+        inputs = [p.sparse[name] for p in pieces]
+        values = [s.values for s in inputs]
+        n = sum(len(v) for v in values)
+        if group.index_dtype == torch.int32:
+            # Clipped, so an id outside int32 stays outside its table's range; several
+            # pieces go through int64 scratch first (one clip call instead of one per piece).
+            wide = values[0]
+            if len(values) > 1:
+                wide = scratch.numpy()[:n]
+                np.concatenate(values, out=wide)
+            np.clip(wide, -1, _INT32_MAX, out=indices[pos:pos + n], casting="unsafe")
+        else:
+            np.concatenate(values, out=indices[pos:pos + n])
+        if weights is not None:
+            np.concatenate([s.weights if s.weights is not None
+                            else np.ones(len(s.values), np.float32) for s in inputs],
+                           out=weights[pos:pos + n])
         bags = r_cap if request_scope else bucket
         seg = offsets[opos:opos + bags + 1]
+        if request_scope:
+            lengths = np.fromiter((len(v) for v in values), dtype=np.int64, count=len(values))
+        else:
+            lengths = np.concatenate([s.lengths for s in inputs])
+        k = len(lengths)
         seg[0] = pos
-        bag = 1
-        for p in pieces:
-            s = p.sparse[name]
-            values = s.values
-            n = len(values)
-            if group.index_dtype == torch.int32:
-                np.clip(values, -1, _INT32_MAX, out=indices[pos:pos + n], casting="unsafe")
-            else:
-                indices[pos:pos + n] = values
-            if weights is not None:
-                weights[pos:pos + n] = s.weights if s.weights is not None else 1.0
-            if request_scope:
-                seg[bag] = pos + n
-                bag += 1
-            else:
-                k = len(s.lengths)
-                np.cumsum(s.lengths, out=seg[bag:bag + k], dtype=seg.dtype)
-                seg[bag:bag + k] += pos
-                bag += k
-            pos += n
-        seg[bag:] = pos  # empty padding bags
+        np.cumsum(lengths, out=seg[1:k + 1], dtype=seg.dtype)
+        seg[1:k + 1] += pos
+        seg[k + 1:] = pos + n  # empty padding bags
+        pos += n
         opos += bags + 1
     return pos, opos
