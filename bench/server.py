@@ -25,6 +25,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -140,12 +141,62 @@ async def run_load(port: int, bodies: list[bytes], seconds: float, connections: 
     span = time.perf_counter() - begin
     for c in conns:
         c.transport.close()
-    ms = np.asarray(load.latencies) * 1e3
+    return {"sent": sent, "latencies": load.latencies, "errors": load.errors,
+            "unanswered": len(load.started), "span": span}
+
+
+def summarize(parts: list[dict], rate: float | None, concurrency: int) -> dict:
+    """One run's figures from the raw results of every load process."""
+    latencies = [x for p in parts for x in p["latencies"]]
+    errors: dict[str, int] = {}
+    for p in parts:
+        for code, count in p["errors"].items():
+            errors[code] = errors.get(code, 0) + count
+    span = max(p["span"] for p in parts)
+    ms = np.asarray(latencies) * 1e3
     pct = np.percentile(ms, [50, 90, 99]).tolist() if len(ms) else [float("nan")] * 3
     return {"offered_per_s": rate, "concurrency": None if rate else concurrency,
-            "sent": sent, "completed": len(load.latencies), "errors": load.errors,
-            "unanswered": len(load.started), "requests_per_s": len(load.latencies) / span,
+            "sent": sum(p["sent"] for p in parts), "completed": len(latencies),
+            "errors": errors, "unanswered": sum(p["unanswered"] for p in parts),
+            "requests_per_s": len(latencies) / span,
             "p50_ms": pct[0], "p90_ms": pct[1], "p99_ms": pct[2]}
+
+
+_BODIES: list[bytes] = []
+
+
+def _init_client(count: int) -> None:
+    _BODIES.extend(request_bodies(count, seed=0)[0])
+
+
+def _client_run(port: int, seconds: float, connections: int, rate: float | None,
+                concurrency: int, seed: int) -> dict:
+    import uvloop
+
+    return uvloop.run(run_load(port, _BODIES, seconds, connections, rate, concurrency, seed))
+
+
+class LoadClients:
+    """``count`` load-generating processes (one is not enough to saturate a server with
+    many front-end workers); each gets an equal share of connections, rate and concurrency."""
+
+    def __init__(self, count: int, requests: int) -> None:
+        import multiprocessing
+
+        self.count = count
+        self.pool = multiprocessing.get_context("spawn").Pool(
+            count, initializer=_init_client, initargs=(requests,))
+
+    def run(self, port: int, seconds: float, connections: int, rate: float | None,
+            concurrency: int, seed: int) -> dict:
+        k = self.count
+        jobs = [(port, seconds, max(1, connections // k), None if rate is None else rate / k,
+                 max(1, concurrency // k), seed * 1000 + i) for i in range(k)]
+        return summarize(self.pool.starmap(_client_run, jobs), rate, concurrency)
+
+    def close(self) -> None:
+        self.pool.close()
+        self.pool.join()
 
 
 def cpu_seconds(pid: int) -> dict[str, float]:
@@ -183,22 +234,21 @@ def start_server(repo: Path, extra: list[str]) -> tuple[subprocess.Popen, int]:
         match = re.search(r"listening on [\d.]+:(\d+)", line)
         port = int(match.group(1)) if match else port
         if port is not None and "ready: every model is loaded" in line:
+            # keep reading its log, or a chatty server would block on a full pipe
+            threading.Thread(target=lambda: all(proc.stderr), daemon=True).start()
             return proc, port
     raise RuntimeError(f"serve {extra} exited before listening:\n{''.join(seen)}")
 
 
-def bench_config(name: str, extra: list[str], repo: Path, bodies: list[bytes],
+def bench_config(name: str, extra: list[str], repo: Path, clients: LoadClients,
                  args: argparse.Namespace) -> dict:
     """Capacity, then open-loop runs at ``args.loads`` times that capacity."""
     proc, port = start_server(repo, extra)
     try:
-        import uvloop
-
-        run = uvloop.run
-        run(run_load(port, bodies, 1.0, args.connections, None, args.concurrency, 1))  # warm
+        run = clients.run
+        run(port, 1.0, args.connections, None, args.concurrency, 1)  # warm-up
         before = cpu_seconds(proc.pid)
-        cap = run(run_load(port, bodies, args.duration, args.connections, None,
-                           args.concurrency, 2))
+        cap = run(port, args.duration, args.connections, None, args.concurrency, 2)
         after = cpu_seconds(proc.pid)
         # CPU per answered request, per process kind: where the front end's time goes.
         cap["cpu_us_per_request"] = {k: 1e6 * (after[k] - before[k]) / max(1, cap["completed"])
@@ -206,8 +256,8 @@ def bench_config(name: str, extra: list[str], repo: Path, bodies: list[bytes],
         runs = [cap]
         for i, load in enumerate(args.loads):
             rate = load * cap["requests_per_s"]
-            runs.append(run(run_load(port, bodies, args.duration, args.connections, rate,
-                                     args.concurrency, 3 + i)) | {"load": load})
+            runs.append(run(port, args.duration, args.connections, rate, args.concurrency,
+                            3 + i) | {"load": load})
     finally:
         proc.terminate()
         proc.wait(30)
@@ -225,20 +275,22 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=32, help="closed-loop requests in flight")
     p.add_argument("--connections", type=int, default=4, help="client connections")
     p.add_argument("--requests", type=int, default=256, help="distinct requests to cycle")
+    p.add_argument("--clients", type=int, default=1, help="load-generating processes")
     p.add_argument("--out", type=Path, default=None, help="folder for the JSON results")
     return p.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    bodies, sizes = request_bodies(args.requests, seed=0)
+    _, sizes = request_bodies(args.requests, seed=0)
+    clients = LoadClients(args.clients, args.requests)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp)
         build_demo_repository(repo)
         for config in args.config or DEFAULT_CONFIGS:
             name, _, flags = config.partition("=")
-            result = bench_config(name, shlex.split(flags), repo, bodies, args)
+            result = bench_config(name, shlex.split(flags), repo, clients, args)
             results.append(result)
             for r in result["runs"]:
                 what = (f"load {r['load']:.2f}" if r["offered_per_s"] else
@@ -249,6 +301,7 @@ def main() -> None:
                 print(f"{name:<16} {what:<14} {r['requests_per_s']:8.1f} req/s  p50 "
                       f"{r['p50_ms']:7.2f}  p99 {r['p99_ms']:7.2f} ms  errors {r['errors']}"
                       f"{cpu}", flush=True)
+    clients.close()
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"server-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -257,6 +310,7 @@ def main() -> None:
             "host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
             "mean_candidates": float(np.mean(sizes)), "duration_s": args.duration,
             "concurrency": args.concurrency, "connections": args.connections,
+            "clients": args.clients,
             "configs": results}, indent=2))
         print(path)
 
