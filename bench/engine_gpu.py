@@ -97,6 +97,18 @@ async def engine_run(settings, spec, weights, requests, repeats: int) -> dict:
                 "bare_samples_per_s": settings.max_batch_rows / (bare_ms / 1e3)}
 
 
+def copy_in_rate(megabytes: int = 8) -> dict:
+    """Host -> device GB/s from pinned and from pageable memory (the engine's copy-in path)."""
+    out = {}
+    dev = torch.empty(megabytes << 18, dtype=torch.int32, device="cuda")
+    for name, pinned in (("pinned", True), ("pageable", False)):
+        host = torch.ones(megabytes << 18, dtype=torch.int32, pin_memory=pinned)
+        ms = triton.testing.do_bench(lambda h=host: dev.copy_(h, non_blocking=True),
+                                     warmup=10, rep=50, return_mode="median")
+        out[f"{name}_GBps"] = (megabytes << 20) / (ms * 1e-3) / 1e9
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("outdir", type=Path)
@@ -114,6 +126,8 @@ def main() -> None:
     results = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
                "triton": triton.__version__, "workload": "dlrmv2", "batch": args.batch,
                "slots": args.slots, "max_rows": args.max_rows}
+    results["copy_in"] = copy_in_rate()
+    print(f"host -> device: {results['copy_in']}")
     full = full_requests(spec, rng, args.batch, 4)
     results["full_batches"] = asyncio.run(engine_run(settings, spec, weights, full,
                                                      args.batches // 4))
