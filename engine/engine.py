@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .executor import Executor, Job, JobResult
+from .histogram import SIZE_BOUNDS, Histogram
 from .inputs import RequestInputs
 from .scheduler import EngineError, Priority, Scheduler
 from .settings import EngineSettings
@@ -35,14 +36,37 @@ ModelKey = tuple[str, int]
 class _Pending:
     """A request between ``score`` and its answer."""
 
-    __slots__ = ("future", "inputs", "key", "scores", "rows_left", "outputs")
+    __slots__ = ("future", "inputs", "key", "scores", "rows_left", "outputs", "submitted")
 
     def __init__(self, future: asyncio.Future, inputs: RequestInputs, key: ModelKey,
-                 outputs: int) -> None:
+                 outputs: int, submitted: float) -> None:
         self.future, self.inputs, self.key = future, inputs, key
         self.scores = np.empty((inputs.num_candidates, outputs), dtype=np.float32)
         self.rows_left = inputs.num_candidates
         self.outputs = outputs
+        self.submitted = submitted
+
+
+class EngineMetrics:
+    """Distributions the engine observes on the event loop (so no locking is needed)."""
+
+    def __init__(self) -> None:
+        self.queue_wait_s = Histogram()
+        """Submit to the request's first rows dispatched in a batch."""
+        self.compute_s = Histogram()
+        """A batch's dispatch to the executor until its result is back on the loop."""
+        self.batch_rows = Histogram(SIZE_BOUNDS)
+        self.batch_requests = Histogram(SIZE_BOUNDS)
+        self.padding_rows = Histogram(SIZE_BOUNDS)
+        self.invalid_ids: Counter[str] = Counter()
+        """Ids outside their table, per sparse feature, in requests refused for them."""
+        self.dispatched: dict[int, float] = {}  # batch seq -> dispatch time, while running
+
+    def to_dict(self) -> dict:
+        """Histograms as ``Histogram.to_dict`` maps, invalid ids per feature."""
+        names = ("queue_wait_s", "compute_s", "batch_rows", "batch_requests", "padding_rows")
+        return {"histograms": {n: getattr(self, n).to_dict() for n in names},
+                "invalid_ids": dict(self.invalid_ids)}
 
 
 class Engine:
@@ -71,6 +95,7 @@ class Engine:
         self._closed = False
         self.counters: Counter[str] = Counter()
         """Totals since start: requests, batches, rows, padding_rows, expired, failed, ..."""
+        self.metrics = EngineMetrics()
 
     async def start(self) -> None:
         """Create and start the executor."""
@@ -157,10 +182,10 @@ class Engine:
             return np.zeros((0,) if outputs == 1 else (0, outputs), dtype=np.float32)
         self._next_id += 1
         request_id = self._next_id
-        self._scheduler.submit(request_id, key, inputs.num_candidates, self.clock(),
-                               priority, deadline)
+        now = self.clock()
+        self._scheduler.submit(request_id, key, inputs.num_candidates, now, priority, deadline)
         future = self._loop.create_future()
-        self._pending[request_id] = _Pending(future, inputs, key, outputs)
+        self._pending[request_id] = _Pending(future, inputs, key, outputs, now)
         self._work[key] += 1
         self.counters["requests"] += 1
         self._pump()
@@ -183,6 +208,16 @@ class Engine:
         """Requests queued or running."""
         return len(self._pending)
 
+    def stats(self) -> dict:
+        """Counters, queue depth, latency and batch-size histograms, invalid ids per feature,
+        and the executor's own ``stats()`` (GPU busy time, bytes copied) when it has one.
+        Cheap: no device call. Call it on the event loop."""
+        executor_stats = getattr(self._executor, "stats", None)
+        return {"counters": dict(self.counters), "queued_rows": self.queued_rows,
+                "pending_requests": self.pending_requests,
+                "max_batch_rows": self.settings.max_batch_rows, **self.metrics.to_dict(),
+                "executor": executor_stats() if executor_stats is not None else {}}
+
     def _pump(self) -> None:
         """Fill every free slot with a batch; re-arm the deadline/fill timer."""
         if self._closed or self._executor is None:
@@ -196,11 +231,23 @@ class Engine:
                 wake_at = decision.wake_at
                 break
             inputs = tuple(self._pending[p.request_id].inputs for p in plan.pieces)
-            self.counters["batches"] += 1
-            self.counters["rows"] += plan.rows
-            self.counters["padding_rows"] += plan.padding
+            self._count_batch(plan)
             self._executor.submit(Job(plan, self._models[plan.model], inputs), self._done)
         self._arm_timer(wake_at)
+
+    def _count_batch(self, plan) -> None:
+        """Counters and histograms of a batch about to be dispatched."""
+        now, m = self.clock(), self.metrics
+        self.counters["batches"] += 1
+        self.counters["rows"] += plan.rows
+        self.counters["padding_rows"] += plan.padding
+        m.batch_rows.observe(plan.rows)
+        m.batch_requests.observe(len(plan.pieces))
+        m.padding_rows.observe(plan.padding)
+        m.dispatched[plan.seq] = now
+        for piece in plan.pieces:
+            if piece.start == 0:  # a request's first rows: its queue wait ends here
+                m.queue_wait_s.observe(now - self._pending[piece.request_id].submitted)
 
     def _done(self, result: JobResult) -> None:
         """Executor thread: hand the result to the loop."""
@@ -210,12 +257,17 @@ class Engine:
             pass
 
     def _on_done(self, result: JobResult) -> None:
+        started = self.metrics.dispatched.pop(result.job.plan.seq, None)
+        if started is not None:
+            self.metrics.compute_s.observe(self.clock() - started)
         for piece, outcome in zip(result.job.plan.pieces, result.pieces, strict=True):
             pending = self._pending.get(piece.request_id)
             if pending is None:  # cancelled, expired or failed meanwhile
                 continue
             if outcome.error is not None:
                 self.counters["failed"] += 1
+                if outcome.error.code == "bad_request":
+                    self._count_invalid(result.job.model.spec, pending.inputs, outcome.error)
                 self._finish(piece.request_id, outcome.error)
                 continue
             pending.scores[piece.start:piece.start + piece.count] = outcome.scores
@@ -238,6 +290,20 @@ class Engine:
             del self._work[pending.key]
             if pending.key in self._retired:
                 self._drop(pending.key)
+
+    def _count_invalid(self, spec: ModelSpec, inputs: RequestInputs, error: EngineError) -> None:
+        """Count the out-of-table ids of a refused request per feature (a rare path, so the
+        ids are checked again here rather than carried back from the executor)."""
+        found = False
+        for feature in spec.sparse:
+            values = inputs.sparse[feature.name].values
+            bad = int(np.count_nonzero((values < 0) | (values >= spec.table(feature.table).rows)))
+            if bad:
+                self.metrics.invalid_ids[feature.name] += bad
+                found = True
+        feature = getattr(error, "feature", None)
+        if not found and feature is not None:
+            self.metrics.invalid_ids[feature] += 1
 
     def _expire(self, request_ids: tuple[int, ...]) -> None:
         for request_id in request_ids:

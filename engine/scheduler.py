@@ -35,10 +35,12 @@ class EngineError(Exception):
     """A typed failure of one request; ``code`` is a wire error code (``overloaded``,
     ``deadline_exceeded``, ``bad_request``, ``not_found``, ``too_large``, ``internal``)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, feature: str | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.feature = feature
+        """The sparse feature at fault (ids outside its table), when one is known."""
 
 
 class Priority(IntEnum):

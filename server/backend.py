@@ -187,7 +187,7 @@ class EngineBackend:
     def stats(self) -> dict:
         """Engine counters and queue depth, for the ``stats`` op (cheap: no device call)."""
         engine = self.engine
-        return {"kind": "engine", "counters": dict(engine.counters),
+        return {"kind": "engine", **engine.stats(), "counters": dict(engine.counters),
                 "queued_rows": engine.queued_rows, "pending_requests": engine.pending_requests,
                 "models": [{"name": n, "version": v} for n, v in engine.models()]}
 
