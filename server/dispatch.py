@@ -144,10 +144,14 @@ class Dispatcher:
         """Admitted and background requests not yet answered."""
         return self.in_flight + self.background
 
-    def changed(self) -> None:
-        """Call when ``active`` drops: wakes ``wait_idle``."""
+    def hold(self, admitted: bool, delta: int) -> None:
+        """Take (+1) or give back (-1) an admission slot, or a background count."""
+        if admitted:
+            self.in_flight += delta
+        else:
+            self.background += delta
         if self._idle is not None and self.active == 0:
-            self._idle.set()
+            self._idle.set()  # wakes wait_idle
 
     async def wait_idle(self) -> None:
         """Return once no admitted or background request is left."""
@@ -230,7 +234,8 @@ class Session:
         self._dispatcher = dispatcher
         self._send = send
         self._tasks: dict[int, asyncio.Task] = {}
-        self._held: dict[asyncio.Task, str] = {}  # task -> the count it holds: admitted|background
+        self._held: dict[asyncio.Task, bool] = {}  # task -> holds an admission slot (else a
+        # background count)
 
     @property
     def pending(self) -> int:
@@ -273,21 +278,18 @@ class Session:
         handler = dispatcher.admitted[op] if admitted else dispatcher.tasks.get(op)
         if handler is None:
             raise BadRequest(message=f"op {op.value} is not served by this server")
-        kind = "in_flight" if admitted else "background"
-        setattr(dispatcher, kind, getattr(dispatcher, kind) + 1)
+        dispatcher.hold(admitted, +1)
         task = asyncio.get_running_loop().create_task(self._run(rid, handler, message, request))
         self._tasks[rid] = task
-        self._held[task] = kind
+        self._held[task] = admitted
         # Also on done: a task cancelled before its first step never runs its body.
         task.add_done_callback(self._release)
 
     def _release(self, task: asyncio.Task) -> None:
         """Give back the task's admission (or background) count, once."""
-        kind = self._held.pop(task, None)
-        if kind is not None:
-            dispatcher = self._dispatcher
-            setattr(dispatcher, kind, getattr(dispatcher, kind) - 1)
-            dispatcher.changed()
+        admitted = self._held.pop(task, None)
+        if admitted is not None:
+            self._dispatcher.hold(admitted, -1)
 
     async def _run(self, rid: int, handler: Handler, message: dict, request: Request) -> None:
         try:

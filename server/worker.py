@@ -95,8 +95,11 @@ class RemoteBackend:
 
     async def score(self, model: str, version: int, inputs, deadline: float | None = None):
         """Scores from the engine process; a cancelled call cancels the engine's work."""
-        spec = self._handles[(model, version)].spec
-        return await self._ask(channel.encode_score, model, version, inputs, deadline, spec)
+        handle = self._handles.get((model, version))
+        if handle is None:  # unloaded since the request was validated
+            raise NotFound(message=f"model {model!r} version {version} is not served here")
+        return await self._ask(channel.encode_score, model, version, inputs, deadline,
+                               handle.spec)
 
     async def control(self, message: dict) -> dict:
         """Send a control request to the engine process and await its reply."""

@@ -249,3 +249,28 @@ def test_open_backend_engine_or_one_at_a_time(tmp_path):
     np.testing.assert_allclose(batched, alone, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="no models in"):
         asyncio.run(open_backend(ServeOptions(tmp_path / "empty")))
+
+
+def test_the_null_device_answers_zeros_without_scoring(tmp_path):
+    import asyncio
+
+    import numpy as np
+
+    from recserve.engine.demo import build_demo_repository, demo_spec, random_inputs
+    from recserve.server.serving import ServeOptions, open_backend
+
+    build_demo_repository(tmp_path)
+
+    async def go():
+        backend = await open_backend(ServeOptions(tmp_path, "null"))
+        try:
+            inputs = random_inputs(demo_spec(), np.random.default_rng(0), 700)
+            return await backend.score("demo", 1, inputs), backend.stats()
+        finally:
+            await backend.close()
+
+    scores, stats = asyncio.run(go())
+    assert scores.shape == (700,) and not scores.any()
+    assert stats["counters"]["rows"] >= 700  # batched by the engine like real traffic
+    with pytest.raises(ValueError, match="not with --device null"):
+        asyncio.run(open_backend(ServeOptions(tmp_path, "null", one_at_a_time=True)))
