@@ -118,9 +118,8 @@ def _lengths(f: SparseFeature, obj: object, num_values: int, n: int) -> np.ndarr
     if len(lengths) != n:
         raise BadRequest(message=f"{label} has {len(lengths)} entries; expected one per "
                                  f"candidate ({n})")
-    bad = (lengths < 0) | (lengths > f.max_bag)
-    if bad.any():
-        i = int(np.argmax(bad))
+    if len(lengths) and (lengths.min() < 0 or lengths.max() > f.max_bag):
+        i = int(np.argmax((lengths < 0) | (lengths > f.max_bag)))
         raise BadRequest(message=f"{label}[{i}] is {int(lengths[i])}; bag lengths must be "
                                  f"in [0, {f.max_bag}] (max_bag)")
     total = int(lengths.sum())
@@ -132,9 +131,9 @@ def _lengths(f: SparseFeature, obj: object, num_values: int, n: int) -> np.ndarr
 
 def _check_range(spec: ModelSpec, f: SparseFeature, values: np.ndarray) -> None:
     rows = spec.table(f.table).rows
-    bad = (values < 0) | (values >= rows)
-    if bad.any():
-        i = int(np.argmax(bad))
+    # Two reductions and no temporaries on the common path; find the culprit only on failure.
+    if len(values) and (values.min() < 0 or values.max() >= rows):
+        i = int(np.argmax((values < 0) | (values >= rows)))
         raise BadRequest(message=f"input {f.name!r} values[{i}] is {int(values[i])}, outside "
                                  f"table {f.table!r} (valid ids are 0 to {rows - 1})")
 
@@ -147,7 +146,7 @@ def _float_array(obj: object, label: str, max_elements: int) -> np.ndarray:
     # Plain lists of ints are exact numbers, so they are accepted as floats. An f8 too
     # large for f4 becomes Inf here and is reported by _check_finite.
     with np.errstate(over="ignore", invalid="ignore"):
-        return array.astype(np.float32)
+        return array.astype(np.float32, copy=False)
 
 
 def _dense(f: DenseFeature, obj: object, n: int) -> np.ndarray:
@@ -164,6 +163,10 @@ def _dense(f: DenseFeature, obj: object, n: int) -> np.ndarray:
 
 
 def _check_finite(array: np.ndarray, label: str) -> None:
+    # A float64 sum of float32 values cannot overflow, and any NaN or Inf makes it
+    # non-finite: one reduction decides the common case.
+    if np.isfinite(array.sum(dtype=np.float64)):
+        return
     finite = np.isfinite(array)
     if not finite.all():
         where = tuple(int(i) for i in np.argwhere(~finite)[0])
