@@ -1,0 +1,158 @@
+"""``recserve top``: a live terminal view of a running server, from its ``stats`` op.
+
+Every ``interval`` seconds it asks the server for ``stats`` over the ordinary client and
+shows what changed since the previous answer: requests/s and rows/s from counter
+deltas, p50/p99 from latency histogram deltas (so they describe the last interval, not
+the whole uptime), batch fill, queue depth, errors by code, and the GPU readings
+(or why there are none). ``summarize`` is pure (numbers from two snapshots) and
+``render`` turns them into a rich renderable, so both are testable without a terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections import Counter
+
+from recserve.engine.histogram import quantile_from
+
+from .client import Client
+
+
+def _infer_counts(stats: dict) -> Counter[str]:
+    """Answered infer requests by code."""
+    out: Counter[str] = Counter()
+    for row in stats.get("server", {}).get("requests", []):
+        if row["op"] == "infer":
+            out[row["code"]] += row["count"]
+    return out
+
+
+def _merged_latency(stats: dict) -> tuple[list[float], list[int]]:
+    """Every model's infer latency histogram added up (they share bounds)."""
+    bounds: list[float] = []
+    counts: list[int] = []
+    for hist in stats.get("server", {}).get("latency_s", {}).values():
+        bounds = hist["bounds"]
+        counts = [a + b for a, b in zip(counts, hist["counts"], strict=True)] if counts else list(
+            hist["counts"])
+    return bounds, counts
+
+
+def summarize(now: dict, before: dict | None) -> dict:
+    """Rates and percentiles over the interval between two ``stats`` snapshots (``before``
+    None: since the server started)."""
+    span = now["time"] - before["time"] if before else now.get("uptime_s", 0.0)
+    span = max(span, 1e-9)
+    engine, old_engine = now.get("engine", {}), (before or {}).get("engine", {})
+    codes = _infer_counts(now)
+    codes.subtract(_infer_counts(before) if before else Counter())
+    bounds, counts = _merged_latency(now)
+    if before:
+        _, old = _merged_latency(before)
+        counts = [a - b for a, b in zip(counts, old, strict=False)] if old else counts
+    counters = engine.get("counters", {})
+    old_counters = old_engine.get("counters", {})
+    rows = counters.get("rows", 0) - old_counters.get("rows", 0)
+    batches = counters.get("batches", 0) - old_counters.get("batches", 0)
+    busy_ms = (engine.get("executor", {}).get("gpu_busy_ms", 0.0)
+               - old_engine.get("executor", {}).get("gpu_busy_ms", 0.0))
+    nan = float("nan")
+    return {
+        "span_s": span, "requests_per_s": sum(codes.values()) / span,
+        "rows_per_s": rows / span if "rows" in counters else nan,
+        "p50_s": quantile_from(bounds, counts, 0.5) if bounds else nan,
+        "p99_s": quantile_from(bounds, counts, 0.99) if bounds else nan,
+        "rows_per_batch": rows / batches if batches else nan,
+        "batch_fill": (rows / batches / engine["max_batch_rows"]
+                       if batches and engine.get("max_batch_rows") else nan),
+        "queued_rows": engine.get("queued_rows"), "pending": engine.get("pending_requests"),
+        "in_flight": now.get("server", {}).get("in_flight", 0),
+        "connections": now.get("server", {}).get("connections", 0),
+        "errors": {c: n for c, n in sorted(codes.items()) if c != "ok" and n},
+        "error_totals": {c: n for c, n in sorted(_infer_counts(now).items()) if c != "ok"},
+        "engine_busy": busy_ms / 1e3 / span if "executor" in engine and engine["executor"]
+        else nan,
+        "gpu": now.get("gpu", {}),
+    }
+
+
+def _num(value: float | None, fmt: str, unit: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:{fmt}}{unit}"
+
+
+def _gpu_lines(gpu: dict) -> list[str]:
+    if not gpu.get("available"):
+        return [f"GPU monitor unavailable: {gpu.get('reason') or 'no reason given'}"]
+    lines = []
+    for g in gpu.get("gpus", []):
+        used, total = g.get("memory_used_bytes"), g.get("memory_total_bytes")
+        memory = (f"{used / 2**30:.1f}/{total / 2**30:.1f} GiB" if used is not None
+                  and total is not None else "-")
+        power = _num(g.get("power_watts"), ".0f", " W")
+        if g.get("power_limit_watts") is not None:
+            power += f" / {g['power_limit_watts']:.0f} W"
+        lines.append(f"GPU {g['index']} {g.get('name') or ''}: util "
+                     f"{_num(g.get('utilization_pct'), '.0f', '%')}, memory {memory}, "
+                     f"power {power}, {_num(g.get('temperature_c'), 'd', ' C')}, "
+                     f"SM {_num(g.get('sm_clock_mhz'), 'd', ' MHz')}")
+    return lines
+
+
+def render(now: dict, before: dict | None, title: str = "recserve"):
+    """A rich renderable of the interval between two ``stats`` snapshots."""
+    from rich.console import Group
+    from rich.table import Table
+
+    s = summarize(now, before)
+    table = Table(title=f"{title}  (up {now.get('uptime_s', 0):.0f} s, version "
+                  f"{now.get('version', '?')}, last {s['span_s']:.1f} s)",
+                  show_header=False, box=None, padding=(0, 2))
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    table.add_row("requests/s", _num(s["requests_per_s"], ".1f"))
+    table.add_row("rows/s", _num(s["rows_per_s"], ".0f"))
+    table.add_row("latency p50 / p99", f"{_num(s['p50_s'] * 1e3, '.2f', ' ms')} / "
+                  f"{_num(s['p99_s'] * 1e3, '.2f', ' ms')}")
+    table.add_row("batch fill", f"{_num(s['batch_fill'] * 100, '.0f', '%')} "
+                  f"({_num(s['rows_per_batch'], '.0f')} rows per batch)")
+    table.add_row("queue", f"{_num(s['queued_rows'], 'd')} rows queued, "
+                  f"{_num(s['pending'], 'd')} requests in the engine, {s['in_flight']} in "
+                  f"flight, {s['connections']} connections")
+    errors = ", ".join(f"{c} {n}" for c, n in s["errors"].items()) or "none"
+    totals = ", ".join(f"{c} {n}" for c, n in s["error_totals"].items()) or "none"
+    table.add_row("errors", f"{errors} (since start: {totals})")
+    table.add_row("engine GPU busy", _num(s["engine_busy"] * 100, ".0f", "%"))
+    return Group(table, *_gpu_lines(s["gpu"]))
+
+
+def run_top(args: argparse.Namespace) -> int:
+    """``recserve top``: refresh every ``args.interval`` s until Ctrl-C (or once)."""
+    try:
+        from rich.console import Console
+        from rich.live import Live
+    except ImportError:
+        raise ValueError("recserve top needs rich: pip install 'recserve[tools]'") from None
+    console = Console()
+    title = f"recserve {args.host}:{args.port}"
+    with Client(args.host, args.port, timeout=args.timeout) as client:
+        def fetch() -> dict:
+            return client.call("stats")["stats"]
+
+        before = fetch()
+        if args.once:
+            time.sleep(args.interval)
+            console.print(render(fetch(), before, title))
+            return 0
+        try:
+            with Live(render(before, None, title), console=console, auto_refresh=False) as live:
+                while True:
+                    time.sleep(args.interval)
+                    now = fetch()
+                    live.update(render(now, before, title), refresh=True)
+                    before = now
+        except KeyboardInterrupt:
+            return 0
