@@ -7,10 +7,11 @@ numpy data, in a flat binary layout the engine side reads back as zero-copy
 4-byte length header) whose first byte is its kind:
 
 - ``S`` score request: ``rid u64, deadline f64 (NaN: none), version u32, N u32,
-  name_len u16, name, then the request's arrays`` in spec order (per sparse feature:
-  values, lengths, weights; then each dense feature); an absent array is dtype 0.
-- ``R`` score reply: ``rid u64, status u8`` then the scores array (status 0) or a
-  msgpack ``{code, message}`` (status 1).
+  pinned u8, name_len u16, name, then the request's arrays`` in spec order (per sparse
+  feature: values, lengths, weights; then each dense feature); an absent array is dtype 0.
+  ``pinned`` 0: the client asked for the latest version, which may be newer by now.
+- ``R`` score reply: ``rid u64, status u8, version u32`` then the scores array (status 0;
+  ``version`` is the one that scored) or a msgpack ``{code, message}`` (status 1).
 - ``C`` control: one msgpack map with a ``kind`` key (models, admin, stats, drain, ...).
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import math
 import struct
+from typing import NamedTuple
 
 import msgpack
 import numpy as np
@@ -27,8 +29,8 @@ from recserve.engine.spec import ModelSpec
 
 from .codec import HEADER
 
-_SCORE = struct.Struct("<cQdIIH")
-_REPLY = struct.Struct("<cQB")
+_SCORE = struct.Struct("<cQdIIBH")
+_REPLY = struct.Struct("<cQBI")
 _ARRAY = struct.Struct("<BB")
 _I8, _F4 = np.dtype("<i8"), np.dtype("<f4")
 _DTYPES = {1: _I8, 2: _F4}
@@ -64,11 +66,11 @@ def frame(payload: bytes | bytearray) -> bytes:
 
 
 def encode_score(rid: int, name: str, version: int, inputs: RequestInputs,
-                 deadline: float | None, spec: ModelSpec) -> bytes:
+                 deadline: float | None, spec: ModelSpec, pinned: bool = True) -> bytes:
     """A framed score request (arrays in ``spec``'s order)."""
     raw = name.encode()
     parts: list = [_SCORE.pack(b"S", rid, math.nan if deadline is None else deadline,
-                               version, inputs.num_candidates, len(raw)), raw]
+                               version, inputs.num_candidates, pinned, len(raw)), raw]
     for f in spec.sparse:
         s = inputs.sparse[f.name]
         _put_array(parts, s.values, _I8)
@@ -79,13 +81,25 @@ def encode_score(rid: int, name: str, version: int, inputs: RequestInputs,
     return frame(b"".join(parts))
 
 
-def score_header(payload: memoryview) -> tuple[int, str, int, int, float | None, int]:
-    """(rid, name, version, N, deadline, offset of the arrays) of a score request."""
-    _, rid, deadline, version, n, name_len = _SCORE.unpack_from(payload, 0)
+class ScoreHeader(NamedTuple):
+    """The fixed part of a score request; ``offset`` is where its arrays start."""
+
+    rid: int
+    name: str
+    version: int
+    candidates: int
+    deadline: float | None
+    pinned: bool
+    offset: int
+
+
+def score_header(payload: memoryview) -> ScoreHeader:
+    """The header of a score request."""
+    _, rid, deadline, version, n, pinned, name_len = _SCORE.unpack_from(payload, 0)
     start = _SCORE.size
     name = bytes(payload[start:start + name_len]).decode()
-    return (rid, name, version, n, None if math.isnan(deadline) else deadline,
-            start + name_len)
+    return ScoreHeader(rid, name, version, n, None if math.isnan(deadline) else deadline,
+                       bool(pinned), start + name_len)
 
 
 def decode_inputs(payload: memoryview, pos: int, n: int, spec: ModelSpec) -> RequestInputs:
@@ -102,25 +116,26 @@ def decode_inputs(payload: memoryview, pos: int, n: int, spec: ModelSpec) -> Req
     return RequestInputs(n, sparse, dense)
 
 
-def encode_reply(rid: int, scores: np.ndarray) -> bytes:
-    """A framed score reply carrying float32 scores."""
-    parts: list = [_REPLY.pack(b"R", rid, 0)]
+def encode_reply(rid: int, scores: np.ndarray, version: int) -> bytes:
+    """A framed score reply carrying float32 scores from model ``version``."""
+    parts: list = [_REPLY.pack(b"R", rid, 0, version)]
     _put_array(parts, scores, _F4)
     return frame(b"".join(parts))
 
 
 def encode_error(rid: int, code: str, message: str) -> bytes:
     """A framed score reply carrying an error."""
-    return frame(_REPLY.pack(b"R", rid, 1) + msgpack.packb({"code": code, "message": message}))
+    return frame(_REPLY.pack(b"R", rid, 1, 0)
+                 + msgpack.packb({"code": code, "message": message}))
 
 
-def decode_reply(payload: memoryview) -> tuple[int, np.ndarray | None, dict | None]:
-    """(rid, scores, None) or (rid, None, {code, message})."""
-    _, rid, status = _REPLY.unpack_from(payload, 0)
+def decode_reply(payload: memoryview) -> tuple[int, np.ndarray | None, int, dict | None]:
+    """(rid, scores, version, None) or (rid, None, 0, {code, message})."""
+    _, rid, status, version = _REPLY.unpack_from(payload, 0)
     if status == 0:
         scores, _ = _get_array(payload, _REPLY.size)
-        return rid, scores, None
-    return rid, None, msgpack.unpackb(payload[_REPLY.size:], raw=False)
+        return rid, scores, version, None
+    return rid, None, 0, msgpack.unpackb(payload[_REPLY.size:], raw=False)
 
 
 def encode_control(message: dict) -> bytes:

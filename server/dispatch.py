@@ -182,11 +182,19 @@ class Dispatcher:
         inputs = validate_inputs(handle.spec, message["candidates"], message["inputs"],
                                  self.config.max_candidates)
         deadline = None if timeout is None else time.monotonic() + timeout
+        version = handle.version
         try:
-            # The backend gets the deadline to drop expired work; wait_for guarantees
-            # the answer even from a backend that ignores it.
-            scores = await asyncio.wait_for(
-                self.backend.score(handle.name, handle.version, inputs, deadline), timeout)
+            # The backend gets the deadline to drop expired work; the timeout guarantees the
+            # answer even from a backend that ignores it. Awaited in this task (no new task),
+            # so the backend sees the request in the same step as the resolve above: a model
+            # swapped meanwhile cannot retire the resolved version under it.
+            async with asyncio.timeout(timeout):
+                remote = getattr(self.backend, "score_request", None)
+                if remote is not None:  # a backend that may score a newer version
+                    scores, version = await remote(handle, inputs, deadline,
+                                                   pinned=message.get("version") is not None)
+                else:
+                    scores = await self.backend.score(handle.name, version, inputs, deadline)
         except TimeoutError:
             raise DeadlineExceeded(message=f"not scored within deadline_ms="
                                            f"{message['deadline_ms']}") from None
@@ -196,7 +204,7 @@ class Dispatcher:
             # A backend bug; refuse to send scores that cannot be matched to candidates.
             raise InternalError(message=f"backend returned scores of shape "
                                         f"{list(scores.shape)}; expected {list(expected)}")
-        return {"model": handle.name, "version": handle.version,
+        return {"model": handle.name, "version": version,
                 "scores": scores.astype("float32", copy=False)}
 
 

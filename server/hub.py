@@ -40,7 +40,7 @@ from .codec import FrameDecoder
 from .config import ServerConfig
 from .control import Control
 from .dispatch import Dispatcher, Op, Request
-from .errors import InternalError, RecserveError
+from .errors import InternalError, NotFound, Overloaded, RecserveError
 from .stats import merge_server_stats
 
 log = logging.getLogger("recserve.server")
@@ -97,6 +97,7 @@ class Hub:
         self.procs: list[subprocess.Popen] = []
         self.worker_stats: dict[int, dict] = {}
         self._tasks: dict[tuple[int, int], asyncio.Task] = {}
+        self._specs: dict[tuple[str, int], Any] = {}  # every (name, version) ever pushed
         self._reserve: socket.socket | None = None
         self.port = config.port
 
@@ -154,8 +155,11 @@ class Hub:
 
     def broadcast_models(self) -> None:
         """Push the served models (with specs) and readiness to every worker."""
+        handles = self.backend.models()
+        for h in handles:  # what workers may validate against, for _handle_for
+            self._specs[(h.name, h.version)] = h.spec
         models = [{"name": h.name, "version": h.version, "spec": h.spec.to_json()}
-                  for h in self.backend.models()]
+                  for h in handles]
         message = channel.encode_control({"kind": "models", "models": models,
                                           "not_ready": self.control.not_ready})
         for side in self.sides:
@@ -167,17 +171,19 @@ class Hub:
 
     def score(self, side: EngineSide, view: memoryview) -> None:
         """A score request from a worker: run it on the engine, reply when done."""
-        rid, name, version, n, deadline, pos = channel.score_header(view)
-        task = asyncio.get_running_loop().create_task(
-            self._score(side, rid, name, version, n, deadline, view, pos))
-        self._tasks[(side.index, rid)] = task
+        header = channel.score_header(view)
+        task = asyncio.get_running_loop().create_task(self._score(side, header, view))
+        self._tasks[(side.index, header.rid)] = task
 
-    async def _score(self, side, rid, name, version, n, deadline, view, pos) -> None:
+    async def _score(self, side: EngineSide, header: channel.ScoreHeader,
+                     view: memoryview) -> None:
+        rid = header.rid
         try:
-            spec = self.backend.resolve(name, version).spec
-            inputs = channel.decode_inputs(view, pos, n, spec)
-            scores = await self.backend.score(name, version, inputs, deadline)
-            side.send(channel.encode_reply(rid, scores))
+            handle = self._handle_for(header)
+            inputs = channel.decode_inputs(view, header.offset, header.candidates, handle.spec)
+            scores = await self.backend.score(handle.name, handle.version, inputs,
+                                              header.deadline)
+            side.send(channel.encode_reply(rid, scores, handle.version))
         except RecserveError as exc:
             side.send(channel.encode_error(rid, str(exc.code), exc.message))
         except asyncio.CancelledError:
@@ -187,6 +193,21 @@ class Hub:
             side.send(channel.encode_error(rid, "internal", f"{type(exc).__name__}: {exc}"))
         finally:
             self._tasks.pop((side.index, rid), None)
+
+    def _handle_for(self, header: channel.ScoreHeader):
+        """The version to score: the one the worker validated against, or, when the client
+        asked for the latest and a swap retired that one meanwhile, the new latest if its
+        inputs are the same (else ``overloaded``: the worker's table is about to update)."""
+        try:
+            return self.backend.resolve(header.name, header.version)
+        except NotFound:
+            if header.pinned:
+                raise
+        latest = self.backend.resolve(header.name, None)
+        if self._specs.get((header.name, header.version)) != latest.spec:
+            raise Overloaded(message=f"model {header.name!r} changed its inputs while the "
+                                     "request was on its way; retry") from None
+        return latest
 
     def on_control(self, side: EngineSide, message: dict) -> None:
         """A control message from a worker."""

@@ -98,8 +98,15 @@ class RemoteBackend:
         handle = self._handles.get((model, version))
         if handle is None:  # unloaded since the request was validated
             raise NotFound(message=f"model {model!r} version {version} is not served here")
-        return await self._ask(channel.encode_score, model, version, inputs, deadline,
-                               handle.spec)
+        return (await self.score_request(handle, inputs, deadline))[0]
+
+    async def score_request(self, handle: ModelHandle, inputs, deadline: float | None,
+                            pinned: bool = True) -> tuple[np.ndarray, int]:
+        """(scores, version that scored). Unpinned (the client asked for the latest), the
+        engine process may score a newer version with the same inputs: this worker's model
+        table can trail a swap by a moment, and that must not fail the request."""
+        return await self._ask(channel.encode_score, handle.name, handle.version, inputs,
+                               deadline, handle.spec, pinned)
 
     async def control(self, message: dict) -> dict:
         """Send a control request to the engine process and await its reply."""
@@ -122,14 +129,15 @@ class RemoteBackend:
         finally:
             self._futures.pop(rid, None)
 
-    def on_reply(self, rid: int, scores: np.ndarray | None, error: dict | None) -> None:
+    def on_reply(self, rid: int, scores: np.ndarray | None, version: int,
+                 error: dict | None) -> None:
         future = self._futures.get(rid)
         if future is None or future.done():
             return
         if error is not None:
             future.set_exception(RecserveError.from_code(error["code"], error["message"]))
         else:
-            future.set_result(scores)
+            future.set_result((scores, version))
 
     def on_control(self, message: dict) -> None:
         kind = message["kind"]

@@ -232,9 +232,12 @@ def test_reload_under_load_fails_no_request(tmp_path):
         conn = RawConnection(thread.port)
         rid = 0
         while not stop.is_set():
-            for _ in range(4):  # a few in flight at once
+            for _ in range(4):  # a few in flight at once, half with a deadline
                 rid += 1
-                conn.send(request(rid, n=8, seed=k * 1000 + rid)[0])
+                message = request(rid, n=8, seed=k * 1000 + rid)[0]
+                if rid % 2:
+                    message["deadline_ms"] = 30_000
+                conn.send(message)
             for _ in range(4):
                 answer = conn.receive()
                 if answer["ok"]:

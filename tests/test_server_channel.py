@@ -23,10 +23,12 @@ def one_frame(data: bytes) -> memoryview:
 @pytest.mark.parametrize("deadline", [None, 12345.25])
 def test_score_requests_round_trip(spec, deadline):
     inputs = random_inputs(spec, np.random.default_rng(3), 5)
-    view = one_frame(channel.encode_score(77, spec.name, 4, inputs, deadline, spec))
+    view = one_frame(channel.encode_score(77, spec.name, 4, inputs, deadline, spec,
+                                          pinned=deadline is None))
     assert bytes(view[:1]) == b"S"
-    rid, name, version, n, got_deadline, pos = channel.score_header(view)
+    rid, name, version, n, got_deadline, pinned, pos = channel.score_header(view)
     assert (rid, name, version, n, got_deadline) == (77, spec.name, 4, 5, deadline)
+    assert pinned is (deadline is None)
     back = channel.decode_inputs(view, pos, n, spec)
     assert back.num_candidates == 5
     for f in spec.sparse:
@@ -48,7 +50,7 @@ def test_non_ascii_model_names_and_narrow_dtypes():
     narrow = type(inputs)(2, {k: type(v)(v.values.astype(np.int32), v.lengths, v.weights)
                               for k, v in inputs.sparse.items()}, inputs.dense)
     view = one_frame(channel.encode_score(1, "modèle", 0, narrow, None, spec))
-    _, name, _, _, deadline, pos = channel.score_header(view)
+    _, name, _, _, deadline, _, pos = channel.score_header(view)
     assert name == "modèle" and deadline is None
     back = channel.decode_inputs(view, pos, 2, spec)
     np.testing.assert_array_equal(back.sparse["item"].values, inputs.sparse["item"].values)
@@ -57,14 +59,15 @@ def test_non_ascii_model_names_and_narrow_dtypes():
 @pytest.mark.parametrize("shape", [(0,), (7,), (7, 2)])
 def test_replies_carry_scores(shape):
     scores = np.arange(math.prod(shape), dtype=np.float64).reshape(shape)
-    rid, got, error = channel.decode_reply(one_frame(channel.encode_reply(2**64 - 1, scores)))
-    assert rid == 2**64 - 1 and error is None
+    rid, got, version, error = channel.decode_reply(one_frame(channel.encode_reply(
+        2**64 - 1, scores, 2**32 - 1)))
+    assert (rid, version, error) == (2**64 - 1, 2**32 - 1, None)
     assert got.dtype == np.float32 and got.shape == shape
     np.testing.assert_array_equal(got, scores)
 
 
 def test_replies_carry_errors_and_control_messages_round_trip():
-    rid, scores, error = channel.decode_reply(one_frame(channel.encode_error(
+    rid, scores, version, error = channel.decode_reply(one_frame(channel.encode_error(
         5, "overloaded", "queue full")))
     assert (rid, scores, error) == (5, None, {"code": "overloaded", "message": "queue full"})
     message = {"kind": "models", "models": [{"name": "m", "version": 1}], "not_ready": None}

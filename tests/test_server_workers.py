@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import numpy as np
@@ -16,7 +17,8 @@ from test_faults_process import Sender, start
 from recserve.engine.demo import build_demo_repository, random_inputs, to_wire
 from recserve.engine.inputs import collate
 from recserve.engine.reference import ReferenceModel
-from recserve.engine.repository import ModelRepository
+from recserve.engine.repository import ModelRepository, save_model
+from recserve.engine.weights import init_weights
 
 TOKEN = "workers-token"
 
@@ -115,6 +117,53 @@ def test_admin_ops_reach_the_engine_process(served):
     assert answer == {"id": 4, "ok": True, "model": "demo", "version": 1}
     assert call(conn, {"id": 5, "op": "health"})["ready"] is True
     conn.close()
+
+
+def test_reload_under_load_through_the_workers_fails_no_request(tmp_path):
+    build_demo_repository(tmp_path)
+    v1 = ModelRepository(tmp_path).load("demo")
+    save_model(tmp_path, v1.spec, init_weights(v1.spec, seed=2), version=2)
+    os.environ["RECSERVE_ADMIN_TOKEN"] = TOKEN
+    try:
+        proc, port = start(tmp_path, "--workers", "2")
+    finally:
+        del os.environ["RECSERVE_ADMIN_TOKEN"]
+    failures, versions, stop = [], set(), threading.Event()
+
+    def client(k):
+        conn = RawConnection(port)
+        rng = np.random.default_rng(k)
+        rid = 0
+        while not stop.is_set():
+            for _ in range(4):
+                rid += 1
+                inputs = to_wire(v1.spec, random_inputs(v1.spec, rng, 20))
+                conn.send({"id": rid, "op": "infer", "model": "demo", "candidates": 20,
+                           "inputs": inputs})
+            for _ in range(4):
+                answer = conn.receive()
+                (versions.add(answer["version"]) if answer["ok"] else failures.append(answer))
+        conn.close()
+
+    try:
+        workers = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+        for w in workers:
+            w.start()
+        admin = RawConnection(port)
+        for i in range(6):
+            answer = call(admin, {"id": i, "op": "load", "token": TOKEN, "model": "demo",
+                                  "version": 1 + i % 2})
+            assert answer["ok"] is True, answer
+        stop.set()
+        for w in workers:
+            w.join(60)
+        admin.close()
+    finally:
+        stop.set()
+        proc.kill()
+        proc.wait()
+    assert failures == []
+    assert versions == {1, 2}
 
 
 def test_a_crashed_worker_leaves_the_other_serving(repo):
