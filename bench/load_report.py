@@ -126,6 +126,10 @@ def print_table(results: list[dict]) -> None:
               f"{_fmt(r['gpu_util_pct'], '.0f'):>4}  {errors}", flush=True)
 
 
+def _no_nan(row: dict, blank: object) -> dict:
+    return {k: blank if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+
+
 def write_outputs(results: list[dict], args) -> None:
     """``--json``, ``--csv`` and ``--plot``, each when asked for."""
     if args.json is not None:
@@ -134,16 +138,15 @@ def write_outputs(results: list[dict], args) -> None:
                 "python": platform.python_version(), "duration_s": args.duration,
                 "max_requests": args.max_requests, "ids": args.ids, "model": args.model,
                 "connections": args.connections, "serve_args": args.serve_args}
-        runs = [{k: None if isinstance(v, float) and math.isnan(v) else v  # strict JSON
-                 for k, v in r.items()} for r in results]
+        runs = [_no_nan(r, None) for r in results]  # strict JSON has no NaN
         args.json.write_text(json.dumps({**meta, "runs": runs}, indent=2) + "\n")
     if args.csv is not None:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
             writer.writeheader()
             for r in results:
-                writer.writerow({**r, "errors": ";".join(f"{c}={n}"
-                                                         for c, n in r["errors"].items())})
+                writer.writerow({**_no_nan(r, ""), "errors": ";".join(
+                    f"{c}={n}" for c, n in r["errors"].items())})
     if args.plot is not None:
         plot(results, args.plot)
 
