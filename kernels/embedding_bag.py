@@ -44,22 +44,31 @@ CONFIGS = [
     {"BAGS": 8, "LANES": 8, "num_warps": 2},
     {"BAGS": 4, "LANES": 16, "num_warps": 2},
 ]
+# Switches for ``bench/kernel_variants.py``: both False give the kernel of the first H200
+# run (one element per load instruction, ids and rows loaded back to back). Whatever they
+# say, that proven kernel is also among the tuning candidates (see ``_candidates``).
+ALIGN_HINTS = True
+"""Alignment hints (16-byte row loads and stores where ``_align`` allows)."""
+PREFETCH = True
+"""Load each step's ids one step ahead of the rows they address."""
 _META_COLS = 9  # elem_base, row_base, rows, dim, bag_base, num_bags, out_col, first_prog, flags
 _REQUEST, _MEAN, _WEIGHTED, _LONG = 1, 2, 4, 8
 
 
 @triton.jit
-def _gather(table_ptr, scale_ptr, shift_ptr, weights_ptr, indices_ptr, pos, valid,
+def _gather(table_ptr, qparams_ptr, weights_ptr, idx, pos, valid,
             elem_base, row_base, rows, dim, is_weighted, d, dmask,
             QUANT: tl.constexpr, WEIGHTED: tl.constexpr):
-    """Rows [n, BLOCK_D] (fp32, zero where masked) at index positions ``pos`` [n]."""
-    idx = tl.load(indices_ptr + pos, mask=valid, other=0).to(tl.int64)
+    """Rows [n, BLOCK_D] (fp32, zero where masked) of ids ``idx`` [n] at positions ``pos``."""
+    idx = idx.to(tl.int64)
     inb = valid & (idx >= 0) & (idx < rows)
     ptrs = table_ptr + (elem_base + idx * dim)[:, None] + d[None, :]
     vals = tl.load(ptrs, mask=inb[:, None] & dmask[None, :], other=0.0).to(tl.float32)
     if QUANT:
-        s = tl.load(scale_ptr + row_base + idx, mask=inb, other=0.0)
-        o = tl.load(shift_ptr + row_base + idx, mask=inb, other=0.0)
+        # scale and offset side by side: one 8-byte load, one sector per row
+        qp = tl.load(qparams_ptr + (2 * (row_base + idx))[:, None] + tl.arange(0, 2)[None, :],
+                     mask=inb[:, None], other=0.0)
+        s, o = tl.split(qp)
         vals = vals * s[:, None] + o[:, None]
     if WEIGHTED:
         # Unweighted features in a weighted launch read weight 1 (their slots are unused).
@@ -67,6 +76,29 @@ def _gather(table_ptr, scale_ptr, shift_ptr, weights_ptr, indices_ptr, pos, vali
         w = tl.where(is_weighted != 0, w, 1.0)
         vals = vals * w[:, None]
     return vals, (valid & (inb == 0)).to(tl.int32)
+
+
+@triton.jit
+def _first_ids(indices_ptr, pos, valid, PREFETCH: tl.constexpr):
+    """The ids of a loop's first step when prefetching (else an unused placeholder)."""
+    if PREFETCH:
+        ids = tl.load(indices_ptr + pos, mask=valid, other=0)
+    else:
+        ids = tl.zeros(pos.shape, dtype=indices_ptr.dtype.element_ty)
+    return ids
+
+
+@triton.jit
+def _step_ids(indices_ptr, nxt, pos, valid, pos_next, valid_next, PREFETCH: tl.constexpr):
+    """(ids at ``pos``, ids at ``pos_next``). With PREFETCH the next step's ids are loaded
+    one step ahead, so each step waits on one load latency (the rows) instead of two
+    (ids, then the rows they address); masked like the rows, so nothing past a bag is read."""
+    if PREFETCH:
+        ids = nxt
+        nxt = tl.load(indices_ptr + pos_next, mask=valid_next, other=0)
+    else:
+        ids = tl.load(indices_ptr + pos, mask=valid, other=0)
+    return ids, nxt
 
 
 @triton.jit
@@ -94,17 +126,19 @@ def _finish(acc, length, bad, bags, bmask, out_ptr, bad_ptr, row_request_ptr,
 @triton.jit
 def _embedding_bag_kernel(
     # pointers
-    table_ptr, scale_ptr, shift_ptr, indices_ptr, offsets_ptr, weights_ptr,
+    table_ptr, qparams_ptr, indices_ptr, offsets_ptr, weights_ptr,
     out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr, prog_feature_ptr, meta_ptr,
     # strides
     out_stride,
     # meta-parameters
     BAGS: tl.constexpr, LANES: tl.constexpr, BLOCK_D: tl.constexpr,
-    QUANT: tl.constexpr, WEIGHTED: tl.constexpr,
+    QUANT: tl.constexpr, WEIGHTED: tl.constexpr, ALIGN: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """One program pools BAGS short bags, or one long bag LANES positions at a time.
 
-    table [sum rows*dim] flat, scale/shift [sum rows] fp32 (QUANT), indices [nnz],
+    table [sum rows*dim] flat, qparams [sum rows, 2] fp32 (QUANT: scale, offset),
+    indices [nnz],
     offsets [sum (bags_f + 1)] absolute into indices, weights [nnz] fp32 (WEIGHTED),
     out [B, out_stride] (columns out_col .. out_col+dim per feature), bad [R] int32,
     row_request [B], request_offsets [R + 1], prog_feature [programs] int32,
@@ -113,33 +147,37 @@ def _embedding_bag_kernel(
     pid = tl.program_id(0)
     f = tl.load(prog_feature_ptr + pid).to(tl.int64)
     meta = meta_ptr + f * 9
-    elem_base = tl.load(meta + 0)
+    # ALIGN (host-computed gcd, see ``_align``) divides every table base, dim, out column
+    # and the out row stride: telling the compiler lets it issue 16-byte row loads and
+    # stores instead of one element per instruction (it cannot see values read from meta).
+    elem_base = tl.multiple_of(tl.load(meta + 0), ALIGN)
     row_base = tl.load(meta + 1)
     rows = tl.load(meta + 2)
-    dim = tl.load(meta + 3)
+    dim = tl.multiple_of(tl.load(meta + 3), ALIGN)
     bag_base = tl.load(meta + 4)
     num_bags = tl.load(meta + 5)
-    out_col = tl.load(meta + 6)
+    out_col = tl.multiple_of(tl.load(meta + 6), ALIGN)
+    out_stride = out_stride // ALIGN * ALIGN  # a no-op that shows the divisibility
     local = pid - tl.load(meta + 7)
     flags = tl.load(meta + 8)
     if (flags & 8) != 0:
-        _pool_long(table_ptr, scale_ptr, shift_ptr, indices_ptr, offsets_ptr, weights_ptr,
+        _pool_long(table_ptr, qparams_ptr, indices_ptr, offsets_ptr, weights_ptr,
                    out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
                    elem_base, row_base, rows, dim, bag_base, num_bags, out_col, local, flags,
-                   out_stride, LANES, BLOCK_D, QUANT, WEIGHTED)
+                   out_stride, LANES, BLOCK_D, QUANT, WEIGHTED, PREFETCH)
     else:
-        _pool_short(table_ptr, scale_ptr, shift_ptr, indices_ptr, offsets_ptr, weights_ptr,
+        _pool_short(table_ptr, qparams_ptr, indices_ptr, offsets_ptr, weights_ptr,
                     out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
                     elem_base, row_base, rows, dim, bag_base, num_bags, out_col, local, flags,
-                    out_stride, BAGS, BLOCK_D, QUANT, WEIGHTED)
+                    out_stride, BAGS, BLOCK_D, QUANT, WEIGHTED, PREFETCH)
 
 
 @triton.jit
-def _pool_long(table_ptr, scale_ptr, shift_ptr, indices_ptr, offsets_ptr, weights_ptr,
+def _pool_long(table_ptr, qparams_ptr, indices_ptr, offsets_ptr, weights_ptr,
                out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
                elem_base, row_base, rows, dim, bag_base, num_bags, out_col, local, flags,
                out_stride, LANES: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr,
-               WEIGHTED: tl.constexpr):
+               WEIGHTED: tl.constexpr, PREFETCH: tl.constexpr):
     """Bag ``local`` of a long-bag feature, LANES positions per step, one [LANES, D] tile."""
     d = tl.arange(0, BLOCK_D)
     dmask = d < dim
@@ -150,9 +188,12 @@ def _pool_long(table_ptr, scale_ptr, shift_ptr, indices_ptr, offsets_ptr, weight
     lanes = tl.arange(0, LANES)
     acc = tl.zeros([LANES, BLOCK_D], dtype=tl.float32)
     bad = tl.zeros([LANES], dtype=tl.int32)
+    nxt = _first_ids(indices_ptr, start + lanes, start + lanes < end, PREFETCH)
     for j in range(0, tl.max(end - start, axis=0), LANES):
         pos = start + j + lanes
-        vals, b = _gather(table_ptr, scale_ptr, shift_ptr, weights_ptr, indices_ptr, pos,
+        idx, nxt = _step_ids(indices_ptr, nxt, pos, pos < end, pos + LANES, pos + LANES < end,
+                             PREFETCH)
+        vals, b = _gather(table_ptr, qparams_ptr, weights_ptr, idx, pos,
                           pos < end, elem_base, row_base, rows, dim, flags & 4, d, dmask,
                           QUANT, WEIGHTED)
         acc += vals
@@ -164,11 +205,11 @@ def _pool_long(table_ptr, scale_ptr, shift_ptr, indices_ptr, offsets_ptr, weight
 
 
 @triton.jit
-def _pool_short(table_ptr, scale_ptr, shift_ptr, indices_ptr, offsets_ptr, weights_ptr,
+def _pool_short(table_ptr, qparams_ptr, indices_ptr, offsets_ptr, weights_ptr,
                 out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
                 elem_base, row_base, rows, dim, bag_base, num_bags, out_col, local, flags,
                 out_stride, BAGS: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr,
-                WEIGHTED: tl.constexpr):
+                WEIGHTED: tl.constexpr, PREFETCH: tl.constexpr):
     """Bags local*BAGS .. +BAGS of a short-bag feature, one position of each per step."""
     d = tl.arange(0, BLOCK_D)
     dmask = d < dim
@@ -178,8 +219,11 @@ def _pool_short(table_ptr, scale_ptr, shift_ptr, indices_ptr, offsets_ptr, weigh
     length = tl.load(offsets_ptr + bag_base + bags + 1, mask=bmask, other=0) - start
     acc = tl.zeros([BAGS, BLOCK_D], dtype=tl.float32)
     bad = tl.zeros([BAGS], dtype=tl.int32)
+    nxt = _first_ids(indices_ptr, start, length > 0, PREFETCH)
     for j in range(0, tl.max(length, axis=0)):
-        vals, b = _gather(table_ptr, scale_ptr, shift_ptr, weights_ptr, indices_ptr, start + j,
+        idx, nxt = _step_ids(indices_ptr, nxt, start + j, j < length, start + j + 1,
+                             j + 1 < length, PREFETCH)
+        vals, b = _gather(table_ptr, qparams_ptr, weights_ptr, idx, start + j,
                           j < length, elem_base, row_base, rows, dim, flags & 4, d, dmask,
                           QUANT, WEIGHTED)
         acc += vals
@@ -225,6 +269,27 @@ def _plan(packed: PackedTables, features: tuple[BagFeature, ...], num_rows: int,
             torch.tensor(prog_feature, dtype=torch.int32, device=packed.device), len(prog_feature))
     _plans[key] = plan
     return plan
+
+
+def _align(packed: PackedTables, features: Sequence[BagFeature], out: torch.Tensor) -> int:
+    """Largest power of two (<= 16 elements) dividing every table base, dim and out column
+    of this launch and out's row stride: the kernel's alignment hint (1 turns it off)."""
+    values = [out.stride(0)]
+    for f in features:
+        values += [packed.elem_base[f.table], packed.dims[f.table], f.out_col]
+    align = 16
+    while align > 1 and any(v % align for v in values):
+        align //= 2
+    return align
+
+
+def _candidates(align: int) -> list[dict]:
+    """Tuning candidates: every config with the switches' variant, then the first H200
+    run's proven kernel, so a variant that fails to compile on the card only loses speed."""
+    out = [{**c, "ALIGN": align, "PREFETCH": PREFETCH} for c in CONFIGS]
+    if align > 1 or PREFETCH:
+        out.append({**CONFIGS[0], "ALIGN": 1, "PREFETCH": False})
+    return out
 
 
 def _check_launch(packed: PackedTables, features: Sequence[BagFeature], indices: torch.Tensor,
@@ -294,20 +359,22 @@ def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices:
         return bad
     block_d = next_pow2(max(packed.dims[f.table] for f in features), 16)
     weighted = any(f.weighted for f in features)
+    align = _align(packed, features, out) if ALIGN_HINTS else 1
 
     def launch(cfg: dict) -> None:
         meta, prog_feature, programs = _plan(packed, features, num_rows, num_requests,
                                              cfg["BAGS"], cfg["LANES"])
         _embedding_bag_kernel[(programs,)](
-            packed.data, packed.scale, packed.shift, indices, offsets,
+            packed.data, packed.qparams, indices, offsets,
             weights if weighted else indices, out, bad, row_request, request_offsets,
             prog_feature, meta, out.stride(0),
             BAGS=cfg["BAGS"], LANES=cfg["LANES"], BLOCK_D=block_d, QUANT=packed.quantized,
-            WEIGHTED=weighted, num_warps=cfg["num_warps"])
+            WEIGHTED=weighted, ALIGN=cfg["ALIGN"], PREFETCH=cfg["PREFETCH"],
+            num_warps=cfg["num_warps"])
 
     key = (packed.dtype, block_d, weighted, features, num_rows, num_requests, out.dtype,
-           indices.dtype)
-    _tuner.run(key, launch)
+           indices.dtype, align, PREFETCH)
+    _tuner.run(key, launch, _candidates(align))
     return bad
 
 

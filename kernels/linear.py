@@ -54,7 +54,7 @@ def _linear_kernel(
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, A_ROWS: tl.constexpr, ADD_ROWS: tl.constexpr,
-    CROSS: tl.constexpr, FINAL: tl.constexpr, IEEE: tl.constexpr,
+    CROSS: tl.constexpr, FINAL: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] tile of act(A @ W^T + bias (+ add) (x0 * . + x)).
 
@@ -75,7 +75,9 @@ def _linear_kernel(
     w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
-        k_mask = (k + offs_k) < K
+        # EVEN_K (K % BLOCK_K == 0): no mask along K, so the contiguous axis of both tiles
+        # is unmasked and the pipelined loads stay full-width.
+        k_mask = (k + offs_k) < K if not EVEN_K else offs_k < BLOCK_K
         a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         if IEEE:
@@ -224,7 +226,7 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
             ACT=ACTIVATIONS[activation], HAS_BIAS=bias is not None, A_ROWS=a_rows is not None,
             ADD_ROWS=add is not None, CROSS=cross is not None, FINAL=final is not None,
-            IEEE=ieee_dot(a.dtype), num_warps=cfg["num_warps"],
+            IEEE=ieee_dot(a.dtype), EVEN_K=k % cfg["BLOCK_K"] == 0, num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"])
 
     key = (m, n, k, h, a.dtype, activation, bias is not None, a_rows is not None,

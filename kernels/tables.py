@@ -62,7 +62,8 @@ class PackedTables:
             self.elem_base.append(self.elem_base[-1] + t.numel())
             self.row_base.append(self.row_base[-1] + t.shape[0])
         self.data = torch.cat([t.reshape(-1) for t in tables])
-        self.scale = self.shift = self.data  # placeholders: never read unless quantized
+        # placeholders: never read unless quantized
+        self.qparams = self.scale = self.shift = self.data
         if self.quantized:
             for i, (s, o) in enumerate(zip(scales, shifts, strict=True)):
                 for what, v in (("scale", s), ("shift", o)):
@@ -71,8 +72,10 @@ class PackedTables:
                     if v.shape[0] != self.rows[i]:
                         raise ValueError(f"table {i} {what} has shape {list(v.shape)}; "
                                          f"expected [{self.rows[i]}]")
-            self.scale = torch.cat(list(scales))
-            self.shift = torch.cat(list(shifts))
+            # [rows, 2] interleaved (scale, offset), so the kernel reads both with one load
+            self.qparams = torch.stack([torch.cat(list(scales)), torch.cat(list(shifts))],
+                                       dim=1).reshape(-1)
+            self.scale, self.shift = self.qparams[0::2], self.qparams[1::2]
 
     @property
     def dtype(self) -> torch.dtype:

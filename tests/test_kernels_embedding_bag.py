@@ -76,7 +76,7 @@ def _requests(num_rows: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.
 
 
 def _run(dtype, dims, rows, features, device, seed, index_dtype=torch.int64, num_rows=13,
-         out_dtype=torch.float32, corrupt=None):
+         out_dtype=torch.float32, corrupt=None, pad=7):
     gen = torch.Generator().manual_seed(seed)
     stored, scales, shifts, exact = _tables(dtype, dims, rows, gen)
     request_offsets, row_request = _requests(num_rows, gen)
@@ -87,7 +87,7 @@ def _run(dtype, dims, rows, features, device, seed, index_dtype=torch.int64, num
     weights = torch.rand(indices.shape[0], generator=gen) * 2 - 1
     width = max(f.out_col + dims[f.table] for f in features)
     # a strided slice of a wider NaN-poisoned buffer: every written cell must be overwritten
-    big = torch.full((num_rows, width + 7), float("nan"), dtype=out_dtype, device=device)
+    big = torch.full((num_rows, width + pad), float("nan"), dtype=out_dtype, device=device)
     out = big[:, 3:3 + width]
     packed = PackedTables([t.to(device) for t in stored],
                           [s.to(device) for s in scales] if scales else None,
@@ -193,3 +193,64 @@ def test_launcher_rejects_bad_arguments():
         PackedTables([torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.float16)])
     with pytest.raises(ValueError, match="not monotone"):
         check_csr(torch.tensor([0, 2, 1, 3]), [3], 3)
+
+
+def test_alignment_hint_is_the_largest_common_power_of_two():
+    from recserve.kernels.embedding_bag import _align
+
+    packed = PackedTables([torch.zeros(3, 32), torch.zeros(5, 16)])
+    feats = [BagFeature(0, 0), BagFeature(1, 32)]
+    assert _align(packed, feats, torch.zeros(2, 48)) == 16
+    assert _align(packed, feats, torch.zeros(2, 56)) == 8      # row stride 56
+    assert _align(packed, [BagFeature(0, 0), BagFeature(1, 36)], torch.zeros(2, 64)) == 4
+    odd = PackedTables([torch.zeros(3, 5), torch.zeros(5, 16)])  # second base: 15 elements
+    assert _align(odd, [BagFeature(1, 0)], torch.zeros(2, 16)) == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.uint8])
+def test_switches_give_identical_bits(device, dtype, monkeypatch):
+    """Aligned dims (ALIGN 16), with and without the hints and the id prefetch: the same
+    sums in the same order, so the same bits."""
+    from recserve.kernels import embedding_bag as eb
+
+    dims = [16, 32, 16]
+    runs = []
+    tuner = eb.SafeTuner("embedding_bag", eb.CONFIGS)
+    monkeypatch.setattr(eb, "_tuner", tuner)
+    for hints, prefetch in ((True, True), (False, False), (True, False)):
+        monkeypatch.setattr(eb, "ALIGN_HINTS", hints)
+        monkeypatch.setattr(eb, "PREFETCH", prefetch)
+        # out's row stride 128 (112 columns + 16): every base is a multiple of 16
+        runs.append(_run(dtype, dims, [50, 9, 300], _features(dims), device, seed=5,
+                         pad=16))
+        assert [key[8] for key in tuner.best] == [16, 1, 16][:len(runs)]  # ALIGN used
+    out, bad, ref, ref_bad = runs[0]
+    for f, want in zip(_features(dims), ref, strict=True):
+        got = out[:, f.out_col:f.out_col + want.shape[1]]
+        torch.testing.assert_close(got, want, atol=TOL[dtype][0], rtol=TOL[dtype][1])
+    for other in runs[1:]:
+        assert torch.equal(other[0], out) and torch.equal(other[1], bad)
+
+
+def test_untuned_launch_falls_back_to_the_next_config(monkeypatch):
+    """With tuning off on a GPU, a config that fails to compile gives way to the next one
+    (the gather's proven kernel is last among its candidates); the last failure raises."""
+    from recserve.kernels import _common
+
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    monkeypatch.setenv("RECSERVE_AUTOTUNE", "0")
+    tuner = _common.SafeTuner("t", [{"v": 0}])
+    launched = []
+
+    def launch(cfg):
+        if cfg["v"] == 0:
+            raise RuntimeError("PassManager::run failed")
+        launched.append(cfg["v"])
+
+    with pytest.warns(UserWarning, match="failed for key"):
+        assert tuner.run(("k",), launch, [{"v": 0}, {"v": 1}, {"v": 2}]) == {"v": 1}
+    assert launched == [1]
+    assert tuner.run(("k",), launch) == {"v": 1} and launched == [1, 1]  # cached
+    with pytest.raises(RuntimeError, match="PassManager"):
+        tuner.run(("other",), launch, [{"v": 0}])
