@@ -176,7 +176,7 @@ def plot(results: list[dict], path: Path) -> None:
             groups.setdefault((r["server"], r["mode"]), []).append(r)
     colours = {}
     for (server, mode), runs in groups.items():
-        runs.sort(key=lambda r: r["requests_per_s"])
+        runs.sort(key=lambda r: r["concurrency"] or r["rate_per_s"] or 0)  # by offered load
         colour = colours.setdefault(server, f"C{len(colours)}")  # one colour per server
         label = f"{server} ({'closed loop' if mode == 'closed' else 'open loop, Poisson'})"
         ax.plot([r["requests_per_s"] for r in runs], [r["p99_ms"] for r in runs],
@@ -187,6 +187,7 @@ def plot(results: list[dict], path: Path) -> None:
             ax.annotate(note, (r["requests_per_s"], r["p99_ms"]), fontsize=7,
                         textcoords="offset points", xytext=(4, 4))
     ax.set_yscale("log")
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("throughput (requests/s answered)")
