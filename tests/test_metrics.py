@@ -10,7 +10,6 @@ import urllib.request
 
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from server_fixtures import RawConnection, ServerThread, loaded, small_spec
 from test_monitor import fake_nvml
 
@@ -21,7 +20,9 @@ from recserve.engine.monitor import GpuMonitor
 from recserve.engine.scheduler import EngineError
 from recserve.engine.settings import EngineSettings
 from recserve.server.backend import EngineBackend
-from recserve.server.metrics import start_metrics
+
+# A dependency of recserve; absent only on the bare GPU image, which runs the -m gpu tests.
+parser = pytest.importorskip("prometheus_client.parser", reason="prometheus-client is missing")
 
 SETTINGS = EngineSettings(max_batch_rows=64, buckets=(16, 64), slots=1)
 
@@ -67,7 +68,7 @@ def scrape(url: str) -> dict[str, dict[tuple, float]]:
         assert response.headers["Content-Type"].startswith("text/plain")
         text = response.read().decode()
     out: dict[str, dict[tuple, float]] = {}
-    for family in text_string_to_metric_families(text):
+    for family in parser.text_string_to_metric_families(text):
         for sample in family.samples:
             out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
     return out
@@ -76,6 +77,8 @@ def scrape(url: str) -> dict[str, dict[tuple, float]]:
 @pytest.fixture
 def served():
     """A real engine server with the ``small`` model and its metrics endpoint on port 0."""
+    from recserve.server.metrics import start_metrics
+
     model = loaded(small_spec())
     backend = EngineBackend(make_engine())
 

@@ -18,6 +18,8 @@ from recserve.server import top
 from recserve.server.backend import EngineBackend
 from recserve.server.tools_cli import register_tools
 
+pytest.importorskip("rich", reason="rich (the tools extra) is not installed")
+
 
 def snapshot(t: float, ok: int, errors: int, rows: int, batches: int, latencies: list[float],
              busy_ms: float) -> dict:
