@@ -98,6 +98,7 @@ class StatsCollector:
         stats = self.stats_fn()
         yield from server_metrics(stats.get("server", {}))
         yield from engine_metrics(stats.get("engine", {}))
+        yield invalid_ids_metric(stats)
         yield from gpu_metrics(stats.get("gpu", {}))
         uptime = GaugeMetricFamily("recserve_uptime_seconds", "Seconds since the server started")
         uptime.add_metric([], float(stats.get("uptime_s", 0.0)))
@@ -128,8 +129,8 @@ def server_metrics(server: dict) -> Iterator[Metric]:
 
 
 def engine_metrics(engine: dict) -> Iterator[Metric]:
-    """Batching engine histograms, counters, queue depth, device busy time and bytes, invalid
-    ids (the one-at-a-time backend has none of these: they are then absent or zero)."""
+    """Batching engine histograms, counters, queue depth, device busy time and bytes (the
+    one-at-a-time backend has none of these: they are then absent or zero)."""
     hists = engine.get("histograms", {})
     for key, (name, doc) in _ENGINE_HISTOGRAMS.items():
         yield histogram_family(name, doc, {(): hists[key]} if key in hists else {})
@@ -147,11 +148,20 @@ def engine_metrics(engine: dict) -> Iterator[Metric]:
     yield CounterMetricFamily("recserve_gpu_busy_seconds", "Device time of batches, from "
                               "CUDA events (works where NVML does not, e.g. under MIG)",
                               value=float(executor.get("gpu_busy_ms", 0.0)) / 1e3)
+
+
+def invalid_ids_metric(stats: dict) -> CounterMetricFamily:
+    """Out-of-table ids per feature: those the engine met, plus those the server's validator
+    refused (``server.invalid_ids``, when the server counts them) before they reached it."""
+    totals: dict[str, float] = {}
+    for part in (stats.get("engine", {}), stats.get("server", {})):
+        for feature, count in part.get("invalid_ids", {}).items():
+            totals[feature] = totals.get(feature, 0.0) + float(count)
     invalid = CounterMetricFamily("recserve_invalid_ids", "Sparse ids outside their table, "
                                   "per feature", labels=["feature"])
-    for feature, count in sorted(engine.get("invalid_ids", {}).items()):
-        invalid.add_metric([feature], float(count))
-    yield invalid
+    for feature, count in sorted(totals.items()):
+        invalid.add_metric([feature], count)
+    return invalid
 
 
 def gpu_metrics(gpu: dict) -> Iterator[Metric]:

@@ -182,3 +182,15 @@ def test_other_paths_and_methods_are_refused(served):
         urllib.request.urlopen(urllib.request.Request(url, data=b"x", method="POST"),
                                timeout=10)
     assert info.value.code == 405
+
+
+def test_invalid_ids_add_the_engine_and_the_server_validator_counts():
+    from recserve.server.metrics import render
+
+    stats = {"server": {"invalid_ids": {"item": 3, "user": 1}},
+             "engine": {"invalid_ids": {"item": 2}}, "gpu": {"available": False}}
+    text = render(lambda: stats).decode()
+    samples = {s.labels["feature"]: s.value
+               for family in parser.text_string_to_metric_families(text)
+               for s in family.samples if s.name == "recserve_invalid_ids_total"}
+    assert samples == {"item": 5.0, "user": 1.0}
