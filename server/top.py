@@ -148,6 +148,12 @@ def run_top(args: argparse.Namespace) -> int:
             console.print(render(fetch(), before, title))
             return 0
         try:
+            if not console.is_terminal:  # piped to a file or a log: one frame after another
+                while True:
+                    time.sleep(args.interval)
+                    now = fetch()
+                    console.print(render(now, before, title))
+                    before = now
             with Live(render(before, None, title), console=console, auto_refresh=False) as live:
                 while True:
                     time.sleep(args.interval)
