@@ -196,11 +196,13 @@ def test_a_burst_above_admission_is_refused_fast_and_the_rest_answered():
     thread = serve(slow_s=0.02, max_in_flight=6)
     try:
         conns = [RawConnection(thread.port) for _ in range(4)]
-        expected = {}
+        expected, frames = {}, [b""] * 4
         for rid in range(60):
             message, inputs = request(rid)
             expected[rid] = reference_scores(MODEL, inputs)
-            conns[rid % 4].send(message)
+            frames[rid % 4] += encode_message(message)
+        for conn, burst in zip(conns, frames, strict=True):  # all at once: a real burst
+            conn.sock.sendall(burst)
         codes: dict[str, int] = {}
         for rid in range(60):
             answer = conns[rid % 4].receive()

@@ -109,18 +109,23 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(repo):
 
 
 def test_a_second_signal_exits_at_once(repo):
-    proc, port = start(repo, "--drain-seconds", "60", "--max-pending-per-connection", "2048")
+    proc, port = start(repo, "--drain-seconds", "60", "--max-pending-per-connection", "2048",
+                       "--max-queued-rows", "1000000")
     try:
         conn = RawConnection(port, timeout=30)
         pool = requests(16, seed=9, n=700)
-        for rid in range(800):  # 560k rows: seconds of work on 2 cores
+        for rid in range(1000):  # 700k rows: seconds of work on 2 cores
             conn.send(dict(pool[rid % 16], id=rid))
-        conn.receive()  # the server is busy with them
+        probe = RawConnection(port, timeout=30)
+        # signal only once the server holds plenty of accepted work (a drain of seconds)
+        assert _wait(lambda: probe.send({"id": 0, "op": "stats"}) or probe.receive()[
+            "stats"]["server"]["in_flight"] >= 500)
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=10) == 1
         conn.close()
+        probe.close()
     finally:
         proc.kill()
         proc.wait()
