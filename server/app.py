@@ -63,7 +63,9 @@ class Server:
         self._sweeper = loop.create_task(self._sweep())
         host, port = self.address
         served = ", ".join(f"{h.name} v{h.version}" for h in self.backend.models())
-        log.info("recserve listening on %s:%d, serving %s", host, port, served or "no models")
+        # Worker processes (reuse_port) share the engine process's port: it logs for them.
+        log.log(logging.DEBUG if self._reuse_port else logging.INFO,
+                "recserve listening on %s:%d, serving %s", host, port, served or "no models")
 
     def current_stats(self) -> dict:
         """What the ``stats`` op answers under ``stats`` (for exporters in this process)."""
