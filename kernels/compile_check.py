@@ -2,7 +2,9 @@
 
 The interpreter is not the compiler: a kernel can pass every CPU test and still fail in an
 MLIR pass or in ptxas for some block sizes. This compiles each autotune config of each
-kernel, for the dtype and epilogue variants the model uses, down to a cubin:
+kernel, for the dtype and epilogue variants the model uses, down to a cubin, with the
+argument specialization the card's JIT applies (aligned pointers, unit strides as
+constants, 16-divisible sizes), and checks its shared memory against the target's:
 
     TRITON_INTERPRET=0 python -m recserve.kernels.compile_check [--arch 90] [--quick]
 
@@ -44,13 +46,21 @@ def compile_kernel(fn, signature: dict, constexprs: dict, options: dict, arch: i
                           target=GPUTarget("cuda", arch, 32), options=options)
 
 
+# Shared memory per block (bytes) by compute capability: a config over it compiles but
+# cannot launch, so it counts as a failure here.
+_SMEM = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+
+
 def _compile(fn, signature: dict, constexprs: dict, options: dict, arch: int,
              div16: tuple[str, ...] = ()) -> str | None:
     try:
-        compile_kernel(fn, signature, constexprs, options, arch, div16)
-        return None
+        kernel = compile_kernel(fn, signature, constexprs, options, arch, div16)
     except Exception as exc:  # noqa: BLE001 - report every failure, keep going
         return f"{type(exc).__name__}: {str(exc)[-600:]}"
+    if kernel.metadata.shared > _SMEM.get(arch, 101376):
+        return (f"needs {kernel.metadata.shared} bytes of shared memory; sm_{arch} has "
+                f"{_SMEM.get(arch, 101376)}")
+    return None
 
 
 def _embedding_jobs(quick: bool):
@@ -71,7 +81,7 @@ def _embedding_jobs(quick: bool):
                 for align, prefetch in variants:
                     const = {"BAGS": cfg["BAGS"], "LANES": cfg["LANES"], "BLOCK_D": 128,
                              "QUANT": table == "u8", "WEIGHTED": table != "fp32",
-                             "ALIGN": align, "PREFETCH": prefetch}
+                             "ALIGN": align, "PREFETCH": prefetch, "UNROLL": cfg["UNROLL"]}
                     yield (eb._embedding_bag_kernel, sig, const,
                            {"num_warps": cfg["num_warps"]}, ("out_stride",))
 
@@ -85,11 +95,10 @@ def _linear_jobs(quick: bool):
                 dict(ACT=1, HAS_BIAS=True, A_ROWS=False, ADD_ROWS=True, CROSS=False,
                      FINAL=True)]
     for dtype in (["bf16"] if quick else ["bf16", "fp16", "fp32"]):
-        for cfg in li._configs(None):
-            for flags in variants:
-                c = dict(cfg)
-                if flags["FINAL"]:
-                    c.update(BLOCK_N=256, BLOCK_M=min(c["BLOCK_M"], 64))
+        for flags in variants:
+            # the launcher's candidates for this dtype (FINAL: the 256-wide last layer)
+            for c in li._configs(256 if flags["FINAL"] else None, None,
+                                 4 if dtype == "fp32" else 2):
                 sig = {n: _PTR[dtype] for n in li._linear_kernel.arg_names if n.endswith("_ptr")}
                 sig.update(a_rows_ptr="*i32", add_rows_ptr="*i32", fact_ptr="*i32",
                            bf_ptr="*fp32", out_ptr="*fp32" if flags["FINAL"] else _PTR[dtype])

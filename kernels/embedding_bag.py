@@ -17,7 +17,10 @@ Scope and limits:
   and sets ``bad[request]`` to 1, so the caller can fail that request alone.
 - Long bags (features whose ``max_bag`` >= ``LANES``) take one bag per program and read
   ``LANES`` positions per step; their programs are ordered first so they never form the
-  tail. Short bags take ``BAGS`` bags per program, one position each per step.
+  tail. Short bags take ``BAGS`` bags per program, one position each per step. UNROLL 2
+  issues two steps' loads at once, and ids are prefetched a step ahead (``PREFETCH``).
+- Row loads and stores are 16 bytes wide when every table base, dim and out column is a
+  multiple of 16 elements (``ALIGN``, checked on the host).
 - Deterministic: no atomics; every sum has a fixed order.
 """
 
@@ -36,13 +39,17 @@ import triton.language as tl  # isort: skip
 
 __all__ = ["CONFIGS", "BagFeature", "PackedTables", "check_csr", "embedding_bag",
            "embedding_bag_reference"]
-# (BAGS, LANES, num_warps); rows per program stay <= 16 (Triton 3.6 broke at 32).
+# (BAGS, LANES, UNROLL, num_warps); rows per tile stay <= 16 (Triton 3.6 broke at 32).
+# UNROLL 2: two tiles' loads in flight per step (half the dependent steps per bag, the
+# same sums in the same order).
 CONFIGS = [
-    {"BAGS": 16, "LANES": 16, "num_warps": 4},
-    {"BAGS": 8, "LANES": 16, "num_warps": 4},
-    {"BAGS": 16, "LANES": 16, "num_warps": 8},
-    {"BAGS": 8, "LANES": 8, "num_warps": 2},
-    {"BAGS": 4, "LANES": 16, "num_warps": 2},
+    {"BAGS": 16, "LANES": 16, "UNROLL": 1, "num_warps": 4},
+    {"BAGS": 8, "LANES": 16, "UNROLL": 1, "num_warps": 4},
+    {"BAGS": 16, "LANES": 16, "UNROLL": 1, "num_warps": 8},
+    {"BAGS": 8, "LANES": 8, "UNROLL": 1, "num_warps": 2},
+    {"BAGS": 4, "LANES": 16, "UNROLL": 1, "num_warps": 2},
+    {"BAGS": 16, "LANES": 16, "UNROLL": 2, "num_warps": 4},
+    {"BAGS": 8, "LANES": 8, "UNROLL": 2, "num_warps": 2},
 ]
 # Switches for ``bench/kernel_variants.py``: both False give the kernel of the first H200
 # run (one element per load instruction, ids and rows loaded back to back). Whatever they
@@ -102,6 +109,20 @@ def _step_ids(indices_ptr, nxt, pos, valid, pos_next, valid_next, PREFETCH: tl.c
 
 
 @triton.jit
+def _add_two(table_ptr, qparams_ptr, weights_ptr, ids, acc, bad, pos0, valid0, pos1, valid1,
+             elem_base, row_base, rows, dim, is_weighted, d, dmask,
+             QUANT: tl.constexpr, WEIGHTED: tl.constexpr):
+    """acc + rows(ids[:, 0]) + rows(ids[:, 1]), in that order (the same sums as two single
+    steps, so UNROLL does not change a bit), with both tiles' loads in flight at once."""
+    id0, id1 = tl.split(ids)
+    v0, b0 = _gather(table_ptr, qparams_ptr, weights_ptr, id0, pos0, valid0, elem_base,
+                     row_base, rows, dim, is_weighted, d, dmask, QUANT, WEIGHTED)
+    v1, b1 = _gather(table_ptr, qparams_ptr, weights_ptr, id1, pos1, valid1, elem_base,
+                     row_base, rows, dim, is_weighted, d, dmask, QUANT, WEIGHTED)
+    return (acc + v0) + v1, bad | b0 | b1
+
+
+@triton.jit
 def _finish(acc, length, bad, bags, bmask, out_ptr, bad_ptr, row_request_ptr,
             request_offsets_ptr, out_stride, out_col, dim, flags, d, dmask):
     """Mean, bad flags, and the store of pooled ``acc`` [n, BLOCK_D] for ``bags`` [n]."""
@@ -133,7 +154,7 @@ def _embedding_bag_kernel(
     # meta-parameters
     BAGS: tl.constexpr, LANES: tl.constexpr, BLOCK_D: tl.constexpr,
     QUANT: tl.constexpr, WEIGHTED: tl.constexpr, ALIGN: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """One program pools BAGS short bags, or one long bag LANES positions at a time.
 
@@ -164,12 +185,12 @@ def _embedding_bag_kernel(
         _pool_long(table_ptr, qparams_ptr, indices_ptr, offsets_ptr, weights_ptr,
                    out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
                    elem_base, row_base, rows, dim, bag_base, num_bags, out_col, local, flags,
-                   out_stride, LANES, BLOCK_D, QUANT, WEIGHTED, PREFETCH)
+                   out_stride, LANES, BLOCK_D, QUANT, WEIGHTED, PREFETCH, UNROLL)
     else:
         _pool_short(table_ptr, qparams_ptr, indices_ptr, offsets_ptr, weights_ptr,
                     out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
                     elem_base, row_base, rows, dim, bag_base, num_bags, out_col, local, flags,
-                    out_stride, BAGS, BLOCK_D, QUANT, WEIGHTED, PREFETCH)
+                    out_stride, BAGS, BLOCK_D, QUANT, WEIGHTED, PREFETCH, UNROLL)
 
 
 @triton.jit
@@ -177,7 +198,7 @@ def _pool_long(table_ptr, qparams_ptr, indices_ptr, offsets_ptr, weights_ptr,
                out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
                elem_base, row_base, rows, dim, bag_base, num_bags, out_col, local, flags,
                out_stride, LANES: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr,
-               WEIGHTED: tl.constexpr, PREFETCH: tl.constexpr):
+               WEIGHTED: tl.constexpr, PREFETCH: tl.constexpr, UNROLL: tl.constexpr):
     """Bag ``local`` of a long-bag feature, LANES positions per step, one [LANES, D] tile."""
     d = tl.arange(0, BLOCK_D)
     dmask = d < dim
@@ -188,16 +209,28 @@ def _pool_long(table_ptr, qparams_ptr, indices_ptr, offsets_ptr, weights_ptr,
     lanes = tl.arange(0, LANES)
     acc = tl.zeros([LANES, BLOCK_D], dtype=tl.float32)
     bad = tl.zeros([LANES], dtype=tl.int32)
-    nxt = _first_ids(indices_ptr, start + lanes, start + lanes < end, PREFETCH)
-    for j in range(0, tl.max(end - start, axis=0), LANES):
-        pos = start + j + lanes
-        idx, nxt = _step_ids(indices_ptr, nxt, pos, pos < end, pos + LANES, pos + LANES < end,
-                             PREFETCH)
-        vals, b = _gather(table_ptr, qparams_ptr, weights_ptr, idx, pos,
-                          pos < end, elem_base, row_base, rows, dim, flags & 4, d, dmask,
-                          QUANT, WEIGHTED)
-        acc += vals
-        bad = bad | b
+    if UNROLL == 1:
+        nxt = _first_ids(indices_ptr, start + lanes, start + lanes < end, PREFETCH)
+        for j in range(0, tl.max(end - start, axis=0), LANES):
+            pos = start + j + lanes
+            idx, nxt = _step_ids(indices_ptr, nxt, pos, pos < end, pos + LANES,
+                                 pos + LANES < end, PREFETCH)
+            vals, b = _gather(table_ptr, qparams_ptr, weights_ptr, idx, pos,
+                              pos < end, elem_base, row_base, rows, dim, flags & 4, d, dmask,
+                              QUANT, WEIGHTED)
+            acc += vals
+            bad = bad | b
+    else:
+        # two [LANES, D] tiles per step (positions j + lanes and j + LANES + lanes)
+        pos2 = start + lanes[:, None] + LANES * tl.arange(0, 2)[None, :]
+        nxt = _first_ids(indices_ptr, pos2, pos2 < end, PREFETCH)
+        for j in range(0, tl.max(end - start, axis=0), 2 * LANES):
+            ids, nxt = _step_ids(indices_ptr, nxt, pos2 + j, pos2 + j < end, pos2 + j + 2 * LANES,
+                                 pos2 + j + 2 * LANES < end, PREFETCH)
+            pos = start + j + lanes
+            acc, bad = _add_two(table_ptr, qparams_ptr, weights_ptr, ids, acc, bad, pos,
+                                pos < end, pos + LANES, pos + LANES < end, elem_base, row_base,
+                                rows, dim, flags & 4, d, dmask, QUANT, WEIGHTED)
     pooled = tl.expand_dims(tl.sum(acc, axis=0), 0)
     _finish(pooled, end - start, tl.expand_dims(tl.max(bad, axis=0), 0), bags, bmask, out_ptr,
             bad_ptr, row_request_ptr, request_offsets_ptr, out_stride, out_col, dim, flags, d,
@@ -209,7 +242,7 @@ def _pool_short(table_ptr, qparams_ptr, indices_ptr, offsets_ptr, weights_ptr,
                 out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
                 elem_base, row_base, rows, dim, bag_base, num_bags, out_col, local, flags,
                 out_stride, BAGS: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr,
-                WEIGHTED: tl.constexpr, PREFETCH: tl.constexpr):
+                WEIGHTED: tl.constexpr, PREFETCH: tl.constexpr, UNROLL: tl.constexpr):
     """Bags local*BAGS .. +BAGS of a short-bag feature, one position of each per step."""
     d = tl.arange(0, BLOCK_D)
     dmask = d < dim
@@ -219,15 +252,27 @@ def _pool_short(table_ptr, qparams_ptr, indices_ptr, offsets_ptr, weights_ptr,
     length = tl.load(offsets_ptr + bag_base + bags + 1, mask=bmask, other=0) - start
     acc = tl.zeros([BAGS, BLOCK_D], dtype=tl.float32)
     bad = tl.zeros([BAGS], dtype=tl.int32)
-    nxt = _first_ids(indices_ptr, start, length > 0, PREFETCH)
-    for j in range(0, tl.max(length, axis=0)):
-        idx, nxt = _step_ids(indices_ptr, nxt, start + j, j < length, start + j + 1,
-                             j + 1 < length, PREFETCH)
-        vals, b = _gather(table_ptr, qparams_ptr, weights_ptr, idx, start + j,
-                          j < length, elem_base, row_base, rows, dim, flags & 4, d, dmask,
-                          QUANT, WEIGHTED)
-        acc += vals
-        bad = bad | b
+    if UNROLL == 1:
+        nxt = _first_ids(indices_ptr, start, length > 0, PREFETCH)
+        for j in range(0, tl.max(length, axis=0)):
+            idx, nxt = _step_ids(indices_ptr, nxt, start + j, j < length, start + j + 1,
+                                 j + 1 < length, PREFETCH)
+            vals, b = _gather(table_ptr, qparams_ptr, weights_ptr, idx, start + j,
+                              j < length, elem_base, row_base, rows, dim, flags & 4, d, dmask,
+                              QUANT, WEIGHTED)
+            acc += vals
+            bad = bad | b
+    else:
+        # two positions of each bag per step
+        u = tl.arange(0, 2)[None, :]
+        nxt = _first_ids(indices_ptr, start[:, None] + u, u < length[:, None], PREFETCH)
+        for j in range(0, tl.max(length, axis=0), 2):
+            ids, nxt = _step_ids(indices_ptr, nxt, start[:, None] + j + u,
+                                 j + u < length[:, None], start[:, None] + j + 2 + u,
+                                 j + 2 + u < length[:, None], PREFETCH)
+            acc, bad = _add_two(table_ptr, qparams_ptr, weights_ptr, ids, acc, bad, start + j,
+                                j < length, start + j + 1, j + 1 < length, elem_base, row_base,
+                                rows, dim, flags & 4, d, dmask, QUANT, WEIGHTED)
     _finish(acc, length, bad, bags, bmask, out_ptr, bad_ptr, row_request_ptr,
             request_offsets_ptr, out_stride, out_col, dim, flags, d, dmask)
 
@@ -370,6 +415,7 @@ def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices:
             prog_feature, meta, out.stride(0),
             BAGS=cfg["BAGS"], LANES=cfg["LANES"], BLOCK_D=block_d, QUANT=packed.quantized,
             WEIGHTED=weighted, ALIGN=cfg["ALIGN"], PREFETCH=cfg["PREFETCH"],
+            UNROLL=cfg["UNROLL"],
             num_warps=cfg["num_warps"])
 
     key = (packed.dtype, block_d, weighted, features, num_rows, num_requests, out.dtype,

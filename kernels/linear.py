@@ -32,6 +32,10 @@ _GPU_CONFIGS = [
     {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
     {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
     {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+    # Hopper-sized tiles for the large-M layers (3456/1024/512-wide): deeper pipeline, or
+    # two 64-row wgmma groups per warp group; shared memory checked by compile_check
+    {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
+    {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
 ]
 _CPU_CONFIGS = [{"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}]
 _tuner = SafeTuner("linear", _GPU_CONFIGS)
@@ -117,9 +121,18 @@ def _linear_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mn_mask)
 
 
-def _configs(final_n: int | None, m: int | None = None) -> list[dict]:
+def _fits(c: dict, elsize: int) -> bool:
+    """Whether a config's pipeline buffers fit Hopper's 227 KB of shared memory (the
+    compiled kernels use num_stages - 1 buffers of A and W tiles, as compile_check saw;
+    fp32 operands overflow with the largest tiles)."""
+    return ((c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] * elsize * (c["num_stages"] - 1)
+            <= 232448)
+
+
+def _configs(final_n: int | None, m: int | None = None, elsize: int = 2) -> list[dict]:
     """Candidates for one call: small batches only try BLOCK_M <= 64 tiles, large ones only
-    BLOCK_M >= 64 (fewer compiles per shape; the card's tuning picks among the rest)."""
+    BLOCK_M >= 64 (fewer compiles per shape; the card's tuning picks among the rest); only
+    configs whose buffers fit for operands of ``elsize`` bytes."""
     from ._common import interpreting
 
     base = _CPU_CONFIGS if interpreting() else _GPU_CONFIGS
@@ -127,13 +140,13 @@ def _configs(final_n: int | None, m: int | None = None) -> list[dict]:
         small = [c for c in base if c["BLOCK_M"] <= 64]
         base = small if m <= 1024 else [c for c in base if c["BLOCK_M"] >= 64]
     if final_n is None:
-        return base
+        return [c for c in base if _fits(c, elsize)]
     block_n = next_pow2(final_n, 16)
     seen, out = set(), []
     for c in base:
         c = {**c, "BLOCK_N": block_n, "BLOCK_M": min(c["BLOCK_M"], 64)}
         key = tuple(sorted(c.items()))
-        if key not in seen:
+        if key not in seen and _fits(c, elsize):
             seen.add(key)
             out.append(c)
     return out
@@ -231,7 +244,7 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     key = (m, n, k, h, a.dtype, activation, bias is not None, a_rows is not None,
            add is not None, cross is not None, a.stride(), weight.stride(), out.stride())
-    _tuner.run(key, launch, _configs(n if final is not None else None, m))
+    _tuner.run(key, launch, _configs(n if final is not None else None, m, a.element_size()))
     return out
 
 

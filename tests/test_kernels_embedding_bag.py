@@ -130,7 +130,11 @@ def test_pooling_matches_reference(device, dtype, dims, index_dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_out_of_range_ids_are_flagged_and_never_read(device):
+@pytest.mark.parametrize("unroll", [1, 2])
+def test_out_of_range_ids_are_flagged_and_never_read(device, unroll, monkeypatch):
+    from recserve.kernels import embedding_bag as eb
+
+    monkeypatch.setattr(eb, "CONFIGS", [{**eb.CONFIGS[0], "UNROLL": unroll}])
     dims, rows = [8, 8, 8], [5, 40, 5]
     # Tables 0 and 2 surround table 1 in the packed buffer and hold huge values: a read past
     # either end of table 1 would show up in its pooled sums.
@@ -210,21 +214,26 @@ def test_alignment_hint_is_the_largest_common_power_of_two():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.uint8])
 def test_switches_give_identical_bits(device, dtype, monkeypatch):
-    """Aligned dims (ALIGN 16), with and without the hints and the id prefetch: the same
-    sums in the same order, so the same bits."""
+    """Aligned dims (ALIGN 16), with and without the hints, the id prefetch and the 2-step
+    unroll: the same sums in the same order, so the same bits."""
     from recserve.kernels import embedding_bag as eb
 
     dims = [16, 32, 16]
     runs = []
     tuner = eb.SafeTuner("embedding_bag", eb.CONFIGS)
     monkeypatch.setattr(eb, "_tuner", tuner)
-    for hints, prefetch in ((True, True), (False, False), (True, False)):
+    first = eb.CONFIGS[0]
+    for hints, prefetch, unroll in ((True, True, 1), (False, False, 1), (True, False, 1),
+                                    (True, True, 2), (True, False, 2)):
         monkeypatch.setattr(eb, "ALIGN_HINTS", hints)
         monkeypatch.setattr(eb, "PREFETCH", prefetch)
+        monkeypatch.setattr(eb, "CONFIGS", [{**first, "UNROLL": unroll}])
         # out's row stride 128 (112 columns + 16): every base is a multiple of 16
         runs.append(_run(dtype, dims, [50, 9, 300], _features(dims), device, seed=5,
                          pad=16))
-        assert [key[8] for key in tuner.best] == [16, 1, 16][:len(runs)]  # ALIGN used
+        assert tuner.best[list(tuner.best)[-1]]["ALIGN"] == (16 if hints else 1)
+        assert tuner.best[list(tuner.best)[-1]]["UNROLL"] == unroll
+        tuner.best.clear()
     out, bad, ref, ref_bad = runs[0]
     for f, want in zip(_features(dims), ref, strict=True):
         got = out[:, f.out_col:f.out_col + want.shape[1]]

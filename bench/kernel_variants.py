@@ -1,0 +1,252 @@
+"""Kernel variants side by side on one card, in one short call (issue 6 performance pass).
+
+    python bench/kernel_variants.py OUTDIR [--sizes 8192 512] [--budget-s 240] [--untuned]
+
+In one process, on the same card and the same ids (``dlrmv2`` tables, uniform, fixed
+multi-hot), most important first, each measurement guarded so one failure loses nothing else:
+1. the bf16 gather at each B with the gather switches of ``recserve.kernels.embedding_bag``:
+   ``first_run`` (the kernel the first H200 run measured: one element per load), ``aligned``
+   (16-byte row loads and stores), ``aligned_prefetch`` (and ids loaded a step ahead: the
+   default); each checked against an fp32 torch reference on the card;
+2. int8 row-wise tables vs bf16 (default variant): time, lookup-rate ratio, and a check;
+3. ``dlrmv2`` and ``dlrm-dot`` forward replayed in a CUDA graph (defaults), scores checked
+   against the PyTorch eager peer; ``dlrmv2`` again with the ``first_run`` gather.
+Then the configs the tuners chose. Writes OUTDIR/kernel_variants.json after every record,
+prints a table; exit status 1 when any correctness check failed (they print FAIL loudly).
+``--untuned`` sets RECSERVE_AUTOTUNE=0 (first config of each kernel: far fewer compiles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import workloads as wl  # noqa: E402
+
+import kernels as kb  # noqa: E402  (bench/kernels.py: Recorder, timed_us, env_info)
+from recserve.engine.weights import quantize_rowwise  # noqa: E402
+from recserve.kernels import embedding_bag as eb  # noqa: E402
+from recserve.kernels import linear as li  # noqa: E402
+from recserve.kernels.model import TritonModel, capture_graph  # noqa: E402
+from recserve.kernels.tables import PackedTables  # noqa: E402
+
+# (ALIGN_HINTS, PREFETCH), in the order measured (the least telling one last)
+VARIANTS = {"first_run": (False, False), "aligned_prefetch": (True, True),
+            "aligned": (True, False)}
+DEFAULT = "aligned_prefetch"
+FAILURES: list[str] = []
+
+
+def set_variant(name: str) -> None:
+    eb.ALIGN_HINTS, eb.PREFETCH = VARIANTS[name]
+
+
+def reference_pooled(tables: list, feats, inputs: dict, b: int,
+                     qparams: list | None = None) -> list:
+    """fp32 pooled [B, dim] per feature (fixed multi-hot bags), dequantizing int8 rows;
+    ``tables`` and ``qparams`` by table index, inputs by feature."""
+    out = []
+    for k, f in enumerate(feats):
+        t = tables[f.table]
+        idx = inputs["values"][k].view(b, -1)
+        rows = t[idx].float()
+        if qparams is not None:
+            scale, shift = qparams[f.table]
+            rows = rows * scale[idx][..., None] + shift[idx][..., None]
+        out.append(rows.sum(1))
+    return out
+
+
+def check_pooled(rec, what: str, e: torch.Tensor, feats, want: list, bad: torch.Tensor) -> dict:
+    """Every feature's slice of ``e`` within bf16 rounding of the fp32 reference."""
+    worst = 0.0
+    for f, ref in zip(feats, want, strict=True):
+        got = e[:, f.out_col:f.out_col + ref.shape[1]].float()
+        excess = ((got - ref).abs() - (ref.abs() * 2**-7 + 1e-3)).max().item()
+        worst = max(worst, (got - ref).abs().max().item())
+        if not excess <= 0:  # NaN-safe: a NaN fails
+            FAILURES.append(f"{what}: feature at column {f.out_col} off by {excess:+.4g} "
+                            "beyond bf16 rounding")
+    if int(bad.sum()) != 0:
+        FAILURES.append(f"{what}: {int(bad.sum())} requests flagged bad (all ids are valid)")
+    ok = not any(x.startswith(what + ":") for x in FAILURES)
+    if not ok:
+        print(f"!!!!! FAIL {what}: {[x for x in FAILURES if x.startswith(what)]}", flush=True)
+    return {"ok": ok, "max_abs_err": round(worst, 5)}
+
+
+def new_configs(tuner, before: set) -> list:
+    return [{"key": str(k)[:160], "config": v} for k, v in tuner.best.items() if k not in before]
+
+
+def gather_once(packed, feats, p, e: torch.Tensor):
+    indices, offsets, weights = p.groups[0]
+
+    def run() -> torch.Tensor:
+        return eb.embedding_bag(packed, feats, indices, offsets, e, weights=weights,
+                                row_request=p.row_request, request_offsets=p.request_offsets)
+
+    return run
+
+
+def bench_gather(rec, base: dict, model: TritonModel, spec, b: int, label: str,
+                 packed=None, qparams=None, tables=None, variants=tuple(VARIANTS)) -> dict:
+    """Time (and check) the gather of ``packed`` (default: the model's bf16 tables)."""
+    sets = [wl.fixed_hot_inputs(spec, b, False, kb.DEV, seed=s) for s in range(kb.SETS)]
+    prepared = [wl.to_prepared(model, s) for s in sets]
+    packed = packed or model.groups[0][0]
+    feats = model.groups[0][1]
+    tables = tables or [model_table(model, t) for t in range(len(packed.rows))]
+    want = reference_pooled(tables, feats, sets[0], b, qparams)
+    e = torch.empty(b, model.layout.e_width, device=kb.DEV, dtype=model.dtype)
+    times = {}
+    for variant in variants:
+        what = f"gather {label} B={b} {variant}"
+
+        def one(variant=variant, what=what) -> None:
+            set_variant(variant)
+            before = set(eb._tuner.best)
+            e.fill_(float("nan"))
+            bad = gather_once(packed, feats, prepared[0], e)()  # compiles and tunes
+            check = check_pooled(rec, what, e, feats, want, bad)
+            us = kb.timed_us([gather_once(packed, feats, p, e) for p in prepared])
+            gbps = wl.gather_bytes(spec, b) / us / 1e3
+            times[variant] = us
+            rec.add(section="gather", tables=label, B=b, variant=variant, us=round(us, 2),
+                    GBps=round(gbps, 1), frac_copy=round(gbps / base["copy_GBps"], 3),
+                    configs=new_configs(eb._tuner, before), **check)
+
+        rec.guarded(what, one)
+    set_variant(DEFAULT)
+    return times
+
+
+def model_table(model: TritonModel, t: int) -> torch.Tensor:
+    """Table t of the model's (only) table group as a [rows, dim] view of the packed buffer."""
+    packed = model.groups[0][0]
+    n = packed.rows[t] * packed.dims[t]
+    return packed.data[packed.elem_base[t]:packed.elem_base[t] + n].view(packed.rows[t], -1)
+
+
+def bench_int8(rec, base: dict, model: TritonModel, spec, sizes: list[int]) -> None:
+    """Gather of the same tables quantized row-wise (uint8 + scale/offset) vs bf16."""
+    codes, qparams = [], []
+    for t in range(len(model.groups[0][0].rows)):
+        c, s, o = quantize_rowwise(model_table(model, t))
+        codes.append(c)
+        qparams.append((s, o))
+    packed8 = PackedTables(codes, [q[0] for q in qparams], [q[1] for q in qparams])
+    for b in sizes:
+        bf16 = bench_gather(rec, base, model, spec, b, "bf16", variants=(DEFAULT,))
+        int8 = bench_gather(rec, base, model, spec, b, "int8", packed=packed8,
+                            qparams=qparams, tables=codes, variants=(DEFAULT,))
+        if DEFAULT in bf16 and DEFAULT in int8:
+            rec.add(section="int8_speedup", B=b,
+                    lookup_rate_ratio=round(bf16[DEFAULT] / int8[DEFAULT], 3), target=1.6)
+    del packed8, codes, qparams
+
+
+def bench_forward(rec, base: dict, name: str, spec, weights: dict, model: TritonModel,
+                  b: int, variants: tuple[str, ...]) -> None:
+    """Forward in a CUDA graph (eager on cpu), scores checked against the eager peer."""
+    sets = [wl.fixed_hot_inputs(spec, b, False, kb.DEV, seed=s) for s in range(kb.SETS)]
+    prepared = [wl.to_prepared(model, s) for s in sets]
+    peer = wl.TorchPeer(spec, weights, model.dtype)
+    for variant in variants:
+        what = f"forward {name} B={b} {variant}"
+
+        def one(variant=variant, what=what) -> None:
+            set_variant(variant)
+            before = set(li._tuner.best)
+            ours, bad = model.forward_prepared(prepared[0])
+            theirs = peer.forward(sets[0]["dense"], sets[0]["values"], sets[0]["offsets"])
+            diff = (ours.float() - theirs.float()).abs().max().item()
+            ok = diff <= 0.03 and int(bad.sum()) == 0
+            if not ok:
+                FAILURES.append(f"{what}: max |scores - eager| {diff:.4g}, bad {int(bad.sum())}")
+                print(f"!!!!! FAIL {FAILURES[-1]}", flush=True)
+            if kb.DEV == "cuda":
+                graphs = [capture_graph(model.forward_prepared, p)[0] for p in prepared]
+                us = kb.timed_us([g.replay for g in graphs])
+                del graphs
+            else:
+                us = kb.timed_us([(lambda p=p: model.forward_prepared(p)) for p in prepared])
+            tflops = wl.model_flops(spec, b) / us / 1e6
+            rec.add(section="forward", workload=name, B=b, variant=variant,
+                    graph=kb.DEV == "cuda", us=round(us, 2), samples_per_s=round(b / us * 1e6),
+                    TFLOPs=round(tflops, 2), frac_matmul=round(tflops / base["matmul_tflops"], 4),
+                    max_diff_vs_eager=round(diff, 5), ok=ok,
+                    linear_configs=new_configs(li._tuner, before))
+
+        rec.guarded(what, one)
+    set_variant(DEFAULT)
+
+
+def summary(records: list[dict]) -> str:
+    lines = [f"{'what':44} {'B':>6} {'us':>9}  notes"]
+    for r in records:
+        sec = r.get("section")
+        if sec == "gather":
+            what, note = f"gather {r['tables']} {r['variant']}", f"{r['GBps']} GB/s ok={r['ok']}"
+        elif sec == "forward":
+            what = f"forward {r['workload']} {r['variant']}" + (" graph" if r["graph"] else "")
+            note = f"{r['TFLOPs']} TFLOP/s diff={r['max_diff_vs_eager']} ok={r['ok']}"
+        elif sec == "int8_speedup":
+            lines.append(f"{'int8 / bf16 lookup rate':44} {r['B']:>6} {'':>9}  "
+                         f"{r['lookup_rate_ratio']}x (target 1.6x)")
+            continue
+        else:
+            continue
+        lines.append(f"{what:44} {r['B']:>6} {r['us']:>9.1f}  {note}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("outdir", type=Path)
+    ap.add_argument("--sizes", type=int, nargs="*", default=[8192, 512])
+    ap.add_argument("--max-rows", type=int, default=4_000_000)
+    ap.add_argument("--budget-s", type=float, default=240.0,
+                    help="stop starting new measurements after this many seconds")
+    ap.add_argument("--untuned", action="store_true", help="RECSERVE_AUTOTUNE=0")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cpu: a smoke run under the interpreter (use tiny --sizes, --max-rows)")
+    args = ap.parse_args()
+    if args.untuned:
+        os.environ["RECSERVE_AUTOTUNE"] = "0"
+    kb.DEV = args.device
+    if kb.DEV == "cpu":
+        kb.SETS = 1
+    rec = kb.Recorder(args.outdir, args.budget_s)
+    rec.path = args.outdir / "kernel_variants.json"
+    rec.add(section="env", **kb.env_info(), sizes=args.sizes, max_rows=args.max_rows,
+            untuned=args.untuned)
+    base = kb.baselines(rec)
+    spec = wl.dlrmv2_spec(args.max_rows, "bf16" if kb.DEV == "cuda" else "fp32", "dcnv2")
+    weights = wl.device_weights(spec, kb.DEV, seed=0)
+    model = TritonModel(spec, weights, device=kb.DEV)
+    for b in args.sizes:
+        bench_gather(rec, base, model, spec, b, "bf16")
+    rec.guarded("int8", bench_int8, rec, base, model, spec, args.sizes)
+    for b in args.sizes:
+        bench_forward(rec, base, "dlrmv2", spec, weights, model, b, (DEFAULT, "first_run"))
+    dot = wl.dlrmv2_spec(args.max_rows, spec.tables[0].dtype, "dot")
+    dot_w = wl.device_weights(dot, kb.DEV, seed=1, tables_from={
+        k: v for k, v in weights.items() if k.startswith("tables.")})
+    dot_model = rec.guarded("dlrm-dot model", TritonModel, dot, dot_w, device=kb.DEV)
+    for b in args.sizes if dot_model is not None else []:
+        bench_forward(rec, base, "dlrm-dot", dot, dot_w, dot_model, b, (DEFAULT,))
+    rec.add(section="done", failures=FAILURES)
+    print(summary(rec.records), flush=True)
+    if FAILURES:
+        print("\n!!!!! CORRECTNESS FAILURES:\n  " + "\n  ".join(FAILURES), flush=True)
+    return 1 if FAILURES else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
