@@ -5,15 +5,19 @@
 In one process, on the same card and the same ids (``dlrmv2`` tables, uniform, fixed
 multi-hot), most important first, each measurement guarded so one failure loses nothing else:
 1. the bf16 gather at each B with the gather switches of ``recserve.kernels.embedding_bag``:
-   ``first_run`` (the kernel the first H200 run measured: one element per load), ``aligned``
-   (16-byte row loads and stores), ``aligned_prefetch`` (and ids loaded a step ahead: the
-   default); each checked against an fp32 torch reference on the card;
+   ``first_run`` (the kernel the first H200 run measured: one element per load) and
+   ``aligned_prefetch`` (16-byte row loads and stores, ids loaded a step ahead, UNROLL 2
+   configs among the candidates: the default); with ``--all-variants`` also ``aligned``
+   (no prefetch); each checked against an fp32 torch reference on the card;
 2. int8 row-wise tables vs bf16 (default variant): time, lookup-rate ratio, and a check;
 3. ``dlrmv2`` and ``dlrm-dot`` forward replayed in a CUDA graph (defaults), scores checked
    against the PyTorch eager peer; ``dlrmv2`` again with the ``first_run`` gather.
 Then the configs the tuners chose. Writes OUTDIR/kernel_variants.json after every record,
 prints a table; exit status 1 when any correctness check failed (they print FAIL loudly).
 ``--untuned`` sets RECSERVE_AUTOTUNE=0 (first config of each kernel: far fewer compiles).
+Cost on a cold card: tuning compiles ~15 gather and ~50 GEMM configs (1-2 s each), so
+expect about 2-3 minutes tuned, under a minute with ``--untuned``; measurements stop
+starting after ``--budget-s``, and the JSON holds everything measured until then.
 """
 
 from __future__ import annotations
@@ -211,9 +215,11 @@ def main() -> int:
     ap.add_argument("outdir", type=Path)
     ap.add_argument("--sizes", type=int, nargs="*", default=[8192, 512])
     ap.add_argument("--max-rows", type=int, default=4_000_000)
-    ap.add_argument("--budget-s", type=float, default=240.0,
+    ap.add_argument("--budget-s", type=float, default=150.0,
                     help="stop starting new measurements after this many seconds")
     ap.add_argument("--untuned", action="store_true", help="RECSERVE_AUTOTUNE=0")
+    ap.add_argument("--all-variants", action="store_true",
+                    help="also the 'aligned' gather (without the id prefetch)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cpu: a smoke run under the interpreter (use tiny --sizes, --max-rows)")
     args = ap.parse_args()
@@ -230,11 +236,13 @@ def main() -> int:
     spec = wl.dlrmv2_spec(args.max_rows, "bf16" if kb.DEV == "cuda" else "fp32", "dcnv2")
     weights = wl.device_weights(spec, kb.DEV, seed=0)
     model = TritonModel(spec, weights, device=kb.DEV)
+    variants = tuple(VARIANTS) if args.all_variants else ("first_run", DEFAULT)
     for b in args.sizes:
-        bench_gather(rec, base, model, spec, b, "bf16")
+        bench_gather(rec, base, model, spec, b, "bf16", variants=variants)
     rec.guarded("int8", bench_int8, rec, base, model, spec, args.sizes)
-    for b in args.sizes:
-        bench_forward(rec, base, "dlrmv2", spec, weights, model, b, (DEFAULT, "first_run"))
+    for variant in (DEFAULT, "first_run"):
+        for b in args.sizes:
+            bench_forward(rec, base, "dlrmv2", spec, weights, model, b, (variant,))
     dot = wl.dlrmv2_spec(args.max_rows, spec.tables[0].dtype, "dot")
     dot_w = wl.device_weights(dot, kb.DEV, seed=1, tables_from={
         k: v for k, v in weights.items() if k.startswith("tables.")})

@@ -32,7 +32,15 @@ import torch
 import torch.nn.functional as F
 
 from ._common import SafeTuner, check_tensor, next_pow2
-from .tables import INDEX_DTYPES, BagFeature, PackedTables, check_csr
+from .tables import (
+    INDEX_DTYPES,
+    BagFeature,
+    PackedTables,
+    alignment,
+    check_csr,
+    check_launch,
+    launch_plan,
+)
 
 import triton  # isort: skip  (after _common, which may switch on the interpreter)
 import triton.language as tl  # isort: skip
@@ -55,11 +63,9 @@ CONFIGS = [
 # run (one element per load instruction, ids and rows loaded back to back). Whatever they
 # say, that proven kernel is also among the tuning candidates (see ``_candidates``).
 ALIGN_HINTS = True
-"""Alignment hints (16-byte row loads and stores where ``_align`` allows)."""
+"""Alignment hints (16-byte row loads and stores where ``alignment`` allows)."""
 PREFETCH = True
 """Load each step's ids one step ahead of the rows they address."""
-_META_COLS = 9  # elem_base, row_base, rows, dim, bag_base, num_bags, out_col, first_prog, flags
-_REQUEST, _MEAN, _WEIGHTED, _LONG = 1, 2, 4, 8
 
 
 @triton.jit
@@ -168,7 +174,7 @@ def _embedding_bag_kernel(
     pid = tl.program_id(0)
     f = tl.load(prog_feature_ptr + pid).to(tl.int64)
     meta = meta_ptr + f * 9
-    # ALIGN (host-computed gcd, see ``_align``) divides every table base, dim, out column
+    # ALIGN (host-computed gcd, see ``alignment``) divides every table base, dim, out column
     # and the out row stride: telling the compiler lets it issue 16-byte row loads and
     # stores instead of one element per instruction (it cannot see values read from meta).
     elem_base = tl.multiple_of(tl.load(meta + 0), ALIGN)
@@ -278,56 +284,6 @@ def _pool_short(table_ptr, qparams_ptr, indices_ptr, offsets_ptr, weights_ptr,
 
 
 _tuner = SafeTuner("embedding_bag", CONFIGS)
-_plans: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
-
-
-def _bag_counts(features: Sequence[BagFeature], num_rows: int, num_requests: int) -> list[int]:
-    return [num_requests if f.request_scope else num_rows for f in features]
-
-
-def _plan(packed: PackedTables, features: tuple[BagFeature, ...], num_rows: int,
-          num_requests: int, bags_per_prog: int, lanes: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                                      int]:
-    """Per-feature metadata and the program -> feature map, cached per shape bucket."""
-    key = (tuple(packed.elem_base), tuple(packed.rows), tuple(packed.dims), features,
-           num_rows, num_requests, bags_per_prog, lanes, str(packed.device))
-    if key in _plans:
-        return _plans[key]
-    counts = _bag_counts(features, num_rows, num_requests)
-    bag_base = [0]
-    for c in counts[:-1]:
-        bag_base.append(bag_base[-1] + c + 1)
-    is_long = [f.max_bag >= lanes for f in features]
-    # Long-bag features first: their programs do the most work, so they must not start last.
-    order = sorted(range(len(features)), key=lambda i: not is_long[i])
-    meta = [[0] * _META_COLS for _ in features]
-    prog_feature: list[int] = []
-    for i in order:
-        f, t = features[i], features[i].table
-        programs = counts[i] if is_long[i] else -(-counts[i] // bags_per_prog)
-        flags = (_REQUEST * f.request_scope) | (_MEAN * f.mean) | (_WEIGHTED * f.weighted) \
-            | (_LONG * is_long[i])
-        meta[i] = [packed.elem_base[t], packed.row_base[t], packed.rows[t], packed.dims[t],
-                   bag_base[i], counts[i], f.out_col, len(prog_feature), flags]
-        prog_feature.extend([i] * programs)
-    plan = (torch.tensor(meta, dtype=torch.int64, device=packed.device),
-            torch.tensor(prog_feature, dtype=torch.int32, device=packed.device), len(prog_feature))
-    _plans[key] = plan
-    return plan
-
-
-def _align(packed: PackedTables, features: Sequence[BagFeature], out: torch.Tensor) -> int:
-    """Largest power of two (<= 16 elements) dividing every table base, dim and out column
-    of this launch and out's row stride: the kernel's alignment hint (1 turns it off)."""
-    values = [out.stride(0)]
-    for f in features:
-        values += [packed.elem_base[f.table], packed.dims[f.table], f.out_col]
-    align = 16
-    while align > 1 and any(v % align for v in values):
-        align //= 2
-    return align
-
-
 def _candidates(align: int) -> list[dict]:
     """Tuning candidates: every config with the switches' variant, then the first H200
     run's proven kernel, so a variant that fails to compile on the card only loses speed."""
@@ -335,37 +291,6 @@ def _candidates(align: int) -> list[dict]:
     if align > 1 or PREFETCH:
         out.append({**CONFIGS[0], "ALIGN": 1, "PREFETCH": False})
     return out
-
-
-def _check_launch(packed: PackedTables, features: Sequence[BagFeature], indices: torch.Tensor,
-                  offsets: torch.Tensor, out: torch.Tensor, weights: torch.Tensor | None,
-                  num_requests: int) -> None:
-    dev = packed.device
-    check_tensor("indices", indices, dtypes=INDEX_DTYPES, ndim=1, device=dev)
-    check_tensor("offsets", offsets, dtypes=INDEX_DTYPES, ndim=1, device=dev)
-    check_tensor("out", out, dtypes=[torch.float32, torch.float16, torch.bfloat16], ndim=2,
-                 device=dev)
-    if out.stride(1) != 1:
-        raise ValueError(f"out (shape {list(out.shape)}, strides {out.stride()}) needs unit "
-                         "column stride")
-    want = sum(c + 1 for c in _bag_counts(features, out.shape[0], num_requests))
-    if offsets.shape[0] != want:
-        raise ValueError(f"offsets has shape {list(offsets.shape)}; expected [{want}] "
-                         f"(bags + 1 per feature, B={out.shape[0]}, R={num_requests})")
-    for i, f in enumerate(features):
-        if not 0 <= f.table < len(packed.rows):
-            raise ValueError(f"feature {i} reads table {f.table}; there are {len(packed.rows)}")
-        if f.out_col + packed.dims[f.table] > out.shape[1]:
-            end = f.out_col + packed.dims[f.table]
-            raise ValueError(f"feature {i} writes columns {f.out_col}..{end} but out has "
-                             f"shape {list(out.shape)}")
-    if any(f.weighted for f in features):
-        if weights is None:
-            raise ValueError("a feature is weighted but no weights were given")
-        check_tensor("weights", weights, dtypes=[torch.float32], ndim=1, device=dev)
-        if weights.shape != indices.shape:
-            raise ValueError(f"weights has shape {list(weights.shape)}; indices has "
-                             f"{list(indices.shape)}")
 
 
 def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices: torch.Tensor,
@@ -393,7 +318,7 @@ def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices:
         if num_requests != num_rows:
             raise ValueError(f"row_request is needed when R={num_requests} != B={num_rows}")
         row_request = request_offsets[:-1]
-    _check_launch(packed, features, indices, offsets, out, weights, num_requests)
+    check_launch(packed, features, indices, offsets, out, weights, num_requests)
     check_tensor("row_request", row_request, dtypes=INDEX_DTYPES, ndim=1, device=packed.device)
     if bad is None:
         bad = torch.zeros(num_requests, dtype=torch.int32, device=out.device)
@@ -404,10 +329,10 @@ def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices:
         return bad
     block_d = next_pow2(max(packed.dims[f.table] for f in features), 16)
     weighted = any(f.weighted for f in features)
-    align = _align(packed, features, out) if ALIGN_HINTS else 1
+    align = alignment(packed, features, out) if ALIGN_HINTS else 1
 
     def launch(cfg: dict) -> None:
-        meta, prog_feature, programs = _plan(packed, features, num_rows, num_requests,
+        meta, prog_feature, programs = launch_plan(packed, features, num_rows, num_requests,
                                              cfg["BAGS"], cfg["LANES"])
         _embedding_bag_kernel[(programs,)](
             packed.data, packed.qparams, indices, offsets,

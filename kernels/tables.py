@@ -1,4 +1,6 @@
-"""Static inputs of the table-batched embedding bag: packed tables, feature slots, CSR checks."""
+"""Host side of the table-batched embedding bag: packed tables, feature slots, CSR checks,
+and the launch plan (per-feature metadata, program -> feature map, alignment, argument
+checks)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from ._common import check_tensor
 
 TABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.uint8)
 INDEX_DTYPES = (torch.int32, torch.int64)
+_META_COLS = 9  # elem_base, row_base, rows, dim, bag_base, num_bags, out_col, first_prog, flags
+_REQUEST, _MEAN, _WEIGHTED, _LONG = 1, 2, 4, 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,3 +106,86 @@ def check_csr(offsets: torch.Tensor, bag_counts: Sequence[int], nnz: int) -> Non
             raise ValueError(f"feature {i} offsets are not monotone within [0, {nnz}]: "
                              f"{part[:8].tolist()}...")
         base += count + 1
+
+
+_plans: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+
+def bag_counts(features: Sequence[BagFeature], num_rows: int, num_requests: int) -> list[int]:
+    """Bags per feature: R for request scope, B for candidate scope."""
+    return [num_requests if f.request_scope else num_rows for f in features]
+
+
+def launch_plan(packed: PackedTables, features: tuple[BagFeature, ...], num_rows: int,
+                num_requests: int, bags_per_prog: int,
+                lanes: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-feature metadata and the program -> feature map, cached per shape bucket."""
+    key = (tuple(packed.elem_base), tuple(packed.rows), tuple(packed.dims), features,
+           num_rows, num_requests, bags_per_prog, lanes, str(packed.device))
+    if key in _plans:
+        return _plans[key]
+    counts = bag_counts(features, num_rows, num_requests)
+    bag_base = [0]
+    for c in counts[:-1]:
+        bag_base.append(bag_base[-1] + c + 1)
+    is_long = [f.max_bag >= lanes for f in features]
+    # Long-bag features first: their programs do the most work, so they must not start last.
+    order = sorted(range(len(features)), key=lambda i: not is_long[i])
+    meta = [[0] * _META_COLS for _ in features]
+    prog_feature: list[int] = []
+    for i in order:
+        f, t = features[i], features[i].table
+        programs = counts[i] if is_long[i] else -(-counts[i] // bags_per_prog)
+        flags = (_REQUEST * f.request_scope) | (_MEAN * f.mean) | (_WEIGHTED * f.weighted) \
+            | (_LONG * is_long[i])
+        meta[i] = [packed.elem_base[t], packed.row_base[t], packed.rows[t], packed.dims[t],
+                   bag_base[i], counts[i], f.out_col, len(prog_feature), flags]
+        prog_feature.extend([i] * programs)
+    plan = (torch.tensor(meta, dtype=torch.int64, device=packed.device),
+            torch.tensor(prog_feature, dtype=torch.int32, device=packed.device), len(prog_feature))
+    _plans[key] = plan
+    return plan
+
+
+def alignment(packed: PackedTables, features: Sequence[BagFeature], out: torch.Tensor) -> int:
+    """Largest power of two (<= 16 elements) dividing every table base, dim and out column
+    of this launch and out's row stride: the kernel's alignment hint (1 turns it off)."""
+    values = [out.stride(0)]
+    for f in features:
+        values += [packed.elem_base[f.table], packed.dims[f.table], f.out_col]
+    align = 16
+    while align > 1 and any(v % align for v in values):
+        align //= 2
+    return align
+
+
+def check_launch(packed: PackedTables, features: Sequence[BagFeature], indices: torch.Tensor,
+                 offsets: torch.Tensor, out: torch.Tensor, weights: torch.Tensor | None,
+                 num_requests: int) -> None:
+    """Raise ValueError (showing the shapes) unless the launch arguments fit together."""
+    dev = packed.device
+    check_tensor("indices", indices, dtypes=INDEX_DTYPES, ndim=1, device=dev)
+    check_tensor("offsets", offsets, dtypes=INDEX_DTYPES, ndim=1, device=dev)
+    check_tensor("out", out, dtypes=[torch.float32, torch.float16, torch.bfloat16], ndim=2,
+                 device=dev)
+    if out.stride(1) != 1:
+        raise ValueError(f"out (shape {list(out.shape)}, strides {out.stride()}) needs unit "
+                         "column stride")
+    want = sum(c + 1 for c in bag_counts(features, out.shape[0], num_requests))
+    if offsets.shape[0] != want:
+        raise ValueError(f"offsets has shape {list(offsets.shape)}; expected [{want}] "
+                         f"(bags + 1 per feature, B={out.shape[0]}, R={num_requests})")
+    for i, f in enumerate(features):
+        if not 0 <= f.table < len(packed.rows):
+            raise ValueError(f"feature {i} reads table {f.table}; there are {len(packed.rows)}")
+        if f.out_col + packed.dims[f.table] > out.shape[1]:
+            end = f.out_col + packed.dims[f.table]
+            raise ValueError(f"feature {i} writes columns {f.out_col}..{end} but out has "
+                             f"shape {list(out.shape)}")
+    if any(f.weighted for f in features):
+        if weights is None:
+            raise ValueError("a feature is weighted but no weights were given")
+        check_tensor("weights", weights, dtypes=[torch.float32], ndim=1, device=dev)
+        if weights.shape != indices.shape:
+            raise ValueError(f"weights has shape {list(weights.shape)}; indices has "
+                             f"{list(indices.shape)}")

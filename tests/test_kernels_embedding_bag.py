@@ -200,15 +200,15 @@ def test_launcher_rejects_bad_arguments():
 
 
 def test_alignment_hint_is_the_largest_common_power_of_two():
-    from recserve.kernels.embedding_bag import _align
+    from recserve.kernels.tables import alignment
 
     packed = PackedTables([torch.zeros(3, 32), torch.zeros(5, 16)])
     feats = [BagFeature(0, 0), BagFeature(1, 32)]
-    assert _align(packed, feats, torch.zeros(2, 48)) == 16
-    assert _align(packed, feats, torch.zeros(2, 56)) == 8      # row stride 56
-    assert _align(packed, [BagFeature(0, 0), BagFeature(1, 36)], torch.zeros(2, 64)) == 4
+    assert alignment(packed, feats, torch.zeros(2, 48)) == 16
+    assert alignment(packed, feats, torch.zeros(2, 56)) == 8      # row stride 56
+    assert alignment(packed, [BagFeature(0, 0), BagFeature(1, 36)], torch.zeros(2, 64)) == 4
     odd = PackedTables([torch.zeros(3, 5), torch.zeros(5, 16)])  # second base: 15 elements
-    assert _align(odd, [BagFeature(1, 0)], torch.zeros(2, 16)) == 1
+    assert alignment(odd, [BagFeature(1, 0)], torch.zeros(2, 16)) == 1
 
 
 @pytest.mark.parametrize("device", DEVICES)
