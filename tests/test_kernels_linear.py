@@ -36,7 +36,8 @@ def _rand(*shape, gen, device, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("m,n,k", [(1, 5, 3), (37, 70, 50), (64, 130, 129)])
+# k = 128: a multiple of every BLOCK_K, the unmasked EVEN_K loads
+@pytest.mark.parametrize("m,n,k", [(1, 5, 3), (37, 70, 50), (64, 130, 129), (16, 40, 128)])
 @pytest.mark.parametrize("activation", ["none", "relu", "sigmoid"])
 def test_linear_epilogues(device, m, n, k, activation):
     gen = torch.Generator().manual_seed(m * n + k)
@@ -156,3 +157,19 @@ def test_launchers_reject_bad_arguments():
         dest_map(3, [(3, 0, 0)], 10)
     with pytest.raises(ValueError, match=r"v has shape \[2, 5\]"):
         dot_interaction(torch.zeros(2, 5), 3, 2, dest_map(3, [], 4), torch.zeros(2, 4))
+
+
+def test_gpu_configs_fit_shared_memory_per_operand_size(monkeypatch):
+    """The card's candidates: large-M and small-M sets, and no config whose pipeline
+    buffers overflow 227 KB for the operand size (fp32 drops the largest tiles)."""
+    from recserve.kernels import _common
+    from recserve.kernels.linear import _configs
+
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    big = {(c["BLOCK_M"], c["BLOCK_N"], c["num_stages"]) for c in _configs(None, 8192, 2)}
+    assert (128, 256, 4) in big and (256, 128, 3) in big
+    assert all(c["BLOCK_M"] <= 64 for c in _configs(None, 512, 2))
+    fp32 = {(c["BLOCK_M"], c["BLOCK_N"], c["num_stages"]) for c in _configs(None, 8192, 4)}
+    assert (128, 256, 4) not in fp32 and (128, 128, 3) in fp32
+    final = _configs(256, 8192, 2)
+    assert final and all(c["BLOCK_N"] == 256 and c["BLOCK_M"] <= 64 for c in final)
