@@ -36,6 +36,9 @@ _GPU_CONFIGS = [
     # two 64-row wgmma groups per warp group; shared memory checked by compile_check
     {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
     {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    # small batches: narrow wgmma tiles, so a 512-row layer with K = 3456 spreads over
+    # 4x more programs than with 64x128 (split-K would break the fixed reduction order)
+    {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
 ]
 _CPU_CONFIGS = [{"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}]
 _tuner = SafeTuner("linear", _GPU_CONFIGS)
@@ -131,14 +134,15 @@ def _fits(c: dict, elsize: int) -> bool:
 
 def _configs(final_n: int | None, m: int | None = None, elsize: int = 2) -> list[dict]:
     """Candidates for one call: small batches only try BLOCK_M <= 64 tiles, large ones only
-    BLOCK_M >= 64 (fewer compiles per shape; the card's tuning picks among the rest); only
+    64x64 and up (fewer compiles per shape; the card's tuning picks among the rest); only
     configs whose buffers fit for operands of ``elsize`` bytes."""
     from ._common import interpreting
 
     base = _CPU_CONFIGS if interpreting() else _GPU_CONFIGS
     if m is not None and not interpreting():
         small = [c for c in base if c["BLOCK_M"] <= 64]
-        base = small if m <= 1024 else [c for c in base if c["BLOCK_M"] >= 64]
+        big = [c for c in base if c["BLOCK_M"] >= 64 and c["BLOCK_N"] >= 64]
+        base = small if m <= 1024 else big
     if final_n is None:
         return [c for c in base if _fits(c, elsize)]
     block_n = next_pow2(final_n, 16)
