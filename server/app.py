@@ -22,7 +22,7 @@ from .config import ServerConfig
 from .control import Control
 from .dispatch import Dispatcher
 from .errors import Overloaded
-from .protocol import ServerProtocol
+from .protocol import ReadBudget, ServerProtocol
 from .stats import RequestHook, ServerStats
 
 log = logging.getLogger("recserve.server")
@@ -51,6 +51,7 @@ class Server:
         self._connections: set[ServerProtocol] = set()
         self._overflow: set[ServerProtocol] = set()  # over the limit: one probe, then closed
         self._sweeper: asyncio.Task | None = None
+        self.read_budget = ReadBudget(self.config.max_read_buffer_bytes)
         self._reuse_port = reuse_port  # several worker processes listen on one port
 
     async def start(self) -> None:
@@ -82,7 +83,8 @@ class Server:
                                         f"limit is {self.config.max_connections}")
         protocol = ServerProtocol(self.dispatcher, limits,
                                   self.config.max_pending_per_connection,
-                                  on_lost=self._lost, refuse=refuse)
+                                  on_lost=self._lost, refuse=refuse,
+                                  budget=self.read_budget)
         if refuse is None:
             self._connections.add(protocol)
             self.dispatcher.connections = len(self._connections)

@@ -51,6 +51,9 @@ examples:
     p.add_argument("--max-connections", type=int, default=1024, metavar="N",
                    help="open connections; one more is answered overloaded and closed "
                    "(default: %(default)s)")
+    p.add_argument("--max-read-buffer-bytes", type=int, default=256 << 20, metavar="BYTES",
+                   help="partly read frames held over all connections; a connection whose "
+                   "next frame does not fit waits its turn (default: %(default)s = 256 MiB)")
     p.add_argument("--frame-timeout", type=float, default=30.0, metavar="S",
                    help="drop a client that sends part of a frame and stalls this long "
                    "(default: %(default)s)")
@@ -126,6 +129,7 @@ def run_serve(args: argparse.Namespace) -> int:
                           max_candidates=args.max_candidates, max_in_flight=args.max_in_flight,
                           max_pending_per_connection=args.max_pending_per_connection,
                           max_connections=args.max_connections,
+                          max_read_buffer_bytes=args.max_read_buffer_bytes,
                           frame_timeout_s=args.frame_timeout, write_timeout_s=args.write_timeout,
                           drain_s=args.drain_seconds,
                           admin_token=os.environ.get("RECSERVE_ADMIN_TOKEN") or None)

@@ -74,6 +74,11 @@ class FrameDecoder:
         """Bytes received but not yet returned as a frame (a partial frame)."""
         return len(self._buffer)
 
+    @property
+    def expecting(self) -> int | None:
+        """Payload length of the frame being read (its header has arrived), else None."""
+        return self._need
+
     def feed(self, data: bytes) -> list[bytearray]:
         """Append ``data``; return the payloads of all frames now complete, in order."""
         if self.error is not None:

@@ -27,7 +27,10 @@ class ServerConfig:
     max_in_flight: int = 8192
     """Requests in flight over all connections before new ones are answered ``overloaded``."""
     max_connections: int = 1024
-    """Open connections; one more is answered ``overloaded`` (id nil) and closed at once."""
+    """Open connections; one more gets one answer (``overloaded`` unless it is a probe)."""
+    max_read_buffer_bytes: int = 256 << 20
+    """Partly read frames held over all connections; a connection whose next frame does not
+    fit waits (stops reading) until earlier frames complete. At least ``max_frame_bytes``."""
     frame_timeout_s: float = 30.0
     """Longest a frame may take to arrive once its first byte has: a client that sends half a
     frame and stalls is dropped."""
@@ -48,6 +51,8 @@ class ServerConfig:
         _check_int("max_pending_per_connection", self.max_pending_per_connection, 1, 1 << 20)
         _check_int("max_in_flight", self.max_in_flight, 1, 1 << 24)
         _check_int("max_connections", self.max_connections, 1, 1 << 20)
+        _check_int("max_read_buffer_bytes", self.max_read_buffer_bytes, self.max_frame_bytes,
+                   1 << 40)
         for name in ("frame_timeout_s", "write_timeout_s", "drain_s"):
             value = getattr(self, name)
             if (isinstance(value, bool) or not isinstance(value, int | float)

@@ -127,7 +127,9 @@ class Hub:
         config = dataclasses.replace(
             self.config, port=self.port, admin_token=None,
             max_connections=share(self.config.max_connections),
-            max_in_flight=share(self.config.max_in_flight))
+            max_in_flight=share(self.config.max_in_flight),
+            max_read_buffer_bytes=max(self.config.max_frame_bytes,
+                                      share(self.config.max_read_buffer_bytes)))
         fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
         settings = {"channel_fd": theirs.fileno(), "config": fields,
                     "log_level": self.log_level}

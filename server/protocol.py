@@ -28,13 +28,67 @@ PROBES = ("ping", "health")  # ops answered even over the connection limit
 QUIET_S = 0.5  # on shutdown, a connection silent this long is closed at once
 
 
+class ReadBudget:
+    """Bytes of partly read frames over all connections, bounded.
+
+    A connection reserves a frame's whole length as soon as its header arrives and gives it
+    back when the frame is complete; one that cannot reserve stops reading (holding no
+    more than what already arrived) until earlier frames finish and it is woken in turn.
+    Holders always have their whole frame reserved, so they complete: no deadlock.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiting: deque[ServerProtocol] = deque()
+
+    def take(self, size: int) -> bool:
+        """Reserve ``size`` bytes if they fit (and nobody is queued before)."""
+        if self.used + size > self.limit or self._waiting:
+            return False
+        self.used += size
+        return True
+
+    def wait(self, protocol: ServerProtocol) -> None:
+        """Queue a connection that could not reserve its frame."""
+        self._waiting.append(protocol)
+
+    def give(self, size: int) -> None:
+        """Return a reservation and wake waiting connections that now fit, in order."""
+        self.used -= size
+        while self._waiting:
+            head = self._waiting[0]
+            need = head.waiting_for or 0
+            if self.used + need > self.limit:
+                break
+            self._waiting.popleft()
+            self.used += need
+            head.reserved(need)
+
+    @property
+    def waiting(self) -> int:
+        """Connections waiting for budget."""
+        return len(self._waiting)
+
+    def forget(self, protocol: ServerProtocol) -> None:
+        """A waiting connection went away."""
+        if protocol in self._waiting:
+            self._waiting.remove(protocol)
+            self.give(0)
+
+
 class ServerProtocol(asyncio.Protocol):
     """One client connection."""
 
     def __init__(self, dispatcher: Dispatcher, limits: CodecLimits, max_pending: int,
                  on_lost: Callable[[ServerProtocol], None] | None = None,
-                 refuse: RecserveError | None = None) -> None:
+                 refuse: RecserveError | None = None,
+                 budget: ReadBudget | None = None) -> None:
         self._dispatcher = dispatcher
+        self._budget = budget
+        self._reservation = 0  # bytes of the budget held for the frame being read
+        self.waiting_for: int | None = None
+        """Length of the frame this connection waits to reserve budget for."""
         # The server is full: answer one probe (ping, health) or else this error, then close.
         self._refuse = refuse
         self._limits = limits
@@ -70,7 +124,10 @@ class ServerProtocol(asyncio.Protocol):
         self._last_data = time.monotonic()
         if self._closing or self._session is None:
             return
-        self._backlog.extend(self._decoder.feed(data))
+        frames = self._decoder.feed(data)
+        self._backlog.extend(frames)
+        if self._budget is not None:
+            self._account(bool(frames))
         if self._refuse is not None:
             self._probe_only()
             return
@@ -83,6 +140,28 @@ class ServerProtocol(asyncio.Protocol):
             # The rest of the stream cannot be framed any more: answer, then close.
             self._session.reject(self._decoder.error)
             self.close()
+
+    def _account(self, completed: bool) -> None:
+        """Hold budget for the frame now being read (its header has arrived)."""
+        budget = self._budget
+        if completed and self._reservation:  # frames finish in order: ours was among them
+            budget.give(self._reservation)
+            self._reservation = 0
+        need = self._decoder.expecting
+        if need is None or self._reservation or self.waiting_for is not None:
+            return
+        if budget.take(need):
+            self._reservation = need
+        else:
+            self.waiting_for = need
+            budget.wait(self)
+            self._update_reading()
+
+    def reserved(self, size: int) -> None:
+        """The budget woke this connection with ``size`` bytes reserved: read on."""
+        self.waiting_for = None
+        self._reservation = size
+        self._update_reading()
 
     def _probe_only(self) -> None:
         """Over the connection limit: health probes still get through (a full server is
@@ -143,6 +222,12 @@ class ServerProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        if self._budget is not None:
+            self._budget.forget(self)
+            self.waiting_for = None
+            if self._reservation:
+                self._budget.give(self._reservation)
+                self._reservation = 0
         if self._session is not None:
             self._session.close()
         if self._on_lost is not None:
@@ -217,7 +302,7 @@ class ServerProtocol(asyncio.Protocol):
             return
         pending = self._session.pending if self._session is not None else 0
         should_pause = (self._write_paused or bool(self._backlog)
-                        or pending >= self._max_pending)
+                        or pending >= self._max_pending or self.waiting_for is not None)
         if should_pause and not self._read_paused:
             transport.pause_reading()
             self._read_paused = True

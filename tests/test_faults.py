@@ -266,3 +266,38 @@ def test_reload_under_load_fails_no_request(tmp_path):
     finally:
         stop.set()
         thread.stop()
+
+
+def test_frames_in_progress_share_a_bounded_read_buffer():
+    thread = serve(max_frame_bytes=1 << 16, max_read_buffer_bytes=1 << 17)
+    budget = thread.server.read_budget
+    try:
+        frames = [encode_message({"id": i, "op": "ping", "pad": "x" * 60_000})
+                  for i in range(3)]
+        size = len(frames[0]) - 4
+        conns = [RawConnection(thread.port) for _ in range(3)]
+        for i, (conn, frame) in enumerate(zip(conns, frames, strict=True)):
+            conn.sock.sendall(frame[:30_000])  # a large frame, half sent
+            if i < 2:
+                assert wait_for(lambda i=i: budget.used == (i + 1) * size)
+        assert wait_for(lambda: budget.waiting == 1)  # the third does not fit: it waits
+        assert budget.used == 2 * size
+        gone = RawConnection(thread.port)  # a waiter that leaves gives up its place
+        gone.sock.sendall(frames[2][:30_000])
+        assert wait_for(lambda: budget.waiting == 2)
+        gone.close()
+        assert wait_for(lambda: budget.waiting == 1)
+        small = RawConnection(thread.port)  # whole small frames never wait
+        small.send({"id": 7, "op": "ping"})
+        assert small.receive()["ok"] is True
+        conns[0].sock.sendall(frames[0][30_000:])
+        assert conns[0].receive()["error"]["code"] == "bad_request"  # "pad" is no ping key
+        assert wait_for(lambda: budget.waiting == 0 and budget.used == 2 * size)
+        for conn, frame in zip(conns[1:], frames[1:], strict=True):
+            conn.sock.sendall(frame[30_000:])
+            assert conn.receive()["id"] is not None
+        assert wait_for(lambda: budget.used == 0)
+        for conn in [*conns, small]:
+            conn.close()
+    finally:
+        thread.stop()
