@@ -34,7 +34,9 @@ class ReadBudget:
     A connection reserves a frame's whole length as soon as its header arrives and gives it
     back when the frame is complete; one that cannot reserve stops reading (holding no
     more than what already arrived) until earlier frames finish and it is woken in turn.
-    Holders always have their whole frame reserved, so they complete: no deadlock.
+    Holders always have their whole frame reserved, so they complete: no deadlock. (A
+    waiting connection is not reading, so a client that leaves while waiting is noticed,
+    and its place released, when its turn comes.)
     """
 
     def __init__(self, limit: int) -> None:

@@ -282,21 +282,21 @@ def test_frames_in_progress_share_a_bounded_read_buffer():
                 assert wait_for(lambda i=i: budget.used == (i + 1) * size)
         assert wait_for(lambda: budget.waiting == 1)  # the third does not fit: it waits
         assert budget.used == 2 * size
-        gone = RawConnection(thread.port)  # a waiter that leaves gives up its place
+        gone = RawConnection(thread.port)  # a waiter that leaves: noticed on its turn
         gone.sock.sendall(frames[2][:30_000])
         assert wait_for(lambda: budget.waiting == 2)
         gone.close()
-        assert wait_for(lambda: budget.waiting == 1)
         small = RawConnection(thread.port)  # whole small frames never wait
         small.send({"id": 7, "op": "ping"})
         assert small.receive()["ok"] is True
         conns[0].sock.sendall(frames[0][30_000:])
         assert conns[0].receive()["error"]["code"] == "bad_request"  # "pad" is no ping key
-        assert wait_for(lambda: budget.waiting == 0 and budget.used == 2 * size)
+        assert wait_for(lambda: budget.waiting == 1 and budget.used == 2 * size)
         for conn, frame in zip(conns[1:], frames[1:], strict=True):
             conn.sock.sendall(frame[30_000:])
             assert conn.receive()["id"] is not None
-        assert wait_for(lambda: budget.used == 0)
+        assert wait_for(lambda: budget.used == 0 and budget.waiting == 0)
+        assert wait_for(lambda: thread.server.connections == 4)  # the leaver is gone
         for conn in [*conns, small]:
             conn.close()
     finally:
