@@ -12,6 +12,7 @@ from pathlib import Path
 from .cli_serve import add_serve, run_serve
 from .client import DEFAULT_HOST, DEFAULT_PORT, Client
 from .errors import RecserveError
+from .tools_cli import register_tools
 
 DESCRIPTION = """\
 recserve serves DLRM-family ranking models over msgpack-on-TCP (the wire contract
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_serve(commands, _command)
+    register_tools(commands)
     for name, help_text in (("ping", "check that a server answers"),
                             ("models", "list a server's models, inputs and outputs")):
         sub = _command(commands, name, help_text)
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"serve": run_serve, "health": _health, "ping": _ping, "models": _models,
                 "infer": _infer, "demo-model": _demo_model, "import-dlrm": _import_dlrm}
     try:
-        return handlers[args.command](args)
+        return handlers.get(args.command, getattr(args, "run", None))(args)
     except RecserveError as exc:
         print(f"error: {exc}", file=sys.stderr)
     except ConnectionRefusedError:
