@@ -35,10 +35,12 @@ DEVICE_DEFAULTS = {
     "null": EngineSettings(max_batch_rows=2048, buckets=(256, 512, 1024, 2048), slots=1),
 }
 CPU_TORCH_THREADS: int | None = None
-# Measured 2026-11-26 (closed loop, 32 in flight, 4 connections): 1 slot beat 2 slots (two
-# batches' torch threads fight over 2 cores: p99 doubled under 0.8 of capacity), 2048 rows
-# kept p99 under 10 ms at 0.8 of capacity where 1024 fell behind, and a fill wait only
-# added latency (the queue fills batches by itself under load).
+# Measured 2026-11-26 with bench/server.py (2 load processes, 32 in flight, other jobs on the
+# machine; each setting twice): 1 slot, 2048 rows: 2260-2285 req/s closed loop, p99 9-10 ms
+# at half of that offered (Poisson), no refusals at 0.8. 4096 rows: 2568 req/s (+13%) but
+# p99 14-20 ms at half load and refusals at 0.8. 2 slots: 1980-2290 req/s, p99 15-31 ms at
+# half load (two batches' torch threads fight over 2 cores). A fill wait only added latency
+# in earlier runs: under load the queue fills batches by itself.
 DEFAULTS_NOTE = ("on cpu: 1 slot, batches up to 2048 rows, no fill wait, chosen from "
                  "bench/server.py runs on 2 cores")
 
