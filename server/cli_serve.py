@@ -49,8 +49,8 @@ examples:
                    help="requests in flight on one connection before the server stops "
                    "reading from it (default: %(default)s)")
     p.add_argument("--max-connections", type=int, default=1024, metavar="N",
-                   help="open connections; one more is answered overloaded and closed "
-                   "(default: %(default)s)")
+                   help="open connections; one more gets one answer (overloaded, unless it "
+                   "is a ping or health probe) and is closed (default: %(default)s)")
     p.add_argument("--max-read-buffer-bytes", type=int, default=256 << 20, metavar="BYTES",
                    help="partly read frames held over all connections; a connection whose "
                    "next frame does not fit waits its turn (default: %(default)s = 256 MiB)")
