@@ -14,7 +14,7 @@ import pytest
 from server_fixtures import RawConnection
 from test_faults_process import Sender, start
 
-from recserve.engine.demo import build_demo_repository, random_inputs, to_wire
+from recserve.engine.demo import build_demo_repository, demo_spec, random_inputs, to_wire
 from recserve.engine.inputs import collate
 from recserve.engine.reference import ReferenceModel
 from recserve.engine.repository import ModelRepository, save_model
@@ -102,6 +102,27 @@ def test_stats_merge_every_worker(served):
     assert stats["server"]["connections"] >= 4 and stats["engine"]["kind"] == "engine"
     for conn in conns:
         conn.close()
+
+
+def test_a_client_gone_mid_request_cancels_its_work_in_the_engine_process(served):
+    _, port = served
+    conn = RawConnection(port)
+    pool = [to_wire(demo_spec(), random_inputs(demo_spec(), np.random.default_rng(i), 700))
+            for i in range(4)]
+    for rid in range(200):  # 140k rows: the engine is busy with them for a while
+        conn.send({"id": rid, "op": "infer", "model": "demo", "candidates": 700,
+                   "inputs": pool[rid % 4]})
+    conn.receive()
+    conn.close()
+    probe = RawConnection(port)
+    end, engine = time.monotonic() + 20, {}
+    while time.monotonic() < end:
+        engine = call(probe, {"id": 1, "op": "stats"})["stats"]["engine"]
+        if engine["pending_requests"] == 0:
+            break
+        time.sleep(0.05)
+    probe.close()
+    assert engine["pending_requests"] == 0 and engine["counters"].get("cancelled", 0) > 0
 
 
 def test_admin_ops_reach_the_engine_process(served):
