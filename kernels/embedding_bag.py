@@ -82,7 +82,10 @@ def _gather(table_ptr, qparams_ptr, weights_ptr, idx, pos, valid,
         qp = tl.load(qparams_ptr + (2 * (row_base + idx))[:, None] + tl.arange(0, 2)[None, :],
                      mask=inb[:, None], other=0.0)
         s, o = tl.split(qp)
-        vals = vals * s[:, None] + o[:, None]
+        # An explicit FMA: one rounding in every variant. Left as `vals * s + o`, the
+        # compiler contracted it in some configs and not others (int8 bits differed
+        # between the unroll and prefetch variants on the H200).
+        vals = tl.fma(vals, s[:, None], o[:, None])
     if WEIGHTED:
         # Unweighted features in a weighted launch read weight 1 (their slots are unused).
         w = tl.load(weights_ptr + pos, mask=inb, other=1.0).to(tl.float32)
