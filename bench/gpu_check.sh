@@ -9,10 +9,13 @@
 # Every step runs even if an earlier one failed; exit codes go to OUTDIR/summary.txt.
 # OUTDIR holds at most 8 files (the transfer limit); this script writes 8:
 #   summary.txt  card, versions, commit, pip tail, each step's exit code and seconds
-#   pytest-gpu.log, kernels.log, kernels.json, engine_gpu.log, engine_gpu.json,
-#   server.log, server-<time>.json
-# Environment knobs: PYTHON (default python), KERNEL_BENCH_ARGS (default: --budget-s 120),
-# PYTEST_TIMEOUT_S (110), BENCH_TIMEOUT_S (170), RECSERVE_COMMIT (default: git HEAD).
+#   pytest-gpu.log, bench.log (every benchmark's output, in order), kernels.json,
+#   kernel_variants.json, engine_gpu.json, server-<time>.json, load.json
+# Environment knobs: PYTHON (default python), PYTEST_PATHS (tests), KERNEL_BENCH_ARGS
+# (--budget-s 60), ENGINE_BENCH_ARGS, and each step's time limit in seconds: PYTEST_TIMEOUT_S
+# (100), BENCH_TIMEOUT_S (90), VARIANTS_TIMEOUT_S (90), ENGINE_TIMEOUT_S (60),
+# SERVER_TIMEOUT_S (50), LOAD_TIMEOUT_S (40); RECSERVE_COMMIT (default: git HEAD; the device
+# copy of the tree has no .git, so pass it in).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 
@@ -58,28 +61,37 @@ step install install
 
 # GPU tests: one config per kernel (no autotuning) so compiles stay few; the benchmark
 # below autotunes over every config and prunes those that fail to compile on this card.
-step pytest-gpu bash -c "set -o pipefail; RECSERVE_AUTOTUNE=0 timeout ${PYTEST_TIMEOUT_S:-110} \
+step pytest-gpu bash -c "set -o pipefail; RECSERVE_AUTOTUNE=0 timeout ${PYTEST_TIMEOUT_S:-100} \
     $PY -m pytest -m gpu -v --no-header -p no:cacheprovider -o addopts='' -o timeout=60 \
     --continue-on-collection-errors --durations=15 ${PYTEST_PATHS:-tests} \
     2>&1 | tee '$OUT/pytest-gpu.log' | tail -n 5"
 
 # Kernel benchmark: recserve vs eager / eager + CUDA graph / torch.compile; partial results
 # are in kernels.json after every measurement, so a timeout still leaves data.
-step kernels-bench bash -c "timeout ${BENCH_TIMEOUT_S:-170} $PY bench/kernels.py '$OUT' \
-    ${KERNEL_BENCH_ARGS:---budget-s 120} > '$OUT/kernels.log' 2>&1; rc=\$?; \
-    tail -n 14 '$OUT/kernels.log'; exit \$rc"
+step kernels-bench bash -c "timeout ${BENCH_TIMEOUT_S:-90} $PY bench/kernels.py '$OUT' \
+    ${KERNEL_BENCH_ARGS:---budget-s 60} >> '$OUT/bench.log' 2>&1; rc=\$?; \
+    tail -n 14 '$OUT/bench.log'; exit \$rc"
+
+# Gather and forward variants side by side, each checked against the torch reference.
+step kernel-variants bash -c "timeout ${VARIANTS_TIMEOUT_S:-90} $PY bench/kernel_variants.py \
+    '$OUT' --budget-s 60 >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 18 '$OUT/bench.log'; exit \$rc"
 
 # Engine at full load vs its own bare forward (dlrmv2, B=8192), copy/compute overlap.
-step engine-bench bash -c "timeout ${ENGINE_TIMEOUT_S:-100} $PY bench/engine_gpu.py '$OUT' \
-    ${ENGINE_BENCH_ARGS:-} > '$OUT/engine_gpu.log' 2>&1; rc=\$?; tail -n 6 '$OUT/engine_gpu.log'; \
+step engine-bench bash -c "timeout ${ENGINE_TIMEOUT_S:-60} $PY bench/engine_gpu.py '$OUT' \
+    ${ENGINE_BENCH_ARGS:-} >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 3 '$OUT/bench.log'; \
     exit \$rc"
 
 # Short server load over loopback: the engine on the GPU vs one-at-a-time scoring.
 # RECSERVE_AUTOTUNE=0: the server captures a graph per bucket and slot at start; tuning each
 # shape would take most of this step's time (the kernel bench above measures tuned kernels).
-step server-load bash -c "RECSERVE_AUTOTUNE=0 timeout ${SERVER_TIMEOUT_S:-90} $PY bench/server.py --duration 2 \
+step server-load bash -c "RECSERVE_AUTOTUNE=0 timeout ${SERVER_TIMEOUT_S:-50} $PY bench/server.py --duration 2 \
     --loads 0.5,0.9 --config 'gpu=--device cuda' --config 'one-at-a-time=--one-at-a-time' \
-    --out '$OUT' > '$OUT/server.log' 2>&1; rc=\$?; tail -n 12 '$OUT/server.log'; exit \$rc"
+    --out '$OUT' >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 12 '$OUT/bench.log'; exit \$rc"
+
+# The load generator (issue 5) against a GPU server it starts: closed and open loop.
+step load-generator bash -c "RECSERVE_AUTOTUNE=0 timeout ${LOAD_TIMEOUT_S:-40} $PY bench/load.py \
+    --start --serve-args '--device cuda' --concurrency 8,64 --rate 1000 --duration 3 --quiet \
+    --json '$OUT/load.json' >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 6 '$OUT/bench.log'; exit \$rc"
 
 echo "gpu_check done in $(( $(date +%s) - START )) s" | tee -a "$SUMMARY"
 ls "$OUT" | tee -a "$SUMMARY"
