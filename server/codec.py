@@ -194,7 +194,7 @@ def _decode_typed(obj: dict, name: str, max_elements: int) -> np.ndarray:
         raise BadRequest(message=f"{name}: typed array has unknown keys {extra}; "
                                  "expected dtype, shape, data")
     dtype, shape, data = obj.get("dtype"), obj.get("shape"), obj.get("data")
-    if dtype not in WIRE_DTYPES:
+    if not isinstance(dtype, str) or dtype not in WIRE_DTYPES:
         raise BadRequest(message=f"{name}: typed array dtype is {dtype!r}; expected one of "
                                  f"{', '.join(WIRE_DTYPES)}")
     if (not isinstance(shape, list) or len(shape) > MAX_NDIM

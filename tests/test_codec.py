@@ -168,3 +168,10 @@ def test_codec_limits_validate():
         CodecLimits(max_frame_bytes=0)
     with pytest.raises(ValueError, match="4-byte length"):
         CodecLimits(max_frame_bytes=1 << 32)
+
+
+@pytest.mark.parametrize("dtype", [["f4"], {"a": 1}, None, 4, b"f4"])
+def test_a_typed_array_dtype_of_any_type_is_a_bad_request(dtype):
+    typed = {"dtype": dtype, "shape": [1], "data": b"\x00" * 4}
+    with pytest.raises(BadRequest, match="dtype"):
+        decode_array(typed, "x", 10)
