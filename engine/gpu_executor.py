@@ -19,47 +19,23 @@ a table is flagged by the gather kernel and fails alone; an exception while laun
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .demo import random_inputs
 from .executor import Done, Executor, Job, JobResult, PieceResult, index_problem, slice_rows
+from .gpu_slots import GpuModel, SlotState, capture, copy_in, device_step, new_slot
 from .inputs import collate
 from .scheduler import EngineError
 from .settings import EngineSettings
 from .spec import ModelSpec
-from .staging import Buffers, PackedSizes, StagingLayout, allocate, pack, staging_layout
+from .staging import PackedSizes, pack, staging_layout
 
 _STAGES = ("h2d", "compute", "d2h")
-
-
-@dataclass(slots=True)
-class SlotState:
-    """One slot's buffers, graphs and events for one model."""
-
-    host: Buffers
-    device: Buffers
-    dense_compute: torch.Tensor | None
-    scores_out: torch.Tensor
-    bad_out: torch.Tensor
-    pool: object
-    graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = field(
-        default_factory=dict)
-    events: dict[str, torch.cuda.Event] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class GpuModel:
-    """A TritonModel with its staging layout and per-slot state (see ``build_model``)."""
-
-    spec: ModelSpec
-    triton: object
-    layout: StagingLayout
-    slots: list[SlotState]
 
 
 class GpuExecutor(Executor):
@@ -108,34 +84,21 @@ class GpuExecutor(Executor):
         triton_model = TritonModel(spec, weights, self.device)
         layout = staging_layout(spec, [names for _, _, names in triton_model.groups],
                                 self.settings.max_batch_rows, triton_model.layout.x_request)
-        slots = [self._new_slot(triton_model, layout) for _ in range(self.settings.slots)]
+        slots = [new_slot(triton_model, layout, self.device, _STAGES)
+                 for _ in range(self.settings.slots)]
         model = GpuModel(spec, triton_model, layout, slots)
         rng = np.random.default_rng(0)
         for slot in slots:
             for bucket in self.settings.buckets:
                 sizes = pack(layout, slot.host, [random_inputs(spec, rng, bucket)], bucket)
-                self._copy_in(model, slot, sizes, torch.cuda.current_stream(self.device))
+                copy_in(model, slot, sizes, torch.cuda.current_stream(self.device))
                 if self.use_graphs:
-                    slot.graphs[bucket] = _capture(lambda s=slot, b=bucket: _step(model, s, b),
-                                                   slot.pool, self.device)
+                    step = functools.partial(device_step, model, slot, bucket)
+                    slot.graphs[bucket] = capture(step, slot.pool, self.device)
                 else:
-                    _step(model, slot, bucket)
+                    device_step(model, slot, bucket)
         torch.cuda.synchronize(self.device)
         return model
-
-    def _new_slot(self, triton_model, layout: StagingLayout) -> SlotState:
-        rows, outputs = layout.max_rows, len(layout.spec.outputs)
-        dense_compute = None
-        host = allocate(layout, "cpu", pin=True)
-        device = allocate(layout, self.device)
-        if device.dense is not None:
-            dense_compute = torch.zeros_like(device.dense, dtype=triton_model.dtype)
-        events = {f"{s}_{edge}": torch.cuda.Event(enable_timing=True)
-                  for s in _STAGES for edge in ("start", "end")}
-        return SlotState(host, device, dense_compute,
-                         torch.zeros(rows, outputs, pin_memory=True),
-                         torch.zeros(rows + 1, dtype=torch.bool, pin_memory=True),
-                         torch.cuda.graph_pool_handle(), events=events)
 
     def free_slots(self) -> int:
         """Slots not holding a job."""
@@ -192,7 +155,7 @@ class GpuExecutor(Executor):
         """Enqueue copy-in, compute and copy-out of one packed batch on the three streams."""
         ev, streams = slot.events, self._streams
         ev["h2d_start"].record(streams["h2d"])
-        self.bytes_in += self._copy_in(model, slot, sizes, streams["h2d"])
+        self.bytes_in += copy_in(model, slot, sizes, streams["h2d"])
         ev["h2d_end"].record(streams["h2d"])
         compute = streams["compute"]
         compute.wait_event(ev["h2d_end"])
@@ -202,7 +165,7 @@ class GpuExecutor(Executor):
                 graph, scores, bad = slot.graphs[plan.bucket]
                 graph.replay()
             else:
-                scores, bad = _step(model, slot, plan.bucket)
+                scores, bad = device_step(model, slot, plan.bucket)
             ev["compute_end"].record(compute)
         out = streams["d2h"]
         out.wait_event(ev["compute_end"])
@@ -214,27 +177,6 @@ class GpuExecutor(Executor):
         if plan.bucket not in slot.graphs:  # allocator-owned outputs: keep until copied
             scores.record_stream(out)
             bad.record_stream(out)
-
-    def _copy_in(self, model: GpuModel, slot: SlotState, sizes: PackedSizes,
-                 stream: torch.cuda.Stream) -> int:
-        host, dev, b = slot.host, slot.device, sizes.bucket
-        pairs = [(dev.row_request, host.row_request, b),
-                 (dev.request_offsets, host.request_offsets, b + 2),
-                 (dev.first_rows, host.first_rows, b + 1)]
-        if dev.dense is not None:
-            pairs.append((dev.dense, host.dense, b + 1 if model.layout.dense_per_request else b))
-        for (di, do, dw), (hi, ho, hw), nnz, used in zip(dev.groups, host.groups, sizes.nnz,
-                                                         sizes.offsets, strict=True):
-            pairs += [(di, hi, nnz), (do, ho, used)]
-            if dw is not None:
-                pairs.append((dw, hw, nnz))
-        copied = 0
-        with torch.cuda.stream(stream):
-            for device_buf, host_buf, n in pairs:
-                if n:
-                    device_buf[:n].copy_(host_buf[:n], non_blocking=True)
-                    copied += host_buf[:n].numel() * host_buf.element_size()
-        return copied
 
     def _completer(self) -> None:
         while (item := self._done_q.get()) is not None:
@@ -292,40 +234,3 @@ class GpuExecutor(Executor):
                 results.append(PieceResult(error=EngineError(
                     "internal", f"scoring failed ({kind}) after the batch failed ({exc})")))
         return tuple(results)
-
-
-def _step(model: GpuModel, slot: SlotState, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The device work of one batch on the slot's device buffers (what a graph captures)."""
-    from recserve.kernels.prepare import PreparedBatch
-
-    dev, layout = slot.device, model.layout
-    r_cap = bucket + 1
-    dense = None
-    if slot.dense_compute is not None:
-        rows = r_cap if layout.dense_per_request else bucket
-        dense = slot.dense_compute[:rows]
-        dense.copy_(dev.dense[:rows])  # fp32 staging -> compute dtype, on the device
-    groups = []
-    for group, (indices, offsets, weights) in zip(layout.groups, dev.groups, strict=True):
-        used = sum((r_cap if req else bucket) + 1 for req in group.request_scope)
-        groups.append((indices, offsets[:used], weights))
-    prepared = PreparedBatch(bucket, r_cap, dev.row_request[:bucket],
-                             dev.request_offsets[:r_cap + 1], dev.first_rows[:r_cap], dense,
-                             tuple(groups))
-    return model.triton.forward_prepared(prepared)
-
-
-def _capture(step, pool, device: torch.device):
-    """Warm ``step`` up on a side stream (autotuning its kernels), then capture it."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    torch.cuda.synchronize(device)
-    graph = torch.cuda.CUDAGraph()
-    # thread_local: the launcher thread keeps serving other models while this one captures.
-    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-        scores, bad = step()
-    return graph, scores, bad

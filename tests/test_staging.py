@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from recserve.engine.demo import random_inputs
-from recserve.engine.gpu_executor import SlotState, _step
+from recserve.engine.gpu_slots import SlotState, device_step
 from recserve.engine.inputs import SparseInput, collate
 from recserve.engine.reference import ReferenceModel
 from recserve.engine.spec import DenseFeature, Interaction, ModelSpec, SparseFeature, Table
@@ -39,9 +39,9 @@ def packed_scores(spec, weights, pieces, bucket, max_rows=16):
     sizes = pack(layout, host, pieces, bucket)
     slot = SlotState(host, host, torch.zeros_like(host.dense) if host.dense is not None
                      else None, torch.zeros(0), torch.zeros(0), None)
-    from recserve.engine.gpu_executor import GpuModel
+    from recserve.engine.gpu_slots import GpuModel
 
-    scores, bad = _step(GpuModel(spec, model, layout, [slot]), slot, bucket)
+    scores, bad = device_step(GpuModel(spec, model, layout, [slot]), slot, bucket)
     return sizes, host, scores[:sizes.rows], bad[:sizes.requests]
 
 

@@ -1,0 +1,116 @@
+"""Per-slot GPU state for one model: buffers, graphs, events, and the device step of a batch.
+
+``GpuExecutor`` owns the threads and streams; this module owns what one slot holds
+(allocated once per model when it is built) and the work a CUDA graph captures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .spec import ModelSpec
+from .staging import Buffers, PackedSizes, StagingLayout, allocate
+
+
+@dataclass(slots=True)
+class SlotState:
+    """One slot's buffers, graphs and events for one model."""
+
+    host: Buffers
+    device: Buffers
+    dense_compute: torch.Tensor | None
+    scores_out: torch.Tensor
+    bad_out: torch.Tensor
+    pool: object
+    graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict)
+    events: dict[str, torch.cuda.Event] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class GpuModel:
+    """A TritonModel with its staging layout and per-slot state (see ``build_model``)."""
+
+    spec: ModelSpec
+    triton: object
+    layout: StagingLayout
+    slots: list[SlotState]
+
+
+def new_slot(triton_model, layout: StagingLayout, device: torch.device,
+             stages: tuple[str, ...]) -> SlotState:
+    """Allocate one slot's pinned host set, device set, outputs and stage events."""
+    rows, outputs = layout.max_rows, len(layout.spec.outputs)
+    dense_compute = None
+    host = allocate(layout, "cpu", pin=True)
+    on_device = allocate(layout, device)
+    if on_device.dense is not None:
+        dense_compute = torch.zeros_like(on_device.dense, dtype=triton_model.dtype)
+    events = {f"{s}_{edge}": torch.cuda.Event(enable_timing=True)
+              for s in stages for edge in ("start", "end")}
+    return SlotState(host, on_device, dense_compute,
+                     torch.zeros(rows, outputs, pin_memory=True),
+                     torch.zeros(rows + 1, dtype=torch.bool, pin_memory=True),
+                     torch.cuda.graph_pool_handle(), events=events)
+
+
+def copy_in(model: GpuModel, slot: SlotState, sizes: PackedSizes,
+            stream: torch.cuda.Stream) -> int:
+    """Enqueue the used prefix of every host buffer to the device on ``stream``; bytes sent."""
+    host, dev, b = slot.host, slot.device, sizes.bucket
+    pairs = [(dev.row_request, host.row_request, b),
+             (dev.request_offsets, host.request_offsets, b + 2),
+             (dev.first_rows, host.first_rows, b + 1)]
+    if dev.dense is not None:
+        pairs.append((dev.dense, host.dense, b + 1 if model.layout.dense_per_request else b))
+    for (di, do, dw), (hi, ho, hw), nnz, used in zip(dev.groups, host.groups, sizes.nnz,
+                                                     sizes.offsets, strict=True):
+        pairs += [(di, hi, nnz), (do, ho, used)]
+        if dw is not None:
+            pairs.append((dw, hw, nnz))
+    copied = 0
+    with torch.cuda.stream(stream):
+        for device_buf, host_buf, n in pairs:
+            if n:
+                device_buf[:n].copy_(host_buf[:n], non_blocking=True)
+                copied += host_buf[:n].numel() * host_buf.element_size()
+    return copied
+
+
+def device_step(model: GpuModel, slot: SlotState, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The device work of one batch on the slot's device buffers (what a graph captures)."""
+    from recserve.kernels.prepare import PreparedBatch
+
+    dev, layout = slot.device, model.layout
+    r_cap = bucket + 1
+    dense = None
+    if slot.dense_compute is not None:
+        rows = r_cap if layout.dense_per_request else bucket
+        dense = slot.dense_compute[:rows]
+        dense.copy_(dev.dense[:rows])  # fp32 staging -> compute dtype, on the device
+    groups = []
+    for group, (indices, offsets, weights) in zip(layout.groups, dev.groups, strict=True):
+        used = sum((r_cap if req else bucket) + 1 for req in group.request_scope)
+        groups.append((indices, offsets[:used], weights))
+    prepared = PreparedBatch(bucket, r_cap, dev.row_request[:bucket],
+                             dev.request_offsets[:r_cap + 1], dev.first_rows[:r_cap], dense,
+                             tuple(groups))
+    return model.triton.forward_prepared(prepared)
+
+
+def capture(step, pool, device: torch.device):
+    """Warm ``step`` up on a side stream (autotuning its kernels), then capture it."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: the launcher thread keeps serving other models while this one captures.
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        scores, bad = step()
+    return graph, scores, bad
