@@ -158,8 +158,11 @@ class Engine:
             return name, max(versions)
         if version in versions:
             return name, version
-        which = "any version" if version is None else f"version {version}"
-        raise EngineError("not_found", f"model {name!r} has {which} loaded")
+        loaded = sorted({n for n, _ in self.models()})
+        if not versions:
+            raise EngineError("not_found", f"model {name!r} is not served here; models: {loaded}")
+        raise EngineError("not_found", f"model {name!r} has no version {version} loaded; "
+                                       f"versions: {sorted(versions)}")
 
     def spec(self, name: str, version: int | None = None) -> ModelSpec:
         """The spec of a servable model (for validating requests against it)."""

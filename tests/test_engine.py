@@ -183,6 +183,10 @@ def test_admission_control_refuses_at_once():
         with pytest.raises(EngineError) as info:
             await engine.score("nope", random_inputs(SPEC, rng, 1))
         assert info.value.code == "not_found"
+        assert info.value.message == "model 'nope' is not served here; models: ['tiny']"
+        with pytest.raises(EngineError) as info:
+            await engine.score("tiny", random_inputs(SPEC, rng, 1), version=9)
+        assert info.value.message == "model 'tiny' has no version 9 loaded; versions: [1]"
         await engine.close()
     run(main())
 
