@@ -179,8 +179,14 @@ class Dispatcher:
         timeout = _deadline(message.get("deadline_ms"))
         handle = self.backend.resolve(name, version)
         request.model = handle.name
-        inputs = validate_inputs(handle.spec, message["candidates"], message["inputs"],
-                                 self.config.max_candidates)
+        try:
+            inputs = validate_inputs(handle.spec, message["candidates"], message["inputs"],
+                                     self.config.max_candidates)
+        except BadRequest as exc:
+            invalid = getattr(exc, "invalid_ids", None)
+            if invalid is not None:  # (feature, count): ids outside their table
+                self.stats.invalid_ids[invalid[0]] += invalid[1]
+            raise
         deadline = None if timeout is None else time.monotonic() + timeout
         version = handle.version
         try:

@@ -30,6 +30,8 @@ class ServerStats:
         self.requests: Counter[tuple[str, str, str]] = Counter()
         self.latency: dict[str, Histogram] = {}
         """End-to-end infer latency (frame read to response written) per model."""
+        self.invalid_ids: Counter[str] = Counter()
+        """Sparse ids outside their table per feature, in requests refused by validation."""
         self.on_request_done: list[RequestHook] = list(hooks or [])
         """Callbacks run for every answered request; one that raises is logged and kept."""
 
@@ -48,15 +50,18 @@ class ServerStats:
                 log.exception("on_request_done hook %r failed", hook)
 
     def to_dict(self) -> dict:
-        """``{requests: [{model, op, code, count}], latency_s: {model: histogram}}``."""
+        """``{requests: [{model, op, code, count}], latency_s: {model: histogram},
+        invalid_ids: {feature: count}}``."""
         return {"requests": [{"model": m, "op": o, "code": c, "count": n}
                              for (m, o, c), n in sorted(self.requests.items())],
-                "latency_s": {m: h.to_dict() for m, h in sorted(self.latency.items())}}
+                "latency_s": {m: h.to_dict() for m, h in sorted(self.latency.items())},
+                "invalid_ids": dict(sorted(self.invalid_ids.items()))}
 
 
 def merge_server_stats(parts: list[dict]) -> dict:
     """Several processes' ``server`` stats as one: counts and histograms added up."""
     requests: Counter[tuple[str, str, str]] = Counter()
+    invalid: Counter[str] = Counter()
     latency: dict[str, dict] = {}
     connections = in_flight = 0
     for part in parts:
@@ -64,6 +69,7 @@ def merge_server_stats(parts: list[dict]) -> dict:
         in_flight += part.get("in_flight", 0)
         for row in part.get("requests", []):
             requests[(row["model"], row["op"], row["code"])] += row["count"]
+        invalid.update(part.get("invalid_ids", {}))
         for model, hist in part.get("latency_s", {}).items():
             into = latency.get(model)
             if into is None:
@@ -75,4 +81,5 @@ def merge_server_stats(parts: list[dict]) -> dict:
     return {"connections": connections, "in_flight": in_flight,
             "requests": [{"model": m, "op": o, "code": c, "count": n}
                          for (m, o, c), n in sorted(requests.items())],
-            "latency_s": dict(sorted(latency.items()))}
+            "latency_s": dict(sorted(latency.items())),
+            "invalid_ids": dict(sorted(invalid.items()))}

@@ -133,9 +133,12 @@ def _check_range(spec: ModelSpec, f: SparseFeature, values: np.ndarray) -> None:
     rows = spec.table(f.table).rows
     # Two reductions and no temporaries on the common path; find the culprit only on failure.
     if len(values) and (values.min() < 0 or values.max() >= rows):
-        i = int(np.argmax((values < 0) | (values >= rows)))
-        raise BadRequest(message=f"input {f.name!r} values[{i}] is {int(values[i])}, outside "
-                                 f"table {f.table!r} (valid ids are 0 to {rows - 1})")
+        bad = (values < 0) | (values >= rows)
+        i = int(np.argmax(bad))
+        error = BadRequest(message=f"input {f.name!r} values[{i}] is {int(values[i])}, "
+                                   f"outside table {f.table!r} (valid ids are 0 to {rows - 1})")
+        error.invalid_ids = (f.name, int(np.count_nonzero(bad)))  # for the server's stats
+        raise error
 
 
 def _float_array(obj: object, label: str, max_elements: int) -> np.ndarray:

@@ -94,6 +94,9 @@ def test_stats_count_requests_by_model_op_and_code_and_run_the_hooks():
             assert call(conn, infer_message(rid, model, seed=rid))["ok"] is True
         assert call(conn, {"id": 9, "op": "infer", "model": "nope", "candidates": 1,
                            "inputs": {}})["error"]["code"] == "not_found"
+        bad = infer_message(11, model, n=3)
+        bad["inputs"]["item"]["values"][:2] = [50, -1]  # table "items" has 50 rows
+        assert call(conn, bad)["error"]["code"] == "bad_request"
         conn.send_payload(b"\xc1")  # not msgpack
         assert conn.receive()["error"]["code"] == "bad_request"
         stats = call(conn, {"id": 10, "op": "stats"})["stats"]
@@ -104,8 +107,10 @@ def test_stats_count_requests_by_model_op_and_code_and_run_the_hooks():
     assert counts[("small", "infer", "ok")] == 3
     assert counts[("", "infer", "not_found")] == 1  # an unknown name is not a label
     assert counts[("", "", "bad_request")] == 1
+    assert counts[("small", "infer", "bad_request")] == 1
+    assert stats["server"]["invalid_ids"] == {"item": 2}
     latency = stats["server"]["latency_s"]
-    assert list(latency) == ["small"] and latency["small"]["count"] == 3
+    assert list(latency) == ["small"] and latency["small"]["count"] == 4  # answered, any code
     assert len(latency["small"]["counts"]) == len(latency["small"]["bounds"]) + 1
     assert stats["server"]["connections"] == 1 and stats["server"]["in_flight"] == 0
     assert stats["engine"]["kind"] == "engine"
@@ -113,7 +118,8 @@ def test_stats_count_requests_by_model_op_and_code_and_run_the_hooks():
     assert stats["engine"]["models"] == [{"name": "small", "version": 3}]
     assert stats["gpu"]["available"] is False and stats["uptime_s"] >= 0
     assert [s[:3] for s in seen] == [("small", "infer", "ok")] * 3 + [
-        ("", "infer", "not_found"), ("", "", "bad_request"), ("", "stats", "ok")]
+        ("", "infer", "not_found"), ("small", "infer", "bad_request"), ("", "", "bad_request"),
+        ("", "stats", "ok")]
     assert all(s[3] >= 0 for s in seen)
 
 
