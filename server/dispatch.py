@@ -54,9 +54,10 @@ _KEYS: dict[Op, tuple[frozenset[str], frozenset[str]]] = {
                frozenset({"version", "deadline_ms"})),
     Op.HEALTH: (_NONE, _NONE),
     Op.STATS: (_NONE, _NONE),
-    Op.LOAD: (frozenset({"token", "model"}), frozenset({"version"})),
-    Op.UNLOAD: (frozenset({"token", "model"}), frozenset({"version"})),
-    Op.RELOAD: (frozenset({"token", "model"}), _NONE),
+    # admin ops: a missing token is answered unauthorized (by the op), not bad_request
+    Op.LOAD: (frozenset({"model"}), frozenset({"token", "version"})),
+    Op.UNLOAD: (frozenset({"model"}), frozenset({"token", "version"})),
+    Op.RELOAD: (frozenset({"model"}), frozenset({"token"})),
 }
 
 

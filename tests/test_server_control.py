@@ -143,6 +143,8 @@ def test_admin_ops_refuse_a_wrong_token(repo, token):
         for op in ("load", "unload", "reload"):
             answer = call(conn, {"id": 1, "op": op, "token": token, "model": "small"})
             assert answer["error"]["code"] == "unauthorized", answer
+            answer = call(conn, {"id": 1, "op": op, "model": "small"})  # no token at all
+            assert answer["error"]["code"] == "unauthorized", answer
         assert call(conn, {"id": 2, "op": "health"})["models"] == []
         conn.close()
     finally:
