@@ -284,7 +284,7 @@ class Session:
 
     def _start(self, rid: int, op: Op, message: dict, request: Request) -> None:
         dispatcher = self._dispatcher
-        if dispatcher.draining:
+        if dispatcher.draining and op is not Op.STATS:  # stats run as a task in a worker
             raise Overloaded(message="the server is shutting down; retry on another replica")
         admitted = op in dispatcher.admitted
         if admitted and dispatcher.in_flight >= dispatcher.config.max_in_flight:
