@@ -71,8 +71,12 @@ examples:
                    "split among them (default: %(default)s: one process does all)")
     p.add_argument("--metrics-host", default="127.0.0.1", help="address of the Prometheus "
                    "endpoint (default: %(default)s)")
-    p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus "
-                   "metrics on this port (default: off)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT", default=7701,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (default: "
+                   "%(default)s; if the port is taken the server logs a warning and serves "
+                   "without metrics)")
+    p.add_argument("--no-metrics", dest="metrics_port", action="store_const", const=None,
+                   help="no Prometheus endpoint")
     _add_engine(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log verbosity on stderr (default: %(default)s)")

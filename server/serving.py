@@ -309,4 +309,10 @@ async def _start_metrics(server, options: ServeOptions):
     except ImportError:
         log.warning("--metrics-port given, but this build has no metrics endpoint")
         return None
-    return await start_metrics(server, options.metrics_host, options.metrics_port)
+    try:
+        return await start_metrics(server, options.metrics_host, options.metrics_port)
+    except OSError as exc:  # another replica on this host has the port: keep serving
+        log.warning("no metrics endpoint: cannot listen on %s:%d (%s); pick another with "
+                    "--metrics-port or turn it off with --no-metrics", options.metrics_host,
+                    options.metrics_port, exc.strerror or exc)
+        return None
