@@ -8,8 +8,9 @@ so the runs above 1.0 show what batching buys when single requests can't keep up
 
     python bench/engine.py --duration 2 --repeat 3 --loads 0.5,0.9,1.3,1.8 --out results/
 
-Prints a table and writes one JSON file into ``--out``. ``--device cuda`` runs the
-baseline on the GPU; the engine needs a GPU executor, which ``executor_factory`` names.
+Prints a table and writes one JSON file into ``--out``. ``--device cuda`` runs both on the
+GPU: the baseline as the PyTorch reference model, the engine on its GPU executor (Triton
+kernels, CUDA graphs).
 """
 
 from __future__ import annotations
@@ -125,8 +126,9 @@ async def through_engine(engine: Engine, requests: list, arrivals: np.ndarray) -
 def executor_factory(device: str, torch_threads: int | None):
     """The executor the engine runs on ``device``."""
     if device == "cuda":
-        raise SystemExit("bench/engine.py: the GPU executor is not wired in yet "
-                         "(executor_factory in bench/engine.py)")
+        from recserve.engine.gpu_executor import GpuExecutor
+
+        return lambda settings: GpuExecutor(settings, "cuda")
     return lambda settings: CpuExecutor(settings, torch_threads=torch_threads)
 
 
@@ -199,6 +201,8 @@ def main() -> None:
                               slots=args.slots)
     model = ReferenceModel(spec, weights, args.device)
     capacity(model, requests, args.device, 0.5)  # warm up
+    if args.device == "cuda" and not args.baseline_threads:
+        args.baseline_threads = cores  # the GPU does the work: no thread sweep
     choices = [args.baseline_threads] if args.baseline_threads else range(1, cores + 1)
     caps = {}
     for threads in choices:

@@ -10,11 +10,11 @@
 # OUTDIR holds at most 8 files (the transfer limit); this script writes 8:
 #   summary.txt  card, versions, commit, pip tail, each step's exit code and seconds
 #   pytest-gpu.log, bench.log (every benchmark's output, in order), kernels.json,
-#   kernel_variants.json, engine_gpu.json, server-<time>.json, load.json
+#   kernel_variants.json, engine_gpu.json, engine-cuda-<time>.json, load.json
 # Environment knobs: PYTHON (default python), PYTEST_PATHS (tests), KERNEL_BENCH_ARGS
 # (--budget-s 60), ENGINE_BENCH_ARGS, and each step's time limit in seconds: PYTEST_TIMEOUT_S
 # (100), BENCH_TIMEOUT_S (90), VARIANTS_TIMEOUT_S (90), ENGINE_TIMEOUT_S (60),
-# SERVER_TIMEOUT_S (50), LOAD_TIMEOUT_S (40); RECSERVE_COMMIT (default: git HEAD; the device
+# SINGLE_TIMEOUT_S (60), LOAD_TIMEOUT_S (60); RECSERVE_COMMIT (default: git HEAD; the device
 # copy of the tree has no .git, so pass it in).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -81,17 +81,19 @@ step engine-bench bash -c "timeout ${ENGINE_TIMEOUT_S:-60} $PY bench/engine_gpu.
     ${ENGINE_BENCH_ARGS:-} >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 3 '$OUT/bench.log'; \
     exit \$rc"
 
-# Short server load over loopback: the engine on the GPU vs one-at-a-time scoring.
-# RECSERVE_AUTOTUNE=0: the server captures a graph per bucket and slot at start; tuning each
-# shape would take most of this step's time (the kernel bench above measures tuned kernels).
-step server-load bash -c "RECSERVE_AUTOTUNE=0 timeout ${SERVER_TIMEOUT_S:-50} $PY bench/server.py --duration 2 \
-    --loads 0.5,0.9 --config 'gpu=--device cuda' --config 'one-at-a-time=--one-at-a-time' \
-    --out '$OUT' >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 12 '$OUT/bench.log'; exit \$rc"
+# Engine vs one forward per request, in process, same offered loads (bench/engine.py).
+step engine-vs-single bash -c "timeout ${SINGLE_TIMEOUT_S:-60} $PY bench/engine.py --device cuda \
+    --duration 1.5 --repeat 1 --loads 0.5,1.3 --max-batch-rows 4096 --slots 2 --out '$OUT' \
+    >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 8 '$OUT/bench.log'; exit \$rc"
 
-# The load generator (issue 5) against a GPU server it starts: closed and open loop.
-step load-generator bash -c "RECSERVE_AUTOTUNE=0 timeout ${LOAD_TIMEOUT_S:-40} $PY bench/load.py \
-    --start --serve-args '--device cuda' --concurrency 8,64 --rate 1000 --duration 3 --quiet \
-    --json '$OUT/load.json' >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 6 '$OUT/bench.log'; exit \$rc"
+# The load generator (issue 5) over loopback: a GPU server it starts and a one-at-a-time
+# baseline server on the same card; closed and open loop. RECSERVE_AUTOTUNE=0: the server
+# captures a graph per bucket and slot at start, and tuning each shape would take this
+# step's time (the benches above measure tuned kernels).
+step load-generator bash -c "RECSERVE_AUTOTUNE=0 timeout ${LOAD_TIMEOUT_S:-60} $PY bench/load.py \
+    --start --baseline --serve-args '--device cuda' --concurrency 8,64 --rate 1000 \
+    --duration 3 --quiet --json '$OUT/load.json' >> '$OUT/bench.log' 2>&1; rc=\$?; \
+    tail -n 8 '$OUT/bench.log'; exit \$rc"
 
 echo "gpu_check done in $(( $(date +%s) - START )) s" | tee -a "$SUMMARY"
 ls "$OUT" | tee -a "$SUMMARY"
