@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .engine_metrics import EngineMetrics
 from .executor import Executor, Job, JobResult
-from .histogram import SIZE_BOUNDS, Histogram
 from .inputs import RequestInputs
 from .scheduler import EngineError, Priority, Scheduler
 from .settings import EngineSettings
@@ -45,28 +45,6 @@ class _Pending:
         self.rows_left = inputs.num_candidates
         self.outputs = outputs
         self.submitted = submitted
-
-
-class EngineMetrics:
-    """Distributions the engine observes on the event loop (so no locking is needed)."""
-
-    def __init__(self) -> None:
-        self.queue_wait_s = Histogram()
-        """Submit to the request's first rows dispatched in a batch."""
-        self.compute_s = Histogram()
-        """A batch's dispatch to the executor until its result is back on the loop."""
-        self.batch_rows = Histogram(SIZE_BOUNDS)
-        self.batch_requests = Histogram(SIZE_BOUNDS)
-        self.padding_rows = Histogram(SIZE_BOUNDS)
-        self.invalid_ids: Counter[str] = Counter()
-        """Ids outside their table, per sparse feature, in requests refused for them."""
-        self.dispatched: dict[int, float] = {}  # batch seq -> dispatch time, while running
-
-    def to_dict(self) -> dict:
-        """Histograms as ``Histogram.to_dict`` maps, invalid ids per feature."""
-        names = ("queue_wait_s", "compute_s", "batch_rows", "batch_requests", "padding_rows")
-        return {"histograms": {n: getattr(self, n).to_dict() for n in names},
-                "invalid_ids": dict(self.invalid_ids)}
 
 
 class Engine:
@@ -244,13 +222,8 @@ class Engine:
         self.counters["batches"] += 1
         self.counters["rows"] += plan.rows
         self.counters["padding_rows"] += plan.padding
-        m.batch_rows.observe(plan.rows)
-        m.batch_requests.observe(len(plan.pieces))
-        m.padding_rows.observe(plan.padding)
-        m.dispatched[plan.seq] = now
-        for piece in plan.pieces:
-            if piece.start == 0:  # a request's first rows: its queue wait ends here
-                m.queue_wait_s.observe(now - self._pending[piece.request_id].submitted)
+        m.observe_batch(plan, now, {p.request_id: self._pending[p.request_id].submitted
+                                    for p in plan.pieces if p.start == 0})
 
     def _done(self, result: JobResult) -> None:
         """Executor thread: hand the result to the loop."""
@@ -270,7 +243,7 @@ class Engine:
             if outcome.error is not None:
                 self.counters["failed"] += 1
                 if outcome.error.code == "bad_request":
-                    self._count_invalid(result.job.model.spec, pending.inputs, outcome.error)
+                    self.metrics.count_invalid(result.job.model.spec, pending.inputs, outcome.error)
                 self._finish(piece.request_id, outcome.error)
                 continue
             pending.scores[piece.start:piece.start + piece.count] = outcome.scores
@@ -293,20 +266,6 @@ class Engine:
             del self._work[pending.key]
             if pending.key in self._retired:
                 self._drop(pending.key)
-
-    def _count_invalid(self, spec: ModelSpec, inputs: RequestInputs, error: EngineError) -> None:
-        """Count the out-of-table ids of a refused request per feature (a rare path, so the
-        ids are checked again here rather than carried back from the executor)."""
-        found = False
-        for feature in spec.sparse:
-            values = inputs.sparse[feature.name].values
-            bad = int(np.count_nonzero((values < 0) | (values >= spec.table(feature.table).rows)))
-            if bad:
-                self.metrics.invalid_ids[feature.name] += bad
-                found = True
-        feature = getattr(error, "feature", None)
-        if not found and feature is not None:
-            self.metrics.invalid_ids[feature] += 1
 
     def _expire(self, request_ids: tuple[int, ...]) -> None:
         for request_id in request_ids:
