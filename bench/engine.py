@@ -20,12 +20,12 @@ import asyncio
 import json
 import os
 import platform
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import provenance  # bench/ is on sys.path: this file runs as a script
 import torch
 
 from recserve.engine.demo import demo_spec, random_inputs, ranking_candidates
@@ -265,11 +265,7 @@ def report(run: dict) -> None:
 
 def write(args, settings, cap: float, runs: list) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=False).stdout.strip()
-    except OSError:
-        commit = ""
+    commit = provenance.commit()
     device = (torch.cuda.get_device_name() if args.device == "cuda"
               else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     doc = {"bench": "engine", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

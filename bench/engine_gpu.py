@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402
 import workloads as wl  # noqa: E402
 
 from recserve.engine.engine import Engine  # noqa: E402
@@ -123,7 +124,8 @@ def main() -> None:
     settings = EngineSettings(max_batch_rows=args.batch, buckets=(args.batch,),
                               slots=args.slots, max_queued_rows=args.batch * args.batches * 2)
     rng = np.random.default_rng(0)
-    results = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
+    results = {"card": torch.cuda.get_device_name(), "commit": provenance.commit(),
+               "torch": torch.__version__,
                "triton": triton.__version__, "workload": "dlrmv2", "batch": args.batch,
                "slots": args.slots, "max_rows": args.max_rows}
     results["copy_in"] = copy_in_rate()

@@ -24,7 +24,7 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-export RECSERVE_COMMIT=${RECSERVE_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+export RECSERVE_COMMIT=${RECSERVE_COMMIT:-$(git rev-parse --verify -q HEAD 2>/dev/null || echo unknown)}
 SUMMARY="$OUT/summary.txt"
 START=$(date +%s)
 

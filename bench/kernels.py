@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 import traceback
@@ -27,6 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402
 import workloads as wl  # noqa: E402
 
 from recserve.kernels.embedding_bag import embedding_bag  # noqa: E402
@@ -89,13 +88,7 @@ def timed_us(fns: list) -> float:
 
 def env_info() -> dict:
     props = torch.cuda.get_device_properties(0) if DEV == "cuda" else None
-    commit = os.environ.get("RECSERVE_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
-                                    text=True, timeout=5).stdout.strip() or "unknown"
-        except (OSError, subprocess.SubprocessError):
-            commit = "unknown"
+    commit = provenance.commit()
     card = {"gpu": props.name, "sms": props.multi_processor_count,
             "mem_gib": round(props.total_memory / 2**30, 1)} if props else {"gpu": "cpu"}
     return {**card, "torch": torch.__version__,

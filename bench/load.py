@@ -48,6 +48,7 @@ def _sibling(name: str):
 
 bench_server = _sibling("server")
 report = _sibling("load_report")
+provenance = _sibling("provenance")
 
 
 def ranking_inputs(model: dict, rng: np.random.Generator, n: int, zipf: bool) -> dict:
@@ -232,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
                     proc.terminate()
                     proc.wait(30)
     report.print_table(results)
-    report.write_outputs(results, args)
+    report.write_outputs(results, args, provenance.commit())
     return 0 if all(r["completed"] for r in results) else 1
 
 

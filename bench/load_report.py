@@ -11,7 +11,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -127,29 +126,19 @@ def print_table(results: list[dict]) -> None:
               f"{_fmt(r['gpu_util_pct'], '.0f'):>4}  {errors}", flush=True)
 
 
-def _commit() -> str | None:
-    """The checkout's commit (bench/RESULTS.md records one with every figure)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=Path(__file__).parent, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
 def _no_nan(row: dict, blank: object) -> dict:
     return {k: blank if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
 
 
-def write_outputs(results: list[dict], args) -> None:
-    """``--json``, ``--csv`` and ``--plot``, each when asked for."""
+def write_outputs(results: list[dict], args, commit: str) -> None:
+    """``--json``, ``--csv`` and ``--plot``, each when asked for (``commit``: the checkout's)."""
     if args.json is not None:
         meta = {"bench": "load", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "host": platform.node(), "cpus": os.cpu_count(),
                 "python": platform.python_version(), "duration_s": args.duration,
                 "max_requests": args.max_requests, "ids": args.ids, "model": args.model,
                 "connections": args.connections, "serve_args": args.serve_args,
-                "commit": _commit()}
+                "commit": commit}
         runs = [_no_nan(r, None) for r in results]  # strict JSON has no NaN
         args.json.write_text(json.dumps({**meta, "runs": runs}, indent=2) + "\n")
     if args.csv is not None:
