@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from recserve.engine.inputs import RequestInputs, SparseInput
+from recserve.engine.demo import ZIPF_ALPHA, random_inputs
+from recserve.engine.inputs import RequestInputs
 from recserve.engine.spec import DenseFeature, Interaction, ModelSpec, SparseFeature, Table
 from recserve.engine.weights import expected_tensors, quantize_rowwise
 
@@ -25,7 +26,7 @@ MLPERF_ROWS = (40000000, 39060, 17295, 7424, 20265, 3, 7122, 1543, 63, 40000000,
                405282, 10, 2209, 11938, 155, 4, 976, 14, 40000000, 40000000, 40000000, 590152,
                12973, 108, 36)
 DLRMV2_HOT = (3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1)
-ZIPF_ALPHA = 1.15
+
 
 
 def dlrmv2_spec(max_rows: int = 4_000_000, table_dtype: str = "bf16",
@@ -141,26 +142,11 @@ def to_prepared(model, inputs: dict):
 def ranking_requests(spec: ModelSpec, rng: np.random.Generator, num_requests: int,
                      zipf: bool = False, candidates: tuple[int, int] = (100, 700)
                      ) -> list[RequestInputs]:
-    """``num_requests`` ranking requests, N uniform in ``candidates``, bags at random
-    lengths 1..max_bag, ids uniform or Zipf (numpy, for the engine and server benches)."""
-    out = []
-    for _ in range(num_requests):
-        n = int(rng.integers(candidates[0], candidates[1] + 1))
-        sparse = {}
-        for f in spec.sparse:
-            rows = spec.table(f.table).rows
-            lengths = None if f.scope == "request" else rng.integers(1, f.max_bag + 1, n)
-            count = int(rng.integers(1, f.max_bag + 1)) if lengths is None else int(lengths.sum())
-            if zipf:
-                ranks = np.minimum(rng.zipf(ZIPF_ALPHA, count), rows) - 1
-                values = (ranks * 2654435761) % rows
-            else:
-                values = rng.integers(0, rows, count)
-            sparse[f.name] = SparseInput(values.astype(np.int64), lengths)
-        dense = {f.name: rng.standard_normal(f.dim if f.scope == "request" else (n, f.dim))
-                 .astype(np.float32) for f in spec.dense}
-        out.append(RequestInputs(n, sparse, dense))
-    return out
+    """``num_requests`` ranking requests, N uniform in ``candidates`` (numpy, for the engine
+    and server benches): ``engine.demo.random_inputs`` for each."""
+    low, high = candidates
+    return [random_inputs(spec, rng, int(rng.integers(low, high + 1)), zipf)
+            for _ in range(num_requests)]
 
 
 def model_flops(spec: ModelSpec, batch: int) -> float:
