@@ -1,16 +1,24 @@
-"""Helpers for the server tests: small models, a server on its own thread, a raw socket."""
+"""Helpers for the server tests: small models, a server on its own thread, a raw socket,
+`recserve serve` as a real process and a client keeping it busy."""
 
 from __future__ import annotations
 
 import asyncio
+import re
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
+import time
 from types import SimpleNamespace
 
 import msgpack
 import numpy as np
+import pytest
 
+from recserve.engine.demo import demo_request, demo_spec
 from recserve.engine.inputs import RequestInputs, collate
 from recserve.engine.reference import ReferenceModel
 from recserve.engine.spec import DenseFeature, Interaction, ModelSpec, Output, SparseFeature, Table
@@ -134,3 +142,85 @@ class RawConnection:
     def close(self) -> None:
         """Close the socket."""
         self.sock.close()
+
+
+def wait_for(predicate, timeout: float = 30.0) -> bool:
+    """Poll ``predicate`` until it is true (True) or ``timeout`` seconds pass (False)."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def start_serve(repo, *args: str, env: dict | None = None):
+    """`recserve serve` on a free port; (process, port) once ready; stderr keeps draining
+    into ``process.log`` (``process.reader`` is the thread doing it)."""
+    proc = subprocess.Popen([sys.executable, "-m", "recserve.server.cli", "serve", "--port", "0",
+                             "--device", "cpu", "--model-repo", str(repo), *args],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    lines, port = [], None
+    for line in proc.stderr:
+        lines.append(line)
+        match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+        port = int(match.group(1)) if match else port
+        if port is not None and "ready: every model is loaded" in line:
+            break
+    else:
+        proc.wait()
+        pytest.fail("serve exited before it was ready:\n" + "".join(lines))
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    proc.log = lines  # type: ignore[attr-defined]
+    proc.reader = reader  # type: ignore[attr-defined]
+    return proc, port
+
+
+def demo_requests(count: int, seed: int, n: int = 300) -> list[dict]:
+    """``count`` infer requests for the demo model, ``n`` candidates each."""
+    spec, rng = demo_spec(), np.random.default_rng(seed)
+    return [{"id": i, "op": "infer", "model": "demo", "candidates": n,
+             "inputs": demo_request(spec, rng, n)} for i in range(count)]
+
+
+class Sender(threading.Thread):
+    """Keeps ``depth`` requests in flight on one connection until the server closes it."""
+
+    def __init__(self, port: int, seed: int, depth: int = 6) -> None:
+        super().__init__(daemon=True)
+        self.conn = RawConnection(port, timeout=30)
+        self.pool = demo_requests(16, seed)
+        self.depth = depth
+        self.sent: dict[int, float] = {}  # id -> when it was written
+        self.answers: dict[int, str] = {}
+        self.closed_at: float | None = None
+
+    def run(self) -> None:
+        rid = 0
+        try:
+            while True:
+                while len(self.sent) - len(self.answers) < self.depth:
+                    rid += 1
+                    message = dict(self.pool[rid % len(self.pool)], id=rid)
+                    self.sent[rid] = time.monotonic()
+                    self.conn.send(message)
+                answer = self.conn.receive()
+                self.answers[answer["id"]] = "ok" if answer["ok"] else answer["error"]["code"]
+        except OSError:  # ConnectionError included: the server closed the connection
+            self.closed_at = time.monotonic()
+            self.conn.close()
+
+
+def sigterm_under_load(proc, senders: list[Sender]) -> float:
+    """Start ``senders``, SIGTERM ``proc`` once each has 5 answers, and check it exits 0
+    with the senders done; when the signal was sent (``time.monotonic``)."""
+    for s in senders:
+        s.start()
+    assert wait_for(lambda: all(len(s.answers) >= 5 for s in senders))
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    for s in senders:
+        s.join(30)
+    return signalled

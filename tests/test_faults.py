@@ -11,7 +11,14 @@ import time
 
 import numpy as np
 import pytest
-from server_fixtures import RawConnection, ServerThread, loaded, reference_scores, small_spec
+from server_fixtures import (
+    RawConnection,
+    ServerThread,
+    loaded,
+    reference_scores,
+    small_spec,
+    wait_for,
+)
 
 from recserve.engine.demo import random_inputs, to_wire
 from recserve.engine.engine import Engine
@@ -47,15 +54,6 @@ def request(rid: int, n: int = 4, seed: int | None = None, model=MODEL) -> tuple
     inputs = random_inputs(model.spec, np.random.default_rng(rid if seed is None else seed), n)
     return {"id": rid, "op": "infer", "model": model.spec.name, "candidates": n,
             "inputs": to_wire(model.spec, inputs)}, inputs
-
-
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def idle(thread: ServerThread) -> bool:

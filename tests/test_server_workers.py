@@ -11,8 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from server_fixtures import RawConnection
-from test_faults_process import Sender, start
+from server_fixtures import RawConnection, Sender, sigterm_under_load, start_serve, wait_for
 
 from recserve.engine.demo import build_demo_repository, demo_spec, random_inputs, to_wire
 from recserve.engine.inputs import collate
@@ -21,6 +20,11 @@ from recserve.engine.repository import ModelRepository, save_model
 from recserve.engine.weights import init_weights
 
 TOKEN = "workers-token"
+
+
+def admin_env() -> dict:
+    """This process's environment with the admin token set (for the served process only)."""
+    return {**os.environ, "RECSERVE_ADMIN_TOKEN": TOKEN}
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +36,7 @@ def repo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(repo):
-    os.environ["RECSERVE_ADMIN_TOKEN"] = TOKEN
-    try:
-        proc, port = start(repo, "--workers", "2", "--max-connections", "64")
-    finally:
-        del os.environ["RECSERVE_ADMIN_TOKEN"]
+    proc, port = start_serve(repo, "--workers", "2", "--max-connections", "64", env=admin_env())
     yield proc, port
     proc.kill()
     proc.wait()
@@ -144,11 +144,7 @@ def test_reload_under_load_through_the_workers_fails_no_request(tmp_path):
     build_demo_repository(tmp_path)
     v1 = ModelRepository(tmp_path).load("demo")
     save_model(tmp_path, v1.spec, init_weights(v1.spec, seed=2), version=2)
-    os.environ["RECSERVE_ADMIN_TOKEN"] = TOKEN
-    try:
-        proc, port = start(tmp_path, "--workers", "2")
-    finally:
-        del os.environ["RECSERVE_ADMIN_TOKEN"]
+    proc, port = start_serve(tmp_path, "--workers", "2", env=admin_env())
     failures, versions, stop = [], set(), threading.Event()
 
     def client(k):
@@ -188,7 +184,7 @@ def test_reload_under_load_through_the_workers_fails_no_request(tmp_path):
 
 
 def test_a_crashed_worker_leaves_the_other_serving(repo):
-    proc, port = start(repo, "--workers", "2")
+    proc, port = start_serve(repo, "--workers", "2")
     try:
         workers = children(proc.pid)
         assert len(workers) == 2
@@ -196,14 +192,14 @@ def test_a_crashed_worker_leaves_the_other_serving(repo):
         # gone; a connection made in the instant of the crash may be reset (the kernel is
         # still taking the dead listener out of the SO_REUSEPORT group: about 10 ms here),
         # after that every connection lands on the survivor
-        assert _wait(lambda: children(proc.pid) == workers[1:])
+        assert wait_for(lambda: children(proc.pid) == workers[1:])
         time.sleep(0.5)
         for i in range(20):  # new connections all land on the survivor
             conn = RawConnection(port)
             assert call(conn, {"id": i, "op": "ping"})["ok"] is True
             conn.close()
-        assert _wait(lambda: len(children(proc.pid)) == 2)  # a replacement is started
-        assert _wait(lambda: "restarted" in "".join(proc.log))
+        assert wait_for(lambda: len(children(proc.pid)) == 2)  # a replacement is started
+        assert wait_for(lambda: "restarted" in "".join(proc.log))
         for i in range(20):  # and serves (with the model table) beside the survivor
             conn = RawConnection(port)
             assert call(conn, {"id": i, "op": "health"})["ready"] is True
@@ -219,17 +215,10 @@ def test_a_crashed_worker_leaves_the_other_serving(repo):
 
 
 def test_sigterm_drains_every_worker(repo):
-    proc, port = start(repo, "--workers", "2", "--drain-seconds", "20")
+    proc, port = start_serve(repo, "--workers", "2", "--drain-seconds", "20")
     senders = [Sender(port, seed=k) for k in range(4)]
     try:
-        for s in senders:
-            s.start()
-        assert _wait(lambda: all(len(s.answers) >= 5 for s in senders))
-        signalled = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-        for s in senders:
-            s.join(30)
+        signalled = sigterm_under_load(proc, senders)
     finally:
         proc.kill()
         proc.wait()
@@ -239,11 +228,3 @@ def test_sigterm_drains_every_worker(repo):
         assert [rid for rid in before if rid not in s.answers] == []
         assert set(s.answers.values()) <= {"ok", "overloaded"}
 
-
-def _wait(predicate, timeout: float = 30.0) -> bool:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.01)
-    return True
