@@ -39,6 +39,22 @@ class ModelHandle:
     """Its spec: the dispatcher validates requests against it."""
 
 
+def resolve_handle(handles: dict[tuple[str, int], ModelHandle], name: str,
+                   version: int | None) -> ModelHandle:
+    """``Backend.resolve`` over a table of (name, version) -> handle."""
+    versions = sorted(v for (n, v) in handles if n == name)
+    if not versions:
+        served = sorted({n for (n, _) in handles})
+        raise NotFound(message=f"model {name!r} is not served here; models: {served}")
+    if version is None:
+        version = versions[-1]
+    handle = handles.get((name, version))
+    if handle is None:
+        raise NotFound(message=f"model {name!r} has no version {version} here; "
+                               f"versions: {versions}")
+    return handle
+
+
 class Backend(Protocol):
     """The scoring engine behind the server."""
 
@@ -94,17 +110,7 @@ class ReferenceBackend:
 
     def resolve(self, name: str, version: int | None) -> ModelHandle:
         """The version asked for (the highest served one when None); raises ``NotFound``."""
-        versions = sorted(v for (n, v) in self._handles if n == name)
-        if not versions:
-            served = sorted({n for (n, _) in self._handles})
-            raise NotFound(message=f"model {name!r} is not served here; models: {served}")
-        if version is None:
-            version = versions[-1]
-        handle = self._handles.get((name, version))
-        if handle is None:
-            raise NotFound(message=f"model {name!r} has no version {version} here; "
-                                   f"versions: {versions}")
-        return handle
+        return resolve_handle(self._handles, name, version)
 
     async def score(self, model: str, version: int, inputs: RequestInputs,
                     deadline: float | None = None) -> np.ndarray:

@@ -27,7 +27,7 @@ import numpy as np
 from recserve.engine.spec import ModelSpec
 
 from . import channel
-from .backend import ModelHandle
+from .backend import ModelHandle, resolve_handle
 from .codec import FrameDecoder
 from .config import ServerConfig
 from .dispatch import Op, Request
@@ -84,14 +84,7 @@ class RemoteBackend:
 
     def resolve(self, name: str, version: int | None) -> ModelHandle:
         """The version asked for (the highest served one when None); raises ``NotFound``."""
-        versions = sorted(v for (n, v) in self._handles if n == name)
-        if version is None and versions:
-            version = versions[-1]
-        handle = self._handles.get((name, version))
-        if handle is None:
-            which = "is not served here" if not versions else f"has no version {version} here"
-            raise NotFound(message=f"model {name!r} {which}; versions: {versions}")
-        return handle
+        return resolve_handle(self._handles, name, version)
 
     async def score(self, model: str, version: int, inputs, deadline: float | None = None):
         """Scores from the engine process; a cancelled call cancels the engine's work."""
