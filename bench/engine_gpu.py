@@ -31,6 +31,7 @@ from recserve.engine.engine import Engine  # noqa: E402
 from recserve.engine.gpu_executor import GpuExecutor  # noqa: E402
 from recserve.engine.inputs import RequestInputs, SparseInput  # noqa: E402
 from recserve.engine.settings import EngineSettings  # noqa: E402
+from recserve.engine.weights import init_weights  # noqa: E402
 
 import triton  # noqa: E402  isort: skip
 
@@ -120,7 +121,7 @@ def main() -> None:
     args = p.parse_args()
     args.outdir.mkdir(parents=True, exist_ok=True)
     spec = wl.dlrmv2_spec(args.max_rows)
-    weights = wl.device_weights(spec, "cuda")
+    weights = init_weights(spec, device="cuda")
     settings = EngineSettings(max_batch_rows=args.batch, buckets=(args.batch,),
                               slots=args.slots, max_queued_rows=args.batch * args.batches * 2)
     rng = np.random.default_rng(0)

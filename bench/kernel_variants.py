@@ -33,7 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workloads as wl  # noqa: E402
 
 import kernels as kb  # noqa: E402  (bench/kernels.py: Recorder, timed_us, env_info)
-from recserve.engine.weights import quantize_rowwise  # noqa: E402
+from recserve.engine.weights import (
+    init_weights,  # noqa: E402
+    quantize_rowwise,  # noqa: E402
+)
 from recserve.kernels import embedding_bag as eb  # noqa: E402
 from recserve.kernels import linear as li  # noqa: E402
 from recserve.kernels.model import TritonModel, capture_graph  # noqa: E402
@@ -234,7 +237,7 @@ def main() -> int:
             untuned=args.untuned)
     base = kb.baselines(rec)
     spec = wl.dlrmv2_spec(args.max_rows, "bf16" if kb.DEV == "cuda" else "fp32", "dcnv2")
-    weights = wl.device_weights(spec, kb.DEV, seed=0)
+    weights = init_weights(spec, 0, device=kb.DEV)
     model = TritonModel(spec, weights, device=kb.DEV)
     variants = tuple(VARIANTS) if args.all_variants else ("first_run", DEFAULT)
     for b in args.sizes:
@@ -244,7 +247,7 @@ def main() -> int:
         for b in args.sizes:
             bench_forward(rec, base, "dlrmv2", spec, weights, model, b, (variant,))
     dot = wl.dlrmv2_spec(args.max_rows, spec.tables[0].dtype, "dot")
-    dot_w = wl.device_weights(dot, kb.DEV, seed=1, tables_from={
+    dot_w = init_weights(dot, 1, device=kb.DEV, tables={
         k: v for k, v in weights.items() if k.startswith("tables.")})
     dot_model = rec.guarded("dlrm-dot model", TritonModel, dot, dot_w, device=kb.DEV)
     for b in args.sizes if dot_model is not None else []:

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import provenance  # noqa: E402
 import workloads as wl  # noqa: E402
 
+from recserve.engine.weights import init_weights  # noqa: E402
 from recserve.kernels.embedding_bag import embedding_bag  # noqa: E402
 from recserve.kernels.model import TritonModel, capture_graph  # noqa: E402
 
@@ -232,7 +233,7 @@ def bench_accuracy(rec: Recorder, max_rows: int = 100_000, batch: int = 512) -> 
     from recserve.engine.weights import quantize_rowwise
 
     spec32 = wl.dlrmv2_spec(max_rows, "fp32", "dcnv2")
-    w32 = wl.device_weights(spec32, DEV, seed=5)
+    w32 = init_weights(spec32, 5, device=DEV)
     inputs = wl.fixed_hot_inputs(spec32, batch, False, DEV, seed=9)
     rows = torch.arange(batch, device=DEV)
     ref_batch = Batch(batch, batch, rows, {f.name: SparseBatch(v, o, None) for f, v, o in zip(
@@ -280,7 +281,7 @@ def load_workloads(max_rows: int, table_dtype: str) -> dict[str, tuple]:
     dt = torch.bfloat16 if DEV == "cuda" else torch.float32
     for name, inter in (("dlrmv2", "dcnv2"), ("dlrm-dot", "dot")):
         spec = wl.dlrmv2_spec(max_rows, table_dtype, inter)
-        weights = wl.device_weights(spec, DEV, seed=0, tables_from=shared or None)
+        weights = init_weights(spec, 0, device=DEV, tables=shared or None)
         shared = {k: v for k, v in weights.items() if k.startswith("tables.")}
         peers = {"per_table": wl.TorchPeer(spec, weights, dt),
                  "concat": wl.TorchPeer(spec, weights, dt, concat=True)}

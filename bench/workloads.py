@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from recserve.engine.demo import ZIPF_ALPHA, random_inputs
 from recserve.engine.inputs import RequestInputs
 from recserve.engine.spec import DenseFeature, Interaction, ModelSpec, SparseFeature, Table
-from recserve.engine.weights import expected_tensors, quantize_rowwise
 
 MLPERF_ROWS = (40000000, 39060, 17295, 7424, 20265, 3, 7122, 1543, 63, 40000000, 3067956,
                405282, 10, 2209, 11938, 155, 4, 976, 14, 40000000, 40000000, 40000000, 590152,
@@ -54,37 +53,6 @@ def ranking_spec(max_rows: int = 1_000_000, table_dtype: str = "bf16") -> ModelS
     dense = (DenseFeature("member", 8, scope="request"), DenseFeature("item", 5))
     return ModelSpec("ranking", tables, sparse, dense, (256, 64), Interaction("dot"),
                      (512, 256, 1), weight_dtype="bf16")
-
-
-def device_weights(spec: ModelSpec, device: str | torch.device, seed: int = 0,
-                   table_scale: float = 0.5,
-                   tables_from: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Random weights built on ``device`` (fast for GB-sized tables), same layout and
-    scaling as ``engine.weights.init_weights``; ``tables_from`` reuses another spec's
-    tables (same names, shapes and dtypes) instead of drawing new ones."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    out: dict[str, torch.Tensor] = {}
-    for name, want in expected_tensors(spec).items():
-        if name.endswith((".scale", ".offset")):
-            continue
-        if tables_from is not None and name.startswith("tables."):
-            stem = name.removesuffix(".weight")
-            out.update({k: v for k, v in tables_from.items() if k.startswith(stem + ".")})
-            continue
-        if name.startswith("tables."):
-            rows, dim = want.shape
-            values = (torch.rand(rows, dim, generator=gen, device=device) * 2 - 1) * table_scale
-            if want.dtype == torch.uint8:
-                stem = name.removesuffix(".weight")
-                out[name], out[f"{stem}.scale"], out[f"{stem}.offset"] = quantize_rowwise(values)
-            else:
-                out[name] = values.to(want.dtype)
-            del values
-            continue
-        fan = want.shape[-1] + want.shape[0] if len(want.shape) == 2 else want.shape[0]
-        std = (2.0 / fan) ** 0.5 if len(want.shape) == 2 else (1.0 / fan) ** 0.5
-        out[name] = (torch.randn(want.shape, generator=gen, device=device) * std).to(want.dtype)
-    return {name: out[name] for name in expected_tensors(spec)}
 
 
 def draw_indices(n: int, rows: int, zipf: bool, gen: torch.Generator,

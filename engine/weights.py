@@ -93,29 +93,35 @@ def dequantize_rowwise(codes: torch.Tensor, scale: torch.Tensor,
     return codes.float() * scale[:, None] + offset[:, None]
 
 
-def init_weights(spec: ModelSpec, seed: int = 0,
-                 table_scale: float = 0.5) -> dict[str, torch.Tensor]:
-    """Deterministic random weights for ``spec`` (demo models and tests).
+def init_weights(spec: ModelSpec, seed: int = 0, table_scale: float = 0.5, *,
+                 device: str | torch.device = "cpu",
+                 tables: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Deterministic random weights for ``spec`` (demo models, tests, benchmarks).
 
     Tables are uniform in [-table_scale, table_scale]; layers use a scaled normal
-    (as the DLRM reference does) so scores spread instead of saturating.
+    (as the DLRM reference does) so scores spread instead of saturating. ``device``
+    draws them there (fast for GB-sized tables); ``tables`` reuses already built table
+    tensors (``tables.<name>.*``) instead of drawing new ones.
     """
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
     for name, want in expected_tensors(spec).items():
         if name.endswith((".scale", ".offset")):
             continue
         if name.startswith("tables."):
+            stem = name.removesuffix(".weight")
+            if tables is not None:
+                out.update({k: v for k, v in tables.items() if k.startswith(stem + ".")})
+                continue
             rows, dim = want.shape
-            values = (torch.rand(rows, dim, generator=gen) * 2 - 1) * table_scale
+            values = (torch.rand(rows, dim, generator=gen, device=device) * 2 - 1) * table_scale
             if want.dtype == torch.uint8:
-                codes, scale, offset = quantize_rowwise(values)
-                stem = name.removesuffix(".weight")
-                out[name], out[f"{stem}.scale"], out[f"{stem}.offset"] = codes, scale, offset
+                out[name], out[f"{stem}.scale"], out[f"{stem}.offset"] = quantize_rowwise(values)
             else:
                 out[name] = values.to(want.dtype)
+            del values
             continue
         fan = want.shape[-1] + want.shape[0] if len(want.shape) == 2 else want.shape[0]
         std = (2.0 / fan) ** 0.5 if len(want.shape) == 2 else (1.0 / fan) ** 0.5
-        out[name] = (torch.randn(want.shape, generator=gen) * std).to(want.dtype)
+        out[name] = (torch.randn(want.shape, generator=gen, device=device) * std).to(want.dtype)
     return {name: out[name] for name in expected_tensors(spec)}

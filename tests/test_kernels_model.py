@@ -124,7 +124,7 @@ def test_bench_workloads_peer_and_prepared_path(interaction):
     wl = _workloads()
     spec = wl.dlrmv2_spec(max_rows=40, table_dtype="fp32", interaction=interaction)
     assert spec.interaction_dim == (479 if interaction == "dot" else 3456)
-    weights = wl.device_weights(spec, "cpu", seed=1)
+    weights = init_weights(spec, 1)
     inputs = wl.fixed_hot_inputs(spec, 3, zipf=True, device="cpu", seed=2)
     requests = [RequestInputs(1, {f.name: SparseInput(
         inputs["values"][k][r * f.max_bag:(r + 1) * f.max_bag].numpy(), np.array([f.max_bag]))
