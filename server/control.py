@@ -70,8 +70,7 @@ class Control:
         gpu = self.monitor.snapshot().to_dict() if self.monitor is not None else {
             "available": False, "reason": "no GPU monitor", "time": now, "gpus": []}
         if server is None:
-            server = {"connections": d.connections, "in_flight": d.in_flight,
-                      **d.stats.to_dict()}
+            server = d.server_stats()
         return {"time": now, "uptime_s": now - self.started, "version": VERSION,
                 "server": server, "engine": backend_stats() if backend_stats else {},
                 "gpu": gpu}

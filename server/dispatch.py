@@ -154,6 +154,11 @@ class Dispatcher:
         if self._idle is not None and self.active == 0:
             self._idle.set()  # wakes wait_idle
 
+    def server_stats(self) -> dict:
+        """The ``server`` part of a ``stats`` answer: connections, in flight, request stats."""
+        return {"connections": self.connections, "in_flight": self.in_flight,
+                **self.stats.to_dict()}
+
     async def wait_idle(self) -> None:
         """Return once no admitted or background request is left."""
         while self.active:

@@ -166,15 +166,10 @@ def _forward(backend: RemoteBackend):
     so a ``stats`` answer counts this worker's requests up to now)."""
     async def handler(message: dict, request: Request) -> dict:
         body = await backend.control({"kind": "op", "message": message,
-                                      "server": _server_stats(backend.server)})
+                                      "server": backend.server.dispatcher.server_stats()})
         request.model = body.pop("_model", "")
         return body
     return handler
-
-
-def _server_stats(server) -> dict:
-    d = server.dispatcher
-    return {"connections": d.connections, "in_flight": d.in_flight, **d.stats.to_dict()}
 
 
 async def run(settings: dict) -> int:
@@ -214,7 +209,8 @@ async def _drain(server, chan: Channel, seconds: float) -> None:
 
 async def _push_stats(server, chan: Channel) -> None:
     while True:
-        chan.send(channel.encode_control({"kind": "stats", "server": _server_stats(server)}))
+        stats = server.dispatcher.server_stats()
+        chan.send(channel.encode_control({"kind": "stats", "server": stats}))
         await asyncio.sleep(STATS_PUSH_S)
 
 
