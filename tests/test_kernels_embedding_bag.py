@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_params import DEVICES
 
 from recserve.engine.weights import dequantize_rowwise, quantize_rowwise
 from recserve.kernels.embedding_bag import (
@@ -18,11 +19,6 @@ from recserve.kernels.embedding_bag import (
     embedding_bag_reference,
 )
 
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(
-        torch.cuda.is_available(), reason="interpreter tests run on hosts without CUDA")),
-    pytest.param("cuda", marks=pytest.mark.gpu),
-]
 # (table dtype) -> (atol, rtol) of the pooled fp32 output against the fp32 reference over
 # the same stored values: only the summation order differs.
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-5, 1e-5),

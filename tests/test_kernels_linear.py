@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_params import DEVICES
 
 from recserve.kernels.interaction import (
     cross_layer,
@@ -15,11 +16,6 @@ from recserve.kernels.interaction import (
 )
 from recserve.kernels.linear import linear, linear_reference
 
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(
-        torch.cuda.is_available(), reason="interpreter tests run on hosts without CUDA")),
-    pytest.param("cuda", marks=pytest.mark.gpu),
-]
 # fp32 on the interpreter / GPU (exact fp32 products): summation order only.
 FP32_TOL = (2e-5, 2e-5)
 

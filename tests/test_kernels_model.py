@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from kernel_params import DEVICES
 
 from recserve.engine.inputs import RequestInputs, SparseInput, collate
 from recserve.engine.reference import ReferenceModel
@@ -16,11 +17,6 @@ from recserve.engine.weights import init_weights
 from recserve.kernels.layout import build_layout
 from recserve.kernels.model import TritonModel
 
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(
-        torch.cuda.is_available(), reason="interpreter tests run on hosts without CUDA")),
-    pytest.param("cuda", marks=pytest.mark.gpu),
-]
 # compute dtype -> (atol, rtol) on scores (sigmoid outputs, and logits of size ~1-5);
 # bf16: 8-bit mantissas, a few roundings per layer over ~6 layers.
 TOL = {torch.float32: (2e-5, 0.0), torch.bfloat16: (2e-2, 2e-2)}
