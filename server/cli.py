@@ -12,7 +12,7 @@ from pathlib import Path
 from .cli_serve import add_serve, run_serve
 from .client import DEFAULT_HOST, DEFAULT_PORT, Client
 from .errors import RecserveError
-from .tools_cli import register_tools
+from .tools_cli import add_command, register_tools
 
 DESCRIPTION = """\
 recserve serves DLRM-family ranking models over msgpack-on-TCP (the wire contract
@@ -45,16 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="recserve", description=DESCRIPTION, epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    add_serve(commands, _command)
+    add_serve(commands, add_command)
     register_tools(commands)
     for name, help_text in (("ping", "check that a server answers"),
                             ("models", "list a server's models, inputs and outputs")):
-        sub = _command(commands, name, help_text)
+        sub = add_command(commands, name, help_text)
         _add_connection(sub)
         if name == "models":
             sub.add_argument("--json", action="store_true", help="print the raw response as JSON")
-    health = _command(commands, "health", "check a server's health: exit 0 when it is live "
-                      "(with --ready: ready to serve), 1 otherwise", """\
+    health = add_command(commands, "health", "check a server's health: exit 0 when it is live "
+                         "(with --ready: ready to serve), 1 otherwise", """\
 For probes (Docker HEALTHCHECK, Kubernetes liveness and readiness): live means the
 server answers; ready means every configured model is loaded and warmed up and the
 server is not shutting down.
@@ -65,18 +65,12 @@ examples:
     health.add_argument("--ready", action="store_true", help="exit 0 only when ready")
     _add_connection(health, timeout=3.0)
     _add_infer(commands)
-    demo = _command(commands, "demo-model", "write the demo model into a repository folder",
-                    "example:\n  recserve demo-model models   # writes models/demo/1/")
+    demo = add_command(commands, "demo-model", "write the demo model into a repository folder",
+                       "example:\n  recserve demo-model models   # writes models/demo/1/")
     demo.add_argument("dir", type=Path, metavar="DIR", help="model repository folder "
                       "(created if missing); the model is written as DIR/demo/1/")
     _add_import(commands)
     return parser
-
-
-def _command(commands, name: str, help_text: str, epilog: str | None = None):
-    return commands.add_parser(name, help=help_text, description=help_text[0].upper() +
-                               help_text[1:] + ".", epilog=epilog,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def _add_connection(parser: argparse.ArgumentParser, timeout: float = 60.0) -> None:
@@ -89,7 +83,7 @@ def _add_connection(parser: argparse.ArgumentParser, timeout: float = 60.0) -> N
 
 
 def _add_infer(commands) -> None:
-    p = _command(commands, "infer", "score one request and print the scores", """\
+    p = add_command(commands, "infer", "score one request and print the scores", """\
 The request file is JSON: {"model": "demo", "candidates": 3, "inputs": {...}}
 with optional "version" and "deadline_ms"; arrays are plain JSON lists
 (the inputs map is described in PROTOCOL.md and listed by `recserve models`).
@@ -115,8 +109,8 @@ examples:
 
 
 def _add_import(commands) -> None:
-    p = _command(commands, "import-dlrm", "convert a DLRM_Net checkpoint into a repository "
-                 "entry", """\
+    p = add_command(commands, "import-dlrm", "convert a DLRM_Net checkpoint into a repository "
+                    "entry", """\
 STATE_DICT is a state dict saved from the open-source DLRM reference (DLRM_Net:
 emb_l.<i>.weight, bot_l.<k>.weight|bias, top_l.<k>.weight|bias), as .pt or
 .safetensors. FEATURES.json names what the state dict does not know: feature

@@ -19,7 +19,10 @@ MAX_DURATION_S = 3600.0
 LOAD_SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "load.py"
 
 
-def _command(commands, name: str, help_text: str, epilog: str) -> argparse.ArgumentParser:
+def add_command(commands, name: str, help_text: str,
+                epilog: str | None = None) -> argparse.ArgumentParser:
+    """A ``recserve`` subcommand parser: ``help_text`` is its one-line help and, capitalised,
+    its description; ``epilog`` (examples) keeps its line breaks. Every command uses it."""
     return commands.add_parser(name, help=help_text, description=help_text[0].upper()
                                + help_text[1:] + ".", epilog=epilog,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,8 +30,8 @@ def _command(commands, name: str, help_text: str, epilog: str) -> argparse.Argum
 
 def register_tools(commands) -> None:
     """Add ``top`` and ``bench load`` to the ``recserve`` subcommands."""
-    top = _command(commands, "top", "watch a running server: requests/s, latency, batches, "
-                   "queue, errors, GPU", """\
+    top = add_command(commands, "top", "watch a running server: requests/s, latency, batches, "
+                      "queue, errors, GPU", """\
 Polls the server's stats op every --interval seconds; rates and percentiles are for
 the last interval. Ctrl-C quits.
 
@@ -49,8 +52,8 @@ examples:
     bench = commands.add_parser("bench", help="benchmarks against a server",
                                 description="Benchmarks against a server.")
     kinds = bench.add_subparsers(dest="bench", metavar="KIND", required=True)
-    load = _command(kinds, "load", "offer ranking traffic to a server and report throughput "
-                    "and latency percentiles", LOAD_EXAMPLES)
+    load = add_command(kinds, "load", "offer ranking traffic to a server and report throughput "
+                       "and latency percentiles", LOAD_EXAMPLES)
     add_load_arguments(load)
     load.set_defaults(run=_run_load)
 
