@@ -194,8 +194,7 @@ class GpuExecutor(Executor):
         results, start = [], 0
         for i, (piece, inputs) in enumerate(zip(job.plan.pieces, job.inputs, strict=True)):
             if bad[i]:
-                problem = index_problem(job.model.spec, inputs) or "an id is outside its table"
-                results.append(PieceResult(error=EngineError("bad_request", problem)))
+                results.append(_bad_ids(job.model.spec, inputs))
             else:
                 results.append(PieceResult(scores=scores[start:start + piece.count]))
             start += piece.count
@@ -224,8 +223,7 @@ class GpuExecutor(Executor):
             try:
                 scores, bad = model.triton.forward(collate(model.spec, [rows]))
                 if bool(bad.any()):
-                    problem = index_problem(model.spec, rows) or "an id is outside its table"
-                    results.append(PieceResult(error=EngineError("bad_request", problem)))
+                    results.append(_bad_ids(model.spec, rows))
                 else:
                     results.append(PieceResult(scores=scores.float().cpu().numpy()))
             except Exception as piece_exc:
@@ -234,3 +232,9 @@ class GpuExecutor(Executor):
                 results.append(PieceResult(error=EngineError(
                     "internal", f"scoring failed ({kind}) after the batch failed ({exc})")))
         return tuple(results)
+
+
+def _bad_ids(spec: ModelSpec, inputs) -> PieceResult:
+    """The answer for a request the gather kernel flagged: an id outside its table."""
+    problem = index_problem(spec, inputs) or "an id is outside its table"
+    return PieceResult(error=EngineError("bad_request", problem))
