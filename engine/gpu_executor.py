@@ -29,7 +29,7 @@ import torch
 from .demo import random_inputs
 from .executor import Done, Executor, Job, JobResult, PieceResult, index_problem, slice_rows
 from .gpu_slots import GpuModel, SlotState, capture, copy_in, device_step, new_slot
-from .inputs import collate
+from .inputs import RequestInputs, collate
 from .scheduler import EngineError
 from .settings import EngineSettings
 from .spec import ModelSpec
@@ -234,7 +234,7 @@ class GpuExecutor(Executor):
         return tuple(results)
 
 
-def _bad_ids(spec: ModelSpec, inputs) -> PieceResult:
+def _bad_ids(spec: ModelSpec, inputs: RequestInputs) -> PieceResult:
     """The answer for a request the gather kernel flagged: an id outside its table."""
     problem = index_problem(spec, inputs) or "an id is outside its table"
     return PieceResult(error=EngineError("bad_request", problem))
