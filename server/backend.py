@@ -157,14 +157,6 @@ class EngineBackend:
         await self._call(self.engine.load(loaded.name, int(loaded.version), loaded.spec,
                                           loaded.weights))
 
-    async def load_repository(self, root: Any) -> None:
-        """Load the highest version of every model in the repository at ``root``."""
-        from recserve.engine.repository import ModelRepository
-
-        repo = ModelRepository(root)
-        for name, version in repo.models():
-            await self.load(repo.load(name, version))
-
     def models(self) -> list[ModelHandle]:
         """Every model version being served, sorted by name then version."""
         return [ModelHandle(n, v, self.engine.spec(n, v)) for n, v in self.engine.models()]
