@@ -8,11 +8,11 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from server_fixtures import start_serve
 
 from recserve.engine.demo import build_demo_repository, demo_spec
 from recserve.server import Client
@@ -39,19 +39,8 @@ def port(tmp_path_factory):
     """`recserve serve` as a real process on 127.0.0.1, serving the demo model."""
     repo = tmp_path_factory.mktemp("repo")
     build_demo_repository(repo)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "recserve.server.cli", "serve", "--port", "0", "--device", "cpu",
-         "--model-repo", str(repo)], stderr=subprocess.PIPE, text=True)
-    lines, found = [], None
+    proc, found = start_serve(repo)
     try:
-        for line in proc.stderr:
-            lines.append(line)
-            match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
-            found = int(match.group(1)) if match else found
-            if found is not None and "ready: every model is loaded" in line:
-                break
-        else:
-            pytest.fail("serve exited before it was ready:\n" + "".join(lines))
         yield found
     finally:
         proc.kill()
