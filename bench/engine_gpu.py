@@ -138,7 +138,7 @@ def main() -> None:
                                  for (k, v), f in zip(r.sparse.items(), spec.sparse,
                                                       strict=True)},
                              {k: v[:n] for k, v in r.dense.items()})
-               for r in full for n in map(int, rng.integers(100, 701, 30))]
+               for r in full for n in rng.integers(100, 701, 30)]
     repeats = max(1, args.batches * args.batch // sum(r.num_candidates for r in ranking))
     results["ranking_requests"] = asyncio.run(engine_run(settings, spec, weights, ranking,
                                                          repeats))

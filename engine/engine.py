@@ -15,6 +15,7 @@ them, but their queued and running work finishes on them, then they are dropped.
 from __future__ import annotations
 
 import asyncio
+import operator
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -164,7 +165,9 @@ class Engine:
         self._next_id += 1
         request_id = self._next_id
         now = self.clock()
-        self._scheduler.submit(request_id, key, inputs.num_candidates, now, priority, deadline)
+        # operator.index: any integer type (numpy's too) counts rows; the policy takes ints.
+        rows = operator.index(inputs.num_candidates)
+        self._scheduler.submit(request_id, key, rows, now, priority, deadline)
         future = self._loop.create_future()
         self._pending[request_id] = _Pending(future, inputs, key, outputs, now)
         self._work[key] += 1

@@ -4,6 +4,7 @@ a gate instead of sleeps)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 
 import numpy as np
@@ -125,6 +126,18 @@ def test_batched_scores_equal_one_at_a_time_scores():
     assert all(len({p.model}) == 1 and p.rows <= 64 for p in plans)
     assert any(len(p.pieces) > 1 for p in plans)  # requests were packed together
     assert any(p.start > 0 for plan in plans for p in plan.pieces)  # and split
+
+
+def test_a_numpy_integer_candidate_count_is_scored():
+    async def main():
+        engine, _, weights = await started()
+        inputs = random_inputs(SPEC, np.random.default_rng(5), 4)
+        numpy_count = dataclasses.replace(inputs, num_candidates=np.int64(4))
+        got = await engine.score("tiny", numpy_count)
+        np.testing.assert_allclose(got, expected(SPEC, weights["tiny"], inputs), rtol=1e-5,
+                                   atol=1e-6)
+        await engine.close()
+    run(main())
 
 
 def test_priority_order_when_slots_free_up():
