@@ -28,6 +28,7 @@ import provenance  # noqa: E402
 import workloads as wl  # noqa: E402
 
 from recserve.engine.engine import Engine  # noqa: E402
+from recserve.engine.executor import slice_rows  # noqa: E402
 from recserve.engine.gpu_executor import GpuExecutor  # noqa: E402
 from recserve.engine.inputs import RequestInputs, SparseInput  # noqa: E402
 from recserve.engine.settings import EngineSettings  # noqa: E402
@@ -134,11 +135,7 @@ def main() -> None:
     full = full_requests(spec, rng, args.batch, 4)
     results["full_batches"] = asyncio.run(engine_run(settings, spec, weights, full,
                                                      args.batches // 4))
-    ranking = [RequestInputs(n, {k: SparseInput(v.values[:n * f.max_bag], v.lengths[:n])
-                                 for (k, v), f in zip(r.sparse.items(), spec.sparse,
-                                                      strict=True)},
-                             {k: v[:n] for k, v in r.dense.items()})
-               for r in full for n in rng.integers(100, 701, 30)]
+    ranking = [slice_rows(spec, r, 0, int(n)) for r in full for n in rng.integers(100, 701, 30)]
     repeats = max(1, args.batches * args.batch // sum(r.num_candidates for r in ranking))
     results["ranking_requests"] = asyncio.run(engine_run(settings, spec, weights, ranking,
                                                          repeats))
