@@ -1,6 +1,6 @@
 """The engine on a GPU at full load, against the kernels' bare forward on the same card.
 
-    python bench/engine_gpu.py OUTDIR [--max-rows 4000000] [--batches 48]
+    python bench/engine_gpu.py OUTDIR [--max-rows 4000000] [--batches 48] [--sweep]
 
 Workload ``dlrmv2`` (bench/workloads.py) at B = 8192. The bare forward is the CUDA graph
 the engine itself replays for that bucket, timed alone with ``do_bench`` on inputs
@@ -8,7 +8,10 @@ already on the device. The engine run submits requests from the event loop as fa
 the queue takes them: (a) 8192-row requests, one per batch; (b) ranking-sized requests
 (N in 100..700) that the scheduler packs into 8192-row batches. samples/s of each run is
 compared with the bare forward's, and the event timeline of the run says how much of the
-copy-in time overlapped another batch's compute. Writes OUTDIR/engine_gpu.json.
+copy-in time overlapped another batch's compute; the host stages (queued, pack, issue,
+wait for the copy-out, resolve) say where a batch's host time goes. ``--sweep`` repeats
+both runs with other slot counts and a shorter GIL switch interval, to find what bounds
+the engine. Writes OUTDIR/engine_gpu.json.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import asyncio
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -91,13 +95,21 @@ async def engine_run(settings, spec, weights, requests, repeats: int) -> dict:
                 "gpu_busy_fraction": (executor.busy_ms - busy0) / 1e3 / wall,
                 "copy_overlap_fraction": overlap_fraction(executor.timeline),
                 "batches": len({t[0] for t in executor.timeline}),
-                "stage_mean_ms": {stage: float(np.mean([e - s for _, st, s, e in
-                                                        executor.timeline if st == stage]))
-                                  for stage in ("h2d", "compute", "d2h")},
+                "stage_mean_ms": stage_means(executor.timeline),
                 "compute_start_gap_ms": float(np.mean(np.diff(sorted(
                     s for _, st, s, _ in executor.timeline if st == "compute")))),
                 "bare_forward_us": bare_ms * 1e3,
+                "timeline_head": [(seq, stage, round(a, 3), round(b, 3)) for seq, stage, a, b
+                                  in sorted(executor.timeline, key=lambda t: t[2])[:400]],
                 "bare_samples_per_s": settings.max_batch_rows / (bare_ms / 1e3)}
+
+
+def stage_means(timeline: list[tuple[int, str, float, float]]) -> dict:
+    """Mean ms of each stage (device and host) over the recorded batches."""
+    spans: dict[str, list[float]] = {}
+    for _, stage, start, end in timeline:
+        spans.setdefault(stage, []).append(end - start)
+    return {stage: round(float(np.mean(v)), 3) for stage, v in spans.items()}
 
 
 def copy_in_rate(megabytes: int = 8) -> dict:
@@ -119,6 +131,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8192)
     p.add_argument("--batches", type=int, default=48, help="8192-row batches per run")
     p.add_argument("--slots", type=int, default=4)
+    p.add_argument("--sweep", action="store_true",
+                   help="also 2 and 8 slots, and a 0.5 ms GIL switch interval")
     args = p.parse_args()
     args.outdir.mkdir(parents=True, exist_ok=True)
     spec = wl.dlrmv2_spec(args.max_rows)
@@ -133,21 +147,37 @@ def main() -> None:
     results["copy_in"] = copy_in_rate()
     print(f"host -> device: {results['copy_in']}")
     full = full_requests(spec, rng, args.batch, 4)
-    results["full_batches"] = asyncio.run(engine_run(settings, spec, weights, full,
-                                                     args.batches // 4))
     ranking = [slice_rows(spec, r, 0, int(n)) for r in full for n in rng.integers(100, 701, 30)]
     repeats = max(1, args.batches * args.batch // sum(r.num_candidates for r in ranking))
-    results["ranking_requests"] = asyncio.run(engine_run(settings, spec, weights, ranking,
+    variants = [("default", settings, None)]
+    if args.sweep:
+        variants += [(f"slots={k}", replace(settings, slots=k), None) for k in (2, 8)]
+        variants.append(("switch=0.5ms", settings, 0.0005))
+    results["runs"] = []
+    default_switch = sys.getswitchinterval()
+    for name, run_settings, switch in variants:
+        sys.setswitchinterval(switch or default_switch)
+        run = {"variant": name, "slots": run_settings.slots, "switch_interval_s":
+               sys.getswitchinterval()}
+        run["full_batches"] = asyncio.run(engine_run(run_settings, spec, weights, full,
+                                                     args.batches // 4))
+        run["ranking_requests"] = asyncio.run(engine_run(run_settings, spec, weights, ranking,
                                                          repeats))
-    for name in ("full_batches", "ranking_requests"):
-        r = results[name]
-        r["ratio_to_bare"] = r["samples_per_s"] / r["bare_samples_per_s"]
-        print(f"{name:17s} engine {r['samples_per_s'] / 1e6:6.2f} M samples/s, bare forward "
-              f"{r['bare_samples_per_s'] / 1e6:6.2f} M/s ({r['bare_forward_us']:.0f} us), ratio "
-              f"{r['ratio_to_bare']:.2f}; GPU busy {r['gpu_busy_fraction']:.0%}, copy-in "
-              f"overlapped {r['copy_overlap_fraction']:.0%} over {r['batches']} batches; "
-              f"stage ms {r['stage_mean_ms']}, compute starts every "
-              f"{r['compute_start_gap_ms']:.2f} ms")
+        sys.setswitchinterval(default_switch)
+        for traffic in ("full_batches", "ranking_requests"):
+            r = run[traffic]
+            r["ratio_to_bare"] = r["samples_per_s"] / r["bare_samples_per_s"]
+            print(f"{name:13s} {traffic:17s} engine {r['samples_per_s'] / 1e6:6.2f} M samples/s,"
+                  f" bare forward {r['bare_samples_per_s'] / 1e6:6.2f} M/s "
+                  f"({r['bare_forward_us']:.0f} us), ratio {r['ratio_to_bare']:.2f}; GPU busy "
+                  f"{r['gpu_busy_fraction']:.0%}, copy-in overlapped "
+                  f"{r['copy_overlap_fraction']:.0%} over {r['batches']} batches; compute "
+                  f"starts every {r['compute_start_gap_ms']:.2f} ms; stage ms "
+                  f"{r['stage_mean_ms']}", flush=True)
+        results["runs"].append(run)
+        if name == "default":
+            results.update(full_batches=run["full_batches"],
+                           ranking_requests=run["ranking_requests"])
     (args.outdir / "engine_gpu.json").write_text(json.dumps(results, indent=2) + "\n")
 
 

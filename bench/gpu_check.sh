@@ -12,8 +12,8 @@
 #   pytest-gpu.log, bench.log (every benchmark's output, in order), kernels.json,
 #   kernel_variants.json, engine_gpu.json, engine-cuda-<time>.json, load.json
 # Environment knobs: PYTHON (default python), PYTEST_PATHS (tests), KERNEL_BENCH_ARGS
-# (--budget-s 60), ENGINE_BENCH_ARGS, and each step's time limit in seconds: PYTEST_TIMEOUT_S
-# (100), BENCH_TIMEOUT_S (90), VARIANTS_TIMEOUT_S (90), ENGINE_TIMEOUT_S (60),
+# (--budget-s 60), ENGINE_BENCH_ARGS (--sweep), and each step's time limit in seconds:
+# PYTEST_TIMEOUT_S (100), BENCH_TIMEOUT_S (90), VARIANTS_TIMEOUT_S (90), ENGINE_TIMEOUT_S (90),
 # SINGLE_TIMEOUT_S (60), LOAD_TIMEOUT_S (60); RECSERVE_COMMIT (default: git HEAD; the device
 # copy of the tree has no .git, so pass it in).
 set -u -o pipefail
@@ -76,9 +76,10 @@ step kernels-bench bash -c "timeout ${BENCH_TIMEOUT_S:-90} $PY bench/kernels.py 
 step kernel-variants bash -c "timeout ${VARIANTS_TIMEOUT_S:-90} $PY bench/kernel_variants.py \
     '$OUT' --budget-s 60 >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 18 '$OUT/bench.log'; exit \$rc"
 
-# Engine at full load vs its own bare forward (dlrmv2, B=8192), copy/compute overlap.
-step engine-bench bash -c "timeout ${ENGINE_TIMEOUT_S:-60} $PY bench/engine_gpu.py '$OUT' \
-    ${ENGINE_BENCH_ARGS:-} >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 3 '$OUT/bench.log'; \
+# Engine at full load vs its own bare forward (dlrmv2, B=8192), copy/compute overlap, host
+# stages; --sweep: also 2 and 8 slots and a shorter GIL switch interval.
+step engine-bench bash -c "timeout ${ENGINE_TIMEOUT_S:-90} $PY bench/engine_gpu.py '$OUT' \
+    ${ENGINE_BENCH_ARGS:---sweep} >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 10 '$OUT/bench.log'; \
     exit \$rc"
 
 # Engine vs one forward per request, in process, same offered loads (bench/engine.py).

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import queue
 import threading
+import time
 
 import numpy as np
 import torch
@@ -49,7 +50,11 @@ class GpuExecutor(Executor):
             self.device = torch.device(self.device.type, 0)
         self.use_graphs = use_graphs
         self.timeline: list[tuple[int, str, float, float]] = []
-        """(batch seq, stage, start ms, end ms) for the last ``timeline_limit`` batches."""
+        """(batch seq, stage, start ms, end ms) for the first ``timeline_limit`` entries:
+        device stages (h2d, compute, d2h) from CUDA events, and host stages (host_queue:
+        submitted -> a launcher takes it; host_pack; host_issue: stream work enqueued;
+        host_wait: the completer waits for d2h; host_resolve: results handed back) from
+        the host clock, both in ms since ``start`` (the two clocks agree to ~0.1 ms)."""
         self.timeline_limit = 0
         self.busy_ms = 0.0
         self.batches = 0
@@ -69,6 +74,7 @@ class GpuExecutor(Executor):
         self._streams = {s: torch.cuda.Stream(self.device) for s in _STAGES}
         self._origin = torch.cuda.Event(enable_timing=True)
         self._origin.record()
+        self._host_origin = time.perf_counter()
         self._free = list(range(self.settings.slots))
         targets = [(self._launcher, f"launch-{i}") for i in range(self.settings.slots)]
         for target, name in [*targets, (self._completer, "complete")]:
@@ -111,7 +117,7 @@ class GpuExecutor(Executor):
             if not self._free:
                 raise RuntimeError(f"all {self.settings.slots} slots are busy")
             slot = self._free.pop()
-        self._launch_q.put((job, slot, done))
+        self._launch_q.put((job, slot, done, self._now_ms()))
 
     def close(self) -> None:
         """Finish queued jobs, then stop both threads."""
@@ -133,7 +139,8 @@ class GpuExecutor(Executor):
     def _launcher(self) -> None:
         torch.cuda.set_device(self.device)
         while (item := self._launch_q.get()) is not None:
-            job, slot_index, done = item
+            job, slot_index, done, submitted = item
+            self._host_stage(job.plan.seq, "host_queue", submitted)
             try:
                 self._launch(job, slot_index, done)
             except Exception as exc:  # OOM or a bug: isolate per piece, keep serving
@@ -144,11 +151,14 @@ class GpuExecutor(Executor):
         model: GpuModel = job.model
         slot = model.slots[slot_index]
         plan = job.plan
+        started = self._now_ms()
         pieces = [slice_rows(model.spec, inputs, p.start, p.count)
                   for p, inputs in zip(plan.pieces, job.inputs, strict=True)]
         sizes = pack(model.layout, slot.host, pieces, plan.bucket)
+        packed = self._host_stage(plan.seq, "host_pack", started)
         with self._launch_lock:  # the completion queue stays in stream order
             self._issue(model, slot, plan, sizes)
+            self._host_stage(plan.seq, "host_issue", packed)
             self._done_q.put((job, slot_index, sizes, done))
 
     def _issue(self, model: GpuModel, slot: SlotState, plan, sizes: PackedSizes) -> None:
@@ -183,12 +193,15 @@ class GpuExecutor(Executor):
             job, slot_index, sizes, done = item
             model: GpuModel = job.model
             slot = model.slots[slot_index]
+            waiting = self._now_ms()
             slot.events["d2h_end"].synchronize()  # this thread's only wait: the batch is done
+            synced = self._host_stage(job.plan.seq, "host_wait", waiting)
             scores = slot.scores_out[:sizes.rows].numpy().copy()
             bad = slot.bad_out[:sizes.requests].numpy().copy()
             self._account(job.plan.seq, slot)
             self._release(slot_index)
             done(JobResult(job, self._results(job, scores, bad)))
+            self._host_stage(job.plan.seq, "host_resolve", synced)
 
     def _results(self, job: Job, scores: np.ndarray, bad: np.ndarray) -> tuple:
         results, start = [], 0
@@ -204,11 +217,21 @@ class GpuExecutor(Executor):
         ev = slot.events
         self.busy_ms += ev["compute_start"].elapsed_time(ev["compute_end"])
         self.batches += 1
-        if self.timeline_limit and len(self.timeline) < self.timeline_limit:
+        if len(self.timeline) < self.timeline_limit:
             for stage in _STAGES:
                 start = self._origin.elapsed_time(ev[f"{stage}_start"])
                 end = self._origin.elapsed_time(ev[f"{stage}_end"])
                 self.timeline.append((seq, stage, start, end))
+
+    def _now_ms(self) -> float:
+        return (time.perf_counter() - self._host_origin) * 1e3
+
+    def _host_stage(self, seq: int, stage: str, start_ms: float) -> float:
+        """Record host stage ``stage`` of batch ``seq`` from ``start_ms`` to now; now."""
+        now = self._now_ms()
+        if len(self.timeline) < self.timeline_limit:
+            self.timeline.append((seq, stage, start_ms, now))
+        return now
 
     def _release(self, slot_index: int) -> None:
         with self._lock:

@@ -11,8 +11,8 @@ so every bucket has fixed tensor shapes (a static input for a CUDA graph):
 
 Bags beyond the real requests and rows are empty, dense padding is zero, so padding
 rows compute finite scores that are never read. Only the used prefix of each buffer
-travels to the device. Ids are clipped into int32 range when the group is int32 (an id
-that was out of range stays out of range, so the kernel still flags it).
+travels to the device. Ids are narrowed to int32 when the group is int32 (an id outside
+int32 is clipped to -1 or 2^31-1, so it stays out of range and the kernel still flags it).
 """
 
 from __future__ import annotations
@@ -189,13 +189,7 @@ def _pack_group(group: GroupLayout, buffers: tuple, scratch: torch.Tensor | None
         values = [s.values for s in inputs]
         n = sum(len(v) for v in values)
         if group.index_dtype == torch.int32:
-            # Clipped, so an id outside int32 stays outside its table's range; several
-            # pieces go through int64 scratch first (one clip call instead of one per piece).
-            wide = values[0]
-            if len(values) > 1:
-                wide = scratch.numpy()[:n]
-                np.concatenate(values, out=wide)
-            np.clip(wide, -1, _INT32_MAX, out=indices[pos:pos + n], casting="unsafe")
+            _narrow_ids(values, indices[pos:pos + n], scratch)
         else:
             np.concatenate(values, out=indices[pos:pos + n])
         if weights is not None:
@@ -216,3 +210,21 @@ def _pack_group(group: GroupLayout, buffers: tuple, scratch: torch.Tensor | None
         pos += n
         opos += bags + 1
     return pos, opos
+
+
+def _narrow_ids(values: list[np.ndarray], out: np.ndarray, scratch: torch.Tensor) -> None:
+    """Write ``values`` (ids, any integer dtype) back to back into int32 ``out``.
+
+    A plain cast when every id fits int32, checked with min and max (a cast and the two
+    reductions cost about 0.25 ns an id, a clip 0.4-0.5); otherwise clipped to [-1, 2^31-1],
+    so an id outside int32 stays outside its table instead of wrapping into it.
+    """
+    wide = values[0]
+    if len(values) > 1:  # one pass per feature instead of several calls per piece
+        wide = scratch.numpy()[:len(out)]
+        np.concatenate(values, out=wide)
+    if wide.dtype == np.int32 or not len(wide) or (wide.min() >= -1
+                                                   and wide.max() <= _INT32_MAX):
+        np.copyto(out, wide, casting="unsafe")
+    else:
+        np.clip(wide, -1, _INT32_MAX, out=out, casting="unsafe")

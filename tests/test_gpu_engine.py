@@ -85,5 +85,9 @@ def test_timeline_orders_each_batch_copy_in_compute_copy_out():
         assert h2d[0] <= h2d[1] + slack and compute[0] <= compute[1] + slack
         assert h2d[1] <= compute[0] + slack, (seq, h2d, compute)
         assert compute[1] <= d2h[0] + slack, (seq, compute, d2h)
+        host = [stages[(seq, s)] for s in ("host_queue", "host_pack", "host_issue",
+                                           "host_wait", "host_resolve")]
+        for (start, end), (next_start, _) in zip(host[:-1], host[1:], strict=True):  # in order
+            assert start <= end <= next_start + slack, (seq, host)
     assert executors[0].busy_ms > 0 and executors[0].bytes_in > 0
     # How much copying overlapped compute is a measurement: bench/engine.py reports it.

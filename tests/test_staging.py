@@ -78,14 +78,32 @@ def test_an_out_of_range_id_flags_only_its_request():
     torch.testing.assert_close(scores[:2], want, rtol=1e-4, atol=1e-5)
 
 
-def test_huge_ids_cannot_wrap_into_range_in_int32_staging():
+@pytest.mark.parametrize("huge", [(1 << 32) + 3, -(1 << 32) + 3, 1 << 62])
+@pytest.mark.parametrize("pieces_before", [0, 1])
+def test_huge_ids_cannot_wrap_into_range_in_int32_staging(huge, pieces_before):
+    # (1 << 32) + 3 and -(1 << 32) + 3 would wrap to the valid id 3 in a plain int32 cast.
     spec = small_spec()
     weights = init_weights(spec)
-    piece = random_inputs(spec, np.random.default_rng(0), 2)
-    item = piece.sparse["item"]
-    piece.sparse["item"] = SparseInput(np.array([(1 << 32) + 3, 1]), item.lengths)
-    _, _, _, bad = packed_scores(spec, weights, [piece], bucket=4)
-    assert bad.tolist() == [True]
+    rng = np.random.default_rng(0)
+    pieces = [random_inputs(spec, rng, 2) for _ in range(pieces_before + 1)]
+    item = pieces[-1].sparse["item"]
+    pieces[-1].sparse["item"] = SparseInput(np.array([huge, 1]), item.lengths)
+    _, host, _, bad = packed_scores(spec, weights, pieces, bucket=4 * len(pieces))
+    assert bad.tolist() == [False] * pieces_before + [True]
+
+
+def test_int32_ids_are_staged_unchanged():
+    spec = small_spec()
+    weights = init_weights(spec, seed=3)
+    rng = np.random.default_rng(4)
+    pieces = [random_inputs(spec, rng, n) for n in (2, 3)]
+    narrow = [type(p)(p.num_candidates, {k: SparseInput(v.values.astype(np.int32), v.lengths,
+                                                        v.weights)
+                                         for k, v in p.sparse.items()}, p.dense)
+              for p in pieces]
+    _, _, want, _ = packed_scores(spec, weights, pieces, bucket=8)
+    _, _, got, bad = packed_scores(spec, weights, narrow, bucket=8)
+    assert torch.equal(got, want) and not bool(bad.any())
 
 
 def test_pack_refuses_a_batch_larger_than_its_bucket():

@@ -1,0 +1,54 @@
+"""Where GPU time goes, without the host in the measurement.
+
+- ``graph_us``: ``repeat`` back-to-back calls captured in one CUDA graph and replayed, so
+  the time per call is the device's alone (an eager ``do_bench`` of a small batch times the
+  Python launch path instead: at B=512 the gather's launch costs more than its kernel).
+  This is how the engine runs a batch: one graph replay.
+- ``kernel_breakdown``: device time per kernel name per call, from the PyTorch profiler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def graph_us(fn: Callable[[], object], repeat: int = 20) -> float:
+    """Median device microseconds per call of ``fn`` replayed ``repeat`` times in a graph."""
+    import triton  # here: importing it first thing would precede the interpreter switch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (and autotune) outside the capture
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeat):
+            fn()
+    ms = triton.testing.do_bench(graph.replay, warmup=5, rep=50, return_mode="median")
+    del graph
+    return ms * 1e3 / repeat
+
+
+def kernel_breakdown(fn: Callable[[], object], calls: int = 10, top: int = 12) -> list[dict]:
+    """The ``top`` kernels by device time: name, us per call of ``fn``, launches per call."""
+    fn()
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        if event.device_type != torch.autograd.DeviceType.CUDA:  # CPU ops hold no kernels
+            continue
+        device_us = getattr(event, "self_device_time_total",
+                            getattr(event, "self_cuda_time_total", 0.0))
+        rows.append({"kernel": event.key[:80], "us": round(device_us / calls, 2),
+                     "launches": round(event.count / calls, 2)})
+    rows.sort(key=lambda r: -r["us"])
+    return rows[:top]
