@@ -194,7 +194,10 @@ def bench_forward(rec, base: dict, name: str, spec, weights: dict, model: Triton
             tflops = wl.model_flops(spec, b) / us / 1e6
             kernels = None
             if kb.DEV == "cuda" and variant == DEFAULT:
-                kernels = kp.kernel_breakdown(lambda: model.forward_prepared(prepared[0]))
+                try:  # a profiler failure must not lose the timing above
+                    kernels = kp.kernel_breakdown(lambda: model.forward_prepared(prepared[0]))
+                except Exception as exc:  # noqa: BLE001
+                    kernels = f"profiler failed: {type(exc).__name__}: {exc}"[:300]
             rec.add(section="forward", workload=name, B=b, variant=variant,
                     graph=kb.DEV == "cuda", us=round(us, 2), samples_per_s=round(b / us * 1e6),
                     TFLOPs=round(tflops, 2), frac_matmul=round(tflops / base["matmul_tflops"], 4),
