@@ -240,10 +240,30 @@ def _pool_long(table_ptr, qparams_ptr, indices_ptr, offsets_ptr, weights_ptr,
             acc, bad = _add_two(table_ptr, qparams_ptr, weights_ptr, ids, acc, bad, pos,
                                 pos < end, pos + LANES, pos + LANES < end, elem_base, row_base,
                                 rows, dim, flags & 4, d, dmask, QUANT, WEIGHTED)
-    pooled = tl.expand_dims(tl.sum(acc, axis=0), 0)
+    # The lanes' partial sums are added in a fixed pairwise tree, not by tl.sum, whose
+    # order follows the register layout: that changes with the load width (int8 rows with
+    # 16-byte loads), and int8 results differed in the last bits between variants.
+    tl.static_assert(LANES >= 2 and LANES <= 32)
+    if LANES >= 32:
+        acc = _halve(acc, 32, BLOCK_D)
+    if LANES >= 16:
+        acc = _halve(acc, 16, BLOCK_D)
+    if LANES >= 8:
+        acc = _halve(acc, 8, BLOCK_D)
+    if LANES >= 4:
+        acc = _halve(acc, 4, BLOCK_D)
+    pooled = _halve(acc, 2, BLOCK_D)
     _finish(pooled, end - start, tl.expand_dims(tl.max(bad, axis=0), 0), bags, bmask, out_ptr,
             bad_ptr, row_request_ptr, request_offsets_ptr, out_stride, out_col, dim, flags, d,
             dmask)
+
+
+@triton.jit
+def _halve(x, N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """[N, D] -> [N / 2, D]: row i plus row i + N / 2, whatever the layout."""
+    pairs = tl.permute(tl.reshape(x, [2, N // 2, BLOCK_D]), (1, 2, 0))
+    first, second = tl.split(pairs)
+    return first + second
 
 
 @triton.jit
