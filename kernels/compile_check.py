@@ -70,7 +70,7 @@ def _embedding_jobs(quick: bool):
     for table in dtypes:
         for out in (["bf16"] if quick else ["bf16", "fp32"]):
             sig = {n: "*i32" for n in eb._embedding_bag_kernel.arg_names if n.endswith("_ptr")}
-            sig.update(table_ptr=_PTR[table], qparams_ptr="*fp32", weights_ptr="*fp32",
+            sig.update(table_ptr=_PTR[table], weights_ptr="*fp32",
                        out_ptr=_PTR[out], meta_ptr="*i64", out_stride="i32")
             for cfg in eb.CONFIGS + [None]:
                 # (ALIGN, PREFETCH): the launcher's candidates for dim-128 tables, for odd

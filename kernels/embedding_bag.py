@@ -2,8 +2,9 @@
 
 Scope and limits:
 - Tables of one dtype (fp32, fp16, bf16, or int8 row-wise: uint8 codes with an fp32 scale
-  and offset per row) are packed into one flat buffer (``PackedTables``) with int64 element
-  and row bases, so one launch reads all of them. A model mixing table dtypes launches once
+  and offset per row, stored inline after each row's codes) are packed into one flat
+  buffer (``PackedTables``) with int64 bases and row strides, so one launch reads all of
+  them. A model mixing table dtypes launches once
   per dtype group.
 - Input is CSR: all features' indices back to back (int32 or int64), and per feature
   ``bags + 1`` absolute offsets (int32 or int64) concatenated in feature order.
@@ -69,18 +70,20 @@ PREFETCH = True
 
 
 @triton.jit
-def _gather(table_ptr, qparams_ptr, weights_ptr, idx, pos, valid,
-            elem_base, row_base, rows, dim, is_weighted, d, dmask,
+def _gather(table_ptr, weights_ptr, idx, pos, valid,
+            elem_base, row_stride, rows, dim, is_weighted, d, dmask,
             QUANT: tl.constexpr, WEIGHTED: tl.constexpr):
     """Rows [n, BLOCK_D] (fp32, zero where masked) of ids ``idx`` [n] at positions ``pos``."""
     idx = idx.to(tl.int64)
     inb = valid & (idx >= 0) & (idx < rows)
-    ptrs = table_ptr + (elem_base + idx * dim)[:, None] + d[None, :]
-    vals = tl.load(ptrs, mask=inb[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    row = table_ptr + elem_base + idx * row_stride
+    vals = tl.load(row[:, None] + d[None, :], mask=inb[:, None] & dmask[None, :],
+                   other=0.0).to(tl.float32)
     if QUANT:
-        # scale and offset side by side: one 8-byte load, one sector per row
-        qp = tl.load(qparams_ptr + (2 * (row_base + idx))[:, None] + tl.arange(0, 2)[None, :],
-                     mask=inb[:, None], other=0.0)
+        # scale and offset right after the row's codes (see PackedTables): one 8-byte load
+        # from the span the codes came from
+        params = (row + (dim + 7) // 8 * 8).to(tl.pointer_type(tl.float32), bitcast=True)
+        qp = tl.load(params[:, None] + tl.arange(0, 2)[None, :], mask=inb[:, None], other=0.0)
         s, o = tl.split(qp)
         # An explicit FMA: one rounding in every variant. Left as `vals * s + o`, the
         # compiler contracted it in some configs and not others (int8 bits differed
@@ -118,16 +121,16 @@ def _step_ids(indices_ptr, nxt, pos, valid, pos_next, valid_next, PREFETCH: tl.c
 
 
 @triton.jit
-def _add_two(table_ptr, qparams_ptr, weights_ptr, ids, acc, bad, pos0, valid0, pos1, valid1,
-             elem_base, row_base, rows, dim, is_weighted, d, dmask,
+def _add_two(table_ptr, weights_ptr, ids, acc, bad, pos0, valid0, pos1, valid1,
+             elem_base, row_stride, rows, dim, is_weighted, d, dmask,
              QUANT: tl.constexpr, WEIGHTED: tl.constexpr):
     """acc + rows(ids[:, 0]) + rows(ids[:, 1]), in that order (the same sums as two single
     steps, so UNROLL does not change a bit), with both tiles' loads in flight at once."""
     id0, id1 = tl.split(ids)
-    v0, b0 = _gather(table_ptr, qparams_ptr, weights_ptr, id0, pos0, valid0, elem_base,
-                     row_base, rows, dim, is_weighted, d, dmask, QUANT, WEIGHTED)
-    v1, b1 = _gather(table_ptr, qparams_ptr, weights_ptr, id1, pos1, valid1, elem_base,
-                     row_base, rows, dim, is_weighted, d, dmask, QUANT, WEIGHTED)
+    v0, b0 = _gather(table_ptr, weights_ptr, id0, pos0, valid0, elem_base,
+                     row_stride, rows, dim, is_weighted, d, dmask, QUANT, WEIGHTED)
+    v1, b1 = _gather(table_ptr, weights_ptr, id1, pos1, valid1, elem_base,
+                     row_stride, rows, dim, is_weighted, d, dmask, QUANT, WEIGHTED)
     return (acc + v0) + v1, bad | b0 | b1
 
 
@@ -156,7 +159,7 @@ def _finish(acc, length, bad, bags, bmask, out_ptr, bad_ptr, row_request_ptr,
 @triton.jit
 def _embedding_bag_kernel(
     # pointers
-    table_ptr, qparams_ptr, indices_ptr, offsets_ptr, weights_ptr,
+    table_ptr, indices_ptr, offsets_ptr, weights_ptr,
     out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr, prog_feature_ptr, meta_ptr,
     # strides
     out_stride,
@@ -167,7 +170,8 @@ def _embedding_bag_kernel(
 ):
     """One program pools BAGS short bags, or one long bag LANES positions at a time.
 
-    table [sum rows*dim] flat, qparams [sum rows, 2] fp32 (QUANT: scale, offset),
+    table [sum rows * row_stride] flat (QUANT: uint8 rows with their fp32 scale and offset
+    inline, see ``PackedTables``),
     indices [nnz],
     offsets [sum (bags_f + 1)] absolute into indices, weights [nnz] fp32 (WEIGHTED),
     out [B, out_stride] (columns out_col .. out_col+dim per feature), bad [R] int32,
@@ -177,11 +181,11 @@ def _embedding_bag_kernel(
     pid = tl.program_id(0)
     f = tl.load(prog_feature_ptr + pid).to(tl.int64)
     meta = meta_ptr + f * 9
-    # ALIGN (host-computed gcd, see ``alignment``) divides every table base, dim, out column
-    # and the out row stride: telling the compiler lets it issue 16-byte row loads and
+    # ALIGN (host-computed gcd, see ``alignment``) divides every table base, row stride, dim,
+    # out column and the out row stride: telling the compiler lets it issue 16-byte row loads and
     # stores instead of one element per instruction (it cannot see values read from meta).
     elem_base = tl.multiple_of(tl.load(meta + 0), ALIGN)
-    row_base = tl.load(meta + 1)
+    row_stride = tl.multiple_of(tl.load(meta + 1), ALIGN)
     rows = tl.load(meta + 2)
     dim = tl.multiple_of(tl.load(meta + 3), ALIGN)
     bag_base = tl.load(meta + 4)
@@ -191,21 +195,21 @@ def _embedding_bag_kernel(
     local = pid - tl.load(meta + 7)
     flags = tl.load(meta + 8)
     if (flags & 8) != 0:
-        _pool_long(table_ptr, qparams_ptr, indices_ptr, offsets_ptr, weights_ptr,
+        _pool_long(table_ptr, indices_ptr, offsets_ptr, weights_ptr,
                    out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
-                   elem_base, row_base, rows, dim, bag_base, num_bags, out_col, local, flags,
+                   elem_base, row_stride, rows, dim, bag_base, num_bags, out_col, local, flags,
                    out_stride, LANES, BLOCK_D, QUANT, WEIGHTED, PREFETCH, UNROLL)
     else:
-        _pool_short(table_ptr, qparams_ptr, indices_ptr, offsets_ptr, weights_ptr,
+        _pool_short(table_ptr, indices_ptr, offsets_ptr, weights_ptr,
                     out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
-                    elem_base, row_base, rows, dim, bag_base, num_bags, out_col, local, flags,
+                    elem_base, row_stride, rows, dim, bag_base, num_bags, out_col, local, flags,
                     out_stride, BAGS, BLOCK_D, QUANT, WEIGHTED, PREFETCH, UNROLL)
 
 
 @triton.jit
-def _pool_long(table_ptr, qparams_ptr, indices_ptr, offsets_ptr, weights_ptr,
+def _pool_long(table_ptr, indices_ptr, offsets_ptr, weights_ptr,
                out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
-               elem_base, row_base, rows, dim, bag_base, num_bags, out_col, local, flags,
+               elem_base, row_stride, rows, dim, bag_base, num_bags, out_col, local, flags,
                out_stride, LANES: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr,
                WEIGHTED: tl.constexpr, PREFETCH: tl.constexpr, UNROLL: tl.constexpr):
     """Bag ``local`` of a long-bag feature, LANES positions per step, one [LANES, D] tile."""
@@ -224,8 +228,8 @@ def _pool_long(table_ptr, qparams_ptr, indices_ptr, offsets_ptr, weights_ptr,
             pos = start + j + lanes
             idx, nxt = _step_ids(indices_ptr, nxt, pos, pos < end, pos + LANES,
                                  pos + LANES < end, PREFETCH)
-            vals, b = _gather(table_ptr, qparams_ptr, weights_ptr, idx, pos,
-                              pos < end, elem_base, row_base, rows, dim, flags & 4, d, dmask,
+            vals, b = _gather(table_ptr, weights_ptr, idx, pos,
+                              pos < end, elem_base, row_stride, rows, dim, flags & 4, d, dmask,
                               QUANT, WEIGHTED)
             acc += vals
             bad = bad | b
@@ -237,8 +241,8 @@ def _pool_long(table_ptr, qparams_ptr, indices_ptr, offsets_ptr, weights_ptr,
             ids, nxt = _step_ids(indices_ptr, nxt, pos2 + j, pos2 + j < end, pos2 + j + 2 * LANES,
                                  pos2 + j + 2 * LANES < end, PREFETCH)
             pos = start + j + lanes
-            acc, bad = _add_two(table_ptr, qparams_ptr, weights_ptr, ids, acc, bad, pos,
-                                pos < end, pos + LANES, pos + LANES < end, elem_base, row_base,
+            acc, bad = _add_two(table_ptr, weights_ptr, ids, acc, bad, pos,
+                                pos < end, pos + LANES, pos + LANES < end, elem_base, row_stride,
                                 rows, dim, flags & 4, d, dmask, QUANT, WEIGHTED)
     # The lanes' partial sums are added in a fixed pairwise tree, not by tl.sum, whose
     # order follows the register layout: that changes with the load width (int8 rows with
@@ -267,9 +271,9 @@ def _halve(x, N: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _pool_short(table_ptr, qparams_ptr, indices_ptr, offsets_ptr, weights_ptr,
+def _pool_short(table_ptr, indices_ptr, offsets_ptr, weights_ptr,
                 out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
-                elem_base, row_base, rows, dim, bag_base, num_bags, out_col, local, flags,
+                elem_base, row_stride, rows, dim, bag_base, num_bags, out_col, local, flags,
                 out_stride, BAGS: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr,
                 WEIGHTED: tl.constexpr, PREFETCH: tl.constexpr, UNROLL: tl.constexpr):
     """Bags local*BAGS .. +BAGS of a short-bag feature, one position of each per step."""
@@ -286,8 +290,8 @@ def _pool_short(table_ptr, qparams_ptr, indices_ptr, offsets_ptr, weights_ptr,
         for j in range(0, tl.max(length, axis=0)):
             idx, nxt = _step_ids(indices_ptr, nxt, start + j, j < length, start + j + 1,
                                  j + 1 < length, PREFETCH)
-            vals, b = _gather(table_ptr, qparams_ptr, weights_ptr, idx, start + j,
-                              j < length, elem_base, row_base, rows, dim, flags & 4, d, dmask,
+            vals, b = _gather(table_ptr, weights_ptr, idx, start + j,
+                              j < length, elem_base, row_stride, rows, dim, flags & 4, d, dmask,
                               QUANT, WEIGHTED)
             acc += vals
             bad = bad | b
@@ -299,8 +303,8 @@ def _pool_short(table_ptr, qparams_ptr, indices_ptr, offsets_ptr, weights_ptr,
             ids, nxt = _step_ids(indices_ptr, nxt, start[:, None] + j + u,
                                  j + u < length[:, None], start[:, None] + j + 2 + u,
                                  j + 2 + u < length[:, None], PREFETCH)
-            acc, bad = _add_two(table_ptr, qparams_ptr, weights_ptr, ids, acc, bad, start + j,
-                                j < length, start + j + 1, j + 1 < length, elem_base, row_base,
+            acc, bad = _add_two(table_ptr, weights_ptr, ids, acc, bad, start + j,
+                                j < length, start + j + 1, j + 1 < length, elem_base, row_stride,
                                 rows, dim, flags & 4, d, dmask, QUANT, WEIGHTED)
     _finish(acc, length, bad, bags, bmask, out_ptr, bad_ptr, row_request_ptr,
             request_offsets_ptr, out_stride, out_col, dim, flags, d, dmask)
@@ -358,7 +362,7 @@ def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices:
         meta, prog_feature, programs = launch_plan(packed, features, num_rows, num_requests,
                                              cfg["BAGS"], cfg["LANES"])
         _embedding_bag_kernel[(programs,)](
-            packed.data, packed.qparams, indices, offsets,
+            packed.data, indices, offsets,
             weights if weighted else indices, out, bad, row_request, request_offsets,
             prog_feature, meta, out.stride(0),
             BAGS=cfg["BAGS"], LANES=cfg["LANES"], BLOCK_D=block_d, QUANT=packed.quantized,

@@ -13,7 +13,7 @@ from ._common import check_tensor
 
 TABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.uint8)
 INDEX_DTYPES = (torch.int32, torch.int64)
-_META_COLS = 9  # elem_base, row_base, rows, dim, bag_base, num_bags, out_col, first_prog, flags
+_META_COLS = 9  # elem_base, row_stride, rows, dim, bag_base, num_bags, out_col, first_prog, flags
 _REQUEST, _MEAN, _WEIGHTED, _LONG = 1, 2, 4, 8
 
 
@@ -42,7 +42,17 @@ class BagFeature:
 
 
 class PackedTables:
-    """Tables of one dtype in one flat buffer, with int64 bases per table."""
+    """Tables of one dtype in one flat buffer, with int64 bases and row strides per table.
+
+    Float tables are stored as they are (row stride = dim). int8 row-wise tables store
+    each row as its uint8 codes, then its fp32 scale and offset, padded to 16 bytes:
+
+        [codes (dim) | pad to 8 | scale, offset (8) | pad to 16]     e.g. 144 B at dim 128
+
+    so a lookup touches one contiguous 144-byte span (5-6 sectors) instead of 128 bytes
+    of codes plus 8 bytes in a separate array: two scattered reads per row made int8 as
+    slow as bf16 (256 B in one span) on the H200, though it moves half the bytes.
+    """
 
     def __init__(self, tables: Sequence[torch.Tensor],
                  scales: Sequence[torch.Tensor] | None = None,
@@ -60,26 +70,22 @@ class PackedTables:
             raise ValueError("uint8 tables need per-row scales and shifts (offsets)")
         self.rows = [t.shape[0] for t in tables]
         self.dims = [t.shape[1] for t in tables]
+        self.row_stride = [quantized_row_bytes(d) if self.quantized else d for d in self.dims]
         self.elem_base = [0]
-        self.row_base = [0]
-        for t in tables[:-1]:
-            self.elem_base.append(self.elem_base[-1] + t.numel())
-            self.row_base.append(self.row_base[-1] + t.shape[0])
-        self.data = torch.cat([t.reshape(-1) for t in tables])
-        # placeholders: never read unless quantized
-        self.qparams = self.scale = self.shift = self.data
-        if self.quantized:
-            for i, (s, o) in enumerate(zip(scales, shifts, strict=True)):
-                for what, v in (("scale", s), ("shift", o)):
-                    check_tensor(f"table {i} {what}", v, dtypes=[torch.float32], ndim=1,
-                                 device=device)
-                    if v.shape[0] != self.rows[i]:
-                        raise ValueError(f"table {i} {what} has shape {list(v.shape)}; "
-                                         f"expected [{self.rows[i]}]")
-            # [rows, 2] interleaved (scale, offset), so the kernel reads both with one load
-            self.qparams = torch.stack([torch.cat(list(scales)), torch.cat(list(shifts))],
-                                       dim=1).reshape(-1)
-            self.scale, self.shift = self.qparams[0::2], self.qparams[1::2]
+        for rows, stride in zip(self.rows[:-1], self.row_stride[:-1], strict=True):
+            self.elem_base.append(self.elem_base[-1] + rows * stride)
+        if not self.quantized:
+            self.data = torch.cat([t.reshape(-1) for t in tables])
+            return
+        for i, (s, o) in enumerate(zip(scales, shifts, strict=True)):
+            for what, v in (("scale", s), ("shift", o)):
+                check_tensor(f"table {i} {what}", v, dtypes=[torch.float32], ndim=1,
+                             device=device)
+                if v.shape[0] != self.rows[i]:
+                    raise ValueError(f"table {i} {what} has shape {list(v.shape)}; "
+                                     f"expected [{self.rows[i]}]")
+        self.data = torch.cat([_quantized_rows(t, s, o)
+                               for t, s, o in zip(tables, scales, shifts, strict=True)])
 
     @property
     def dtype(self) -> torch.dtype:
@@ -88,6 +94,29 @@ class PackedTables:
     @property
     def device(self) -> torch.device:
         return self.data.device
+
+
+def quantized_row_bytes(dim: int) -> int:
+    """Bytes per stored int8 row: codes, fp32 scale and offset at an 8-byte boundary, and
+    padding to a multiple of 16 (so rows stay 16-byte aligned for vector loads)."""
+    return -(-(quantized_params_at(dim) + 8) // 16) * 16
+
+
+def quantized_params_at(dim: int) -> int:
+    """Byte offset of a stored int8 row's scale (its offset follows)."""
+    return -(-dim // 8) * 8
+
+
+def _quantized_rows(codes: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
+                    ) -> torch.Tensor:
+    """One table's rows in the inline layout, flat uint8."""
+    rows, dim = codes.shape
+    out = torch.zeros(rows, quantized_row_bytes(dim), dtype=torch.uint8, device=codes.device)
+    out[:, :dim] = codes
+    at = quantized_params_at(dim)
+    params = torch.stack([scale, shift], dim=1).contiguous()  # [rows, 2] fp32
+    out[:, at:at + 8] = params.view(torch.uint8).reshape(rows, 8)
+    return out.reshape(-1)
 
 
 def check_csr(offsets: torch.Tensor, bag_counts: Sequence[int], nnz: int) -> None:
@@ -120,7 +149,7 @@ def launch_plan(packed: PackedTables, features: tuple[BagFeature, ...], num_rows
                 num_requests: int, bags_per_prog: int,
                 lanes: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per-feature metadata and the program -> feature map, cached per shape bucket."""
-    key = (tuple(packed.elem_base), tuple(packed.rows), tuple(packed.dims), features,
+    key = (tuple(packed.elem_base), tuple(packed.rows), tuple(packed.row_stride), features,
            num_rows, num_requests, bags_per_prog, lanes, str(packed.device))
     if key in _plans:
         return _plans[key]
@@ -138,7 +167,7 @@ def launch_plan(packed: PackedTables, features: tuple[BagFeature, ...], num_rows
         programs = counts[i] if is_long[i] else -(-counts[i] // bags_per_prog)
         flags = (_REQUEST * f.request_scope) | (_MEAN * f.mean) | (_WEIGHTED * f.weighted) \
             | (_LONG * is_long[i])
-        meta[i] = [packed.elem_base[t], packed.row_base[t], packed.rows[t], packed.dims[t],
+        meta[i] = [packed.elem_base[t], packed.row_stride[t], packed.rows[t], packed.dims[t],
                    bag_base[i], counts[i], f.out_col, len(prog_feature), flags]
         prog_feature.extend([i] * programs)
     plan = (torch.tensor(meta, dtype=torch.int64, device=packed.device),
@@ -148,11 +177,13 @@ def launch_plan(packed: PackedTables, features: tuple[BagFeature, ...], num_rows
 
 
 def alignment(packed: PackedTables, features: Sequence[BagFeature], out: torch.Tensor) -> int:
-    """Largest power of two (<= 16 elements) dividing every table base, dim and out column
-    of this launch and out's row stride: the kernel's alignment hint (1 turns it off)."""
+    """Largest power of two (<= 16 elements) dividing every table base, row stride, dim and
+    out column of this launch and out's row stride: the kernel's alignment hint (1 turns
+    it off)."""
     values = [out.stride(0)]
     for f in features:
-        values += [packed.elem_base[f.table], packed.dims[f.table], f.out_col]
+        t = f.table
+        values += [packed.elem_base[t], packed.row_stride[t], packed.dims[t], f.out_col]
     align = 16
     while align > 1 and any(v % align for v in values):
         align //= 2

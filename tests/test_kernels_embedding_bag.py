@@ -259,3 +259,19 @@ def test_untuned_launch_falls_back_to_the_next_config(monkeypatch):
     assert tuner.run(("k",), launch) == {"v": 1} and launched == [1, 1]  # cached
     with pytest.raises(RuntimeError, match="PassManager"):
         tuner.run(("other",), launch, [{"v": 0}])
+
+
+@pytest.mark.parametrize("dim,stride,params_at", [(128, 144, 128), (37, 48, 40), (4, 16, 8)])
+def test_int8_rows_carry_their_scale_and_offset_inline(dim, stride, params_at):
+    """Each stored int8 row is [codes | pad | scale, offset | pad], 16-byte aligned."""
+    gen = torch.Generator().manual_seed(dim)
+    codes = [torch.randint(0, 256, (rows, dim), generator=gen, dtype=torch.uint8)
+             for rows in (3, 5)]
+    scales = [torch.rand(c.shape[0], generator=gen) for c in codes]
+    shifts = [torch.randn(c.shape[0], generator=gen) for c in codes]
+    packed = PackedTables(codes, scales, shifts)
+    assert packed.row_stride == [stride, stride] and packed.elem_base == [0, 3 * stride]
+    stored = packed.data.view(8, stride)
+    assert torch.equal(stored[:, :dim], torch.cat(codes))
+    params = stored[:, params_at:params_at + 8].contiguous().view(torch.float32)
+    assert torch.equal(params, torch.stack([torch.cat(scales), torch.cat(shifts)], dim=1))
