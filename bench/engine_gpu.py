@@ -10,8 +10,7 @@ the queue takes them: (a) 8192-row requests, one per batch; (b) ranking-sized re
 compared with the bare forward's, and the event timeline of the run says how much of the
 copy-in time overlapped another batch's compute; the host stages (queued, pack, issue,
 wait for the copy-out, resolve) say where a batch's host time goes. ``--sweep`` repeats
-both runs with other slot counts and a shorter GIL switch interval, to find what bounds
-the engine. Writes OUTDIR/engine_gpu.json.
+both runs with 2 and 8 slots, to find what bounds the engine. Writes OUTDIR/engine_gpu.json.
 """
 
 from __future__ import annotations
@@ -132,7 +131,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=48, help="8192-row batches per run")
     p.add_argument("--slots", type=int, default=4)
     p.add_argument("--sweep", action="store_true",
-                   help="also 2 and 8 slots, and a 0.5 ms GIL switch interval")
+                   help="also 2 and 8 slots")
     args = p.parse_args()
     args.outdir.mkdir(parents=True, exist_ok=True)
     spec = wl.dlrmv2_spec(args.max_rows)
@@ -149,21 +148,16 @@ def main() -> None:
     full = full_requests(spec, rng, args.batch, 4)
     ranking = [slice_rows(spec, r, 0, int(n)) for r in full for n in rng.integers(100, 701, 30)]
     repeats = max(1, args.batches * args.batch // sum(r.num_candidates for r in ranking))
-    variants = [("default", settings, None)]
+    variants = [("default", settings)]
     if args.sweep:
-        variants += [(f"slots={k}", replace(settings, slots=k), None) for k in (2, 8)]
-        variants.append(("switch=0.5ms", settings, 0.0005))
+        variants += [(f"slots={k}", replace(settings, slots=k)) for k in (2, 8)]
     results["runs"] = []
-    default_switch = sys.getswitchinterval()
-    for name, run_settings, switch in variants:
-        sys.setswitchinterval(switch or default_switch)
-        run = {"variant": name, "slots": run_settings.slots, "switch_interval_s":
-               sys.getswitchinterval()}
+    for name, run_settings in variants:
+        run = {"variant": name, "slots": run_settings.slots}
         run["full_batches"] = asyncio.run(engine_run(run_settings, spec, weights, full,
                                                      args.batches // 4))
         run["ranking_requests"] = asyncio.run(engine_run(run_settings, spec, weights, ranking,
                                                          repeats))
-        sys.setswitchinterval(default_switch)
         for traffic in ("full_batches", "ranking_requests"):
             r = run[traffic]
             r["ratio_to_bare"] = r["samples_per_s"] / r["bare_samples_per_s"]

@@ -4,7 +4,8 @@
   the time per call is the device's alone (an eager ``do_bench`` of a small batch times the
   Python launch path instead: at B=512 the gather's launch costs more than its kernel).
   This is how the engine runs a batch: one graph replay.
-- ``kernel_breakdown``: device time per kernel name per call, from the PyTorch profiler.
+- ``kernel_breakdown``: device time per kernel name per call, and each launch of one call
+  in order (which layer is slow), from the PyTorch profiler.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ def graph_us(fn: Callable[[], object], repeat: int = 20) -> float:
     return ms * 1e3 / repeat
 
 
-def kernel_breakdown(fn: Callable[[], object], calls: int = 10, top: int = 12) -> list[dict]:
-    """The ``top`` kernels by device time: name, us per call of ``fn``, launches per call."""
+def kernel_breakdown(fn: Callable[[], object], calls: int = 10, top: int = 12) -> dict:
+    """``by_kernel``: the ``top`` kernels by device time (name, us per call of ``fn``,
+    launches per call); ``one_call``: the kernels of one call in launch order (name, us)."""
     fn()
     torch.cuda.synchronize()
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -51,4 +53,9 @@ def kernel_breakdown(fn: Callable[[], object], calls: int = 10, top: int = 12) -
         rows.append({"kernel": event.key[:80], "us": round(device_us / calls, 2),
                      "launches": round(event.count / calls, 2)})
     rows.sort(key=lambda r: -r["us"])
-    return rows[:top]
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    per_call = len(kernels) // calls
+    one_call = [{"kernel": e.name[:40], "us": round(e.time_range.elapsed_us(), 2)}
+                for e in kernels[per_call:2 * per_call]]  # the second call: warm
+    return {"by_kernel": rows[:top], "one_call": one_call}
