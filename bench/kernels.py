@@ -5,7 +5,10 @@
 Workloads ``dlrmv2`` and ``dlrm-dot`` (bench/workloads.py), uniform and Zipf(1.15) ids, per
 batch size B: recserve gather (one launch), forward, forward in a CUDA graph; PyTorch
 eager gather (26 per-table ``embedding_bag`` calls, and one call over a concatenated
-table), eager forward, eager forward in a CUDA graph; torch.compile at a few sizes.
+table), eager forward, eager forward in a CUDA graph; torch.compile at a few sizes. The
+recserve and per-table gathers are also timed replayed in a CUDA graph (``*_graph``, 20
+calls per graph): the device's time alone, since at small B an eager call times the
+host's launch path (Python and driver), not the kernels.
 Every timing is the median of ``triton.testing.do_bench`` (it flushes L2 between calls)
 while rotating over several input sets. Gather GB/s counts table-row bytes read (small
 tables sit in L2, so it is an effective rate and may exceed the copy rate); TFLOP/s counts
@@ -25,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernel_profile as kp  # noqa: E402
 import provenance  # noqa: E402
 import workloads as wl  # noqa: E402
 
@@ -128,10 +132,11 @@ def peer_inputs(sets: list[dict]) -> list[tuple]:
 
 
 def measure(rec: Recorder, base: dict, ctx: dict, variant: str, fns: list, gather: bool,
-            check=None) -> None:
-    """Time ``fns`` and record us, samples/s and GB/s or TFLOP/s (with fractions)."""
+            check=None, in_graph: bool = False) -> None:
+    """Time ``fns`` (``in_graph``: the first, replayed in a CUDA graph) and record us,
+    samples/s and GB/s or TFLOP/s (with fractions)."""
     spec, b = ctx["spec"], ctx["B"]
-    us = timed_us(fns)
+    us = kp.graph_us(fns[0]) if in_graph else timed_us(fns)
     row = {"section": "gather" if gather else "forward", "workload": ctx["name"],
            "dist": ctx["dist"], "B": b, "variant": variant, "us": round(us, 2),
            "samples_per_s": round(b / us * 1e6)}
@@ -162,6 +167,11 @@ def bench_batch(rec: Recorder, base: dict, ctx: dict, model: TritonModel,
       [(lambda a=a: peers["per_table"].pooled(a[1], a[2])) for a in pin], True)
     g("torch gather concat", measure, rec, base, ctx, "torch_concat",
       [(lambda a=a: peers["concat"].pooled(a[1], a[2])) for a in pin], True)
+    if DEV == "cuda":
+        g("recserve gather graph", measure, rec, base, ctx, "recserve_graph",
+          [gather_fn(model, prepared[0], e)], True, in_graph=True)
+        g("torch gather per table graph", measure, rec, base, ctx, "torch_per_table_graph",
+          [lambda: peers["per_table"].pooled(pin[0][1], pin[0][2])], True, in_graph=True)
 
     def agreement() -> dict:
         ours, bad = model.forward_prepared(prepared[0])
@@ -217,9 +227,12 @@ def bench_int8(rec: Recorder, base: dict, spec, weights: dict, sizes: list[int])
         rates = {}
         for label, model, sp in (("bf16", model16, spec), ("int8", model8, spec8)):
             e = torch.empty(b, model.layout.e_width, device=DEV, dtype=model.dtype)
-            us = timed_us([gather_fn(model, wl.to_prepared(model, i), e) for i in inputs])
+            fns = [gather_fn(model, wl.to_prepared(model, i), e) for i in inputs]
+            # the device's time: at B=512 an eager call times the host's launch path
+            us = kp.graph_us(fns[0]) if DEV == "cuda" else timed_us(fns)
             rates[label] = b * sum(f.max_bag for f in sp.sparse) / us  # lookups per us
             rec.add(section="int8_gather", B=b, tables=label, us=round(us, 2),
+                    timing="graph" if DEV == "cuda" else "eager",
                     GBps=round(wl.gather_bytes(sp, b) / us / 1e3, 1))
         rec.add(section="int8_speedup", B=b, lookup_rate_ratio=rates["int8"] / rates["bf16"])
     del model8, w8
@@ -258,16 +271,18 @@ def bench_accuracy(rec: Recorder, max_rows: int = 100_000, batch: int = 512) -> 
 
 def summary(records: list[dict]) -> str:
     """A text table: one line per (workload, dist, B), microseconds per variant."""
-    cols = ["recserve_gather", "torch_per_table_gather", "torch_concat_gather",
-            "recserve_fwd", "recserve_graph_fwd", "torch_eager_fwd", "torch_eager_graph_fwd",
-            "torch_compile_fwd"]
+    cols = {"recserve_gather": "ours gather", "recserve_graph_gather": "ours g. graph",
+            "torch_per_table_gather": "pt/table gath", "torch_per_table_graph_gather":
+            "pt/table graph", "torch_concat_gather": "pt concat gat", "recserve_fwd": "ours fwd",
+            "recserve_graph_fwd": "ours fwd graph", "torch_eager_fwd": "pt eager fwd",
+            "torch_eager_graph_fwd": "pt fwd graph", "torch_compile_fwd": "pt compile"}
     table: dict[tuple, dict] = {}
     for r in records:
         if r.get("section") in ("gather", "forward"):
             key = (r["workload"], r["dist"], r["B"])
             suffix = "_gather" if r["section"] == "gather" else "_fwd"
             table.setdefault(key, {})[r["variant"] + suffix] = r["us"]
-    lines = ["workload  dist     B      " + " ".join(f"{c[:14]:>14}" for c in cols)]
+    lines = ["workload  dist     B      " + " ".join(f"{c:>14}" for c in cols.values())]
     for key in sorted(table, key=lambda k: (k[0], k[1], k[2])):
         vals = " ".join(f"{table[key].get(c, float('nan')):14.1f}" for c in cols)
         lines.append(f"{key[0]:9} {key[1]:8} {key[2]:<6} {vals}")
