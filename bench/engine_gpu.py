@@ -10,7 +10,9 @@ the queue takes them: (a) 8192-row requests, one per batch; (b) ranking-sized re
 compared with the bare forward's, and the event timeline of the run says how much of the
 copy-in time overlapped another batch's compute; the host stages (queued, pack, issue,
 wait for the copy-out, resolve) say where a batch's host time goes. ``--sweep`` repeats
-both runs with 2 and 8 slots, to find what bounds the engine. Writes OUTDIR/engine_gpu.json.
+both runs with 4 packing threads and with 2 and 8 slots, to find what bounds the engine;
+one thread's packing time alone (pinned and pageable buffers) is measured first. Writes
+OUTDIR/engine_gpu.json.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from recserve.engine.executor import slice_rows  # noqa: E402
 from recserve.engine.gpu_executor import GpuExecutor  # noqa: E402
 from recserve.engine.inputs import RequestInputs, SparseInput  # noqa: E402
 from recserve.engine.settings import EngineSettings  # noqa: E402
+from recserve.engine.staging import allocate, pack, staging_layout  # noqa: E402
 from recserve.engine.weights import init_weights  # noqa: E402
 
 import triton  # noqa: E402  isort: skip
@@ -66,11 +69,12 @@ def overlap_fraction(timeline: list[tuple[int, str, float, float]]) -> float:
     return covered / total if total else float("nan")
 
 
-async def engine_run(settings, spec, weights, requests, repeats: int) -> dict:
+async def engine_run(settings, spec, weights, requests, repeats: int,
+                     pack_threads: int = 1) -> dict:
     executors = []
 
     def factory(s):
-        executor = GpuExecutor(s, "cuda")
+        executor = GpuExecutor(s, "cuda", pack_threads=pack_threads)
         executors.append(executor)
         return executor
 
@@ -111,6 +115,29 @@ def stage_means(timeline: list[tuple[int, str, float, float]]) -> dict:
     return {stage: round(float(np.mean(v)), 3) for stage, v in spans.items()}
 
 
+def pack_times(spec, full: RequestInputs, ranking: list[RequestInputs]) -> dict:
+    """Milliseconds one thread takes to pack a full batch and a batch of ranking requests,
+    into pinned and into pageable host buffers (is writing pinned memory slow here?)."""
+    layout = staging_layout(spec, [tuple(f.name for f in spec.sparse)], full.num_candidates,
+                            False)
+    pieces, rows = [], 0
+    for r in ranking:
+        if rows + r.num_candidates > full.num_candidates:
+            break
+        pieces.append(r)
+        rows += r.num_candidates
+    out = {}
+    for memory in ("pinned", "pageable"):
+        host = allocate(layout, "cpu", pin=memory == "pinned")
+        for traffic, batch in (("full", [full]), ("ranking", pieces)):
+            pack(layout, host, batch, full.num_candidates)
+            start = time.perf_counter()
+            for _ in range(10):
+                pack(layout, host, batch, full.num_candidates)
+            out[f"{traffic}_{memory}"] = round((time.perf_counter() - start) * 100, 3)
+    return out
+
+
 def copy_in_rate(megabytes: int = 8) -> dict:
     """Host -> device GB/s from pinned and from pageable memory (the engine's copy-in path)."""
     out = {}
@@ -131,7 +158,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=48, help="8192-row batches per run")
     p.add_argument("--slots", type=int, default=4)
     p.add_argument("--sweep", action="store_true",
-                   help="also 2 and 8 slots")
+                   help="also 4 packing threads, and 2 and 8 slots")
     args = p.parse_args()
     args.outdir.mkdir(parents=True, exist_ok=True)
     spec = wl.dlrmv2_spec(args.max_rows)
@@ -148,16 +175,19 @@ def main() -> None:
     full = full_requests(spec, rng, args.batch, 4)
     ranking = [slice_rows(spec, r, 0, int(n)) for r in full for n in rng.integers(100, 701, 30)]
     repeats = max(1, args.batches * args.batch // sum(r.num_candidates for r in ranking))
-    variants = [("default", settings)]
+    results["pack_ms"] = pack_times(spec, full[0], ranking)
+    print(f"one thread packing one 8192-row batch, ms: {results['pack_ms']}")
+    variants = [("default", settings, 1)]
     if args.sweep:
-        variants += [(f"slots={k}", replace(settings, slots=k)) for k in (2, 8)]
+        variants += [("pack_threads=4", settings, 4), ("slots=2", replace(settings, slots=2), 1),
+                     ("slots=8", replace(settings, slots=8), 1)]
     results["runs"] = []
-    for name, run_settings in variants:
-        run = {"variant": name, "slots": run_settings.slots}
+    for name, run_settings, threads in variants:
+        run = {"variant": name, "slots": run_settings.slots, "pack_threads": threads}
         run["full_batches"] = asyncio.run(engine_run(run_settings, spec, weights, full,
-                                                     args.batches // 4))
+                                                     args.batches // 4, threads))
         run["ranking_requests"] = asyncio.run(engine_run(run_settings, spec, weights, ranking,
-                                                         repeats))
+                                                         repeats, threads))
         for traffic in ("full_batches", "ranking_requests"):
             r = run[traffic]
             r["ratio_to_bare"] = r["samples_per_s"] / r["bare_samples_per_s"]

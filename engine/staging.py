@@ -227,9 +227,7 @@ _ZEROS: list[np.ndarray] = [np.zeros(0, np.int64)]
 
 
 def _zeros(n: int) -> np.ndarray:
-    """A shared read-only int64 zeros array of at least ``n`` entries (padding lengths)."""
+    """A shared int64 zeros array of at least ``n`` entries (padding lengths; only read)."""
     if len(_ZEROS[0]) < n:
-        zeros = np.zeros(n, np.int64)
-        zeros.flags.writeable = False
-        _ZEROS[0] = zeros
+        _ZEROS[0] = np.zeros(n, np.int64)
     return _ZEROS[0]

@@ -338,3 +338,10 @@ def test_fill_wait_holds_a_small_batch_then_the_timer_sends_it():
     for inputs, scores in zip(order, results, strict=True):
         np.testing.assert_allclose(scores, expected(SPEC, weights["tiny"], inputs), rtol=1e-5,
                                    atol=1e-6)
+
+
+def test_gpu_executor_needs_a_packing_thread():
+    from recserve.engine.gpu_executor import GpuExecutor
+
+    with pytest.raises(ValueError, match="pack_threads is 0"):
+        GpuExecutor(EngineSettings(), "cuda", pack_threads=0)
