@@ -4,11 +4,12 @@ Per slot and model: pinned host staging and device buffers (allocated once, in
 ``build_model``) and one CUDA graph per batch bucket, captured after a warm-up that
 also autotunes every kernel for that shape. A batch goes through three streams:
 
-  launcher thread(s) (``pack_threads``, default 1): pack pieces into the slot's pinned
-                   buffers (numpy views, no allocation), then issue the stream work.
-                   One by default: every numpy copy releases and retakes the GIL, and
-                   with several packing threads each retake waits on the others (on the
-                   H200's host, 2, 4 and 8 threads got through no more batches a second)
+  launcher threads (``pack_threads``, default one per slot): pack pieces into the slot's
+                   pinned buffers (numpy views, no allocation), then issue the stream work.
+                   Packing is the engine's bottleneck on the H200's host: one thread alone
+                   needs 2.2 ms for an 8192-row dlrmv2 batch (0.75 ms of compute), and
+                   threads scale poorly (every numpy copy releases and retakes the GIL);
+                   one per slot measured best there with full batches (bench/RESULTS.md).
   copy-in stream:  used prefixes host -> device                      -> event h2d
   compute stream:  (waits h2d) cast dense, replay the bucket's graph   -> event compute
   copy-out stream: (waits compute) scores and bad-id flags -> pinned   -> event done
@@ -46,11 +47,11 @@ class GpuExecutor(Executor):
     """Runs batch plans on one CUDA device with the fused Triton forward."""
 
     def __init__(self, settings: EngineSettings, device: str = "cuda", *,
-                 use_graphs: bool = True, pack_threads: int = 1) -> None:
-        if pack_threads < 1:
+                 use_graphs: bool = True, pack_threads: int | None = None) -> None:
+        if pack_threads is not None and pack_threads < 1:
             raise ValueError(f"pack_threads is {pack_threads}; expected at least 1")
         self.settings = settings
-        self.pack_threads = pack_threads
+        self.pack_threads = pack_threads or settings.slots
         self.device = torch.device(device)
         if self.device.index is None:  # set_device and streams need an explicit index
             self.device = torch.device(self.device.type, 0)
