@@ -16,6 +16,7 @@ Exit status 1 when any config fails; each result is printed on one line.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -107,11 +108,13 @@ def _linear_jobs(quick: bool):
                 # as the card specializes dlrmv2's layers: unit strides are constants, the
                 # other sizes and strides multiples of 16; K = 13 (the first bottom layer)
                 # is the odd one, compiled with EVEN_K off.
-                for even_k in ((True,) if quick else (True, False)):
+                orders = (False, True) if flags["CROSS"] else (False,)
+                for even_k, first in itertools.product(
+                        (True,) if quick else (True, False), orders):
                     const = {"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"],
                              "BLOCK_K": c["BLOCK_K"], "IEEE": dtype == "fp32",
                              "stride_ak": 1, "stride_wk": 1, "stride_on": 1,
-                             "EVEN_K": even_k, **flags}
+                             "EVEN_K": even_k, "EPILOGUE_FIRST": first, **flags}
                     div16 = ("N", "stride_am", "stride_wn", "stride_om", "stride_addm",
                              "stride_x0m", "stride_xm") + (("K",) if even_k else ())
                     yield li._linear_kernel, sig, const, {"num_warps": c["num_warps"],

@@ -62,6 +62,7 @@ def _linear_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, A_ROWS: tl.constexpr, ADD_ROWS: tl.constexpr,
     CROSS: tl.constexpr, FINAL: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
+    EPILOGUE_FIRST: tl.constexpr = False,
 ):
     """One [BLOCK_M, BLOCK_N] tile of act(A @ W^T + bias (+ add) (x0 * . + x)).
 
@@ -80,6 +81,16 @@ def _linear_kernel(
         rows = tl.load(a_rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+    mn_mask = m_mask[:, None] & n_mask[None, :]
+    if CROSS:
+        x0_ptrs = x0_ptr + offs_m[:, None].to(tl.int64) * stride_x0m + offs_n[None, :]
+        x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_n[None, :]
+        if EPILOGUE_FIRST:
+            # The cross update's x0 and x tiles (as many bytes as the layer's output) are
+            # loaded before the K loop, so their latency hides behind it instead of
+            # following it (DCNv2's V layers: K = 512, a short loop and a heavy epilogue).
+            x0 = tl.load(x0_ptrs, mask=mn_mask, other=0.0)
+            x = tl.load(x_ptrs, mask=mn_mask, other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
         # EVEN_K (K % BLOCK_K == 0): no mask along K, so the contiguous axis of both tiles
@@ -93,7 +104,6 @@ def _linear_kernel(
             acc = tl.dot(a.to(w.dtype), w, acc)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
-    mn_mask = m_mask[:, None] & n_mask[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if ADD_ROWS:
@@ -101,11 +111,10 @@ def _linear_kernel(
         acc += tl.load(add_ptr + owner[:, None] * stride_addm + offs_n[None, :], mask=mn_mask,
                        other=0.0).to(tl.float32)
     if CROSS:
-        x0 = tl.load(x0_ptr + offs_m[:, None].to(tl.int64) * stride_x0m
-                     + offs_n[None, :], mask=mn_mask, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_n[None, :],
-                    mask=mn_mask, other=0.0).to(tl.float32)
-        acc = x0 * acc + x
+        if not EPILOGUE_FIRST:
+            x0 = tl.load(x0_ptrs, mask=mn_mask, other=0.0)
+            x = tl.load(x_ptrs, mask=mn_mask, other=0.0)
+        acc = x0.to(tl.float32) * acc + x.to(tl.float32)
     if ACT == 1:
         acc = tl.maximum(acc, 0.0)
     if ACT == 2:
@@ -243,12 +252,16 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
             ACT=ACTIVATIONS[activation], HAS_BIAS=bias is not None, A_ROWS=a_rows is not None,
             ADD_ROWS=add is not None, CROSS=cross is not None, FINAL=final is not None,
-            IEEE=ieee_dot(a.dtype), EVEN_K=k % cfg["BLOCK_K"] == 0, num_warps=cfg["num_warps"],
+            IEEE=ieee_dot(a.dtype), EVEN_K=k % cfg["BLOCK_K"] == 0,
+            EPILOGUE_FIRST=cfg.get("EPILOGUE_FIRST", False), num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"])
 
     key = (m, n, k, h, a.dtype, activation, bias is not None, a_rows is not None,
            add is not None, cross is not None, a.stride(), weight.stride(), out.stride())
-    _tuner.run(key, launch, _configs(n if final is not None else None, m, a.element_size()))
+    candidates = _configs(n if final is not None else None, m, a.element_size())
+    if cross is not None:  # both epilogue orders compete; the card's tuner keeps the faster
+        candidates = candidates + [{**c, "EPILOGUE_FIRST": True} for c in candidates]
+    _tuner.run(key, launch, candidates)
     return out
 
 

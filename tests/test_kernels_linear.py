@@ -139,6 +139,29 @@ def test_cross_layer(device):
                                atol=FP32_TOL[0], rtol=FP32_TOL[1])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_cross_epilogue_order_gives_identical_bits(device, monkeypatch):
+    """x0 and x loaded before the K loop (EPILOGUE_FIRST, a tuning candidate) or after it:
+    the same arithmetic, so the same bits."""
+    from recserve.kernels import linear as li
+
+    gen = torch.Generator().manual_seed(4)
+    m, n, k = 37, 70, 50
+    a, w = _rand(m, k, gen=gen, device=device), _rand(n, k, gen=gen, device=device)
+    bias, x0, x = (_rand(*shape, gen=gen, device=device) for shape in ((n,), (m, n), (m, n)))
+    base = li._configs(None, m, a.element_size())[0]
+    runs = []
+    for first in (False, True):
+        config = {**base, "EPILOGUE_FIRST": first}
+        monkeypatch.setattr(li, "_configs", lambda *args, c=config: [c])
+        monkeypatch.setattr(li, "_tuner", li.SafeTuner("linear", [config]))
+        runs.append(linear(a, w, bias, cross=(x0, x)))
+        assert li._tuner.best[next(iter(li._tuner.best))].get("EPILOGUE_FIRST", False) == first
+    want = linear_reference(a, w, bias, cross=(x0, x))
+    torch.testing.assert_close(runs[0].cpu(), want.cpu(), atol=FP32_TOL[0], rtol=FP32_TOL[1])
+    assert torch.equal(runs[0], runs[1])
+
+
 def test_launchers_reject_bad_arguments():
     a, w = torch.zeros(4, 6), torch.zeros(5, 7)
     with pytest.raises(ValueError, match=r"a has shape \[4, 6\] but weight has \[5, 7\]"):
