@@ -44,13 +44,14 @@ import triton  # noqa: E402  isort: skip
 
 
 def full_requests(spec, rng, rows: int, count: int) -> list[RequestInputs]:
-    """``count`` requests of ``rows`` candidates, every bag at its max_bag (MLPerf shape)."""
+    """``count`` requests of ``rows`` candidates, every bag at its max_bag (MLPerf shape);
+    int32 ids, as the server hands them to the engine (validation narrows them)."""
     out = []
     for _ in range(count):
         sparse = {}
         for f in spec.sparse:
             table_rows = spec.table(f.table).rows
-            values = rng.integers(0, table_rows, rows * f.max_bag, dtype=np.int64)
+            values = rng.integers(0, table_rows, rows * f.max_bag, dtype=np.int32)
             sparse[f.name] = SparseInput(values, np.full(rows, f.max_bag, dtype=np.int64))
         dense = {f.name: rng.standard_normal((rows, f.dim), dtype=np.float32) for f in spec.dense}
         out.append(RequestInputs(rows, sparse, dense))

@@ -22,7 +22,8 @@ class SparseInput:
     """The ids of one sparse feature for one request."""
 
     values: np.ndarray
-    """int64 ids, all bags back to back."""
+    """int64 or int32 ids, all bags back to back (int32 costs half the bytes all the way to
+    the GPU when every table has fewer than 2^31 rows)."""
     lengths: np.ndarray | None = None
     """int64 bag lengths, one per candidate (candidate scope); None: one bag (request scope)."""
     weights: np.ndarray | None = None

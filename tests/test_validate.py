@@ -32,7 +32,8 @@ def test_valid_typed_inputs_become_request_inputs():
     got = validate_inputs(SPEC, N, inputs, 100)
     assert got.num_candidates == N
     item = got.sparse["item"]
-    assert item.values.dtype == np.int64 and item.lengths.dtype == np.int64
+    # ids come out int32 (checked against their table first), lengths int64
+    assert item.values.dtype == np.int32 and item.lengths.dtype == np.int64
     assert item.lengths.tolist() == [1] * N
     assert got.sparse["user"].lengths is None
     assert got.sparse["tags"].weights.dtype == np.float32
@@ -52,11 +53,14 @@ def test_plain_lists_give_the_same_arrays_as_typed_arrays():
 def test_narrow_and_wide_dtypes_are_converted():
     inputs = wire()
     inputs["item"]["values"] = encode_array(np.array([0, 1, 2, 49], dtype=np.int32))
+    inputs["item"]["lengths"] = encode_array(np.ones(N, dtype=np.int32))
     inputs["feat"] = encode_array(np.ones((N, 3), dtype=np.float64))
     inputs["ctx"] = encode_array(np.ones(2, dtype=np.float16))
     got = validate_inputs(SPEC, N, inputs, 100)
-    assert got.sparse["item"].values.dtype == np.int64
+    # ids sent as i4 stay int32 (never widened), lengths become int64
+    assert got.sparse["item"].values.dtype == np.int32
     assert got.sparse["item"].values.tolist() == [0, 1, 2, 49]
+    assert got.sparse["item"].lengths.dtype == np.int64
     assert got.dense["feat"].dtype == np.float32 and got.dense["ctx"].dtype == np.float32
 
 
@@ -163,3 +167,16 @@ def test_candidate_count(candidates, error, match):
 def test_inputs_must_be_a_map():
     with pytest.raises(BadRequest, match="inputs is an array"):
         validate_inputs(SPEC, N, [], 100)
+
+
+def test_ids_of_a_table_beyond_int32_stay_int64():
+    import dataclasses
+
+    huge = dataclasses.replace(SPEC, tables=tuple(
+        dataclasses.replace(t, rows=(1 << 31) + 5) for t in SPEC.tables))
+    inputs = wire()
+    inputs["item"]["values"] = encode_array(np.full(N, (1 << 31) + 4, dtype=np.int64))
+    inputs["item"]["lengths"] = encode_array(np.ones(N, dtype=np.int64))
+    got = validate_inputs(huge, N, inputs, 100)
+    assert got.sparse["item"].values.dtype == np.int64
+    assert got.sparse["item"].values.tolist() == [(1 << 31) + 4] * N
