@@ -236,7 +236,8 @@ def describe_model(handle: ModelHandle) -> dict:
     inputs = []
     for f in spec.sparse:
         table = spec.table(f.table)
-        inputs.append({"name": f.name, "kind": "sparse", "scope": f.scope, "dtype": "i8",
+        ids = "i4" if table.rows <= 2**31 - 1 else "i8"  # what the engine stages them as
+        inputs.append({"name": f.name, "kind": "sparse", "scope": f.scope, "dtype": ids,
                        "table": table.name, "rows": table.rows, "max_bag": f.max_bag,
                        "pooling": f.pooling, "weighted": f.weighted})
     for f in spec.dense:

@@ -111,7 +111,7 @@ def test_ping_and_models(server):
     small = models[2]
     inputs = {i["name"]: i for i in small["inputs"]}
     assert inputs["history"] == {"name": "history", "kind": "sparse", "scope": "request",
-                                 "dtype": "i8", "table": "items", "rows": 50, "max_bag": 6,
+                                 "dtype": "i4", "table": "items", "rows": 50, "max_bag": 6,
                                  "pooling": "mean", "weighted": True}
     assert inputs["feat"] == {"name": "feat", "kind": "dense", "scope": "candidate",
                               "dtype": "f4", "dim": 3}
