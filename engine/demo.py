@@ -109,14 +109,20 @@ def random_inputs(spec: ModelSpec, rng: np.random.Generator, num_candidates: int
 
 
 def to_wire(spec: ModelSpec, inputs: RequestInputs) -> dict:
-    """The ``inputs`` map of an infer request carrying ``inputs`` (numpy arrays)."""
+    """The ``inputs`` map of an infer request carrying ``inputs`` (numpy arrays); ids go as
+    int32 where their table and values allow, as the ``models`` op advises (half the
+    bytes)."""
     wire: dict = {}
     for f in spec.sparse:
         s = inputs.sparse[f.name]
+        values, narrow = s.values, np.iinfo(np.int32)
+        if (spec.table(f.table).rows <= narrow.max and len(values)
+                and narrow.min <= values.min() and values.max() <= narrow.max):
+            values = values.astype(np.int32, copy=False)  # never wraps a bad id into range
         if f.scope == "request" and not f.weighted:
-            wire[f.name] = s.values
+            wire[f.name] = values
             continue
-        entry = {"values": s.values}
+        entry = {"values": values}
         if s.lengths is not None:
             entry["lengths"] = s.lengths
         if s.weights is not None:
