@@ -91,7 +91,7 @@ async def engine_run(settings, spec, weights, requests, repeats: int,
         await asyncio.gather(*(engine.score(spec.name, r) for _ in range(repeats)
                                for r in requests))
         wall = time.perf_counter() - start
-        model = engine._models[(spec.name, 1)]  # the built GpuModel: its graphs, for timing
+        model = engine.handle(spec.name, 1)  # the built GpuModel: its graphs, for timing
         slot = model.slots[0]
         graph = slot.graphs[settings.max_batch_rows][0]
         bare_ms = triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median")

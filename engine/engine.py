@@ -143,9 +143,14 @@ class Engine:
         raise EngineError("not_found", f"model {name!r} has no version {version} loaded; "
                                        f"versions: {sorted(versions)}")
 
+    def handle(self, name: str, version: int | None = None) -> Any:
+        """The executor's built model (``build_model``'s result) serving ``name``: for
+        inspection and benchmarks (bench/engine_gpu.py times its CUDA graphs)."""
+        return self._models[self.resolve(name, version)]
+
     def spec(self, name: str, version: int | None = None) -> ModelSpec:
         """The spec of a servable model (for validating requests against it)."""
-        return self._models[self.resolve(name, version)].spec
+        return self.handle(name, version).spec
 
     async def score(self, name: str, inputs: RequestInputs, *, version: int | None = None,
                     priority: Priority = Priority.NORMAL,

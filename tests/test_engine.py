@@ -273,8 +273,10 @@ def test_hot_swap_loses_nothing_in_flight():
         before = [asyncio.create_task(engine.score("tiny", r)) for r in old]
         await settle()
         new_weights = init_weights(SPEC, 99)
+        first = engine.handle("tiny", 1)
         await engine.load("tiny", 2, SPEC, new_weights)
         assert engine.models() == [("tiny", 2)]
+        assert engine.handle("tiny") is not first and engine.handle("tiny").spec == SPEC
         after = asyncio.create_task(engine.score("tiny", old[0]))
         with pytest.raises(EngineError) as info:
             await engine.load("tiny", 3, SPEC1, new_weights)
