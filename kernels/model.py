@@ -103,11 +103,9 @@ class TritonModel:
         if spec.interaction.kind == "dot":
             self.dest = dest_map(spec.num_vectors, list(lay.pairs), spec.interaction_dim, dev)
 
-    def prepare(self, batch: Batch, validate: bool = True,
-                capacity: tuple[int, int, int] | None = None) -> PreparedBatch:
-        """Upload ``batch`` in the kernels' packed form, optionally padded to ``capacity``
-        = (rows, requests, ids per table group); see ``prepare.prepare_batch``."""
-        return prepare_batch(self, batch, validate, capacity)
+    def prepare(self, batch: Batch, validate: bool = True) -> PreparedBatch:
+        """Upload ``batch`` in the kernels' packed form; see ``prepare.prepare_batch``."""
+        return prepare_batch(self, batch, validate)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores [B, H] fp32 and bad_request [R] bool (an id outside its table)."""

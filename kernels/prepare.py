@@ -6,8 +6,9 @@ feature bags+1 absolute offsets, and per-value weights when a feature is weighte
 row -> request map, each request's first row and row range, and the dense inputs
 (request-scope ones broadcast on the host unless every dense input is request scope, in
 which case the bottom MLP runs once per request).
-With a ``capacity`` every shape is fixed per bucket, so a prepared batch is a static input
-for a CUDA graph: ``copy_prepared`` the next batch into it and replay.
+This is the eager path (``TritonModel.forward``, the engine's per-piece fallback). The
+engine's batches go through ``recserve.engine.staging`` instead: fixed bucket shapes packed
+straight into pinned buffers, so one CUDA graph per bucket replays them.
 """
 
 from __future__ import annotations
@@ -47,31 +48,23 @@ class PreparedBatch:
     """Per table-dtype group: (indices, offsets, weights or None)."""
 
 
-def _group_csr(batch: Batch, names: tuple[str, ...], bag_caps: list[int], nnz_cap: int | None,
-               wide: bool, validate: bool
+def _group_csr(batch: Batch, names: tuple[str, ...], wide: bool, validate: bool
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     parts, offsets, weights, base, counts = [], [], [], 0, []
     any_weighted = any(batch.sparse[n].weights is not None for n in names)
-    for n, cap in zip(names, bag_caps, strict=True):
+    for n in names:
         sb = batch.sparse[n]
         rel = sb.offsets.to(torch.int64)
         start, end = int(rel[0]), int(rel[-1])
         values = sb.values[start:end]
         parts.append(values)
-        # padding bags (rows or requests beyond the batch) are empty
-        pad = torch.full((cap + 1 - rel.shape[0],), end - start, dtype=torch.int64)
-        offsets.append(torch.cat([rel - start, pad]) + base)
-        counts.append(cap)
+        offsets.append(rel - start + base)
+        counts.append(rel.shape[0] - 1)
         if any_weighted:
             weights.append(sb.weights[start:end] if sb.weights is not None
                            else torch.ones(values.shape[0]))
         base += values.shape[0]
     indices = torch.cat(parts).to(torch.int64)
-    if nnz_cap is not None:
-        if base > nnz_cap:
-            raise ValueError(f"batch has {base} ids in a table group; capacity is {nnz_cap}")
-        indices = torch.cat([indices, torch.zeros(nnz_cap - base, dtype=torch.int64)])
-        weights.append(torch.zeros(nnz_cap - base))
     offs = torch.cat(offsets)
     if validate:
         check_csr(offs, counts, indices.shape[0])
@@ -84,72 +77,37 @@ def _group_csr(batch: Batch, names: tuple[str, ...], bag_caps: list[int], nnz_ca
     return indices.to(index_dtype), offs.to(index_dtype), w
 
 
-def prepare_batch(model: TritonModel, batch: Batch, validate: bool = True,
-                  capacity: tuple[int, int, int] | None = None) -> PreparedBatch:
-    """Pack and upload ``batch`` for ``model`` (one host pass, a few H2D copies).
-
-    ``capacity`` = (rows, requests, ids per table group) pads the batch to fixed shapes, so
-    every batch of a bucket fits one captured CUDA graph: padding rows belong to a padding
-    request (so requests must exceed the batch's by one when rows are padded), have empty
-    bags and zero dense inputs; read scores[:B] and bad[:R].
-    """
+def prepare_batch(model: TritonModel, batch: Batch, validate: bool = True) -> PreparedBatch:
+    """Pack and upload ``batch`` for ``model`` (one host pass, a few H2D copies)."""
     dev = model.device
     b, r = batch.num_rows, batch.num_requests
-    b_cap, r_cap, nnz_cap = capacity if capacity is not None else (b, r, None)
-    if b_cap < b or r_cap < r or (b_cap > b and r_cap == r):
-        raise ValueError(f"capacity {capacity} does not hold B={b}, R={r} (padding rows need "
-                         "one more request)")
     row_request = batch.row_request.to(torch.int64)
     counts = torch.bincount(row_request, minlength=r)
     if validate and (row_request.shape[0] != b or counts.shape[0] != r
                      or bool((row_request[1:] < row_request[:-1]).any())):
         raise ValueError(f"row_request (shape {list(row_request.shape)}) must be sorted request "
                          f"ids in [0, {r}) for B={b}")
-    row_request = torch.cat([row_request, torch.full((b_cap - b,), r_cap - 1)])
-    counts = torch.cat([counts, torch.zeros(r_cap - r, dtype=torch.int64)])
-    counts[-1] += b_cap - b
-    request_offsets = torch.zeros(r_cap + 1, dtype=torch.int64)
+    request_offsets = torch.zeros(r + 1, dtype=torch.int64)
     torch.cumsum(counts, 0, out=request_offsets[1:])
-    first_rows = request_offsets[:-1].clamp(max=max(b_cap - 1, 0))
-    dense = _dense(model, batch, row_request[:b], b_cap, r_cap)
+    first_rows = request_offsets[:-1].clamp(max=max(b - 1, 0))
+    dense = _dense(model, batch, row_request)
     groups = []
-    for packed, feats, names in model.groups:
-        caps = [r_cap if f.request_scope else b_cap for f in feats]
+    for packed, _, names in model.groups:
         wide = max(packed.rows) > _INT32[1]
         groups.append(tuple(t.to(dev) if t is not None else None
-                            for t in _group_csr(batch, names, caps, nnz_cap, wide, validate)))
-    return PreparedBatch(b_cap, r_cap, row_request.to(dev, torch.int32),
+                            for t in _group_csr(batch, names, wide, validate)))
+    return PreparedBatch(b, r, row_request.to(dev, torch.int32),
                          request_offsets.to(dev, torch.int32), first_rows.to(dev, torch.int32),
                          dense, tuple(groups))
 
 
-def _dense(model: TritonModel, batch: Batch, row_request: torch.Tensor, b_cap: int,
-           r_cap: int) -> torch.Tensor | None:
+def _dense(model: TritonModel, batch: Batch, row_request: torch.Tensor) -> torch.Tensor | None:
     spec = model.spec
     if not spec.dense:
         return None
     if model.layout.x_request:
         dense = torch.cat([batch.dense[f.name] for f in spec.dense], dim=1)
-        pad = r_cap - dense.shape[0]
     else:
         dense = torch.cat([batch.dense[f.name][row_request] if f.scope == "request"
                            else batch.dense[f.name] for f in spec.dense], dim=1)
-        pad = b_cap - dense.shape[0]
-    dense = torch.cat([dense, dense.new_zeros(pad, dense.shape[1])])
     return dense.to(model.device, model.dtype)
-
-
-def copy_prepared(dst: PreparedBatch, src: PreparedBatch) -> None:
-    """Copy ``src`` into ``dst``'s tensors (same capacity) before replaying a graph on dst."""
-    if (dst.num_rows, dst.num_requests) != (src.num_rows, src.num_requests):
-        raise ValueError(f"capacities differ: dst B={dst.num_rows}, R={dst.num_requests}; "
-                         f"src B={src.num_rows}, R={src.num_requests}")
-    pairs = [(dst.row_request, src.row_request), (dst.request_offsets, src.request_offsets),
-             (dst.first_rows, src.first_rows), (dst.dense, src.dense)]
-    for dg, sg in zip(dst.groups, src.groups, strict=True):
-        pairs += list(zip(dg, sg, strict=True))
-    for d, s_ in pairs:
-        if (d is None) != (s_ is None) or (d is not None and d.shape != s_.shape):
-            raise ValueError("prepared batches differ in shape; prepare both with one capacity")
-        if d is not None:
-            d.copy_(s_, non_blocking=True)

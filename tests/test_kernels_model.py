@@ -152,33 +152,6 @@ def test_bench_ranking_workload_matches_reference():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_padded_capacity_gives_fixed_shapes_and_same_scores(device):
-    from recserve.kernels.prepare import copy_prepared
-
-    spec = _spec("dot")
-    rng = np.random.default_rng(8)
-    weights = init_weights(spec, 8)
-    model = TritonModel(spec, weights, device=device, compute_dtype=torch.float32)
-    ref = ReferenceModel(spec, weights)
-    capacity = (16, 5, 600)
-    static = None
-    for sizes in ((3, 4), (1, 2, 6)):
-        batch = collate(spec, [_request(spec, rng, n) for n in sizes])
-        p = model.prepare(batch, capacity=capacity)
-        assert p.num_rows == 16 and p.num_requests == 5
-        if static is None:
-            static = p
-        else:
-            copy_prepared(static, p)
-        scores, bad = model.forward_prepared(static)
-        assert scores.shape == (16, 2) and bad.shape == (5,) and not bad.any()
-        torch.testing.assert_close(scores[:sum(sizes)].cpu(), ref.forward(batch), atol=2e-5,
-                                   rtol=0)
-    with pytest.raises(ValueError, match="does not hold"):
-        model.prepare(batch, capacity=(16, 3, 600))
-
-
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["dot", "cat", "dcnv2"])
 def test_models_without_dense_or_without_sparse(device, kind):
     inter = INTERACTIONS[kind]
@@ -192,26 +165,37 @@ def test_models_without_dense_or_without_sparse(device, kind):
 
 @pytest.mark.gpu
 def test_cuda_graph_replay_matches_eager_forward(monkeypatch):
-    """The engine's path: a padded static batch, autotuned, captured once, replayed on new
-    inputs copied into it."""
-    from recserve.kernels.model import capture_graph
-    from recserve.kernels.prepare import copy_prepared
+    """The engine's path: batches packed into one slot's fixed bucket buffers (staging),
+    autotuned, captured once, replayed after each new pack: the same bits as running the
+    same step eagerly, and the reference's scores."""
+    import functools
+
+    from recserve.engine.gpu_slots import GpuModel, capture, copy_in, device_step, new_slot
+    from recserve.engine.staging import pack, staging_layout
 
     monkeypatch.setenv("RECSERVE_AUTOTUNE", "1")  # tune over every config (prunes failures)
     spec = _spec("dot")
     rng = np.random.default_rng(12)
     weights = init_weights(spec, 12)
     model = TritonModel(spec, weights, device="cuda")
-    capacity = (256, 4, 6000)
-    first = collate(spec, [_request(spec, rng, n) for n in (100, 50)])
-    static = model.prepare(first, capacity=capacity)
-    graph, (scores, bad) = capture_graph(model.forward_prepared, static)
-    for sizes in ((7, 200), (1, 1, 90)):
-        batch = collate(spec, [_request(spec, rng, n) for n in sizes])
-        fresh = model.prepare(batch, capacity=capacity)
-        copy_prepared(static, fresh)
+    bucket, device = 256, torch.device("cuda", 0)
+    layout = staging_layout(spec, [names for _, _, names in model.groups], bucket,
+                            model.layout.x_request)
+    slot = new_slot(model, layout, device, ("h2d",))
+    gpu = GpuModel(spec, model, layout, [slot])
+    stream = torch.cuda.current_stream(device)
+    sizes = pack(layout, slot.host, [_request(spec, rng, n) for n in (100, 50)], bucket)
+    copy_in(gpu, slot, sizes, stream)
+    graph, scores, bad = capture(functools.partial(device_step, gpu, slot, bucket), slot.pool,
+                                 device)
+    for counts in ((7, 200), (1, 1, 90)):
+        pieces = [_request(spec, rng, n) for n in counts]
+        sizes = pack(layout, slot.host, pieces, bucket)
+        copy_in(gpu, slot, sizes, stream)
         graph.replay()
-        want, _ = model.forward_prepared(fresh)  # same shapes, same tuned configs
-        assert torch.equal(scores, want) and not bad.any()
-        reference = ReferenceModel(spec, weights).forward(batch)
-        torch.testing.assert_close(scores[:sum(sizes)].cpu(), reference, atol=2e-2, rtol=2e-2)
+        want, want_bad = device_step(gpu, slot, bucket)  # eager, same inputs, same configs
+        assert torch.equal(scores, want) and torch.equal(bad, want_bad)
+        assert not bad[:len(counts)].any()
+        reference = ReferenceModel(spec, weights).forward(collate(spec, pieces))
+        torch.testing.assert_close(scores[:sum(counts)].cpu(), reference, atol=2e-2,
+                                   rtol=2e-2)
