@@ -108,6 +108,9 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
                    help="longest a lone request waits for more rows before a partly full "
                    f"batch is sent anyway (default: {DEVICE_DEFAULTS['cpu'].fill_wait_s * 1e3:g}"
                    f" on cpu, {DEVICE_DEFAULTS['cuda'].fill_wait_s * 1e3:g} on cuda)")
+    g.add_argument("--pack-threads", type=int, metavar="N",
+                   help="host threads packing batches for the GPU (default: one per slot; "
+                   "packing bounds the engine on a GPU, bench/RESULTS.md has the sweep)")
     g.add_argument("--torch-threads", type=int, metavar="N",
                    help="torch intra-op threads of the CPU executor (default: "
                    f"{CPU_TORCH_THREADS or 'torch decides'})")
@@ -153,7 +156,7 @@ def run_serve(args: argparse.Namespace) -> int:
                                args.max_queued_rows, args.fill_wait_ms)
     options = ServeOptions(repo, device, settings, args.one_at_a_time, args.torch_threads,
                            args.metrics_host, args.metrics_port, args.workers,
-                           args.log_level.upper())
+                           args.log_level.upper(), args.pack_threads)
     import uvloop  # the event loop is chosen here only, never on import
 
     return uvloop.run(serve(options, config))

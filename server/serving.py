@@ -68,6 +68,8 @@ class ServeOptions:
     processes that parse and validate, and keep only the engine here (``hub``)."""
     log_level: str = "INFO"
     """Log level of worker processes."""
+    pack_threads: int | None = None
+    """Host threads packing batches for the GPU executor; None: one per slot."""
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -75,11 +77,12 @@ class ServeOptions:
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or not (
                 1 <= self.workers <= 256):
             raise ValueError(f"ServeOptions.workers is {self.workers!r}; expected 1..256")
-        if self.torch_threads is not None and (
-                isinstance(self.torch_threads, bool) or not isinstance(self.torch_threads, int)
-                or self.torch_threads < 1):
-            raise ValueError(f"ServeOptions.torch_threads is {self.torch_threads!r}; "
-                             "expected a positive int or None")
+        for name in ("torch_threads", "pack_threads"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"ServeOptions.{name} is {value!r}; expected a positive int "
+                                 "or None")
 
 
 def engine_settings(device: str, max_batch_rows: int | None = None,
@@ -119,14 +122,15 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def executor_factory(device: str, torch_threads: int | None = None):
+def executor_factory(device: str, torch_threads: int | None = None,
+                     pack_threads: int | None = None):
     """A factory ``settings -> Executor`` for ``cpu``, ``cuda`` or ``null``."""
     if device == "null":
         return _null_executor
     if device == "cuda":
         from recserve.engine.gpu_executor import GpuExecutor
 
-        return lambda settings: GpuExecutor(settings, "cuda")
+        return lambda settings: GpuExecutor(settings, "cuda", pack_threads=pack_threads)
     from recserve.engine.executor import CpuExecutor
 
     return lambda settings: CpuExecutor(settings, torch_threads=torch_threads)
@@ -185,7 +189,7 @@ async def create_backend(options: ServeOptions):
     settings = options.settings or DEVICE_DEFAULTS[device]
     threads = options.torch_threads if options.torch_threads is not None else (
         CPU_TORCH_THREADS if device == "cpu" else None)
-    engine = Engine(settings, executor_factory(device, threads))
+    engine = Engine(settings, executor_factory(device, threads, options.pack_threads))
     await engine.start()
     return EngineBackend(engine)
 

@@ -207,6 +207,19 @@ def test_engine_settings_follow_the_device_defaults_and_overrides():
         engine_settings("cpu", max_batch_rows=100, buckets=(8, 64))
 
 
+def test_pack_threads_reach_the_gpu_executor(tmp_path):
+    from recserve.engine.settings import EngineSettings
+    from recserve.server.serving import ServeOptions, executor_factory
+
+    args = build_parser().parse_args(["serve", "--pack-threads", "3"])
+    assert args.pack_threads == 3
+    executor = executor_factory("cuda", None, 3)(EngineSettings(slots=2))  # no CUDA until start
+    assert executor.pack_threads == 3
+    assert executor_factory("cuda")(EngineSettings(slots=2)).pack_threads == 2  # one per slot
+    with pytest.raises(ValueError, match="pack_threads is 0"):
+        ServeOptions(tmp_path, "cpu", pack_threads=0)
+
+
 def test_serve_engine_flags_parse():
     args = build_parser().parse_args(["serve", "--device", "cpu", "--buckets", "16,128",
                                       "--slots", "2", "--fill-wait-ms", "0.5",
