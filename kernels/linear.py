@@ -81,16 +81,13 @@ def _linear_kernel(
         rows = tl.load(a_rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
-    mn_mask = m_mask[:, None] & n_mask[None, :]
-    if CROSS:
-        x0_ptrs = x0_ptr + offs_m[:, None].to(tl.int64) * stride_x0m + offs_n[None, :]
-        x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_n[None, :]
-        if EPILOGUE_FIRST:
-            # The cross update's x0 and x tiles (as many bytes as the layer's output) are
-            # loaded before the K loop, so their latency hides behind it instead of
-            # following it (DCNv2's V layers: K = 512, a short loop and a heavy epilogue).
-            x0 = tl.load(x0_ptrs, mask=mn_mask, other=0.0)
-            x = tl.load(x_ptrs, mask=mn_mask, other=0.0)
+    if CROSS and EPILOGUE_FIRST:
+        # The cross update's x0 and x tiles (as many bytes as the layer's output) are loaded
+        # before the K loop, so their latency hides behind it instead of following it
+        # (DCNv2's V layers: K = 512, a short loop and a heavy epilogue). The other order
+        # computes its masks and addresses after the loop, so nothing extra is live in it.
+        x0, x = _cross_operands(x0_ptr, x_ptr, offs_m, offs_n, m_mask, n_mask, stride_x0m,
+                                stride_xm)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
         # EVEN_K (K % BLOCK_K == 0): no mask along K, so the contiguous axis of both tiles
@@ -104,6 +101,7 @@ def _linear_kernel(
             acc = tl.dot(a.to(w.dtype), w, acc)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
+    mn_mask = m_mask[:, None] & n_mask[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if ADD_ROWS:
@@ -112,9 +110,10 @@ def _linear_kernel(
                        other=0.0).to(tl.float32)
     if CROSS:
         if not EPILOGUE_FIRST:
-            x0 = tl.load(x0_ptrs, mask=mn_mask, other=0.0)
-            x = tl.load(x_ptrs, mask=mn_mask, other=0.0)
-        acc = x0.to(tl.float32) * acc + x.to(tl.float32)
+            x0, x = _cross_operands(x0_ptr, x_ptr, offs_m, offs_n, m_mask, n_mask,
+                                    stride_x0m, stride_xm)
+        # one rounding whichever the order (the compiler may contract a * b + c or not)
+        acc = tl.fma(x0.to(tl.float32), acc, x.to(tl.float32))
     if ACT == 1:
         acc = tl.maximum(acc, 0.0)
     if ACT == 2:
@@ -131,6 +130,16 @@ def _linear_kernel(
     else:
         out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mn_mask)
+
+
+@triton.jit
+def _cross_operands(x0_ptr, x_ptr, offs_m, offs_n, m_mask, n_mask, stride_x0m, stride_xm):
+    """The [BLOCK_M, BLOCK_N] tiles of x0 and x for the DCNv2 cross update."""
+    mask = m_mask[:, None] & n_mask[None, :]
+    rows = offs_m[:, None].to(tl.int64)
+    x0 = tl.load(x0_ptr + rows * stride_x0m + offs_n[None, :], mask=mask, other=0.0)
+    x = tl.load(x_ptr + rows * stride_xm + offs_n[None, :], mask=mask, other=0.0)
+    return x0, x
 
 
 def _fits(c: dict, elsize: int) -> bool:
