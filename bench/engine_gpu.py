@@ -1,6 +1,7 @@
 """The engine on a GPU at full load, against the kernels' bare forward on the same card.
 
     python bench/engine_gpu.py OUTDIR [--max-rows 4000000] [--batches 48] [--sweep]
+    python bench/engine_gpu.py OUTDIR --pack-only      (no GPU needed)
 
 Workload ``dlrmv2`` (bench/workloads.py) at B = 8192. The bare forward is the CUDA graph
 the engine itself replays for that bucket, timed alone with ``do_bench`` on inputs
@@ -20,6 +21,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import platform
 import sys
 import time
 from dataclasses import replace
@@ -128,7 +131,8 @@ def pack_times(spec, full: RequestInputs, ranking: list[RequestInputs]) -> dict:
         pieces.append(r)
         rows += r.num_candidates
     out = {}
-    for memory in ("pinned", "pageable"):
+    memories = ("pinned", "pageable") if torch.cuda.is_available() else ("pageable",)
+    for memory in memories:
         host = allocate(layout, "cpu", pin=memory == "pinned")
         for traffic, batch in (("full", [full]), ("ranking", pieces)):
             pack(layout, host, batch, full.num_candidates)
@@ -137,6 +141,18 @@ def pack_times(spec, full: RequestInputs, ranking: list[RequestInputs]) -> dict:
                 pack(layout, host, batch, full.num_candidates)
             out[f"{traffic}_{memory}"] = round((time.perf_counter() - start) * 100, 3)
     return out
+
+
+def pack_only(outdir: Path, spec, batch: int) -> None:
+    """``--pack-only``: pack times of one thread, with the machine they ran on."""
+    rng = np.random.default_rng(0)
+    full = full_requests(spec, rng, batch, 1)
+    ranking = [slice_rows(spec, full[0], 0, int(n)) for n in rng.integers(100, 701, 40)]
+    results = {"host": platform.node(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
+               "numpy": np.__version__, "commit": provenance.commit(), "batch": batch,
+               "pack_ms": pack_times(spec, full[0], ranking)}
+    print(f"one thread packing one {batch}-row batch, ms: {results['pack_ms']}")
+    (outdir / "engine_pack.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
 def copy_in_rate(megabytes: int = 8) -> dict:
@@ -160,9 +176,15 @@ def main() -> None:
     p.add_argument("--slots", type=int, default=4)
     p.add_argument("--sweep", action="store_true",
                    help="also one packing thread, and 2 and 8 slots")
+    p.add_argument("--pack-only", action="store_true",
+                   help="only time one thread's packing (runs without a GPU: the engine's "
+                   "bottleneck on the H200, so a CPU-measurable proxy); writes engine_pack.json")
     args = p.parse_args()
     args.outdir.mkdir(parents=True, exist_ok=True)
     spec = wl.dlrmv2_spec(args.max_rows)
+    if args.pack_only:
+        pack_only(args.outdir, spec, args.batch)
+        return
     weights = init_weights(spec, device="cuda")
     settings = EngineSettings(max_batch_rows=args.batch, buckets=(args.batch,),
                               slots=args.slots, max_queued_rows=args.batch * args.batches * 2)

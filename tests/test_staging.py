@@ -46,7 +46,11 @@ def packed_scores(spec, weights, pieces, bucket, max_rows=16):
 
 
 @pytest.mark.parametrize("dense_scope", ["candidate", "request"])
-def test_packed_bucket_matches_reference(dense_scope):
+@pytest.mark.parametrize("per_array_checks", [64, 0])  # both ways of checking wide ids
+def test_packed_bucket_matches_reference(dense_scope, per_array_checks, monkeypatch):
+    from recserve.engine import staging
+
+    monkeypatch.setattr(staging, "_PER_ARRAY_CHECKS", per_array_checks)
     spec = small_spec(dense_scope)
     weights = init_weights(spec, seed=5)
     rng = np.random.default_rng(11)
@@ -80,8 +84,13 @@ def test_an_out_of_range_id_flags_only_its_request():
 
 @pytest.mark.parametrize("huge", [(1 << 32) + 3, -(1 << 32) + 3, 1 << 62])
 @pytest.mark.parametrize("pieces_before", [0, 1])
-def test_huge_ids_cannot_wrap_into_range_in_int32_staging(huge, pieces_before):
+@pytest.mark.parametrize("per_array_checks", [64, 0])  # both ways of checking wide ids
+def test_huge_ids_cannot_wrap_into_range_in_int32_staging(huge, pieces_before,
+                                                           per_array_checks, monkeypatch):
     # (1 << 32) + 3 and -(1 << 32) + 3 would wrap to the valid id 3 in a plain int32 cast.
+    from recserve.engine import staging
+
+    monkeypatch.setattr(staging, "_PER_ARRAY_CHECKS", per_array_checks)
     spec = small_spec()
     weights = init_weights(spec)
     rng = np.random.default_rng(0)
