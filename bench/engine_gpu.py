@@ -38,27 +38,12 @@ import workloads as wl  # noqa: E402
 from recserve.engine.engine import Engine  # noqa: E402
 from recserve.engine.executor import slice_rows  # noqa: E402
 from recserve.engine.gpu_executor import GpuExecutor  # noqa: E402
-from recserve.engine.inputs import RequestInputs, SparseInput  # noqa: E402
+from recserve.engine.inputs import RequestInputs  # noqa: E402
 from recserve.engine.settings import EngineSettings  # noqa: E402
 from recserve.engine.staging import allocate, pack, staging_layout  # noqa: E402
 from recserve.engine.weights import init_weights  # noqa: E402
 
 import triton  # noqa: E402  isort: skip
-
-
-def full_requests(spec, rng, rows: int, count: int) -> list[RequestInputs]:
-    """``count`` requests of ``rows`` candidates, every bag at its max_bag (MLPerf shape);
-    int32 ids, as the server hands them to the engine (validation narrows them)."""
-    out = []
-    for _ in range(count):
-        sparse = {}
-        for f in spec.sparse:
-            table_rows = spec.table(f.table).rows
-            values = rng.integers(0, table_rows, rows * f.max_bag, dtype=np.int32)
-            sparse[f.name] = SparseInput(values, np.full(rows, f.max_bag, dtype=np.int64))
-        dense = {f.name: rng.standard_normal((rows, f.dim), dtype=np.float32) for f in spec.dense}
-        out.append(RequestInputs(rows, sparse, dense))
-    return out
 
 
 def overlap_fraction(timeline: list[tuple[int, str, float, float]]) -> float:
@@ -146,7 +131,7 @@ def pack_times(spec, full: RequestInputs, ranking: list[RequestInputs]) -> dict:
 def pack_only(outdir: Path, spec, batch: int) -> None:
     """``--pack-only``: pack times of one thread, with the machine they ran on."""
     rng = np.random.default_rng(0)
-    full = full_requests(spec, rng, batch, 1)
+    full = wl.full_requests(spec, rng, batch, 1)
     ranking = [slice_rows(spec, full[0], 0, int(n)) for n in rng.integers(100, 701, 40)]
     results = {"host": platform.node(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
                "numpy": np.__version__, "commit": provenance.commit(), "batch": batch,
@@ -195,7 +180,7 @@ def main() -> None:
                "slots": args.slots, "max_rows": args.max_rows}
     results["copy_in"] = copy_in_rate()
     print(f"host -> device: {results['copy_in']}")
-    full = full_requests(spec, rng, args.batch, 4)
+    full = wl.full_requests(spec, rng, args.batch, 4)
     ranking = [slice_rows(spec, r, 0, int(n)) for r in full for n in rng.integers(100, 701, 30)]
     repeats = max(1, args.batches * args.batch // sum(r.num_candidates for r in ranking))
     results["pack_ms"] = pack_times(spec, full[0], ranking)

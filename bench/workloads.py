@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from recserve.engine.demo import ZIPF_ALPHA, random_inputs
-from recserve.engine.inputs import RequestInputs
+from recserve.engine.inputs import RequestInputs, SparseInput
 from recserve.engine.spec import DenseFeature, Interaction, ModelSpec, SparseFeature, Table
 
 MLPERF_ROWS = (40000000, 39060, 17295, 7424, 20265, 3, 7122, 1543, 63, 40000000, 3067956,
@@ -206,3 +206,18 @@ class TorchPeer:
             if k < len(spec.top_mlp) - 1:
                 z = torch.relu(z)
         return torch.sigmoid(z.float())
+
+
+def full_requests(spec, rng, rows: int, count: int) -> list[RequestInputs]:
+    """``count`` requests of ``rows`` candidates, every bag at its max_bag (MLPerf shape);
+    int32 ids, as the server hands them to the engine (validation narrows them)."""
+    out = []
+    for _ in range(count):
+        sparse = {}
+        for f in spec.sparse:
+            table_rows = spec.table(f.table).rows
+            values = rng.integers(0, table_rows, rows * f.max_bag, dtype=np.int32)
+            sparse[f.name] = SparseInput(values, np.full(rows, f.max_bag, dtype=np.int64))
+        dense = {f.name: rng.standard_normal((rows, f.dim), dtype=np.float32) for f in spec.dense}
+        out.append(RequestInputs(rows, sparse, dense))
+    return out

@@ -77,10 +77,7 @@ class GpuExecutor(Executor):
         """Create the streams and start the launcher and completion threads."""
         if self._threads:
             return
-        torch.cuda.set_device(self.device)
-        self._streams = {s: torch.cuda.Stream(self.device) for s in _STAGES}
-        self._origin = torch.cuda.Event(enable_timing=True)
-        self._origin.record()
+        self._open_device()
         self._host_origin = time.perf_counter()
         self._free = list(range(self.settings.slots))
         targets = [(self._launcher, f"launch-{i}") for i in range(self.pack_threads)]
@@ -88,6 +85,21 @@ class GpuExecutor(Executor):
             thread = threading.Thread(target=target, name=f"recserve-gpu-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
+
+    def _open_device(self) -> None:
+        """Streams and the timeline's origin event (the only device state besides models)."""
+        self._bind_thread()
+        self._streams = {s: torch.cuda.Stream(self.device) for s in _STAGES}
+        self._origin = torch.cuda.Event(enable_timing=True)
+        self._origin.record()
+
+    def _bind_thread(self) -> None:
+        """Make this executor's device current on the calling thread."""
+        torch.cuda.set_device(self.device)
+
+    def _wait_done(self, slot: SlotState) -> None:
+        """Block the completion thread until the slot's batch has been copied back."""
+        slot.events["d2h_end"].synchronize()
 
     def build_model(self, spec: ModelSpec, weights: dict[str, torch.Tensor]) -> GpuModel:
         """Upload weights, allocate every slot's buffers, warm up and capture the graphs."""
@@ -144,7 +156,7 @@ class GpuExecutor(Executor):
         return {"batches": self.batches, "gpu_busy_ms": self.busy_ms, "bytes_in": self.bytes_in}
 
     def _launcher(self) -> None:
-        torch.cuda.set_device(self.device)
+        self._bind_thread()
         while (item := self._launch_q.get()) is not None:
             job, slot_index, done, submitted = item
             self._host_stage(job.plan.seq, "host_queue", submitted)
@@ -201,7 +213,7 @@ class GpuExecutor(Executor):
             model: GpuModel = job.model
             slot = model.slots[slot_index]
             waiting = self._now_ms()
-            slot.events["d2h_end"].synchronize()  # this thread's only wait: the batch is done
+            self._wait_done(slot)  # this thread's only wait: the batch is done
             synced = self._host_stage(job.plan.seq, "host_wait", waiting)
             scores = slot.scores_out[:sizes.rows].numpy().copy()
             bad = slot.bad_out[:sizes.requests].numpy().copy()

@@ -33,6 +33,21 @@ def _kn(w: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tens
     return w.to(device=device, dtype=dtype).t().contiguous().t()
 
 
+def table_groups(spec: ModelSpec) -> list[list[str]]:
+    """The model's tables that features read, grouped by dtype: one gather launch each."""
+    by_dtype: dict[str, list[str]] = {}
+    for t in spec.tables:
+        if any(f.table == t.name for f in spec.sparse):
+            by_dtype.setdefault(t.dtype, []).append(t.name)
+    return list(by_dtype.values())
+
+
+def feature_groups(spec: ModelSpec) -> list[tuple[str, ...]]:
+    """Feature names per gather launch, in the order the kernels read them."""
+    return [tuple(f.name for f in spec.sparse if f.table in names)
+            for names in table_groups(spec)]
+
+
 class TritonModel:
     """Forward of ``spec`` with Triton kernels; ``forward(batch) -> (scores, bad_request)``."""
 
@@ -53,13 +68,9 @@ class TritonModel:
 
     def _pack_tables(self, weights: dict[str, torch.Tensor]) -> None:
         spec, dev = self.spec, self.device
-        by_dtype: dict[str, list[str]] = {}
-        for t in spec.tables:
-            if any(f.table == t.name for f in spec.sparse):
-                by_dtype.setdefault(t.dtype, []).append(t.name)
         self.groups = []  # (PackedTables, BagFeatures, feature names)
         first_vector = 1 if spec.dense else 0
-        for names in by_dtype.values():
+        for names in table_groups(spec):
             stems = [f"tables.{n}" for n in names]
             tables = [weights[f"{s}.weight"].to(dev) for s in stems]
             quant = tables[0].dtype == torch.uint8

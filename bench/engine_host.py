@@ -1,0 +1,152 @@
+"""The GPU engine's host side on any machine: the real executor with the device simulated.
+
+    python bench/engine_host.py [--compute-ms 0.72] [--slots 4] [--pack-threads N] [--sweep]
+                                [--json FILE]
+
+On the H200 the engine reached 0.43 of its bare forward's samples/s because the host could
+not pack batches fast enough (bench/RESULTS.md). This measures that host side without a
+GPU: ``SimulatedGpuExecutor`` is ``GpuExecutor`` with its device calls replaced by a clock
+(a batch "computes" for ``--compute-ms`` after the previous one, in issue order, and its
+copies are free), while the engine, the scheduler, the launcher threads, the packing into
+staging buffers, the completion thread and the slot bookkeeping are the production code.
+Workload ``dlrmv2`` (int32 ids, every bag full), 8192-row buckets: (a) 8192-row requests,
+(b) ranking-size requests (N in 100..700). Ratio = samples/s over the simulated device's
+(batch / compute time): the ceiling the host side allows, on this machine. Default compute
+time: the H200's bare dlrmv2 forward at B=8192 (0.72 ms). The H200's host packed about 3x
+slower per thread than the 2-core CI machine, so read figures from here as relative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402
+import workloads as wl  # noqa: E402
+
+from recserve.engine.engine import Engine  # noqa: E402
+from recserve.engine.executor import slice_rows  # noqa: E402
+from recserve.engine.gpu_executor import GpuExecutor  # noqa: E402
+from recserve.engine.gpu_slots import GpuModel, SlotState  # noqa: E402
+from recserve.engine.settings import EngineSettings  # noqa: E402
+from recserve.engine.staging import allocate, staging_layout  # noqa: E402
+from recserve.kernels.layout import build_layout  # noqa: E402
+from recserve.kernels.model import feature_groups  # noqa: E402
+
+
+class SimulatedGpuExecutor(GpuExecutor):
+    """``GpuExecutor`` whose device is a clock: see the module docstring. Scores are zeros."""
+
+    def __init__(self, settings: EngineSettings, compute_ms: float,
+                 pack_threads: int | None = None) -> None:
+        super().__init__(settings, "cpu", pack_threads=pack_threads)
+        self.compute_s = compute_ms / 1e3
+        self._device_free = 0.0
+        self._due: dict[int, float] = {}
+
+    def _open_device(self) -> None:
+        pass
+
+    def _bind_thread(self) -> None:
+        pass
+
+    def build_model(self, spec, weights) -> GpuModel:
+        """Host staging per slot (as the real one), no device buffers, no weights needed."""
+        layout = staging_layout(spec, feature_groups(spec), self.settings.max_batch_rows,
+                                build_layout(spec).x_request)
+        rows, outputs = layout.max_rows, len(spec.outputs)
+        slots = [SlotState(allocate(layout, "cpu"), None, None, torch.zeros(rows, outputs),
+                           torch.zeros(rows + 1, dtype=torch.bool), None)
+                 for _ in range(self.settings.slots)]
+        return GpuModel(spec, None, layout, slots)
+
+    def _issue(self, model, slot, plan, sizes) -> None:
+        # called under the launch lock, in batch order, like the real stream work
+        start = max(time.perf_counter(), self._device_free)
+        self._device_free = start + self.compute_s
+        self._due[id(slot)] = self._device_free
+
+    def _wait_done(self, slot: SlotState) -> None:
+        wait = self._due[id(slot)] - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+
+    def _account(self, seq: int, slot: SlotState) -> None:
+        self.busy_ms += self.compute_s * 1e3
+        self.batches += 1
+
+
+async def run(settings: EngineSettings, spec, requests: list, compute_ms: float,
+              pack_threads: int | None) -> dict:
+    executors: list[SimulatedGpuExecutor] = []
+
+    def factory(s: EngineSettings) -> SimulatedGpuExecutor:
+        executors.append(SimulatedGpuExecutor(s, compute_ms, pack_threads))
+        return executors[-1]
+
+    async with Engine(settings, factory) as engine:
+        await engine.load(spec.name, 1, spec, {})
+        await asyncio.gather(*(engine.score(spec.name, r) for r in requests[:4]))  # warm
+        executor = executors[0]
+        executor.timeline_limit = 1_000_000
+        busy0 = executor.busy_ms
+        start = time.perf_counter()
+        await asyncio.gather(*(engine.score(spec.name, r) for r in requests))
+        wall = time.perf_counter() - start
+    rows = sum(r.num_candidates for r in requests)
+    spans: dict[str, list[float]] = {}
+    for _, stage, a, b in executor.timeline:
+        spans.setdefault(stage, []).append(b - a)
+    device = settings.max_batch_rows / (compute_ms / 1e3)
+    return {"samples_per_s": rows / wall, "ratio_to_device": rows / wall / device,
+            "device_busy_fraction": (executor.busy_ms - busy0) / 1e3 / wall,
+            "host_stage_mean_ms": {k: round(float(np.mean(v)), 3) for k, v in spans.items()}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--compute-ms", type=float, default=0.72,
+                   help="simulated device time per batch (default: the H200's dlrmv2 "
+                   "forward at B=8192)")
+    p.add_argument("--batch", type=int, default=8192, help="rows per batch (one bucket)")
+    p.add_argument("--batches", type=int, default=96, help="batches per run")
+    p.add_argument("--slots", type=int, default=4)
+    p.add_argument("--pack-threads", type=int, help="default: one per slot")
+    p.add_argument("--sweep", action="store_true", help="also 1 packing thread and 2 slots")
+    p.add_argument("--json", type=Path, help="write the results here")
+    args = p.parse_args()
+    spec = wl.dlrmv2_spec(4_000_000)
+    rng = np.random.default_rng(0)
+    full = wl.full_requests(spec, rng, args.batch, 4)
+    ranking = [slice_rows(spec, r, 0, int(n)) for r in full for n in rng.integers(100, 701, 30)]
+    repeats = max(1, args.batches * args.batch // sum(r.num_candidates for r in ranking))
+    traffic = {"full_batches": full * (args.batches // 4), "ranking_requests": ranking * repeats}
+    settings = EngineSettings(max_batch_rows=args.batch, buckets=(args.batch,), slots=args.slots,
+                              max_queued_rows=args.batch * args.batches * 4)
+    variants = [("default", settings, args.pack_threads)]
+    if args.sweep:
+        variants += [("pack_threads=1", settings, 1), ("slots=2", replace(settings, slots=2),
+                                                      args.pack_threads)]
+    results = {"commit": provenance.commit(), "compute_ms": args.compute_ms, "runs": []}
+    for name, run_settings, threads in variants:
+        for kind, requests in traffic.items():
+            r = asyncio.run(run(run_settings, spec, requests, args.compute_ms, threads))
+            results["runs"].append({"variant": name, "traffic": kind, **r})
+            print(f"{name:15s} {kind:17s} {r['samples_per_s'] / 1e6:6.2f} M samples/s = "
+                  f"{r['ratio_to_device']:.2f} of the simulated device; host stage ms "
+                  f"{r['host_stage_mean_ms']}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

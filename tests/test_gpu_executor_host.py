@@ -1,0 +1,54 @@
+"""The GPU executor's host side (launcher threads, packing, slots, completion, timeline) on
+CPU, with the device replaced by a clock (bench/engine_host.py's SimulatedGpuExecutor)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from engine_host import SimulatedGpuExecutor  # noqa: E402
+
+from recserve.engine.demo import demo_spec, random_inputs  # noqa: E402
+from recserve.engine.engine import Engine  # noqa: E402
+from recserve.engine.settings import EngineSettings  # noqa: E402
+
+SETTINGS = EngineSettings(max_batch_rows=64, buckets=(16, 32, 64), slots=2,
+                          max_queued_rows=100_000, aging_s=None)
+
+
+def test_every_request_is_answered_through_the_real_launch_and_completion_threads():
+    spec = demo_spec()
+    rng = np.random.default_rng(3)
+    sizes = [int(n) for n in rng.integers(1, 150, 40)]  # some above 64 rows: split
+    requests = [random_inputs(spec, rng, n) for n in sizes]
+    executors: list[SimulatedGpuExecutor] = []
+
+    def factory(settings):
+        executors.append(SimulatedGpuExecutor(settings, compute_ms=0.2, pack_threads=2))
+        executors[-1].timeline_limit = 100_000
+        return executors[-1]
+
+    async def main():
+        async with Engine(SETTINGS, factory) as engine:
+            await engine.load(spec.name, 1, spec, {})
+            return await asyncio.gather(*(engine.score(spec.name, r) for r in requests))
+
+    results = asyncio.run(main())
+    executor = executors[0]
+    for n, scores in zip(sizes, results, strict=True):
+        assert scores.shape[0] == n and not scores.any()  # the simulated device scores 0
+    assert executor.free_slots() == SETTINGS.slots  # every slot came back
+    assert executor.batches >= -(-sum(sizes) // SETTINGS.max_batch_rows)
+    stages: dict[int, dict[str, tuple[float, float]]] = {}
+    for seq, stage, start, end in executor.timeline:
+        stages.setdefault(seq, {})[stage] = (start, end)
+    assert len(stages) == executor.batches
+    order = ("host_queue", "host_pack", "host_issue", "host_wait", "host_resolve")
+    for seq, by_stage in stages.items():
+        spans = [by_stage[s] for s in order]
+        for (start, end), (next_start, _) in zip(spans[:-1], spans[1:], strict=True):
+            assert start <= end <= next_start + 1e-3, (seq, spans)
