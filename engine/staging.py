@@ -17,9 +17,9 @@ Ids and offsets are staged as int32 when every table of the group has fewer than
 (int64 otherwise), so the host writes and the copy-in moves half the bytes: packing was the
 engine's bottleneck on the H200's host (2.2 ms of one thread per 8192-row dlrmv2 batch
 against 0.75 ms of compute). Ids that arrive as int32 (the server keeps ids sent as i4) are
-copied as they are; wider ids are checked with one min and max per group and cast, or
-clipped to [-1, 2^31-1] when some fall outside int32, so no id can wrap into a table's
-range (the kernel flags what stays outside).
+copied as they are; wider ids are checked (min and max) and cast, or clipped to
+[-1, 2^31-1] when some fall outside int32, so no id can wrap into a table's range (the
+kernel flags what stays outside).
 """
 
 from __future__ import annotations
