@@ -212,12 +212,12 @@ def _pack_group(group: GroupLayout, buffers: tuple, scratch: torch.Tensor,
         else:
             lengths += [s.lengths for s in inputs]
             lengths.append(zeros[:bucket - rows])
-    nnz = sum(len(v) for v in ids)
+    nnz = sum(map(len, ids))
     used = sum((r_cap if req else bucket) + 1 for req in group.request_scope)
     indices = indices_t.numpy()[:nnz]
-    if indices.dtype == np.int64 or all(v.dtype == np.int32 for v in ids):
-        np.concatenate(ids, out=indices, casting="same_kind")
-    else:
+    try:  # a plain copy when no id needs narrowing ("safe" refuses int64 -> int32)
+        np.concatenate(ids, out=indices, casting="safe")
+    except TypeError:
         _narrow_ids(ids, indices, scratch.numpy()[:nnz])
     offsets = offsets_t.numpy()[:used]
     steps = scratch.numpy().view(offsets.dtype)[:used]  # summing in the offsets' own dtype
