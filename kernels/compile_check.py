@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import struct
 import sys
 import time
 
@@ -52,16 +53,45 @@ def compile_kernel(fn, signature: dict, constexprs: dict, options: dict, arch: i
 _SMEM = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
 
 
+def register_count(cubin: bytes) -> int | None:
+    """Registers per thread that ptxas gave the kernel: the EIATTR_REGCOUNT (0x2f) entry of
+    the cubin's ``.nv.info`` section, so occupancy can be judged without a GPU."""
+    shoff = struct.unpack_from("<Q", cubin, 0x28)[0]
+    entsize, count, names = struct.unpack_from("<HHH", cubin, 0x3A)
+    sections = [struct.unpack_from("<I4xQ8xQQ", cubin, shoff + i * entsize)
+                for i in range(count)]  # (name offset, flags, offset, size)
+    strtab = sections[names][2]
+    for name, _, offset, size in sections:
+        if not cubin[strtab + name:].startswith(b".nv.info"):
+            continue
+        p = offset
+        while p < offset + size:  # entries: format byte, attribute byte, then a value
+            fmt, attr = cubin[p], cubin[p + 1]
+            if fmt == 0x04:  # sized value: u16 length, then (symbol u32, value u32) here
+                if attr == 0x2F:
+                    return struct.unpack_from("<I", cubin, p + 8)[0]
+                p += 4 + struct.unpack_from("<H", cubin, p + 2)[0]
+            else:
+                p += 2 if fmt == 0x01 else 4
+    return None
+
+
 def _compile(fn, signature: dict, constexprs: dict, options: dict, arch: int,
-             div16: tuple[str, ...] = ()) -> str | None:
+             div16: tuple[str, ...] = ()) -> tuple[str | None, str]:
+    """(error or None, what the compile produced: registers and programs per SM)."""
     try:
         kernel = compile_kernel(fn, signature, constexprs, options, arch, div16)
     except Exception as exc:  # noqa: BLE001 - report every failure, keep going
-        return f"{type(exc).__name__}: {str(exc)[-600:]}"
-    if kernel.metadata.shared > _SMEM.get(arch, 101376):
-        return (f"needs {kernel.metadata.shared} bytes of shared memory; sm_{arch} has "
-                f"{_SMEM.get(arch, 101376)}")
-    return None
+        return f"{type(exc).__name__}: {str(exc)[-600:]}", ""
+    shared = kernel.metadata.shared
+    if shared > _SMEM.get(arch, 101376):
+        return (f"needs {shared} bytes of shared memory; sm_{arch} has "
+                f"{_SMEM.get(arch, 101376)}"), ""
+    regs = register_count(kernel.asm["cubin"])
+    threads = 32 * options["num_warps"]
+    resident = min(65536 // (regs * threads) if regs else 32, 2048 // threads, 32,
+                   _SMEM.get(arch, 101376) // shared if shared else 32)
+    return None, f"{regs} regs, {shared} B shared, {resident} programs/SM"
 
 
 def _embedding_jobs(quick: bool):
@@ -147,11 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     for jobs in (_embedding_jobs, _linear_jobs, _dot_jobs):
         for fn, sig, const, options, div16 in jobs(args.quick):
             t0 = time.time()
-            error = _compile(fn, sig, const, options, args.arch, div16)
+            error, produced = _compile(fn, sig, const, options, args.arch, div16)
             failures += error is not None
             status = "OK  " if error is None else "FAIL"
             print(f"{status} {fn.__name__} {const} {options} {time.time() - t0:.1f}s"
-                  + (f"\n     {error}" if error else ""), flush=True)
+                  + (f"\n     {error}" if error else f": {produced}"), flush=True)
     print(f"{failures} failure(s)")
     return failures
 
