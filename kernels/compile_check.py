@@ -132,23 +132,39 @@ def _linear_jobs(quick: bool):
                                  4 if dtype == "fp32" else 2):
                 sig = {n: _PTR[dtype] for n in li._linear_kernel.arg_names if n.endswith("_ptr")}
                 sig.update(a_rows_ptr="*i32", add_rows_ptr="*i32", fact_ptr="*i32",
-                           bf_ptr="*fp32", out_ptr="*fp32" if flags["FINAL"] else _PTR[dtype])
+                           bf_ptr="*fp32", part_ptr="*fp32",
+                           out_ptr="*fp32" if flags["FINAL"] else _PTR[dtype])
                 sig.update({n: "i32" for n in li._linear_kernel.arg_names
                             if n in ("M", "N", "K", "H") or n.startswith("stride")})
                 # as the card specializes dlrmv2's layers: unit strides are constants, the
                 # other sizes and strides multiples of 16; K = 13 (the first bottom layer)
                 # is the odd one, compiled with EVEN_K off.
                 orders = (False, True) if flags["CROSS"] else (False,)
-                for even_k, first in itertools.product(
-                        (True,) if quick else (True, False), orders):
+                # split-K: the small-batch tiles of a plain layer (what linear() adds)
+                plain = not (flags["CROSS"] or flags["FINAL"] or flags["ADD_ROWS"])
+                splits = (1, 4) if plain and c["BLOCK_M"] <= 64 else (1,)
+                for even_k, first, split in itertools.product(
+                        (True,) if quick else (True, False), orders, splits):
                     const = {"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"],
                              "BLOCK_K": c["BLOCK_K"], "IEEE": dtype == "fp32",
                              "stride_ak": 1, "stride_wk": 1, "stride_on": 1,
-                             "EVEN_K": even_k, "EPILOGUE_FIRST": first, **flags}
+                             "EVEN_K": even_k, "EPILOGUE_FIRST": first, "SPLIT_K": split,
+                             **flags}
                     div16 = ("N", "stride_am", "stride_wn", "stride_om", "stride_addm",
                              "stride_x0m", "stride_xm") + (("K",) if even_k else ())
                     yield li._linear_kernel, sig, const, {"num_warps": c["num_warps"],
                                                           "num_stages": c["num_stages"]}, div16
+
+
+def _split_k_jobs(quick: bool):
+    from . import linear as li
+
+    for dtype in (["bf16"] if quick else ["bf16", "fp16", "fp32"]):
+        sig = {"part_ptr": "*fp32", "bias_ptr": _PTR[dtype], "out_ptr": _PTR[dtype],
+               "M": "i32", "N": "i32", "stride_om": "i32"}
+        const = {"stride_on": 1, "SPLIT_K": 4, "BLOCK_M": 32, "BLOCK_N": 128, "ACT": 1,
+                 "HAS_BIAS": True}
+        yield li._split_k_reduce, sig, const, {"num_warps": 4}, ("N", "stride_om")
 
 
 def _dot_jobs(quick: bool):
@@ -174,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         print("set TRITON_INTERPRET=0: the interpreter does not compile", file=sys.stderr)
         return 1
     failures = 0
-    for jobs in (_embedding_jobs, _linear_jobs, _dot_jobs):
+    for jobs in (_embedding_jobs, _linear_jobs, _split_k_jobs, _dot_jobs):
         for fn, sig, const, options, div16 in jobs(args.quick):
             t0 = time.time()
             error, produced = _compile(fn, sig, const, options, args.arch, div16)

@@ -10,7 +10,8 @@ Scope and limits:
   update x0 * acc + x; activation none / relu / sigmoid; cast to ``out``'s dtype.
 - ``final``: the next, narrow layer (H <= 8 outputs, each sigmoid or raw) is fused in: the
   program holds the whole activated row (N <= 256) and writes only the H scores (fp32).
-- Deterministic: no split-K, a fixed reduction order per config.
+- Deterministic: a fixed reduction order per config. Split-K configs (tuned for few rows and
+  a long K) store each K slice's fp32 tile and add the slices in order in a second kernel.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ _GPU_CONFIGS = [
     {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
     {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
     # small batches: narrow wgmma tiles, so a 512-row layer with K = 3456 spreads over
-    # 4x more programs than with 64x128 (split-K would break the fixed reduction order)
+    # 4x more programs than with 64x128 (split-K configs are added per call, see linear)
     {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
 ]
 _CPU_CONFIGS = [{"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}]
@@ -52,7 +53,7 @@ _tuner = SafeTuner("linear", _GPU_CONFIGS)
 def _linear_kernel(
     # pointers
     a_ptr, w_ptr, bias_ptr, out_ptr, a_rows_ptr, add_ptr, add_rows_ptr, x0_ptr, x_ptr,
-    wf_ptr, bf_ptr, fact_ptr,
+    wf_ptr, bf_ptr, fact_ptr, part_ptr,
     # sizes
     M, N, K, H,
     # strides
@@ -62,12 +63,14 @@ def _linear_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, A_ROWS: tl.constexpr, ADD_ROWS: tl.constexpr,
     CROSS: tl.constexpr, FINAL: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
-    EPILOGUE_FIRST: tl.constexpr = False,
+    EPILOGUE_FIRST: tl.constexpr = False, SPLIT_K: tl.constexpr = 1,
 ):
     """One [BLOCK_M, BLOCK_N] tile of act(A @ W^T + bias (+ add) (x0 * . + x)).
 
     a [M or more, K], w [N, K], bias [N], out [M, N] (or [M, H] fp32 with FINAL),
     a_rows [M], add [R, N], add_rows [M], x0/x [M, N] (CROSS), wf [H, N], bf [H], fact [H].
+    SPLIT_K > 1: program (m, n, s) sums K slice s only and stores the raw fp32 tile to
+    part [SPLIT_K, M, N]; ``_split_k_reduce`` adds the slices in order and does the epilogue.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -88,8 +91,16 @@ def _linear_kernel(
         # computes its masks and addresses after the loop, so nothing extra is live in it.
         x0, x = _cross_operands(x0_ptr, x_ptr, offs_m, offs_n, m_mask, n_mask, stride_x0m,
                                 stride_xm)
+    k_lo = 0
+    k_hi = K
+    if SPLIT_K > 1:  # this program's K slice: whole BLOCK_K steps, the last one shorter
+        k_per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+        k_lo = tl.program_id(2) * k_per
+        k_hi = tl.minimum(K, k_lo + k_per)
+        a_ptrs += k_lo * stride_ak
+        w_ptrs += k_lo * stride_wk
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
+    for k in range(k_lo, k_hi, BLOCK_K):
         # EVEN_K (K % BLOCK_K == 0): no mask along K, so the contiguous axis of both tiles
         # is unmasked and the pipelined loads stay full-width.
         k_mask = (k + offs_k) < K if not EVEN_K else offs_k < BLOCK_K
@@ -102,34 +113,63 @@ def _linear_kernel(
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
     mn_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K > 1:
+        part = (part_ptr + tl.program_id(2).to(tl.int64) * M * N
+                + offs_m[:, None].to(tl.int64) * N + offs_n[None, :])
+        tl.store(part, acc, mask=mn_mask)
+    else:  # the whole K: the epilogue here
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if ADD_ROWS:
+            owner = tl.load(add_rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+            acc += tl.load(add_ptr + owner[:, None] * stride_addm + offs_n[None, :], mask=mn_mask,
+                           other=0.0).to(tl.float32)
+        if CROSS:
+            if not EPILOGUE_FIRST:
+                x0, x = _cross_operands(x0_ptr, x_ptr, offs_m, offs_n, m_mask, n_mask,
+                                        stride_x0m, stride_xm)
+            # one rounding whichever the order (the compiler may contract a * b + c or not)
+            acc = tl.fma(x0.to(tl.float32), acc, x.to(tl.float32))
+        if ACT == 1:
+            acc = tl.maximum(acc, 0.0)
+        if ACT == 2:
+            acc = tl.sigmoid(acc)
+        if FINAL:
+            # The whole row is in this program (grid has one N tile): reduce it to H scores.
+            acc = tl.where(mn_mask, acc, 0.0)
+            for h in range(H):
+                wf = tl.load(wf_ptr + h * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                score = tl.sum(acc * wf[None, :], axis=1) + tl.load(bf_ptr + h).to(tl.float32)
+                score = tl.where(tl.load(fact_ptr + h) != 0, tl.sigmoid(score), score)
+                tl.store(out_ptr + offs_m.to(tl.int64) * stride_om + h * stride_on, score,
+                         mask=m_mask)
+        else:
+            out_ptrs = (out_ptr + offs_m[:, None].to(tl.int64) * stride_om
+                        + offs_n[None, :] * stride_on)
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mn_mask)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _split_k_reduce(part_ptr, bias_ptr, out_ptr, M, N, stride_om, stride_on,
+                    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    ACT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """out = act(sum over s of part[s] + bias): the K slices added in a fixed order (s = 0,
+    1, ...), so a split-K layer is as deterministic as an unsplit one."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    part = part_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    acc = tl.load(part, mask=mask, other=0.0)
+    for s in tl.static_range(1, SPLIT_K):
+        acc += tl.load(part + s * M * N, mask=mask, other=0.0)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if ADD_ROWS:
-        owner = tl.load(add_rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
-        acc += tl.load(add_ptr + owner[:, None] * stride_addm + offs_n[None, :], mask=mn_mask,
-                       other=0.0).to(tl.float32)
-    if CROSS:
-        if not EPILOGUE_FIRST:
-            x0, x = _cross_operands(x0_ptr, x_ptr, offs_m, offs_n, m_mask, n_mask,
-                                    stride_x0m, stride_xm)
-        # one rounding whichever the order (the compiler may contract a * b + c or not)
-        acc = tl.fma(x0.to(tl.float32), acc, x.to(tl.float32))
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     if ACT == 1:
         acc = tl.maximum(acc, 0.0)
     if ACT == 2:
         acc = tl.sigmoid(acc)
-    if FINAL:
-        # The whole row is in this program (grid has one N tile): reduce it to H scores.
-        acc = tl.where(mn_mask, acc, 0.0)
-        for h in range(H):
-            wf = tl.load(wf_ptr + h * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            score = tl.sum(acc * wf[None, :], axis=1) + tl.load(bf_ptr + h).to(tl.float32)
-            score = tl.where(tl.load(fact_ptr + h) != 0, tl.sigmoid(score), score)
-            tl.store(out_ptr + offs_m.to(tl.int64) * stride_om + h * stride_on, score,
-                     mask=m_mask)
-    else:
-        out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mn_mask)
+    out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -140,6 +180,14 @@ def _cross_operands(x0_ptr, x_ptr, offs_m, offs_n, m_mask, n_mask, stride_x0m, s
     x0 = tl.load(x0_ptr + rows * stride_x0m + offs_n[None, :], mask=mask, other=0.0)
     x = tl.load(x_ptr + rows * stride_xm + offs_n[None, :], mask=mask, other=0.0)
     return x0, x
+
+
+def _splits_k(m: int, k: int) -> bool:
+    """Whether split-K configs are worth tuning for an [m, k] input (not on the interpreter:
+    the tests force them, see tests/test_kernels_linear.py)."""
+    from ._common import interpreting
+
+    return not interpreting() and m <= 1024 and k >= 1024
 
 
 def _fits(c: dict, elsize: int) -> bool:
@@ -249,11 +297,15 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     wf, bf, fact = final if final is not None else (dummy, dummy, dummy)
 
     def launch(cfg: dict) -> None:
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
+        split = cfg.get("SPLIT_K", 1)
+        part = dummy
+        if split > 1:  # fp32 partial tiles, one [M, N] slab per K slice
+            part = torch.empty(split, m, n, device=a.device, dtype=torch.float32)
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split)
         _linear_kernel[grid](
             a, weight, bias if bias is not None else dummy, out,
             a_rows if a_rows is not None else dummy, add if add is not None else dummy,
-            add_rows if add_rows is not None else dummy, x0, x, wf, bf, fact,
+            add_rows if add_rows is not None else dummy, x0, x, wf, bf, fact, part,
             m, n, k, h,
             a.stride(0), a.stride(1), weight.stride(0), weight.stride(1),
             out.stride(0), out.stride(1), add.stride(0) if add is not None else 0,
@@ -262,14 +314,23 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             ACT=ACTIVATIONS[activation], HAS_BIAS=bias is not None, A_ROWS=a_rows is not None,
             ADD_ROWS=add is not None, CROSS=cross is not None, FINAL=final is not None,
             IEEE=ieee_dot(a.dtype), EVEN_K=k % cfg["BLOCK_K"] == 0,
-            EPILOGUE_FIRST=cfg.get("EPILOGUE_FIRST", False), num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"])
+            EPILOGUE_FIRST=cfg.get("EPILOGUE_FIRST", False), SPLIT_K=split,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        if split > 1:
+            _split_k_reduce[(triton.cdiv(m, 32), triton.cdiv(n, 128))](
+                part, bias if bias is not None else dummy, out, m, n, out.stride(0),
+                out.stride(1), SPLIT_K=split, BLOCK_M=32, BLOCK_N=128,
+                ACT=ACTIVATIONS[activation], HAS_BIAS=bias is not None, num_warps=4)
 
     key = (m, n, k, h, a.dtype, activation, bias is not None, a_rows is not None,
            add is not None, cross is not None, a.stride(), weight.stride(), out.stride())
     candidates = _configs(n if final is not None else None, m, a.element_size())
     if cross is not None:  # both epilogue orders compete; the card's tuner keeps the faster
         candidates = candidates + [{**c, "EPILOGUE_FIRST": True} for c in candidates]
+    if _splits_k(m, k) and final is None and cross is None and add is None and a_rows is None:
+        # few rows, long K (at B=512 the 3456-wide layers ran on ~128 programs, each walking
+        # all of K): slices of K on more programs, then an ordered sum
+        candidates = candidates + [{**c, "SPLIT_K": s} for c in candidates for s in (2, 4)]
     _tuner.run(key, launch, candidates)
     return out
 

@@ -162,6 +162,27 @@ def test_cross_epilogue_order_gives_identical_bits(device, monkeypatch):
     assert torch.equal(runs[0], runs[1])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("split", [2, 3])
+def test_split_k_matches_the_reference_and_repeats_its_bits(device, split, monkeypatch):
+    """K in slices on separate programs, then an ordered sum (small-batch candidates): the
+    last slice is short (K = 300 is no multiple of the slices), bias and ReLU applied once."""
+    from recserve.kernels import linear as li
+
+    gen = torch.Generator().manual_seed(split)
+    m, n, k = 37, 70, 300
+    a, w = _rand(m, k, gen=gen, device=device), _rand(n, k, gen=gen, device=device)
+    bias = _rand(n, gen=gen, device=device)
+    config = {**li._configs(None, m, a.element_size())[0], "SPLIT_K": split}
+    monkeypatch.setattr(li, "_configs", lambda *args: [config])
+    monkeypatch.setattr(li, "_tuner", li.SafeTuner("linear", [config]))
+    got = linear(a, w, bias, activation="relu")
+    assert li._tuner.best[next(iter(li._tuner.best))]["SPLIT_K"] == split
+    want = linear_reference(a, w, bias, activation="relu")
+    torch.testing.assert_close(got.cpu(), want.cpu(), atol=FP32_TOL[0], rtol=FP32_TOL[1])
+    assert torch.equal(linear(a, w, bias, activation="relu"), got)
+
+
 def test_launchers_reject_bad_arguments():
     a, w = torch.zeros(4, 6), torch.zeros(5, 7)
     with pytest.raises(ValueError, match=r"a has shape \[4, 6\] but weight has \[5, 7\]"):
