@@ -13,7 +13,7 @@
 #   kernel_variants.json, engine_gpu.json, engine-cuda-<time>.json, load.json
 # Environment knobs: PYTHON (default python), PYTEST_PATHS (tests), KERNEL_BENCH_ARGS
 # (--budget-s 60), ENGINE_BENCH_ARGS (--sweep), and each step's time limit in seconds:
-# PYTEST_TIMEOUT_S (180), BENCH_TIMEOUT_S (90), VARIANTS_TIMEOUT_S (90), ENGINE_TIMEOUT_S (90),
+# PYTEST_TIMEOUT_S (180), BENCH_TIMEOUT_S (120), VARIANTS_TIMEOUT_S (90), ENGINE_TIMEOUT_S (90),
 # SINGLE_TIMEOUT_S (60), LOAD_TIMEOUT_S (60); RECSERVE_COMMIT (default: git HEAD; the device
 # copy of the tree has no .git, so pass it in).
 set -u -o pipefail
@@ -68,7 +68,7 @@ step pytest-gpu bash -c "set -o pipefail; RECSERVE_AUTOTUNE=0 timeout ${PYTEST_T
 
 # Kernel benchmark: recserve vs eager / eager + CUDA graph / torch.compile; partial results
 # are in kernels.json after every measurement, so a timeout still leaves data.
-step kernels-bench bash -c "timeout ${BENCH_TIMEOUT_S:-90} $PY bench/kernels.py '$OUT' \
+step kernels-bench bash -c "timeout ${BENCH_TIMEOUT_S:-120} $PY bench/kernels.py '$OUT' \
     ${KERNEL_BENCH_ARGS:---budget-s 60} >> '$OUT/bench.log' 2>&1; rc=\$?; \
     tail -n 14 '$OUT/bench.log'; exit \$rc"
 
