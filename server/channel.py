@@ -8,7 +8,8 @@ numpy data, in a flat binary layout the engine side reads back as zero-copy
 
 - ``S`` score request: ``rid u64, deadline f64 (NaN: none), version u32, N u32,
   pinned u8, name_len u16, name, then the request's arrays`` in spec order (per sparse
-  feature: values, lengths, weights; then each dense feature); an absent array is dtype 0.
+  feature: values, lengths, weights; then each dense feature); an absent array is dtype 0,
+  then codes 1 int64, 2 float32, 3 int32 (ids stay int32 when validation made them so).
   ``pinned`` 0: the client asked for the latest version, which may be newer by now.
 - ``R`` score reply: ``rid u64, status u8, version u32`` then the scores array (status 0;
   ``version`` is the one that scored) or a msgpack ``{code, message}`` (status 1).
@@ -32,8 +33,8 @@ from .codec import HEADER
 _SCORE = struct.Struct("<cQdIIBH")
 _REPLY = struct.Struct("<cQBI")
 _ARRAY = struct.Struct("<BB")
-_I8, _F4 = np.dtype("<i8"), np.dtype("<f4")
-_DTYPES = {1: _I8, 2: _F4}
+_I8, _F4, _I4 = np.dtype("<i8"), np.dtype("<f4"), np.dtype("<i4")
+_DTYPES = {1: _I8, 2: _F4, 3: _I4}
 _CODES = {v: k for k, v in _DTYPES.items()}
 
 
@@ -73,7 +74,8 @@ def encode_score(rid: int, name: str, version: int, inputs: RequestInputs,
                                version, inputs.num_candidates, pinned, len(raw)), raw]
     for f in spec.sparse:
         s = inputs.sparse[f.name]
-        _put_array(parts, s.values, _I8)
+        # ids cross as validation left them: int32 (what the engine stages) stays int32
+        _put_array(parts, s.values, _I4 if s.values.dtype == _I4 else _I8)
         _put_array(parts, s.lengths, _I8)
         _put_array(parts, s.weights, _F4)
     for f in spec.dense:

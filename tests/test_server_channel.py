@@ -54,6 +54,8 @@ def test_non_ascii_model_names_and_narrow_dtypes():
     assert name == "modèle" and deadline is None
     back = channel.decode_inputs(view, pos, 2, spec)
     np.testing.assert_array_equal(back.sparse["item"].values, inputs.sparse["item"].values)
+    # int32 ids (as validation leaves them) cross as int32: no widening on the way
+    assert all(back.sparse[f.name].values.dtype == np.int32 for f in spec.sparse)
 
 
 @pytest.mark.parametrize("shape", [(0,), (7,), (7, 2)])
