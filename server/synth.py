@@ -31,7 +31,9 @@ def _sparse(spec: dict, n: int, rng: np.random.Generator) -> object:
     else:
         lengths = rng.integers(1, max_bag + 1, size=n, dtype=np.int64)
         total = int(lengths.sum())
-    values = rng.integers(0, rows, size=total, dtype=np.int64)
+    # ids in the dtype the model description asks for (i4: half the bytes of i8)
+    values = rng.integers(0, rows, size=total, dtype=np.int32 if spec.get("dtype") == "i4"
+                          else np.int64)
     if lengths is None and not spec.get("weighted"):
         return values
     entry: dict = {"values": values}

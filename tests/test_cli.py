@@ -287,3 +287,21 @@ def test_the_null_device_answers_zeros_without_scoring(tmp_path):
     assert stats["counters"]["rows"] >= 700  # batched by the engine like real traffic
     with pytest.raises(ValueError, match="not with --device null"):
         asyncio.run(open_backend(ServeOptions(tmp_path, "null", one_at_a_time=True)))
+
+
+def test_synthetic_inputs_follow_the_model_description():
+    import numpy as np
+
+    from recserve.server.synth import synthetic_inputs
+
+    model = {"inputs": [
+        {"name": "a", "kind": "sparse", "scope": "candidate", "dtype": "i4", "rows": 7,
+         "max_bag": 3},
+        {"name": "b", "kind": "sparse", "scope": "request", "dtype": "i8", "rows": 5,
+         "max_bag": 2},
+        {"name": "d", "kind": "dense", "scope": "candidate", "dtype": "f4", "dim": 2}]}
+    got = synthetic_inputs(model, 4, np.random.default_rng(0))
+    assert got["a"]["values"].dtype == np.int32 and got["b"].dtype == np.int64
+    assert len(got["a"]["lengths"]) == 4 and got["a"]["lengths"].sum() == len(got["a"]["values"])
+    assert 0 <= got["a"]["values"].min() and got["a"]["values"].max() < 7
+    assert got["d"].shape == (4, 2) and got["d"].dtype == np.float32
