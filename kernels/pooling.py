@@ -1,0 +1,204 @@
+"""Device functions of the table-batched embedding bag (see ``embedding_bag``): loading
+rows (bounds-checked, dequantized, weighted), stepping ids ahead of the rows they address,
+the long-bag and short-bag pooling loops, and the store of pooled vectors.
+
+Every sum has a fixed order whatever the config: the same bits for the same batch.
+"""
+
+from __future__ import annotations
+
+from . import _common  # noqa: F401  (first: it may switch on the interpreter)
+
+import triton  # isort: skip
+import triton.language as tl  # isort: skip
+
+
+@triton.jit
+def _gather(table_ptr, weights_ptr, idx, pos, valid,
+            elem_base, row_stride, rows, dim, is_weighted, d, dmask,
+            QUANT: tl.constexpr, WEIGHTED: tl.constexpr):
+    """Rows [n, BLOCK_D] (fp32, zero where masked) of ids ``idx`` [n] at positions ``pos``."""
+    idx = idx.to(tl.int64)
+    inb = valid & (idx >= 0) & (idx < rows)
+    row = table_ptr + elem_base + idx * row_stride
+    vals = tl.load(row[:, None] + d[None, :], mask=inb[:, None] & dmask[None, :],
+                   other=0.0).to(tl.float32)
+    if QUANT:
+        # scale and offset right after the row's codes (see PackedTables): one 8-byte load
+        # from the span the codes came from
+        params = (row + (dim + 7) // 8 * 8).to(tl.pointer_type(tl.float32), bitcast=True)
+        qp = tl.load(params[:, None] + tl.arange(0, 2)[None, :], mask=inb[:, None], other=0.0)
+        s, o = tl.split(qp)
+        # An explicit FMA: one rounding in every variant. Left as `vals * s + o`, the
+        # compiler contracted it in some configs and not others (int8 bits differed
+        # between the unroll and prefetch variants on the H200).
+        vals = tl.fma(vals, s[:, None], o[:, None])
+    if WEIGHTED:
+        # Unweighted features in a weighted launch read weight 1 (their slots are unused).
+        w = tl.load(weights_ptr + pos, mask=inb, other=1.0).to(tl.float32)
+        w = tl.where(is_weighted != 0, w, 1.0)
+        vals = vals * w[:, None]
+    return vals, (valid & (inb == 0)).to(tl.int32)
+
+
+@triton.jit
+def _first_ids(indices_ptr, pos, valid, PREFETCH: tl.constexpr):
+    """The ids of a loop's first step when prefetching (else an unused placeholder)."""
+    if PREFETCH:
+        ids = tl.load(indices_ptr + pos, mask=valid, other=0)
+    else:
+        ids = tl.zeros(pos.shape, dtype=indices_ptr.dtype.element_ty)
+    return ids
+
+
+@triton.jit
+def _step_ids(indices_ptr, nxt, pos, valid, pos_next, valid_next, PREFETCH: tl.constexpr):
+    """(ids at ``pos``, ids at ``pos_next``). With PREFETCH the next step's ids are loaded
+    one step ahead, so each step waits on one load latency (the rows) instead of two
+    (ids, then the rows they address); masked like the rows, so nothing past a bag is read."""
+    if PREFETCH:
+        ids = nxt
+        nxt = tl.load(indices_ptr + pos_next, mask=valid_next, other=0)
+    else:
+        ids = tl.load(indices_ptr + pos, mask=valid, other=0)
+    return ids, nxt
+
+
+@triton.jit
+def _add_two(table_ptr, weights_ptr, ids, acc, bad, pos0, valid0, pos1, valid1,
+             elem_base, row_stride, rows, dim, is_weighted, d, dmask,
+             QUANT: tl.constexpr, WEIGHTED: tl.constexpr):
+    """acc + rows(ids[:, 0]) + rows(ids[:, 1]), in that order (the same sums as two single
+    steps, so UNROLL does not change a bit), with both tiles' loads in flight at once."""
+    id0, id1 = tl.split(ids)
+    v0, b0 = _gather(table_ptr, weights_ptr, id0, pos0, valid0, elem_base,
+                     row_stride, rows, dim, is_weighted, d, dmask, QUANT, WEIGHTED)
+    v1, b1 = _gather(table_ptr, weights_ptr, id1, pos1, valid1, elem_base,
+                     row_stride, rows, dim, is_weighted, d, dmask, QUANT, WEIGHTED)
+    return (acc + v0) + v1, bad | b0 | b1
+
+
+@triton.jit
+def _finish(acc, length, bad, bags, bmask, out_ptr, bad_ptr, row_request_ptr,
+            request_offsets_ptr, out_stride, out_col, dim, flags, d, dmask):
+    """Mean, bad flags, and the store of pooled ``acc`` [n, BLOCK_D] for ``bags`` [n]."""
+    if (flags & 2) != 0:
+        acc = acc / tl.maximum(length, 1).to(tl.float32)[:, None]
+    val = acc.to(out_ptr.dtype.element_ty)
+    is_bad = (bad != 0) & bmask
+    if (flags & 1) != 0:
+        tl.store(bad_ptr + bags, tl.full(bags.shape, 1, tl.int32), mask=is_bad)
+        rs = tl.load(request_offsets_ptr + bags, mask=bmask, other=0).to(tl.int64)
+        n = tl.load(request_offsets_ptr + bags + 1, mask=bmask, other=0).to(tl.int64) - rs
+        for k in range(0, tl.max(n, axis=0)):
+            ptrs = out_ptr + ((rs + k) * out_stride + out_col)[:, None] + d[None, :]
+            tl.store(ptrs, val, mask=(bmask & (k < n))[:, None] & dmask[None, :])
+    else:
+        owner = tl.load(row_request_ptr + bags, mask=is_bad, other=0)
+        tl.store(bad_ptr + owner, tl.full(bags.shape, 1, tl.int32), mask=is_bad)
+        ptrs = out_ptr + (bags.to(tl.int64) * out_stride + out_col)[:, None] + d[None, :]
+        tl.store(ptrs, val, mask=bmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _pool_long(table_ptr, indices_ptr, offsets_ptr, weights_ptr,
+               out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
+               elem_base, row_stride, rows, dim, bag_base, num_bags, out_col, local, flags,
+               out_stride, LANES: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr,
+               WEIGHTED: tl.constexpr, PREFETCH: tl.constexpr, UNROLL: tl.constexpr):
+    """Bag ``local`` of a long-bag feature, LANES positions per step, one [LANES, D] tile."""
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < dim
+    bags = local + tl.arange(0, 1)
+    bmask = bags < num_bags
+    start = tl.load(offsets_ptr + bag_base + bags, mask=bmask, other=0).to(tl.int64)
+    end = tl.load(offsets_ptr + bag_base + bags + 1, mask=bmask, other=0).to(tl.int64)
+    lanes = tl.arange(0, LANES)
+    acc = tl.zeros([LANES, BLOCK_D], dtype=tl.float32)
+    bad = tl.zeros([LANES], dtype=tl.int32)
+    if UNROLL == 1:
+        nxt = _first_ids(indices_ptr, start + lanes, start + lanes < end, PREFETCH)
+        for j in range(0, tl.max(end - start, axis=0), LANES):
+            pos = start + j + lanes
+            idx, nxt = _step_ids(indices_ptr, nxt, pos, pos < end, pos + LANES,
+                                 pos + LANES < end, PREFETCH)
+            vals, b = _gather(table_ptr, weights_ptr, idx, pos,
+                              pos < end, elem_base, row_stride, rows, dim, flags & 4, d, dmask,
+                              QUANT, WEIGHTED)
+            acc += vals
+            bad = bad | b
+    else:
+        # two [LANES, D] tiles per step (positions j + lanes and j + LANES + lanes)
+        pos2 = start + lanes[:, None] + LANES * tl.arange(0, 2)[None, :]
+        nxt = _first_ids(indices_ptr, pos2, pos2 < end, PREFETCH)
+        for j in range(0, tl.max(end - start, axis=0), 2 * LANES):
+            ids, nxt = _step_ids(indices_ptr, nxt, pos2 + j, pos2 + j < end, pos2 + j + 2 * LANES,
+                                 pos2 + j + 2 * LANES < end, PREFETCH)
+            pos = start + j + lanes
+            acc, bad = _add_two(table_ptr, weights_ptr, ids, acc, bad, pos,
+                                pos < end, pos + LANES, pos + LANES < end, elem_base, row_stride,
+                                rows, dim, flags & 4, d, dmask, QUANT, WEIGHTED)
+    # The lanes' partial sums are added in a fixed pairwise tree, not by tl.sum, whose
+    # order follows the register layout: that changes with the load width (int8 rows with
+    # 16-byte loads), and int8 results differed in the last bits between variants.
+    tl.static_assert(LANES >= 2 and LANES <= 32)
+    if LANES >= 32:
+        acc = _halve(acc, 32, BLOCK_D)
+    if LANES >= 16:
+        acc = _halve(acc, 16, BLOCK_D)
+    if LANES >= 8:
+        acc = _halve(acc, 8, BLOCK_D)
+    if LANES >= 4:
+        acc = _halve(acc, 4, BLOCK_D)
+    pooled = _halve(acc, 2, BLOCK_D)
+    _finish(pooled, end - start, tl.expand_dims(tl.max(bad, axis=0), 0), bags, bmask, out_ptr,
+            bad_ptr, row_request_ptr, request_offsets_ptr, out_stride, out_col, dim, flags, d,
+            dmask)
+
+
+@triton.jit
+def _halve(x, N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """[N, D] -> [N / 2, D]: row i plus row i + N / 2, whatever the layout."""
+    pairs = tl.permute(tl.reshape(x, [2, N // 2, BLOCK_D]), (1, 2, 0))
+    first, second = tl.split(pairs)
+    return first + second
+
+
+@triton.jit
+def _pool_short(table_ptr, indices_ptr, offsets_ptr, weights_ptr,
+                out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
+                elem_base, row_stride, rows, dim, bag_base, num_bags, out_col, local, flags,
+                out_stride, BAGS: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr,
+                WEIGHTED: tl.constexpr, PREFETCH: tl.constexpr, UNROLL: tl.constexpr):
+    """Bags local*BAGS .. +BAGS of a short-bag feature, one position of each per step."""
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < dim
+    bags = local * BAGS + tl.arange(0, BAGS)
+    bmask = bags < num_bags
+    start = tl.load(offsets_ptr + bag_base + bags, mask=bmask, other=0).to(tl.int64)
+    length = tl.load(offsets_ptr + bag_base + bags + 1, mask=bmask, other=0) - start
+    acc = tl.zeros([BAGS, BLOCK_D], dtype=tl.float32)
+    bad = tl.zeros([BAGS], dtype=tl.int32)
+    if UNROLL == 1:
+        nxt = _first_ids(indices_ptr, start, length > 0, PREFETCH)
+        for j in range(0, tl.max(length, axis=0)):
+            idx, nxt = _step_ids(indices_ptr, nxt, start + j, j < length, start + j + 1,
+                                 j + 1 < length, PREFETCH)
+            vals, b = _gather(table_ptr, weights_ptr, idx, start + j,
+                              j < length, elem_base, row_stride, rows, dim, flags & 4, d, dmask,
+                              QUANT, WEIGHTED)
+            acc += vals
+            bad = bad | b
+    else:
+        # two positions of each bag per step
+        u = tl.arange(0, 2)[None, :]
+        nxt = _first_ids(indices_ptr, start[:, None] + u, u < length[:, None], PREFETCH)
+        for j in range(0, tl.max(length, axis=0), 2):
+            ids, nxt = _step_ids(indices_ptr, nxt, start[:, None] + j + u,
+                                 j + u < length[:, None], start[:, None] + j + 2 + u,
+                                 j + 2 + u < length[:, None], PREFETCH)
+            acc, bad = _add_two(table_ptr, weights_ptr, ids, acc, bad, start + j,
+                                j < length, start + j + 1, j + 1 < length, elem_base, row_stride,
+                                rows, dim, flags & 4, d, dmask, QUANT, WEIGHTED)
+    _finish(acc, length, bad, bags, bmask, out_ptr, bad_ptr, row_request_ptr,
+            request_offsets_ptr, out_stride, out_col, dim, flags, d, dmask)
