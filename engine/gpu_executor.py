@@ -64,6 +64,8 @@ class GpuExecutor(Executor):
         the host clock, both in ms since ``start`` (the two clocks agree to ~0.1 ms)."""
         self.timeline_limit = 0
         self.busy_ms = 0.0
+        self.pack_ms = 0.0
+        """Host time spent packing batches, summed over the packing threads."""
         self.batches = 0
         self.bytes_in = 0
         self._lock = threading.Lock()
@@ -152,8 +154,11 @@ class GpuExecutor(Executor):
         self._threads.clear()
 
     def stats(self) -> dict:
-        """Counters: batches run, GPU busy time from CUDA events, bytes copied in."""
-        return {"batches": self.batches, "gpu_busy_ms": self.busy_ms, "bytes_in": self.bytes_in}
+        """Counters: batches run, GPU busy time from CUDA events, bytes copied in, and the
+        host's packing time (its threads' sum: near ``pack_threads`` x wall time, the host
+        is what bounds the engine)."""
+        return {"batches": self.batches, "gpu_busy_ms": self.busy_ms, "bytes_in": self.bytes_in,
+                "pack_ms": self.pack_ms, "pack_threads": self.pack_threads}
 
     def _launcher(self) -> None:
         self._bind_thread()
@@ -175,6 +180,8 @@ class GpuExecutor(Executor):
                   for p, inputs in zip(plan.pieces, job.inputs, strict=True)]
         sizes = pack(model.layout, slot.host, pieces, plan.bucket)
         packed = self._host_stage(plan.seq, "host_pack", started)
+        with self._lock:
+            self.pack_ms += packed - started
         with self._launch_lock:  # the completion queue stays in stream order
             self._issue(model, slot, plan, sizes)
             self._host_stage(plan.seq, "host_issue", packed)

@@ -148,6 +148,12 @@ def engine_metrics(engine: dict) -> Iterator[Metric]:
     yield CounterMetricFamily("recserve_gpu_busy_seconds", "Device time of batches, from "
                               "CUDA events (works where NVML does not, e.g. under MIG)",
                               value=float(executor.get("gpu_busy_ms", 0.0)) / 1e3)
+    yield CounterMetricFamily("recserve_pack_seconds", "Host time spent packing batches for "
+                              "the GPU, summed over the packing threads (its rate near "
+                              "recserve_pack_threads: the host bounds the engine)",
+                              value=float(executor.get("pack_ms", 0.0)) / 1e3)
+    yield GaugeMetricFamily("recserve_pack_threads", "Host threads packing batches for the GPU",
+                            value=float(executor.get("pack_threads", 0)))
 
 
 def invalid_ids_metric(stats: dict) -> CounterMetricFamily:

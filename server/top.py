@@ -56,8 +56,9 @@ def summarize(now: dict, before: dict | None) -> dict:
     old_counters = old_engine.get("counters", {})
     rows = counters.get("rows", 0) - old_counters.get("rows", 0)
     batches = counters.get("batches", 0) - old_counters.get("batches", 0)
-    busy_ms = (engine.get("executor", {}).get("gpu_busy_ms", 0.0)
-               - old_engine.get("executor", {}).get("gpu_busy_ms", 0.0))
+    executor, old_executor = engine.get("executor", {}), old_engine.get("executor", {})
+    busy_ms = executor.get("gpu_busy_ms", 0.0) - old_executor.get("gpu_busy_ms", 0.0)
+    pack_ms = executor.get("pack_ms", 0.0) - old_executor.get("pack_ms", 0.0)
     nan = float("nan")
     return {
         "span_s": span, "requests_per_s": sum(codes.values()) / span,
@@ -74,6 +75,9 @@ def summarize(now: dict, before: dict | None) -> dict:
         "error_totals": {c: n for c, n in sorted(_infer_counts(now).items()) if c != "ok"},
         "engine_busy": busy_ms / 1e3 / span if "executor" in engine and engine["executor"]
         else nan,
+        # share of the packing threads' time spent packing (near 100%: host-bound)
+        "pack_busy": (pack_ms / 1e3 / span / executor["pack_threads"]
+                      if executor.get("pack_threads") else nan),
         "gpu": now.get("gpu", {}),
     }
 
@@ -126,6 +130,9 @@ def render(now: dict, before: dict | None, title: str = "recserve"):
     totals = ", ".join(f"{c} {n}" for c, n in s["error_totals"].items()) or "none"
     table.add_row("errors", f"{errors} (since start: {totals})")
     table.add_row("engine GPU busy", _num(s["engine_busy"] * 100, ".0f", "%"))
+    if not math.isnan(s["pack_busy"]):
+        table.add_row("host packing busy", _num(s["pack_busy"] * 100, ".0f", "%")
+                      + " of the packing threads (near 100%: the host bounds the GPU)")
     return Group(table, *_gpu_lines(s["gpu"]))
 
 

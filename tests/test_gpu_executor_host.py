@@ -42,6 +42,9 @@ def test_every_request_is_answered_through_the_real_launch_and_completion_thread
     for n, scores in zip(sizes, results, strict=True):
         assert scores.shape[0] == n and not scores.any()  # the simulated device scores 0
     assert executor.free_slots() == SETTINGS.slots  # every slot came back
+    stats = executor.stats()
+    assert stats["batches"] == executor.batches and stats["pack_threads"] == 2
+    assert 0 < stats["pack_ms"] < 60_000
     assert executor.batches >= -(-sum(sizes) // SETTINGS.max_batch_rows)
     stages: dict[int, dict[str, tuple[float, float]]] = {}
     for seq, stage, start, end in executor.timeline:

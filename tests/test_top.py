@@ -35,7 +35,8 @@ def snapshot(t: float, ok: int, errors: int, rows: int, batches: int, latencies:
                        "latency_s": {"m": hist.to_dict()}},
             "engine": {"kind": "engine", "counters": {"rows": rows, "batches": batches},
                        "queued_rows": 7, "pending_requests": 3, "max_batch_rows": 1000,
-                       "executor": {"gpu_busy_ms": busy_ms}},
+                       "executor": {"gpu_busy_ms": busy_ms, "pack_ms": busy_ms / 2,
+                                    "pack_threads": 2}},
             "gpu": {"available": True, "reason": "", "gpus": [
                 {"index": 0, "name": "H200", "utilization_pct": 61.0,
                  "memory_used_bytes": 3 << 30, "memory_total_bytes": 141 << 30,
@@ -54,6 +55,7 @@ def test_summarize_uses_deltas_between_snapshots():
     assert 0.0015 <= s["p50_s"] <= 0.002 and s["p99_s"] <= 0.002  # old slow ones left out
     assert s["errors"] == {"not_found": 2} and s["error_totals"] == {"not_found": 3}
     assert s["engine_busy"] == pytest.approx(0.75)
+    assert s["pack_busy"] == pytest.approx(0.1875)  # 0.75 s of packing / 2 s / 2 threads
     assert (s["queued_rows"], s["pending"], s["in_flight"]) == (7, 3, 1)
     since_start = top.summarize(now, None)
     assert since_start["requests_per_s"] == pytest.approx(53 / 102.0)
