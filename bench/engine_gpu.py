@@ -210,7 +210,8 @@ def main() -> None:
         if name == "default":
             results.update(full_batches=run["full_batches"],
                            ranking_requests=run["ranking_requests"])
-    (args.outdir / "engine_gpu.json").write_text(json.dumps(results, indent=2) + "\n")
+        # after every variant, so a timeout keeps what was measured
+        (args.outdir / "engine_gpu.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
