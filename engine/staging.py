@@ -218,7 +218,10 @@ def _pack_group(group: GroupLayout, buffers: tuple, scratch: torch.Tensor,
     try:  # a plain copy when no id needs narrowing ("safe" refuses int64 -> int32)
         np.concatenate(ids, out=indices, casting="safe")
     except TypeError:
-        _narrow_ids(ids, indices, scratch.numpy()[:nnz])
+        if indices.dtype == np.int64:  # uint64 ids: those past int64 wrap negative, flagged
+            np.concatenate(ids, out=indices, casting="unsafe")
+        else:
+            _narrow_ids(ids, indices, scratch.numpy()[:nnz])
     offsets = offsets_t.numpy()[:used]
     steps = scratch.numpy().view(offsets.dtype)[:used]  # summing in the offsets' own dtype
     np.concatenate(lengths, out=steps, casting="same_kind")  # is twice as fast as casting
@@ -248,7 +251,7 @@ def _narrow_ids(ids: list[np.ndarray], out: np.ndarray, wide: np.ndarray) -> Non
                for v in ids):
             np.concatenate(ids, out=out, casting="unsafe")
             return
-    np.concatenate(ids, out=wide, casting="same_kind")
+    np.concatenate(ids, out=wide, casting="unsafe")  # uint64 past int64: negative, flagged
     if len(wide) and wide.min() >= -1 and wide.max() <= _INT32_MAX:
         np.copyto(out, wide, casting="unsafe")
     else:

@@ -101,6 +101,25 @@ def test_huge_ids_cannot_wrap_into_range_in_int32_staging(huge, pieces_before,
     assert bad.tolist() == [False] * pieces_before + [True]
 
 
+@pytest.mark.parametrize("per_array_checks", [64, 0])
+def test_unsigned_ids_are_staged_or_flagged(per_array_checks, monkeypatch):
+    from recserve.engine import staging
+
+    monkeypatch.setattr(staging, "_PER_ARRAY_CHECKS", per_array_checks)
+    spec = small_spec()
+    weights = init_weights(spec, seed=6)
+    rng = np.random.default_rng(6)
+    pieces = [random_inputs(spec, rng, 2) for _ in range(2)]
+    item0, item1 = pieces[0].sparse["item"], pieces[1].sparse["item"]
+    pieces[0].sparse["item"] = SparseInput(item0.values.astype(np.uint32), item0.lengths)
+    pieces[1].sparse["item"] = SparseInput(np.array([(1 << 63) + 5, 1], np.uint64),
+                                           item1.lengths)  # would wrap to a negative int64
+    _, _, scores, bad = packed_scores(spec, weights, pieces, bucket=8)
+    assert bad.tolist() == [False, True]
+    want = ReferenceModel(spec, weights).forward(collate(spec, pieces[:1]))
+    torch.testing.assert_close(scores[:2], want, rtol=1e-4, atol=1e-5)
+
+
 def test_int32_ids_are_staged_unchanged():
     spec = small_spec()
     weights = init_weights(spec, seed=3)
