@@ -56,7 +56,13 @@ def resolve_handle(handles: dict[tuple[str, int], ModelHandle], name: str,
 
 
 class Backend(Protocol):
-    """The scoring engine behind the server."""
+    """The scoring engine behind the server.
+
+    Optional: ``async score_request(handle, inputs, deadline, pinned) -> (scores, version)``
+    for a backend that may score a newer version than the one the request was validated
+    against (the worker processes' ``RemoteBackend``, whose model table can trail a swap);
+    the dispatcher uses it when present, else ``score`` with the resolved version.
+    """
 
     def models(self) -> list[ModelHandle]:
         """Every model version being served, sorted by name then version."""
