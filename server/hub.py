@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from . import channel
-from .codec import FrameDecoder
+from .channel_end import ChannelEnd
 from .config import ServerConfig
 from .control import Control
 from .dispatch import Dispatcher, Op, Request
@@ -48,36 +48,25 @@ START_TIMEOUT_S = 60.0
 RESPAWN_PAUSE_S = 1.0
 
 
-class EngineSide(asyncio.Protocol):
+class EngineSide(ChannelEnd):
     """This process's end of one worker's channel."""
 
     def __init__(self, hub: Hub, index: int) -> None:
+        super().__init__()
         self.hub, self.index = hub, index
-        self.decoder = FrameDecoder(1 << 31)
-        self.transport: asyncio.Transport | None = None
         self.listening = asyncio.get_running_loop().create_future()
-        self.closed = asyncio.get_running_loop().create_future()
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        for payload in self.decoder.feed(data):
-            view = memoryview(payload)
-            if view[:1] == b"S":
-                self.hub.score(self, view)
-            else:
-                self.hub.on_control(self, channel.decode_control(view))
+    def on_frame(self, view: memoryview) -> None:
+        if view[:1] == b"S":
+            self.hub.score(self, view)
+        else:
+            self.hub.on_control(self, channel.decode_control(view))
 
     def connection_lost(self, exc) -> None:
         self.hub.lost(self)
         for future in (self.listening, self.closed):
             if not future.done():
                 future.set_result(False)
-
-    def send(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
 
 
 class Hub:

@@ -28,7 +28,7 @@ from recserve.engine.spec import ModelSpec
 
 from . import channel
 from .backend import ModelHandle, resolve_handle
-from .codec import FrameDecoder
+from .channel_end import ChannelEnd
 from .config import ServerConfig
 from .dispatch import Op, Request
 from .errors import InternalError, NotFound, RecserveError
@@ -37,34 +37,23 @@ log = logging.getLogger("recserve.server")
 STATS_PUSH_S = 0.5  # how stale the merged request counts may be in another worker's stats
 
 
-class Channel(asyncio.Protocol):
+class Channel(ChannelEnd):
     """The worker's end of its channel: requests out, replies and pushes in."""
 
     def __init__(self, backend: RemoteBackend) -> None:
+        super().__init__()
         self.backend = backend
-        self.decoder = FrameDecoder(1 << 31)
-        self.transport: asyncio.Transport | None = None
-        self.closed = asyncio.get_running_loop().create_future()
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        for payload in self.decoder.feed(data):
-            view = memoryview(payload)
-            if view[:1] == b"R":
-                self.backend.on_reply(*channel.decode_reply(view))
-            else:
-                self.backend.on_control(channel.decode_control(view))
+    def on_frame(self, view: memoryview) -> None:
+        if view[:1] == b"R":
+            self.backend.on_reply(*channel.decode_reply(view))
+        else:
+            self.backend.on_control(channel.decode_control(view))
 
     def connection_lost(self, exc) -> None:
         self.backend.on_lost()
         if not self.closed.done():
             self.closed.set_result(None)
-
-    def send(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
 
 
 class RemoteBackend:

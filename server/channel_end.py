@@ -1,0 +1,34 @@
+"""One end of a worker <-> engine-process channel: framing and writes, shared by both ends.
+
+Subclasses say what a frame means (``on_frame``) and what a lost connection means
+(``connection_lost``); messages themselves are built and read by ``channel``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from .codec import FrameDecoder
+
+
+class ChannelEnd(asyncio.Protocol):
+    """Frames in (each handed to ``on_frame`` as a memoryview), ``send`` out."""
+
+    def __init__(self) -> None:
+        self.decoder = FrameDecoder(1 << 31)
+        self.transport: asyncio.Transport | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        for payload in self.decoder.feed(data):
+            self.on_frame(memoryview(payload))
+
+    def on_frame(self, view: memoryview) -> None:
+        raise NotImplementedError
+
+    def send(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
