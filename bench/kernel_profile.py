@@ -19,16 +19,9 @@ def graph_us(fn: Callable[[], object], repeat: int = 20) -> float:
     """Median device microseconds per call of ``fn`` replayed ``repeat`` times in a graph."""
     import triton  # here: importing it first thing would precede the interpreter switch
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up (and autotune) outside the capture
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(repeat):
-            fn()
+    from recserve.kernels.model import capture_graph
+
+    graph, _ = capture_graph(lambda: [fn() for _ in range(repeat)])
     ms = triton.testing.do_bench(graph.replay, warmup=5, rep=50, return_mode="median")
     del graph
     return ms * 1e3 / repeat

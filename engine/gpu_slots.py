@@ -101,16 +101,8 @@ def device_step(model: GpuModel, slot: SlotState, bucket: int) -> tuple[torch.Te
 
 
 def capture(step, pool, device: torch.device):
-    """Warm ``step`` up on a side stream (autotuning its kernels), then capture it."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    torch.cuda.synchronize(device)
-    graph = torch.cuda.CUDAGraph()
-    # thread_local: the launcher thread keeps serving other models while this one captures.
-    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-        scores, bad = step()
+    """``step`` warmed up (autotuning its kernels) and captured: (graph, scores, bad)."""
+    from recserve.kernels.model import capture_graph
+
+    graph, (scores, bad) = capture_graph(step, pool=pool, device=device)
     return graph, scores, bad

@@ -184,18 +184,20 @@ class TritonModel:
         return torch.where(self.sigmoid.bool()[None, :], torch.sigmoid(logits), logits)
 
 
-def capture_graph(fn, *args):
+def capture_graph(fn, *args, pool=None, device: torch.device | None = None):
     """Warm ``fn(*args)`` up on a side stream (this also autotunes every kernel for these
-    shapes), then capture one call in a CUDA graph. Returns (graph, outputs of the captured
-    call); ``graph.replay()`` recomputes those outputs from the same input tensors."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
+    shapes), then capture one call in a CUDA graph (in ``pool`` when given). Returns
+    (graph, outputs of the captured call); ``graph.replay()`` recomputes those outputs from
+    the same input tensors. The capture is thread-local: other threads may keep launching
+    work (the engine captures one model while serving others)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
         for _ in range(2):
             fn(*args)
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         outputs = fn(*args)
     return graph, outputs
