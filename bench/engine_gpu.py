@@ -42,6 +42,8 @@ from recserve.engine.inputs import RequestInputs  # noqa: E402
 from recserve.engine.settings import EngineSettings  # noqa: E402
 from recserve.engine.staging import allocate, pack, staging_layout  # noqa: E402
 from recserve.engine.weights import init_weights  # noqa: E402
+from recserve.kernels.layout import build_layout  # noqa: E402
+from recserve.kernels.model import feature_groups  # noqa: E402
 
 import triton  # noqa: E402  isort: skip
 
@@ -107,8 +109,8 @@ def stage_means(timeline: list[tuple[int, str, float, float]]) -> dict:
 def pack_times(spec, full: RequestInputs, ranking: list[RequestInputs]) -> dict:
     """Milliseconds one thread takes to pack a full batch and a batch of ranking requests,
     into pinned and into pageable host buffers (is writing pinned memory slow here?)."""
-    layout = staging_layout(spec, [tuple(f.name for f in spec.sparse)], full.num_candidates,
-                            False)
+    layout = staging_layout(spec, feature_groups(spec), full.num_candidates,
+                            build_layout(spec).x_request)
     pieces, rows = [], 0
     for r in ranking:
         if rows + r.num_candidates > full.num_candidates:
