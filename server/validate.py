@@ -82,12 +82,7 @@ def _sparse(spec: ModelSpec, f: SparseFeature, value: object, n: int) -> SparseI
     lengths = None
     if f.scope == "candidate":
         lengths = _lengths(f, value["lengths"], len(values), n)
-    _check_range(spec, f, values)
-    if values.dtype != np.int32 and spec.table(f.table).rows <= _INT32_MAX:
-        # Every id is now known to be inside its table: narrow here, per request (in a
-        # worker process with --workers), so the engine's packing, its bottleneck on the
-        # GPU, copies half the bytes and checks nothing.
-        values = values.astype(np.int32)
+    values = _checked_ids(spec, f, values)
     weights = None
     if f.weighted:
         weights = _float_array(value["weights"], f"{label} weights", len(values))
@@ -139,7 +134,8 @@ def _lengths(f: SparseFeature, obj: object, num_values: int, n: int) -> np.ndarr
     return lengths
 
 
-def _check_range(spec: ModelSpec, f: SparseFeature, values: np.ndarray) -> None:
+def _checked_ids(spec: ModelSpec, f: SparseFeature, values: np.ndarray) -> np.ndarray:
+    """``values`` once every id is inside its table, as int32 where the table allows."""
     rows = spec.table(f.table).rows
     # Two reductions and no temporaries on the common path; find the culprit only on failure.
     if len(values) and (values.min() < 0 or values.max() >= rows):
@@ -149,6 +145,11 @@ def _check_range(spec: ModelSpec, f: SparseFeature, values: np.ndarray) -> None:
                                    f"outside table {f.table!r} (valid ids are 0 to {rows - 1})")
         error.invalid_ids = (f.name, int(np.count_nonzero(bad)))  # for the server's stats
         raise error
+    if values.dtype != np.int32 and rows <= _INT32_MAX:
+        # Narrowed here, per request (in a worker process with --workers), so the engine's
+        # packing, its bottleneck on the GPU, copies half the bytes and checks nothing.
+        values = values.astype(np.int32)
+    return values
 
 
 def _float_array(obj: object, label: str, max_elements: int) -> np.ndarray:
