@@ -264,7 +264,11 @@ _ZEROS: list[np.ndarray] = [np.zeros(0, np.int64)]
 
 
 def _zeros(n: int) -> np.ndarray:
-    """A shared int64 zeros array of at least ``n`` entries (padding lengths; only read)."""
-    if len(_ZEROS[0]) < n:
-        _ZEROS[0] = np.zeros(n, np.int64)
-    return _ZEROS[0]
+    """A shared int64 zeros array of at least ``n`` entries (padding lengths; only read).
+    Returns the array it checked, so a packing thread that grows it concurrently with
+    another can never hand back a shorter one."""
+    zeros = _ZEROS[0]
+    if len(zeros) < n:
+        zeros = np.zeros(n, np.int64)
+        _ZEROS[0] = zeros
+    return zeros
