@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import provenance  # noqa: E402
 import workloads as wl  # noqa: E402
+from engine import run_loop  # noqa: E402
 
 from recserve.engine.engine import Engine  # noqa: E402
 from recserve.engine.executor import slice_rows  # noqa: E402
@@ -139,7 +140,7 @@ def main() -> None:
     results = {"commit": provenance.commit(), "compute_ms": args.compute_ms, "runs": []}
     for name, run_settings, threads in variants:
         for kind, requests in traffic.items():
-            r = asyncio.run(run(run_settings, spec, requests, args.compute_ms, threads))
+            r = run_loop(run(run_settings, spec, requests, args.compute_ms, threads))
             results["runs"].append({"variant": name, "traffic": kind, **r})
             print(f"{name:15s} {kind:17s} {r['samples_per_s'] / 1e6:6.2f} M samples/s = "
                   f"{r['ratio_to_device']:.2f} of the simulated device; host stage ms "

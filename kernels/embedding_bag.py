@@ -7,7 +7,9 @@ Scope and limits:
   them. A model mixing table dtypes launches once
   per dtype group.
 - Input is CSR: all features' indices back to back (int32 or int64), and per feature
-  ``bags + 1`` absolute offsets (int32 or int64) concatenated in feature order.
+  ``bags + 1`` absolute offsets (int32 or int64) concatenated in feature order. Or, with
+  ``ends``, any order: bag b spans ``indices[offsets[b]:ends[b]]``, so a caller can lay ids
+  out request by request (the engine's staging: one copy per request, not per feature).
 - sum or mean pooling, optional per-value weights, fp32 accumulation, empty bags give zeros;
   the pooled vector is cast to ``out``'s dtype and written straight into its column slice
   of ``out`` (the interaction input), at any row stride.
@@ -41,6 +43,7 @@ from .tables import (
     BagFeature,
     PackedTables,
     alignment,
+    check_bounds,
     check_csr,
     check_launch,
     launch_plan,
@@ -49,7 +52,7 @@ from .tables import (
 import triton  # isort: skip  (after _common, which may switch on the interpreter)
 import triton.language as tl  # isort: skip
 
-__all__ = ["CONFIGS", "BagFeature", "PackedTables", "check_csr", "embedding_bag",
+__all__ = ["CONFIGS", "BagFeature", "PackedTables", "check_bounds", "check_csr", "embedding_bag",
            "embedding_bag_reference"]
 # (BAGS, LANES, UNROLL, num_warps); rows per tile stay <= 16 (Triton 3.6 broke at 32).
 # UNROLL 2: two tiles' loads in flight per step (half the dependent steps per bag, the
@@ -75,7 +78,7 @@ PREFETCH = True
 @triton.jit
 def _embedding_bag_kernel(
     # pointers
-    table_ptr, indices_ptr, offsets_ptr, weights_ptr,
+    table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
     out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr, prog_feature_ptr, meta_ptr,
     # strides
     out_stride,
@@ -89,7 +92,8 @@ def _embedding_bag_kernel(
     table [sum rows * row_stride] flat (QUANT: uint8 rows with their fp32 scale and offset
     inline, see ``PackedTables``),
     indices [nnz],
-    offsets [sum (bags_f + 1)] absolute into indices, weights [nnz] fp32 (WEIGHTED),
+    offsets [sum (bags_f + 1)] absolute into indices (bag starts), ends [the same] bag ends
+    (CSR: offsets shifted by one), weights [nnz] fp32 (WEIGHTED),
     out [B, out_stride] (columns out_col .. out_col+dim per feature), bad [R] int32,
     row_request [B], request_offsets [R + 1], prog_feature [programs] int32,
     meta [F, 9] int64 (see ``_META_COLS``).
@@ -111,12 +115,12 @@ def _embedding_bag_kernel(
     local = pid - tl.load(meta + 7)
     flags = tl.load(meta + 8)
     if (flags & 8) != 0:
-        _pool_long(table_ptr, indices_ptr, offsets_ptr, weights_ptr,
+        _pool_long(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
                    out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
                    elem_base, row_stride, rows, dim, bag_base, num_bags, out_col, local, flags,
                    out_stride, LANES, BLOCK_D, QUANT, WEIGHTED, PREFETCH, UNROLL)
     else:
-        _pool_short(table_ptr, indices_ptr, offsets_ptr, weights_ptr,
+        _pool_short(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
                     out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
                     elem_base, row_stride, rows, dim, bag_base, num_bags, out_col, local, flags,
                     out_stride, BAGS, BLOCK_D, QUANT, WEIGHTED, PREFETCH, UNROLL)
@@ -136,15 +140,20 @@ def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices:
                   offsets: torch.Tensor, out: torch.Tensor, *,
                   weights: torch.Tensor | None = None, row_request: torch.Tensor | None = None,
                   request_offsets: torch.Tensor | None = None,
-                  bad: torch.Tensor | None = None) -> torch.Tensor:
+                  bad: torch.Tensor | None = None,
+                  ends: torch.Tensor | None = None) -> torch.Tensor:
     """Pool every feature's bags into its slice of ``out`` [B, W] in one launch.
 
     ``offsets`` holds, per feature in order, bags+1 absolute positions into ``indices``
-    (bags = B for candidate scope, R for request scope). ``row_request`` [B] maps rows to
+    (bags = B for candidate scope, R for request scope). Without ``ends`` they are CSR
+    (bag b ends where b + 1 starts); with ``ends`` (same shape and dtype) bag b spans
+    ``offsets[b]:ends[b]`` and each feature's last slot is unused, so bags may lie anywhere
+    in ``indices``. ``row_request`` [B] maps rows to
     requests and ``request_offsets`` [R + 1] gives each request's rows (needed with
     request-scope features; both default to one request per row). Returns ``bad`` [R]
     int32: 1 where a request sent an index outside its table (those rows read nothing).
-    CSR consistency (monotone offsets within [0, nnz]) is the caller's: see ``check_csr``.
+    CSR consistency (monotone offsets, or 0 <= start <= end <= nnz per bag, within
+    [0, nnz]) is the caller's: see ``check_csr`` and ``check_bounds``.
     """
     features = tuple(features)
     num_rows = out.shape[0]
@@ -158,6 +167,13 @@ def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices:
             raise ValueError(f"row_request is needed when R={num_requests} != B={num_rows}")
         row_request = request_offsets[:-1]
     check_launch(packed, features, indices, offsets, out, weights, num_requests)
+    if ends is None:
+        ends = offsets[1:]  # CSR: a view, bag b's end is bag b + 1's start
+    else:
+        check_tensor("ends", ends, dtypes=[offsets.dtype], ndim=1, device=packed.device)
+        if ends.shape != offsets.shape:
+            raise ValueError(f"ends has shape {list(ends.shape)}; offsets has "
+                             f"{list(offsets.shape)} (one end per start)")
     check_tensor("row_request", row_request, dtypes=INDEX_DTYPES, ndim=1, device=packed.device)
     if bad is None:
         bad = torch.zeros(num_requests, dtype=torch.int32, device=out.device)
@@ -174,7 +190,7 @@ def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices:
         meta, prog_feature, programs = launch_plan(packed, features, num_rows, num_requests,
                                              cfg["BAGS"], cfg["LANES"])
         _embedding_bag_kernel[(programs,)](
-            packed.data, indices, offsets,
+            packed.data, indices, offsets, ends,
             weights if weighted else indices, out, bad, row_request, request_offsets,
             prog_feature, meta, out.stride(0),
             BAGS=cfg["BAGS"], LANES=cfg["LANES"], BLOCK_D=block_d, QUANT=packed.quantized,

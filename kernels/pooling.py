@@ -101,7 +101,7 @@ def _finish(acc, length, bad, bags, bmask, out_ptr, bad_ptr, row_request_ptr,
 
 
 @triton.jit
-def _pool_long(table_ptr, indices_ptr, offsets_ptr, weights_ptr,
+def _pool_long(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
                out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
                elem_base, row_stride, rows, dim, bag_base, num_bags, out_col, local, flags,
                out_stride, LANES: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr,
@@ -112,7 +112,7 @@ def _pool_long(table_ptr, indices_ptr, offsets_ptr, weights_ptr,
     bags = local + tl.arange(0, 1)
     bmask = bags < num_bags
     start = tl.load(offsets_ptr + bag_base + bags, mask=bmask, other=0).to(tl.int64)
-    end = tl.load(offsets_ptr + bag_base + bags + 1, mask=bmask, other=0).to(tl.int64)
+    end = tl.load(ends_ptr + bag_base + bags, mask=bmask, other=0).to(tl.int64)
     lanes = tl.arange(0, LANES)
     acc = tl.zeros([LANES, BLOCK_D], dtype=tl.float32)
     bad = tl.zeros([LANES], dtype=tl.int32)
@@ -165,7 +165,7 @@ def _halve(x, N: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _pool_short(table_ptr, indices_ptr, offsets_ptr, weights_ptr,
+def _pool_short(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
                 out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
                 elem_base, row_stride, rows, dim, bag_base, num_bags, out_col, local, flags,
                 out_stride, BAGS: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr,
@@ -176,7 +176,7 @@ def _pool_short(table_ptr, indices_ptr, offsets_ptr, weights_ptr,
     bags = local * BAGS + tl.arange(0, BAGS)
     bmask = bags < num_bags
     start = tl.load(offsets_ptr + bag_base + bags, mask=bmask, other=0).to(tl.int64)
-    length = tl.load(offsets_ptr + bag_base + bags + 1, mask=bmask, other=0) - start
+    length = tl.load(ends_ptr + bag_base + bags, mask=bmask, other=0) - start
     acc = tl.zeros([BAGS, BLOCK_D], dtype=tl.float32)
     bad = tl.zeros([BAGS], dtype=tl.int32)
     if UNROLL == 1:

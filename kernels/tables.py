@@ -137,6 +137,22 @@ def check_csr(offsets: torch.Tensor, bag_counts: Sequence[int], nnz: int) -> Non
         base += count + 1
 
 
+def check_bounds(starts: torch.Tensor, ends: torch.Tensor, bag_counts: Sequence[int],
+                 nnz: int) -> None:
+    """Raise ValueError unless every bag's (start, end) satisfies 0 <= start <= end <= nnz
+    (``offsets`` with ``ends``; each feature's last slot is not read). Host copy, like
+    ``check_csr``."""
+    starts, ends = starts.detach().cpu().to(torch.int64), ends.detach().cpu().to(torch.int64)
+    base = 0
+    for i, count in enumerate(bag_counts):
+        s, e = starts[base:base + count], ends[base:base + count]
+        bad = (s < 0) | (e < s) | (e > nnz)
+        if s.shape[0] != count or e.shape[0] != count or bool(bad.any()):
+            raise ValueError(f"feature {i}: bag bounds must satisfy 0 <= start <= end <= {nnz}"
+                             f" for each of its {count} bags")
+        base += count + 1
+
+
 _plans: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
 
 

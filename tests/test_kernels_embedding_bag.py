@@ -14,6 +14,7 @@ from recserve.engine.weights import dequantize_rowwise, quantize_rowwise
 from recserve.kernels.embedding_bag import (
     BagFeature,
     PackedTables,
+    check_bounds,
     check_csr,
     embedding_bag,
     embedding_bag_reference,
@@ -162,6 +163,72 @@ def test_same_batch_gives_identical_bits(device):
     assert torch.equal(first, second)
 
 
+def _scattered(features, offsets, num_rows, num_requests, gen):
+    """The same bags moved to random places in a longer indices array: (positions of each
+    old index in the new array, starts, ends, new length). Each feature's last slot is
+    poisoned (it must not be read)."""
+    counts = [num_requests if f.request_scope else num_rows for f in features]
+    bags, base = [], 0
+    for c in counts:
+        bags += [(int(offsets[base + b]), int(offsets[base + b + 1])) for b in range(c)]
+        base += c + 1
+    order = torch.randperm(len(bags), generator=gen).tolist()
+    where, starts_by_bag, pos = {}, {}, 5  # a gap before, between and after the bags
+    for b in order:
+        lo, hi = bags[b]
+        starts_by_bag[b] = pos
+        for k in range(lo, hi):
+            where[k] = pos + k - lo
+        pos += hi - lo + 2
+    starts, ends, b = [], [], 0
+    for c in counts:
+        starts += [starts_by_bag[b + i] for i in range(c)] + [-9]
+        ends += [starts_by_bag[b + i] + bags[b + i][1] - bags[b + i][0] for i in range(c)]
+        ends += [1 << 30]
+        b += c
+    return where, torch.tensor(starts), torch.tensor(ends), pos + 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,index_dtype", [(torch.bfloat16, torch.int32),
+                                               (torch.uint8, torch.int64)])
+def test_bags_anywhere_with_ends_give_the_same_bits_as_csr(device, dtype, index_dtype):
+    """``ends``: bags in any order and with gaps (how the engine lays out a batch, request by
+    request) pool to exactly what the same bags give as CSR."""
+    gen = torch.Generator().manual_seed(21)
+    dims, rows, num_rows = [8, 24, 16], [50, 9, 300], 11
+    features = _features(dims)
+    stored, scales, shifts, _ = _tables(dtype, dims, rows, gen)
+    request_offsets, row_request = _requests(num_rows, gen)
+    num_requests = len(request_offsets) - 1
+    indices, offsets = _csr(features, rows, num_rows, num_requests, gen, index_dtype)
+    indices[3] = 1000  # out of its table: flagged either way
+    weights = torch.rand(indices.shape[0], generator=gen)
+    where, starts, ends, length = _scattered(features, offsets, num_rows, num_requests, gen)
+    moved = torch.full((length,), 7, dtype=index_dtype)
+    moved_weights = torch.full((length,), float("nan"))
+    for old, new in where.items():
+        moved[new], moved_weights[new] = indices[old], weights[old]
+    packed = PackedTables([t.to(device) for t in stored],
+                          [x.to(device) for x in scales] if scales else None,
+                          [x.to(device) for x in shifts] if shifts else None)
+    width = max(f.out_col + dims[f.table] for f in features)
+    results = []
+    for idx, starts_, ends_, w in ((indices, offsets, None, weights),
+                                   (moved, starts.to(index_dtype), ends.to(index_dtype),
+                                    moved_weights)):
+        out = torch.full((num_rows, width), float("nan"), device=device)
+        bad = embedding_bag(packed, features, idx.to(device), starts_.to(device), out,
+                            weights=w.to(device), row_request=row_request.to(device),
+                            request_offsets=request_offsets.to(device),
+                            ends=None if ends_ is None else ends_.to(device))
+        results.append((out.cpu(), bad.cpu()))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1]) and results[0][1].any()
+    check_bounds(starts, ends, [num_rows if not f.request_scope else num_requests
+                                for f in features], length)
+
+
 @pytest.mark.gpu
 def test_bf16_output_within_bf16_rounding_on_gpu():
     dims = [128, 128, 128]
@@ -193,6 +260,13 @@ def test_launcher_rejects_bad_arguments():
         PackedTables([torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.float16)])
     with pytest.raises(ValueError, match="not monotone"):
         check_csr(torch.tensor([0, 2, 1, 3]), [3], 3)
+    with pytest.raises(ValueError, match=r"ends has shape \[3\]; offsets has \[4\]"):
+        embedding_bag(packed, feats, idx, offs, out, ends=offs[1:])
+    with pytest.raises(ValueError, match="ends has dtype torch.int32"):
+        embedding_bag(packed, feats, idx, offs, out, ends=offs.int())
+    with pytest.raises(ValueError, match="0 <= start <= end <= 3"):
+        check_bounds(torch.tensor([0, 2, 1, 0]), torch.tensor([1, 1, 3, 0]), [3], 3)
+    check_bounds(torch.tensor([2, 0, 1, -5]), torch.tensor([3, 2, 1, 99]), [3], 3)
 
 
 def test_alignment_hint_is_the_largest_common_power_of_two():
