@@ -36,7 +36,6 @@ import provenance  # noqa: E402
 import workloads as wl  # noqa: E402
 
 from recserve.engine.engine import Engine  # noqa: E402
-from recserve.engine.executor import slice_rows  # noqa: E402
 from recserve.engine.gpu_executor import GpuExecutor  # noqa: E402
 from recserve.engine.inputs import RequestInputs  # noqa: E402
 from recserve.engine.settings import EngineSettings  # noqa: E402
@@ -134,7 +133,7 @@ def pack_only(outdir: Path, spec, batch: int) -> None:
     """``--pack-only``: pack times of one thread, with the machine they ran on."""
     rng = np.random.default_rng(0)
     full = wl.full_requests(spec, rng, batch, 1)
-    ranking = [slice_rows(spec, full[0], 0, int(n)) for n in rng.integers(100, 701, 40)]
+    ranking = wl.ranking_slices(spec, full, rng, 40)
     results = {"host": platform.node(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
                "numpy": np.__version__, "commit": provenance.commit(), "batch": batch,
                "pack_ms": pack_times(spec, full[0], ranking)}
@@ -183,7 +182,7 @@ def main() -> None:
     results["copy_in"] = copy_in_rate()
     print(f"host -> device: {results['copy_in']}")
     full = wl.full_requests(spec, rng, args.batch, 4)
-    ranking = [slice_rows(spec, r, 0, int(n)) for r in full for n in rng.integers(100, 701, 30)]
+    ranking = wl.ranking_slices(spec, full, rng, 30)
     repeats = max(1, args.batches * args.batch // sum(r.num_candidates for r in ranking))
     results["pack_ms"] = pack_times(spec, full[0], ranking)
     print(f"one thread packing one 8192-row batch, ms: {results['pack_ms']}")

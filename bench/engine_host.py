@@ -32,10 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import provenance  # noqa: E402
 import workloads as wl  # noqa: E402
-from engine import run_loop  # noqa: E402
 
+from engine import run_loop  # noqa: E402
 from recserve.engine.engine import Engine  # noqa: E402
-from recserve.engine.executor import slice_rows  # noqa: E402
 from recserve.engine.gpu_executor import GpuExecutor  # noqa: E402
 from recserve.engine.gpu_slots import GpuModel, SlotState  # noqa: E402
 from recserve.engine.settings import EngineSettings  # noqa: E402
@@ -128,7 +127,7 @@ def main() -> None:
     spec = wl.dlrmv2_spec(4_000_000)
     rng = np.random.default_rng(0)
     full = wl.full_requests(spec, rng, args.batch, 4)
-    ranking = [slice_rows(spec, r, 0, int(n)) for r in full for n in rng.integers(100, 701, 30)]
+    ranking = wl.ranking_slices(spec, full, rng, 30)
     repeats = max(1, args.batches * args.batch // sum(r.num_candidates for r in ranking))
     traffic = {"full_batches": full * (args.batches // 4), "ranking_requests": ranking * repeats}
     settings = EngineSettings(max_batch_rows=args.batch, buckets=(args.batch,), slots=args.slots,

@@ -96,7 +96,7 @@ def new_configs(tuner, before: set) -> list:
 
 
 def gather_once(packed, feats, p, e: torch.Tensor):
-    indices, offsets, weights = p.groups[0]
+    indices, offsets, _, weights = p.groups[0]  # CSR (no ends)
 
     def run() -> torch.Tensor:
         return eb.embedding_bag(packed, feats, indices, offsets, e, weights=weights,

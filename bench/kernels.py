@@ -118,7 +118,7 @@ def baselines(rec: Recorder) -> dict:
 def gather_fn(model: TritonModel, p, e: torch.Tensor):
     """The model's one-launch gather of prepared batch ``p`` into ``e`` (one dtype group)."""
     packed, feats, _ = model.groups[0]
-    indices, offsets, weights = p.groups[0]
+    indices, offsets, _, weights = p.groups[0]  # CSR (no ends)
 
     def run() -> torch.Tensor:
         return embedding_bag(packed, feats, indices, offsets, e, weights=weights,

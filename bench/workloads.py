@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from recserve.engine.demo import ZIPF_ALPHA, random_inputs
+from recserve.engine.executor import slice_rows
+from recserve.engine.flat import with_flat
 from recserve.engine.inputs import RequestInputs, SparseInput
 from recserve.engine.spec import DenseFeature, Interaction, ModelSpec, SparseFeature, Table
 
@@ -101,7 +103,8 @@ def to_prepared(model, inputs: dict):
             idx.append(v)
             offs.append(inputs["offsets"][by_name[n]] + base)
             base += v.shape[0]
-        groups.append((torch.cat(idx).to(torch.int32), torch.cat(offs).to(torch.int32), None))
+        groups.append((torch.cat(idx).to(torch.int32), torch.cat(offs).to(torch.int32), None,
+                       None))
     rows = torch.arange(b + 1, device=dev, dtype=torch.int32)
     return PreparedBatch(b, b, rows[:-1], rows, rows[:-1],
                          inputs["dense"].to(model.dtype), tuple(groups))
@@ -210,7 +213,8 @@ class TorchPeer:
 
 def full_requests(spec, rng, rows: int, count: int) -> list[RequestInputs]:
     """``count`` requests of ``rows`` candidates, every bag at its max_bag (MLPerf shape);
-    int32 ids, as the server hands them to the engine (validation narrows them)."""
+    int32 ids and the flat form, as the server hands them to the engine (validation narrows
+    ids and flattens them)."""
     out = []
     for _ in range(count):
         sparse = {}
@@ -219,5 +223,13 @@ def full_requests(spec, rng, rows: int, count: int) -> list[RequestInputs]:
             values = rng.integers(0, table_rows, rows * f.max_bag, dtype=np.int32)
             sparse[f.name] = SparseInput(values, np.full(rows, f.max_bag, dtype=np.int64))
         dense = {f.name: rng.standard_normal((rows, f.dim), dtype=np.float32) for f in spec.dense}
-        out.append(RequestInputs(rows, sparse, dense))
+        out.append(with_flat(spec, RequestInputs(rows, sparse, dense)))
     return out
+
+
+def ranking_slices(spec, full: list[RequestInputs], rng, per_request: int
+                   ) -> list[RequestInputs]:
+    """Ranking-size requests (N uniform in 100..700) cut from ``full`` ones, each with its
+    flat form as validation would make it."""
+    return [with_flat(spec, slice_rows(spec, r, 0, int(n)))
+            for r in full for n in rng.integers(100, 701, per_request)]

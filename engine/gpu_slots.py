@@ -65,11 +65,12 @@ def copy_in(model: GpuModel, slot: SlotState, sizes: PackedSizes,
              (dev.first_rows, host.first_rows, b + 1)]
     if dev.dense is not None:
         pairs.append((dev.dense, host.dense, b + 1 if model.layout.dense_per_request else b))
-    for (di, do, dw), (hi, ho, hw), nnz, used in zip(dev.groups, host.groups, sizes.nnz,
-                                                     sizes.offsets, strict=True):
-        pairs += [(di, hi, nnz), (do, ho, used)]
-        if dw is not None:
-            pairs.append((dw, hw, nnz))
+    pairs.append((dev.ids, host.ids, sizes.nnz))
+    if dev.weights is not None:
+        pairs.append((dev.weights, host.weights, sizes.nnz))
+    for (d_starts, d_ends), (h_starts, h_ends), used in zip(dev.groups, host.groups,
+                                                            sizes.bounds, strict=True):
+        pairs += [(d_starts, h_starts, used), (d_ends, h_ends, used)]
     copied = 0
     with torch.cuda.stream(stream):
         for device_buf, host_buf, n in pairs:
@@ -91,9 +92,9 @@ def device_step(model: GpuModel, slot: SlotState, bucket: int) -> tuple[torch.Te
         dense = slot.dense_compute[:rows]
         dense.copy_(dev.dense[:rows])  # fp32 staging -> compute dtype, on the device
     groups = []
-    for group, (indices, offsets, weights) in zip(layout.groups, dev.groups, strict=True):
-        used = sum((r_cap if req else bucket) + 1 for req in group.request_scope)
-        groups.append((indices, offsets[:used], weights))
+    for group, (starts, ends) in zip(layout.groups, dev.groups, strict=True):
+        used = group.bounds_used(bucket)
+        groups.append((dev.ids, starts[:used], ends[:used], dev.weights))
     prepared = PreparedBatch(bucket, r_cap, dev.row_request[:bucket],
                              dev.request_offsets[:r_cap + 1], dev.first_rows[:r_cap], dense,
                              tuple(groups))

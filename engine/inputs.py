@@ -10,11 +10,15 @@ with ``row_request`` saying which request each row belongs to (for the broadcast
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .spec import ModelSpec
+
+if TYPE_CHECKING:
+    from .flat import FlatSparse
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +44,10 @@ class RequestInputs:
     """Sparse inputs by feature name."""
     dense: dict[str, np.ndarray]
     """float32 dense inputs by name: [dim] for request scope, [N, dim] for candidate scope."""
+    flat: FlatSparse | None = None
+    """The same sparse inputs back to back (``recserve.engine.flat``), when whoever built
+    the request made them (validation, the worker channel): the GPU engine then stages the
+    request in one copy. Must hold exactly ``sparse``'s data; never change one alone."""
 
 
 @dataclass(frozen=True, slots=True)

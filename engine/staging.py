@@ -7,17 +7,21 @@ so every bucket has fixed tensor shapes (a static input for a CUDA graph):
 
   row_request [B], request_offsets [B + 2], first_rows [B + 1]   (R_cap = B + 1)
   dense fp32 [B or R_cap, dense_in_dim]
-  per table group: indices [cap], offsets [sum over features of bags + 1], weights [cap]
+  ids [cap], weights [cap] (when a feature is weighted): every group's ids, request by request
+  per table group: starts, ends [sum over features of bags + 1] (the kernel's bag bounds)
 
-Bags beyond the real requests and rows are empty, dense padding is zero, so padding
-rows compute finite scores that are never read. Only the used prefix of each buffer
-travels to the device.
+Ids lie request by request (each request's ``FlatSparse``: one copy per request, not one
+per feature and request), and each bag's (start, end) says where its ids are; a group's
+bounds list its candidate-scope features (B + 1 slots each) before its request-scope ones
+(R_cap + 1 slots each), the order ``feature_groups`` gives, so one request's bounds for a
+whole group are one 2-D array add. Bags beyond the real requests and rows are empty, dense
+padding is zero, so padding rows compute finite scores that are never read. Only the used
+prefix of each buffer travels to the device.
 
-Ids and offsets are staged as int32 when every table of the group has fewer than 2^31 rows
-(int64 otherwise), so the host writes and the copy-in moves half the bytes: packing was the
-engine's bottleneck on the H200's host (2.2 ms of one thread per 8192-row dlrmv2 batch
-against 0.75 ms of compute). Ids that arrive as int32 (the server keeps ids sent as i4) are
-copied as they are; wider ids are checked (min and max) and cast, or clipped to
+Ids are staged as int32 when every table has fewer than 2^31 rows (int64 otherwise), so
+the host writes and the copy-in moves half the bytes: packing was the engine's bottleneck
+on the H200's host. Ids that arrive as int32 (the server keeps ids sent as i4) are copied
+as they are; wider ids are checked (min and max, once per request) and cast, or clipped to
 [-1, 2^31-1] when some fall outside int32, so no id can wrap into a table's range (the
 kernel flags what stays outside).
 """
@@ -29,25 +33,32 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .flat import FlatSparse, flatten_sparse
 from .inputs import RequestInputs
 from .spec import ModelSpec
 
 
 @dataclass(frozen=True, slots=True)
 class GroupLayout:
-    """One table-dtype group: its features in kernel order and buffer capacities."""
+    """One table-dtype group: its features in kernel order (candidate scope first) and
+    where they sit in a request's ``FlatSparse``."""
 
     features: tuple[str, ...]
-    request_scope: tuple[bool, ...]
-    weighted_features: tuple[bool, ...]
-    index_dtype: torch.dtype
-    index_capacity: int
-    offsets_capacity: int
+    candidate_features: int
+    """F_c: the first F_c features are candidate scope, the rest request scope."""
+    candidate_rows: tuple[int, ...]
+    """Each candidate-scope feature's row in a FlatSparse's [F_c(model), N] bounds."""
+    request_rows: tuple[int, ...]
+    """Each request-scope feature's position among a FlatSparse's request bags."""
 
     @property
-    def weighted(self) -> bool:
-        """Whether the group has a weights buffer (some feature is weighted)."""
-        return any(self.weighted_features)
+    def request_features(self) -> int:
+        """F_r: request-scope features."""
+        return len(self.features) - self.candidate_features
+
+    def bounds_used(self, bucket: int) -> int:
+        """Bound slots a batch of ``bucket`` rows uses: bags + 1 per feature."""
+        return self.candidate_features * (bucket + 1) + self.request_features * (bucket + 2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +70,14 @@ class StagingLayout:
     dense_width: int
     dense_per_request: bool
     groups: tuple[GroupLayout, ...]
+    index_dtype: torch.dtype
+    """int32 when every table has fewer than 2^31 rows, else int64."""
+    index_capacity: int
+    """Ids of a full batch whose bags all hold ``max_bag`` ids."""
+    weighted: bool
+    """Whether some feature has per-value weights (then there is a weights buffer)."""
+    flat_bags: tuple[int, int]
+    """(F_c, F_r) of the spec: a request's FlatSparse has F_c x N + F_r bags."""
 
     @property
     def max_requests(self) -> int:
@@ -68,20 +87,30 @@ class StagingLayout:
 
 def staging_layout(spec: ModelSpec, group_features: list[tuple[str, ...]], max_rows: int,
                    dense_per_request: bool) -> StagingLayout:
-    """Layout for ``spec`` whose kernels gather ``group_features`` per launch group."""
+    """Layout for ``spec`` whose kernels gather ``group_features`` per launch group (each
+    listing its candidate-scope features first, as ``kernels.model.feature_groups`` does)."""
     by_name = {f.name: f for f in spec.sparse}
+    candidates = [f.name for f in spec.sparse if f.scope == "candidate"]
+    requests = [f.name for f in spec.sparse if f.scope == "request"]
     groups = []
     for names in group_features:
-        feats = [by_name[n] for n in names]
-        bags = [max_rows + 1 if f.scope == "request" else max_rows for f in feats]
-        capacity = sum(f.max_bag * b for f, b in zip(feats, bags, strict=True))
-        rows = max(spec.table(f.table).rows for f in feats)
-        narrow = rows <= _INT32_MAX and capacity <= _INT32_MAX
-        groups.append(GroupLayout(tuple(names), tuple(f.scope == "request" for f in feats),
-                                  tuple(f.weighted for f in feats),
-                                  torch.int32 if narrow else torch.int64, capacity,
-                                  sum(b + 1 for b in bags)))
-    return StagingLayout(spec, max_rows, spec.dense_in_dim, dense_per_request, tuple(groups))
+        scopes = [by_name[n].scope for n in names]
+        f_c = scopes.count("candidate")
+        if scopes != ["candidate"] * f_c + ["request"] * (len(names) - f_c):
+            raise ValueError(f"group {list(names)} must list its candidate-scope features "
+                             "before its request-scope ones (see feature_groups)")
+        groups.append(GroupLayout(tuple(names), f_c,
+                                  tuple(candidates.index(n) for n in names[:f_c]),
+                                  tuple(requests.index(n) for n in names[f_c:])))
+    # Every feature's ids are staged (a request's FlatSparse holds them all).
+    capacity = sum(f.max_bag * (max_rows + 1 if f.scope == "request" else max_rows)
+                   for f in spec.sparse)
+    rows = max((t.rows for t in spec.tables), default=0)
+    narrow = rows <= _INT32_MAX and capacity <= _INT32_MAX
+    return StagingLayout(spec, max_rows, spec.dense_in_dim, dense_per_request, tuple(groups),
+                         torch.int32 if narrow else torch.int64, capacity,
+                         any(f.weighted for f in spec.sparse),
+                         (len(candidates), len(requests)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,16 +121,14 @@ class Buffers:
     request_offsets: torch.Tensor
     first_rows: torch.Tensor
     dense: torch.Tensor | None
-    groups: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], ...]
-    scratch: torch.Tensor | None = None
-    """Host only (pageable, never copied): int64 room for one group's bag lengths (one
-    cumulative sum turns them into the group's offsets) or its wide ids on their way to
-    int32."""
+    ids: torch.Tensor
+    weights: torch.Tensor | None
+    groups: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    """Per group: (starts, ends) of its bags, in its kernel's offsets layout."""
 
 
 def allocate(layout: StagingLayout, device: torch.device | str, pin: bool = False) -> Buffers:
-    """Allocate one set of buffers (zeroed) for ``layout`` on ``device`` (with the packing
-    scratch when it is the host set)."""
+    """Allocate one set of buffers (zeroed) for ``layout`` on ``device``."""
     def make(shape, dtype):
         return torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
 
@@ -109,17 +136,11 @@ def allocate(layout: StagingLayout, device: torch.device | str, pin: bool = Fals
     dense = None
     if layout.dense_width:
         dense = make(((r if layout.dense_per_request else b), layout.dense_width), torch.float32)
-    groups = tuple((make(g.index_capacity, g.index_dtype),
-                    make(g.offsets_capacity, g.index_dtype),
-                    make(g.index_capacity, torch.float32) if g.weighted else None)
-                   for g in layout.groups)
-    scratch = None
-    if torch.device(device).type == "cpu":
-        room = max((max(g.offsets_capacity, g.index_capacity) for g in layout.groups),
-                   default=0)
-        scratch = torch.zeros(room, dtype=torch.int64)
+    weights = make(layout.index_capacity, torch.float32) if layout.weighted else None
+    groups = tuple((make(g.bounds_used(b), layout.index_dtype),
+                    make(g.bounds_used(b), layout.index_dtype)) for g in layout.groups)
     return Buffers(make(b, torch.int32), make(r + 1, torch.int32), make(r, torch.int32),
-                   dense, groups, scratch)
+                   dense, make(layout.index_capacity, layout.index_dtype), weights, groups)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,15 +153,19 @@ class PackedSizes:
     """Real rows."""
     requests: int
     """Real requests (pieces)."""
-    nnz: tuple[int, ...]
-    """Ids written per group."""
-    offsets: tuple[int, ...]
-    """Offsets written per group (fixed for a bucket)."""
+    nnz: int
+    """Ids (and weights) written."""
+    bounds: tuple[int, ...]
+    """Bound slots written per group (fixed for a bucket)."""
 
 
 def pack(layout: StagingLayout, host: Buffers, pieces: list[RequestInputs],
          bucket: int) -> PackedSizes:
-    """Write ``pieces`` (already sliced to their planned rows) into ``host`` for ``bucket``."""
+    """Write ``pieces`` (already sliced to their planned rows) into ``host`` for ``bucket``.
+
+    Per piece: one copy of its ids (and weights), and per group four array adds for its
+    bag bounds; padding rows and the padding request get empty bags.
+    """
     spec = layout.spec
     counts = np.array([p.num_candidates for p in pieces], dtype=np.int64)
     rows, real = int(counts.sum()), len(pieces)
@@ -158,12 +183,84 @@ def pack(layout: StagingLayout, host: Buffers, pieces: list[RequestInputs],
     if host.dense is not None:
         _pack_dense(spec, host.dense.numpy(), pieces, counts, bucket, r_cap,
                     layout.dense_per_request)
-    nnz, used = [], []
-    for group, buffers in zip(layout.groups, host.groups, strict=True):
-        n, o = _pack_group(group, buffers, host.scratch, pieces, bucket, r_cap)
-        nnz.append(n)
-        used.append(o)
-    return PackedSizes(bucket, rows, real, tuple(nnz), tuple(used))
+    flats = [_flat(layout, p) for p in pieces]
+    bases = _pack_ids(layout, host, flats)
+    used = tuple(_pack_bounds(group, starts, ends, flats, counts.tolist(), bases, bucket)
+                 for group, (starts, ends) in zip(layout.groups, host.groups, strict=True))
+    return PackedSizes(bucket, rows, real, bases[-1], used)
+
+
+def _flat(layout: StagingLayout, piece: RequestInputs) -> FlatSparse:
+    """The piece's FlatSparse: the one it came with when its shape fits the spec's
+    features, else built from its per-feature inputs."""
+    flat, n = piece.flat, piece.num_candidates
+    f_c, f_r = layout.flat_bags
+    if flat is not None and flat.lengths.shape == (f_c, n) and len(flat.bounds) == \
+            f_c * n + f_r + 1:
+        return flat
+    return flatten_sparse(layout.spec, piece.sparse, n)
+
+
+def _pack_ids(layout: StagingLayout, host: Buffers, flats: list[FlatSparse]) -> list[int]:
+    """Every piece's ids (and weights) back to back; where each piece starts, and the end."""
+    bases = [0]
+    for flat in flats:
+        bases.append(bases[-1] + len(flat.ids))
+    if bases[-1] > layout.index_capacity:
+        raise ValueError(f"{bases[-1]} ids do not fit the staging buffers "
+                         f"({layout.index_capacity}): a bag is longer than its max_bag")
+    ids = host.ids.numpy()
+    weights = host.weights.numpy() if host.weights is not None else None
+    for flat, start, end in zip(flats, bases[:-1], bases[1:], strict=True):
+        _copy_ids(flat.ids, ids[start:end])
+        if weights is not None:
+            weights[start:end] = flat.weights if flat.weights is not None else 1.0
+    return bases
+
+
+def _copy_ids(src: np.ndarray, dst: np.ndarray) -> None:
+    """int32 or int64 ``src`` into ``dst``: int64 ids narrowed to int32 by a cast when all
+    fit (one min and max per request), else clipped to [-1, 2^31-1], so an id outside
+    int32 stays outside every table instead of wrapping into one."""
+    if dst.dtype == np.int32 and src.dtype != np.int32 and len(src) \
+            and (src.min() < -1 or src.max() > _INT32_MAX):
+        np.clip(src, -1, _INT32_MAX, out=dst, casting="unsafe")
+    else:
+        np.copyto(dst, src, casting="unsafe")
+
+
+def _pack_bounds(group: GroupLayout, starts_t: torch.Tensor, ends_t: torch.Tensor,
+                 flats: list[FlatSparse], counts: list[int], bases: list[int],
+                 bucket: int) -> int:
+    """One group's bag bounds: each piece's (start, end) per bag plus where its ids
+    landed; empty bags for padding. Returns the slots written."""
+    f_c, f_r = group.candidate_features, group.request_features
+    split, used = f_c * (bucket + 1), group.bounds_used(bucket)
+    starts, ends = starts_t.numpy(), ends_t.numpy()
+    # [F_c, B + 1] and [F_r, R_cap + 1] views: one feature per row, its last slot unused
+    cand = (starts[:split].reshape(f_c, bucket + 1), ends[:split].reshape(f_c, bucket + 1))
+    req = (starts[split:used].reshape(f_r, bucket + 2), ends[split:used].reshape(f_r, bucket + 2))
+    c_rows, r_rows = _selector(group.candidate_rows), _selector(group.request_rows)
+    row = 0
+    for i, (flat, n, base) in enumerate(zip(flats, counts, bases[:-1], strict=True)):
+        if f_c:
+            np.add(flat.candidate_starts[c_rows], base, out=cand[0][:, row:row + n])
+            np.add(flat.candidate_ends[c_rows], base, out=cand[1][:, row:row + n])
+        if f_r:
+            np.add(flat.request_starts[r_rows], base, out=req[0][:, i])
+            np.add(flat.request_ends[r_rows], base, out=req[1][:, i])
+        row += n
+    for starts_2d, ends_2d, first in ((*cand, row), (*req, len(flats))):
+        starts_2d[:, first:] = 0  # padding rows, the padding request, unused last slots
+        ends_2d[:, first:] = 0
+    return used
+
+
+def _selector(rows: tuple[int, ...]) -> slice | list[int]:
+    """A slice when ``rows`` are consecutive (a view, no copy), else the list."""
+    if rows and list(rows) == list(range(rows[0], rows[0] + len(rows))):
+        return slice(rows[0], rows[0] + len(rows))
+    return list(rows)
 
 
 def _pack_dense(spec: ModelSpec, dense: np.ndarray, pieces: list[RequestInputs],
@@ -188,87 +285,4 @@ def _pack_dense(spec: ModelSpec, dense: np.ndarray, pieces: list[RequestInputs],
         col += f.dim
 
 
-def _pack_group(group: GroupLayout, buffers: tuple, scratch: torch.Tensor,
-                pieces: list[RequestInputs], bucket: int, r_cap: int) -> tuple[int, int]:
-    """Ids, weights and offsets of one table group; (ids written, offsets written).
-
-    A handful of numpy calls per group whatever the number of features and pieces: one
-    concatenate for every feature's ids, one for every bag length (each feature's run of
-    lengths led by a 0, padding bags as 0), and one cumulative sum of those lengths that
-    yields every feature's absolute offsets at once. Per-piece or per-feature calls would
-    cost more than the copies with dozens of requests in a batch.
-    """
-    indices_t, offsets_t, weights_t = buffers
-    ids, lengths = [], []
-    zeros = _zeros(bucket + 1)
-    rows = sum(p.num_candidates for p in pieces)
-    for name, request_scope in zip(group.features, group.request_scope, strict=True):
-        inputs = [p.sparse[name] for p in pieces]
-        ids += [s.values for s in inputs]
-        lengths.append(zeros[:1])  # the feature's first offset: where its ids start
-        if request_scope:
-            lengths.append(np.fromiter((len(s.values) for s in inputs), np.int64, len(inputs)))
-            lengths.append(zeros[:r_cap - len(inputs)])
-        else:
-            lengths += [s.lengths for s in inputs]
-            lengths.append(zeros[:bucket - rows])
-    nnz = sum(map(len, ids))
-    used = sum((r_cap if req else bucket) + 1 for req in group.request_scope)
-    indices = indices_t.numpy()[:nnz]
-    try:  # a plain copy when no id needs narrowing ("safe" refuses int64 -> int32)
-        np.concatenate(ids, out=indices, casting="safe")
-    except TypeError:
-        if indices.dtype == np.int64:  # uint64 ids: those past int64 wrap negative, flagged
-            np.concatenate(ids, out=indices, casting="unsafe")
-        else:
-            _narrow_ids(ids, indices, scratch.numpy()[:nnz])
-    offsets = offsets_t.numpy()[:used]
-    steps = scratch.numpy().view(offsets.dtype)[:used]  # summing in the offsets' own dtype
-    np.concatenate(lengths, out=steps, casting="same_kind")  # is twice as fast as casting
-    np.cumsum(steps, out=offsets)
-    if weights_t is not None:
-        weights, pos = weights_t.numpy(), 0
-        for name, weighted in zip(group.features, group.weighted_features, strict=True):
-            inputs = [p.sparse[name] for p in pieces]
-            n = sum(len(s.values) for s in inputs)
-            if weighted:  # unweighted features' slots are never read (the kernel uses 1)
-                np.concatenate([s.weights if s.weights is not None
-                                else np.ones(len(s.values), np.float32) for s in inputs],
-                               out=weights[pos:pos + n])
-            pos += n
-    return nnz, used
-
-
-def _narrow_ids(ids: list[np.ndarray], out: np.ndarray, wide: np.ndarray) -> None:
-    """``ids`` (some wider than int32) back to back into int32 ``out``: a cast when every id
-    fits, else clipped to [-1, 2^31-1], so an id outside int32 stays outside every table.
-
-    The check runs per array when there are few (no extra pass over a wide copy) and over
-    one wide copy when there are many (two reductions instead of two per array).
-    """
-    if len(ids) <= _PER_ARRAY_CHECKS:
-        if all(v.dtype == np.int32 or not len(v) or (v.min() >= -1 and v.max() <= _INT32_MAX)
-               for v in ids):
-            np.concatenate(ids, out=out, casting="unsafe")
-            return
-    np.concatenate(ids, out=wide, casting="unsafe")  # uint64 past int64: negative, flagged
-    if len(wide) and wide.min() >= -1 and wide.max() <= _INT32_MAX:
-        np.copyto(out, wide, casting="unsafe")
-    else:
-        np.clip(wide, -1, _INT32_MAX, out=out, casting="unsafe")
-
-
-_PER_ARRAY_CHECKS = 64
 _INT32_MAX = (1 << 31) - 1
-_ZEROS: list[np.ndarray] = [np.zeros(0, np.int64)]
-
-
-def _zeros(n: int) -> np.ndarray:
-    """A shared int64 zeros array of at least ``n`` entries (padding lengths; only read).
-    Returns the array it checked, so a packing thread that grows it concurrently with
-    another can never hand back a shorter one."""
-    zeros = _ZEROS[0]
-    if len(zeros) < n:
-        zeros = np.zeros(n, np.int64)
-        _ZEROS[0] = zeros
-    return zeros

@@ -43,8 +43,11 @@ def table_groups(spec: ModelSpec) -> list[list[str]]:
 
 
 def feature_groups(spec: ModelSpec) -> list[tuple[str, ...]]:
-    """Feature names per gather launch, in the order the kernels read them."""
-    return [tuple(f.name for f in spec.sparse if f.table in names)
+    """Feature names per gather launch, in the order the kernels read them: candidate-scope
+    features first, then request-scope ones (each in spec order), the layout the engine's
+    staging writes a request's bag bounds in (one 2-D block per scope)."""
+    return [tuple(f.name for scope in ("candidate", "request") for f in spec.sparse
+                  if f.table in names and f.scope == scope)
             for names in table_groups(spec)]
 
 
@@ -70,7 +73,8 @@ class TritonModel:
         spec, dev = self.spec, self.device
         self.groups = []  # (PackedTables, BagFeatures, feature names)
         first_vector = 1 if spec.dense else 0
-        for names in table_groups(spec):
+        by_name = {f.name: (k, f) for k, f in enumerate(spec.sparse)}
+        for names, fnames in zip(table_groups(spec), feature_groups(spec), strict=True):
             stems = [f"tables.{n}" for n in names]
             tables = [weights[f"{s}.weight"].to(dev) for s in stems]
             quant = tables[0].dtype == torch.uint8
@@ -78,14 +82,13 @@ class TritonModel:
                 tables,
                 [weights[f"{s}.scale"].to(dev) for s in stems] if quant else None,
                 [weights[f"{s}.offset"].to(dev) for s in stems] if quant else None)
-            feats, fnames = [], []
-            for k, f in enumerate(spec.sparse):
-                if f.table in names:
-                    feats.append(BagFeature(
-                        names.index(f.table), self.layout.vector_cols[first_vector + k],
-                        f.scope == "request", f.pooling == "mean", f.weighted, f.max_bag))
-                    fnames.append(f.name)
-            self.groups.append((packed, tuple(feats), tuple(fnames)))
+            feats = []
+            for name in fnames:
+                k, f = by_name[name]
+                feats.append(BagFeature(
+                    names.index(f.table), self.layout.vector_cols[first_vector + k],
+                    f.scope == "request", f.pooling == "mean", f.weighted, f.max_bag))
+            self.groups.append((packed, tuple(feats), fnames))
 
     def _load_layers(self, weights: dict[str, torch.Tensor]) -> None:
         spec, dev, dt, lay = self.spec, self.device, self.dtype, self.layout
@@ -130,10 +133,12 @@ class TritonModel:
         if spec.dense:
             self._bottom(p, e)
         bad = None
-        for (packed, feats, _), (indices, offsets, weights) in zip(self.groups, p.groups,
-                                                                     strict=True):
+        for (packed, feats, _), (indices, offsets, ends, weights) in zip(self.groups,
+                                                                           p.groups,
+                                                                           strict=True):
             flags = embedding_bag(packed, feats, indices, offsets, e, weights=weights,
-                                  row_request=p.row_request, request_offsets=p.request_offsets)
+                                  row_request=p.row_request, request_offsets=p.request_offsets,
+                                  ends=ends)
             bad = flags if bad is None else bad | flags
         if bad is None:
             bad = torch.zeros(p.num_requests, dtype=torch.int32, device=self.device)

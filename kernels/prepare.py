@@ -44,12 +44,14 @@ class PreparedBatch:
     """int32 [R]: one row of each request (clamped into [0, B))."""
     dense: torch.Tensor | None
     """[B or R, dense_in_dim] in the compute dtype (R when x is request-only)."""
-    groups: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], ...]
-    """Per table-dtype group: (indices, offsets, weights or None)."""
+    groups: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                        torch.Tensor | None], ...]
+    """Per table-dtype group: (indices, offsets, ends or None, weights or None): CSR
+    offsets when ends is None, else bag starts and ends (see ``embedding_bag``)."""
 
 
 def _group_csr(batch: Batch, names: tuple[str, ...], wide: bool, validate: bool
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+               ) -> tuple[torch.Tensor, torch.Tensor, None, torch.Tensor | None]:
     parts, offsets, weights, base, counts = [], [], [], 0, []
     any_weighted = any(batch.sparse[n].weights is not None for n in names)
     for n in names:
@@ -74,7 +76,7 @@ def _group_csr(batch: Batch, names: tuple[str, ...], wide: bool, validate: bool
         indices = torch.where((indices < _INT32[0]) | (indices > _INT32[1]), -1, indices)
     index_dtype = torch.int64 if wide else torch.int32
     w = torch.cat(weights).float() if any_weighted else None
-    return indices.to(index_dtype), offs.to(index_dtype), w
+    return indices.to(index_dtype), offs.to(index_dtype), None, w
 
 
 def prepare_batch(model: TritonModel, batch: Batch, validate: bool = True) -> PreparedBatch:

@@ -1,7 +1,9 @@
 """Staging: pieces packed into fixed bucket-shaped buffers score like the reference.
 
-This is the GPU executor's host-side packing and its device step (``_step``) run on
-CPU tensors, with the kernels under Triton's interpreter.
+This is the GPU executor's host-side packing and its device step (``device_step``) run on
+CPU tensors, with the kernels under Triton's interpreter. Pieces arrive with their
+``FlatSparse`` (as validation and the worker channel make them) or without it (in-process
+callers, split pieces): both must give the same scores.
 """
 
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 import torch
 
 from recserve.engine.demo import random_inputs
+from recserve.engine.flat import flatten_sparse
 from recserve.engine.gpu_slots import SlotState, device_step
 from recserve.engine.inputs import SparseInput, collate
 from recserve.engine.reference import ReferenceModel
@@ -18,10 +21,10 @@ from recserve.engine.weights import init_weights
 from recserve.kernels.model import TritonModel
 
 
-def small_spec(dense_scope: str = "candidate") -> ModelSpec:
+def small_spec(dense_scope: str = "candidate", g_dtype: str = "fp32") -> ModelSpec:
     return ModelSpec(
         name="s",
-        tables=(Table("t", 50, 8), Table("g", 11, 8)),
+        tables=(Table("t", 50, 8), Table("g", 11, 8, g_dtype)),
         sparse=(SparseFeature("hist", "t", "mean", "request", 6),
                 SparseFeature("item", "t", scope="candidate"),
                 SparseFeature("tags", "g", "sum", "candidate", 3, weighted=True)),
@@ -29,12 +32,19 @@ def small_spec(dense_scope: str = "candidate") -> ModelSpec:
         bottom_mlp=(8,), interaction=Interaction("dot"), top_mlp=(6, 1))
 
 
+def with_flat(spec, pieces):
+    """The pieces as validation hands them over: with their FlatSparse."""
+    return [type(p)(p.num_candidates, p.sparse, p.dense,
+                    flatten_sparse(spec, p.sparse, p.num_candidates)) for p in pieces]
+
+
 def packed_scores(spec, weights, pieces, bucket, max_rows=16):
     model = TritonModel(spec, weights, "cpu")
     layout = staging_layout(spec, [names for _, _, names in model.groups], max_rows,
                             model.layout.x_request)
     host = allocate(layout, "cpu")
-    for t in (host.row_request, host.request_offsets, host.first_rows):
+    for t in (host.row_request, host.request_offsets, host.first_rows,
+              *(b for group in host.groups for b in group)):
         t.fill_(-7)  # poison: pack must write every entry the step reads
     sizes = pack(layout, host, pieces, bucket)
     slot = SlotState(host, host, torch.zeros_like(host.dense) if host.dense is not None
@@ -46,16 +56,14 @@ def packed_scores(spec, weights, pieces, bucket, max_rows=16):
 
 
 @pytest.mark.parametrize("dense_scope", ["candidate", "request"])
-@pytest.mark.parametrize("per_array_checks", [64, 0])  # both ways of checking wide ids
-def test_packed_bucket_matches_reference(dense_scope, per_array_checks, monkeypatch):
-    from recserve.engine import staging
-
-    monkeypatch.setattr(staging, "_PER_ARRAY_CHECKS", per_array_checks)
+@pytest.mark.parametrize("flat", [False, True])
+def test_packed_bucket_matches_reference(dense_scope, flat):
     spec = small_spec(dense_scope)
     weights = init_weights(spec, seed=5)
     rng = np.random.default_rng(11)
     pieces = [random_inputs(spec, rng, n) for n in (3, 1, 4)]
-    sizes, host, scores, bad = packed_scores(spec, weights, pieces, bucket=12)
+    staged = with_flat(spec, pieces) if flat else pieces
+    sizes, host, scores, bad = packed_scores(spec, weights, staged, bucket=12)
     assert (sizes.rows, sizes.requests, sizes.bucket) == (8, 3, 12)
     want = ReferenceModel(spec, weights).forward(collate(spec, pieces))
     torch.testing.assert_close(scores, want, rtol=1e-4, atol=1e-5)
@@ -63,6 +71,44 @@ def test_packed_bucket_matches_reference(dense_scope, per_array_checks, monkeypa
     # Padding: rows 8..11 belong to the padding request 3, whose bags are empty.
     assert host.row_request[:12].tolist() == [0, 0, 0, 1, 2, 2, 2, 2, 3, 3, 3, 3]
     assert host.request_offsets[:14].tolist() == [0, 3, 4, 8] + [12] * 10
+    assert sizes.nnz == sum(len(s.values) for p in pieces for s in p.sparse.values())
+
+
+def test_groups_with_features_in_any_spec_order_stage_right():
+    """Two table dtypes: two gather groups, each reading a non-adjacent subset of a
+    request's flat bounds (fancy-indexed rows), ids shared in one buffer."""
+    spec = ModelSpec(
+        name="m", tables=(Table("t", 50, 8), Table("g", 11, 8, "fp16")),
+        sparse=(SparseFeature("a", "t", scope="candidate", max_bag=2),
+                SparseFeature("b", "g", "mean", "request", 4),
+                SparseFeature("c", "g", "sum", "candidate", 3, weighted=True),
+                SparseFeature("d", "t", "sum", "request", 5, weighted=True),
+                SparseFeature("e", "t", "mean", "candidate", 2)),
+        dense=(DenseFeature("u", 2, "request"),), bottom_mlp=(8,),
+        interaction=Interaction("dot"), top_mlp=(6, 1))
+    weights = init_weights(spec, seed=8)
+    rng = np.random.default_rng(8)
+    pieces = [random_inputs(spec, rng, n) for n in (2, 5, 1)]
+    want = ReferenceModel(spec, weights).forward(collate(spec, pieces))
+    for staged in (pieces, with_flat(spec, pieces), with_flat(spec, pieces[:1]) + pieces[1:]):
+        sizes, _, scores, bad = packed_scores(spec, weights, staged, bucket=10)
+        torch.testing.assert_close(scores, want, rtol=2e-3, atol=2e-3)  # fp16 table
+        assert not bool(bad.any())
+
+
+def test_a_flat_form_for_other_features_is_rebuilt_not_trusted():
+    """A FlatSparse whose shape does not fit the spec (built for another version's features)
+    is ignored and rebuilt from the per-feature inputs."""
+    spec = small_spec()
+    weights = init_weights(spec, seed=9)
+    rng = np.random.default_rng(9)
+    piece = random_inputs(spec, rng, 3)
+    other = random_inputs(spec, rng, 2)  # a flat form for 2 candidates, not 3
+    stale = type(piece)(3, piece.sparse, piece.dense,
+                        flatten_sparse(spec, other.sparse, 2))
+    _, _, got, _ = packed_scores(spec, weights, [stale], bucket=4)
+    _, _, want, _ = packed_scores(spec, weights, [piece], bucket=4)
+    assert torch.equal(got, want)
 
 
 def test_an_out_of_range_id_flags_only_its_request():
@@ -84,13 +130,8 @@ def test_an_out_of_range_id_flags_only_its_request():
 
 @pytest.mark.parametrize("huge", [(1 << 32) + 3, -(1 << 32) + 3, 1 << 62])
 @pytest.mark.parametrize("pieces_before", [0, 1])
-@pytest.mark.parametrize("per_array_checks", [64, 0])  # both ways of checking wide ids
-def test_huge_ids_cannot_wrap_into_range_in_int32_staging(huge, pieces_before,
-                                                           per_array_checks, monkeypatch):
+def test_huge_ids_cannot_wrap_into_range_in_int32_staging(huge, pieces_before):
     # (1 << 32) + 3 and -(1 << 32) + 3 would wrap to the valid id 3 in a plain int32 cast.
-    from recserve.engine import staging
-
-    monkeypatch.setattr(staging, "_PER_ARRAY_CHECKS", per_array_checks)
     spec = small_spec()
     weights = init_weights(spec)
     rng = np.random.default_rng(0)
@@ -101,11 +142,7 @@ def test_huge_ids_cannot_wrap_into_range_in_int32_staging(huge, pieces_before,
     assert bad.tolist() == [False] * pieces_before + [True]
 
 
-@pytest.mark.parametrize("per_array_checks", [64, 0])
-def test_unsigned_ids_are_staged_or_flagged(per_array_checks, monkeypatch):
-    from recserve.engine import staging
-
-    monkeypatch.setattr(staging, "_PER_ARRAY_CHECKS", per_array_checks)
+def test_unsigned_ids_are_staged_or_flagged():
     spec = small_spec()
     weights = init_weights(spec, seed=6)
     rng = np.random.default_rng(6)
