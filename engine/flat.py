@@ -41,28 +41,6 @@ class FlatSparse:
     engine stages them in: adding a request's base position is then a plain add, no cast)
     unless the request has 2^31 ids or more."""
 
-    @property
-    def candidate_starts(self) -> np.ndarray:
-        """[F_c, N] start of each candidate-scope bag (a view)."""
-        f, n = self.lengths.shape
-        return self.bounds[:f * n].reshape(f, n)
-
-    @property
-    def candidate_ends(self) -> np.ndarray:
-        """[F_c, N] end of each candidate-scope bag (a view)."""
-        f, n = self.lengths.shape
-        return self.bounds[1:f * n + 1].reshape(f, n)
-
-    @property
-    def request_starts(self) -> np.ndarray:
-        """[F_r] start of each request-scope bag (a view)."""
-        return self.bounds[self.lengths.size:-1]
-
-    @property
-    def request_ends(self) -> np.ndarray:
-        """[F_r] end of each request-scope bag (a view)."""
-        return self.bounds[self.lengths.size + 1:]
-
     def sparse_inputs(self, spec: ModelSpec) -> dict[str, SparseInput]:
         """Per-feature ``SparseInput`` views of these arrays (no copy), by feature name."""
         f_c, n = self.lengths.shape
@@ -82,36 +60,76 @@ class FlatSparse:
         return out
 
 
-def flatten_sparse(spec: ModelSpec, sparse: dict[str, SparseInput], n: int) -> FlatSparse:
+def split_bounds(bounds: np.ndarray, f_c: int, n: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Views of flat ``bounds``: candidate-scope starts and ends [F_c, N], request-scope
+    starts and ends [F_r]."""
+    split = f_c * n
+    return (bounds[:split].reshape(f_c, n), bounds[1:split + 1].reshape(f_c, n),
+            bounds[split:-1], bounds[split + 1:])
+
+
+def bag_bounds(spec: ModelSpec, sparse: dict[str, SparseInput], n: int,
+               out: np.ndarray) -> np.ndarray:
+    """The flat bag bounds of ``sparse`` (``FlatSparse.bounds``) written into the start of
+    ``out`` (int32 or int64, at least F_c * N + F_r + 1 long; no other array is
+    allocated); returns that part of ``out``."""
+    cand = [sparse[f.name].lengths for f in spec.sparse if f.scope == "candidate"]
+    req = [sparse[f.name].values for f in spec.sparse if f.scope == "request"]
+    bounds = out[:len(cand) * n + len(req) + 1]
+    bounds[0] = 0
+    if cand:
+        np.concatenate(cand, out=bounds[1:len(cand) * n + 1], casting="same_kind")
+    if req:
+        bounds[len(cand) * n + 1:] = np.fromiter(map(len, req), bounds.dtype, len(req))
+    np.cumsum(bounds, out=bounds)
+    return bounds
+
+
+def flatten_sparse(spec: ModelSpec, sparse: dict[str, SparseInput], n: int, *,
+                   ids_out: np.ndarray | None = None,
+                   weights_out: np.ndarray | None = None, lengths: bool = True) -> FlatSparse:
     """``sparse`` (one request with ``n`` candidates) in the flat form.
 
     Ids keep int32 when every feature's are int32; anything else becomes int64 (unsigned
-    ids past int64 wrap negative: outside every table, so flagged, never read).
+    ids past int64 wrap negative: outside every table, so flagged, never read). With
+    ``ids_out`` (exactly as long as all the ids, of their dtype or int64) and
+    ``weights_out``, ids and weights are written there and the form's arrays are those
+    (staging builds the form straight into its buffers: no temporary copy). ``lengths``
+    False skips the lengths and bounds (staging writes bounds itself): the result's
+    ``lengths`` and ``bounds`` are then empty.
     """
     cand = [sparse[f.name] for f in spec.sparse if f.scope == "candidate"]
     req = [sparse[f.name] for f in spec.sparse if f.scope == "request"]
     parts = cand + req
     narrow = all(p.values.dtype == np.int32 for p in parts)
     dtype = np.int32 if narrow else np.int64
-    ids = np.concatenate([p.values for p in parts], dtype=dtype, casting="unsafe") \
-        if parts else np.zeros(0, dtype)
-    lengths = np.empty((len(cand), n), np.int64)
-    if cand:
-        np.concatenate([p.lengths for p in cand], out=lengths.reshape(-1), casting="unsafe")
-    bounds = np.empty(lengths.size + len(req) + 1, np.int32 if len(ids) <= _INT32_MAX
-                      else np.int64)
-    bounds[0] = 0
-    np.cumsum(lengths.ravel(), out=bounds[1:lengths.size + 1], dtype=bounds.dtype)
-    if req:
-        counts = np.fromiter((len(p.values) for p in req), bounds.dtype, len(req))
-        np.cumsum(counts, out=bounds[lengths.size + 1:])
-        bounds[lengths.size + 1:] += bounds[lengths.size]
+    if ids_out is not None:
+        if ids_out.dtype != np.int64 and (ids_out.dtype != dtype or dtype != np.int32):
+            raise ValueError(f"ids_out is {ids_out.dtype}; these ids need {np.dtype(dtype)}")
+        ids = ids_out
+        np.concatenate([p.values for p in parts], out=ids, casting="unsafe")
+    else:
+        ids = np.concatenate([p.values for p in parts], dtype=dtype, casting="unsafe") \
+            if parts else np.zeros(0, dtype)
+    if lengths:
+        lengths_2d = np.empty((len(cand), n), np.int64)
+        if cand:
+            np.concatenate([p.lengths for p in cand], out=lengths_2d.reshape(-1),
+                           casting="unsafe")
+        size = lengths_2d.size + len(req) + 1
+        bounds = bag_bounds(spec, sparse, n, np.empty(size, np.int32 if len(ids) <= _INT32_MAX
+                                                      else np.int64))
+    else:
+        lengths_2d, bounds = np.zeros((0, 0), np.int64), np.zeros(0, np.int32)
     weights = None
     if any(f.weighted for f in spec.sparse):
-        weights = np.concatenate([p.weights if p.weights is not None
-                                  else np.ones(len(p.values), np.float32) for p in parts],
-                                 dtype=np.float32) if parts else np.zeros(0, np.float32)
-    return FlatSparse(ids, weights, lengths, bounds)
+        weights = np.zeros(len(ids), np.float32) if weights_out is None else weights_out
+        if parts:
+            np.concatenate([p.weights if p.weights is not None
+                            else np.ones(len(p.values), np.float32) for p in parts],
+                           out=weights, casting="same_kind")
+    return FlatSparse(ids, weights, lengths_2d, bounds)
 
 
 def with_flat(spec: ModelSpec, inputs: RequestInputs) -> RequestInputs:

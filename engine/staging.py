@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .flat import FlatSparse, flatten_sparse
+from .flat import split_bounds
 from .inputs import RequestInputs
 from .spec import ModelSpec
 
@@ -76,6 +76,8 @@ class StagingLayout:
     """Ids of a full batch whose bags all hold ``max_bag`` ids."""
     weighted: bool
     """Whether some feature has per-value weights (then there is a weights buffer)."""
+    flat_order: tuple[str, ...]
+    """Sparse features in a FlatSparse's order: candidate scope, then request scope."""
     flat_bags: tuple[int, int]
     """(F_c, F_r) of the spec: a request's FlatSparse has F_c x N + F_r bags."""
 
@@ -110,7 +112,7 @@ def staging_layout(spec: ModelSpec, group_features: list[tuple[str, ...]], max_r
     return StagingLayout(spec, max_rows, spec.dense_in_dim, dense_per_request, tuple(groups),
                          torch.int32 if narrow else torch.int64, capacity,
                          any(f.weighted for f in spec.sparse),
-                         (len(candidates), len(requests)))
+                         tuple(candidates + requests), (len(candidates), len(requests)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +127,9 @@ class Buffers:
     weights: torch.Tensor | None
     groups: tuple[tuple[torch.Tensor, torch.Tensor], ...]
     """Per group: (starts, ends) of its bags, in its kernel's offsets layout."""
+    scratch: torch.Tensor | None = None
+    """Host only (pageable, never copied): room for the flat bag bounds of pieces that
+    arrive without a FlatSparse, so packing them allocates nothing."""
 
 
 def allocate(layout: StagingLayout, device: torch.device | str, pin: bool = False) -> Buffers:
@@ -139,8 +144,13 @@ def allocate(layout: StagingLayout, device: torch.device | str, pin: bool = Fals
     weights = make(layout.index_capacity, torch.float32) if layout.weighted else None
     groups = tuple((make(g.bounds_used(b), layout.index_dtype),
                     make(g.bounds_used(b), layout.index_dtype)) for g in layout.groups)
+    scratch = None
+    if torch.device(device).type == "cpu":
+        f_c, f_r = layout.flat_bags
+        scratch = torch.zeros(f_c * b + (f_r + 1) * r, dtype=layout.index_dtype)
     return Buffers(make(b, torch.int32), make(r + 1, torch.int32), make(r, torch.int32),
-                   dense, make(layout.index_capacity, layout.index_dtype), weights, groups)
+                   dense, make(layout.index_capacity, layout.index_dtype), weights, groups,
+                   scratch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,39 +193,88 @@ def pack(layout: StagingLayout, host: Buffers, pieces: list[RequestInputs],
     if host.dense is not None:
         _pack_dense(spec, host.dense.numpy(), pieces, counts, bucket, r_cap,
                     layout.dense_per_request)
-    flats = [_flat(layout, p) for p in pieces]
-    bases = _pack_ids(layout, host, flats)
-    used = tuple(_pack_bounds(group, starts, ends, flats, counts.tolist(), bases, bucket)
+    all_bounds, adds, nnz = _pack_ids(layout, host, pieces)
+    used = tuple(_pack_bounds(group, starts, ends, layout.flat_bags, all_bounds,
+                              counts.tolist(), adds, bucket)
                  for group, (starts, ends) in zip(layout.groups, host.groups, strict=True))
-    return PackedSizes(bucket, rows, real, bases[-1], used)
+    return PackedSizes(bucket, rows, real, nnz, used)
 
 
-def _flat(layout: StagingLayout, piece: RequestInputs) -> FlatSparse:
-    """The piece's FlatSparse: the one it came with when its shape fits the spec's
-    features, else built from its per-feature inputs."""
-    flat, n = piece.flat, piece.num_candidates
-    f_c, f_r = layout.flat_bags
-    if flat is not None and flat.lengths.shape == (f_c, n) and len(flat.bounds) == \
-            f_c * n + f_r + 1:
-        return flat
-    return flatten_sparse(layout.spec, piece.sparse, n)
-
-
-def _pack_ids(layout: StagingLayout, host: Buffers, flats: list[FlatSparse]) -> list[int]:
-    """Every piece's ids (and weights) back to back; where each piece starts, and the end."""
-    bases = [0]
-    for flat in flats:
-        bases.append(bases[-1] + len(flat.ids))
-    if bases[-1] > layout.index_capacity:
-        raise ValueError(f"{bases[-1]} ids do not fit the staging buffers "
-                         f"({layout.index_capacity}): a bag is longer than its max_bag")
+def _pack_ids(layout: StagingLayout, host: Buffers, pieces: list[RequestInputs]
+              ) -> tuple[list[np.ndarray], list[int], int]:
+    """Every piece's ids (and weights) in the ids buffer: (each piece's flat bag bounds,
+    the position to add to them, ids written). A piece that came with its FlatSparse
+    (shaped for this spec) is one copy; the rest are packed together (``_pack_loose``)."""
     ids = host.ids.numpy()
     weights = host.weights.numpy() if host.weights is not None else None
-    for flat, start, end in zip(flats, bases[:-1], bases[1:], strict=True):
-        _copy_ids(flat.ids, ids[start:end])
-        if weights is not None:
-            weights[start:end] = flat.weights if flat.weights is not None else 1.0
-    return bases
+    f_c, f_r = layout.flat_bags
+    bounds: list = [None] * len(pieces)
+    adds, loose, pos = [0] * len(pieces), [], 0
+    for i, piece in enumerate(pieces):
+        flat, n = piece.flat, piece.num_candidates
+        if flat is not None and flat.lengths.shape == (f_c, n) \
+                and len(flat.bounds) == f_c * n + f_r + 1:
+            end = _room(layout, pos, len(flat.ids))
+            _copy_ids(flat.ids, ids[pos:end])
+            if weights is not None:
+                weights[pos:end] = flat.weights if flat.weights is not None else 1.0
+            bounds[i], adds[i], pos = flat.bounds, pos, end
+        else:
+            loose.append(i)
+    if loose:
+        loose_bounds, pos = _pack_loose(layout, ids, weights, host.scratch.numpy(),
+                                        [pieces[i] for i in loose], pos)
+        for i, b in zip(loose, loose_bounds, strict=True):
+            bounds[i] = b
+    return bounds, adds, pos
+
+
+def _pack_loose(layout: StagingLayout, ids: np.ndarray, weights: np.ndarray | None,
+                scratch: np.ndarray, pieces: list[RequestInputs], start: int
+                ) -> tuple[list[np.ndarray], int]:
+    """Pieces without a FlatSparse, from ``start``: their ids in flat order with one
+    concatenate, their bag lengths with another, and one cumulative sum (seeded with
+    ``start``) that gives every bag's absolute bounds; (each piece's bounds, a view of
+    ``scratch``, already absolute; the end of their ids). A few numpy calls whatever the
+    number of pieces: per-piece calls would cost more than the copies."""
+    order, f_c, f_r = layout.flat_order, *layout.flat_bags
+    inputs = [[p.sparse[name] for name in order] for p in pieces]
+    every = [s for per_piece in inputs for s in per_piece]
+    values = [s.values for s in every]
+    end = _room(layout, start, sum(map(len, values)))
+    room = ids[start:end]
+    try:  # a plain copy when no id needs narrowing ("safe" refuses int64 -> int32)
+        np.concatenate(values, out=room, casting="safe")
+    except TypeError:  # wider or unsigned ids: checked and cast, or clipped (_copy_ids)
+        _copy_ids(np.concatenate(values, dtype=np.int64, casting="unsafe"), room)
+    if weights is not None:
+        np.concatenate([s.weights if s.weights is not None
+                        else np.ones(len(s.values), np.float32) for s in every],
+                       out=weights[start:end], casting="same_kind")
+    steps = []
+    for per_piece in inputs:
+        steps += [s.lengths for s in per_piece[:f_c]]
+        if f_r:
+            steps.append(np.fromiter((len(s.values) for s in per_piece[f_c:]), scratch.dtype,
+                                     f_r))
+    sizes = [f_c * p.num_candidates + f_r for p in pieces]
+    cum = scratch[:sum(sizes) + 1]
+    cum[0] = start
+    np.concatenate(steps, out=cum[1:], casting="same_kind")
+    np.cumsum(cum, out=cum)
+    out, at = [], 0
+    for size in sizes:  # consecutive pieces share a boundary: one's end is the next's start
+        out.append(cum[at:at + size + 1])
+        at += size
+    return out, end
+
+
+def _room(layout: StagingLayout, start: int, count: int) -> int:
+    """Where ``count`` ids from ``start`` end; ValueError past the buffers' capacity."""
+    if start + count > layout.index_capacity:
+        raise ValueError(f"{start + count} ids do not fit the staging buffers "
+                         f"({layout.index_capacity}): a bag is longer than its max_bag")
+    return start + count
 
 
 def _copy_ids(src: np.ndarray, dst: np.ndarray) -> None:
@@ -230,8 +289,8 @@ def _copy_ids(src: np.ndarray, dst: np.ndarray) -> None:
 
 
 def _pack_bounds(group: GroupLayout, starts_t: torch.Tensor, ends_t: torch.Tensor,
-                 flats: list[FlatSparse], counts: list[int], bases: list[int],
-                 bucket: int) -> int:
+                 flat_bags: tuple[int, int], all_bounds: list[np.ndarray], counts: list[int],
+                 adds: list[int], bucket: int) -> int:
     """One group's bag bounds: each piece's (start, end) per bag plus where its ids
     landed; empty bags for padding. Returns the slots written."""
     f_c, f_r = group.candidate_features, group.request_features
@@ -242,15 +301,16 @@ def _pack_bounds(group: GroupLayout, starts_t: torch.Tensor, ends_t: torch.Tenso
     req = (starts[split:used].reshape(f_r, bucket + 2), ends[split:used].reshape(f_r, bucket + 2))
     c_rows, r_rows = _selector(group.candidate_rows), _selector(group.request_rows)
     row = 0
-    for i, (flat, n, base) in enumerate(zip(flats, counts, bases[:-1], strict=True)):
+    for i, (bounds, n, base) in enumerate(zip(all_bounds, counts, adds, strict=True)):
+        c_starts, c_ends, r_starts, r_ends = split_bounds(bounds, flat_bags[0], n)
         if f_c:
-            np.add(flat.candidate_starts[c_rows], base, out=cand[0][:, row:row + n])
-            np.add(flat.candidate_ends[c_rows], base, out=cand[1][:, row:row + n])
+            np.add(c_starts[c_rows], base, out=cand[0][:, row:row + n])
+            np.add(c_ends[c_rows], base, out=cand[1][:, row:row + n])
         if f_r:
-            np.add(flat.request_starts[r_rows], base, out=req[0][:, i])
-            np.add(flat.request_ends[r_rows], base, out=req[1][:, i])
+            np.add(r_starts[r_rows], base, out=req[0][:, i])
+            np.add(r_ends[r_rows], base, out=req[1][:, i])
         row += n
-    for starts_2d, ends_2d, first in ((*cand, row), (*req, len(flats))):
+    for starts_2d, ends_2d, first in ((*cand, row), (*req, len(all_bounds))):
         starts_2d[:, first:] = 0  # padding rows, the padding request, unused last slots
         ends_2d[:, first:] = 0
     return used

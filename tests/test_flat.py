@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from recserve.engine.demo import random_inputs
-from recserve.engine.flat import flatten_sparse, with_flat
+from recserve.engine.flat import flatten_sparse, split_bounds, with_flat
 from recserve.engine.inputs import SparseInput
 from recserve.engine.spec import DenseFeature, Interaction, ModelSpec, SparseFeature, Table
 
@@ -34,15 +34,16 @@ def test_bags_and_views_match_the_per_feature_inputs(spec, n):
     req = [f for f in spec.sparse if f.scope == "request"]
     assert flat.lengths.shape == (len(cand), n)
     assert len(flat.bounds) == len(cand) * n + len(req) + 1 and flat.bounds[0] == 0
+    c_starts, c_ends, r_starts, r_ends = split_bounds(flat.bounds, len(cand), n)
     # every bag, in the documented order, holds exactly its feature's ids
     for k, f in enumerate(cand):
         s = inputs.sparse[f.name]
         ends = np.cumsum(s.lengths)
         for i in range(n):
-            lo, hi = flat.candidate_starts[k, i], flat.candidate_ends[k, i]
+            lo, hi = c_starts[k, i], c_ends[k, i]
             assert flat.ids[lo:hi].tolist() == s.values[ends[i] - s.lengths[i]:ends[i]].tolist()
     for j, f in enumerate(req):
-        lo, hi = flat.request_starts[j], flat.request_ends[j]
+        lo, hi = r_starts[j], r_ends[j]
         assert flat.ids[lo:hi].tolist() == inputs.sparse[f.name].values.tolist()
     assert flat.bounds[-1] == len(flat.ids)
     assert (flat.weights is None) == (not any(f.weighted for f in spec.sparse))
@@ -61,7 +62,8 @@ def test_bags_and_views_match_the_per_feature_inputs(spec, n):
 
 def test_unweighted_features_weigh_one_in_the_flat_weights():
     flat = with_flat(MIXED, random_inputs(MIXED, np.random.default_rng(0), 3)).flat
-    r1 = slice(flat.request_starts[0], flat.request_ends[0])  # r1 is not weighted
+    _, _, starts, ends = split_bounds(flat.bounds, 2, 3)
+    r1 = slice(starts[0], ends[0])  # r1 is not weighted
     assert (flat.weights[r1] == 1.0).all() and flat.weights.dtype == np.float32
 
 
