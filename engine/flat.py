@@ -16,6 +16,7 @@ for requests that arrive without it (in-process callers, pieces of split request
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +59,29 @@ class FlatSparse:
                 out[f.name] = SparseInput(self.ids[lo:hi], None, weights)
                 r += 1
         return out
+
+
+class FlatFeatures(Mapping):
+    """A FlatSparse seen as ``RequestInputs.sparse`` (name -> SparseInput): the per-feature
+    views are made on first access, so a request whose features are never read one by one
+    (the GPU engine stages its flat form) never pays for making 3 views per feature."""
+
+    __slots__ = ("_flat", "_spec", "_made")
+
+    def __init__(self, flat: FlatSparse, spec: ModelSpec) -> None:
+        self._flat, self._spec = flat, spec
+        self._made: dict[str, SparseInput] | None = None
+
+    def __getitem__(self, name: str) -> SparseInput:
+        if self._made is None:
+            self._made = self._flat.sparse_inputs(self._spec)
+        return self._made[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return (f.name for f in self._spec.sparse)
+
+    def __len__(self) -> int:
+        return len(self._spec.sparse)
 
 
 def split_bounds(bounds: np.ndarray, f_c: int, n: int

@@ -9,6 +9,7 @@ with ``row_request`` saying which request each row belongs to (for the broadcast
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -40,8 +41,8 @@ class RequestInputs:
 
     num_candidates: int
     """N, the number of candidates to score."""
-    sparse: dict[str, SparseInput]
-    """Sparse inputs by feature name."""
+    sparse: Mapping[str, SparseInput]
+    """Sparse inputs by feature name (a dict, or ``flat.FlatFeatures`` over ``flat``)."""
     dense: dict[str, np.ndarray]
     """float32 dense inputs by name: [dim] for request scope, [N, dim] for candidate scope."""
     flat: FlatSparse | None = None

@@ -7,9 +7,12 @@ numpy data, in a flat binary layout the engine side reads back as zero-copy
 4-byte length header) whose first byte is its kind:
 
 - ``S`` score request: ``rid u64, deadline f64 (NaN: none), version u32, N u32,
-  pinned u8, name_len u16, name, then the request's arrays`` in spec order (per sparse
-  feature: values, lengths, weights; then each dense feature); an absent array is dtype 0,
-  then codes 1 int64, 2 float32, 3 int32 (ids stay int32 when validation made them so).
+  pinned u8, name_len u16, name, then the request's arrays``: its sparse inputs in the
+  flat form (``recserve.engine.flat``: ids, weights, candidate-scope lengths [F_c, N], bag
+  bounds), then each dense feature in spec order. The engine side stages the ids in one
+  copy and reads every feature's inputs as views, with a handful of array headers to
+  parse instead of three per feature. An absent array is dtype 0, then codes 1 int64,
+  2 float32, 3 int32 (ids stay int32 when validation made them so).
   ``pinned`` 0: the client asked for the latest version, which may be newer by now.
 - ``R`` score reply: ``rid u64, status u8, version u32`` then the scores array (status 0;
   ``version`` is the one that scored) or a msgpack ``{code, message}`` (status 1).
@@ -25,7 +28,8 @@ from typing import NamedTuple
 import msgpack
 import numpy as np
 
-from recserve.engine.inputs import RequestInputs, SparseInput
+from recserve.engine.flat import FlatFeatures, FlatSparse, flatten_sparse
+from recserve.engine.inputs import RequestInputs
 from recserve.engine.spec import ModelSpec
 
 from .codec import HEADER
@@ -72,12 +76,14 @@ def encode_score(rid: int, name: str, version: int, inputs: RequestInputs,
     raw = name.encode()
     parts: list = [_SCORE.pack(b"S", rid, math.nan if deadline is None else deadline,
                                version, inputs.num_candidates, pinned, len(raw)), raw]
-    for f in spec.sparse:
-        s = inputs.sparse[f.name]
-        # ids cross as validation left them: int32 (what the engine stages) stays int32
-        _put_array(parts, s.values, _I4 if s.values.dtype == _I4 else _I8)
-        _put_array(parts, s.lengths, _I8)
-        _put_array(parts, s.weights, _F4)
+    flat = inputs.flat
+    if flat is None:  # flattened here, in the worker process, not in the engine's
+        flat = flatten_sparse(spec, inputs.sparse, inputs.num_candidates)
+    # ids cross as validation left them: int32 (what the engine stages) stays int32
+    _put_array(parts, flat.ids, _I4 if flat.ids.dtype == _I4 else _I8)
+    _put_array(parts, flat.weights, _F4)
+    _put_array(parts, flat.lengths, _I8)
+    _put_array(parts, flat.bounds, _I4 if flat.bounds.dtype == _I4 else _I8)
     for f in spec.dense:
         _put_array(parts, inputs.dense[f.name], _F4)
     return frame(b"".join(parts))
@@ -105,17 +111,16 @@ def score_header(payload: memoryview) -> ScoreHeader:
 
 
 def decode_inputs(payload: memoryview, pos: int, n: int, spec: ModelSpec) -> RequestInputs:
-    """The request's arrays (views of ``payload``) as RequestInputs."""
-    sparse = {}
-    for f in spec.sparse:
-        values, pos = _get_array(payload, pos)
-        lengths, pos = _get_array(payload, pos)
-        weights, pos = _get_array(payload, pos)
-        sparse[f.name] = SparseInput(values, lengths, weights)
+    """The request's arrays (views of ``payload``) as RequestInputs, with its flat form."""
+    ids, pos = _get_array(payload, pos)
+    weights, pos = _get_array(payload, pos)
+    lengths, pos = _get_array(payload, pos)
+    bounds, pos = _get_array(payload, pos)
+    flat = FlatSparse(ids, weights, lengths, bounds)
     dense = {}
     for f in spec.dense:
         dense[f.name], pos = _get_array(payload, pos)
-    return RequestInputs(n, sparse, dense)
+    return RequestInputs(n, FlatFeatures(flat, spec), dense, flat)
 
 
 def encode_reply(rid: int, scores: np.ndarray, version: int) -> bytes:

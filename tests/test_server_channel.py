@@ -10,6 +10,7 @@ import pytest
 from server_fixtures import loaded, multi_spec, small_spec
 
 from recserve.engine.demo import random_inputs
+from recserve.engine.flat import flatten_sparse
 from recserve.server import channel
 from recserve.server.codec import FrameDecoder
 
@@ -42,6 +43,15 @@ def test_score_requests_round_trip(spec, deadline):
     for f in spec.dense:
         assert back.dense[f.name].dtype == np.float32
         np.testing.assert_array_equal(inputs.dense[f.name], back.dense[f.name])
+    # the sparse inputs cross in the flat form the engine stages, as views of the frame
+    want = flatten_sparse(spec, inputs.sparse, 5)
+    for x, y in ((want.ids, back.flat.ids), (want.weights, back.flat.weights),
+                 (want.lengths, back.flat.lengths), (want.bounds, back.flat.bounds)):
+        assert (x is None) == (y is None)
+        if x is not None:
+            np.testing.assert_array_equal(x, y)
+    assert np.shares_memory(back.flat.ids, np.frombuffer(view, np.uint8))
+    assert list(back.sparse) == [f.name for f in spec.sparse] == list(back.sparse.keys())
 
 
 def test_non_ascii_model_names_and_narrow_dtypes():
