@@ -107,7 +107,9 @@ def stage_means(timeline: list[tuple[int, str, float, float]]) -> dict:
 
 def pack_times(spec, full: RequestInputs, ranking: list[RequestInputs]) -> dict:
     """Milliseconds one thread takes to pack a full batch and a batch of ranking requests,
-    into pinned and into pageable host buffers (is writing pinned memory slow here?)."""
+    into pinned and into pageable host buffers (is writing pinned memory slow here?), with
+    requests in the flat form (as worker processes send them) and per feature only (as a
+    single-process server or an in-process caller hands them over)."""
     layout = staging_layout(spec, feature_groups(spec), full.num_candidates,
                             build_layout(spec).x_request)
     pieces, rows = [], 0
@@ -120,12 +122,16 @@ def pack_times(spec, full: RequestInputs, ranking: list[RequestInputs]) -> dict:
     memories = ("pinned", "pageable") if torch.cuda.is_available() else ("pageable",)
     for memory in memories:
         host = allocate(layout, "cpu", pin=memory == "pinned")
-        for traffic, batch in (("full", [full]), ("ranking", pieces)):
-            pack(layout, host, batch, full.num_candidates)
-            start = time.perf_counter()
-            for _ in range(10):
+        for traffic, flat_batch in (("full", [full]), ("ranking", pieces)):
+            per_feature = [RequestInputs(r.num_candidates, dict(r.sparse), r.dense)
+                           for r in flat_batch]
+            for form, batch in (("flat", flat_batch), ("per_feature", per_feature)):
                 pack(layout, host, batch, full.num_candidates)
-            out[f"{traffic}_{memory}"] = round((time.perf_counter() - start) * 100, 3)
+                start = time.perf_counter()
+                for _ in range(10):
+                    pack(layout, host, batch, full.num_candidates)
+                out[f"{traffic}_{form}_{memory}"] = round((time.perf_counter() - start) * 100,
+                                                          3)
     return out
 
 
