@@ -66,6 +66,7 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._models: dict[ModelKey, Any] = {}
         self._retired: set[ModelKey] = set()
+        self._latest: dict[str, ModelKey] | None = None  # resolve's cache of name -> newest key
         self._work: Counter[ModelKey] = Counter()
         self._pending: dict[int, _Pending] = {}
         self._next_id = 0
@@ -116,6 +117,7 @@ class Engine:
         self._retired.discard(key)
         for other in [k for k in self._models if k[0] == name and k != key]:
             self._retire(other)
+        self._latest = None
 
     def unload(self, name: str, version: int | None = None) -> None:
         """Retire one version (or every version) of a model; running work finishes first."""
@@ -132,6 +134,11 @@ class Engine:
 
     def resolve(self, name: str, version: int | None = None) -> ModelKey:
         """The key ``score`` would use: ``version`` None means the highest loaded one."""
+        if version is None:  # every request asks this: answered from a cache
+            if self._latest is None:
+                self._latest = {n: (n, v) for n, v in self.models()}  # sorted: newest wins
+            if name in self._latest:
+                return self._latest[name]
         versions = [k[1] for k in self.models() if k[0] == name]
         if version is None and versions:
             return name, max(versions)
@@ -283,11 +290,13 @@ class Engine:
 
     def _retire(self, key: ModelKey) -> None:
         self._retired.add(key)
+        self._latest = None
         if not self._work[key]:
             self._drop(key)
 
     def _drop(self, key: ModelKey) -> None:
         self._retired.discard(key)
+        self._latest = None
         self._work.pop(key, None)
         del self._models[key]  # running batches keep their own reference until they finish
 

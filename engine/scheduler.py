@@ -160,7 +160,9 @@ class Scheduler:
             raise EngineError("deadline_exceeded", "the deadline passed before queueing")
         self._seq += 1
         entry = _Entry(request_id, model, rows, Priority(priority), deadline, now, self._seq)
-        queue = self._queues.setdefault(model, _ModelQueue())
+        queue = self._queues.get(model)
+        if queue is None:  # (not setdefault: that would build a queue per request)
+            queue = self._queues[model] = _ModelQueue()
         queue.levels[entry.priority].append(entry)
         queue.rows += rows
         self._queued_rows += rows
