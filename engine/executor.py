@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .flat import FlatFeatures, slice_flat
 from .inputs import Batch, RequestInputs, SparseInput, collate
 from .reference import ReferenceModel
 from .scheduler import BatchPlan, EngineError
@@ -91,6 +92,13 @@ def slice_rows(spec: ModelSpec, inputs: RequestInputs, start: int, count: int) -
     if start == 0 and count == inputs.num_candidates:
         return inputs
     stop = start + count
+    dense = {f.name: inputs.dense[f.name] if f.scope == "request"
+             else inputs.dense[f.name][start:stop] for f in spec.dense}
+    flat = inputs.flat
+    f_c = sum(f.scope == "candidate" for f in spec.sparse)
+    if flat is not None and flat.lengths.shape == (f_c, inputs.num_candidates):
+        part = slice_flat(flat, start, count)
+        return RequestInputs(count, FlatFeatures(part, spec), dense, part)
     sparse = {}
     for feature in spec.sparse:
         part = inputs.sparse[feature.name]
@@ -102,8 +110,6 @@ def slice_rows(spec: ModelSpec, inputs: RequestInputs, start: int, count: int) -
         hi = int(ends[stop - 1])
         weights = part.weights[lo:hi] if part.weights is not None else None
         sparse[feature.name] = SparseInput(part.values[lo:hi], part.lengths[start:stop], weights)
-    dense = {f.name: inputs.dense[f.name] if f.scope == "request"
-             else inputs.dense[f.name][start:stop] for f in spec.dense}
     return RequestInputs(count, sparse, dense)
 
 

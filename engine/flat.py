@@ -156,6 +156,28 @@ def flatten_sparse(spec: ModelSpec, sparse: dict[str, SparseInput], n: int, *,
     return FlatSparse(ids, weights, lengths_2d, bounds)
 
 
+def slice_flat(flat: FlatSparse, start: int, count: int) -> FlatSparse:
+    """Candidates ``start .. start+count`` of a request's flat form, request-scope bags
+    whole: one span per feature copied, bounds from one cumulative sum (the per-feature
+    route would take a cumulative sum per feature to find the spans)."""
+    f_c, n = flat.lengths.shape
+    b, split = flat.bounds, f_c * n
+    firsts = np.arange(f_c) * n + start
+    lo = np.append(b[firsts], b[split:-1]).tolist()
+    hi = np.append(b[firsts + count], b[split + 1:]).tolist()
+    ids = np.concatenate([flat.ids[a:z] for a, z in zip(lo, hi, strict=True)])
+    weights = None
+    if flat.weights is not None:
+        weights = np.concatenate([flat.weights[a:z] for a, z in zip(lo, hi, strict=True)])
+    lengths = np.ascontiguousarray(flat.lengths[:, start:start + count])
+    bounds = np.empty(f_c * count + len(b) - split, b.dtype)
+    bounds[0] = 0
+    bounds[1:f_c * count + 1] = lengths.reshape(-1)
+    bounds[f_c * count + 1:] = np.diff(b[split:])
+    np.cumsum(bounds, out=bounds)
+    return FlatSparse(ids, weights, lengths, bounds)
+
+
 def with_flat(spec: ModelSpec, inputs: RequestInputs) -> RequestInputs:
     """``inputs`` carrying its FlatSparse (what validation hands the engine)."""
     return RequestInputs(inputs.num_candidates, inputs.sparse, inputs.dense,

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from recserve.engine.demo import random_inputs
+from recserve.engine.executor import slice_rows
 from recserve.engine.flat import flatten_sparse, split_bounds, with_flat
 from recserve.engine.inputs import SparseInput
 from recserve.engine.spec import DenseFeature, Interaction, ModelSpec, SparseFeature, Table
@@ -88,3 +89,24 @@ def test_empty_bags_have_equal_bounds():
     flat = flatten_sparse(spec, sparse, 3)
     assert flat.bounds.tolist() == [0, 0, 2, 2, 2]
     assert flat.ids.tolist() == [4, 5]
+
+
+@pytest.mark.parametrize("start,count", [(0, 3), (2, 4), (5, 2), (6, 1)])
+def test_slicing_the_flat_form_equals_flattening_the_slice(start, count):
+    inputs = random_inputs(MIXED, np.random.default_rng(start), 7)
+    whole = with_flat(MIXED, inputs)
+    got = slice_rows(MIXED, whole, start, count)  # through the flat form
+    want = slice_rows(MIXED, inputs, start, count)  # per feature
+    expected = flatten_sparse(MIXED, want.sparse, count)
+    for x, y in ((expected.ids, got.flat.ids), (expected.weights, got.flat.weights),
+                 (expected.lengths, got.flat.lengths), (expected.bounds, got.flat.bounds)):
+        np.testing.assert_array_equal(x, y)
+    for f in MIXED.sparse:
+        a, b = want.sparse[f.name], got.sparse[f.name]
+        np.testing.assert_array_equal(a.values, b.values)
+        for x, y in ((a.lengths, b.lengths), (a.weights, b.weights)):
+            assert (x is None) == (y is None)
+            if x is not None:
+                np.testing.assert_array_equal(x, y)
+    for f in MIXED.dense:
+        np.testing.assert_array_equal(want.dense[f.name], got.dense[f.name])
