@@ -92,7 +92,11 @@ def check_pooled(rec, what: str, e: torch.Tensor, feats, want: list, bad: torch.
 
 
 def new_configs(tuner, before: set) -> list:
-    return [{"key": str(k)[:160], "config": v} for k, v in tuner.best.items() if k not in before]
+    """The configs the tuner chose for keys it tuned since ``before``, each with every
+    candidate's tuning time (median ms, fastest first; eager launches)."""
+    return [{"key": str(k)[:160], "config": v,
+             "timings_ms": [[round(ms, 4), c] for ms, c in tuner.timings.get(k, [])]}
+            for k, v in tuner.best.items() if k not in before]
 
 
 def gather_once(packed, feats, p, e: torch.Tensor):

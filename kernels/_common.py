@@ -49,6 +49,9 @@ class SafeTuner:
         self.name = name
         self.configs = list(configs)
         self.best: dict[tuple, dict] = {}
+        self.timings: dict[tuple, list[tuple[float, dict]]] = {}
+        """Per tuned key, every config that ran and its median ms, fastest first (for the
+        benchmarks' reports: which variant won, and by how much)."""
 
     def run(self, key: tuple, launch: Callable[[dict], None],
             candidates: Sequence[dict] | None = None) -> dict:
@@ -76,7 +79,9 @@ class SafeTuner:
         if errors:
             warnings.warn(f"{self.name}: pruned {len(errors)} config(s) for key {key}: "
                           + "; ".join(errors), stacklevel=2)
-        best = min(timings, key=lambda t: t[0])[1]
+        timings.sort(key=lambda t: t[0])
+        self.timings[key] = timings
+        best = timings[0][1]
         self.best[key] = best
         launch(best)  # leave the outputs of the chosen config in place
         return best

@@ -112,7 +112,8 @@ def _embedding_jobs(quick: bool):
                 for align, prefetch in variants:
                     const = {"BAGS": cfg["BAGS"], "LANES": cfg["LANES"], "BLOCK_D": 128,
                              "QUANT": table == "u8", "WEIGHTED": table != "fp32",
-                             "ALIGN": align, "PREFETCH": prefetch, "UNROLL": cfg["UNROLL"]}
+                             "ALIGN": align, "PREFETCH": prefetch and cfg["STAGES"] == 1,
+                             "UNROLL": cfg["UNROLL"], "STAGES": cfg["STAGES"]}
                     yield (eb._embedding_bag_kernel, sig, const,
                            {"num_warps": cfg["num_warps"]}, ("out_stride",))
 

@@ -21,7 +21,8 @@ Scope and limits:
 - Long bags (features whose ``max_bag`` >= ``LANES``) take one bag per program and read
   ``LANES`` positions per step; their programs are ordered first so they never form the
   tail. Short bags take ``BAGS`` bags per program, one position each per step. UNROLL 2
-  issues two steps' loads at once, and ids are prefetched a step ahead (``PREFETCH``).
+  issues two steps' loads at once, and ids are prefetched a step ahead (``PREFETCH``);
+  STAGES > 1 pipelines the loop instead, rows staged in shared memory a few steps ahead.
 - Row loads and stores are 16 bytes wide when every table base, dim and out column is a
   multiple of 16 elements (``ALIGN``, checked on the host).
 - Deterministic: no atomics; every sum has a fixed order.
@@ -54,17 +55,23 @@ import triton.language as tl  # isort: skip
 
 __all__ = ["CONFIGS", "BagFeature", "PackedTables", "check_bounds", "check_csr", "embedding_bag",
            "embedding_bag_reference"]
-# (BAGS, LANES, UNROLL, num_warps); rows per tile stay <= 16 (Triton 3.6 broke at 32).
-# UNROLL 2: two tiles' loads in flight per step (half the dependent steps per bag, the
-# same sums in the same order).
+# (BAGS, LANES, UNROLL, STAGES, num_warps); rows per tile stay <= 16 (Triton 3.6 broke at
+# 32). UNROLL 2: two tiles' loads in flight per step (half the dependent steps per bag, the
+# same sums in the same order). STAGES > 1: the loop is software-pipelined, rows copied
+# into shared memory (cp.async) STAGES - 1 steps ahead, so more rows are in flight than
+# registers allow (the gather is bound by rows in flight: bench/notes-kernels.md); the
+# compiler then fetches ids ahead itself, so those configs run without PREFETCH.
 CONFIGS = [
-    {"BAGS": 16, "LANES": 16, "UNROLL": 1, "num_warps": 4},
-    {"BAGS": 8, "LANES": 16, "UNROLL": 1, "num_warps": 4},
-    {"BAGS": 16, "LANES": 16, "UNROLL": 1, "num_warps": 8},
-    {"BAGS": 8, "LANES": 8, "UNROLL": 1, "num_warps": 2},
-    {"BAGS": 4, "LANES": 16, "UNROLL": 1, "num_warps": 2},
-    {"BAGS": 16, "LANES": 16, "UNROLL": 2, "num_warps": 4},
-    {"BAGS": 8, "LANES": 8, "UNROLL": 2, "num_warps": 2},
+    {"BAGS": 16, "LANES": 16, "UNROLL": 1, "STAGES": 1, "num_warps": 4},
+    {"BAGS": 8, "LANES": 16, "UNROLL": 1, "STAGES": 1, "num_warps": 4},
+    {"BAGS": 16, "LANES": 16, "UNROLL": 1, "STAGES": 1, "num_warps": 8},
+    {"BAGS": 8, "LANES": 8, "UNROLL": 1, "STAGES": 1, "num_warps": 2},
+    {"BAGS": 4, "LANES": 16, "UNROLL": 1, "STAGES": 1, "num_warps": 2},
+    {"BAGS": 16, "LANES": 16, "UNROLL": 2, "STAGES": 1, "num_warps": 4},
+    {"BAGS": 8, "LANES": 8, "UNROLL": 2, "STAGES": 1, "num_warps": 2},
+    {"BAGS": 16, "LANES": 16, "UNROLL": 1, "STAGES": 3, "num_warps": 4},
+    {"BAGS": 16, "LANES": 16, "UNROLL": 1, "STAGES": 4, "num_warps": 4},
+    {"BAGS": 8, "LANES": 8, "UNROLL": 1, "STAGES": 4, "num_warps": 2},
 ]
 # Switches for ``bench/kernel_variants.py``: both False give the kernel of the first H200
 # run (one element per load instruction, ids and rows loaded back to back). Whatever they
@@ -85,7 +92,7 @@ def _embedding_bag_kernel(
     # meta-parameters
     BAGS: tl.constexpr, LANES: tl.constexpr, BLOCK_D: tl.constexpr,
     QUANT: tl.constexpr, WEIGHTED: tl.constexpr, ALIGN: tl.constexpr,
-    PREFETCH: tl.constexpr, UNROLL: tl.constexpr,
+    PREFETCH: tl.constexpr, UNROLL: tl.constexpr, STAGES: tl.constexpr,
 ):
     """One program pools BAGS short bags, or one long bag LANES positions at a time.
 
@@ -118,19 +125,19 @@ def _embedding_bag_kernel(
         _pool_long(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
                    out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
                    elem_base, row_stride, rows, dim, bag_base, num_bags, out_col, local, flags,
-                   out_stride, LANES, BLOCK_D, QUANT, WEIGHTED, PREFETCH, UNROLL)
+                   out_stride, LANES, BLOCK_D, QUANT, WEIGHTED, PREFETCH, UNROLL, STAGES)
     else:
         _pool_short(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
                     out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
                     elem_base, row_stride, rows, dim, bag_base, num_bags, out_col, local, flags,
-                    out_stride, BAGS, BLOCK_D, QUANT, WEIGHTED, PREFETCH, UNROLL)
+                    out_stride, BAGS, BLOCK_D, QUANT, WEIGHTED, PREFETCH, UNROLL, STAGES)
 
 
 _tuner = SafeTuner("embedding_bag", CONFIGS)
 def _candidates(align: int) -> list[dict]:
     """Tuning candidates: every config with the switches' variant, then the first H200
     run's proven kernel, so a variant that fails to compile on the card only loses speed."""
-    out = [{**c, "ALIGN": align, "PREFETCH": PREFETCH} for c in CONFIGS]
+    out = [{**c, "ALIGN": align, "PREFETCH": PREFETCH and c["STAGES"] == 1} for c in CONFIGS]
     if align > 1 or PREFETCH:
         out.append({**CONFIGS[0], "ALIGN": 1, "PREFETCH": False})
     return out
@@ -195,7 +202,7 @@ def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices:
             prog_feature, meta, out.stride(0),
             BAGS=cfg["BAGS"], LANES=cfg["LANES"], BLOCK_D=block_d, QUANT=packed.quantized,
             WEIGHTED=weighted, ALIGN=cfg["ALIGN"], PREFETCH=cfg["PREFETCH"],
-            UNROLL=cfg["UNROLL"],
+            UNROLL=cfg["UNROLL"], STAGES=cfg["STAGES"],
             num_warps=cfg["num_warps"])
 
     key = (packed.dtype, block_d, weighted, features, num_rows, num_requests, out.dtype,

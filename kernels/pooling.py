@@ -65,6 +65,19 @@ def _step_ids(indices_ptr, nxt, pos, valid, pos_next, valid_next, PREFETCH: tl.c
 
 
 @triton.jit
+def _add_one(table_ptr, indices_ptr, weights_ptr, acc, bad, nxt, pos, end, STEP: tl.constexpr,
+             elem_base, row_stride, rows, dim, is_weighted, d, dmask,
+             QUANT: tl.constexpr, WEIGHTED: tl.constexpr, PREFETCH: tl.constexpr):
+    """One step of a pooling loop: acc + the rows at positions ``pos`` (those before
+    ``end``); the next step's ids are ``pos + STEP`` (loaded now when prefetching)."""
+    idx, nxt = _step_ids(indices_ptr, nxt, pos, pos < end, pos + STEP, pos + STEP < end,
+                         PREFETCH)
+    vals, b = _gather(table_ptr, weights_ptr, idx, pos, pos < end, elem_base, row_stride,
+                      rows, dim, is_weighted, d, dmask, QUANT, WEIGHTED)
+    return acc + vals, bad | b, nxt
+
+
+@triton.jit
 def _add_two(table_ptr, weights_ptr, ids, acc, bad, pos0, valid0, pos1, valid1,
              elem_base, row_stride, rows, dim, is_weighted, d, dmask,
              QUANT: tl.constexpr, WEIGHTED: tl.constexpr):
@@ -105,7 +118,8 @@ def _pool_long(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
                out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
                elem_base, row_stride, rows, dim, bag_base, num_bags, out_col, local, flags,
                out_stride, LANES: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr,
-               WEIGHTED: tl.constexpr, PREFETCH: tl.constexpr, UNROLL: tl.constexpr):
+               WEIGHTED: tl.constexpr, PREFETCH: tl.constexpr, UNROLL: tl.constexpr,
+               STAGES: tl.constexpr):
     """Bag ``local`` of a long-bag feature, LANES positions per step, one [LANES, D] tile."""
     d = tl.arange(0, BLOCK_D)
     dmask = d < dim
@@ -118,15 +132,18 @@ def _pool_long(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
     bad = tl.zeros([LANES], dtype=tl.int32)
     if UNROLL == 1:
         nxt = _first_ids(indices_ptr, start + lanes, start + lanes < end, PREFETCH)
-        for j in range(0, tl.max(end - start, axis=0), LANES):
-            pos = start + j + lanes
-            idx, nxt = _step_ids(indices_ptr, nxt, pos, pos < end, pos + LANES,
-                                 pos + LANES < end, PREFETCH)
-            vals, b = _gather(table_ptr, weights_ptr, idx, pos,
-                              pos < end, elem_base, row_stride, rows, dim, flags & 4, d, dmask,
-                              QUANT, WEIGHTED)
-            acc += vals
-            bad = bad | b
+        if STAGES > 1:  # rows staged through shared memory, STAGES - 1 steps ahead
+            for j in tl.range(0, tl.max(end - start, axis=0), LANES, num_stages=STAGES):
+                acc, bad, nxt = _add_one(table_ptr, indices_ptr, weights_ptr, acc, bad, nxt,
+                                         start + j + lanes, end, LANES, elem_base, row_stride,
+                                         rows, dim, flags & 4, d, dmask, QUANT, WEIGHTED,
+                                         PREFETCH)
+        else:
+            for j in range(0, tl.max(end - start, axis=0), LANES):
+                acc, bad, nxt = _add_one(table_ptr, indices_ptr, weights_ptr, acc, bad, nxt,
+                                         start + j + lanes, end, LANES, elem_base, row_stride,
+                                         rows, dim, flags & 4, d, dmask, QUANT, WEIGHTED,
+                                         PREFETCH)
     else:
         # two [LANES, D] tiles per step (positions j + lanes and j + LANES + lanes)
         pos2 = start + lanes[:, None] + LANES * tl.arange(0, 2)[None, :]
@@ -169,7 +186,8 @@ def _pool_short(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
                 out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
                 elem_base, row_stride, rows, dim, bag_base, num_bags, out_col, local, flags,
                 out_stride, BAGS: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr,
-                WEIGHTED: tl.constexpr, PREFETCH: tl.constexpr, UNROLL: tl.constexpr):
+                WEIGHTED: tl.constexpr, PREFETCH: tl.constexpr, UNROLL: tl.constexpr,
+                STAGES: tl.constexpr):
     """Bags local*BAGS .. +BAGS of a short-bag feature, one position of each per step."""
     d = tl.arange(0, BLOCK_D)
     dmask = d < dim
@@ -181,14 +199,18 @@ def _pool_short(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
     bad = tl.zeros([BAGS], dtype=tl.int32)
     if UNROLL == 1:
         nxt = _first_ids(indices_ptr, start, length > 0, PREFETCH)
-        for j in range(0, tl.max(length, axis=0)):
-            idx, nxt = _step_ids(indices_ptr, nxt, start + j, j < length, start + j + 1,
-                                 j + 1 < length, PREFETCH)
-            vals, b = _gather(table_ptr, weights_ptr, idx, start + j,
-                              j < length, elem_base, row_stride, rows, dim, flags & 4, d, dmask,
-                              QUANT, WEIGHTED)
-            acc += vals
-            bad = bad | b
+        if STAGES > 1:  # rows staged through shared memory, STAGES - 1 steps ahead
+            for j in tl.range(0, tl.max(length, axis=0), num_stages=STAGES):
+                acc, bad, nxt = _add_one(table_ptr, indices_ptr, weights_ptr, acc, bad, nxt,
+                                         start + j, start + length, 1, elem_base, row_stride,
+                                         rows, dim, flags & 4, d, dmask, QUANT, WEIGHTED,
+                                         PREFETCH)
+        else:
+            for j in range(0, tl.max(length, axis=0)):
+                acc, bad, nxt = _add_one(table_ptr, indices_ptr, weights_ptr, acc, bad, nxt,
+                                         start + j, start + length, 1, elem_base, row_stride,
+                                         rows, dim, flags & 4, d, dmask, QUANT, WEIGHTED,
+                                         PREFETCH)
     else:
         # two positions of each bag per step
         u = tl.arange(0, 2)[None, :]

@@ -127,11 +127,11 @@ def test_pooling_matches_reference(device, dtype, dims, index_dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("unroll", [1, 2])
-def test_out_of_range_ids_are_flagged_and_never_read(device, unroll, monkeypatch):
+@pytest.mark.parametrize("unroll,stages", [(1, 1), (2, 1), (1, 3)])
+def test_out_of_range_ids_are_flagged_and_never_read(device, unroll, stages, monkeypatch):
     from recserve.kernels import embedding_bag as eb
 
-    monkeypatch.setattr(eb, "CONFIGS", [{**eb.CONFIGS[0], "UNROLL": unroll}])
+    monkeypatch.setattr(eb, "CONFIGS", [{**eb.CONFIGS[0], "UNROLL": unroll, "STAGES": stages}])
     dims, rows = [8, 8, 8], [5, 40, 5]
     # Tables 0 and 2 surround table 1 in the packed buffer and hold huge values: a read past
     # either end of table 1 would show up in its pooled sums.
@@ -284,8 +284,9 @@ def test_alignment_hint_is_the_largest_common_power_of_two():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.uint8])
 def test_switches_give_identical_bits(device, dtype, monkeypatch):
-    """Aligned dims (ALIGN 16), with and without the hints, the id prefetch and the 2-step
-    unroll: the same sums in the same order, so the same bits."""
+    """Aligned dims (ALIGN 16), with and without the hints, the id prefetch, the 2-step
+    unroll and the pipelined loops (STAGES): the same sums in the same order, so the same
+    bits."""
     from recserve.kernels import embedding_bag as eb
 
     dims = [16, 32, 16]
@@ -293,16 +294,20 @@ def test_switches_give_identical_bits(device, dtype, monkeypatch):
     tuner = eb.SafeTuner("embedding_bag", eb.CONFIGS)
     monkeypatch.setattr(eb, "_tuner", tuner)
     first = eb.CONFIGS[0]
-    for hints, prefetch, unroll in ((True, True, 1), (False, False, 1), (True, False, 1),
-                                    (True, True, 2), (True, False, 2)):
+    for hints, prefetch, unroll, stages in ((True, True, 1, 1), (False, False, 1, 1),
+                                            (True, False, 1, 1), (True, True, 2, 1),
+                                            (True, False, 2, 1), (True, True, 1, 3),
+                                            (False, False, 1, 4)):
         monkeypatch.setattr(eb, "ALIGN_HINTS", hints)
         monkeypatch.setattr(eb, "PREFETCH", prefetch)
-        monkeypatch.setattr(eb, "CONFIGS", [{**first, "UNROLL": unroll}])
+        monkeypatch.setattr(eb, "CONFIGS", [{**first, "UNROLL": unroll, "STAGES": stages}])
         # out's row stride 128 (112 columns + 16): every base is a multiple of 16
         runs.append(_run(dtype, dims, [50, 9, 300], _features(dims), device, seed=5,
                          pad=16))
         assert tuner.best[list(tuner.best)[-1]]["ALIGN"] == (16 if hints else 1)
-        assert tuner.best[list(tuner.best)[-1]]["UNROLL"] == unroll
+        best = tuner.best[list(tuner.best)[-1]]
+        assert best["UNROLL"] == unroll and best["STAGES"] == stages
+        assert best["PREFETCH"] == (prefetch and stages == 1)  # pipelined: never both
         tuner.best.clear()
     out, bad, ref, ref_bad = runs[0]
     for f, want in zip(_features(dims), ref, strict=True):
@@ -333,6 +338,31 @@ def test_untuned_launch_falls_back_to_the_next_config(monkeypatch):
     assert tuner.run(("k",), launch) == {"v": 1} and launched == [1, 1]  # cached
     with pytest.raises(RuntimeError, match="PassManager"):
         tuner.run(("other",), launch, [{"v": 0}])
+
+
+def test_tuning_keeps_every_timing_fastest_first_and_prunes_failures(monkeypatch):
+    """The tuner picks the fastest config that runs and keeps every timing (the benchmark
+    reports show by how much each variant won or lost)."""
+    from recserve.kernels import _common
+
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    monkeypatch.delenv("RECSERVE_AUTOTUNE", raising=False)
+    cost = {0: 3.0, 1: 1.5, 2: None, 3: 2.0}  # config 2 fails to compile
+
+    def fake_bench(fn, **_):
+        fn()
+        return fake_bench.ms
+
+    def launch(cfg):
+        if cost[cfg["v"]] is None:
+            raise RuntimeError("ptxas error")
+        fake_bench.ms = cost[cfg["v"]]
+
+    monkeypatch.setattr(_common.triton.testing, "do_bench", fake_bench)
+    tuner = _common.SafeTuner("t", [{"v": v} for v in cost])
+    with pytest.warns(UserWarning, match="pruned 1 config"):
+        assert tuner.run(("k",), launch) == {"v": 1}
+    assert [(ms, c["v"]) for ms, c in tuner.timings[("k",)]] == [(1.5, 1), (2.0, 3), (3.0, 0)]
 
 
 @pytest.mark.parametrize("dim,stride,params_at", [(128, 144, 128), (37, 48, 40), (4, 16, 8)])
