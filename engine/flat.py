@@ -132,7 +132,8 @@ def flatten_sparse(spec: ModelSpec, sparse: dict[str, SparseInput], n: int, *,
         if ids_out.dtype != np.int64 and (ids_out.dtype != dtype or dtype != np.int32):
             raise ValueError(f"ids_out is {ids_out.dtype}; these ids need {np.dtype(dtype)}")
         ids = ids_out
-        np.concatenate([p.values for p in parts], out=ids, casting="unsafe")
+        if parts:
+            np.concatenate([p.values for p in parts], out=ids, casting="unsafe")
     else:
         ids = np.concatenate([p.values for p in parts], dtype=dtype, casting="unsafe") \
             if parts else np.zeros(0, dtype)

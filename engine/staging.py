@@ -244,7 +244,8 @@ def _pack_loose(layout: StagingLayout, ids: np.ndarray, weights: np.ndarray | No
     end = _room(layout, start, sum(map(len, values)))
     room = ids[start:end]
     try:  # a plain copy when no id needs narrowing ("safe" refuses int64 -> int32)
-        np.concatenate(values, out=room, casting="safe")
+        if values:  # (none: a model without sparse features)
+            np.concatenate(values, out=room, casting="safe")
     except TypeError:  # wider or unsigned ids: checked and cast, or clipped (_copy_ids)
         _copy_ids(np.concatenate(values, dtype=np.int64, casting="unsafe"), room)
     if weights is not None:
@@ -260,7 +261,8 @@ def _pack_loose(layout: StagingLayout, ids: np.ndarray, weights: np.ndarray | No
     sizes = [f_c * p.num_candidates + f_r for p in pieces]
     cum = scratch[:sum(sizes) + 1]
     cum[0] = start
-    np.concatenate(steps, out=cum[1:], casting="same_kind")
+    if steps:
+        np.concatenate(steps, out=cum[1:], casting="same_kind")
     np.cumsum(cum, out=cum)
     out, at = [], 0
     for size in sizes:  # consecutive pieces share a boundary: one's end is the next's start

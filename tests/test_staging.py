@@ -178,3 +178,24 @@ def test_pack_refuses_a_batch_larger_than_its_bucket():
     pieces = [random_inputs(spec, np.random.default_rng(0), 5)]
     with pytest.raises(ValueError, match="5 rows do not fit bucket 4"):
         pack(layout, allocate(layout, "cpu"), pieces, 4)
+
+
+@pytest.mark.parametrize("kind", ["dense-only", "request-sparse-only"])
+@pytest.mark.parametrize("flat", [False, True])
+def test_models_without_some_kind_of_sparse_feature_stage_right(kind, flat):
+    """No sparse feature at all, or only request-scope ones: nothing to concatenate for
+    some of the buffers, and the scores still match the reference."""
+    sparse = () if kind == "dense-only" else (
+        SparseFeature("u", "t", "sum", "request", 3),)
+    spec = ModelSpec(name="e", tables=(Table("t", 10, 4),) if sparse else (), sparse=sparse,
+                     dense=(DenseFeature("c", 3, "candidate"),), bottom_mlp=(4,),
+                     interaction=Interaction("dot"), top_mlp=(6, 1))
+    weights = init_weights(spec, seed=4)
+    rng = np.random.default_rng(4)
+    pieces = [random_inputs(spec, rng, n) for n in (2, 3)]
+    staged = with_flat(spec, pieces) if flat else pieces
+    sizes, _, scores, bad = packed_scores(spec, weights, staged, bucket=8)
+    want = ReferenceModel(spec, weights).forward(collate(spec, pieces))
+    torch.testing.assert_close(scores, want, rtol=1e-4, atol=1e-5)
+    assert not bool(bad.any()) and sizes.nnz == sum(
+        len(s.values) for p in pieces for s in p.sparse.values())
