@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import provenance  # noqa: E402
 import workloads as wl  # noqa: E402
 
+from engine import run_loop  # noqa: E402
 from recserve.engine.engine import Engine  # noqa: E402
 from recserve.engine.gpu_executor import GpuExecutor  # noqa: E402
 from recserve.engine.inputs import RequestInputs  # noqa: E402
@@ -77,8 +78,9 @@ async def engine_run(settings, spec, weights, requests, repeats: int,
         busy0 = executor.busy_ms
         rows = sum(r.num_candidates for r in requests) * repeats
         start = time.perf_counter()
-        await asyncio.gather(*(engine.score(spec.name, r) for _ in range(repeats)
-                               for r in requests))
+        # clients keep two batches per slot outstanding (not a burst: see closed_loop)
+        await wl.closed_loop(engine, spec.name, [r for _ in range(repeats) for r in requests],
+                             2 * settings.slots * settings.max_batch_rows)
         wall = time.perf_counter() - start
         model = engine.handle(spec.name, 1)  # the built GpuModel: its graphs, for timing
         slot = model.slots[0]
@@ -199,9 +201,9 @@ def main() -> None:
     results["runs"] = []
     for name, run_settings, threads in variants:
         run = {"variant": name, "slots": run_settings.slots, "pack_threads": threads}
-        run["full_batches"] = asyncio.run(engine_run(run_settings, spec, weights, full,
+        run["full_batches"] = run_loop(engine_run(run_settings, spec, weights, full,
                                                      args.batches // 4, threads))
-        run["ranking_requests"] = asyncio.run(engine_run(run_settings, spec, weights, ranking,
+        run["ranking_requests"] = run_loop(engine_run(run_settings, spec, weights, ranking,
                                                          repeats, threads))
         for traffic in ("full_batches", "ranking_requests"):
             r = run[traffic]

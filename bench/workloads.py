@@ -13,6 +13,8 @@ Used by bench/kernels.py and reusable by the engine and server benches.
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -233,3 +235,20 @@ def ranking_slices(spec, full: list[RequestInputs], rng, per_request: int
     flat form as validation would make it."""
     return [with_flat(spec, slice_rows(spec, r, 0, int(n)))
             for r in full for n in rng.integers(100, 701, per_request)]
+
+
+async def closed_loop(engine, name: str, requests: list[RequestInputs], rows_in_flight: int
+                      ) -> None:
+    """Score ``requests`` in order keeping about ``rows_in_flight`` candidate rows
+    outstanding, as many clients would: a new request is sent when one finishes. (Sending
+    them all at once instead measures a burst: the event loop submits thousands of requests
+    while the engine's threads wait for the GIL.)"""
+    pending = iter(requests)
+
+    async def client() -> None:
+        for r in pending:  # shared: each request is sent once, by whichever client is free
+            await engine.score(name, r)
+
+    mean = sum(r.num_candidates for r in requests) / max(len(requests), 1)
+    clients = max(1, min(len(requests), round(rows_in_flight / max(mean, 1))))
+    await asyncio.gather(*(client() for _ in range(clients)))
