@@ -10,7 +10,7 @@ import pytest
 from server_fixtures import loaded, multi_spec, small_spec
 
 from recserve.engine.demo import random_inputs
-from recserve.engine.flat import flatten_sparse
+from recserve.engine.flat import flatten_sparse, with_flat
 from recserve.server import channel
 from recserve.server.codec import FrameDecoder
 
@@ -85,3 +85,30 @@ def test_replies_carry_errors_and_control_messages_round_trip():
     message = {"kind": "models", "models": [{"name": "m", "version": 1}], "not_ready": None}
     view = one_frame(channel.encode_control(message))
     assert bytes(view[:1]) == b"C" and channel.decode_control(view) == message
+
+
+@pytest.mark.parametrize("damage", ["bound past the ids", "negative bound", "short bounds",
+                                    "lengths for other candidates"])
+def test_a_malformed_flat_form_is_refused_not_staged(damage):
+    """The engine stages a request's bag bounds as they arrive: the engine side refuses any
+    that point outside the request's own ids (a worker bug must not become a bad read)."""
+    import dataclasses
+
+    spec = small_spec()
+    inputs = with_flat(spec, random_inputs(spec, np.random.default_rng(2), 4))
+    flat = inputs.flat
+    bounds, lengths = flat.bounds.copy(), flat.lengths
+    if damage == "bound past the ids":
+        bounds[-1] += 1
+    elif damage == "negative bound":
+        bounds[0] = -1
+    elif damage == "short bounds":
+        bounds = bounds[:-1]
+    else:
+        lengths = lengths[:, :3]
+    broken = dataclasses.replace(inputs, flat=dataclasses.replace(flat, bounds=bounds,
+                                                                  lengths=lengths))
+    view = one_frame(channel.encode_score(1, spec.name, 0, broken, None, spec))
+    header = channel.score_header(view)
+    with pytest.raises(ValueError, match="malformed sparse inputs"):
+        channel.decode_inputs(view, header.offset, 4, spec)
