@@ -199,3 +199,24 @@ def test_models_without_some_kind_of_sparse_feature_stage_right(kind, flat):
     torch.testing.assert_close(scores, want, rtol=1e-4, atol=1e-5)
     assert not bool(bad.any()) and sizes.nnz == sum(
         len(s.values) for p in pieces for s in p.sparse.values())
+
+
+def test_pieces_of_split_requests_stage_from_their_flat_form():
+    """The engine splits a request too big for the batch's room (slice_rows): pieces of a
+    request that came with its flat form keep one (cut from it), and score like the same
+    rows cut feature by feature."""
+    from recserve.engine.executor import slice_rows
+
+    spec = small_spec()
+    weights = init_weights(spec, seed=12)
+    rng = np.random.default_rng(12)
+    whole = random_inputs(spec, rng, 9)
+    flat = with_flat(spec, [whole])[0]
+    cuts = [(0, 2), (2, 5), (7, 2)]
+    pieces = [slice_rows(spec, flat, s, c) for s, c in cuts]
+    assert all(p.flat is not None for p in pieces)
+    want = ReferenceModel(spec, weights).forward(
+        collate(spec, [slice_rows(spec, whole, s, c) for s, c in cuts]))
+    _, _, scores, bad = packed_scores(spec, weights, pieces, bucket=10)
+    torch.testing.assert_close(scores, want, rtol=1e-4, atol=1e-5)
+    assert not bool(bad.any())
