@@ -193,23 +193,36 @@ def pack(layout: StagingLayout, host: Buffers, pieces: list[RequestInputs],
     if host.dense is not None:
         _pack_dense(spec, host.dense.numpy(), pieces, counts, bucket, r_cap,
                     layout.dense_per_request)
-    all_bounds, adds, nnz = _pack_ids(layout, host, pieces)
-    used = tuple(_pack_bounds(group, starts, ends, layout.flat_bags, all_bounds,
-                              counts.tolist(), adds, bucket)
+    blocks, nnz = _pack_ids(layout, host, pieces)
+    used = tuple(_pack_bounds(group, starts, ends, blocks, rows, real, bucket)
                  for group, (starts, ends) in zip(layout.groups, host.groups, strict=True))
     return PackedSizes(bucket, rows, real, nnz, used)
 
 
+@dataclass(frozen=True, slots=True)
+class _Block:
+    """Bag bounds of consecutive pieces from row ``row`` and piece ``piece``: candidate-scope
+    [F_c(model), rows] and request-scope [F_r(model), pieces] starts and ends, to which
+    ``base`` is added (where the pieces' ids landed, or 0 when already absolute)."""
+
+    row: int
+    piece: int
+    cand_starts: np.ndarray
+    cand_ends: np.ndarray
+    req_starts: np.ndarray
+    req_ends: np.ndarray
+    base: int
+
+
 def _pack_ids(layout: StagingLayout, host: Buffers, pieces: list[RequestInputs]
-              ) -> tuple[list[np.ndarray], list[int], int]:
-    """Every piece's ids (and weights) in the ids buffer: (each piece's flat bag bounds,
-    the position to add to them, ids written). A piece that came with its FlatSparse
-    (shaped for this spec) is one copy; the rest are packed together (``_pack_loose``)."""
+              ) -> tuple[list[_Block], int]:
+    """Every piece's ids (and weights) in the ids buffer: (their bag bounds as blocks, ids
+    written). A piece that came with its FlatSparse (shaped for this spec) is one copy and
+    one block; the rest are packed together (``_pack_loose``), one block per run of them."""
     ids = host.ids.numpy()
     weights = host.weights.numpy() if host.weights is not None else None
     f_c, f_r = layout.flat_bags
-    bounds: list = [None] * len(pieces)
-    adds, loose, pos = [0] * len(pieces), [], 0
+    blocks, loose, pos, row = [], [], 0, 0
     for i, piece in enumerate(pieces):
         flat, n = piece.flat, piece.num_candidates
         if flat is not None and flat.lengths.shape == (f_c, n) \
@@ -218,28 +231,31 @@ def _pack_ids(layout: StagingLayout, host: Buffers, pieces: list[RequestInputs]
             _copy_ids(flat.ids, ids[pos:end])
             if weights is not None:
                 weights[pos:end] = flat.weights if flat.weights is not None else 1.0
-            bounds[i], adds[i], pos = flat.bounds, pos, end
+            c_starts, c_ends, r_starts, r_ends = split_bounds(flat.bounds, f_c, n)
+            blocks.append(_Block(row, i, c_starts, c_ends, r_starts[:, None],
+                                 r_ends[:, None], pos))
+            pos = end
         else:
-            loose.append(i)
+            loose.append((i, row))
+        row += n
     if loose:
-        loose_bounds, pos = _pack_loose(layout, ids, weights, host.scratch.numpy(),
-                                        [pieces[i] for i in loose], pos)
-        for i, b in zip(loose, loose_bounds, strict=True):
-            bounds[i] = b
-    return bounds, adds, pos
+        pos = _pack_loose(layout, ids, weights, host.scratch.numpy(), pieces, loose, pos,
+                          blocks)
+    return blocks, pos
 
 
 def _pack_loose(layout: StagingLayout, ids: np.ndarray, weights: np.ndarray | None,
-                scratch: np.ndarray, pieces: list[RequestInputs], start: int
-                ) -> tuple[list[np.ndarray], int]:
-    """Pieces without a FlatSparse, from ``start``: their ids in flat order with one
-    concatenate, their bag lengths with another, and one cumulative sum (seeded with
-    ``start``) that gives every bag's absolute bounds; (each piece's bounds, a view of
-    ``scratch``, already absolute; the end of their ids). A few numpy calls whatever the
-    number of pieces: per-piece calls would cost more than the copies."""
-    order, f_c, f_r = layout.flat_order, *layout.flat_bags
-    inputs = [[p.sparse[name] for name in order] for p in pieces]
-    every = [s for per_piece in inputs for s in per_piece]
+                scratch: np.ndarray, pieces: list[RequestInputs],
+                loose: list[tuple[int, int]], start: int, blocks: list[_Block]) -> int:
+    """Pieces without a FlatSparse (``loose``: (index, first row)), from ``start``, feature
+    by feature: their ids with one concatenate, their bag lengths with another, and one
+    cumulative sum (seeded with ``start``) that gives every bag's absolute bounds, laid out
+    [F_c, their rows] then [F_r, their pieces]; appends one block per run of consecutive
+    loose pieces (one for the whole batch when none came flat) and returns the end of
+    their ids. A few numpy calls whatever the number of pieces."""
+    order, (f_c, f_r) = layout.flat_order, layout.flat_bags
+    mine = [pieces[i] for i, _ in loose]
+    every = [p.sparse[name] for name in order for p in mine]  # feature-major
     values = [s.values for s in every]
     end = _room(layout, start, sum(map(len, values)))
     room = ids[start:end]
@@ -252,23 +268,32 @@ def _pack_loose(layout: StagingLayout, ids: np.ndarray, weights: np.ndarray | No
         np.concatenate([s.weights if s.weights is not None
                         else np.ones(len(s.values), np.float32) for s in every],
                        out=weights[start:end], casting="same_kind")
-    steps = []
-    for per_piece in inputs:
-        steps += [s.lengths for s in per_piece[:f_c]]
-        if f_r:
-            steps.append(np.fromiter((len(s.values) for s in per_piece[f_c:]), scratch.dtype,
-                                     f_r))
-    sizes = [f_c * p.num_candidates + f_r for p in pieces]
-    cum = scratch[:sum(sizes) + 1]
+    n_rows, n_pieces = sum(p.num_candidates for p in mine), len(mine)
+    steps = [s.lengths for s in every[:f_c * n_pieces]]
+    if f_r:
+        steps.append(np.fromiter((len(s.values) for s in every[f_c * n_pieces:]),
+                                 scratch.dtype, f_r * n_pieces))
+    split = f_c * n_rows
+    cum = scratch[:split + f_r * n_pieces + 1]
     cum[0] = start
     if steps:
         np.concatenate(steps, out=cum[1:], casting="same_kind")
     np.cumsum(cum, out=cum)
-    out, at = [], 0
-    for size in sizes:  # consecutive pieces share a boundary: one's end is the next's start
-        out.append(cum[at:at + size + 1])
-        at += size
-    return out, end
+    cand = (cum[:split].reshape(f_c, n_rows), cum[1:split + 1].reshape(f_c, n_rows))
+    req = (cum[split:-1].reshape(f_r, n_pieces), cum[split + 1:].reshape(f_r, n_pieces))
+    col, k = 0, 0
+    while k < len(loose):  # runs of pieces consecutive in the batch are consecutive here
+        first, (index, row) = k, loose[k]
+        width = mine[k].num_candidates
+        while k + 1 < len(loose) and loose[k + 1][0] == loose[k][0] + 1:
+            k += 1
+            width += mine[k].num_candidates
+        k += 1
+        blocks.append(_Block(row, index, cand[0][:, col:col + width],
+                             cand[1][:, col:col + width], req[0][:, first:k],
+                             req[1][:, first:k], 0))
+        col += width
+    return end
 
 
 def _room(layout: StagingLayout, start: int, count: int) -> int:
@@ -291,10 +316,9 @@ def _copy_ids(src: np.ndarray, dst: np.ndarray) -> None:
 
 
 def _pack_bounds(group: GroupLayout, starts_t: torch.Tensor, ends_t: torch.Tensor,
-                 flat_bags: tuple[int, int], all_bounds: list[np.ndarray], counts: list[int],
-                 adds: list[int], bucket: int) -> int:
-    """One group's bag bounds: each piece's (start, end) per bag plus where its ids
-    landed; empty bags for padding. Returns the slots written."""
+                 blocks: list[_Block], rows: int, pieces: int, bucket: int) -> int:
+    """One group's bag bounds from the blocks (its features' rows of each, plus the
+    block's base); empty bags for padding. Returns the slots written."""
     f_c, f_r = group.candidate_features, group.request_features
     split, used = f_c * (bucket + 1), group.bounds_used(bucket)
     starts, ends = starts_t.numpy(), ends_t.numpy()
@@ -302,17 +326,16 @@ def _pack_bounds(group: GroupLayout, starts_t: torch.Tensor, ends_t: torch.Tenso
     cand = (starts[:split].reshape(f_c, bucket + 1), ends[:split].reshape(f_c, bucket + 1))
     req = (starts[split:used].reshape(f_r, bucket + 2), ends[split:used].reshape(f_r, bucket + 2))
     c_rows, r_rows = _selector(group.candidate_rows), _selector(group.request_rows)
-    row = 0
-    for i, (bounds, n, base) in enumerate(zip(all_bounds, counts, adds, strict=True)):
-        c_starts, c_ends, r_starts, r_ends = split_bounds(bounds, flat_bags[0], n)
+    for block in blocks:
         if f_c:
-            np.add(c_starts[c_rows], base, out=cand[0][:, row:row + n])
-            np.add(c_ends[c_rows], base, out=cand[1][:, row:row + n])
+            cols = slice(block.row, block.row + block.cand_starts.shape[1])
+            np.add(block.cand_starts[c_rows], block.base, out=cand[0][:, cols])
+            np.add(block.cand_ends[c_rows], block.base, out=cand[1][:, cols])
         if f_r:
-            np.add(r_starts[r_rows], base, out=req[0][:, i])
-            np.add(r_ends[r_rows], base, out=req[1][:, i])
-        row += n
-    for starts_2d, ends_2d, first in ((*cand, row), (*req, len(all_bounds))):
+            cols = slice(block.piece, block.piece + block.req_starts.shape[1])
+            np.add(block.req_starts[r_rows], block.base, out=req[0][:, cols])
+            np.add(block.req_ends[r_rows], block.base, out=req[1][:, cols])
+    for starts_2d, ends_2d, first in ((*cand, rows), (*req, pieces)):
         starts_2d[:, first:] = 0  # padding rows, the padding request, unused last slots
         ends_2d[:, first:] = 0
     return used
