@@ -215,8 +215,8 @@ class TorchPeer:
 
 def full_requests(spec, rng, rows: int, count: int) -> list[RequestInputs]:
     """``count`` requests of ``rows`` candidates, every bag at its max_bag (MLPerf shape);
-    int32 ids and the flat form, as the server hands them to the engine (validation narrows
-    ids and flattens them)."""
+    int32 ids and the flat form, as worker processes hand them to the engine (validation
+    narrows ids, the channel flattens them)."""
     out = []
     for _ in range(count):
         sparse = {}
@@ -232,7 +232,7 @@ def full_requests(spec, rng, rows: int, count: int) -> list[RequestInputs]:
 def ranking_slices(spec, full: list[RequestInputs], rng, per_request: int
                    ) -> list[RequestInputs]:
     """Ranking-size requests (N uniform in 100..700) cut from ``full`` ones, each with its
-    flat form as validation would make it."""
+    flat form as a worker process would send it."""
     return [with_flat(spec, slice_rows(spec, r, 0, int(n)))
             for r in full for n in rng.integers(100, 701, per_request)]
 

@@ -9,9 +9,11 @@ writes its bag bounds with a few array adds; the kernel reads bags by (start, en
 not need them feature by feature (``embedding_bag``'s ``ends``).
 
 Bag order: every candidate-scope feature's N bags (spec order), then one bag per
-request-scope feature (spec order). Validation builds the form once per request (in a
-worker process with ``--workers``), the worker channel carries it, and staging builds it
-for requests that arrive without it (in-process callers, pieces of split requests).
+request-scope feature (spec order). With ``--workers``, each worker process builds the form
+when it hands a validated request to the engine process (``server/channel.py``), so the
+engine process only copies it; pieces of a split request get theirs cut from it
+(``slice_flat``). Requests without it (a single-process server, in-process callers) are
+staged feature by feature instead (``staging``).
 """
 
 from __future__ import annotations
@@ -93,68 +95,37 @@ def split_bounds(bounds: np.ndarray, f_c: int, n: int
             bounds[split:-1], bounds[split + 1:])
 
 
-def bag_bounds(spec: ModelSpec, sparse: dict[str, SparseInput], n: int,
-               out: np.ndarray) -> np.ndarray:
-    """The flat bag bounds of ``sparse`` (``FlatSparse.bounds``) written into the start of
-    ``out`` (int32 or int64, at least F_c * N + F_r + 1 long; no other array is
-    allocated); returns that part of ``out``."""
-    cand = [sparse[f.name].lengths for f in spec.sparse if f.scope == "candidate"]
-    req = [sparse[f.name].values for f in spec.sparse if f.scope == "request"]
-    bounds = out[:len(cand) * n + len(req) + 1]
-    bounds[0] = 0
-    if cand:
-        np.concatenate(cand, out=bounds[1:len(cand) * n + 1], casting="same_kind")
-    if req:
-        bounds[len(cand) * n + 1:] = np.fromiter(map(len, req), bounds.dtype, len(req))
-    np.cumsum(bounds, out=bounds)
-    return bounds
-
-
-def flatten_sparse(spec: ModelSpec, sparse: dict[str, SparseInput], n: int, *,
-                   ids_out: np.ndarray | None = None,
-                   weights_out: np.ndarray | None = None, lengths: bool = True) -> FlatSparse:
+def flatten_sparse(spec: ModelSpec, sparse: Mapping[str, SparseInput], n: int) -> FlatSparse:
     """``sparse`` (one request with ``n`` candidates) in the flat form.
 
     Ids keep int32 when every feature's are int32; anything else becomes int64 (unsigned
-    ids past int64 wrap negative: outside every table, so flagged, never read). With
-    ``ids_out`` (exactly as long as all the ids, of their dtype or int64) and
-    ``weights_out``, ids and weights are written there and the form's arrays are those
-    (staging builds the form straight into its buffers: no temporary copy). ``lengths``
-    False skips the lengths and bounds (staging writes bounds itself): the result's
-    ``lengths`` and ``bounds`` are then empty.
+    ids past int64 wrap negative: outside every table, so flagged, never read).
     """
     cand = [sparse[f.name] for f in spec.sparse if f.scope == "candidate"]
     req = [sparse[f.name] for f in spec.sparse if f.scope == "request"]
     parts = cand + req
-    narrow = all(p.values.dtype == np.int32 for p in parts)
-    dtype = np.int32 if narrow else np.int64
-    if ids_out is not None:
-        if ids_out.dtype != np.int64 and (ids_out.dtype != dtype or dtype != np.int32):
-            raise ValueError(f"ids_out is {ids_out.dtype}; these ids need {np.dtype(dtype)}")
-        ids = ids_out
-        if parts:
-            np.concatenate([p.values for p in parts], out=ids, casting="unsafe")
-    else:
-        ids = np.concatenate([p.values for p in parts], dtype=dtype, casting="unsafe") \
-            if parts else np.zeros(0, dtype)
-    if lengths:
-        lengths_2d = np.empty((len(cand), n), np.int64)
-        if cand:
-            np.concatenate([p.lengths for p in cand], out=lengths_2d.reshape(-1),
-                           casting="unsafe")
-        size = lengths_2d.size + len(req) + 1
-        bounds = bag_bounds(spec, sparse, n, np.empty(size, np.int32 if len(ids) <= _INT32_MAX
-                                                      else np.int64))
-    else:
-        lengths_2d, bounds = np.zeros((0, 0), np.int64), np.zeros(0, np.int32)
+    dtype = np.int32 if all(p.values.dtype == np.int32 for p in parts) else np.int64
+    ids = np.concatenate([p.values for p in parts], dtype=dtype, casting="unsafe") \
+        if parts else np.zeros(0, dtype)
+    lengths = np.empty((len(cand), n), np.int64)
+    if cand:
+        np.concatenate([p.lengths for p in cand], out=lengths.reshape(-1), casting="unsafe")
+    bounds = np.empty(lengths.size + len(req) + 1,
+                      np.int32 if len(ids) <= _INT32_MAX else np.int64)
+    bounds[0] = 0
+    bounds[1:lengths.size + 1] = lengths.reshape(-1)
+    if req:
+        bounds[lengths.size + 1:] = np.fromiter((len(p.values) for p in req), bounds.dtype,
+                                                len(req))
+    np.cumsum(bounds, out=bounds)
     weights = None
     if any(f.weighted for f in spec.sparse):
-        weights = np.zeros(len(ids), np.float32) if weights_out is None else weights_out
+        weights = np.zeros(len(ids), np.float32)
         if parts:
             np.concatenate([p.weights if p.weights is not None
                             else np.ones(len(p.values), np.float32) for p in parts],
                            out=weights, casting="same_kind")
-    return FlatSparse(ids, weights, lengths_2d, bounds)
+    return FlatSparse(ids, weights, lengths, bounds)
 
 
 def slice_flat(flat: FlatSparse, start: int, count: int) -> FlatSparse:
@@ -180,6 +151,6 @@ def slice_flat(flat: FlatSparse, start: int, count: int) -> FlatSparse:
 
 
 def with_flat(spec: ModelSpec, inputs: RequestInputs) -> RequestInputs:
-    """``inputs`` carrying its FlatSparse (what validation hands the engine)."""
+    """``inputs`` carrying its FlatSparse (as a worker process hands it to the engine)."""
     return RequestInputs(inputs.num_candidates, inputs.sparse, inputs.dense,
                          flatten_sparse(spec, inputs.sparse, inputs.num_candidates))

@@ -47,7 +47,7 @@ class RequestInputs:
     """float32 dense inputs by name: [dim] for request scope, [N, dim] for candidate scope."""
     flat: FlatSparse | None = None
     """The same sparse inputs back to back (``recserve.engine.flat``), when whoever built
-    the request made them (validation, the worker channel): the GPU engine then stages the
+    the request made them (the worker channel does): the GPU engine then stages the
     request in one copy. Must hold exactly ``sparse``'s data; never change one alone."""
 
 

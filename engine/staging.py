@@ -7,21 +7,23 @@ so every bucket has fixed tensor shapes (a static input for a CUDA graph):
 
   row_request [B], request_offsets [B + 2], first_rows [B + 1]   (R_cap = B + 1)
   dense fp32 [B or R_cap, dense_in_dim]
-  ids [cap], weights [cap] (when a feature is weighted): every group's ids, request by request
+  ids [cap], weights [cap] (when a feature is weighted): every group's ids
   per table group: starts, ends [sum over features of bags + 1] (the kernel's bag bounds)
 
-Ids lie request by request (each request's ``FlatSparse``: one copy per request, not one
-per feature and request), and each bag's (start, end) says where its ids are; a group's
-bounds list its candidate-scope features (B + 1 slots each) before its request-scope ones
-(R_cap + 1 slots each), the order ``feature_groups`` gives, so one request's bounds for a
-whole group are one 2-D array add. Bags beyond the real requests and rows are empty, dense
-padding is zero, so padding rows compute finite scores that are never read. Only the used
-prefix of each buffer travels to the device.
+Each bag's (start, end) says where its ids are, so ids can lie in whatever order copies
+fastest: a request that comes with its ``FlatSparse`` (from a worker process) is one copy,
+not one per feature; requests without one are copied together, feature by feature, in one
+concatenate. A group's bounds list its candidate-scope features (B + 1 slots each) before
+its request-scope ones (R_cap + 1 slots each), the order ``feature_groups`` gives, so the
+bounds of a request (or of a run of requests) for a whole group are one 2-D array add.
+Bags beyond the real requests and rows are empty, dense padding is zero, so padding rows
+compute finite scores that are never read. Only the used prefix of each buffer travels to
+the device.
 
 Ids are staged as int32 when every table has fewer than 2^31 rows (int64 otherwise), so
 the host writes and the copy-in moves half the bytes: packing was the engine's bottleneck
 on the H200's host. Ids that arrive as int32 (the server keeps ids sent as i4) are copied
-as they are; wider ids are checked (min and max, once per request) and cast, or clipped to
+as they are; wider ids are checked (min and max) and cast, or clipped to
 [-1, 2^31-1] when some fall outside int32, so no id can wrap into a table's range (the
 kernel flags what stays outside).
 """
