@@ -99,12 +99,13 @@ async def run(settings: EngineSettings, spec, requests: list, compute_ms: float,
         executor = executors[0]
         executor.timeline_limit = 1_000_000
         busy0 = executor.busy_ms
-        start = time.perf_counter()
+        start, loop_cpu = time.perf_counter(), time.thread_time()
         # clients keep two batches per slot outstanding (a burst of every request at once
         # would measure the event loop submitting them, not the engine)
         await wl.closed_loop(engine, spec.name, requests,
                              2 * settings.slots * settings.max_batch_rows)
         wall = time.perf_counter() - start
+        loop_cpu = time.thread_time() - loop_cpu  # this (the event loop's) thread only
     rows = sum(r.num_candidates for r in requests)
     spans: dict[str, list[float]] = {}
     for _, stage, a, b in executor.timeline:
@@ -112,6 +113,7 @@ async def run(settings: EngineSettings, spec, requests: list, compute_ms: float,
     device = settings.max_batch_rows / (compute_ms / 1e3)
     return {"samples_per_s": rows / wall, "ratio_to_device": rows / wall / device,
             "device_busy_fraction": (executor.busy_ms - busy0) / 1e3 / wall,
+            "loop_cpu_us_per_request": round(loop_cpu / len(requests) * 1e6, 2),
             "host_stage_mean_ms": {k: round(float(np.mean(v)), 3) for k, v in spans.items()}}
 
 
@@ -145,7 +147,8 @@ def main() -> None:
             r = run_loop(run(run_settings, spec, requests, args.compute_ms, threads))
             results["runs"].append({"variant": name, "traffic": kind, **r})
             print(f"{name:15s} {kind:17s} {r['samples_per_s'] / 1e6:6.2f} M samples/s = "
-                  f"{r['ratio_to_device']:.2f} of the simulated device; host stage ms "
+                  f"{r['ratio_to_device']:.2f} of the simulated device; event loop "
+                  f"{r['loop_cpu_us_per_request']:.1f} us CPU a request; host stage ms "
                   f"{r['host_stage_mean_ms']}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
