@@ -184,7 +184,8 @@ class Engine:
         self._pending[request_id] = _Pending(future, inputs, key, outputs, now)
         self._work[key] += 1
         self.counters["requests"] += 1
-        self._pump()
+        if deadline is not None or self._executor.free_slots() > 0:
+            self._pump()  # (else nothing to dispatch, and no new deadline to arm a timer for)
         try:
             scores = await future
         except asyncio.CancelledError:

@@ -159,7 +159,8 @@ class Scheduler:
         if deadline is not None and deadline <= now:
             raise EngineError("deadline_exceeded", "the deadline passed before queueing")
         self._seq += 1
-        entry = _Entry(request_id, model, rows, Priority(priority), deadline, now, self._seq)
+        level = priority if type(priority) is Priority else Priority(priority)
+        entry = _Entry(request_id, model, rows, level, deadline, now, self._seq)
         queue = self._queues.get(model)
         if queue is None:  # (not setdefault: that would build a queue per request)
             queue = self._queues[model] = _ModelQueue()
