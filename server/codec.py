@@ -188,9 +188,12 @@ def decode_array(obj: object, name: str, max_elements: int) -> np.ndarray:
                              "{dtype, shape, data} or a list of numbers")
 
 
+_TYPED_KEYS = frozenset(("dtype", "shape", "data"))
+
+
 def _decode_typed(obj: dict, name: str, max_elements: int) -> np.ndarray:
-    extra = sorted(str(k) for k in obj if k not in ("dtype", "shape", "data"))
-    if extra:
+    if not obj.keys() <= _TYPED_KEYS:  # (one set test; the sorted list only for the error)
+        extra = sorted(str(k) for k in obj if k not in _TYPED_KEYS)
         raise BadRequest(message=f"{name}: typed array has unknown keys {extra}; "
                                  "expected dtype, shape, data")
     dtype, shape, data = obj.get("dtype"), obj.get("shape"), obj.get("data")

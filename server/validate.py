@@ -31,9 +31,9 @@ def validate_inputs(spec: ModelSpec, candidates: object, inputs: object,
         raise BadRequest(message=f"inputs is {type_name(inputs)}; expected a map "
                                  "from input name to value")
     expected = [f.name for f in spec.sparse] + [f.name for f in spec.dense]
-    missing = [name for name in expected if name not in inputs]
-    extra = sorted(str(k) for k in inputs if k not in expected)
-    if missing or extra:
+    if len(inputs) != len(expected) or not all(name in inputs for name in expected):
+        missing = [name for name in expected if name not in inputs]
+        extra = sorted(str(k) for k in inputs if k not in expected)
         parts = []
         if missing:
             parts.append(f"missing inputs {missing}")
@@ -73,9 +73,9 @@ def _sparse(spec: ModelSpec, f: SparseFeature, value: object, n: int) -> SparseI
         raise BadRequest(message=f"{label} ({f.scope}-scope sparse) is "
                                  f"{type_name(value)}; expected {_sparse_form(f)}")
     required = [k for k in allowed if k != "weights" or f.weighted]
-    missing = [k for k in required if k not in value]
-    extra = sorted(str(k) for k in value if k not in required)
-    if missing or extra:
+    if len(value) != len(required) or not all(k in value for k in required):
+        missing = [k for k in required if k not in value]
+        extra = sorted(str(k) for k in value if k not in required)
         raise BadRequest(message=f"{label}: missing keys {missing}, unknown keys {extra}; "
                                  f"expected {_sparse_form(f)}")
     values = _int_vector(value["values"], f"{label} values", max_values, keep_int32=True)
@@ -123,7 +123,8 @@ def _lengths(f: SparseFeature, obj: object, num_values: int, n: int) -> np.ndarr
     if len(lengths) != n:
         raise BadRequest(message=f"{label} has {len(lengths)} entries; expected one per "
                                  f"candidate ({n})")
-    if len(lengths) and (lengths.min() < 0 or lengths.max() > f.max_bag):
+    lo, hi = _extremes(lengths)
+    if len(lengths) and (lo < 0 or hi > f.max_bag):
         i = int(np.argmax((lengths < 0) | (lengths > f.max_bag)))
         raise BadRequest(message=f"{label}[{i}] is {int(lengths[i])}; bag lengths must be "
                                  f"in [0, {f.max_bag}] (max_bag)")
@@ -134,11 +135,21 @@ def _lengths(f: SparseFeature, obj: object, num_values: int, n: int) -> np.ndarr
     return lengths
 
 
+def _extremes(array: np.ndarray) -> tuple[int, int]:
+    """(min, max) of a 1-D int array, (0, 0) when empty. A few elements (request-scope
+    bags are often one id) go through a list: two numpy reductions cost more there."""
+    if len(array) <= 32:
+        listed = array.tolist()
+        return (min(listed), max(listed)) if listed else (0, 0)
+    return int(array.min()), int(array.max())
+
+
 def _checked_ids(spec: ModelSpec, f: SparseFeature, values: np.ndarray) -> np.ndarray:
     """``values`` once every id is inside its table, as int32 where the table allows."""
     rows = spec.table(f.table).rows
     # Two reductions and no temporaries on the common path; find the culprit only on failure.
-    if len(values) and (values.min() < 0 or values.max() >= rows):
+    lo, hi = _extremes(values)
+    if len(values) and (lo < 0 or hi >= rows):
         bad = (values < 0) | (values >= rows)
         i = int(np.argmax(bad))
         error = BadRequest(message=f"input {f.name!r} values[{i}] is {int(values[i])}, "
