@@ -11,7 +11,10 @@ Here every config is tried, any exception drops that config, and the fastest sur
 cached per key. Tuning launches kernels and synchronizes, so warm up (call once per shape
 bucket) before capturing a CUDA graph. Under the interpreter, or with
 ``RECSERVE_AUTOTUNE=0`` (quick GPU test runs), the first config is used untimed (on a
-GPU, the first that compiles and launches).
+GPU, the first that compiles and launches). A kernel whose configs all compute the same
+bits (the gather: same sums, same order) passes ``outputs``: every config's result is
+then compared bit for bit with the first one's before it is timed, and a config that
+differs (a miscompile that still runs) is dropped like one that fails to compile.
 """
 
 from __future__ import annotations
@@ -54,8 +57,13 @@ class SafeTuner:
         benchmarks' reports: which variant won, and by how much)."""
 
     def run(self, key: tuple, launch: Callable[[dict], None],
-            candidates: Sequence[dict] | None = None) -> dict:
-        """Launch with the cached best config for ``key``, tuning on first sight."""
+            candidates: Sequence[dict] | None = None,
+            outputs: Callable[[], Sequence[tuple[torch.Tensor, float]]] | None = None) -> dict:
+        """Launch with the cached best config for ``key``, tuning on first sight.
+
+        ``outputs`` (for kernels whose configs must agree bit for bit): the tensors a launch
+        writes, each with a value to fill it with first (so a config that writes nothing
+        cannot pass for one that writes the right thing)."""
         configs = list(candidates) if candidates is not None else self.configs
         if key in self.best:
             launch(self.best[key])
@@ -66,8 +74,17 @@ class SafeTuner:
             return self._first_that_runs(key, launch, configs)
         timings = []
         errors = []
+        reference = None
         for config in configs:
             try:
+                if outputs is not None:
+                    result = _bits_of(launch, config, outputs)
+                    if reference is None:
+                        reference = (config, result)
+                    elif not all(torch.equal(a, b) for a, b in zip(reference[1], result,
+                                                                    strict=True)):
+                        errors.append(f"{config}: its output differs from {reference[0]}'s")
+                        continue
                 ms = triton.testing.do_bench(lambda c=config: launch(c), warmup=5, rep=20,
                                              return_mode="median")
                 timings.append((ms, config))
@@ -103,6 +120,16 @@ class SafeTuner:
             self.best[key] = config
             return config
         raise AssertionError("unreachable: configs is never empty")
+
+
+def _bits_of(launch: Callable[[dict], None], config: dict,
+             outputs: Callable[[], Sequence[tuple[torch.Tensor, float]]]) -> list[torch.Tensor]:
+    """Fill ``outputs``, launch ``config``, and return the outputs' bytes (NaN-proof)."""
+    written = outputs()
+    for tensor, fill in written:
+        tensor.fill_(fill)
+    launch(config)
+    return [t.contiguous().view(torch.uint8).clone() for t, _ in written]
 
 
 def check_tensor(what: str, t: torch.Tensor, *, dtypes: Sequence[torch.dtype] | None = None,

@@ -379,3 +379,33 @@ def test_int8_rows_carry_their_scale_and_offset_inline(dim, stride, params_at):
     assert torch.equal(stored[:, :dim], torch.cat(codes))
     params = stored[:, params_at:params_at + 8].contiguous().view(torch.float32)
     assert torch.equal(params, torch.stack([torch.cat(scales), torch.cat(shifts)], dim=1))
+
+
+def test_tuning_drops_a_config_whose_output_differs(monkeypatch):
+    """With ``outputs``, every config's result must equal the first one's bit for bit
+    before it is timed: one that computes something else, or writes nothing, is dropped
+    (a miscompile that still runs must not become the fastest choice)."""
+    from recserve.kernels import _common
+
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    monkeypatch.delenv("RECSERVE_AUTOTUNE", raising=False)
+    out = torch.zeros(4)
+    cost = {0: 3.0, 1: 1.0, 2: 0.5, 3: 2.0}  # 1 writes wrong values, 2 writes nothing
+
+    def launch(cfg):
+        if cfg["v"] == 1:
+            out.fill_(7.0)
+        elif cfg["v"] != 2:
+            out.copy_(torch.arange(4.0))
+        fake_bench.ms = cost[cfg["v"]]
+
+    def fake_bench(fn, **_):
+        fn()
+        return fake_bench.ms
+
+    monkeypatch.setattr(_common.triton.testing, "do_bench", fake_bench)
+    tuner = _common.SafeTuner("t", [{"v": v} for v in cost])
+    with pytest.warns(UserWarning, match="pruned 2 config.*output differs"):
+        best = tuner.run(("k",), launch, outputs=lambda: [(out, float("nan"))])
+    assert best == {"v": 3} and out.tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert [c["v"] for _, c in tuner.timings[("k",)]] == [3, 0]
