@@ -287,6 +287,8 @@ async def serve(options: ServeOptions, config: ServerConfig) -> int:
 
 async def _until_stopped(server, backend, options: ServeOptions, stop: asyncio.Event) -> int:
     """Load the models (then mark ready) and wait for the stop signal; 1 if a load fails."""
+    from .app import freeze_heap
+
     loading = asyncio.ensure_future(load_models(backend, options.repo))
     waiting = asyncio.ensure_future(stop.wait())
     await asyncio.wait({loading, waiting}, return_when=asyncio.FIRST_COMPLETED)
@@ -299,6 +301,7 @@ async def _until_stopped(server, backend, options: ServeOptions, stop: asyncio.E
         await asyncio.gather(loading, return_exceptions=True)
         return 0
     server.mark_ready()
+    freeze_heap()  # after the models: a full GC pass never walks them again
     log.info("ready: every model is loaded and warmed up")
     await waiting
     return 0

@@ -163,7 +163,7 @@ def _forward(backend: RemoteBackend):
 
 async def run(settings: dict) -> int:
     """The worker's life: connect the channel, listen, serve until drained or orphaned."""
-    from .app import Server
+    from .app import Server, freeze_heap
 
     loop = asyncio.get_running_loop()
     backend = RemoteBackend()
@@ -178,6 +178,7 @@ async def run(settings: dict) -> int:
         server.dispatcher.tasks[op] = _forward(backend)
     backend.on_drain = lambda: loop.create_task(_drain(server, chan, config.drain_s))
     await server.start()
+    freeze_heap()
     chan.send(channel.encode_control({"kind": "listening", "pid": os.getpid()}))
     pusher = loop.create_task(_push_stats(server, chan))
     await chan.closed

@@ -269,3 +269,20 @@ def test_demo_repository_served_end_to_end(tmp_path):
     from recserve.server.validate import validate_inputs
     inputs = validate_inputs(demo.spec, 120, typed(wire), 4096)
     np.testing.assert_allclose(scores, reference_scores(demo, inputs), rtol=1e-5, atol=1e-6)
+
+
+def test_freeze_heap_hides_what_is_alive_from_full_collections():
+    """Objects alive at startup (models, modules) are frozen: a full collection no longer
+    walks them (what `serve` and each worker do once ready)."""
+    import gc
+
+    from recserve.server.app import freeze_heap
+
+    keep = [[i] for i in range(1000)]  # tracked containers alive "at startup"
+    try:
+        freeze_heap()
+        frozen = gc.get_freeze_count()
+        assert frozen >= len(keep)
+        assert all(o is not keep[0] for o in gc.get_objects(2))  # not among the walked
+    finally:
+        gc.unfreeze()
