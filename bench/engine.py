@@ -34,8 +34,8 @@ from recserve.engine.executor import CpuExecutor
 from recserve.engine.inputs import collate
 from recserve.engine.reference import ReferenceModel
 from recserve.engine.scheduler import EngineError
-from recserve.engine.settings import EngineSettings
 from recserve.engine.weights import init_weights
+from recserve.server.serving import engine_settings
 
 
 def percentiles(latencies: list[float]) -> dict[str, float]:
@@ -168,8 +168,9 @@ def parse_args() -> argparse.Namespace:
                    help="seconds of arrivals per run (max 60)")
     p.add_argument("--loads", default="0.5,0.9,1.3,1.8",
                    help="offered rates as multiples of the one-at-a-time capacity")
-    p.add_argument("--max-batch-rows", type=int, default=2048)
-    p.add_argument("--slots", type=int, default=2)
+    p.add_argument("--max-batch-rows", type=int,
+                   help="default: what `recserve serve` uses on the device")
+    p.add_argument("--slots", type=int, help="default: what `recserve serve` uses on the device")
     p.add_argument("--engine-threads", type=int, default=1,
                    help="torch threads while the engine runs (its slots run in parallel)")
     p.add_argument("--baseline-threads", type=int, default=0,
@@ -195,10 +196,8 @@ def main() -> None:
     spec = demo_spec()
     weights = init_weights(spec, seed=1)
     requests = [random_inputs(spec, rng, ranking_candidates(rng), zipf=True) for _ in range(256)]
-    buckets = tuple(b for b in (128, 256, 512, 1024, 2048, 4096, 8192)
-                    if b < args.max_batch_rows) + (args.max_batch_rows,)
-    settings = EngineSettings(max_batch_rows=args.max_batch_rows, buckets=buckets,
-                              slots=args.slots)
+    # the server's settings for the device (what users run), unless the flags say otherwise
+    settings = engine_settings(args.device, args.max_batch_rows, slots=args.slots)
     model = ReferenceModel(spec, weights, args.device)
     capacity(model, requests, args.device, 0.5)  # warm up
     if args.device == "cuda" and not args.baseline_threads:
