@@ -220,3 +220,40 @@ def test_pieces_of_split_requests_stage_from_their_flat_form():
     _, _, scores, bad = packed_scores(spec, weights, pieces, bucket=10)
     torch.testing.assert_close(scores, want, rtol=1e-4, atol=1e-5)
     assert not bool(bad.any())
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_copy_in_moves_everything_the_device_step_reads(flat):
+    """The executor's copy-in (here host -> host, no CUDA stream) moves the used prefix of
+    each buffer: a device set poisoned beforehand then scores like the reference, so no
+    buffer the step reads was left out or cut short."""
+    from recserve.engine.gpu_slots import GpuModel, copy_in
+
+    spec = small_spec()
+    weights = init_weights(spec, seed=14)
+    rng = np.random.default_rng(14)
+    pieces = [random_inputs(spec, rng, n) for n in (3, 2, 4)]
+    staged = with_flat(spec, pieces) if flat else pieces
+    model = TritonModel(spec, weights, "cpu")
+    layout = staging_layout(spec, [names for _, _, names in model.groups], 16,
+                            model.layout.x_request)
+    host, device = allocate(layout, "cpu"), allocate(layout, "cpu")
+    for t in (device.row_request, device.request_offsets, device.first_rows, device.ids,
+              *(b for group in device.groups for b in group)):
+        t.fill_(-7)
+    for t in (device.dense, device.weights):
+        if t is not None:
+            t.fill_(float("nan"))
+    sizes = pack(layout, host, staged, bucket=12)
+    slot = SlotState(host, device, torch.zeros_like(device.dense), torch.zeros(0),
+                     torch.zeros(0), None)
+    gpu = GpuModel(spec, model, layout, [slot])
+    copied = copy_in(gpu, slot, sizes, None)
+    assert copied == sum(t.element_size() * n for t, n in (
+        (host.row_request, 12), (host.request_offsets, 14), (host.first_rows, 13),
+        (host.dense, 12 * host.dense.shape[1]), (host.ids, sizes.nnz),
+        (host.weights, sizes.nnz))) + sum(2 * 4 * u for u in sizes.bounds)
+    scores, bad = device_step(gpu, slot, 12)
+    want = ReferenceModel(spec, weights).forward(collate(spec, pieces))
+    torch.testing.assert_close(scores[:sizes.rows], want, rtol=1e-4, atol=1e-5)
+    assert not bool(bad[:sizes.requests].any())
