@@ -6,10 +6,13 @@ also autotunes every kernel for that shape. A batch goes through three streams:
 
   launcher threads (``pack_threads``, default one per slot): pack pieces into the slot's
                    pinned buffers (numpy views, no allocation), then issue the stream work.
-                   Packing is the engine's bottleneck on the H200's host: one thread alone
-                   needs 2.2 ms for an 8192-row dlrmv2 batch (0.75 ms of compute), and
-                   threads scale poorly (every numpy copy releases and retakes the GIL);
-                   one per slot measured best there with full batches (bench/RESULTS.md).
+                   Packing was the engine's bottleneck on the H200's host: one thread
+                   needed 2.2 ms for an 8192-row dlrmv2 batch with int64 ids (0.75 ms of
+                   compute) and threads scaled poorly (every small numpy copy releases and
+                   retakes the GIL); one per slot measured best there with full batches
+                   (bench/RESULTS.md). Requests from worker processes now arrive flat and
+                   stage in one large copy each (``staging``), which releases the GIL for
+                   its length: not yet measured on a card.
   copy-in stream:  used prefixes host -> device                      -> event h2d
   compute stream:  (waits h2d) cast dense, replay the bucket's graph   -> event compute
   copy-out stream: (waits compute) scores and bad-id flags -> pinned   -> event done
