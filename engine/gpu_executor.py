@@ -4,8 +4,9 @@ Per slot and model: pinned host staging and device buffers (allocated once, in
 ``build_model``) and one CUDA graph per batch bucket, captured after a warm-up that
 also autotunes every kernel for that shape. A batch goes through three streams:
 
-  launcher threads (``pack_threads``, default one per slot): pack pieces into the slot's
-                   pinned buffers (numpy views, no allocation), then issue the stream work.
+  launcher threads (``pack_threads``, default one per slot where cores allow): pack pieces
+                   into the slot's pinned buffers (numpy views, no allocation), then issue
+                   the stream work.
                    Packing was the engine's bottleneck on the H200's host: one thread
                    needed 2.2 ms for an 8192-row dlrmv2 batch with int64 ids (0.75 ms of
                    compute) and threads scaled poorly (every small numpy copy releases and
@@ -27,6 +28,7 @@ a table is flagged by the gather kernel and fails alone; an exception while laun
 from __future__ import annotations
 
 import functools
+import os
 import queue
 import threading
 import time
@@ -46,6 +48,16 @@ from .staging import PackedSizes, pack, staging_layout
 _STAGES = ("h2d", "compute", "d2h")
 
 
+def default_pack_threads(slots: int, cores: int | None = None) -> int:
+    """One packing thread per slot, leaving a core each to the event loop and the completion
+    thread: on the 2-core CI machine one thread packed ranking batches fastest (0.72-0.74 of
+    the simulated device, 0.61-0.63 with two, 0.44-0.51 with four; bench/engine_host.py),
+    while the H200's 16-core host did best with one per slot (bench/RESULTS.md)."""
+    if cores is None:
+        cores = os.cpu_count() or 1
+    return max(1, min(slots, cores - 2))
+
+
 class GpuExecutor(Executor):
     """Runs batch plans on one CUDA device with the fused Triton forward."""
 
@@ -54,7 +66,7 @@ class GpuExecutor(Executor):
         if pack_threads is not None and pack_threads < 1:
             raise ValueError(f"pack_threads is {pack_threads}; expected at least 1")
         self.settings = settings
-        self.pack_threads = pack_threads or settings.slots
+        self.pack_threads = pack_threads or default_pack_threads(settings.slots)
         self.device = torch.device(device)
         if self.device.index is None:  # set_device and streams need an explicit index
             self.device = torch.device(self.device.type, 0)

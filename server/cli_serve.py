@@ -109,8 +109,9 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
                    f"batch is sent anyway (default: {DEVICE_DEFAULTS['cpu'].fill_wait_s * 1e3:g}"
                    f" on cpu, {DEVICE_DEFAULTS['cuda'].fill_wait_s * 1e3:g} on cuda)")
     g.add_argument("--pack-threads", type=int, metavar="N",
-                   help="host threads packing batches for the GPU (default: one per slot; "
-                   "packing bounds the engine on a GPU, bench/RESULTS.md has the sweep)")
+                   help="host threads packing batches for the GPU (default: one per slot, "
+                   "leaving two cores to the event loop and completions; packing bounds "
+                   "the engine on a GPU, bench/RESULTS.md has the sweep)")
     g.add_argument("--torch-threads", type=int, metavar="N",
                    help="torch intra-op threads of the CPU executor (default: "
                    f"{CPU_TORCH_THREADS or 'torch decides'})")

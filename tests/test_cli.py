@@ -215,7 +215,12 @@ def test_pack_threads_reach_the_gpu_executor(tmp_path):
     assert args.pack_threads == 3
     executor = executor_factory("cuda", None, 3)(EngineSettings(slots=2))  # no CUDA until start
     assert executor.pack_threads == 3
-    assert executor_factory("cuda")(EngineSettings(slots=2)).pack_threads == 2  # one per slot
+    from recserve.engine.gpu_executor import default_pack_threads
+
+    assert executor_factory("cuda")(EngineSettings(slots=2)).pack_threads == \
+        default_pack_threads(2)
+    # one per slot where cores allow, a core each left to the event loop and completions
+    assert [default_pack_threads(4, c) for c in (1, 2, 4, 5, 16)] == [1, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="pack_threads is 0"):
         ServeOptions(tmp_path, "cpu", pack_threads=0)
 
