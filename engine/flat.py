@@ -79,6 +79,9 @@ class FlatFeatures(Mapping):
             self._made = self._flat.sparse_inputs(self._spec)
         return self._made[name]
 
+    def __contains__(self, name: object) -> bool:  # without making the views
+        return any(f.name == name for f in self._spec.sparse)
+
     def __iter__(self) -> Iterator[str]:
         return (f.name for f in self._spec.sparse)
 

@@ -5,7 +5,7 @@ import pytest
 
 from recserve.engine.demo import random_inputs
 from recserve.engine.executor import slice_rows
-from recserve.engine.flat import flatten_sparse, split_bounds, with_flat
+from recserve.engine.flat import FlatFeatures, flatten_sparse, split_bounds, with_flat
 from recserve.engine.inputs import SparseInput
 from recserve.engine.spec import DenseFeature, Interaction, ModelSpec, SparseFeature, Table
 
@@ -110,3 +110,14 @@ def test_slicing_the_flat_form_equals_flattening_the_slice(start, count):
                 np.testing.assert_array_equal(x, y)
     for f in MIXED.dense:
         np.testing.assert_array_equal(want.dense[f.name], got.dense[f.name])
+
+
+def test_flat_features_is_the_per_feature_mapping_made_on_demand():
+    inputs = random_inputs(MIXED, np.random.default_rng(5), 3)
+    features = FlatFeatures(flatten_sparse(MIXED, inputs.sparse, 3), MIXED)
+    assert "c1" in features and "nope" not in features and features._made is None
+    assert list(features) == [f.name for f in MIXED.sparse] and len(features) == 4
+    assert features["c2"].lengths.tolist() == inputs.sparse["c2"].lengths.tolist()
+    assert features._made is not None  # made once, on first access
+    with pytest.raises(KeyError):
+        features["nope"]
