@@ -205,10 +205,17 @@ def main() -> None:
                                                      args.batches // 4, threads))
         run["ranking_requests"] = run_loop(engine_run(run_settings, spec, weights, ranking,
                                                          repeats, threads))
-        for traffic in ("full_batches", "ranking_requests"):
+        if name == "default":  # as a single-process server hands them over: per feature
+            per_feature = [RequestInputs(r.num_candidates, dict(r.sparse), r.dense)
+                           for r in ranking]
+            run["ranking_per_feature"] = run_loop(engine_run(run_settings, spec, weights,
+                                                             per_feature, repeats, threads))
+        for traffic in ("full_batches", "ranking_requests", "ranking_per_feature"):
+            if traffic not in run:
+                continue
             r = run[traffic]
             r["ratio_to_bare"] = r["samples_per_s"] / r["bare_samples_per_s"]
-            print(f"{name:13s} {traffic:17s} engine {r['samples_per_s'] / 1e6:6.2f} M samples/s,"
+            print(f"{name:13s} {traffic:19s} engine {r['samples_per_s'] / 1e6:6.2f} M samples/s,"
                   f" bare forward {r['bare_samples_per_s'] / 1e6:6.2f} M/s "
                   f"({r['bare_forward_us']:.0f} us), ratio {r['ratio_to_bare']:.2f}; GPU busy "
                   f"{r['gpu_busy_fraction']:.0%}, copy-in overlapped "
