@@ -10,10 +10,12 @@ GPU: ``SimulatedGpuExecutor`` is ``GpuExecutor`` with its device calls replaced 
 copies are free), while the engine, the scheduler, the launcher threads, the packing into
 staging buffers, the completion thread and the slot bookkeeping are the production code.
 Workload ``dlrmv2`` (int32 ids, every bag full), 8192-row buckets: (a) 8192-row requests,
-(b) ranking-size requests (N in 100..700). Ratio = samples/s over the simulated device's
-(batch / compute time): the ceiling the host side allows, on this machine. Default compute
-time: the H200's bare dlrmv2 forward at B=8192 (0.72 ms). The H200's host packed about 3x
-slower per thread than the 2-core CI machine, so read figures from here as relative.
+(b) ranking-size requests (N in 100..700) in the flat form a worker process sends, and (c)
+the same per feature, as a single-process server hands them over. Ratio = samples/s over
+the simulated device's (batch / compute time): the ceiling the host side allows, on this
+machine. Default compute time: the H200's bare dlrmv2 forward at B=8192 (0.72 ms). The
+H200's host packed about 3x slower per thread than the 2-core CI machine, so read figures
+from here as relative.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from engine import run_loop  # noqa: E402
 from recserve.engine.engine import Engine  # noqa: E402
 from recserve.engine.gpu_executor import GpuExecutor  # noqa: E402
 from recserve.engine.gpu_slots import GpuModel, SlotState  # noqa: E402
+from recserve.engine.inputs import RequestInputs  # noqa: E402
 from recserve.engine.settings import EngineSettings  # noqa: E402
 from recserve.engine.staging import allocate, staging_layout  # noqa: E402
 from recserve.kernels.layout import build_layout  # noqa: E402
@@ -125,7 +128,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8192, help="rows per batch (one bucket)")
     p.add_argument("--batches", type=int, default=96, help="batches per run")
     p.add_argument("--slots", type=int, default=4)
-    p.add_argument("--pack-threads", type=int, help="default: one per slot")
+    p.add_argument("--pack-threads", type=int,
+                   help="default: one per slot, leaving two cores (see default_pack_threads)")
     p.add_argument("--sweep", action="store_true", help="also 1 packing thread and 2 slots")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args()
@@ -134,7 +138,10 @@ def main() -> None:
     full = wl.full_requests(spec, rng, args.batch, 4)
     ranking = wl.ranking_slices(spec, full, rng, 30)
     repeats = max(1, args.batches * args.batch // sum(r.num_candidates for r in ranking))
-    traffic = {"full_batches": full * (args.batches // 4), "ranking_requests": ranking * repeats}
+    per_feature = [RequestInputs(r.num_candidates, dict(r.sparse), r.dense) for r in ranking]
+    traffic = {"full_batches": full * (args.batches // 4), "ranking_requests": ranking * repeats,
+               # as a single-process server hands them over (no flat form)
+               "ranking_per_feature": per_feature * repeats}
     settings = EngineSettings(max_batch_rows=args.batch, buckets=(args.batch,), slots=args.slots,
                               max_queued_rows=args.batch * args.batches * 4)
     variants = [("default", settings, args.pack_threads)]
@@ -146,7 +153,7 @@ def main() -> None:
         for kind, requests in traffic.items():
             r = run_loop(run(run_settings, spec, requests, args.compute_ms, threads))
             results["runs"].append({"variant": name, "traffic": kind, **r})
-            print(f"{name:15s} {kind:17s} {r['samples_per_s'] / 1e6:6.2f} M samples/s = "
+            print(f"{name:15s} {kind:19s} {r['samples_per_s'] / 1e6:6.2f} M samples/s = "
                   f"{r['ratio_to_device']:.2f} of the simulated device; event loop "
                   f"{r['loop_cpu_us_per_request']:.1f} us CPU a request; host stage ms "
                   f"{r['host_stage_mean_ms']}", flush=True)
