@@ -132,18 +132,11 @@ def _pool_long(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
     bad = tl.zeros([LANES], dtype=tl.int32)
     if UNROLL == 1:
         nxt = _first_ids(indices_ptr, start + lanes, start + lanes < end, PREFETCH)
-        if STAGES > 1:  # rows staged through shared memory, STAGES - 1 steps ahead
-            for j in tl.range(0, tl.max(end - start, axis=0), LANES, num_stages=STAGES):
-                acc, bad, nxt = _add_one(table_ptr, indices_ptr, weights_ptr, acc, bad, nxt,
-                                         start + j + lanes, end, LANES, elem_base, row_stride,
-                                         rows, dim, flags & 4, d, dmask, QUANT, WEIGHTED,
-                                         PREFETCH)
-        else:
-            for j in range(0, tl.max(end - start, axis=0), LANES):
-                acc, bad, nxt = _add_one(table_ptr, indices_ptr, weights_ptr, acc, bad, nxt,
-                                         start + j + lanes, end, LANES, elem_base, row_stride,
-                                         rows, dim, flags & 4, d, dmask, QUANT, WEIGHTED,
-                                         PREFETCH)
+        # STAGES > 1: rows staged through shared memory, STAGES - 1 steps ahead
+        for j in tl.range(0, tl.max(end - start, axis=0), LANES, num_stages=STAGES):
+            acc, bad, nxt = _add_one(table_ptr, indices_ptr, weights_ptr, acc, bad, nxt,
+                                     start + j + lanes, end, LANES, elem_base, row_stride,
+                                     rows, dim, flags & 4, d, dmask, QUANT, WEIGHTED, PREFETCH)
     else:
         # two [LANES, D] tiles per step (positions j + lanes and j + LANES + lanes)
         pos2 = start + lanes[:, None] + LANES * tl.arange(0, 2)[None, :]
@@ -199,18 +192,11 @@ def _pool_short(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
     bad = tl.zeros([BAGS], dtype=tl.int32)
     if UNROLL == 1:
         nxt = _first_ids(indices_ptr, start, length > 0, PREFETCH)
-        if STAGES > 1:  # rows staged through shared memory, STAGES - 1 steps ahead
-            for j in tl.range(0, tl.max(length, axis=0), num_stages=STAGES):
-                acc, bad, nxt = _add_one(table_ptr, indices_ptr, weights_ptr, acc, bad, nxt,
-                                         start + j, start + length, 1, elem_base, row_stride,
-                                         rows, dim, flags & 4, d, dmask, QUANT, WEIGHTED,
-                                         PREFETCH)
-        else:
-            for j in range(0, tl.max(length, axis=0)):
-                acc, bad, nxt = _add_one(table_ptr, indices_ptr, weights_ptr, acc, bad, nxt,
-                                         start + j, start + length, 1, elem_base, row_stride,
-                                         rows, dim, flags & 4, d, dmask, QUANT, WEIGHTED,
-                                         PREFETCH)
+        # STAGES > 1: rows staged through shared memory, STAGES - 1 steps ahead
+        for j in tl.range(0, tl.max(length, axis=0), num_stages=STAGES):
+            acc, bad, nxt = _add_one(table_ptr, indices_ptr, weights_ptr, acc, bad, nxt,
+                                     start + j, start + length, 1, elem_base, row_stride,
+                                     rows, dim, flags & 4, d, dmask, QUANT, WEIGHTED, PREFETCH)
     else:
         # two positions of each bag per step
         u = tl.arange(0, 2)[None, :]
