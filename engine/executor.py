@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .flat import FlatFeatures, slice_flat
+from .flat import FlatFeatures, flat_shape, slice_flat
 from .inputs import Batch, RequestInputs, SparseInput, collate
 from .reference import ReferenceModel
 from .scheduler import BatchPlan, EngineError
@@ -95,8 +95,7 @@ def slice_rows(spec: ModelSpec, inputs: RequestInputs, start: int, count: int) -
     dense = {f.name: inputs.dense[f.name] if f.scope == "request"
              else inputs.dense[f.name][start:stop] for f in spec.dense}
     flat = inputs.flat
-    f_c = sum(f.scope == "candidate" for f in spec.sparse)
-    if flat is not None and flat.lengths.shape == (f_c, inputs.num_candidates):
+    if flat is not None and flat.fits(*flat_shape(spec)[:2], inputs.num_candidates):
         part = slice_flat(flat, start, count)
         return RequestInputs(count, FlatFeatures(part, spec), dense, part)
     sparse = {}

@@ -44,6 +44,11 @@ class FlatSparse:
     engine stages them in: adding a request's base position is then a plain add, no cast)
     unless the request has 2^31 ids or more."""
 
+    def fits(self, f_c: int, f_r: int, n: int) -> bool:
+        """Whether this is shaped for ``n`` candidates of a spec with ``f_c`` candidate-scope
+        and ``f_r`` request-scope features (``flat_shape``)."""
+        return self.lengths.shape == (f_c, n) and self.bounds.shape == (f_c * n + f_r + 1,)
+
     def sparse_inputs(self, spec: ModelSpec) -> dict[str, SparseInput]:
         """Per-feature ``SparseInput`` views of these arrays (no copy), by feature name."""
         f_c, n = self.lengths.shape
@@ -87,6 +92,22 @@ class FlatFeatures(Mapping):
 
     def __len__(self) -> int:
         return len(self._spec.sparse)
+
+
+_SHAPES: dict[int, tuple[ModelSpec, tuple[int, int, bool]]] = {}
+
+
+def flat_shape(spec: ModelSpec) -> tuple[int, int, bool]:
+    """(candidate-scope features, request-scope features, any weighted) of ``spec``: what a
+    request's flat form must fit. Cached per spec object (asked once per request)."""
+    entry = _SHAPES.get(id(spec))
+    if entry is None or entry[0] is not spec:
+        if len(_SHAPES) > 64:  # specs come and go with model versions: stay small
+            _SHAPES.clear()
+        f_c = sum(f.scope == "candidate" for f in spec.sparse)
+        entry = _SHAPES[id(spec)] = (spec, (f_c, len(spec.sparse) - f_c,
+                                            any(f.weighted for f in spec.sparse)))
+    return entry[1]
 
 
 def split_bounds(bounds: np.ndarray, f_c: int, n: int

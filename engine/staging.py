@@ -90,8 +90,7 @@ def _pack_ids(layout: StagingLayout, host: Buffers, pieces: list[RequestInputs]
     blocks, loose, pos, row = [], [], 0, 0
     for i, piece in enumerate(pieces):
         flat, n = piece.flat, piece.num_candidates
-        if flat is not None and flat.lengths.shape == (f_c, n) \
-                and len(flat.bounds) == f_c * n + f_r + 1:
+        if flat is not None and flat.fits(f_c, f_r, n):
             end = _room(layout, pos, len(flat.ids))
             _copy_ids(flat.ids, ids[pos:end])
             if weights is not None:

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import msgpack
 import numpy as np
 
-from recserve.engine.flat import FlatFeatures, FlatSparse, flatten_sparse
+from recserve.engine.flat import FlatFeatures, FlatSparse, flat_shape, flatten_sparse
 from recserve.engine.inputs import RequestInputs
 from recserve.engine.spec import ModelSpec
 
@@ -128,30 +128,13 @@ def _check_flat(flat: FlatSparse, n: int, spec: ModelSpec) -> None:
     """The flat form's shapes, and every bag bound inside its own ids: the engine stages
     bounds as they come, so a broken worker must not make the gather read past a request's
     ids (two reductions; the ids themselves are checked by the kernel)."""
-    f_c, f_r, weighted = _flat_shape(spec)
+    f_c, f_r, weighted = flat_shape(spec)
     bounds, ids = flat.bounds, flat.ids
     if (ids is None or flat.lengths is None or bounds is None or ids.ndim != 1
-            or flat.lengths.shape != (f_c, n) or bounds.shape != (f_c * n + f_r + 1,)
-            or (flat.weights is not None) != weighted
+            or not flat.fits(f_c, f_r, n) or (flat.weights is not None) != weighted
             or (weighted and flat.weights.shape != ids.shape)
             or bounds.min() < 0 or bounds.max() > len(ids)):
         raise ValueError("malformed sparse inputs from a worker process")
-
-
-_SHAPES: dict[int, tuple[ModelSpec, tuple[int, int, bool]]] = {}
-
-
-def _flat_shape(spec: ModelSpec) -> tuple[int, int, bool]:
-    """(candidate-scope features, request-scope features, any weighted) of ``spec``, cached
-    per spec object (asked once per request)."""
-    entry = _SHAPES.get(id(spec))
-    if entry is None or entry[0] is not spec:
-        if len(_SHAPES) > 64:  # specs come and go with model versions: stay small
-            _SHAPES.clear()
-        f_c = sum(f.scope == "candidate" for f in spec.sparse)
-        entry = _SHAPES[id(spec)] = (spec, (f_c, len(spec.sparse) - f_c,
-                                            any(f.weighted for f in spec.sparse)))
-    return entry[1]
 
 
 def encode_reply(rid: int, scores: np.ndarray, version: int) -> bytes:
