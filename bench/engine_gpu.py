@@ -125,9 +125,7 @@ def pack_times(spec, full: RequestInputs, ranking: list[RequestInputs]) -> dict:
     for memory in memories:
         host = allocate(layout, "cpu", pin=memory == "pinned")
         for traffic, flat_batch in (("full", [full]), ("ranking", pieces)):
-            per_feature = [RequestInputs(r.num_candidates, dict(r.sparse), r.dense)
-                           for r in flat_batch]
-            for form, batch in (("flat", flat_batch), ("per_feature", per_feature)):
+            for form, batch in (("flat", flat_batch), ("per_feature", wl.per_feature(flat_batch))):
                 pack(layout, host, batch, full.num_candidates)
                 start = time.perf_counter()
                 for _ in range(10):
@@ -206,10 +204,8 @@ def main() -> None:
         run["ranking_requests"] = run_loop(engine_run(run_settings, spec, weights, ranking,
                                                          repeats, threads))
         if name == "default":  # as a single-process server hands them over: per feature
-            per_feature = [RequestInputs(r.num_candidates, dict(r.sparse), r.dense)
-                           for r in ranking]
-            run["ranking_per_feature"] = run_loop(engine_run(run_settings, spec, weights,
-                                                             per_feature, repeats, threads))
+            run["ranking_per_feature"] = run_loop(engine_run(
+                run_settings, spec, weights, wl.per_feature(ranking), repeats, threads))
         for traffic in ("full_batches", "ranking_requests", "ranking_per_feature"):
             if traffic not in run:
                 continue

@@ -39,7 +39,6 @@ from engine import run_loop  # noqa: E402
 from recserve.engine.engine import Engine  # noqa: E402
 from recserve.engine.gpu_executor import GpuExecutor  # noqa: E402
 from recserve.engine.gpu_slots import GpuModel, SlotState  # noqa: E402
-from recserve.engine.inputs import RequestInputs  # noqa: E402
 from recserve.engine.settings import EngineSettings  # noqa: E402
 from recserve.engine.staging import allocate, staging_layout  # noqa: E402
 from recserve.kernels.layout import build_layout  # noqa: E402
@@ -138,10 +137,9 @@ def main() -> None:
     full = wl.full_requests(spec, rng, args.batch, 4)
     ranking = wl.ranking_slices(spec, full, rng, 30)
     repeats = max(1, args.batches * args.batch // sum(r.num_candidates for r in ranking))
-    per_feature = [RequestInputs(r.num_candidates, dict(r.sparse), r.dense) for r in ranking]
     traffic = {"full_batches": full * (args.batches // 4), "ranking_requests": ranking * repeats,
                # as a single-process server hands them over (no flat form)
-               "ranking_per_feature": per_feature * repeats}
+               "ranking_per_feature": wl.per_feature(ranking) * repeats}
     settings = EngineSettings(max_batch_rows=args.batch, buckets=(args.batch,), slots=args.slots,
                               max_queued_rows=args.batch * args.batches * 4)
     variants = [("default", settings, args.pack_threads)]

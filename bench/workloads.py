@@ -229,6 +229,12 @@ def full_requests(spec, rng, rows: int, count: int) -> list[RequestInputs]:
     return out
 
 
+def per_feature(requests: list[RequestInputs]) -> list[RequestInputs]:
+    """The same requests without their flat form: one array per feature, as a single-process
+    server hands them to the engine."""
+    return [RequestInputs(r.num_candidates, dict(r.sparse), r.dense) for r in requests]
+
+
 def ranking_slices(spec, full: list[RequestInputs], rng, per_request: int
                    ) -> list[RequestInputs]:
     """Ranking-size requests (N uniform in 100..700) cut from ``full`` ones, each with its
