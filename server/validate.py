@@ -124,7 +124,7 @@ def _lengths(f: SparseFeature, obj: object, num_values: int, n: int) -> np.ndarr
         raise BadRequest(message=f"{label} has {len(lengths)} entries; expected one per "
                                  f"candidate ({n})")
     lo, hi = _extremes(lengths)
-    if len(lengths) and (lo < 0 or hi > f.max_bag):
+    if lo < 0 or hi > f.max_bag:  # (an empty array gives 0, 0)
         i = int(np.argmax((lengths < 0) | (lengths > f.max_bag)))
         raise BadRequest(message=f"{label}[{i}] is {int(lengths[i])}; bag lengths must be "
                                  f"in [0, {f.max_bag}] (max_bag)")
@@ -149,7 +149,7 @@ def _checked_ids(spec: ModelSpec, f: SparseFeature, values: np.ndarray) -> np.nd
     rows = spec.table(f.table).rows
     # Two reductions and no temporaries on the common path; find the culprit only on failure.
     lo, hi = _extremes(values)
-    if len(values) and (lo < 0 or hi >= rows):
+    if lo < 0 or hi >= rows:  # (an empty array gives 0, 0; tables have rows)
         bad = (values < 0) | (values >= rows)
         i = int(np.argmax(bad))
         error = BadRequest(message=f"input {f.name!r} values[{i}] is {int(values[i])}, "
