@@ -11,9 +11,11 @@ the queue takes them: (a) 8192-row requests, one per batch; (b) ranking-sized re
 compared with the bare forward's, and the event timeline of the run says how much of the
 copy-in time overlapped another batch's compute; the host stages (queued, pack, issue,
 wait for the copy-out, resolve) say where a batch's host time goes. ``--sweep`` repeats
-both runs with one packing thread and with 2 and 8 slots, to find what bounds the engine;
-one thread's packing time alone (pinned and pageable buffers) is measured first. Writes
-OUTDIR/engine_gpu.json.
+both runs with one packing thread, with 2 slots and with 2 compute streams (consecutive
+batches on alternate streams, so one's gather may overlap the other's GEMMs; each run also
+times two slots' graphs replayed at once on two streams, the device's ceiling for that),
+to find what bounds the engine; one thread's packing time alone (pinned and pageable
+buffers) is measured first. Writes OUTDIR/engine_gpu.json.
 """
 
 from __future__ import annotations
@@ -60,12 +62,29 @@ def overlap_fraction(timeline: list[tuple[int, str, float, float]]) -> float:
     return covered / total if total else float("nan")
 
 
+def two_stream_replay_ms(graphs: list) -> float:
+    """Milliseconds for two batches' graphs replayed at once on two streams (do_bench)."""
+    streams = [torch.cuda.Stream() for _ in graphs]
+
+    def both() -> None:
+        current = torch.cuda.current_stream()
+        for stream, graph in zip(streams, graphs, strict=True):
+            stream.wait_stream(current)
+            with torch.cuda.stream(stream):
+                graph.replay()
+        for stream in streams:
+            current.wait_stream(stream)
+
+    return triton.testing.do_bench(both, warmup=25, rep=200, return_mode="median")
+
+
 async def engine_run(settings, spec, weights, requests, repeats: int,
-                     pack_threads: int | None = None) -> dict:
+                     pack_threads: int | None = None, compute_streams: int = 1) -> dict:
     executors = []
 
     def factory(s):
-        executor = GpuExecutor(s, "cuda", pack_threads=pack_threads)
+        executor = GpuExecutor(s, "cuda", pack_threads=pack_threads,
+                               compute_streams=compute_streams)
         executors.append(executor)
         return executor
 
@@ -86,6 +105,9 @@ async def engine_run(settings, spec, weights, requests, repeats: int,
         slot = model.slots[0]
         graph = slot.graphs[settings.max_batch_rows][0]
         bare_ms = triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
+        pair_ms = two_stream_replay_ms([s.graphs[settings.max_batch_rows][0]
+                                        for s in model.slots[:2]]) if len(model.slots) > 1 \
+            else float("nan")
         return {"rows": rows, "wall_s": wall, "samples_per_s": rows / wall,
                 "gpu_busy_fraction": (executor.busy_ms - busy0) / 1e3 / wall,
                 "copy_overlap_fraction": overlap_fraction(executor.timeline),
@@ -96,7 +118,9 @@ async def engine_run(settings, spec, weights, requests, repeats: int,
                 "bare_forward_us": bare_ms * 1e3,
                 "timeline_head": [(seq, stage, round(a, 3), round(b, 3)) for seq, stage, a, b
                                   in sorted(executor.timeline, key=lambda t: t[2])[:400]],
-                "bare_samples_per_s": settings.max_batch_rows / (bare_ms / 1e3)}
+                "bare_samples_per_s": settings.max_batch_rows / (bare_ms / 1e3),
+                # the ceiling of --compute-streams 2: two batches' graphs at once, no host
+                "bare_two_streams_samples_per_s": 2 * settings.max_batch_rows / (pair_ms / 1e3)}
 
 
 def stage_means(timeline: list[tuple[int, str, float, float]]) -> dict:
@@ -167,7 +191,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=48, help="8192-row batches per run")
     p.add_argument("--slots", type=int, default=4)
     p.add_argument("--sweep", action="store_true",
-                   help="also one packing thread, and 2 and 8 slots")
+                   help="also one packing thread, 2 slots, and 2 compute streams")
     p.add_argument("--pack-only", action="store_true",
                    help="only time one thread's packing (runs without a GPU: the engine's "
                    "bottleneck on the H200, so a CPU-measurable proxy); writes engine_pack.json")
@@ -192,17 +216,19 @@ def main() -> None:
     repeats = max(1, args.batches * args.batch // sum(r.num_candidates for r in ranking))
     results["pack_ms"] = pack_times(spec, full[0], ranking)
     print(f"one thread packing one 8192-row batch, ms: {results['pack_ms']}")
-    variants = [("default", settings, None)]  # one packing thread per slot
-    if args.sweep:
-        variants += [("pack_threads=1", settings, 1), ("slots=2", replace(settings, slots=2), None),
-                     ("slots=8", replace(settings, slots=8), None)]
+    variants = [("default", settings, None, 1)]  # one packing thread per slot
+    if args.sweep:  # (8 slots measured slower than 4 in earlier runs: replaced by streams)
+        variants += [("pack_threads=1", settings, 1, 1),
+                     ("slots=2", replace(settings, slots=2), None, 1),
+                     ("compute_streams=2", settings, None, 2)]
     results["runs"] = []
-    for name, run_settings, threads in variants:
-        run = {"variant": name, "slots": run_settings.slots, "pack_threads": threads}
+    for name, run_settings, threads, streams in variants:
+        run = {"variant": name, "slots": run_settings.slots, "pack_threads": threads,
+               "compute_streams": streams}
         run["full_batches"] = run_loop(engine_run(run_settings, spec, weights, full,
-                                                     args.batches // 4, threads))
+                                                     args.batches // 4, threads, streams))
         run["ranking_requests"] = run_loop(engine_run(run_settings, spec, weights, ranking,
-                                                         repeats, threads))
+                                                         repeats, threads, streams))
         if name == "default":  # as a single-process server hands them over: per feature
             run["ranking_per_feature"] = run_loop(engine_run(
                 run_settings, spec, weights, wl.per_feature(ranking), repeats, threads))
@@ -213,7 +239,9 @@ def main() -> None:
             r["ratio_to_bare"] = r["samples_per_s"] / r["bare_samples_per_s"]
             print(f"{name:13s} {traffic:19s} engine {r['samples_per_s'] / 1e6:6.2f} M samples/s,"
                   f" bare forward {r['bare_samples_per_s'] / 1e6:6.2f} M/s "
-                  f"({r['bare_forward_us']:.0f} us), ratio {r['ratio_to_bare']:.2f}; GPU busy "
+                  f"({r['bare_forward_us']:.0f} us; two graphs on two streams "
+                  f"{r['bare_two_streams_samples_per_s'] / 1e6:.2f} M/s), ratio "
+                  f"{r['ratio_to_bare']:.2f}; GPU busy "
                   f"{r['gpu_busy_fraction']:.0%}, copy-in overlapped "
                   f"{r['copy_overlap_fraction']:.0%} over {r['batches']} batches; compute "
                   f"starts every {r['compute_start_gap_ms']:.2f} ms; stage ms "

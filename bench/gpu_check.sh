@@ -77,7 +77,7 @@ step kernel-variants bash -c "timeout ${VARIANTS_TIMEOUT_S:-90} $PY bench/kernel
     '$OUT' --budget-s 60 >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 18 '$OUT/bench.log'; exit \$rc"
 
 # Engine at full load vs its own bare forward (dlrmv2, B=8192), copy/compute overlap, host
-# stages; --sweep: also 2 and 8 slots.
+# stages; --sweep: also one packing thread, 2 slots, 2 compute streams.
 step engine-bench bash -c "timeout ${ENGINE_TIMEOUT_S:-90} $PY bench/engine_gpu.py '$OUT' \
     ${ENGINE_BENCH_ARGS:---sweep} >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 10 '$OUT/bench.log'; \
     exit \$rc"

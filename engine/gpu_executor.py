@@ -16,6 +16,10 @@ also autotunes every kernel for that shape. A batch goes through three streams:
                    its length: not yet measured on a card.
   copy-in stream:  used prefixes host -> device                      -> event h2d
   compute stream:  (waits h2d) cast dense, replay the bucket's graph   -> event compute
+                   (``compute_streams`` > 1: batches take the compute streams in turn,
+                   so one batch's gather, bound by memory, may run beside the previous
+                   batch's GEMMs, bound by arithmetic; each slot has its own graphs and
+                   buffers, so their replays share nothing but the weights)
   copy-out stream: (waits compute) scores and bad-id flags -> pinned   -> event done
   completion thread: waits ``done`` (off the launcher), resolves the pieces, frees the slot
 
@@ -62,9 +66,14 @@ class GpuExecutor(Executor):
     """Runs batch plans on one CUDA device with the fused Triton forward."""
 
     def __init__(self, settings: EngineSettings, device: str = "cuda", *,
-                 use_graphs: bool = True, pack_threads: int | None = None) -> None:
+                 use_graphs: bool = True, pack_threads: int | None = None,
+                 compute_streams: int = 1) -> None:
         if pack_threads is not None and pack_threads < 1:
             raise ValueError(f"pack_threads is {pack_threads}; expected at least 1")
+        if not 1 <= compute_streams <= settings.slots:
+            raise ValueError(f"compute_streams is {compute_streams}; expected 1 to the "
+                             f"number of slots ({settings.slots})")
+        self.compute_streams = compute_streams
         self.settings = settings
         self.pack_threads = pack_threads or default_pack_threads(settings.slots)
         self.device = torch.device(device)
@@ -79,6 +88,9 @@ class GpuExecutor(Executor):
         the host clock, both in ms since ``start`` (the two clocks agree to ~0.1 ms)."""
         self.timeline_limit = 0
         self.busy_ms = 0.0
+        """Time the device spent computing (the union of the batches' compute spans)."""
+        self._busy_until = 0.0
+        self._issued = 0
         self.pack_ms = 0.0
         """Host time spent packing batches, summed over the packing threads."""
         self.batches = 0
@@ -106,7 +118,8 @@ class GpuExecutor(Executor):
     def _open_device(self) -> None:
         """Streams and the timeline's origin event (the only device state besides models)."""
         self._bind_thread()
-        self._streams = {s: torch.cuda.Stream(self.device) for s in _STAGES}
+        self._streams = {s: torch.cuda.Stream(self.device) for s in ("h2d", "d2h")}
+        self._compute = [torch.cuda.Stream(self.device) for _ in range(self.compute_streams)]
         self._origin = torch.cuda.Event(enable_timing=True)
         self._origin.record()
 
@@ -173,7 +186,8 @@ class GpuExecutor(Executor):
         host's packing time (its threads' sum: near ``pack_threads`` x wall time, the host
         is what bounds the engine)."""
         return {"batches": self.batches, "gpu_busy_ms": self.busy_ms, "bytes_in": self.bytes_in,
-                "pack_ms": self.pack_ms, "pack_threads": self.pack_threads}
+                "pack_ms": self.pack_ms, "pack_threads": self.pack_threads,
+                "compute_streams": self.compute_streams}
 
     def _launcher(self) -> None:
         self._bind_thread()
@@ -208,7 +222,8 @@ class GpuExecutor(Executor):
         ev["h2d_start"].record(streams["h2d"])
         self.bytes_in += copy_in(model, slot, sizes, streams["h2d"])
         ev["h2d_end"].record(streams["h2d"])
-        compute = streams["compute"]
+        compute = self._compute[self._issued % len(self._compute)]  # in turn (launch lock)
+        self._issued += 1
         compute.wait_event(ev["h2d_end"])
         with torch.cuda.stream(compute):
             ev["compute_start"].record(compute)
@@ -256,7 +271,12 @@ class GpuExecutor(Executor):
 
     def _account(self, seq: int, slot: SlotState) -> None:
         ev = slot.events
-        self.busy_ms += ev["compute_start"].elapsed_time(ev["compute_end"])
+        start = self._origin.elapsed_time(ev["compute_start"])
+        end = self._origin.elapsed_time(ev["compute_end"])
+        # batches complete in issue order; with several compute streams their spans may
+        # overlap, and only the time not already counted is busy time
+        self.busy_ms += max(0.0, end - max(start, self._busy_until))
+        self._busy_until = max(self._busy_until, end)
         self.batches += 1
         if len(self.timeline) < self.timeline_limit:
             for stage in _STAGES:

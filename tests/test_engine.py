@@ -342,8 +342,11 @@ def test_fill_wait_holds_a_small_batch_then_the_timer_sends_it():
                                    atol=1e-6)
 
 
-def test_gpu_executor_needs_a_packing_thread():
+def test_gpu_executor_checks_its_threads_and_streams():
     from recserve.engine.gpu_executor import GpuExecutor
 
     with pytest.raises(ValueError, match="pack_threads is 0"):
         GpuExecutor(EngineSettings(), "cuda", pack_threads=0)
+    for streams in (0, 3):  # at least one, and no more than the slots that could use them
+        with pytest.raises(ValueError, match=f"compute_streams is {streams}"):
+            GpuExecutor(EngineSettings(slots=2), "cuda", compute_streams=streams)

@@ -18,14 +18,15 @@ pytestmark = pytest.mark.gpu
 SETTINGS = EngineSettings(max_batch_rows=1024, buckets=(128, 512, 1024), slots=3)
 
 
-def gpu_engine(use_graphs: bool = True) -> Engine:
+def gpu_engine(use_graphs: bool = True, compute_streams: int = 1) -> Engine:
     from recserve.engine.gpu_executor import GpuExecutor
 
-    return Engine(SETTINGS, lambda s: GpuExecutor(s, "cuda", use_graphs=use_graphs))
+    return Engine(SETTINGS, lambda s: GpuExecutor(s, "cuda", use_graphs=use_graphs,
+                                                  compute_streams=compute_streams))
 
 
-@pytest.mark.parametrize("use_graphs", [True, False])
-def test_engine_on_gpu_matches_reference_and_isolates_bad_ids(use_graphs):
+@pytest.mark.parametrize("use_graphs, compute_streams", [(True, 1), (False, 1), (True, 2)])
+def test_engine_on_gpu_matches_reference_and_isolates_bad_ids(use_graphs, compute_streams):
     spec = demo_spec()
     weights = init_weights(spec, seed=4)
     rng = np.random.default_rng(0)
@@ -37,7 +38,7 @@ def test_engine_on_gpu_matches_reference_and_isolates_bad_ids(use_graphs):
     reference = ReferenceModel(spec, weights)
 
     async def run():
-        async with gpu_engine(use_graphs) as engine:
+        async with gpu_engine(use_graphs, compute_streams) as engine:
             await engine.load("demo", 1, spec, weights)
             return await asyncio.gather(*(engine.score("demo", r) for r in requests),
                                         return_exceptions=True)
@@ -54,7 +55,8 @@ def test_engine_on_gpu_matches_reference_and_isolates_bad_ids(use_graphs):
         assert np.abs(got - want).mean() < 5e-3
 
 
-def test_timeline_orders_each_batch_copy_in_compute_copy_out():
+@pytest.mark.parametrize("compute_streams", [1, 2])
+def test_timeline_orders_each_batch_copy_in_compute_copy_out(compute_streams):
     from recserve.engine.gpu_executor import GpuExecutor
 
     spec = demo_spec()
@@ -64,7 +66,7 @@ def test_timeline_orders_each_batch_copy_in_compute_copy_out():
     executors = []
 
     def factory(settings):
-        executor = GpuExecutor(settings, "cuda")
+        executor = GpuExecutor(settings, "cuda", compute_streams=compute_streams)
         executor.timeline_limit = 1000
         executors.append(executor)
         return executor
@@ -90,4 +92,9 @@ def test_timeline_orders_each_batch_copy_in_compute_copy_out():
         for (start, end), (next_start, _) in zip(host[:-1], host[1:], strict=True):  # in order
             assert start <= end <= next_start + slack, (seq, host)
     assert executors[0].busy_ms > 0 and executors[0].bytes_in > 0
+    computes = [stages[(seq, "compute")] for seq in seqs]
+    longest = max(end - start for start, end in computes)
+    span = max(end for _, end in computes) - min(start for start, _ in computes)
+    # busy time is the union of the compute spans: never less than one, never more than all
+    assert longest - slack <= executors[0].busy_ms <= span + slack
     # How much copying overlapped compute is a measurement: bench/engine.py reports it.
