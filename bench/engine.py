@@ -35,6 +35,7 @@ from recserve.engine.inputs import collate
 from recserve.engine.reference import ReferenceModel
 from recserve.engine.scheduler import EngineError
 from recserve.engine.weights import init_weights
+from recserve.server.app import freeze_heap
 from recserve.server.serving import engine_settings
 
 
@@ -213,6 +214,10 @@ def main() -> None:
     cap = caps[args.baseline_threads]
     print(f"one-at-a-time capacity {cap:.0f} requests/s with {args.baseline_threads} "
           f"torch threads")
+    # As `recserve serve` does once ready: without it a full garbage collection walks every
+    # object of torch and the model (~50 ms here), and the engine, which allocates more
+    # Python objects per request, meets those stalls more often than one-at-a-time scoring.
+    freeze_heap()
     runs = []
     for load in (float(x) for x in args.loads.split(",")):
         runs.append(measure_load(args, factory, settings, model, weights, requests,
