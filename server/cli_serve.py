@@ -112,6 +112,11 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
                    help="host threads packing batches for the GPU (default: one per slot, "
                    "leaving two cores to the event loop and completions; packing bounds "
                    "the engine on a GPU, bench/RESULTS.md has the sweep)")
+    g.add_argument("--compute-streams", type=int, default=1, metavar="N",
+                   help="CUDA streams consecutive GPU batches take in turn, up to --slots "
+                   "(default: 1; 2 lets one batch's gather run beside the previous batch's "
+                   "matrix products: measure it on your card with bench/engine_gpu.py "
+                   "--sweep first)")
     g.add_argument("--torch-threads", type=int, metavar="N",
                    help="torch intra-op threads of the CPU executor (default: "
                    f"{CPU_TORCH_THREADS or 'torch decides'})")
@@ -157,7 +162,7 @@ def run_serve(args: argparse.Namespace) -> int:
                                args.max_queued_rows, args.fill_wait_ms)
     options = ServeOptions(repo, device, settings, args.one_at_a_time, args.torch_threads,
                            args.metrics_host, args.metrics_port, args.workers,
-                           args.log_level.upper(), args.pack_threads)
+                           args.log_level.upper(), args.pack_threads, args.compute_streams)
     import uvloop  # the event loop is chosen here only, never on import
 
     return uvloop.run(serve(options, config))

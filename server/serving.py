@@ -70,6 +70,9 @@ class ServeOptions:
     """Log level of worker processes."""
     pack_threads: int | None = None
     """Host threads packing batches for the GPU executor; None: one per slot."""
+    compute_streams: int = 1
+    """CUDA streams the GPU executor's batches take in turn (at most the slots; the CPU
+    executor has none and ignores it)."""
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -77,12 +80,16 @@ class ServeOptions:
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or not (
                 1 <= self.workers <= 256):
             raise ValueError(f"ServeOptions.workers is {self.workers!r}; expected 1..256")
-        for name in ("torch_threads", "pack_threads"):
+        for name in ("torch_threads", "pack_threads", "compute_streams"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
                 raise ValueError(f"ServeOptions.{name} is {value!r}; expected a positive int "
                                  "or None")
+        slots = (self.settings or DEVICE_DEFAULTS["cuda"]).slots
+        if self.device != "cpu" and self.compute_streams > slots:  # (cpu: no streams)
+            raise ValueError(f"{self.compute_streams} compute streams for {slots} slots: a "
+                             "stream without a batch to run is of no use; raise --slots")
 
 
 def engine_settings(device: str, max_batch_rows: int | None = None,
@@ -123,14 +130,15 @@ def resolve_device(device: str) -> str:
 
 
 def executor_factory(device: str, torch_threads: int | None = None,
-                     pack_threads: int | None = None):
+                     pack_threads: int | None = None, compute_streams: int = 1):
     """A factory ``settings -> Executor`` for ``cpu``, ``cuda`` or ``null``."""
     if device == "null":
         return _null_executor
     if device == "cuda":
         from recserve.engine.gpu_executor import GpuExecutor
 
-        return lambda settings: GpuExecutor(settings, "cuda", pack_threads=pack_threads)
+        return lambda settings: GpuExecutor(settings, "cuda", pack_threads=pack_threads,
+                                            compute_streams=compute_streams)
     from recserve.engine.executor import CpuExecutor
 
     return lambda settings: CpuExecutor(settings, torch_threads=torch_threads)
@@ -189,7 +197,8 @@ async def create_backend(options: ServeOptions):
     settings = options.settings or DEVICE_DEFAULTS[device]
     threads = options.torch_threads if options.torch_threads is not None else (
         CPU_TORCH_THREADS if device == "cpu" else None)
-    engine = Engine(settings, executor_factory(device, threads, options.pack_threads))
+    engine = Engine(settings, executor_factory(device, threads, options.pack_threads,
+                                               options.compute_streams))
     await engine.start()
     return EngineBackend(engine)
 

@@ -225,6 +225,21 @@ def test_pack_threads_reach_the_gpu_executor(tmp_path):
         ServeOptions(tmp_path, "cpu", pack_threads=0)
 
 
+def test_compute_streams_reach_the_gpu_executor(tmp_path):
+    from recserve.engine.settings import EngineSettings
+    from recserve.server.serving import ServeOptions, executor_factory
+
+    args = build_parser().parse_args(["serve", "--compute-streams", "2"])
+    assert args.compute_streams == 2
+    assert build_parser().parse_args(["serve"]).compute_streams == 1
+    executor = executor_factory("cuda", None, None, 2)(EngineSettings(slots=2))
+    assert executor.compute_streams == 2 and executor.stats()["compute_streams"] == 2
+    with pytest.raises(ValueError, match="compute_streams is 0"):
+        ServeOptions(tmp_path, "cuda", compute_streams=0)
+    with pytest.raises(ValueError, match="3 compute streams for 2 slots"):
+        ServeOptions(tmp_path, "cuda", EngineSettings(slots=2), compute_streams=3)
+
+
 def test_serve_engine_flags_parse():
     args = build_parser().parse_args(["serve", "--device", "cpu", "--buckets", "16,128",
                                       "--slots", "2", "--fill-wait-ms", "0.5",
