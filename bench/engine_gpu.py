@@ -11,11 +11,14 @@ the queue takes them: (a) 8192-row requests, one per batch; (b) ranking-sized re
 compared with the bare forward's, and the event timeline of the run says how much of the
 copy-in time overlapped another batch's compute; the host stages (queued, pack, issue,
 wait for the copy-out, resolve) say where a batch's host time goes. ``--sweep`` repeats
-both runs with one packing thread, with 2 slots and with 2 compute streams (consecutive
+both runs with one packing thread, with 2 slots, with 2 compute streams (consecutive
 batches on alternate streams, so one's gather may overlap the other's GEMMs; each run also
-times two slots' graphs replayed at once on two streams, the device's ceiling for that),
-to find what bounds the engine; one thread's packing time alone (pinned and pageable
-buffers) is measured first. Writes OUTDIR/engine_gpu.json.
+times two slots' graphs replayed at once on two streams, the device's ceiling for that)
+and with a 0.5 ms interpreter switch interval (a packing thread that gave up the GIL for a
+copy waits up to the interval, 5 ms by default, for a busy Python thread to return it), to
+find what bounds the engine; one thread's packing time alone (pinned and pageable buffers)
+is measured first, and each run says how much longer a pack took inside the engine.
+Writes OUTDIR/engine_gpu.json.
 """
 
 from __future__ import annotations
@@ -191,7 +194,8 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=48, help="8192-row batches per run")
     p.add_argument("--slots", type=int, default=4)
     p.add_argument("--sweep", action="store_true",
-                   help="also one packing thread, 2 slots, and 2 compute streams")
+                   help="also one packing thread, 2 slots, 2 compute streams, and a 0.5 ms "
+                   "switch interval")
     p.add_argument("--pack-only", action="store_true",
                    help="only time one thread's packing (runs without a GPU: the engine's "
                    "bottleneck on the H200, so a CPU-measurable proxy); writes engine_pack.json")
@@ -216,15 +220,21 @@ def main() -> None:
     repeats = max(1, args.batches * args.batch // sum(r.num_candidates for r in ranking))
     results["pack_ms"] = pack_times(spec, full[0], ranking)
     print(f"one thread packing one 8192-row batch, ms: {results['pack_ms']}")
-    variants = [("default", settings, None, 1)]  # one packing thread per slot
+    # (name, settings, packing threads, compute streams, interpreter switch interval)
+    variants = [("default", settings, None, 1, None)]  # one packing thread per slot
     if args.sweep:  # (8 slots measured slower than 4 in earlier runs: replaced by streams)
-        variants += [("pack_threads=1", settings, 1, 1),
-                     ("slots=2", replace(settings, slots=2), None, 1),
-                     ("compute_streams=2", settings, None, 2)]
+        variants += [("pack_threads=1", settings, 1, 1, None),
+                     ("slots=2", replace(settings, slots=2), None, 1, None),
+                     ("compute_streams=2", settings, None, 2, None),
+                     # a packing thread that gave the GIL up for a copy waits up to the
+                     # switch interval (5 ms) for a busy Python thread to hand it back
+                     ("switch_interval=0.5ms", settings, None, 1, 0.0005)]
     results["runs"] = []
-    for name, run_settings, threads, streams in variants:
+    default_switch = sys.getswitchinterval()
+    for name, run_settings, threads, streams, switch in variants:
         run = {"variant": name, "slots": run_settings.slots, "pack_threads": threads,
-               "compute_streams": streams}
+               "compute_streams": streams, "switch_interval_s": switch or default_switch}
+        sys.setswitchinterval(switch or default_switch)
         run["full_batches"] = run_loop(engine_run(run_settings, spec, weights, full,
                                                      args.batches // 4, threads, streams))
         run["ranking_requests"] = run_loop(engine_run(run_settings, spec, weights, ranking,
@@ -237,13 +247,22 @@ def main() -> None:
                 continue
             r = run[traffic]
             r["ratio_to_bare"] = r["samples_per_s"] / r["bare_samples_per_s"]
+            # a pack inside the engine over one alone (one thread, the same batch again and
+            # again, so cache-hot: about 2x on the CI machine); far above that is packing
+            # threads waiting for the GIL (or for cores)
+            alone = results["pack_ms"].get(f"{traffic.split('_')[0]}_"
+                                           f"{'per_feature' if 'feature' in traffic else 'flat'}"
+                                           "_pinned")
+            r["pack_in_engine_over_alone"] = (r["stage_mean_ms"].get("host_pack", float("nan"))
+                                              / alone if alone else float("nan"))
             print(f"{name:13s} {traffic:19s} engine {r['samples_per_s'] / 1e6:6.2f} M samples/s,"
                   f" bare forward {r['bare_samples_per_s'] / 1e6:6.2f} M/s "
                   f"({r['bare_forward_us']:.0f} us; two graphs on two streams "
                   f"{r['bare_two_streams_samples_per_s'] / 1e6:.2f} M/s), ratio "
                   f"{r['ratio_to_bare']:.2f}; GPU busy "
                   f"{r['gpu_busy_fraction']:.0%}, copy-in overlapped "
-                  f"{r['copy_overlap_fraction']:.0%} over {r['batches']} batches; compute "
+                  f"{r['copy_overlap_fraction']:.0%} over {r['batches']} batches; a pack took "
+                  f"{r['pack_in_engine_over_alone']:.1f}x its time alone; compute "
                   f"starts every {r['compute_start_gap_ms']:.2f} ms; stage ms "
                   f"{r['stage_mean_ms']}", flush=True)
         results["runs"].append(run)

@@ -13,7 +13,7 @@
 #   kernel_variants.json, engine_gpu.json, engine-cuda-<time>.json, load.json
 # Environment knobs: PYTHON (default python), PYTEST_PATHS (tests), KERNEL_BENCH_ARGS
 # (--budget-s 60), ENGINE_BENCH_ARGS (--sweep), and each step's time limit in seconds:
-# PYTEST_TIMEOUT_S (240), BENCH_TIMEOUT_S (120), VARIANTS_TIMEOUT_S (90), ENGINE_TIMEOUT_S (90),
+# PYTEST_TIMEOUT_S (240), BENCH_TIMEOUT_S (120), VARIANTS_TIMEOUT_S (90), ENGINE_TIMEOUT_S (120),
 # SINGLE_TIMEOUT_S (60), LOAD_TIMEOUT_S (60); RECSERVE_COMMIT (default: git HEAD; the device
 # copy of the tree has no .git, so pass it in).
 set -u -o pipefail
@@ -77,8 +77,8 @@ step kernel-variants bash -c "timeout ${VARIANTS_TIMEOUT_S:-90} $PY bench/kernel
     '$OUT' --budget-s 60 >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 18 '$OUT/bench.log'; exit \$rc"
 
 # Engine at full load vs its own bare forward (dlrmv2, B=8192), copy/compute overlap, host
-# stages; --sweep: also one packing thread, 2 slots, 2 compute streams.
-step engine-bench bash -c "timeout ${ENGINE_TIMEOUT_S:-90} $PY bench/engine_gpu.py '$OUT' \
+# stages; --sweep: also one packing thread, 2 slots, 2 compute streams, 0.5 ms switch interval.
+step engine-bench bash -c "timeout ${ENGINE_TIMEOUT_S:-120} $PY bench/engine_gpu.py '$OUT' \
     ${ENGINE_BENCH_ARGS:---sweep} >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 10 '$OUT/bench.log'; \
     exit \$rc"
 
