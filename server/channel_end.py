@@ -9,18 +9,22 @@ from __future__ import annotations
 import asyncio
 
 from .codec import FrameDecoder
+from .writes import TurnWriter
 
 
 class ChannelEnd(asyncio.Protocol):
-    """Frames in (each handed to ``on_frame`` as a memoryview), ``send`` out."""
+    """Frames in (each handed to ``on_frame`` as a memoryview), ``send`` out: the frames
+    sent in one loop turn leave in one write (``TurnWriter``); ``close`` writes them first."""
 
     def __init__(self) -> None:
         self.decoder = FrameDecoder(1 << 31)
         self.transport: asyncio.Transport | None = None
         self.closed = asyncio.get_running_loop().create_future()
+        self._writes = TurnWriter()
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self._writes.transport = transport
 
     def data_received(self, data: bytes) -> None:
         for payload in self.decoder.feed(data):
@@ -30,5 +34,10 @@ class ChannelEnd(asyncio.Protocol):
         raise NotImplementedError
 
     def send(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+        self._writes.write(data)
+
+    def close(self) -> None:
+        """Write what was sent, then close the transport (it flushes its own buffer)."""
+        self._writes.flush()
+        if self.transport is not None:
+            self.transport.close()

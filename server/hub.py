@@ -279,8 +279,7 @@ class Hub:
         """Stop the workers (killing any still running), close the engine."""
         self.dispatcher.draining = True
         for side in self.sides:
-            if side.transport is not None:
-                side.transport.close()
+            side.close()
         for proc in self.procs:
             try:
                 await asyncio.to_thread(proc.wait, 5.0)

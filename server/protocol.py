@@ -21,6 +21,7 @@ from collections.abc import Callable
 from .codec import CodecLimits, FrameDecoder, decode_message, encode_message
 from .dispatch import Dispatcher, Session, error_response
 from .errors import InternalError, RecserveError
+from .writes import TurnWriter
 
 log = logging.getLogger("recserve.server")
 
@@ -109,11 +110,12 @@ class ServerProtocol(asyncio.Protocol):
         self._partial_since: float | None = None  # monotonic time a partial frame began
         self._blocked_since: float | None = None  # monotonic time writing was paused
         self._last_data = time.monotonic()  # when bytes last arrived
-        self._out: list[bytes] = []  # response frames written at the end of this loop turn
+        self._writes = TurnWriter()  # responses that finish together leave in one syscall
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, so no isinstance check.
         self._transport = transport  # type: ignore[assignment]
+        self._writes.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # Responses are single small writes; Nagle would hold them back ~40 ms.
@@ -251,7 +253,7 @@ class ServerProtocol(asyncio.Protocol):
         the connection under its unread responses; the transport closes when the client
         closes (the server aborts it after a while otherwise)."""
         self._closing = True
-        self._flush()
+        self._writes.flush()
         transport = self._transport
         if transport is None or transport.is_closing():
             return
@@ -267,7 +269,7 @@ class ServerProtocol(asyncio.Protocol):
     def close(self) -> None:
         """Close after the responses already written are flushed."""
         self._closing = True
-        self._flush()
+        self._writes.flush()
         if self._transport is not None:
             self._transport.close()
 
@@ -281,22 +283,8 @@ class ServerProtocol(asyncio.Protocol):
             log.exception("cannot encode the response to request %r", response.get("id"))
             frame = encode_message(error_response(response.get("id"), InternalError(
                 message=f"response could not be encoded: {exc}")))
-        self._out.append(frame)
-        if len(self._out) == 1:
-            # One write per connection per loop turn: responses that finish together (the
-            # requests of one batch) leave in one syscall instead of one each.
-            asyncio.get_running_loop().call_soon(self._flush)
+        self._writes.write(frame)
         self._process()
-
-    def _flush(self) -> None:
-        out, self._out = self._out, []
-        transport = self._transport
-        if not out or transport is None or transport.is_closing():
-            return
-        if len(out) == 1:
-            transport.write(out[0])
-        else:
-            transport.writelines(out)
 
     def _update_reading(self) -> None:
         transport = self._transport

@@ -193,8 +193,7 @@ async def _drain(server, chan: Channel, seconds: float) -> None:
     await server.drain(seconds)
     await server.close()
     chan.send(channel.encode_control({"kind": "drained"}))
-    if chan.transport is not None:
-        chan.transport.close()
+    chan.close()
 
 
 async def _push_stats(server, chan: Channel) -> None:

@@ -1,0 +1,40 @@
+"""Writes gathered per event-loop turn: one syscall for every frame a turn produced.
+
+When a batch finishes, its requests' replies are all made in the same loop turn; a
+``transport.write`` each would cost a ``send`` syscall each (a fifth of the engine
+process's CPU with ``--workers``, by py-spy, before the channel gathered them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+
+class TurnWriter:
+    """Frames handed to ``write`` during a loop turn go out together when it ends (or at
+    ``flush``; call it before closing the transport, or the last frames are lost)."""
+
+    __slots__ = ("transport", "_out")
+
+    def __init__(self) -> None:
+        self.transport: asyncio.WriteTransport | None = None
+        self._out: list[bytes] = []
+
+    def write(self, frame: bytes) -> None:
+        """Queue ``frame``; dropped when the transport is gone or closing."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        self._out.append(frame)
+        if len(self._out) == 1:
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write what is queued now."""
+        out, self._out = self._out, []
+        transport = self.transport
+        if not out or transport is None or transport.is_closing():
+            return
+        if len(out) == 1:
+            transport.write(out[0])
+        else:
+            transport.writelines(out)
