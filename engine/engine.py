@@ -15,6 +15,7 @@ them, but their queued and running work finishes on them, then they are dropped.
 from __future__ import annotations
 
 import asyncio
+import logging
 import operator
 import time
 from collections import Counter
@@ -32,16 +33,20 @@ from .settings import EngineSettings
 from .spec import ModelSpec
 
 ModelKey = tuple[str, int]
+Outcome = np.ndarray | EngineError
+"""What a request ends with: its scores ([N] for one output, else [N, H]) or its error."""
+
+log = logging.getLogger("recserve.engine")
 
 
 class _Pending:
-    """A request between ``score`` and its answer."""
+    """A request between ``submit`` and its answer."""
 
-    __slots__ = ("future", "inputs", "key", "scores", "rows_left", "outputs", "submitted")
+    __slots__ = ("on_done", "inputs", "key", "scores", "rows_left", "outputs", "submitted")
 
-    def __init__(self, future: asyncio.Future, inputs: RequestInputs, key: ModelKey,
-                 outputs: int, submitted: float) -> None:
-        self.future, self.inputs, self.key = future, inputs, key
+    def __init__(self, on_done: Callable[[Outcome], None], inputs: RequestInputs,
+                 key: ModelKey, outputs: int, submitted: float) -> None:
+        self.on_done, self.inputs, self.key = on_done, inputs, key
         self.scores = np.empty((inputs.num_candidates, outputs), dtype=np.float32)
         self.rows_left = inputs.num_candidates
         self.outputs = outputs
@@ -168,32 +173,60 @@ class Engine:
         (not_found, overloaded, too_large, deadline_exceeded, bad_request, internal).
         Cancelling the awaiting task drops the request's queued work.
         """
+        future = asyncio.get_running_loop().create_future()
+
+        def settle(outcome: Outcome) -> None:
+            if not future.done():
+                if isinstance(outcome, EngineError):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+
+        request_id = self.submit(name, inputs, settle, version=version, priority=priority,
+                                 deadline=deadline)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self.cancel(request_id)
+            raise
+
+    def submit(self, name: str, inputs: RequestInputs, on_done: Callable[[Outcome], None], *,
+               version: int | None = None, priority: Priority = Priority.NORMAL,
+               deadline: float | None = None) -> int:
+        """``score`` without a task: queue the request and return its id (for ``cancel``);
+        ``on_done`` is called once, later, on the loop, with the scores or the
+        ``EngineError``. Refusals (not_found, overloaded, too_large, deadline_exceeded)
+        raise at once instead. The server's engine process answers requests this way:
+        a task and a future per request cost more CPU than the rest of its bookkeeping."""
         if self._closed or self._loop is None:
             raise EngineError("overloaded", "the engine is not running")
         key = self.resolve(name, version)
         outputs = len(self._models[key].spec.outputs)
         if inputs.num_candidates == 0:
-            return np.zeros((0,) if outputs == 1 else (0, outputs), dtype=np.float32)
+            empty = np.zeros((0,) if outputs == 1 else (0, outputs), dtype=np.float32)
+            self._loop.call_soon(on_done, empty)
+            return 0
         self._next_id += 1
         request_id = self._next_id
         now = self.clock()
         # operator.index: any integer type (numpy's too) counts rows; the policy takes ints.
         rows = operator.index(inputs.num_candidates)
         self._scheduler.submit(request_id, key, rows, now, priority, deadline)
-        future = self._loop.create_future()
-        self._pending[request_id] = _Pending(future, inputs, key, outputs, now)
+        self._pending[request_id] = _Pending(on_done, inputs, key, outputs, now)
         self._work[key] += 1
         self.counters["requests"] += 1
         if deadline is not None or self._executor.free_slots() > 0:
             self._pump()  # (else nothing to dispatch, and no new deadline to arm a timer for)
-        try:
-            scores = await future
-        except asyncio.CancelledError:
-            if request_id in self._pending:
-                self.counters["cancelled"] += 1
-                self._finish(request_id, None)
-            raise
-        return scores[:, 0] if outputs == 1 else scores
+        return request_id
+
+    def cancel(self, request_id: int) -> bool:
+        """Drop a submitted request (its queued rows; a running batch's scores for it are
+        discarded) without calling its ``on_done``; False when it was already answered."""
+        if request_id not in self._pending:
+            return False
+        self.counters["cancelled"] += 1
+        self._finish(request_id, None)
+        return True
 
     @property
     def queued_rows(self) -> int:
@@ -272,11 +305,13 @@ class Engine:
         """Answer a request (None: it was cancelled) and drop its unsent rows."""
         pending = self._pending.pop(request_id)
         self._scheduler.cancel(request_id)
-        if not pending.future.done() and outcome is not None:
-            if isinstance(outcome, EngineError):
-                pending.future.set_exception(outcome)
-            else:
-                pending.future.set_result(outcome)
+        if outcome is not None:
+            if not isinstance(outcome, EngineError) and pending.outputs == 1:
+                outcome = outcome[:, 0]
+            try:
+                pending.on_done(outcome)
+            except Exception:  # the caller's bug must not cost the batch's other requests
+                log.exception("a request's on_done callback failed")
         self._work[pending.key] -= 1
         if not self._work[pending.key]:
             del self._work[pending.key]

@@ -12,7 +12,9 @@ Deadlines are absolute ``time.monotonic()`` seconds (the engine's default clock)
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -147,6 +149,26 @@ def _forward(model: ReferenceModel, inputs: RequestInputs, deadline: float | Non
     return scores[:, 0] if scores.shape[1] == 1 else scores
 
 
+def submit(backend: Any, model: str, version: int, inputs: RequestInputs,
+           deadline: float | None, on_done: Callable[[Any], None]) -> Callable[[], object]:
+    """Score in the background: ``on_done`` gets the scores or the exception, later, on the
+    loop (never when cancelled). Returns the request's cancel function. Uses the
+    backend's own ``submit`` when it has one (no task per request), else a task around
+    ``score``. A refusal the backend knows at once may raise here instead."""
+    own = getattr(backend, "submit", None)
+    if own is not None:
+        return own(model, version, inputs, deadline, on_done)
+    task = asyncio.get_running_loop().create_task(backend.score(model, version, inputs,
+                                                                deadline))
+
+    def finished(done: asyncio.Task) -> None:
+        if not done.cancelled():
+            on_done(done.exception() or done.result())
+
+    task.add_done_callback(finished)
+    return task.cancel
+
+
 class EngineBackend:
     """The batching ``engine.Engine`` behind the Backend interface.
 
@@ -180,6 +202,19 @@ class EngineBackend:
         """float32 scores, [N] for one output or [N, H] for H outputs."""
         return await self._call(self.engine.score(model, inputs, version=version,
                                                   deadline=deadline))
+
+    def submit(self, model: str, version: int, inputs: RequestInputs, deadline: float | None,
+               on_done: Callable[[Any], None]) -> Callable[[], object]:
+        """``engine.submit`` with wire errors (see the module function ``submit``)."""
+        def done(outcome: Any) -> None:
+            on_done(_wire_error(outcome) if isinstance(outcome, Exception) else outcome)
+
+        try:
+            request_id = self.engine.submit(model, inputs, done, version=version,
+                                            deadline=deadline)
+        except Exception as exc:
+            raise _wire_error(exc) from None
+        return functools.partial(self.engine.cancel, request_id)
 
     def unload(self, name: str, version: int | None = None) -> None:
         """Stop serving ``name`` (one version, or all); its running work finishes first."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -32,10 +33,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import channel
+from .backend import submit
 from .channel_end import ChannelEnd
 from .config import ServerConfig
 from .control import Control
@@ -85,7 +90,7 @@ class Hub:
         self.sides: list[EngineSide] = []
         self.procs: list[subprocess.Popen] = []
         self.worker_stats: dict[int, dict] = {}
-        self._tasks: dict[tuple[int, int], asyncio.Task] = {}
+        self._running: dict[tuple[int, int], Callable[[], object]] = {}  # cancel functions
         self._specs: dict[tuple[str, int], Any] = {}  # every (name, version) ever pushed
         self._reserve: socket.socket | None = None
         self.port = config.port
@@ -161,29 +166,33 @@ class Hub:
         return self.control.snapshot(merge_server_stats(list(self.worker_stats.values())))
 
     def score(self, side: EngineSide, view: memoryview) -> None:
-        """A score request from a worker: run it on the engine, reply when done."""
+        """A score request from a worker: hand it to the backend, reply when it is done
+        (no task per request: see ``backend.submit``)."""
         header = channel.score_header(view)
-        task = asyncio.get_running_loop().create_task(self._score(side, header, view))
-        self._tasks[(side.index, header.rid)] = task
-
-    async def _score(self, side: EngineSide, header: channel.ScoreHeader,
-                     view: memoryview) -> None:
         rid = header.rid
         try:
             handle = self._handle_for(header)
             inputs = channel.decode_inputs(view, header.offset, header.candidates, handle.spec)
-            scores = await self.backend.score(handle.name, handle.version, inputs,
-                                              header.deadline)
-            side.send(channel.encode_reply(rid, scores, handle.version))
-        except RecserveError as exc:
-            side.send(channel.encode_error(rid, str(exc.code), exc.message))
-        except asyncio.CancelledError:
-            pass  # the worker's client went away: nobody to answer
-        except Exception as exc:
-            log.exception("scoring a request from worker %d failed", side.index)
-            side.send(channel.encode_error(rid, "internal", f"{type(exc).__name__}: {exc}"))
-        finally:
-            self._tasks.pop((side.index, rid), None)
+            reply = functools.partial(self._reply, side, rid, handle.version)
+            cancel = submit(self.backend, handle.name, handle.version, inputs,
+                            header.deadline, reply)
+        except Exception as exc:  # refused at once, or the request is malformed
+            self._reply(side, rid, 0, exc)
+            return
+        self._running[(side.index, rid)] = cancel
+
+    def _reply(self, side: EngineSide, rid: int, version: int, outcome: object) -> None:
+        """Send a request's scores or error back to its worker."""
+        self._running.pop((side.index, rid), None)
+        if isinstance(outcome, np.ndarray):
+            side.send(channel.encode_reply(rid, outcome, version))
+        elif isinstance(outcome, RecserveError):
+            side.send(channel.encode_error(rid, str(outcome.code), outcome.message))
+        else:
+            log.error("scoring a request from worker %d failed", side.index,
+                      exc_info=outcome if isinstance(outcome, BaseException) else None)
+            side.send(channel.encode_error(rid, "internal",
+                                           f"{type(outcome).__name__}: {outcome}"))
 
     def _handle_for(self, header: channel.ScoreHeader):
         """The version to score: the one the worker validated against, or, when the client
@@ -203,10 +212,10 @@ class Hub:
     def on_control(self, side: EngineSide, message: dict) -> None:
         """A control message from a worker."""
         kind = message["kind"]
-        if kind == "cancel":
-            task = self._tasks.get((side.index, message["rid"]))
-            if task is not None:
-                task.cancel()
+        if kind == "cancel":  # the worker's client went away: nobody to answer
+            cancel = self._running.pop((side.index, message["rid"]), None)
+            if cancel is not None:
+                cancel()
         elif kind == "stats":
             self.worker_stats[side.index] = message["server"]
         elif kind == "op":
@@ -241,9 +250,8 @@ class Hub:
 
     def lost(self, side: EngineSide) -> None:
         """A worker's channel closed: drop its work (its clients are gone with it)."""
-        for (index, _), task in list(self._tasks.items()):
-            if index == side.index:
-                task.cancel()
+        for key in [key for key in self._running if key[0] == side.index]:
+            self._running.pop(key)()
         self.worker_stats.pop(side.index, None)
         if not self.dispatcher.draining and self.sides[side.index] is side:
             log.error("front-end worker %d exited unexpectedly; starting another",
