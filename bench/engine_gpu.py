@@ -174,6 +174,26 @@ def pack_only(outdir: Path, spec, batch: int) -> None:
     (outdir / "engine_pack.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
+def summarize(name: str, traffic: str, r: dict, pack_ms: dict) -> str:
+    """Add the ratios to engine run ``r`` (``engine_run``'s result) and describe it."""
+    r["ratio_to_bare"] = r["samples_per_s"] / r["bare_samples_per_s"]
+    # a pack inside the engine over one alone (one thread, the same batch again and again,
+    # so cache-hot: about 2x on the CI machine); far above that is packing threads waiting
+    # for the GIL (or for cores)
+    form = "per_feature" if traffic.endswith("per_feature") else "flat"
+    alone = pack_ms.get(f"{traffic.split('_')[0]}_{form}_pinned")
+    r["pack_in_engine_over_alone"] = (r["stage_mean_ms"].get("host_pack", float("nan"))
+                                      / alone if alone else float("nan"))
+    return (f"{name:13s} {traffic:19s} engine {r['samples_per_s'] / 1e6:6.2f} M samples/s, "
+            f"bare forward {r['bare_samples_per_s'] / 1e6:6.2f} M/s "
+            f"({r['bare_forward_us']:.0f} us; two graphs on two streams "
+            f"{r['bare_two_streams_samples_per_s'] / 1e6:.2f} M/s), ratio "
+            f"{r['ratio_to_bare']:.2f}; GPU busy {r['gpu_busy_fraction']:.0%}, copy-in "
+            f"overlapped {r['copy_overlap_fraction']:.0%} over {r['batches']} batches; a pack "
+            f"took {r['pack_in_engine_over_alone']:.1f}x its time alone; compute starts every "
+            f"{r['compute_start_gap_ms']:.2f} ms; stage ms {r['stage_mean_ms']}")
+
+
 def copy_in_rate(megabytes: int = 8) -> dict:
     """Host -> device GB/s from pinned and from pageable memory (the engine's copy-in path)."""
     out = {}
@@ -243,28 +263,8 @@ def main() -> None:
             run["ranking_per_feature"] = run_loop(engine_run(
                 run_settings, spec, weights, wl.per_feature(ranking), repeats, threads))
         for traffic in ("full_batches", "ranking_requests", "ranking_per_feature"):
-            if traffic not in run:
-                continue
-            r = run[traffic]
-            r["ratio_to_bare"] = r["samples_per_s"] / r["bare_samples_per_s"]
-            # a pack inside the engine over one alone (one thread, the same batch again and
-            # again, so cache-hot: about 2x on the CI machine); far above that is packing
-            # threads waiting for the GIL (or for cores)
-            alone = results["pack_ms"].get(f"{traffic.split('_')[0]}_"
-                                           f"{'per_feature' if 'feature' in traffic else 'flat'}"
-                                           "_pinned")
-            r["pack_in_engine_over_alone"] = (r["stage_mean_ms"].get("host_pack", float("nan"))
-                                              / alone if alone else float("nan"))
-            print(f"{name:13s} {traffic:19s} engine {r['samples_per_s'] / 1e6:6.2f} M samples/s,"
-                  f" bare forward {r['bare_samples_per_s'] / 1e6:6.2f} M/s "
-                  f"({r['bare_forward_us']:.0f} us; two graphs on two streams "
-                  f"{r['bare_two_streams_samples_per_s'] / 1e6:.2f} M/s), ratio "
-                  f"{r['ratio_to_bare']:.2f}; GPU busy "
-                  f"{r['gpu_busy_fraction']:.0%}, copy-in overlapped "
-                  f"{r['copy_overlap_fraction']:.0%} over {r['batches']} batches; a pack took "
-                  f"{r['pack_in_engine_over_alone']:.1f}x its time alone; compute "
-                  f"starts every {r['compute_start_gap_ms']:.2f} ms; stage ms "
-                  f"{r['stage_mean_ms']}", flush=True)
+            if traffic in run:
+                print(summarize(name, traffic, run[traffic], results["pack_ms"]), flush=True)
         results["runs"].append(run)
         if name == "default":
             results.update(full_batches=run["full_batches"],

@@ -55,3 +55,23 @@ def test_every_request_is_answered_through_the_real_launch_and_completion_thread
         spans = [by_stage[s] for s in order]
         for (start, end), (next_start, _) in zip(spans[:-1], spans[1:], strict=True):
             assert start <= end <= next_start + 1e-3, (seq, spans)
+
+
+def test_engine_gpu_summary_of_a_run():
+    from engine_gpu import summarize
+
+    run = {"samples_per_s": 4e6, "bare_samples_per_s": 8e6, "bare_forward_us": 1024.0,
+           "bare_two_streams_samples_per_s": 9e6, "gpu_busy_fraction": 0.5,
+           "copy_overlap_fraction": 0.25, "batches": 48, "compute_start_gap_ms": 2.0,
+           "stage_mean_ms": {"host_pack": 3.0, "compute": 1.0}}
+    pack_ms = {"full_flat_pinned": 1.5, "ranking_flat_pinned": 2.0,
+               "ranking_per_feature_pinned": 0.75}
+    for traffic, over in (("full_batches", 2.0), ("ranking_requests", 1.5),
+                          ("ranking_per_feature", 4.0)):
+        r = dict(run)
+        line = summarize("default", traffic, r, pack_ms)
+        assert r["ratio_to_bare"] == 0.5 and r["pack_in_engine_over_alone"] == over
+        assert f"{over:.1f}x its time alone" in line and "ratio 0.50" in line
+    r = dict(run)
+    summarize("default", "full_batches", r, {})  # no pinned figure (no GPU): not a crash
+    assert r["pack_in_engine_over_alone"] != r["pack_in_engine_over_alone"]  # nan
