@@ -13,8 +13,9 @@ multi-hot), most important first, each measurement guarded so one failure loses 
    the default, as 20 calls replayed in one CUDA graph (``graph_us``: the device alone);
 2. int8 row-wise tables vs bf16 (default variant): time, lookup-rate ratio, and a check;
 3. ``dlrmv2`` and ``dlrm-dot`` forward replayed in a CUDA graph (defaults), scores checked
-   against the PyTorch eager peer, with the device time per kernel from the profiler;
-   ``dlrmv2`` again with the ``first_run`` gather.
+   against the PyTorch eager peer, with the device time per kernel from the profiler; then
+   ``dlrmv2`` again with its bottom MLP on a side stream beside the gather
+   (``TritonModel.set_bottom_beside_gather``), and last with the ``first_run`` gather.
 Then the configs the tuners chose. Writes OUTDIR/kernel_variants.json after every record,
 prints a table; exit status 1 when any correctness check failed (they print FAIL loudly).
 ``--untuned`` sets RECSERVE_AUTOTUNE=0 (first config of each kernel: far fewer compiles).
@@ -262,15 +263,21 @@ def main() -> int:
     for b in args.sizes:
         bench_gather(rec, base, model, spec, b, "bf16", variants=variants)
     rec.guarded("int8", bench_int8, rec, base, model, spec, args.sizes)
-    for variant in (DEFAULT, "first_run"):
-        for b in args.sizes:
-            bench_forward(rec, base, "dlrmv2", spec, weights, model, b, (variant,))
+    for b in args.sizes:
+        bench_forward(rec, base, "dlrmv2", spec, weights, model, b, (DEFAULT,))
     dot = wl.dlrmv2_spec(args.max_rows, spec.tables[0].dtype, "dot")
     dot_w = init_weights(dot, 1, device=kb.DEV, tables={
         k: v for k, v in weights.items() if k.startswith("tables.")})
     dot_model = rec.guarded("dlrm-dot model", TritonModel, dot, dot_w, device=kb.DEV)
     for b in args.sizes if dot_model is not None else []:
         bench_forward(rec, base, "dlrm-dot", dot, dot_w, dot_model, b, (DEFAULT,))
+    model.set_bottom_beside_gather(True)
+    for b in args.sizes:
+        bench_forward(rec, base, "dlrmv2 bottom beside gather", spec, weights, model, b,
+                      (DEFAULT,))
+    model.set_bottom_beside_gather(False)
+    for b in args.sizes:  # (the least telling now: last, where the time budget may cut it)
+        bench_forward(rec, base, "dlrmv2", spec, weights, model, b, ("first_run",))
     rec.add(section="done", failures=FAILURES)
     print(summary(rec.records), flush=True)
     if FAILURES:

@@ -68,6 +68,16 @@ class TritonModel:
         self.layout = build_layout(spec)
         self._pack_tables(weights)
         self._load_layers(weights)
+        self._side: torch.cuda.Stream | None = None
+
+    def set_bottom_beside_gather(self, on: bool) -> None:
+        """Run the bottom MLP on a side stream while the gather runs on the caller's (CUDA
+        only; captured graphs keep the fork and join). The two are independent: the bottom
+        MLP is three small GEMMs (19 us at B=8192 on the H200, mostly launch and ramp) and
+        the gather is bound by memory, so the GEMMs may hide under it. Same kernels, same
+        bits; off by default until a card's ``bench/kernel_variants.py`` says it pays."""
+        wanted = on and self.device.type == "cuda" and bool(self.spec.dense)
+        self._side = torch.cuda.Stream(self.device) if wanted else None
 
     def _pack_tables(self, weights: dict[str, torch.Tensor]) -> None:
         spec, dev = self.spec, self.device
@@ -130,7 +140,13 @@ class TritonModel:
         """The forward on an already uploaded batch: kernel launches only, no host sync."""
         spec, lay = self.spec, self.layout
         e = torch.empty(p.num_rows, lay.e_width, device=self.device, dtype=self.dtype)
-        if spec.dense:
+        side = self._side
+        main = torch.cuda.current_stream(self.device) if side is not None else None
+        if side is not None:
+            side.wait_stream(main)  # the fork: p's inputs and e are ready on main
+            with torch.cuda.stream(side):
+                self._bottom(p, e)
+        elif spec.dense:
             self._bottom(p, e)
         bad = None
         for (packed, feats, _), (indices, offsets, ends, weights) in zip(self.groups,
@@ -142,6 +158,8 @@ class TritonModel:
             bad = flags if bad is None else bad | flags
         if bad is None:
             bad = torch.zeros(p.num_requests, dtype=torch.int32, device=self.device)
+        if side is not None:
+            main.wait_stream(side)  # the join: e's x slice is written
         z = self._interact(e)
         return self._top(p, z), bad != 0
 

@@ -164,10 +164,12 @@ def test_models_without_dense_or_without_sparse(device, kind):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_replay_matches_eager_forward(monkeypatch):
+@pytest.mark.parametrize("beside", [False, True], ids=["serial", "bottom-beside-gather"])
+def test_cuda_graph_replay_matches_eager_forward(monkeypatch, beside):
     """The engine's path: batches packed into one slot's fixed bucket buffers (staging),
     autotuned, captured once, replayed after each new pack: the same bits as running the
-    same step eagerly, and the reference's scores."""
+    same step eagerly (on one stream), and the reference's scores; also with the bottom
+    MLP captured on a side stream beside the gather."""
     import functools
 
     from recserve.engine.gpu_slots import GpuModel, capture, copy_in, device_step, new_slot
@@ -178,6 +180,7 @@ def test_cuda_graph_replay_matches_eager_forward(monkeypatch):
     rng = np.random.default_rng(12)
     weights = init_weights(spec, 12)
     model = TritonModel(spec, weights, device="cuda")
+    model.set_bottom_beside_gather(beside)
     bucket, device = 256, torch.device("cuda", 0)
     layout = staging_layout(spec, [names for _, _, names in model.groups], bucket,
                             model.layout.x_request)
@@ -193,7 +196,9 @@ def test_cuda_graph_replay_matches_eager_forward(monkeypatch):
         sizes = pack(layout, slot.host, pieces, bucket)
         copy_in(gpu, slot, sizes, stream)
         graph.replay()
+        model.set_bottom_beside_gather(False)
         want, want_bad = device_step(gpu, slot, bucket)  # eager, same inputs, same configs
+        model.set_bottom_beside_gather(beside)
         assert torch.equal(scores, want) and torch.equal(bad, want_bad)
         assert not bad[:len(counts)].any()
         reference = ReferenceModel(spec, weights).forward(collate(spec, pieces))
