@@ -255,20 +255,23 @@ def main() -> None:
         run = {"variant": name, "slots": run_settings.slots, "pack_threads": threads,
                "compute_streams": streams, "switch_interval_s": switch or default_switch}
         sys.setswitchinterval(switch or default_switch)
-        run["full_batches"] = run_loop(engine_run(run_settings, spec, weights, full,
-                                                     args.batches // 4, threads, streams))
-        run["ranking_requests"] = run_loop(engine_run(run_settings, spec, weights, ranking,
-                                                         repeats, threads, streams))
+        traffics = [("full_batches", full, args.batches // 4), ("ranking_requests", ranking,
+                                                                repeats)]
         if name == "default":  # as a single-process server hands them over: per feature
-            run["ranking_per_feature"] = run_loop(engine_run(
-                run_settings, spec, weights, wl.per_feature(ranking), repeats, threads))
+            traffics.append(("ranking_per_feature", wl.per_feature(ranking), repeats))
+        for traffic, requests, times in traffics:
+            try:  # one variant failing (a new option on this card) must not cost the rest
+                run[traffic] = run_loop(engine_run(run_settings, spec, weights, requests,
+                                                   times, threads, streams))
+            except Exception as exc:  # noqa: BLE001
+                run[f"{traffic}_error"] = f"{type(exc).__name__}: {exc}"[:500]
+                print(f"{name:13s} {traffic:19s} FAILED: {run[f'{traffic}_error']}", flush=True)
         for traffic in ("full_batches", "ranking_requests", "ranking_per_feature"):
             if traffic in run:
                 print(summarize(name, traffic, run[traffic], results["pack_ms"]), flush=True)
         results["runs"].append(run)
         if name == "default":
-            results.update(full_batches=run["full_batches"],
-                           ranking_requests=run["ranking_requests"])
+            results.update({k: run[k] for k in ("full_batches", "ranking_requests") if k in run})
         # after every variant, so a timeout keeps what was measured
         (args.outdir / "engine_gpu.json").write_text(json.dumps(results, indent=2) + "\n")
 
