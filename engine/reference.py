@@ -77,8 +77,9 @@ class ReferenceModel:
 
     @staticmethod
     def _rows(values: torch.Tensor, scope: str, row_request: torch.Tensor) -> torch.Tensor:
-        # Request-scope values are computed once per request and broadcast here.
-        return values[row_request] if scope == "request" else values
+        # Request-scope values are computed once per request and broadcast here
+        # (index_select: the same rows as values[row_request], several times faster on CPU).
+        return values.index_select(0, row_request) if scope == "request" else values
 
     def _mlp(self, prefix: str, x: torch.Tensor, layers: int, last_relu: bool) -> torch.Tensor:
         for k in range(layers):
@@ -106,6 +107,6 @@ class ReferenceModel:
         t = stacked.shape[1]
         offset = 0 if spec.interaction.self_interaction else -1
         rows, cols = torch.tril_indices(t, t, offset=offset, device=gram.device)
-        dots = gram[:, rows, cols]
+        dots = gram.flatten(1).index_select(1, rows * t + cols)  # = gram[:, rows, cols]
         parts = [vectors[0], dots] if spec.dense else [dots]
         return torch.cat(parts, dim=1)
