@@ -90,7 +90,7 @@ class Hub:
         self.sides: list[EngineSide] = []
         self.procs: list[subprocess.Popen] = []
         self.worker_stats: dict[int, dict] = {}
-        self._running: dict[tuple[int, int], Callable[[], object]] = {}  # cancel functions
+        self._running: dict[tuple[int, int], Callable[[], object] | None] = {}  # cancels
         self._specs: dict[tuple[str, int], Any] = {}  # every (name, version) ever pushed
         self._reserve: socket.socket | None = None
         self.port = config.port
@@ -169,7 +169,8 @@ class Hub:
         """A score request from a worker: hand it to the backend, reply when it is done
         (no task per request: see ``backend.submit``)."""
         header = channel.score_header(view)
-        rid = header.rid
+        rid, key = header.rid, (side.index, header.rid)
+        self._running[key] = None  # (an answer given inside submit pops it: see below)
         try:
             handle = self._handle_for(header)
             inputs = channel.decode_inputs(view, header.offset, header.candidates, handle.spec)
@@ -179,7 +180,8 @@ class Hub:
         except Exception as exc:  # refused at once, or the request is malformed
             self._reply(side, rid, 0, exc)
             return
-        self._running[(side.index, rid)] = cancel
+        if key in self._running:  # not answered already (a deadline can pass inside submit)
+            self._running[key] = cancel
 
     def _reply(self, side: EngineSide, rid: int, version: int, outcome: object) -> None:
         """Send a request's scores or error back to its worker."""
@@ -251,7 +253,9 @@ class Hub:
     def lost(self, side: EngineSide) -> None:
         """A worker's channel closed: drop its work (its clients are gone with it)."""
         for key in [key for key in self._running if key[0] == side.index]:
-            self._running.pop(key)()
+            cancel = self._running.pop(key)
+            if cancel is not None:
+                cancel()
         self.worker_stats.pop(side.index, None)
         if not self.dispatcher.draining and self.sides[side.index] is side:
             log.error("front-end worker %d exited unexpectedly; starting another",

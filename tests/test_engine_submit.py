@@ -135,3 +135,61 @@ def test_engine_backend_submit_raises_wire_errors_for_refusals():
                    print)
 
     run(main())
+
+
+@pytest.mark.parametrize("when", ["inside submit", "later"])
+def test_hub_keeps_no_entry_for_an_answered_request(when):
+    """The engine process's hub answers a worker's request through backend.submit; an
+    answer given before submit returns (a deadline passing inside it) must not leave a
+    cancel entry behind, and a later one must remove its entry."""
+    from server_fixtures import small_spec
+
+    from recserve.server import channel
+    from recserve.server.backend import ModelHandle
+    from recserve.server.codec import FrameDecoder
+    from recserve.server.config import ServerConfig
+    from recserve.server.hub import Hub
+
+    spec = small_spec()
+    inputs = random_inputs(spec, np.random.default_rng(6), 3)
+
+    class Backend:
+        def __init__(self):
+            self.pending = []
+
+        def models(self):
+            return [ModelHandle(spec.name, 1, spec)]
+
+        def resolve(self, name, version):
+            return ModelHandle(spec.name, 1, spec)
+
+        def submit(self, model, version, inputs, deadline, on_done):
+            if when == "inside submit":
+                on_done(np.zeros(inputs.num_candidates, np.float32))
+            else:
+                self.pending.append(on_done)
+            return lambda: None
+
+    class Side:
+        index = 0
+
+        def __init__(self):
+            self.sent = []
+
+        def send(self, data):
+            self.sent.append(data)
+
+    async def main():
+        backend, side = Backend(), Side()
+        hub = Hub(backend, ServerConfig(), 2)
+        frame = channel.encode_score(7, spec.name, 1, inputs, None, spec)
+        (payload,) = FrameDecoder().feed(frame)
+        hub.score(side, memoryview(payload))
+        waiting = dict(hub._running)
+        for on_done in backend.pending:
+            on_done(np.ones(inputs.num_candidates, np.float32))
+        return waiting, dict(hub._running), side.sent
+
+    waiting, left, sent = asyncio.run(main())
+    assert left == {} and len(sent) == 1  # one reply, nothing left to cancel
+    assert (0, 7) in waiting if when == "later" else waiting == {}
