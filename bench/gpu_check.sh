@@ -14,7 +14,8 @@
 # Environment knobs: PYTHON (default python), PYTEST_PATHS (tests), KERNEL_BENCH_ARGS
 # (--budget-s 60), ENGINE_BENCH_ARGS (--sweep), and each step's time limit in seconds:
 # PYTEST_TIMEOUT_S (240), BENCH_TIMEOUT_S (120), VARIANTS_TIMEOUT_S (90), ENGINE_TIMEOUT_S (120),
-# SINGLE_TIMEOUT_S (60), LOAD_TIMEOUT_S (60); RECSERVE_COMMIT (default: git HEAD; the device
+# SINGLE_TIMEOUT_S (60), LOAD_TIMEOUT_S (60), WORKERS_TIMEOUT_S (90; the step runs only when
+# the check has taken under WORKERS_BUDGET_S, 330, so far); RECSERVE_COMMIT (default: git HEAD; the device
 # copy of the tree has no .git, so pass it in).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -95,6 +96,18 @@ step load-generator bash -c "RECSERVE_AUTOTUNE=0 timeout ${LOAD_TIMEOUT_S:-60} $
     --start --baseline --serve-args '--device cuda' --concurrency 8,64 --rate 1000 \
     --duration 3 --quiet --json '$OUT/load.json' >> '$OUT/bench.log' 2>&1; rc=\$?; \
     tail -n 8 '$OUT/bench.log'; exit \$rc"
+
+# Only with time to spare (the whole check should leave room for a rerun): the server on the
+# card in one process and with 4 front-end worker processes (--workers), which has never run
+# on a GPU host; the table goes to bench.log (no file: OUTDIR is at its limit of 8).
+if [ $(( $(date +%s) - START )) -lt "${WORKERS_BUDGET_S:-330}" ]; then
+    step server-workers bash -c "RECSERVE_AUTOTUNE=0 timeout ${WORKERS_TIMEOUT_S:-90} $PY \
+        bench/server.py --config 'engine=--device cuda' \
+        --config 'engine-4w=--device cuda --workers 4' --duration 3 --loads 0.5 \
+        >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 6 '$OUT/bench.log'; exit \$rc"
+else
+    echo "step server-workers skipped: past ${WORKERS_BUDGET_S:-330} s" | tee -a "$SUMMARY"
+fi
 
 echo "gpu_check done in $(( $(date +%s) - START )) s" | tee -a "$SUMMARY"
 ls "$OUT" | tee -a "$SUMMARY"
