@@ -28,11 +28,11 @@ import torch
 from .engine_metrics import EngineMetrics
 from .executor import Executor, Job, JobResult
 from .inputs import RequestInputs
+from .model_table import ModelKey, ModelTable
 from .scheduler import EngineError, Priority, Scheduler
 from .settings import EngineSettings
 from .spec import ModelSpec
 
-ModelKey = tuple[str, int]
 Outcome = np.ndarray | EngineError
 """What a request ends with: its scores ([N] for one output, else [N, H]) or its error."""
 
@@ -69,10 +69,7 @@ class Engine:
         self._scheduler = Scheduler(settings)
         self._executor: Executor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._models: dict[ModelKey, Any] = {}
-        self._retired: set[ModelKey] = set()
-        self._latest: dict[str, ModelKey] | None = None  # resolve's cache of name -> newest key
-        self._work: Counter[ModelKey] = Counter()
+        self._models = ModelTable()
         self._pending: dict[int, _Pending] = {}
         self._next_id = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -117,43 +114,19 @@ class Engine:
         except Exception as exc:
             code = "bad_request" if isinstance(exc, ValueError) else "internal"
             raise EngineError(code, f"loading {name} version {version} failed: {exc}") from exc
-        key = (name, version)
-        self._models[key] = model  # atomic swap: planned batches hold the old handle
-        self._retired.discard(key)
-        for other in [k for k in self._models if k[0] == name and k != key]:
-            self._retire(other)
-        self._latest = None
+        self._models.add((name, version), model)
 
     def unload(self, name: str, version: int | None = None) -> None:
         """Retire one version (or every version) of a model; running work finishes first."""
-        keys = [k for k in self._models if k[0] == name and version in (None, k[1])
-                and k not in self._retired]
-        if not keys:
-            raise EngineError("not_found", f"model {name!r} version {version} is not loaded")
-        for key in keys:
-            self._retire(key)
+        self._models.unload(name, version)
 
     def models(self) -> list[ModelKey]:
         """Every servable (name, version), sorted."""
-        return sorted(k for k in self._models if k not in self._retired)
+        return self._models.models()
 
     def resolve(self, name: str, version: int | None = None) -> ModelKey:
         """The key ``score`` would use: ``version`` None means the highest loaded one."""
-        if version is None:  # every request asks this: answered from a cache
-            if self._latest is None:
-                self._latest = {n: (n, v) for n, v in self.models()}  # sorted: newest wins
-            if name in self._latest:
-                return self._latest[name]
-        versions = [k[1] for k in self.models() if k[0] == name]
-        if version is None and versions:
-            return name, max(versions)
-        if version in versions:
-            return name, version
-        loaded = sorted({n for n, _ in self.models()})
-        if not versions:
-            raise EngineError("not_found", f"model {name!r} is not served here; models: {loaded}")
-        raise EngineError("not_found", f"model {name!r} has no version {version} loaded; "
-                                       f"versions: {sorted(versions)}")
+        return self._models.resolve(name, version)
 
     def handle(self, name: str, version: int | None = None) -> Any:
         """The executor's built model (``build_model``'s result) serving ``name``: for
@@ -213,7 +186,7 @@ class Engine:
         rows = operator.index(inputs.num_candidates)
         self._scheduler.submit(request_id, key, rows, now, priority, deadline)
         self._pending[request_id] = _Pending(on_done, inputs, key, outputs, now)
-        self._work[key] += 1
+        self._models.begin(key)
         self.counters["requests"] += 1
         if deadline is not None or self._executor.free_slots() > 0:
             self._pump()  # (else nothing to dispatch, and no new deadline to arm a timer for)
@@ -312,29 +285,13 @@ class Engine:
                 pending.on_done(outcome)
             except Exception:  # the caller's bug must not cost the batch's other requests
                 log.exception("a request's on_done callback failed")
-        self._work[pending.key] -= 1
-        if not self._work[pending.key]:
-            del self._work[pending.key]
-            if pending.key in self._retired:
-                self._drop(pending.key)
+        self._models.end(pending.key)
 
     def _expire(self, request_ids: tuple[int, ...]) -> None:
         for request_id in request_ids:
             self.counters["expired"] += 1
             self._finish(request_id, EngineError(
                 "deadline_exceeded", "the deadline passed while the request was queued"))
-
-    def _retire(self, key: ModelKey) -> None:
-        self._retired.add(key)
-        self._latest = None
-        if not self._work[key]:
-            self._drop(key)
-
-    def _drop(self, key: ModelKey) -> None:
-        self._retired.discard(key)
-        self._latest = None
-        self._work.pop(key, None)
-        del self._models[key]  # running batches keep their own reference until they finish
 
     def _arm_timer(self, wake_at: float | None) -> None:
         deadline = self._scheduler.next_deadline()

@@ -288,7 +288,7 @@ def test_hot_swap_loses_nothing_in_flight():
         await settle()
         gate.set()
         results = await asyncio.gather(*before, after)
-        remaining = dict(engine._models)
+        remaining = engine._models.loaded()
         await engine.close()
         return weights["tiny"], new_weights, old, results, remaining
     w1, w2, old, results, remaining = run(main())
