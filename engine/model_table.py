@@ -49,11 +49,14 @@ class ModelTable:
 
     def resolve(self, name: str, version: int | None = None) -> ModelKey:
         """The servable key for ``name``: ``version`` None means the highest loaded one."""
-        if version is None:  # every request asks this: answered from a cache
+        # Every request asks this, often more than once: the common answers take a lookup.
+        if version is None:
             if self._latest is None:
                 self._latest = {n: (n, v) for n, v in self.models()}  # sorted: newest wins
             if name in self._latest:
                 return self._latest[name]
+        elif (name, version) in self._models and (name, version) not in self._retired:
+            return name, version
         versions = [k[1] for k in self.models() if k[0] == name]
         if version is None and versions:
             return name, max(versions)
