@@ -10,8 +10,10 @@ GPU: ``SimulatedGpuExecutor`` is ``GpuExecutor`` with its device calls replaced 
 copies are free), while the engine, the scheduler, the launcher threads, the packing into
 staging buffers, the completion thread and the slot bookkeeping are the production code.
 Workload ``dlrmv2`` (int32 ids, every bag full), 8192-row buckets: (a) 8192-row requests,
-(b) ranking-size requests (N in 100..700) in the flat form a worker process sends, and (c)
-the same per feature, as a single-process server hands them over. Ratio = samples/s over
+(b) ranking-size requests (N in 100..700) in the flat form a worker process sends, (c)
+the same per feature, as a single-process server hands them over, and (d) the same as
+the engine process of ``serve --workers`` meets them: channel frames, copied once (as a
+socket read would), decoded and answered by ``Hub.score`` (``through_hub``; no sockets). Ratio = samples/s over
 the simulated device's (batch / compute time): the ceiling the host side allows, on this
 machine. Default compute time: the H200's bare dlrmv2 forward at B=8192 (0.72 ms). The
 H200's host packed about 3x slower per thread than the 2-core CI machine, so read figures
@@ -87,8 +89,51 @@ class SimulatedGpuExecutor(GpuExecutor):
         self.batches += 1
 
 
+class _CountingSide:
+    """A worker's channel end as the hub sees it: counts the replies, wakes the feeder."""
+
+    index = 0
+
+    def __init__(self) -> None:
+        self.answered = 0
+        self.wake: asyncio.Future | None = None
+
+    def send(self, data: bytes) -> None:
+        self.answered += 1
+        if self.wake is not None and not self.wake.done():
+            self.wake.set_result(None)
+
+
+async def through_hub(engine: Engine, spec, requests: list, rows_in_flight: int) -> None:
+    """Feed ``requests`` the way the engine process of ``serve --workers`` meets them: each
+    arrives as the channel frame a worker sends (copied once, as a socket read would), is
+    decoded and submitted by ``Hub.score``, and its reply encoded; no sockets. About
+    ``rows_in_flight`` rows stay outstanding."""
+    from recserve.server import channel
+    from recserve.server.backend import EngineBackend
+    from recserve.server.config import ServerConfig
+    from recserve.server.hub import Hub
+
+    payloads = {}  # each distinct request's frame payload (its id patched in per send)
+    for r in requests:
+        if id(r) not in payloads:
+            payloads[id(r)] = channel.encode_score(0, spec.name, 1, r, None, spec)[4:]
+    hub, side = Hub(EngineBackend(engine), ServerConfig(), 2), _CountingSide()
+    mean = sum(r.num_candidates for r in requests) / len(requests)
+    window = max(1, round(rows_in_flight / mean))
+    sent = 0
+    while side.answered < len(requests):
+        while sent < len(requests) and sent - side.answered < window:
+            frame = bytearray(payloads[id(requests[sent])])
+            frame[1:9] = sent.to_bytes(8, "little")  # the request id: after the kind byte
+            hub.score(side, memoryview(frame))
+            sent += 1
+        side.wake = asyncio.get_running_loop().create_future()
+        await side.wake
+
+
 async def run(settings: EngineSettings, spec, requests: list, compute_ms: float,
-              pack_threads: int | None) -> dict:
+              pack_threads: int | None, via_hub: bool = False) -> dict:
     executors: list[SimulatedGpuExecutor] = []
 
     def factory(s: EngineSettings) -> SimulatedGpuExecutor:
@@ -104,8 +149,11 @@ async def run(settings: EngineSettings, spec, requests: list, compute_ms: float,
         start, loop_cpu = time.perf_counter(), time.thread_time()
         # clients keep two batches per slot outstanding (a burst of every request at once
         # would measure the event loop submitting them, not the engine)
-        await wl.closed_loop(engine, spec.name, requests,
-                             2 * settings.slots * settings.max_batch_rows)
+        in_flight = 2 * settings.slots * settings.max_batch_rows
+        if via_hub:
+            await through_hub(engine, spec, requests, in_flight)
+        else:
+            await wl.closed_loop(engine, spec.name, requests, in_flight)
         wall = time.perf_counter() - start
         loop_cpu = time.thread_time() - loop_cpu  # this (the event loop's) thread only
     rows = sum(r.num_candidates for r in requests)
@@ -139,7 +187,9 @@ def main() -> None:
     repeats = max(1, args.batches * args.batch // sum(r.num_candidates for r in ranking))
     traffic = {"full_batches": full * (args.batches // 4), "ranking_requests": ranking * repeats,
                # as a single-process server hands them over (no flat form)
-               "ranking_per_feature": wl.per_feature(ranking) * repeats}
+               "ranking_per_feature": wl.per_feature(ranking) * repeats,
+               # as worker processes send them to the engine process (the hub's path)
+               "ranking_via_hub": ranking * repeats}
     settings = EngineSettings(max_batch_rows=args.batch, buckets=(args.batch,), slots=args.slots,
                               max_queued_rows=args.batch * args.batches * 4)
     variants = [("default", settings, args.pack_threads)]
@@ -149,7 +199,8 @@ def main() -> None:
     results = {"commit": provenance.commit(), "compute_ms": args.compute_ms, "runs": []}
     for name, run_settings, threads in variants:
         for kind, requests in traffic.items():
-            r = run_loop(run(run_settings, spec, requests, args.compute_ms, threads))
+            r = run_loop(run(run_settings, spec, requests, args.compute_ms, threads,
+                             via_hub=kind.endswith("via_hub")))
             results["runs"].append({"variant": name, "traffic": kind, **r})
             print(f"{name:15s} {kind:19s} {r['samples_per_s'] / 1e6:6.2f} M samples/s = "
                   f"{r['ratio_to_device']:.2f} of the simulated device; event loop "

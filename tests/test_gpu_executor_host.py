@@ -75,3 +75,17 @@ def test_engine_gpu_summary_of_a_run():
     r = dict(run)
     summarize("default", "full_batches", r, {})  # no pinned figure (no GPU): not a crash
     assert r["pack_in_engine_over_alone"] != r["pack_in_engine_over_alone"]  # nan
+
+
+def test_engine_host_feeds_requests_through_the_hub():
+    """bench/engine_host.py's ``ranking_via_hub`` traffic: every request enters as a
+    worker's channel frame and is answered through Hub.score."""
+    from engine_host import run
+
+    spec = demo_spec()
+    rng = np.random.default_rng(9)
+    requests = [random_inputs(spec, rng, int(n)) for n in rng.integers(1, 150, 12)] * 3
+    result = asyncio.run(asyncio.wait_for(
+        run(SETTINGS, spec, requests, compute_ms=0.05, pack_threads=1, via_hub=True), 60))
+    assert result["samples_per_s"] > 0 and result["loop_cpu_us_per_request"] > 0
+    assert result["host_stage_mean_ms"]["host_pack"] > 0  # they reached the executor
