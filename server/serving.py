@@ -71,8 +71,8 @@ class ServeOptions:
     pack_threads: int | None = None
     """Host threads packing batches for the GPU executor; None: one per slot."""
     compute_streams: int = 1
-    """CUDA streams the GPU executor's batches take in turn (at most the slots; the CPU
-    executor has none and ignores it)."""
+    """CUDA streams the GPU executor's batches take in turn (at most the slots; the CPU and
+    null executors have none and ignore it)."""
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -87,7 +87,7 @@ class ServeOptions:
                 raise ValueError(f"ServeOptions.{name} is {value!r}; expected a positive int "
                                  "or None")
         slots = (self.settings or DEVICE_DEFAULTS["cuda"]).slots
-        if self.device != "cpu" and self.compute_streams > slots:  # (cpu: no streams)
+        if self.device == "cuda" and self.compute_streams > slots:  # (others: no streams)
             raise ValueError(f"{self.compute_streams} compute streams for {slots} slots: a "
                              "stream without a batch to run is of no use; raise --slots")
 
