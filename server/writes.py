@@ -14,11 +14,12 @@ class TurnWriter:
     """Frames handed to ``write`` during a loop turn go out together when it ends (or at
     ``flush``; call it before closing the transport, or the last frames are lost)."""
 
-    __slots__ = ("transport", "_out")
+    __slots__ = ("transport", "_out", "_loop")
 
     def __init__(self) -> None:
         self.transport: asyncio.WriteTransport | None = None
         self._out: list[bytes] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def write(self, frame: bytes) -> None:
         """Queue ``frame``; dropped when the transport is gone or closing."""
@@ -26,7 +27,9 @@ class TurnWriter:
             return
         self._out.append(frame)
         if len(self._out) == 1:
-            asyncio.get_running_loop().call_soon(self.flush)
+            if self._loop is None:  # (get_running_loop costs a getpid syscall a call)
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Write what is queued now."""
