@@ -13,11 +13,11 @@ Workload ``dlrmv2`` (int32 ids, every bag full), 8192-row buckets: (a) 8192-row 
 (b) ranking-size requests (N in 100..700) in the flat form a worker process sends, (c)
 the same per feature, as a single-process server hands them over, and (d) the same as
 the engine process of ``serve --workers`` meets them: channel frames, copied once (as a
-socket read would), decoded and answered by ``Hub.score`` (``through_hub``; no sockets). Ratio = samples/s over
-the simulated device's (batch / compute time): the ceiling the host side allows, on this
-machine. Default compute time: the H200's bare dlrmv2 forward at B=8192 (0.72 ms). The
-H200's host packed about 3x slower per thread than the 2-core CI machine, so read figures
-from here as relative.
+socket read would), decoded and answered by ``Hub.score`` (``through_hub``; no sockets).
+Ratio = samples/s over the simulated device's (batch / compute time): the ceiling the host
+side allows, on this machine. Default compute time: the H200's bare dlrmv2 forward at
+B=8192 (0.72 ms). The H200's host packed about 3x slower per thread than the 2-core CI
+machine, so read figures from here as relative.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class _CountingSide:
         self.answered = 0
         self.wake: asyncio.Future | None = None
 
-    def send(self, data: bytes) -> None:
+    def send_soon(self, data: bytes) -> None:
         self.answered += 1
         if self.wake is not None and not self.wake.done():
             self.wake.set_result(None)

@@ -13,8 +13,10 @@ from .writes import TurnWriter
 
 
 class ChannelEnd(asyncio.Protocol):
-    """Frames in (each handed to ``on_frame`` as a memoryview), ``send`` out: the frames
-    sent in one loop turn leave in one write (``TurnWriter``); ``close`` writes them first."""
+    """Frames in (each handed to ``on_frame`` as a memoryview), out with ``send`` (written
+    at once: control messages, whose effect others may act on right after) or
+    ``send_soon`` (per-request traffic: a loop turn's frames leave in one write, see
+    ``TurnWriter``); order is kept either way, and ``close`` writes what is queued."""
 
     def __init__(self) -> None:
         self.decoder = FrameDecoder(1 << 31)
@@ -34,6 +36,12 @@ class ChannelEnd(asyncio.Protocol):
         raise NotImplementedError
 
     def send(self, data: bytes) -> None:
+        """Write ``data`` now, after any frames queued by ``send_soon``."""
+        self._writes.write(data)
+        self._writes.flush()
+
+    def send_soon(self, data: bytes) -> None:
+        """Queue ``data`` for the write at the end of this loop turn."""
         self._writes.write(data)
 
     def close(self) -> None:

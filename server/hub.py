@@ -187,14 +187,14 @@ class Hub:
         """Send a request's scores or error back to its worker."""
         self._running.pop((side.index, rid), None)
         if isinstance(outcome, np.ndarray):
-            side.send(channel.encode_reply(rid, outcome, version))
+            side.send_soon(channel.encode_reply(rid, outcome, version))
         elif isinstance(outcome, RecserveError):
-            side.send(channel.encode_error(rid, str(outcome.code), outcome.message))
+            side.send_soon(channel.encode_error(rid, str(outcome.code), outcome.message))
         else:
             log.error("scoring a request from worker %d failed", side.index,
                       exc_info=outcome if isinstance(outcome, BaseException) else None)
-            side.send(channel.encode_error(rid, "internal",
-                                           f"{type(outcome).__name__}: {outcome}"))
+            side.send_soon(channel.encode_error(rid, "internal",
+                                                f"{type(outcome).__name__}: {outcome}"))
 
     def _handle_for(self, header: channel.ScoreHeader):
         """The version to score: the one the worker validated against, or, when the client

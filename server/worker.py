@@ -101,12 +101,12 @@ class RemoteBackend:
         rid = self._next
         future = asyncio.get_running_loop().create_future()
         self._futures[rid] = future
-        self.channel.send(encode(rid, *args))
+        self.channel.send_soon(encode(rid, *args))  # (one write for a loop turn's requests)
         try:
             return await future
         except asyncio.CancelledError:
             if self.channel is not None:
-                self.channel.send(channel.encode_control({"kind": "cancel", "rid": rid}))
+                self.channel.send_soon(channel.encode_control({"kind": "cancel", "rid": rid}))
             raise
         finally:
             self._futures.pop(rid, None)

@@ -176,7 +176,7 @@ def test_hub_keeps_no_entry_for_an_answered_request(when):
         def __init__(self):
             self.sent = []
 
-        def send(self, data):
+        def send_soon(self, data):
             self.sent.append(data)
 
     async def main():

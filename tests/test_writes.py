@@ -62,14 +62,30 @@ def test_nothing_is_written_to_a_closing_or_missing_transport():
     assert asyncio.run(main()) == ([], [])
 
 
-def test_channel_close_writes_what_was_sent_first():
+def test_channel_close_writes_what_was_queued_first():
     async def main() -> FakeTransport:
         end, transport = ChannelEnd(), FakeTransport()
         end.connection_made(transport)
-        end.send(b"last words")
+        end.send_soon(b"last words")
         end.close()  # same turn: the frame must not wait for a turn that never writes
         await asyncio.sleep(0)
         return transport
 
     transport = asyncio.run(main())
     assert transport.calls == [[b"last words"]] and transport.closed
+
+
+def test_channel_send_writes_at_once_after_what_was_queued():
+    """Control messages (the models a worker may serve, drain) must be on their way
+    before the sender goes on (it may log "ready" next), behind the queued replies."""
+    async def main() -> list:
+        end, transport = ChannelEnd(), FakeTransport()
+        end.connection_made(transport)
+        end.send_soon(b"reply 1")
+        end.send_soon(b"reply 2")
+        end.send(b"models")
+        calls = list(transport.calls)
+        await asyncio.sleep(0)  # the turn's flush finds nothing left
+        return calls + transport.calls[len(calls):]
+
+    assert asyncio.run(main()) == [[b"reply 1", b"reply 2", b"models"]]
