@@ -167,6 +167,26 @@ async def run(settings: EngineSettings, spec, requests: list, compute_ms: float,
             "host_stage_mean_ms": {k: round(float(np.mean(v)), 3) for k, v in spans.items()}}
 
 
+def demo_traffic(rng: np.random.Generator, batch: int) -> tuple:
+    """The demo model, 4 ``batch``-row requests and 120 ranking ones (N in 100..700, Zipf
+    ids), int32 ids in the flat form, as worker processes hand them over."""
+    from recserve.engine.demo import demo_spec, random_inputs, ranking_candidates
+    from recserve.engine.flat import with_flat
+    from recserve.engine.inputs import RequestInputs, SparseInput
+
+    spec = demo_spec()
+
+    def narrowed(inputs: RequestInputs) -> RequestInputs:  # what validation hands on
+        sparse = {k: SparseInput(v.values.astype(np.int32), v.lengths, v.weights)
+                  for k, v in inputs.sparse.items()}
+        return with_flat(spec, RequestInputs(inputs.num_candidates, sparse, inputs.dense))
+
+    full = [narrowed(random_inputs(spec, rng, batch)) for _ in range(4)]
+    ranking = [narrowed(random_inputs(spec, rng, ranking_candidates(rng), zipf=True))
+               for _ in range(120)]
+    return spec, full, ranking
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--compute-ms", type=float, default=0.72,
@@ -178,12 +198,18 @@ def main() -> None:
     p.add_argument("--pack-threads", type=int,
                    help="default: one per slot, leaving two cores (see default_pack_threads)")
     p.add_argument("--sweep", action="store_true", help="also 1 packing thread and 2 slots")
+    p.add_argument("--model", choices=("dlrmv2", "demo"), default="dlrmv2",
+                   help="dlrmv2: 214 ids a row, every feature per candidate; demo: the demo "
+                   "model's small requests (a few ids a row, most features per request)")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args()
-    spec = wl.dlrmv2_spec(4_000_000)
     rng = np.random.default_rng(0)
-    full = wl.full_requests(spec, rng, args.batch, 4)
-    ranking = wl.ranking_slices(spec, full, rng, 30)
+    if args.model == "dlrmv2":
+        spec = wl.dlrmv2_spec(4_000_000)
+        full = wl.full_requests(spec, rng, args.batch, 4)
+        ranking = wl.ranking_slices(spec, full, rng, 30)
+    else:
+        spec, full, ranking = demo_traffic(rng, args.batch)
     repeats = max(1, args.batches * args.batch // sum(r.num_candidates for r in ranking))
     traffic = {"full_batches": full * (args.batches // 4), "ranking_requests": ranking * repeats,
                # as a single-process server hands them over (no flat form)
