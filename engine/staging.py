@@ -66,46 +66,76 @@ def pack(layout: StagingLayout, host: Buffers, pieces: list[RequestInputs],
 
 @dataclass(frozen=True, slots=True)
 class _Block:
-    """Bag bounds of consecutive pieces from row ``row`` and piece ``piece``: candidate-scope
-    [F_c(model), rows] and request-scope [F_r(model), pieces] starts and ends, to which
-    ``base`` is added (where the pieces' ids landed, or 0 when already absolute)."""
+    """Bag bounds of consecutive pieces from row ``row`` and piece ``piece`` (``rows`` rows,
+    ``pieces`` pieces): per piece, or once for them all when ``bases`` is None, candidate-
+    scope [F_c(model), rows] and request-scope [F_r(model), pieces] starts and ends; with
+    ``bases``, each piece's bounds are relative to its own ids, which landed at its base."""
 
     row: int
     piece: int
-    cand_starts: np.ndarray
-    cand_ends: np.ndarray
-    req_starts: np.ndarray
-    req_ends: np.ndarray
-    base: int
+    rows: int
+    pieces: int
+    parts: tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], ...]
+    bases: np.ndarray | None = None
 
 
 def _pack_ids(layout: StagingLayout, host: Buffers, pieces: list[RequestInputs]
               ) -> tuple[list[_Block], int]:
     """Every piece's ids (and weights) in the ids buffer: (their bag bounds as blocks, ids
-    written). A piece that came with its FlatSparse (shaped for this spec) is one copy and
-    one block; the rest are packed together (``_pack_loose``), one block per run of them."""
-    ids = host.ids.numpy()
-    weights = host.weights.numpy() if host.weights is not None else None
+    written). Pieces that came with their FlatSparse (shaped for this spec) go first, their
+    ids in one concatenate (``_pack_flat``); the rest follow, packed feature by feature
+    (``_pack_loose``); one block per run of consecutive pieces of either kind."""
     f_c, f_r = layout.flat_bags
-    blocks, loose, pos, row = [], [], 0, 0
+    flat, loose, row = [], [], 0
     for i, piece in enumerate(pieces):
-        flat, n = piece.flat, piece.num_candidates
-        if flat is not None and flat.fits(f_c, f_r, n):
-            end = _room(layout, pos, len(flat.ids))
-            _copy_ids(flat.ids, ids[pos:end])
-            if weights is not None:
-                weights[pos:end] = flat.weights if flat.weights is not None else 1.0
-            c_starts, c_ends, r_starts, r_ends = split_bounds(flat.bounds, f_c, n)
-            blocks.append(_Block(row, i, c_starts, c_ends, r_starts[:, None],
-                                 r_ends[:, None], pos))
-            pos = end
-        else:
-            loose.append((i, row))
-        row += n
+        fits = piece.flat is not None and piece.flat.fits(f_c, f_r, piece.num_candidates)
+        (flat if fits else loose).append((i, row))
+        row += piece.num_candidates
+    blocks: list[_Block] = []
+    pos = _pack_flat(layout, host, pieces, flat, blocks) if flat else 0
     if loose:
-        pos = _pack_loose(layout, ids, weights, host.scratch.numpy(), pieces, loose, pos,
-                          blocks)
+        weights = host.weights.numpy() if host.weights is not None else None
+        pos = _pack_loose(layout, host.ids.numpy(), weights, host.scratch.numpy(), pieces,
+                          loose, pos, blocks)
     return blocks, pos
+
+
+def _pack_flat(layout: StagingLayout, host: Buffers, pieces: list[RequestInputs],
+               flat: list[tuple[int, int]], blocks: list[_Block]) -> int:
+    """Pieces with a FlatSparse (``flat``: (index, first row)), from the buffers' start:
+    their ids (and weights) back to back in one concatenate, their bounds as one block per
+    run of consecutive pieces (each piece's bounds plus where its ids landed, added in one
+    go per run: a few numpy calls whatever the number of pieces). Returns the ids' end."""
+    forms = [pieces[i].flat for i, _ in flat]
+    sizes = np.fromiter((len(f.ids) for f in forms), np.int64, len(forms))
+    bases = np.zeros(len(forms), np.int64)
+    np.cumsum(sizes[:-1], out=bases[1:])
+    end = _room(layout, 0, int(sizes.sum()))
+    room = host.ids.numpy()[:end]
+    try:  # a plain copy when no id needs narrowing ("safe" refuses int64 -> int32)
+        np.concatenate([f.ids for f in forms], out=room, casting="safe")
+    except TypeError:  # wider ids: checked and cast, or clipped (_copy_ids)
+        _copy_ids(np.concatenate([f.ids for f in forms], dtype=np.int64, casting="unsafe"),
+                  room)
+    if host.weights is not None:
+        np.concatenate([f.weights if f.weights is not None else np.ones(len(f.ids), np.float32)
+                        for f in forms], out=host.weights.numpy()[:end], casting="same_kind")
+    f_c = layout.flat_bags[0]
+    k = 0
+    while k < len(flat):  # runs of pieces consecutive in the batch
+        first = k
+        while k + 1 < len(flat) and flat[k + 1][0] == flat[k][0] + 1:
+            k += 1
+        k += 1
+        parts, rows = [], 0
+        for form, (index, _) in zip(forms[first:k], flat[first:k], strict=True):
+            n = pieces[index].num_candidates
+            c_starts, c_ends, r_starts, r_ends = split_bounds(form.bounds, f_c, n)
+            parts.append((c_starts, c_ends, r_starts[:, None], r_ends[:, None]))
+            rows += n
+        blocks.append(_Block(flat[first][1], flat[first][0], rows, k - first, tuple(parts),
+                             bases[first:k]))
+    return end
 
 
 def _pack_loose(layout: StagingLayout, ids: np.ndarray, weights: np.ndarray | None,
@@ -153,9 +183,9 @@ def _pack_loose(layout: StagingLayout, ids: np.ndarray, weights: np.ndarray | No
             k += 1
             width += mine[k].num_candidates
         k += 1
-        blocks.append(_Block(row, index, cand[0][:, col:col + width],
-                             cand[1][:, col:col + width], req[0][:, first:k],
-                             req[1][:, first:k], 0))
+        part = (cand[0][:, col:col + width], cand[1][:, col:col + width],
+                req[0][:, first:k], req[1][:, first:k])
+        blocks.append(_Block(row, index, width, k - first, (part,)))
         col += width
     return end
 
@@ -181,8 +211,8 @@ def _copy_ids(src: np.ndarray, dst: np.ndarray) -> None:
 
 def _pack_bounds(group: GroupLayout, starts_t: torch.Tensor, ends_t: torch.Tensor,
                  blocks: list[_Block], rows: int, pieces: int, bucket: int) -> int:
-    """One group's bag bounds from the blocks (its features' rows of each, plus the
-    block's base); empty bags for padding. Returns the slots written."""
+    """One group's bag bounds from the blocks (its features' rows of each piece, plus the
+    piece's base); empty bags for padding. Returns the slots written."""
     f_c, f_r = group.candidate_features, group.request_features
     split, used = f_c * (bucket + 1), group.bounds_used(bucket)
     starts, ends = starts_t.numpy(), ends_t.numpy()
@@ -191,18 +221,40 @@ def _pack_bounds(group: GroupLayout, starts_t: torch.Tensor, ends_t: torch.Tenso
     req = (starts[split:used].reshape(f_r, bucket + 2), ends[split:used].reshape(f_r, bucket + 2))
     c_rows, r_rows = _selector(group.candidate_rows), _selector(group.request_rows)
     for block in blocks:
-        if f_c:
-            cols = slice(block.row, block.row + block.cand_starts.shape[1])
-            np.add(block.cand_starts[c_rows], block.base, out=cand[0][:, cols])
-            np.add(block.cand_ends[c_rows], block.base, out=cand[1][:, cols])
-        if f_r:
-            cols = slice(block.piece, block.piece + block.req_starts.shape[1])
-            np.add(block.req_starts[r_rows], block.base, out=req[0][:, cols])
-            np.add(block.req_ends[r_rows], block.base, out=req[1][:, cols])
+        for side in (0, 1):  # starts, then ends
+            if f_c:
+                _join([part[side][c_rows] for part in block.parts], block.bases,
+                      cand[side][:, block.row:block.row + block.rows])
+            if f_r:
+                _join([part[2 + side][r_rows] for part in block.parts], block.bases,
+                      req[side][:, block.piece:block.piece + block.pieces])
     for starts_2d, ends_2d, first in ((*cand, rows), (*req, pieces)):
         starts_2d[:, first:] = 0  # padding rows, the padding request, unused last slots
         ends_2d[:, first:] = 0
     return used
+
+
+_ADD_EACH_MIN = 4096
+"""Bounds per piece from which each piece's bounds are added to its base in their own numpy
+call (one pass); below it, the pieces are joined first and their bases added in one more
+pass (one call for all: many small pieces cost more in calls than in passes)."""
+
+
+def _join(arrays: list[np.ndarray], bases: np.ndarray | None, out: np.ndarray) -> None:
+    """``arrays`` ([rows, columns] each) side by side into ``out``, each plus its base
+    (``bases``, one per array; None: already absolute)."""
+    if bases is None:
+        np.concatenate(arrays, axis=1, out=out, casting="same_kind")
+        return
+    if out.size >= _ADD_EACH_MIN * len(arrays):
+        col = 0
+        for array, base in zip(arrays, bases.tolist(), strict=True):
+            np.add(array, base, out=out[:, col:col + array.shape[1]], casting="same_kind")
+            col += array.shape[1]
+        return
+    np.concatenate(arrays, axis=1, out=out, casting="same_kind")
+    widths = [array.shape[1] for array in arrays]
+    np.add(out, np.repeat(bases.astype(out.dtype), widths), out=out)
 
 
 def _selector(rows: tuple[int, ...]) -> slice | list[int]:

@@ -12,6 +12,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from recserve.engine import staging
 from recserve.engine.demo import random_inputs
 from recserve.engine.executor import slice_rows
 from recserve.engine.flat import with_flat
@@ -76,7 +77,13 @@ def test_every_staged_bag_selects_exactly_its_ids(spec, data):
         pieces.append(slice_rows(spec, whole, start, n))  # n rows, maybe a split piece
         rows += n
     bucket = data.draw(st.integers(rows, max_rows))
-    sizes = pack(layout, host, pieces, bucket)
+    # both ways of adding flat pieces' bases: piece by piece, or joined then added at once
+    threshold, staging._ADD_EACH_MIN = staging._ADD_EACH_MIN, data.draw(
+        st.sampled_from([0, 1 << 30]))
+    try:
+        sizes = pack(layout, host, pieces, bucket)
+    finally:
+        staging._ADD_EACH_MIN = threshold
     ids, weights = host.ids.numpy()[:sizes.nnz], None
     if host.weights is not None:
         weights = host.weights.numpy()[:sizes.nnz]
