@@ -2,10 +2,11 @@
 describes them): rows and requests, dense inputs, every sparse id and each bag's bounds.
 
 Each bag's (start, end) says where its ids are, so ids can lie in whatever order copies
-fastest: a request that comes with its ``FlatSparse`` (from a worker process) is one copy,
-not one per feature; requests without one are copied together, feature by feature, in one
-concatenate. The bounds of a request (or of a run of requests) for a whole table group
-are one 2-D array add (``_Block``). Wider ids than the buffers' int32 are checked (min and
+fastest: requests that come with their ``FlatSparse`` (from worker processes) are copied
+together, each in one piece, not one per feature; requests without one are copied
+together, feature by feature, in one concatenate. The bounds of a run of consecutive
+requests for a whole table group are a few 2-D array operations (``_Block``, ``_join``),
+whatever the number of requests. Wider ids than the buffers' int32 are checked (min and
 max) and cast, or clipped to [-1, 2^31-1], so no id can wrap into a table's range (the
 kernel flags what stays outside).
 """
@@ -38,8 +39,9 @@ def pack(layout: StagingLayout, host: Buffers, pieces: list[RequestInputs],
          bucket: int) -> PackedSizes:
     """Write ``pieces`` (already sliced to their planned rows) into ``host`` for ``bucket``.
 
-    Per piece: one copy of its ids (and weights), and per group four array adds for its
-    bag bounds; padding rows and the padding request get empty bags.
+    Ids (and weights) in two concatenates at most (pieces with and without a FlatSparse),
+    bag bounds a few array operations per group and run of pieces; padding rows and the
+    padding request get empty bags.
     """
     spec = layout.spec
     counts = np.array([p.num_candidates for p in pieces], dtype=np.int64)
