@@ -38,7 +38,8 @@ class FlatSparse:
     weights: np.ndarray | None
     """[L] float32 (1 for unweighted features' ids) when the model has a weighted feature."""
     lengths: np.ndarray
-    """int64 [F_c, N]: bag lengths of the candidate-scope features."""
+    """[F_c, N]: bag lengths of the candidate-scope features; int64, or int32 when they
+    came over the worker channel with int32 bounds."""
     bounds: np.ndarray
     """[F_c * N + F_r + 1]: bag b spans ids[bounds[b]:bounds[b + 1]]; int32 (the dtype the
     engine stages them in: adding a request's base position is then a plain add, no cast)

@@ -30,7 +30,8 @@ class SparseInput:
     """int64 or int32 ids, all bags back to back (int32 costs half the bytes all the way to
     the GPU when every table has fewer than 2^31 rows)."""
     lengths: np.ndarray | None = None
-    """int64 bag lengths, one per candidate (candidate scope); None: one bag (request scope)."""
+    """Bag lengths (int64; int32 from the worker channel), one per candidate (candidate
+    scope); None: one bag (request scope)."""
     weights: np.ndarray | None = None
     """float32 per-value weights, same length as ``values`` (weighted features only)."""
 

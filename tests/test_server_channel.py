@@ -51,6 +51,7 @@ def test_score_requests_round_trip(spec, deadline):
         if x is not None:
             np.testing.assert_array_equal(x, y)
     assert np.shares_memory(back.flat.ids, np.frombuffer(view, np.uint8))
+    assert back.flat.lengths.dtype == back.flat.bounds.dtype == np.int32  # the narrow wire
     assert list(back.sparse) == [f.name for f in spec.sparse] == list(back.sparse.keys())
 
 
