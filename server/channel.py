@@ -82,7 +82,7 @@ def encode_score(rid: int, name: str, version: int, inputs: RequestInputs,
     # ids cross as validation left them: int32 (what the engine stages) stays int32
     _put_array(parts, flat.ids, _I4 if flat.ids.dtype == _I4 else _I8)
     _put_array(parts, flat.weights, _F4)
-    # int32 bounds mean every length fits int32 too: half the bytes (a sixth of a frame)
+    # int32 bounds mean every length fits int32 too (as int64 they were a sixth of a frame)
     _put_array(parts, flat.lengths, _I4 if flat.bounds.dtype == _I4 else _I8)
     _put_array(parts, flat.bounds, _I4 if flat.bounds.dtype == _I4 else _I8)
     for f in spec.dense:

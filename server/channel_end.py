@@ -37,8 +37,7 @@ class ChannelEnd(asyncio.Protocol):
 
     def send(self, data: bytes) -> None:
         """Write ``data`` now, after any frames queued by ``send_soon``."""
-        self._writes.write(data)
-        self._writes.flush()
+        self._writes.write_now(data)
 
     def send_soon(self, data: bytes) -> None:
         """Queue ``data`` for the write at the end of this loop turn."""

@@ -31,6 +31,14 @@ class TurnWriter:
                 self._loop = asyncio.get_running_loop()
             self._loop.call_soon(self.flush)
 
+    def write_now(self, frame: bytes) -> None:
+        """Write ``frame`` at once, behind whatever is queued (order is kept)."""
+        if self._out:
+            self._out.append(frame)
+            self.flush()
+        elif self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frame)
+
     def flush(self) -> None:
         """Write what is queued now."""
         out, self._out = self._out, []

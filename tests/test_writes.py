@@ -89,3 +89,16 @@ def test_channel_send_writes_at_once_after_what_was_queued():
         return calls + transport.calls[len(calls):]
 
     assert asyncio.run(main()) == [[b"reply 1", b"reply 2", b"models"]]
+
+
+def test_channel_send_with_nothing_queued_is_one_write_at_once():
+    async def main() -> tuple[list, list]:
+        end, transport = ChannelEnd(), FakeTransport()
+        end.connection_made(transport)
+        end.send(b"drain")
+        at_once = list(transport.calls)
+        await asyncio.sleep(0)
+        return at_once, transport.calls
+
+    at_once, after_the_turn = asyncio.run(main())
+    assert at_once == after_the_turn == [[b"drain"]]
