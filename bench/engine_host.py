@@ -13,7 +13,8 @@ Workload ``dlrmv2`` (int32 ids, every bag full), 8192-row buckets: (a) 8192-row 
 (b) ranking-size requests (N in 100..700) in the flat form a worker process sends, (c)
 the same per feature, as a single-process server hands them over, and (d) the same as
 the engine process of ``serve --workers`` meets them: channel frames, copied once (as a
-socket read would), decoded and answered by ``Hub.score`` (``through_hub``; no sockets).
+socket read would), decoded and answered by ``Hub.score`` (``through_hub``; no sockets),
+and (e) the same with the arrays in a worker's shared ring (``ranking_via_hub_ring``).
 Ratio = samples/s over the simulated device's (batch / compute time): the ceiling the host
 side allows, on this machine. Default compute time: the H200's bare dlrmv2 forward at
 B=8192 (0.72 ms). The H200's host packed about 3x slower per thread than the 2-core CI
@@ -24,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
+import os
 import sys
 import time
 from dataclasses import replace
@@ -94,31 +97,50 @@ class _CountingSide:
 
     index = 0
 
-    def __init__(self) -> None:
+    def __init__(self, ring: memoryview | None) -> None:
+        from recserve.server.hub import EngineSide
+
+        self.ring, self.running, self.holding = ring, {}, set()
+        self.release = functools.partial(EngineSide.release, self)
         self.answered = 0
         self.wake: asyncio.Future | None = None
 
     def send_soon(self, data: bytes) -> None:
+        if data[4:5] != b"R":  # (an F: a region freed)
+            return
         self.answered += 1
         if self.wake is not None and not self.wake.done():
             self.wake.set_result(None)
 
 
-async def through_hub(engine: Engine, spec, requests: list, rows_in_flight: int) -> None:
+async def through_hub(engine: Engine, spec, requests: list, rows_in_flight: int,
+                      shared: bool = False) -> None:
     """Feed ``requests`` the way the engine process of ``serve --workers`` meets them: each
-    arrives as the channel frame a worker sends (copied once, as a socket read would), is
-    decoded and submitted by ``Hub.score``, and its reply encoded; no sockets. About
-    ``rows_in_flight`` rows stay outstanding."""
-    from recserve.server import channel
+    arrives as the channel frame a worker sends, is decoded and submitted by ``Hub.score``,
+    and its reply encoded; no sockets. Without ``shared`` the frame carries the arrays and
+    is copied once here, as a socket read would; with it the arrays lie in a shared ring,
+    each distinct request written there once beforehand (a worker process writes them,
+    not this one), and the frame carries only their headers. About ``rows_in_flight`` rows
+    stay outstanding."""
+    from recserve.server import channel, shared_ring
     from recserve.server.backend import EngineBackend
     from recserve.server.config import ServerConfig
     from recserve.server.hub import Hub
 
+    ring = writer = None
+    if shared:
+        size = sum(channel.encode_score(0, spec.name, 1, r, None, spec)[0].__len__()
+                   for r in {id(r): r for r in requests}.values()) * 2
+        fd = shared_ring.create(size)
+        writer = shared_ring.SharedRing(shared_ring.map_memory(fd, size, writable=True))
+        ring = shared_ring.map_memory(fd, size, writable=False)
+        os.close(fd)
     payloads = {}  # each distinct request's frame payload (its id patched in per send)
     for r in requests:
         if id(r) not in payloads:
-            payloads[id(r)] = channel.encode_score(0, spec.name, 1, r, None, spec)[4:]
-    hub, side = Hub(EngineBackend(engine), ServerConfig(), 2), _CountingSide()
+            data, _ = channel.encode_score(0, spec.name, 1, r, None, spec, ring=writer)
+            payloads[id(r)] = bytes(data[4:])
+    hub, side = Hub(EngineBackend(engine), ServerConfig(), 2), _CountingSide(ring)
     mean = sum(r.num_candidates for r in requests) / len(requests)
     window = max(1, round(rows_in_flight / mean))
     sent = 0
@@ -133,7 +155,7 @@ async def through_hub(engine: Engine, spec, requests: list, rows_in_flight: int)
 
 
 async def run(settings: EngineSettings, spec, requests: list, compute_ms: float,
-              pack_threads: int | None, via_hub: bool = False) -> dict:
+              pack_threads: int | None, via_hub: str | None = None) -> dict:
     executors: list[SimulatedGpuExecutor] = []
 
     def factory(s: EngineSettings) -> SimulatedGpuExecutor:
@@ -151,7 +173,7 @@ async def run(settings: EngineSettings, spec, requests: list, compute_ms: float,
         # would measure the event loop submitting them, not the engine)
         in_flight = 2 * settings.slots * settings.max_batch_rows
         if via_hub:
-            await through_hub(engine, spec, requests, in_flight)
+            await through_hub(engine, spec, requests, in_flight, via_hub == "ring")
         else:
             await wl.closed_loop(engine, spec.name, requests, in_flight)
         wall = time.perf_counter() - start
@@ -214,8 +236,9 @@ def main() -> None:
     traffic = {"full_batches": full * (args.batches // 4), "ranking_requests": ranking * repeats,
                # as a single-process server hands them over (no flat form)
                "ranking_per_feature": wl.per_feature(ranking) * repeats,
-               # as worker processes send them to the engine process (the hub's path)
-               "ranking_via_hub": ranking * repeats}
+               # as worker processes send them to the engine process (the hub's path),
+               # through the socket, and in the shared ring
+               "ranking_via_hub": ranking * repeats, "ranking_via_hub_ring": ranking * repeats}
     settings = EngineSettings(max_batch_rows=args.batch, buckets=(args.batch,), slots=args.slots,
                               max_queued_rows=args.batch * args.batches * 4)
     variants = [("default", settings, args.pack_threads)]
@@ -225,8 +248,8 @@ def main() -> None:
     results = {"commit": provenance.commit(), "compute_ms": args.compute_ms, "runs": []}
     for name, run_settings, threads in variants:
         for kind, requests in traffic.items():
-            r = run_loop(run(run_settings, spec, requests, args.compute_ms, threads,
-                             via_hub=kind.endswith("via_hub")))
+            via_hub = {"ranking_via_hub": "socket", "ranking_via_hub_ring": "ring"}.get(kind)
+            r = run_loop(run(run_settings, spec, requests, args.compute_ms, threads, via_hub))
             results["runs"].append({"variant": name, "traffic": kind, **r})
             print(f"{name:15s} {kind:19s} {r['samples_per_s'] / 1e6:6.2f} M samples/s = "
                   f"{r['ratio_to_device']:.2f} of the simulated device; event loop "

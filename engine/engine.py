@@ -40,17 +40,21 @@ log = logging.getLogger("recserve.engine")
 
 
 class _Pending:
-    """A request between ``submit`` and its answer."""
+    """A request between ``submit`` and its answer (and, with ``on_release``, until the
+    last batch reading its inputs is done: ``jobs`` counts those dispatched)."""
 
-    __slots__ = ("on_done", "inputs", "key", "scores", "rows_left", "outputs", "submitted")
+    __slots__ = ("on_done", "on_release", "inputs", "key", "scores", "rows_left", "outputs",
+                 "submitted", "jobs")
 
-    def __init__(self, on_done: Callable[[Outcome], None], inputs: RequestInputs,
+    def __init__(self, on_done: Callable[[Outcome], None],
+                 on_release: Callable[[], None] | None, inputs: RequestInputs,
                  key: ModelKey, outputs: int, submitted: float) -> None:
-        self.on_done, self.inputs, self.key = on_done, inputs, key
+        self.on_done, self.on_release, self.inputs, self.key = on_done, on_release, inputs, key
         self.scores = np.empty((inputs.num_candidates, outputs), dtype=np.float32)
         self.rows_left = inputs.num_candidates
         self.outputs = outputs
         self.submitted = submitted
+        self.jobs = 0
 
 
 class Engine:
@@ -71,6 +75,7 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._models = ModelTable()
         self._pending: dict[int, _Pending] = {}
+        self._releasing: dict[int, _Pending] = {}  # answered, inputs still in a batch
         self._next_id = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -165,18 +170,27 @@ class Engine:
 
     def submit(self, name: str, inputs: RequestInputs, on_done: Callable[[Outcome], None], *,
                version: int | None = None, priority: Priority = Priority.NORMAL,
-               deadline: float | None = None) -> int:
+               deadline: float | None = None,
+               on_release: Callable[[], None] | None = None) -> int:
         """``score`` without a task: queue the request and return its id (for ``cancel``);
         ``on_done`` is called once, later, on the loop, with the scores or the
         ``EngineError``. Refusals (not_found, overloaded, too_large, deadline_exceeded)
         raise at once instead. The server's engine process answers requests this way:
-        a task and a future per request cost more CPU than the rest of its bookkeeping."""
+        a task and a future per request cost more CPU than the rest of its bookkeeping.
+
+        ``on_release`` is called once, on the loop, when the engine will read ``inputs``
+        no more: just before ``on_done`` when no batch holds them, else when the last
+        batch holding a piece is done (a failed piece or a cancel can answer a request
+        while another of its pieces is being packed). Memory the inputs view may be
+        reused from then on; the server's shared-memory channel relies on it."""
         if self._closed or self._loop is None:
             raise EngineError("overloaded", "the engine is not running")
         key = self.resolve(name, version)
         outputs = len(self._models[key].spec.outputs)
         if inputs.num_candidates == 0:
             empty = np.zeros((0,) if outputs == 1 else (0, outputs), dtype=np.float32)
+            if on_release is not None:
+                self._loop.call_soon(on_release)
             self._loop.call_soon(on_done, empty)
             return 0
         self._next_id += 1
@@ -185,7 +199,7 @@ class Engine:
         # operator.index: any integer type (numpy's too) counts rows; the policy takes ints.
         rows = operator.index(inputs.num_candidates)
         self._scheduler.submit(request_id, key, rows, now, priority, deadline)
-        self._pending[request_id] = _Pending(on_done, inputs, key, outputs, now)
+        self._pending[request_id] = _Pending(on_done, on_release, inputs, key, outputs, now)
         self._models.begin(key)
         self.counters["requests"] += 1
         if deadline is not None or self._executor.free_slots() > 0:
@@ -233,7 +247,10 @@ class Engine:
             if plan is None:
                 wake_at = decision.wake_at
                 break
-            inputs = tuple(self._pending[p.request_id].inputs for p in plan.pieces)
+            holders = [self._pending[p.request_id] for p in plan.pieces]
+            for pending in holders:
+                pending.jobs += 1
+            inputs = tuple(pending.inputs for pending in holders)
             self._count_batch(plan)
             self._executor.submit(Job(plan, self._models[plan.model], inputs), self._done)
         self._arm_timer(wake_at)
@@ -261,7 +278,9 @@ class Engine:
         for piece, outcome in zip(result.job.plan.pieces, result.pieces, strict=True):
             pending = self._pending.get(piece.request_id)
             if pending is None:  # cancelled, expired or failed meanwhile
+                self._job_done(piece.request_id)
                 continue
+            pending.jobs -= 1
             if outcome.error is not None:
                 self.counters["failed"] += 1
                 if outcome.error.code == "bad_request":
@@ -274,10 +293,31 @@ class Engine:
                 self._finish(piece.request_id, pending.scores)
         self._pump()
 
+    def _job_done(self, request_id: int) -> None:
+        """A batch holding a piece of an answered request is done: release its inputs
+        once no other batch holds them."""
+        pending = self._releasing[request_id]
+        pending.jobs -= 1
+        if pending.jobs == 0:
+            del self._releasing[request_id]
+            self._release(pending)
+
+    def _release(self, pending: _Pending) -> None:
+        if pending.on_release is not None:
+            try:
+                pending.on_release()
+            except Exception:
+                log.exception("a request's on_release callback failed")
+
     def _finish(self, request_id: int, outcome: np.ndarray | EngineError | None) -> None:
-        """Answer a request (None: it was cancelled) and drop its unsent rows."""
+        """Answer a request (None: it was cancelled) and drop its unsent rows; its inputs
+        are released first when no batch holds them, else when the last such is done."""
         pending = self._pending.pop(request_id)
         self._scheduler.cancel(request_id)
+        if pending.jobs == 0:
+            self._release(pending)
+        else:
+            self._releasing[request_id] = pending
         if outcome is not None:
             if not isinstance(outcome, EngineError) and pending.outputs == 1:
                 outcome = outcome[:, 0]

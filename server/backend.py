@@ -15,7 +15,7 @@ import asyncio
 import functools
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -130,6 +130,38 @@ class ReferenceBackend:
         return await loop.run_in_executor(self._executor, _forward, reference, inputs,
                                           deadline)
 
+    def submit(self, model: str, version: int, inputs: RequestInputs, deadline: float | None,
+               on_done: Callable[[Any], None],
+               on_release: Callable[[], None] | None = None) -> Callable[[], object]:
+        """``score`` without a task (see the module function ``submit``): the inputs are
+        released when the scoring thread is done with them, even after a cancel."""
+        reference = self._models.get((model, version))
+        if reference is None:
+            raise NotFound(message=f"model {model!r} version {version} is not served here")
+        loop = asyncio.get_running_loop()
+        cancelled = False
+
+        def settle(work: Future) -> None:  # on the loop
+            if on_release is not None:
+                on_release()
+            if not cancelled:
+                on_done(work.exception() or work.result())
+
+        def cancel() -> None:
+            nonlocal cancelled
+            cancelled = True
+            work.cancel()  # (a forward already running finishes, then releases)
+
+        def finished(work: Future) -> None:  # on the scoring thread (or the cancelling one)
+            try:
+                loop.call_soon_threadsafe(settle, work)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+
+        work = self._executor.submit(_forward, reference, inputs, deadline)
+        work.add_done_callback(finished)
+        return cancel
+
     def stats(self) -> dict:
         """What the ``stats`` op reports under ``engine``."""
         return {"kind": "one_at_a_time", "models": len(self._models)}
@@ -150,18 +182,26 @@ def _forward(model: ReferenceModel, inputs: RequestInputs, deadline: float | Non
 
 
 def submit(backend: Any, model: str, version: int, inputs: RequestInputs,
-           deadline: float | None, on_done: Callable[[Any], None]) -> Callable[[], object]:
+           deadline: float | None, on_done: Callable[[Any], None],
+           on_release: Callable[[], None] | None = None) -> Callable[[], object]:
     """Score in the background: ``on_done`` gets the scores or the exception, later, on the
     loop (never when cancelled). Returns the request's cancel function. Uses the
     backend's own ``submit`` when it has one (no task per request), else a task around
-    ``score``. A refusal the backend knows at once may raise here instead."""
+    ``score``. A refusal the backend knows at once may raise here instead.
+
+    ``on_release`` (once, on the loop, answered or cancelled) says the backend reads
+    ``inputs`` no more: see ``Engine.submit``. Around ``score`` that is when its task ends,
+    so a backend whose ``score`` leaves a thread reading inputs after a cancel must have
+    its own ``submit``, as ``ReferenceBackend`` does."""
     own = getattr(backend, "submit", None)
     if own is not None:
-        return own(model, version, inputs, deadline, on_done)
+        return own(model, version, inputs, deadline, on_done, on_release)
     task = asyncio.get_running_loop().create_task(backend.score(model, version, inputs,
                                                                 deadline))
 
     def finished(done: asyncio.Task) -> None:
+        if on_release is not None:
+            on_release()
         if not done.cancelled():
             on_done(done.exception() or done.result())
 
@@ -204,14 +244,15 @@ class EngineBackend:
                                                   deadline=deadline))
 
     def submit(self, model: str, version: int, inputs: RequestInputs, deadline: float | None,
-               on_done: Callable[[Any], None]) -> Callable[[], object]:
+               on_done: Callable[[Any], None],
+               on_release: Callable[[], None] | None = None) -> Callable[[], object]:
         """``engine.submit`` with wire errors (see the module function ``submit``)."""
         def done(outcome: Any) -> None:
             on_done(_wire_error(outcome) if isinstance(outcome, Exception) else outcome)
 
         try:
             request_id = self.engine.submit(model, inputs, done, version=version,
-                                            deadline=deadline)
+                                            deadline=deadline, on_release=on_release)
         except Exception as exc:
             raise _wire_error(exc) from None
         return functools.partial(self.engine.cancel, request_id)

@@ -7,15 +7,23 @@ numpy data, in a flat binary layout the engine side reads back as zero-copy
 4-byte length header) whose first byte is its kind:
 
 - ``S`` score request: ``rid u64, deadline f64 (NaN: none), version u32, N u32,
-  pinned u8, name_len u16, name, then the request's arrays``: its sparse inputs in the
+  pinned u8, name_len u16, data_at u64, name``, then the headers of the request's
+  arrays, then (``data_at`` = INLINE) their data. The arrays: its sparse inputs in the
   flat form (``recserve.engine.flat``: ids, weights, candidate-scope lengths [F_c, N], bag
-  bounds), then each dense feature in spec order. The engine side stages the ids in one
-  copy and reads every feature's inputs as views, with a handful of array headers to
-  parse instead of three per feature. An absent array is dtype 0, then codes 1 int64,
-  2 float32, 3 int32 (ids stay int32 when validation made them so).
-  ``pinned`` 0: the client asked for the latest version, which may be newer by now.
-- ``R`` score reply: ``rid u64, status u8, version u32`` then the scores array (status 0;
-  ``version`` is the one that scored) or a msgpack ``{code, message}`` (status 1).
+  bounds), then each dense feature in spec order. Each header is ``code u8, ndim u8,
+  shape u32 * ndim`` (code 0: absent; 1 int64, 2 float32, 3 int32: ids stay int32 when
+  validation made them so); the data lie back to back, each array on a 64-byte boundary
+  counted from where the data start: in the frame after the headers, or at ``data_at`` in
+  the worker's shared ring (``shared_ring``), where the worker wrote them. The engine side
+  stages the ids in one copy and reads every feature's inputs as views, with a handful of
+  array headers to parse instead of three per feature. ``pinned`` 0: the client asked
+  for the latest version, which may be newer by now.
+- ``R`` score reply: ``rid u64, status u8, released u8, version u32`` then the scores
+  array (status 0; ``version`` is the one that scored) or a msgpack ``{code, message}``
+  (status 1). ``released`` 1: the engine reads the request's ring region no more, the
+  worker may reuse it; 0: an ``F`` follows when it does (a cancelled request, or one
+  answered while a batch still packs a piece of it, gets only the ``F``).
+- ``F`` region free: ``rid u64``: request ``rid``'s ring region may be reused.
 - ``C`` control: one msgpack map with a ``kind`` key (models, admin, stats, drain, ...).
 """
 
@@ -33,36 +41,82 @@ from recserve.engine.inputs import RequestInputs
 from recserve.engine.spec import ModelSpec
 
 from .codec import HEADER
+from .shared_ring import SharedRing, aligned
 
-_SCORE = struct.Struct("<cQdIIBH")
-_REPLY = struct.Struct("<cQBI")
+_SCORE = struct.Struct("<cQdIIBHQ")
+_REPLY = struct.Struct("<cQBBI")
+_FREE = struct.Struct("<cQ")
 _ARRAY = struct.Struct("<BB")
 _I8, _F4, _I4 = np.dtype("<i8"), np.dtype("<f4"), np.dtype("<i4")
 _DTYPES = {1: _I8, 2: _F4, 3: _I4}
 _CODES = {v: k for k, v in _DTYPES.items()}
+INLINE = (1 << 64) - 1
+"""``data_at`` of a request whose arrays travel in the frame."""
+
+Arrays = list[np.ndarray | None]
 
 
-def _put_array(parts: list, array: np.ndarray | None, dtype: np.dtype) -> None:
-    if array is None:
-        parts.append(_ARRAY.pack(0, 0))
-        return
-    array = np.asarray(array, dtype=dtype)
-    parts.append(_ARRAY.pack(_CODES[dtype], array.ndim))
-    parts.append(struct.pack(f"<{array.ndim}I", *array.shape))
-    parts.append(np.ascontiguousarray(array).data)
+def _layout(arrays: Arrays) -> tuple[bytes, list[int], int]:
+    """The arrays' headers, where each one's data start (from the data's start) and the
+    data's size: back to back, each on an ``ALIGN`` boundary."""
+    headers, offsets, size = [], [], 0
+    for array in arrays:
+        offsets.append(size)
+        if array is None:
+            headers.append(_ARRAY.pack(0, 0))
+            continue
+        headers.append(_ARRAY.pack(_CODES[array.dtype], array.ndim))
+        headers.append(struct.pack(f"<{array.ndim}I", *array.shape))
+        size += aligned(array.nbytes)
+    return b"".join(headers), offsets, size
 
 
-def _get_array(data: memoryview, pos: int) -> tuple[np.ndarray | None, int]:
-    code, ndim = _ARRAY.unpack_from(data, pos)
-    pos += _ARRAY.size
-    if code == 0:
-        return None, pos
-    shape = struct.unpack_from(f"<{ndim}I", data, pos)
-    pos += 4 * ndim
-    dtype = _DTYPES[code]
-    count = math.prod(shape)
-    array = np.frombuffer(data, dtype, count, pos).reshape(shape)
-    return array, pos + count * dtype.itemsize
+def _write(memory: memoryview, base: int, arrays: Arrays, offsets: list[int]) -> None:
+    """Copy each array to ``memory[base + its offset]`` (one copy, no intermediate)."""
+    for array, offset in zip(arrays, offsets, strict=True):
+        if array is not None and array.size:
+            np.copyto(np.frombuffer(memory, array.dtype, array.size, base + offset)
+                      .reshape(array.shape), array)
+
+
+def _read(headers: memoryview, pos: int, count: int, memory: memoryview | None,
+          base: int | None) -> tuple[Arrays, int]:
+    """``count`` arrays whose headers start at ``headers[pos]``, as views of ``memory``
+    from ``base`` (None: the data follow the headers in ``headers`` itself); the
+    position after the headers."""
+    specs = []
+    for _ in range(count):
+        code, ndim = _ARRAY.unpack_from(headers, pos)
+        pos += _ARRAY.size
+        if code == 0:
+            specs.append(None)
+            continue
+        shape = struct.unpack_from(f"<{ndim}I", headers, pos)
+        pos += 4 * ndim
+        specs.append((_DTYPES[code], shape))
+    if base is None:
+        memory, base = headers, pos
+    arrays: Arrays = []
+    for spec in specs:
+        if spec is None:
+            arrays.append(None)
+            continue
+        dtype, shape = spec
+        count = math.prod(shape)
+        arrays.append(np.frombuffer(memory, dtype, count, base).reshape(shape))
+        base += aligned(count * dtype.itemsize)
+    return arrays, pos
+
+
+def _frame_with(fixed: bytes, arrays: Arrays) -> bytearray:
+    """A frame: ``fixed``, the arrays' headers, then their data."""
+    headers, offsets, size = _layout(arrays)
+    head = len(fixed) + len(headers)
+    buf = bytearray(HEADER.size + head + size)
+    HEADER.pack_into(buf, 0, head + size)
+    buf[HEADER.size:HEADER.size + head] = fixed + headers
+    _write(memoryview(buf), HEADER.size + head, arrays, offsets)
+    return buf
 
 
 def frame(payload: bytes | bytearray) -> bytes:
@@ -70,28 +124,45 @@ def frame(payload: bytes | bytearray) -> bytes:
     return HEADER.pack(len(payload)) + payload
 
 
-def encode_score(rid: int, name: str, version: int, inputs: RequestInputs,
-                 deadline: float | None, spec: ModelSpec, pinned: bool = True) -> bytes:
-    """A framed score request (arrays in ``spec``'s order)."""
-    raw = name.encode()
-    parts: list = [_SCORE.pack(b"S", rid, math.nan if deadline is None else deadline,
-                               version, inputs.num_candidates, pinned, len(raw)), raw]
+def _score_arrays(inputs: RequestInputs, spec: ModelSpec) -> Arrays:
+    """A request's arrays in their wire order and dtypes."""
     flat = inputs.flat
     if flat is None:  # flattened here, in the worker process, not in the engine's
         flat = flatten_sparse(spec, inputs.sparse, inputs.num_candidates)
-    # ids cross as validation left them: int32 (what the engine stages) stays int32
-    _put_array(parts, flat.ids, _I4 if flat.ids.dtype == _I4 else _I8)
-    _put_array(parts, flat.weights, _F4)
+    # ids cross as validation left them: int32 (what the engine stages) stays int32;
     # int32 bounds mean every length fits int32 too (as int64 they were a sixth of a frame)
-    _put_array(parts, flat.lengths, _I4 if flat.bounds.dtype == _I4 else _I8)
-    _put_array(parts, flat.bounds, _I4 if flat.bounds.dtype == _I4 else _I8)
-    for f in spec.dense:
-        _put_array(parts, inputs.dense[f.name], _F4)
-    return frame(b"".join(parts))
+    ids = _I4 if flat.ids.dtype == _I4 else _I8
+    bounds = _I4 if flat.bounds.dtype == _I4 else _I8
+    wire = [(flat.ids, ids), (flat.weights, _F4), (flat.lengths, bounds),
+            (flat.bounds, bounds)] + [(inputs.dense[f.name], _F4) for f in spec.dense]
+    return [None if a is None else np.asarray(a, dtype=t) for a, t in wire]
+
+
+def encode_score(rid: int, name: str, version: int, inputs: RequestInputs,
+                 deadline: float | None, spec: ModelSpec, pinned: bool = True,
+                 ring: SharedRing | None = None) -> tuple[bytes | bytearray, int | None]:
+    """(a framed score request, arrays in ``spec``'s order; the start of the ``ring``
+    region its data were written to, or None when they are in the frame: no ring, or
+    no room left in it)."""
+    arrays = _score_arrays(inputs, spec)
+    raw = name.encode()
+    deadline = math.nan if deadline is None else deadline
+    if ring is not None:
+        headers, offsets, size = _layout(arrays)
+        data_at = ring.alloc(size)
+        if data_at is not None:
+            _write(ring.memory, data_at, arrays, offsets)
+            fixed = _SCORE.pack(b"S", rid, deadline, version, inputs.num_candidates, pinned,
+                                len(raw), data_at)
+            return frame(fixed + raw + headers), data_at
+    fixed = _SCORE.pack(b"S", rid, deadline, version, inputs.num_candidates, pinned, len(raw),
+                        INLINE)
+    return _frame_with(fixed + raw, arrays), None
 
 
 class ScoreHeader(NamedTuple):
-    """The fixed part of a score request; ``offset`` is where its arrays start."""
+    """The fixed part of a score request; ``offset`` is where its array headers start;
+    ``data_at`` where their data start in the worker's ring (None: in the frame)."""
 
     rid: int
     name: str
@@ -100,28 +171,29 @@ class ScoreHeader(NamedTuple):
     deadline: float | None
     pinned: bool
     offset: int
+    data_at: int | None
 
 
 def score_header(payload: memoryview) -> ScoreHeader:
     """The header of a score request."""
-    _, rid, deadline, version, n, pinned, name_len = _SCORE.unpack_from(payload, 0)
+    _, rid, deadline, version, n, pinned, name_len, data_at = _SCORE.unpack_from(payload, 0)
     start = _SCORE.size
     name = bytes(payload[start:start + name_len]).decode()
     return ScoreHeader(rid, name, version, n, None if math.isnan(deadline) else deadline,
-                       bool(pinned), start + name_len)
+                       bool(pinned), start + name_len, None if data_at == INLINE else data_at)
 
 
-def decode_inputs(payload: memoryview, pos: int, n: int, spec: ModelSpec) -> RequestInputs:
-    """The request's arrays (views of ``payload``) as RequestInputs, with its flat form."""
-    ids, pos = _get_array(payload, pos)
-    weights, pos = _get_array(payload, pos)
-    lengths, pos = _get_array(payload, pos)
-    bounds, pos = _get_array(payload, pos)
-    flat = FlatSparse(ids, weights, lengths, bounds)
+def decode_inputs(payload: memoryview, header: ScoreHeader, spec: ModelSpec,
+                  ring: memoryview | None = None) -> RequestInputs:
+    """The request's arrays (views of ``payload``, or of ``ring``, the worker's shared
+    memory, when they lie there) as RequestInputs, with its flat form."""
+    if header.data_at is not None and ring is None:
+        raise ValueError("a request in shared memory from a worker that has none")
+    arrays, _ = _read(payload, header.offset, 4 + len(spec.dense), ring, header.data_at)
+    flat = FlatSparse(*arrays[:4])
+    n = header.candidates
     _check_flat(flat, n, spec)
-    dense = {}
-    for f in spec.dense:
-        dense[f.name], pos = _get_array(payload, pos)
+    dense = {f.name: a for f, a in zip(spec.dense, arrays[4:], strict=True)}
     return RequestInputs(n, FlatFeatures(flat, spec), dense, flat)
 
 
@@ -138,26 +210,48 @@ def _check_flat(flat: FlatSparse, n: int, spec: ModelSpec) -> None:
         raise ValueError("malformed sparse inputs from a worker process")
 
 
-def encode_reply(rid: int, scores: np.ndarray, version: int) -> bytes:
-    """A framed score reply carrying float32 scores from model ``version``."""
-    parts: list = [_REPLY.pack(b"R", rid, 0, version)]
-    _put_array(parts, scores, _F4)
-    return frame(b"".join(parts))
+def encode_reply(rid: int, scores: np.ndarray, version: int, released: bool = True) -> bytes:
+    """A framed score reply carrying float32 scores from model ``version``; ``released``:
+    the request's ring region (if it had one) may be reused now."""
+    return _frame_with(_REPLY.pack(b"R", rid, 0, released, version),
+                       [np.asarray(scores, dtype=_F4)])
 
 
-def encode_error(rid: int, code: str, message: str) -> bytes:
+def encode_error(rid: int, code: str, message: str, released: bool = True) -> bytes:
     """A framed score reply carrying an error."""
-    return frame(_REPLY.pack(b"R", rid, 1, 0)
+    return frame(_REPLY.pack(b"R", rid, 1, released, 0)
                  + msgpack.packb({"code": code, "message": message}))
 
 
-def decode_reply(payload: memoryview) -> tuple[int, np.ndarray | None, int, dict | None]:
-    """(rid, scores, version, None) or (rid, None, 0, {code, message})."""
-    _, rid, status, version = _REPLY.unpack_from(payload, 0)
+class Reply(NamedTuple):
+    """A score reply: ``scores`` and the ``version`` that scored, or ``error``
+    ({code, message}); ``released``: see ``encode_reply``."""
+
+    rid: int
+    scores: np.ndarray | None
+    version: int
+    error: dict | None
+    released: bool
+
+
+def decode_reply(payload: memoryview) -> Reply:
+    """The reply in an ``R`` payload."""
+    _, rid, status, released, version = _REPLY.unpack_from(payload, 0)
     if status == 0:
-        scores, _ = _get_array(payload, _REPLY.size)
-        return rid, scores, version, None
-    return rid, None, 0, msgpack.unpackb(payload[_REPLY.size:], raw=False)
+        (scores,), _ = _read(payload, _REPLY.size, 1, None, None)
+        return Reply(rid, scores, version, None, bool(released))
+    error = msgpack.unpackb(payload[_REPLY.size:], raw=False)
+    return Reply(rid, None, 0, error, bool(released))
+
+
+def encode_free(rid: int) -> bytes:
+    """A framed ``F``: request ``rid``'s ring region may be reused."""
+    return frame(_FREE.pack(b"F", rid))
+
+
+def decode_free(payload: memoryview) -> int:
+    """The request id of an ``F`` payload."""
+    return _FREE.unpack_from(payload, 0)[1]
 
 
 def encode_control(message: dict) -> bytes:

@@ -13,6 +13,7 @@ from .client import DEFAULT_HOST, DEFAULT_PORT
 from .codec import DEFAULT_MAX_FRAME
 from .config import ServerConfig
 from .serving import CPU_TORCH_THREADS, DEFAULTS_NOTE, DEVICE_DEFAULTS, DEVICES
+from .shared_ring import DEFAULT_RING_BYTES
 
 
 def add_serve(commands, command) -> None:
@@ -69,6 +70,14 @@ examples:
                    "(SO_REUSEPORT), decode and validate requests and hand them to this "
                    "process's one engine; limits on connections and requests in flight are "
                    "split among them (default: %(default)s: one process does all)")
+    p.add_argument("--worker-ring-mb", type=int, default=DEFAULT_RING_BYTES >> 20,
+                   metavar="MB",
+                   help="with --workers: shared memory per worker through which requests' "
+                   "arrays reach the engine process without crossing a socket (memfd: not "
+                   "under /dev/shm, so a container's --shm-size does not limit it); a "
+                   "request that finds no room travels through the socket instead, and the "
+                   "worker logs it once; 0: always through the socket (default: "
+                   "%(default)s)")
     p.add_argument("--metrics-host", default="127.0.0.1", help="address of the Prometheus "
                    "endpoint (default: %(default)s)")
     p.add_argument("--metrics-port", type=int, metavar="PORT", default=7701,
@@ -162,7 +171,8 @@ def run_serve(args: argparse.Namespace) -> int:
                                args.max_queued_rows, args.fill_wait_ms)
     options = ServeOptions(repo, device, settings, args.one_at_a_time, args.torch_threads,
                            args.metrics_host, args.metrics_port, args.workers,
-                           args.log_level.upper(), args.pack_threads, args.compute_streams)
+                           args.log_level.upper(), args.pack_threads, args.compute_streams,
+                           args.worker_ring_mb)
     import uvloop  # the event loop is chosen here only, never on import
 
     return uvloop.run(serve(options, config))

@@ -5,15 +5,16 @@ bench/server.py on the demo model's ranking traffic (2-core machine, ``--device 
 nothing is scored): one process spends about 130 us of CPU per request (msgpack 5 us,
 validation 60 us, asyncio and dispatch the rest) and tops out near 7-8k requests/s; with
 worker processes the engine process spends about 50 us per request (the workers about
-130 us each, in parallel), so its ceiling rises 2.5x where cores are free. Passing
-validated arrays through a Unix socket costs a memcpy of about 16 KB per request, which
-is why this uses no shared-memory ring: it would save microseconds and add a cross-process
-allocator. ``Hub`` starts W worker processes (``worker``): each is a complete
-recserve server listening with SO_REUSEPORT on the same port, so the kernel spreads
-connections over them, and each sends already-validated requests to this process
-through its own channel (a Unix socket pair; ``channel`` has the layout), where the one
-engine batches requests from every worker together. Admin and stats ops are forwarded
-here; model tables and readiness are pushed to the workers.
+130 us each, in parallel), so its ceiling rises 2.5x where cores are free. ``Hub`` starts
+W worker processes (``worker``): each is a complete recserve server listening with
+SO_REUSEPORT on the same port, so the kernel spreads connections over them, and each
+sends already-validated requests to this process through its own channel (a Unix socket
+pair; ``channel`` has the layout), where the one engine batches requests from every
+worker together. A request's arrays do not cross the socket: the worker writes them into
+a shared-memory ring (``shared_ring``, ``ring_bytes`` per worker) and the frame says
+where; this process stages them from there and tells the worker when the region may be
+reused. Admin and stats ops are forwarded here; model tables and readiness are pushed to
+the workers.
 
 Limits are per worker (``max_connections`` and ``max_in_flight`` divided among them);
 the engine's queue bound is global. Shutdown: ``drain`` tells every worker to drain
@@ -29,6 +30,7 @@ import functools
 import json
 import logging
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -39,13 +41,14 @@ from typing import Any
 
 import numpy as np
 
-from . import channel
+from . import channel, shared_ring
 from .backend import submit
 from .channel_end import ChannelEnd
 from .config import ServerConfig
 from .control import Control
 from .dispatch import Dispatcher, Op, Request
 from .errors import InternalError, NotFound, Overloaded, RecserveError
+from .shared_ring import DEFAULT_RING_BYTES, MIN_RING_BYTES
 from .stats import merge_server_stats
 
 log = logging.getLogger("recserve.server")
@@ -54,11 +57,15 @@ RESPAWN_PAUSE_S = 1.0
 
 
 class EngineSide(ChannelEnd):
-    """This process's end of one worker's channel."""
+    """This process's end of one worker's channel, with its requests' state: ``running``
+    (rid -> cancel, until answered), ``holding`` (rids whose ring region the backend may
+    still read) and ``ring`` (a read-only view of the worker's shared memory, or None)."""
 
-    def __init__(self, hub: Hub, index: int) -> None:
+    def __init__(self, hub: Hub, index: int, ring: memoryview | None = None) -> None:
         super().__init__()
-        self.hub, self.index = hub, index
+        self.hub, self.index, self.ring = hub, index, ring
+        self.running: dict[int, Callable[[], object] | None] = {}
+        self.holding: set[int] = set()
         self.listening = asyncio.get_running_loop().create_future()
 
     def on_frame(self, view: memoryview) -> None:
@@ -66,6 +73,13 @@ class EngineSide(ChannelEnd):
             self.hub.score(self, view)
         else:
             self.hub.on_control(self, channel.decode_control(view))
+
+    def release(self, rid: int) -> None:
+        """The backend reads request ``rid``'s ring region no more: say so in its reply,
+        or, when that has gone already, in an ``F``."""
+        self.holding.discard(rid)
+        if rid not in self.running:
+            self.send_soon(channel.encode_free(rid))
 
     def connection_lost(self, exc) -> None:
         self.hub.lost(self)
@@ -80,18 +94,22 @@ class Hub:
 
     def __init__(self, backend: Any, config: ServerConfig, workers: int, *,
                  repository: Path | None = None, monitor: Any = None,
-                 log_level: str = "INFO") -> None:
+                 log_level: str = "INFO", ring_bytes: int = DEFAULT_RING_BYTES) -> None:
         if workers < 2:
             raise ValueError(f"Hub needs 2 or more workers, got {workers}")
+        if ring_bytes and ring_bytes < MIN_RING_BYTES:
+            raise ValueError(f"a worker's shared ring needs {MIN_RING_BYTES} bytes or more "
+                             f"(or 0 for none), got {ring_bytes}")
         self.backend, self.config, self.workers = backend, config, workers
+        self.ring_bytes = ring_bytes if shared_ring.supported() else 0
         self.dispatcher = Dispatcher(backend, config)  # admission-free: for Control only
         self.control = Control(self.dispatcher, repository, monitor).install()
         self.log_level = log_level
         self.sides: list[EngineSide] = []
         self.procs: list[subprocess.Popen] = []
         self.worker_stats: dict[int, dict] = {}
-        self._running: dict[tuple[int, int], Callable[[], object] | None] = {}  # cancels
         self._specs: dict[tuple[str, int], Any] = {}  # every (name, version) ever pushed
+        self.arrived = {"requests_via_ring": 0, "requests_via_socket": 0}
         self._reserve: socket.socket | None = None
         self.port = config.port
 
@@ -126,13 +144,22 @@ class Hub:
                                       share(self.config.max_read_buffer_bytes)))
         fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
         settings = {"channel_fd": theirs.fileno(), "config": fields,
-                    "log_level": self.log_level}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "recserve.server.worker", json.dumps(settings)],
-            pass_fds=[theirs.fileno()])
-        theirs.close()
+                    "log_level": self.log_level, "ring_fd": None, "ring_bytes": 0}
+        ring, fds = None, [theirs.fileno()]
+        if self.ring_bytes:  # a fresh one per worker started: nothing of a dead one's
+            ring_fd = shared_ring.create(self.ring_bytes)
+            ring = shared_ring.map_memory(ring_fd, self.ring_bytes, writable=False)
+            settings.update(ring_fd=ring_fd, ring_bytes=self.ring_bytes)
+            fds.append(ring_fd)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "recserve.server.worker", json.dumps(settings)],
+                pass_fds=fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
         _, side = await asyncio.get_running_loop().connect_accepted_socket(
-            lambda: EngineSide(self, index), ours)
+            lambda: EngineSide(self, index, ring), ours)
         if index < len(self.sides):  # a replacement
             self.procs[index], self.sides[index] = proc, side
         else:
@@ -162,39 +189,56 @@ class Hub:
             side.send(message)
 
     def current_stats(self) -> dict:
-        """What the ``stats`` op answers: the workers' server counters merged."""
-        return self.control.snapshot(merge_server_stats(list(self.worker_stats.values())))
+        """What the ``stats`` op answers: the workers' server counters merged, and how
+        requests reached this process."""
+        server = merge_server_stats(list(self.worker_stats.values()))
+        server["workers"] = {"processes": self.workers, "ring_bytes": self.ring_bytes,
+                             **self.arrived,
+                             "ring_regions_held": sum(len(s.holding) for s in self.sides)}
+        return self.control.snapshot(server)
 
     def score(self, side: EngineSide, view: memoryview) -> None:
         """A score request from a worker: hand it to the backend, reply when it is done
-        (no task per request: see ``backend.submit``)."""
+        (no task per request: see ``backend.submit``). A request whose arrays lie in the
+        worker's ring keeps its region until the backend releases it (``side.release``)."""
         header = channel.score_header(view)
-        rid, key = header.rid, (side.index, header.rid)
-        self._running[key] = None  # (an answer given inside submit pops it: see below)
+        rid = header.rid
+        side.running[rid] = None  # (an answer given inside submit pops it: see below)
+        self.arrived["requests_via_socket" if header.data_at is None
+                     else "requests_via_ring"] += 1
         try:
             handle = self._handle_for(header)
-            inputs = channel.decode_inputs(view, header.offset, header.candidates, handle.spec)
+            inputs = channel.decode_inputs(view, header, handle.spec, side.ring)
             reply = functools.partial(self._reply, side, rid, handle.version)
+            release = None
+            if header.data_at is not None:
+                side.holding.add(rid)
+                release = functools.partial(side.release, rid)
             cancel = submit(self.backend, handle.name, handle.version, inputs,
-                            header.deadline, reply)
+                            header.deadline, reply, release)
         except Exception as exc:  # refused at once, or the request is malformed
+            side.holding.discard(rid)  # (the backend kept nothing)
             self._reply(side, rid, 0, exc)
             return
-        if key in self._running:  # not answered already (a deadline can pass inside submit)
-            self._running[key] = cancel
+        if rid in side.running:  # not answered already (a deadline can pass inside submit)
+            side.running[rid] = cancel
 
     def _reply(self, side: EngineSide, rid: int, version: int, outcome: object) -> None:
-        """Send a request's scores or error back to its worker."""
-        self._running.pop((side.index, rid), None)
+        """Send a request's scores or error back to its worker (saying whether its ring
+        region is free: backends release before they answer when nothing holds it)."""
+        side.running.pop(rid, None)
+        released = rid not in side.holding
         if isinstance(outcome, np.ndarray):
-            side.send_soon(channel.encode_reply(rid, outcome, version))
+            side.send_soon(channel.encode_reply(rid, outcome, version, released))
         elif isinstance(outcome, RecserveError):
-            side.send_soon(channel.encode_error(rid, str(outcome.code), outcome.message))
+            side.send_soon(channel.encode_error(rid, str(outcome.code), outcome.message,
+                                                released))
         else:
             log.error("scoring a request from worker %d failed", side.index,
                       exc_info=outcome if isinstance(outcome, BaseException) else None)
             side.send_soon(channel.encode_error(rid, "internal",
-                                                f"{type(outcome).__name__}: {outcome}"))
+                                                f"{type(outcome).__name__}: {outcome}",
+                                                released))
 
     def _handle_for(self, header: channel.ScoreHeader):
         """The version to score: the one the worker validated against, or, when the client
@@ -215,9 +259,9 @@ class Hub:
         """A control message from a worker."""
         kind = message["kind"]
         if kind == "cancel":  # the worker's client went away: nobody to answer
-            cancel = self._running.pop((side.index, message["rid"]), None)
+            cancel = side.running.pop(message["rid"], None)
             if cancel is not None:
-                cancel()
+                cancel()  # (the region, if any, is freed by an F once released)
         elif kind == "stats":
             self.worker_stats[side.index] = message["server"]
         elif kind == "op":
@@ -252,8 +296,8 @@ class Hub:
 
     def lost(self, side: EngineSide) -> None:
         """A worker's channel closed: drop its work (its clients are gone with it)."""
-        for key in [key for key in self._running if key[0] == side.index]:
-            cancel = self._running.pop(key)
+        running, side.running = side.running, {}
+        for cancel in running.values():
             if cancel is not None:
                 cancel()
         self.worker_stats.pop(side.index, None)

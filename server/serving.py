@@ -21,6 +21,7 @@ import numpy as np
 from recserve.engine.settings import EngineSettings
 
 from .config import ServerConfig
+from .shared_ring import DEFAULT_RING_BYTES
 
 log = logging.getLogger("recserve.server")
 
@@ -73,6 +74,9 @@ class ServeOptions:
     compute_streams: int = 1
     """CUDA streams the GPU executor's batches take in turn (at most the slots; the CPU and
     null executors have none and ignore it)."""
+    worker_ring_mb: int = DEFAULT_RING_BYTES >> 20
+    """Shared memory per worker process for requests' arrays (``shared_ring``); 0: they
+    travel through the worker's socket."""
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -86,6 +90,10 @@ class ServeOptions:
                                       or value < 1):
                 raise ValueError(f"ServeOptions.{name} is {value!r}; expected a positive int "
                                  "or None")
+        if (isinstance(self.worker_ring_mb, bool) or not isinstance(self.worker_ring_mb, int)
+                or not 0 <= self.worker_ring_mb <= 1 << 16):
+            raise ValueError(f"ServeOptions.worker_ring_mb is {self.worker_ring_mb!r}; "
+                             "expected 0..65536")
         slots = (self.settings or DEVICE_DEFAULTS["cuda"]).slots
         if self.device == "cuda" and self.compute_streams > slots:  # (others: no streams)
             raise ValueError(f"{self.compute_streams} compute streams for {slots} slots: a "
@@ -259,7 +267,8 @@ async def serve(options: ServeOptions, config: ServerConfig) -> int:
     monitor = GpuMonitor().start()
     if options.workers > 1:
         server = Hub(backend, config, options.workers, repository=options.repo,
-                     monitor=monitor, log_level=options.log_level)
+                     monitor=monitor, log_level=options.log_level,
+                     ring_bytes=options.worker_ring_mb << 20)
     else:
         server = Server(backend, config, repository=options.repo, monitor=monitor)
     loop = asyncio.get_running_loop()

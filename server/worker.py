@@ -26,12 +26,13 @@ import numpy as np
 
 from recserve.engine.spec import ModelSpec
 
-from . import channel
+from . import channel, shared_ring
 from .backend import ModelHandle, resolve_handle
 from .channel_end import ChannelEnd
 from .config import ServerConfig
 from .dispatch import Op, Request
 from .errors import InternalError, NotFound, RecserveError
+from .shared_ring import SharedRing
 
 log = logging.getLogger("recserve.server")
 STATS_PUSH_S = 0.5  # how stale the merged request counts may be in another worker's stats
@@ -45,8 +46,11 @@ class Channel(ChannelEnd):
         self.backend = backend
 
     def on_frame(self, view: memoryview) -> None:
-        if view[:1] == b"R":
-            self.backend.on_reply(*channel.decode_reply(view))
+        kind = view[:1]
+        if kind == b"R":
+            self.backend.on_reply(channel.decode_reply(view))
+        elif kind == b"F":
+            self.backend.free(channel.decode_free(view))
         else:
             self.backend.on_control(channel.decode_control(view))
 
@@ -57,9 +61,15 @@ class Channel(ChannelEnd):
 
 
 class RemoteBackend:
-    """The Backend interface over the channel to the engine process."""
+    """The Backend interface over the channel to the engine process; a request's arrays go
+    into ``ring`` (shared with the engine process) when it has room, and their region is
+    freed when the engine process says it reads them no more."""
 
-    def __init__(self) -> None:
+    def __init__(self, ring: SharedRing | None = None) -> None:
+        self.ring = ring
+        self.ring_full = 0
+        """Requests sent in the frame because the ring had no room."""
+        self._regions: dict[int, int] = {}  # rid -> start of its ring region
         self.channel: Channel | None = None
         self.server: Any = None  # the worker's Server, for pushes (readiness)
         self.on_drain: Any = None  # called when the engine process says drain
@@ -87,8 +97,27 @@ class RemoteBackend:
         """(scores, version that scored). Unpinned (the client asked for the latest), the
         engine process may score a newer version with the same inputs: this worker's model
         table can trail a swap by a moment, and that must not fail the request."""
-        return await self._ask(channel.encode_score, handle.name, handle.version, inputs,
-                               deadline, handle.spec, pinned)
+        return await self._ask(self._encode_score, handle, inputs, deadline, pinned)
+
+    def _encode_score(self, rid: int, handle: ModelHandle, inputs, deadline: float | None,
+                      pinned: bool) -> bytes | bytearray:
+        data, data_at = channel.encode_score(rid, handle.name, handle.version, inputs,
+                                             deadline, handle.spec, pinned, self.ring)
+        if data_at is not None:
+            self._regions[rid] = data_at
+        elif self.ring is not None:
+            self.ring_full += 1
+            if self.ring_full == 1:
+                log.warning("worker %d: its shared ring (%d MiB) is full; requests travel "
+                            "through the socket instead (slower) until it has room: raise "
+                            "--worker-ring-mb", os.getpid(), self.ring.capacity >> 20)
+        return data
+
+    def free(self, rid: int) -> None:
+        """The engine process reads request ``rid``'s ring region no more."""
+        start = self._regions.pop(rid, None)
+        if start is not None:
+            self.ring.free(start)
 
     async def control(self, message: dict) -> dict:
         """Send a control request to the engine process and await its reply."""
@@ -111,15 +140,17 @@ class RemoteBackend:
         finally:
             self._futures.pop(rid, None)
 
-    def on_reply(self, rid: int, scores: np.ndarray | None, version: int,
-                 error: dict | None) -> None:
-        future = self._futures.get(rid)
+    def on_reply(self, reply: channel.Reply) -> None:
+        if reply.released:
+            self.free(reply.rid)
+        future = self._futures.get(reply.rid)
         if future is None or future.done():
             return
-        if error is not None:
+        if reply.error is not None:
+            error = reply.error
             future.set_exception(RecserveError.from_code(error["code"], error["message"]))
         else:
-            future.set_result((scores, version))
+            future.set_result((reply.scores, reply.version))
 
     def on_control(self, message: dict) -> None:
         kind = message["kind"]
@@ -166,7 +197,12 @@ async def run(settings: dict) -> int:
     from .app import Server, freeze_heap
 
     loop = asyncio.get_running_loop()
-    backend = RemoteBackend()
+    ring = None
+    if settings.get("ring_fd") is not None:
+        ring = SharedRing(shared_ring.map_memory(settings["ring_fd"], settings["ring_bytes"],
+                                                 writable=True))
+        os.close(settings["ring_fd"])
+    backend = RemoteBackend(ring)
     sock = socket.socket(fileno=settings["channel_fd"])
     _, chan = await loop.connect_accepted_socket(lambda: Channel(backend), sock)
     backend.channel = chan

@@ -4,16 +4,24 @@ backend.submit over both kinds of backend."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
-from test_engine import SPEC, expected, run, settle, started
+from server_fixtures import small_spec
+from test_engine import SETTINGS, SPEC, expected, run, settle, started
 
 from recserve.engine.demo import random_inputs
 from recserve.engine.scheduler import EngineError
-from recserve.server.backend import EngineBackend, ReferenceBackend, submit
+from recserve.server import backend as backend_module
+from recserve.server import channel
+from recserve.server.backend import EngineBackend, ModelHandle, ReferenceBackend, submit
+from recserve.server.codec import FrameDecoder
+from recserve.server.config import ServerConfig
 from recserve.server.errors import Overloaded
+from recserve.server.hub import EngineSide, Hub
 
 
 def test_submit_answers_each_request_once_with_its_scores():
@@ -137,19 +145,25 @@ def test_engine_backend_submit_raises_wire_errors_for_refusals():
     run(main())
 
 
+class FakeSide:
+    """A worker's channel end as the hub sees it (its state, and what it sends)."""
+
+    index = 0
+
+    def __init__(self, ring=None):
+        self.ring, self.running, self.holding, self.sent = ring, {}, set(), []
+
+    def send_soon(self, data):
+        self.sent.append(data)
+
+    release = EngineSide.release
+
+
 @pytest.mark.parametrize("when", ["inside submit", "later"])
 def test_hub_keeps_no_entry_for_an_answered_request(when):
     """The engine process's hub answers a worker's request through backend.submit; an
     answer given before submit returns (a deadline passing inside it) must not leave a
     cancel entry behind, and a later one must remove its entry."""
-    from server_fixtures import small_spec
-
-    from recserve.server import channel
-    from recserve.server.backend import ModelHandle
-    from recserve.server.codec import FrameDecoder
-    from recserve.server.config import ServerConfig
-    from recserve.server.hub import Hub
-
     spec = small_spec()
     inputs = random_inputs(spec, np.random.default_rng(6), 3)
 
@@ -163,33 +177,159 @@ def test_hub_keeps_no_entry_for_an_answered_request(when):
         def resolve(self, name, version):
             return ModelHandle(spec.name, 1, spec)
 
-        def submit(self, model, version, inputs, deadline, on_done):
+        def submit(self, model, version, inputs, deadline, on_done, on_release):
             if when == "inside submit":
                 on_done(np.zeros(inputs.num_candidates, np.float32))
             else:
                 self.pending.append(on_done)
             return lambda: None
 
-    class Side:
-        index = 0
-
-        def __init__(self):
-            self.sent = []
-
-        def send_soon(self, data):
-            self.sent.append(data)
-
     async def main():
-        backend, side = Backend(), Side()
+        backend, side = Backend(), FakeSide()
         hub = Hub(backend, ServerConfig(), 2)
-        frame = channel.encode_score(7, spec.name, 1, inputs, None, spec)
+        frame, _ = channel.encode_score(7, spec.name, 1, inputs, None, spec)
         (payload,) = FrameDecoder().feed(frame)
         hub.score(side, memoryview(payload))
-        waiting = dict(hub._running)
+        waiting = dict(side.running)
         for on_done in backend.pending:
             on_done(np.ones(inputs.num_candidates, np.float32))
-        return waiting, dict(hub._running), side.sent
+        return waiting, dict(side.running), side.sent
 
     waiting, left, sent = asyncio.run(main())
     assert left == {} and len(sent) == 1  # one reply, nothing left to cancel
-    assert (0, 7) in waiting if when == "later" else waiting == {}
+    assert 7 in waiting if when == "later" else waiting == {}
+
+
+@pytest.mark.parametrize("kind", ["engine", "one_at_a_time"])
+def test_the_hub_frees_a_ring_region_only_once_the_backend_released_it(kind, monkeypatch):
+    """A request whose arrays lie in the worker's ring: the reply says the region is free
+    when nothing reads it any more; a cancelled request (nothing to reply) or one answered
+    while a batch still reads it gets an ``F`` once the backend lets go."""
+    from recserve.server import shared_ring
+    from recserve.server.shared_ring import SharedRing
+
+    size = 1 << 16
+    fd = shared_ring.create(size)
+    writer = SharedRing(shared_ring.map_memory(fd, size, writable=True))
+    reader = shared_ring.map_memory(fd, size, writable=False)
+    os.close(fd)
+
+    gate = threading.Event()
+    forward = backend_module._forward
+
+    def gated(*args):
+        assert gate.wait(10)
+        return forward(*args)
+
+    monkeypatch.setattr(backend_module, "_forward", gated)
+
+    async def main():
+        engine, _, weights = await started(gate=gate)
+        if kind == "engine":
+            backend = EngineBackend(engine)
+        else:
+            class Loaded:
+                name, version, spec = "tiny", 1, SPEC
+            Loaded.weights = weights["tiny"]
+            backend = ReferenceBackend([Loaded()])
+        hub, side = Hub(backend, ServerConfig(), 2), FakeSide(reader)
+        rng = np.random.default_rng(8)
+        regions = {}
+
+        def send(rid, n):
+            frame, regions[rid] = channel.encode_score(rid, "tiny", 1, random_inputs(SPEC, rng, n),
+                                                       None, SPEC, ring=writer)
+            assert regions[rid] is not None
+            (payload,) = FrameDecoder().feed(frame)
+            hub.score(side, memoryview(payload))
+
+        send(1, 8)  # runs, held at the gate
+        send(2, 5)  # queued behind it
+        await settle()
+        hub.on_control(side, {"kind": "cancel", "rid": 1})  # its batch still reads it
+        hub.on_control(side, {"kind": "cancel", "rid": 2})  # queued only: free at once
+        early = list(side.sent)
+        gate.set()
+        await until(lambda: len(side.sent) == 2)
+        send(3, 4)
+        await until(lambda: len(side.sent) == 3)
+        if kind != "engine":
+            await backend.close()
+        await engine.close()
+        return early, side
+
+    early, side = run(main())
+    frees = [channel.decode_free(memoryview(f)[4:]) for f in side.sent if f[4:5] == b"F"]
+    replies = [channel.decode_reply(memoryview(f)[4:]) for f in side.sent if f[4:5] == b"R"]
+    if kind == "engine":  # (the one-at-a-time backend cannot drop a queued request early)
+        assert [channel.decode_free(memoryview(f)[4:]) for f in early] == [2]
+    assert sorted(frees) == [1, 2]
+    (reply,) = replies
+    assert reply.rid == 3 and reply.released and reply.scores.shape == (4, 2)
+    assert side.running == {} and side.holding == set()
+
+
+async def until(condition, timeout=10.0):
+    """Wait (on the loop) until ``condition()`` holds; fails the test after ``timeout``."""
+    for _ in range(int(timeout / 0.005)):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("the condition never held")
+
+
+def test_inputs_are_released_once_no_batch_reads_them():
+    """``on_release`` says when the memory a request's inputs view may be reused: before
+    its answer when no batch holds them, else only when the last batch holding a piece is
+    done, though a failed piece or a cancel answers the request earlier."""
+    settings = replace(SETTINGS, slots=2)
+
+    async def main():
+        hold = threading.Event()  # batches without the poisoned row wait here
+
+        def fault(batch):
+            if bool((batch.dense["feat"] == 777.0).any()):
+                raise RuntimeError("poisoned row")
+            assert hold.wait(10)
+
+        engine, _, _ = await started(settings, fault=fault)
+        rng = np.random.default_rng(7)
+        events = []
+
+        def submit(tag, inputs):
+            return engine.submit("tiny", inputs, lambda o: events.append((tag, "done", o)),
+                                 on_release=lambda: events.append((tag, "released")))
+
+        split = random_inputs(SPEC, rng, 100)  # 64 + 36 rows: two batches, both running
+        split.dense["feat"][80] = 777.0  # the second piece fails at once
+        submit("split", split)
+        await settle()
+        await asyncio.sleep(0.2)  # (the failing batch answers from its worker thread)
+        answered_early = list(events)
+        hold.set()
+        await until(lambda: len(events) == 2)
+        after_split = list(events)
+        hold.clear()
+        cancelled = submit("cancelled", random_inputs(SPEC, rng, 10))
+        await settle()
+        engine.cancel(cancelled)
+        cancelled_early = [e for e in events if e[0] == "cancelled"]
+        hold.set()
+        await until(lambda: cancelled_early != [e for e in events if e[0] == "cancelled"])
+        submit("plain", random_inputs(SPEC, rng, 5))
+        submit("empty", random_inputs(SPEC, rng, 0))
+        await until(lambda: sum(e[0] in ("plain", "empty") for e in events) == 4)
+        await engine.close()
+        return answered_early, after_split, cancelled_early, events
+
+    answered_early, after_split, cancelled_early, events = run(main())
+    assert [e[:2] for e in answered_early] == [("split", "done")]  # held by batch one
+    assert answered_early[0][2].code == "internal"
+    assert [e[:2] for e in after_split] == [("split", "done"), ("split", "released")]
+    assert cancelled_early == []  # cancelled, but its batch still reads it
+    by_tag = {}
+    for event in events:
+        by_tag.setdefault(event[0], []).append(event[1])
+    assert by_tag["cancelled"] == ["released"]  # never answered, released once
+    assert by_tag["plain"] == ["released", "done"]  # nothing holds it: released first
+    assert by_tag["empty"] == ["released", "done"]

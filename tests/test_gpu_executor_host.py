@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from engine_host import SimulatedGpuExecutor  # noqa: E402
@@ -77,15 +78,17 @@ def test_engine_gpu_summary_of_a_run():
     assert r["pack_in_engine_over_alone"] != r["pack_in_engine_over_alone"]  # nan
 
 
-def test_engine_host_feeds_requests_through_the_hub():
+@pytest.mark.parametrize("via_hub", ["socket", "ring"])
+def test_engine_host_feeds_requests_through_the_hub(via_hub):
     """bench/engine_host.py's ``ranking_via_hub`` traffic: every request enters as a
-    worker's channel frame and is answered through Hub.score."""
+    worker's channel frame (arrays in it, or in a shared ring) and is answered through
+    Hub.score."""
     from engine_host import run
 
     spec = demo_spec()
     rng = np.random.default_rng(9)
     requests = [random_inputs(spec, rng, int(n)) for n in rng.integers(1, 150, 12)] * 3
     result = asyncio.run(asyncio.wait_for(
-        run(SETTINGS, spec, requests, compute_ms=0.05, pack_threads=1, via_hub=True), 60))
+        run(SETTINGS, spec, requests, compute_ms=0.05, pack_threads=1, via_hub=via_hub), 60))
     assert result["samples_per_s"] > 0 and result["loop_cpu_us_per_request"] > 0
     assert result["host_stage_mean_ms"]["host_pack"] > 0  # they reached the executor

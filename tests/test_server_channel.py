@@ -4,6 +4,7 @@ round-trip to equal arrays for every input form, replies carry scores or typed e
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -11,26 +12,47 @@ from server_fixtures import loaded, multi_spec, small_spec
 
 from recserve.engine.demo import random_inputs
 from recserve.engine.flat import flatten_sparse, with_flat
-from recserve.server import channel
+from recserve.server import channel, shared_ring
 from recserve.server.codec import FrameDecoder
+from recserve.server.shared_ring import SharedRing
 
 
-def one_frame(data: bytes) -> memoryview:
+def one_frame(data: bytes | tuple) -> memoryview:
+    if isinstance(data, tuple):  # encode_score's (frame, ring region)
+        data, data_at = data
+        assert data_at is None
     (payload,) = FrameDecoder().feed(data)
     return memoryview(payload)
 
 
+def ring(size=1 << 16) -> tuple[SharedRing, memoryview]:
+    """A worker's ring and the engine process's read-only view of the same memory."""
+    fd = shared_ring.create(size)
+    try:
+        return (SharedRing(shared_ring.map_memory(fd, size, writable=True)),
+                shared_ring.map_memory(fd, size, writable=False))
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.parametrize("spec", [small_spec(), multi_spec()], ids=["small", "multi"])
 @pytest.mark.parametrize("deadline", [None, 12345.25])
-def test_score_requests_round_trip(spec, deadline):
+@pytest.mark.parametrize("where", ["frame", "ring"])
+def test_score_requests_round_trip(spec, deadline, where):
     inputs = random_inputs(spec, np.random.default_rng(3), 5)
-    view = one_frame(channel.encode_score(77, spec.name, 4, inputs, deadline, spec,
-                                          pinned=deadline is None))
+    writer, reader = ring() if where == "ring" else (None, None)
+    if writer is not None:
+        writer.alloc(100)  # (not at the ring's start)
+    data, data_at = channel.encode_score(77, spec.name, 4, inputs, deadline, spec,
+                                         pinned=deadline is None, ring=writer)
+    assert (data_at is None) == (where == "frame")
+    view = one_frame(data)
     assert bytes(view[:1]) == b"S"
-    rid, name, version, n, got_deadline, pinned, pos = channel.score_header(view)
+    header = channel.score_header(view)
+    rid, name, version, n, got_deadline, pinned, _, got_at = header
     assert (rid, name, version, n, got_deadline) == (77, spec.name, 4, 5, deadline)
-    assert pinned is (deadline is None)
-    back = channel.decode_inputs(view, pos, n, spec)
+    assert pinned is (deadline is None) and got_at == data_at
+    back = channel.decode_inputs(view, header, spec, reader)
     assert back.num_candidates == 5
     for f in spec.sparse:
         a, b = inputs.sparse[f.name], back.sparse[f.name]
@@ -50,7 +72,9 @@ def test_score_requests_round_trip(spec, deadline):
         assert (x is None) == (y is None)
         if x is not None:
             np.testing.assert_array_equal(x, y)
-    assert np.shares_memory(back.flat.ids, np.frombuffer(view, np.uint8))
+    assert np.shares_memory(back.flat.ids, np.frombuffer(reader or view, np.uint8))
+    if where == "ring":  # only the headers travel; the engine side cannot write the data
+        assert len(view) < 200 and not back.flat.ids.flags.writeable
     assert back.flat.lengths.dtype == back.flat.bounds.dtype == np.int32  # the narrow wire
     assert list(back.sparse) == [f.name for f in spec.sparse] == list(back.sparse.keys())
 
@@ -61,9 +85,9 @@ def test_non_ascii_model_names_and_narrow_dtypes():
     narrow = type(inputs)(2, {k: type(v)(v.values.astype(np.int32), v.lengths, v.weights)
                               for k, v in inputs.sparse.items()}, inputs.dense)
     view = one_frame(channel.encode_score(1, "modèle", 0, narrow, None, spec))
-    _, name, _, _, deadline, _, pos = channel.score_header(view)
-    assert name == "modèle" and deadline is None
-    back = channel.decode_inputs(view, pos, 2, spec)
+    header = channel.score_header(view)
+    assert header.name == "modèle" and header.deadline is None
+    back = channel.decode_inputs(view, header, spec)
     np.testing.assert_array_equal(back.sparse["item"].values, inputs.sparse["item"].values)
     # int32 ids (as validation leaves them) cross as int32: no widening on the way
     assert all(back.sparse[f.name].values.dtype == np.int32 for f in spec.sparse)
@@ -72,17 +96,20 @@ def test_non_ascii_model_names_and_narrow_dtypes():
 @pytest.mark.parametrize("shape", [(0,), (7,), (7, 2)])
 def test_replies_carry_scores(shape):
     scores = np.arange(math.prod(shape), dtype=np.float64).reshape(shape)
-    rid, got, version, error = channel.decode_reply(one_frame(channel.encode_reply(
-        2**64 - 1, scores, 2**32 - 1)))
-    assert (rid, version, error) == (2**64 - 1, 2**32 - 1, None)
+    rid, got, version, error, released = channel.decode_reply(one_frame(channel.encode_reply(
+        2**64 - 1, scores, 2**32 - 1, released=False)))
+    assert (rid, version, error, released) == (2**64 - 1, 2**32 - 1, None, False)
     assert got.dtype == np.float32 and got.shape == shape
     np.testing.assert_array_equal(got, scores)
 
 
 def test_replies_carry_errors_and_control_messages_round_trip():
-    rid, scores, version, error = channel.decode_reply(one_frame(channel.encode_error(
-        5, "overloaded", "queue full")))
+    rid, scores, version, error, released = channel.decode_reply(one_frame(
+        channel.encode_error(5, "overloaded", "queue full")))
     assert (rid, scores, error) == (5, None, {"code": "overloaded", "message": "queue full"})
+    assert released
+    view = one_frame(channel.encode_free(2**64 - 2))
+    assert bytes(view[:1]) == b"F" and channel.decode_free(view) == 2**64 - 2
     message = {"kind": "models", "models": [{"name": "m", "version": 1}], "not_ready": None}
     view = one_frame(channel.encode_control(message))
     assert bytes(view[:1]) == b"C" and channel.decode_control(view) == message
@@ -112,4 +139,22 @@ def test_a_malformed_flat_form_is_refused_not_staged(damage):
     view = one_frame(channel.encode_score(1, spec.name, 0, broken, None, spec))
     header = channel.score_header(view)
     with pytest.raises(ValueError, match="malformed sparse inputs"):
-        channel.decode_inputs(view, header.offset, 4, spec)
+        channel.decode_inputs(view, header, spec)
+
+
+def test_a_ring_request_is_refused_where_there_is_no_ring_or_past_its_end():
+    spec = small_spec()
+    inputs = random_inputs(spec, np.random.default_rng(4), 3)
+    writer, reader = ring(4096)
+    data, data_at = channel.encode_score(1, spec.name, 0, inputs, None, spec, ring=writer)
+    view = one_frame(data)
+    header = channel.score_header(view)
+    with pytest.raises(ValueError, match="shared memory"):
+        channel.decode_inputs(view, header, spec, None)
+    with pytest.raises(ValueError):  # a region that does not fit the mapping
+        channel.decode_inputs(view, header._replace(data_at=4000), spec, reader)
+    full, _ = ring(64)  # no room: the arrays travel in the frame instead
+    data, data_at = channel.encode_score(1, spec.name, 0, inputs, None, spec, ring=full)
+    assert data_at is None and full.used == 0
+    back = channel.decode_inputs(one_frame(data), channel.score_header(one_frame(data)), spec)
+    np.testing.assert_array_equal(back.flat.ids, with_flat(spec, inputs).flat.ids)

@@ -80,6 +80,10 @@ def test_answers_match_the_reference_from_every_connection(served, repo):
     bad = call(conns[0], {"id": 99, "op": "infer", "model": "demo", "candidates": 0,
                           "inputs": {}})
     assert bad["error"]["code"] == "bad_request"  # validated in the worker
+    # the arrays came through the workers' shared rings, and every region was given back
+    workers = call(conns[0], {"id": 98, "op": "stats"})["stats"]["server"]["workers"]
+    assert workers["processes"] == 2 and workers["ring_bytes"] == 64 << 20
+    assert workers["requests_via_ring"] >= 18 and workers["ring_regions_held"] == 0
     for conn in conns:
         assert call(conn, {"id": 1, "op": "health"})["ready"] is True
         conn.close()
@@ -115,14 +119,16 @@ def test_a_client_gone_mid_request_cancels_its_work_in_the_engine_process(served
     conn.receive()
     conn.close()
     probe = RawConnection(port)
-    end, engine = time.monotonic() + 20, {}
+    end, engine, workers = time.monotonic() + 20, {}, {}
     while time.monotonic() < end:
-        engine = call(probe, {"id": 1, "op": "stats"})["stats"]["engine"]
-        if engine["pending_requests"] == 0:
+        stats = call(probe, {"id": 1, "op": "stats"})["stats"]
+        engine, workers = stats["engine"], stats["server"]["workers"]
+        if engine["pending_requests"] == 0 and workers["ring_regions_held"] == 0:
             break
         time.sleep(0.05)
     probe.close()
     assert engine["pending_requests"] == 0 and engine["counters"].get("cancelled", 0) > 0
+    assert workers["ring_regions_held"] == 0  # cancelled requests' regions freed too
 
 
 def test_admin_ops_reach_the_engine_process(served):
@@ -144,7 +150,9 @@ def test_reload_under_load_through_the_workers_fails_no_request(tmp_path):
     build_demo_repository(tmp_path)
     v1 = ModelRepository(tmp_path).load("demo")
     save_model(tmp_path, v1.spec, init_weights(v1.spec, seed=2), version=2)
-    proc, port = start_serve(tmp_path, "--workers", "2", env=admin_env())
+    # (no shared rings here: requests' arrays travel in the channel frames)
+    proc, port = start_serve(tmp_path, "--workers", "2", "--worker-ring-mb", "0",
+                             env=admin_env())
     failures, versions, stop = [], set(), threading.Event()
 
     def client(k):
@@ -174,6 +182,8 @@ def test_reload_under_load_through_the_workers_fails_no_request(tmp_path):
         stop.set()
         for w in workers:
             w.join(60)
+        workers = call(admin, {"id": 9, "op": "stats"})["stats"]["server"]["workers"]
+        assert workers["requests_via_ring"] == 0 and workers["requests_via_socket"] > 0
         admin.close()
     finally:
         stop.set()
