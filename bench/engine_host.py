@@ -113,33 +113,42 @@ class _CountingSide:
             self.wake.set_result(None)
 
 
-async def through_hub(engine: Engine, spec, requests: list, rows_in_flight: int,
-                      shared: bool = False) -> None:
-    """Feed ``requests`` the way the engine process of ``serve --workers`` meets them: each
-    arrives as the channel frame a worker sends, is decoded and submitted by ``Hub.score``,
-    and its reply encoded; no sockets. Without ``shared`` the frame carries the arrays and
-    is copied once here, as a socket read would; with it the arrays lie in a shared ring,
-    each distinct request written there once beforehand (a worker process writes them,
-    not this one), and the frame carries only their headers. About ``rows_in_flight`` rows
-    stay outstanding."""
+def worker_frames(spec, requests: list, shared: bool) -> tuple[dict, memoryview | None]:
+    """Each distinct request's channel frame payload as a worker sends it (by ``id`` of
+    the request), and, with ``shared``, the engine side's view of the ring their arrays
+    were written to (once each, before the run: a worker process writes them, not the
+    engine's)."""
     from recserve.server import channel, shared_ring
+
+    distinct = list({id(r): r for r in requests}.values())
+    payloads = {id(r): bytes(channel.encode_score(0, spec.name, 1, r, None, spec)[0][4:])
+                for r in distinct}
+    if not shared:
+        return payloads, None
+    size = 2 * sum(map(len, payloads.values()))  # (room for every array's alignment)
+    fd = shared_ring.create(size)
+    writer = shared_ring.SharedRing(shared_ring.map_memory(fd, size, writable=True))
+    ring = shared_ring.map_memory(fd, size, writable=False)
+    os.close(fd)
+    for r in distinct:
+        data, data_at = channel.encode_score(0, spec.name, 1, r, None, spec, ring=writer)
+        assert data_at is not None
+        payloads[id(r)] = bytes(data[4:])
+    return payloads, ring
+
+
+async def through_hub(engine: Engine, requests: list, frames: tuple[dict, memoryview | None],
+                      rows_in_flight: int) -> None:
+    """Feed ``requests`` the way the engine process of ``serve --workers`` meets them: each
+    arrives as the channel frame a worker sends (``worker_frames``), is decoded and
+    submitted by ``Hub.score``, and its reply encoded; no sockets. A frame is copied once
+    here, as a socket read would; with a ring it carries only the arrays' headers. About
+    ``rows_in_flight`` rows stay outstanding."""
     from recserve.server.backend import EngineBackend
     from recserve.server.config import ServerConfig
     from recserve.server.hub import Hub
 
-    ring = writer = None
-    if shared:
-        size = sum(channel.encode_score(0, spec.name, 1, r, None, spec)[0].__len__()
-                   for r in {id(r): r for r in requests}.values()) * 2
-        fd = shared_ring.create(size)
-        writer = shared_ring.SharedRing(shared_ring.map_memory(fd, size, writable=True))
-        ring = shared_ring.map_memory(fd, size, writable=False)
-        os.close(fd)
-    payloads = {}  # each distinct request's frame payload (its id patched in per send)
-    for r in requests:
-        if id(r) not in payloads:
-            data, _ = channel.encode_score(0, spec.name, 1, r, None, spec, ring=writer)
-            payloads[id(r)] = bytes(data[4:])
+    payloads, ring = frames
     hub, side = Hub(EngineBackend(engine), ServerConfig(), 2), _CountingSide(ring)
     mean = sum(r.num_candidates for r in requests) / len(requests)
     window = max(1, round(rows_in_flight / mean))
@@ -162,6 +171,7 @@ async def run(settings: EngineSettings, spec, requests: list, compute_ms: float,
         executors.append(SimulatedGpuExecutor(s, compute_ms, pack_threads))
         return executors[-1]
 
+    frames = worker_frames(spec, requests, via_hub == "ring") if via_hub else None
     async with Engine(settings, factory) as engine:
         await engine.load(spec.name, 1, spec, {})
         await asyncio.gather(*(engine.score(spec.name, r) for r in requests[:4]))  # warm
@@ -173,7 +183,7 @@ async def run(settings: EngineSettings, spec, requests: list, compute_ms: float,
         # would measure the event loop submitting them, not the engine)
         in_flight = 2 * settings.slots * settings.max_batch_rows
         if via_hub:
-            await through_hub(engine, spec, requests, in_flight, via_hub == "ring")
+            await through_hub(engine, requests, frames, in_flight)
         else:
             await wl.closed_loop(engine, spec.name, requests, in_flight)
         wall = time.perf_counter() - start

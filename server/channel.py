@@ -50,6 +50,7 @@ _ARRAY = struct.Struct("<BB")
 _I8, _F4, _I4 = np.dtype("<i8"), np.dtype("<f4"), np.dtype("<i4")
 _DTYPES = {1: _I8, 2: _F4, 3: _I4}
 _CODES = {v: k for k, v in _DTYPES.items()}
+_UNSIGNED = {_I4: np.dtype("<u4"), _I8: np.dtype("<u8")}
 INLINE = (1 << 64) - 1
 """``data_at`` of a request whose arrays travel in the frame."""
 
@@ -200,13 +201,15 @@ def decode_inputs(payload: memoryview, header: ScoreHeader, spec: ModelSpec,
 def _check_flat(flat: FlatSparse, n: int, spec: ModelSpec) -> None:
     """The flat form's shapes, and every bag bound inside its own ids: the engine stages
     bounds as they come, so a broken worker must not make the gather read past a request's
-    ids (two reductions; the ids themselves are checked by the kernel)."""
+    ids (the ids themselves are checked by the kernel). One reduction: read as unsigned, a
+    negative bound is larger than any length. (Bounds in a worker's ring are checked here
+    once; the worker writes a region only before sending it and after it is freed.)"""
     f_c, f_r, weighted = flat_shape(spec)
     bounds, ids = flat.bounds, flat.ids
     if (ids is None or flat.lengths is None or bounds is None or ids.ndim != 1
             or not flat.fits(f_c, f_r, n) or (flat.weights is not None) != weighted
             or (weighted and flat.weights.shape != ids.shape)
-            or bounds.min() < 0 or bounds.max() > len(ids)):
+            or (bounds.size and int(bounds.view(_UNSIGNED[bounds.dtype]).max()) > len(ids))):
         raise ValueError("malformed sparse inputs from a worker process")
 
 
