@@ -126,6 +126,19 @@ def server_metrics(server: dict) -> Iterator[Metric]:
         gauge = GaugeMetricFamily(name, doc)
         gauge.add_metric([], float(server.get(key, 0)))
         yield gauge
+    workers = server.get("workers")
+    if workers is not None:  # the multi-process front end (--workers)
+        handed = CounterMetricFamily(
+            "recserve_worker_requests", "Score requests handed from worker processes to the "
+            "engine process, by path: ring (shared memory) or socket (the ring was full or "
+            "off)", labels=["path"])
+        for path in ("ring", "socket"):
+            handed.add_metric([path], workers.get(f"requests_via_{path}", 0))
+        yield handed
+        held = GaugeMetricFamily("recserve_worker_ring_regions_held",
+                                 "Shared-memory regions of requests the engine still reads")
+        held.add_metric([], float(workers.get("ring_regions_held", 0)))
+        yield held
 
 
 def engine_metrics(engine: dict) -> Iterator[Metric]:

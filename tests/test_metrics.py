@@ -194,3 +194,23 @@ def test_invalid_ids_add_the_engine_and_the_server_validator_counts():
                for family in parser.text_string_to_metric_families(text)
                for s in family.samples if s.name == "recserve_invalid_ids_total"}
     assert samples == {"item": 5.0, "user": 1.0}
+
+
+def test_the_workers_hand_over_counts_become_metrics():
+    """With ``--workers`` the stats' ``server.workers`` become a counter by path and a
+    gauge of ring regions held; without it neither is rendered."""
+    from recserve.server.metrics import render
+
+    stats = {"server": {"workers": {"processes": 2, "ring_bytes": 1 << 26,
+                                    "requests_via_ring": 40, "requests_via_socket": 3,
+                                    "ring_regions_held": 5}},
+             "engine": {}, "gpu": {"available": False, "gpus": []}}
+    families = {f.name: f for f in parser.text_string_to_metric_families(
+        render(lambda: stats).decode())}
+    handed = {s.labels["path"]: s.value for s in families["recserve_worker_requests"].samples
+              if s.name.endswith("_total")}
+    assert handed == {"ring": 40, "socket": 3}
+    assert families["recserve_worker_ring_regions_held"].samples[0].value == 5
+    del stats["server"]["workers"]
+    text = render(lambda: stats).decode()
+    assert "recserve_worker" not in text
