@@ -144,7 +144,7 @@ class ReferenceBackend:
         def settle(work: Future) -> None:  # on the loop
             if on_release is not None:
                 on_release()
-            if not cancelled:
+            if not cancelled and not work.cancelled():
                 on_done(work.exception() or work.result())
 
         def cancel() -> None:

@@ -108,22 +108,28 @@ def test_backend_submit_gives_scores_or_wire_errors_and_cancels(kind):
             backend = ReferenceBackend([Loaded()])
         rng = np.random.default_rng(4)
         inputs = random_inputs(SPEC, rng, 8)
+        released = []  # each request's inputs are released once, answered or cancelled
         got = asyncio.get_running_loop().create_future()
-        submit(backend, "tiny", 1, inputs, None, got.set_result)
+        submit(backend, "tiny", 1, inputs, None, got.set_result, lambda: released.append(1))
         scores = await got
         late = []  # a deadline long past: the backend answers with a wire error
         expired = asyncio.get_running_loop().create_future()
         try:
-            submit(backend, "tiny", 1, inputs, 0.0, expired.set_result)
+            submit(backend, "tiny", 1, inputs, 0.0, expired.set_result,
+                   lambda: released.append(2))
             error = await expired
         except Exception as exc:  # (or refuses at once)
             error = exc
-        cancel = submit(backend, "tiny", 1, inputs, None, late.append)
+            released.append(2)
+        cancel = submit(backend, "tiny", 1, inputs, None, late.append,
+                        lambda: released.append(3))
         cancel()
+        await until(lambda: len(released) == 3)
         await settle()
         if kind != "engine":
             await backend.close()
         await engine.close()
+        assert sorted(released) == [1, 2, 3]
         return scores, error, late, weights["tiny"], inputs
 
     scores, error, late, weights, inputs = run(main())
