@@ -238,3 +238,48 @@ def test_sigterm_drains_every_worker(repo):
         assert [rid for rid in before if rid not in s.answers] == []
         assert set(s.answers.values()) <= {"ok", "overloaded"}
 
+
+
+def test_a_small_ring_wraps_and_overflows_without_losing_a_request(repo):
+    """1 MiB of ring per worker and waves of 30-120 KB requests pipelined on four
+    connections: regions wrap around, are freed out of order, and what finds no room goes
+    through the socket; every answer still matches the reference and no region
+    stays held."""
+    proc, port = start_serve(repo, "--workers", "2", "--worker-ring-mb", "1")
+    try:
+        model = ModelRepository(repo).load("demo")
+        reference = ReferenceModel(model.spec, model.weights)
+        rng = np.random.default_rng(11)
+        conns = [RawConnection(port) for _ in range(4)]
+        for wave in range(3):
+            sent = {}
+            for c, conn in enumerate(conns):
+                for k in range(10):
+                    n = int(rng.integers(500, 2000))
+                    inputs = random_inputs(model.spec, rng, n, zipf=True)
+                    rid = wave * 1000 + c * 100 + k
+                    sent[rid] = inputs
+                    conn.send({"id": rid, "op": "infer", "model": "demo", "candidates": n,
+                               "inputs": to_wire(model.spec, inputs)})
+            for conn in conns:
+                for _ in range(10):
+                    answer = conn.receive()
+                    assert answer["ok"] is True, answer
+                    inputs = sent.pop(answer["id"])
+                    expected = reference.forward(collate(model.spec, [inputs])).numpy()[:, 0]
+                    np.testing.assert_allclose(np.frombuffer(answer["scores"]["data"], "<f4"),
+                                               expected, rtol=1e-5, atol=1e-6)
+            assert sent == {}
+        assert wait_for(lambda: call(conns[0], {"id": 1, "op": "stats"})["stats"]["server"]
+                        ["workers"]["ring_regions_held"] == 0)
+        workers = call(conns[0], {"id": 2, "op": "stats"})["stats"]["server"]["workers"]
+        assert workers["ring_bytes"] == 1 << 20
+        assert workers["requests_via_ring"] > 0 and workers["requests_via_socket"] > 0
+        assert workers["requests_via_ring"] + workers["requests_via_socket"] == 120
+        for conn in conns:
+            conn.close()
+    finally:
+        proc.kill()
+        proc.wait()
+    proc.reader.join(10)  # (the log's last lines)
+    assert any("shared ring (1 MiB) is full" in line for line in proc.log)
