@@ -60,6 +60,11 @@ def summarize(now: dict, before: dict | None) -> dict:
     busy_ms = executor.get("gpu_busy_ms", 0.0) - old_executor.get("gpu_busy_ms", 0.0)
     pack_ms = executor.get("pack_ms", 0.0) - old_executor.get("pack_ms", 0.0)
     nan = float("nan")
+    workers = now.get("server", {}).get("workers")
+    old_workers = (before or {}).get("server", {}).get("workers") or {}
+    handed = {path: workers.get(f"requests_via_{path}", 0)
+              - old_workers.get(f"requests_via_{path}", 0)
+              for path in ("ring", "socket")} if workers else {}
     return {
         "span_s": span, "requests_per_s": sum(codes.values()) / span,
         "rows_per_s": rows / span if "rows" in counters else nan,
@@ -79,6 +84,10 @@ def summarize(now: dict, before: dict | None) -> dict:
         "pack_busy": (pack_ms / 1e3 / span / executor["pack_threads"]
                       if executor.get("pack_threads") else nan),
         "gpu": now.get("gpu", {}),
+        # --workers: processes, and the share of requests whose arrays missed the ring
+        "workers": workers.get("processes") if workers else None,
+        "via_socket": (handed["socket"] / (handed["ring"] + handed["socket"])
+                       if handed and handed["ring"] + handed["socket"] else nan),
     }
 
 
@@ -133,6 +142,10 @@ def render(now: dict, before: dict | None, title: str = "recserve"):
     if not math.isnan(s["pack_busy"]):
         table.add_row("host packing busy", _num(s["pack_busy"] * 100, ".0f", "%")
                       + " of the packing threads (near 100%: the host bounds the GPU)")
+    if s["workers"]:
+        table.add_row("front end", f"{s['workers']} worker processes, "
+                      f"{_num(s['via_socket'] * 100, '.0f', '%')} of requests through the "
+                      "socket (above 0: a shared ring was full; raise --worker-ring-mb)")
     return Group(table, *_gpu_lines(s["gpu"]))
 
 

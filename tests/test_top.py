@@ -59,6 +59,23 @@ def test_summarize_uses_deltas_between_snapshots():
     assert (s["queued_rows"], s["pending"], s["in_flight"]) == (7, 3, 1)
     since_start = top.summarize(now, None)
     assert since_start["requests_per_s"] == pytest.approx(53 / 102.0)
+    assert s["workers"] is None  # one process: no front-end line
+
+
+def test_the_front_end_line_counts_requests_that_missed_the_ring():
+    before = snapshot(100.0, 10, 0, 0, 0, [], 0.0)
+    now = snapshot(102.0, 50, 0, 0, 0, [], 0.0)
+    before["server"]["workers"] = {"processes": 4, "requests_via_ring": 100,
+                                   "requests_via_socket": 0}
+    now["server"]["workers"] = {"processes": 4, "requests_via_ring": 190,
+                                "requests_via_socket": 10}
+    s = top.summarize(now, before)
+    assert s["workers"] == 4 and s["via_socket"] == pytest.approx(0.1)
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(top.render(now, before))
+    assert "4 worker processes, 10% of requests through the socket" in console.export_text()
 
 
 def test_top_once_renders_a_live_server(monkeypatch, capsys):
