@@ -12,7 +12,7 @@ from pathlib import Path
 from .client import DEFAULT_HOST, DEFAULT_PORT
 from .codec import DEFAULT_MAX_FRAME
 from .config import ServerConfig
-from .serving import CPU_TORCH_THREADS, DEFAULTS_NOTE, DEVICE_DEFAULTS, DEVICES
+from .serving import DEFAULTS_NOTE, DEVICE_DEFAULTS, DEVICES
 from .shared_ring import DEFAULT_RING_BYTES
 
 
@@ -127,8 +127,9 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
                    "matrix products: measure it on your card with bench/engine_gpu.py "
                    "--sweep first)")
     g.add_argument("--torch-threads", type=int, metavar="N",
-                   help="torch intra-op threads of the CPU executor (default: "
-                   f"{CPU_TORCH_THREADS or 'torch decides'})")
+                   help="torch intra-op threads of the CPU executor (default: the cores "
+                   "torch would use, less one for the event loop and one per --workers "
+                   "process, at least 1: on 2 cores 1 thread served about 17%% more than 2)")
 
 
 def _show(values: tuple[int, ...]) -> str:

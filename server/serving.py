@@ -35,7 +35,6 @@ DEVICE_DEFAULTS = {
     "cpu": EngineSettings(max_batch_rows=2048, buckets=(256, 512, 1024, 2048), slots=1),
     "null": EngineSettings(max_batch_rows=2048, buckets=(256, 512, 1024, 2048), slots=1),
 }
-CPU_TORCH_THREADS: int | None = None
 # Measured 2026-11-26 with bench/server.py (2 load processes, 32 in flight, other jobs on the
 # machine; each setting twice): 1 slot, 2048 rows: 2260-2285 req/s closed loop, p99 9-10 ms
 # at half of that offered (Poisson), no refusals at 0.8. 4096 rows: 2568 req/s (+13%) but
@@ -180,6 +179,19 @@ def _null_executor(settings: EngineSettings):
     return NullExecutor()
 
 
+def cpu_torch_threads(workers: int = 1) -> int:
+    """The CPU executor's default torch threads: the cores torch would use, less one for
+    this process's event loop and one per front-end worker process (at least 1). Measured
+    with bench/server.py on the 2-core CI machine (demo model, closed loop, 32 in flight,
+    runs interleaved): torch's default of 2 threads served 1865-2408 req/s (median 1900 of
+    5 runs), 1 thread 1806-2874 (median 2215 of 7): two torch threads and the event loop
+    fight over two cores."""
+    import torch
+
+    others = 1 + (workers if workers > 1 else 0)
+    return max(1, torch.get_num_threads() - others)
+
+
 async def create_backend(options: ServeOptions):
     """An ``EngineBackend`` with its engine started and no model yet (or, one at a time, a
     ``ReferenceBackend`` already holding every model). Raises ``ValueError`` for an empty
@@ -204,7 +216,7 @@ async def create_backend(options: ServeOptions):
 
     settings = options.settings or DEVICE_DEFAULTS[device]
     threads = options.torch_threads if options.torch_threads is not None else (
-        CPU_TORCH_THREADS if device == "cpu" else None)
+        cpu_torch_threads(options.workers) if device == "cpu" else None)
     engine = Engine(settings, executor_factory(device, threads, options.pack_threads,
                                                options.compute_streams))
     await engine.start()

@@ -325,3 +325,15 @@ def test_synthetic_inputs_follow_the_model_description():
     assert len(got["a"]["lengths"]) == 4 and got["a"]["lengths"].sum() == len(got["a"]["values"])
     assert 0 <= got["a"]["values"].min() and got["a"]["values"].max() < 7
     assert got["d"].shape == (4, 2) and got["d"].dtype == np.float32
+
+
+def test_cpu_torch_threads_leave_cores_to_the_event_loop_and_the_workers(monkeypatch):
+    import torch
+
+    from recserve.server.serving import cpu_torch_threads
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    assert cpu_torch_threads() == 15  # one core for the event loop
+    assert cpu_torch_threads(4) == 11  # and one per front-end worker process
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert cpu_torch_threads() == 1 and cpu_torch_threads(8) == 1  # never below one
