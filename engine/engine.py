@@ -50,7 +50,7 @@ class _Pending:
                  on_release: Callable[[], None] | None, inputs: RequestInputs,
                  key: ModelKey, outputs: int, submitted: float) -> None:
         self.on_done, self.on_release, self.inputs, self.key = on_done, on_release, inputs, key
-        self.scores = np.empty((inputs.num_candidates, outputs), dtype=np.float32)
+        self.scores: np.ndarray | None = None  # [N, outputs], made for split requests only
         self.rows_left = inputs.num_candidates
         self.outputs = outputs
         self.submitted = submitted
@@ -287,6 +287,13 @@ class Engine:
                     self.metrics.count_invalid(result.job.model.spec, pending.inputs, outcome.error)
                 self._finish(piece.request_id, outcome.error)
                 continue
+            if piece.count == pending.rows_left == pending.inputs.num_candidates:
+                # the whole request in one piece: its rows of the batch's fresh scores
+                self._finish(piece.request_id, np.asarray(outcome.scores, dtype=np.float32))
+                continue
+            if pending.scores is None:
+                pending.scores = np.empty((pending.inputs.num_candidates, pending.outputs),
+                                          dtype=np.float32)
             pending.scores[piece.start:piece.start + piece.count] = outcome.scores
             pending.rows_left -= piece.count
             if pending.rows_left == 0:

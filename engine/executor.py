@@ -42,7 +42,9 @@ class Job:
 
 @dataclass(frozen=True, slots=True)
 class PieceResult:
-    """The outcome of one piece: scores [count, H] (fp32) or an error."""
+    """The outcome of one piece: scores [count, H] (fp32) or an error. The scores are the
+    caller's from then on (a request scored in one piece is answered with this very
+    array, or a view of it): an executor never writes them again."""
 
     scores: np.ndarray | None = None
     error: EngineError | None = None
