@@ -145,19 +145,17 @@ class Hub:
         fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
         settings = {"channel_fd": theirs.fileno(), "config": fields,
                     "log_level": self.log_level, "ring_fd": None, "ring_bytes": 0}
-        ring, fds = None, [theirs.fileno()]
-        if self.ring_bytes:  # a fresh one per worker started: nothing of a dead one's
-            ring_fd = shared_ring.create(self.ring_bytes)
-            ring = shared_ring.map_memory(ring_fd, self.ring_bytes, writable=False)
+        ring, ring_fd = self._new_ring()
+        if ring_fd is not None:
             settings.update(ring_fd=ring_fd, ring_bytes=self.ring_bytes)
-            fds.append(ring_fd)
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "recserve.server.worker", json.dumps(settings)],
-                pass_fds=fds)
+                pass_fds=[theirs.fileno()] + ([] if ring_fd is None else [ring_fd]))
         finally:
-            for fd in fds:
-                os.close(fd)
+            theirs.close()
+            if ring_fd is not None:
+                os.close(ring_fd)
         _, side = await asyncio.get_running_loop().connect_accepted_socket(
             lambda: EngineSide(self, index, ring), ours)
         if index < len(self.sides):  # a replacement
@@ -165,6 +163,23 @@ class Hub:
         else:
             self.procs.append(proc)
             self.sides.append(side)
+
+    def _new_ring(self) -> tuple[memoryview | None, int | None]:
+        """A fresh shared ring for a worker being started (nothing of a dead one's): this
+        process's read-only view and the fd to pass on; (None, None) when rings are off
+        or the memory cannot be had (the worker then sends requests through its socket)."""
+        if not self.ring_bytes:
+            return None, None
+        fd = None
+        try:
+            fd = shared_ring.create(self.ring_bytes)
+            return shared_ring.map_memory(fd, self.ring_bytes, writable=False), fd
+        except OSError as exc:
+            if fd is not None:
+                os.close(fd)
+            log.warning("no shared ring for a worker (%s): its requests go through its "
+                        "socket", exc)
+            return None, None
 
     @property
     def address(self) -> tuple[str, int]:

@@ -131,3 +131,22 @@ def test_a_worker_frees_a_region_when_the_engine_process_says_so():
     assert used > 0 and after_held == used  # nothing freed while request 2 holds its place
     assert 0 < after_first < used  # 1 and 3 freed; 2, in between, still held
     assert ring.used == 0 and backend.ring_full == 1
+
+
+def test_a_worker_without_shared_memory_still_starts(monkeypatch, caplog):
+    """Where the memory cannot be had (the memory limit, too many files), the engine
+    process starts the worker without a ring and says so; its requests use the socket."""
+    from recserve.server.config import ServerConfig
+    from recserve.server.hub import Hub
+
+    def no_memory(size):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(shared_ring, "create", no_memory)
+    hub = Hub(object(), ServerConfig(), 2)
+    with caplog.at_level("WARNING", logger="recserve.server"):
+        assert hub._new_ring() == (None, None)
+    assert "no shared ring for a worker" in caplog.text
+    assert Hub(object(), ServerConfig(), 2, ring_bytes=0)._new_ring() == (None, None)
+    with pytest.raises(ValueError, match="or 0 for none"):
+        Hub(object(), ServerConfig(), 2, ring_bytes=1000)
