@@ -46,7 +46,6 @@ from .shared_ring import ALIGN, SharedRing
 _SCORE = struct.Struct("<cQdIIBHQ")
 _REPLY = struct.Struct("<cQBBI")
 _FREE = struct.Struct("<cQ")
-_ARRAY = struct.Struct("<BB")
 _I8, _F4, _I4 = np.dtype("<i8"), np.dtype("<f4"), np.dtype("<i4")
 _DTYPES = {1: _I8, 2: _F4, 3: _I4}
 _CODES = {v: k for k, v in _DTYPES.items()}
@@ -146,7 +145,7 @@ def _score_arrays(inputs: RequestInputs, spec: ModelSpec) -> Arrays:
 
 def encode_score(rid: int, name: str, version: int, inputs: RequestInputs,
                  deadline: float | None, spec: ModelSpec, pinned: bool = True,
-                 ring: SharedRing | None = None) -> tuple[bytes | bytearray, int | None]:
+                 ring: SharedRing | None = None) -> tuple[bytes, int | None]:
     """(a framed score request, arrays in ``spec``'s order; the start of the ``ring``
     region its data were written to, or None when they are in the frame: no ring, or
     no room left in it)."""

@@ -100,7 +100,7 @@ class RemoteBackend:
         return await self._ask(self._encode_score, handle, inputs, deadline, pinned)
 
     def _encode_score(self, rid: int, handle: ModelHandle, inputs, deadline: float | None,
-                      pinned: bool) -> bytes | bytearray:
+                      pinned: bool) -> bytes:
         data, data_at = channel.encode_score(rid, handle.name, handle.version, inputs,
                                              deadline, handle.spec, pinned, self.ring)
         if data_at is not None:
