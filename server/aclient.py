@@ -72,9 +72,10 @@ class AsyncClient:
         return (await self.call("models"))["models"]
 
     async def infer(self, model: str, inputs: dict, candidates: int | None = None,
-                    version: int | None = None, deadline_ms: float | None = None) -> np.ndarray:
+                    version: int | None = None, deadline_ms: float | None = None,
+                    priority: str | None = None) -> np.ndarray:
         """Scores for N candidates: float32 [N], or [N, H] for a model with H outputs."""
-        request = infer_request(model, inputs, candidates, version, deadline_ms)
+        request = infer_request(model, inputs, candidates, version, deadline_ms, priority)
         return decode_scores(await self.call(**request))
 
     async def _read_loop(self) -> None:

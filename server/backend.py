@@ -24,6 +24,7 @@ import torch
 
 from recserve.engine.inputs import RequestInputs, collate
 from recserve.engine.reference import ReferenceModel
+from recserve.engine.scheduler import Priority
 from recserve.engine.spec import ModelSpec
 
 from .errors import DeadlineExceeded, NotFound, RecserveError
@@ -60,10 +61,11 @@ def resolve_handle(handles: dict[tuple[str, int], ModelHandle], name: str,
 class Backend(Protocol):
     """The scoring engine behind the server.
 
-    Optional: ``async score_request(handle, inputs, deadline, pinned) -> (scores, version)``
-    for a backend that may score a newer version than the one the request was validated
-    against (the worker processes' ``RemoteBackend``, whose model table can trail a swap);
-    the dispatcher uses it when present, else ``score`` with the resolved version.
+    Optional: ``async score_request(handle, inputs, deadline, pinned, priority) ->
+    (scores, version)`` for a backend that may score a newer version than the one the
+    request was validated against (the worker processes' ``RemoteBackend``, whose model
+    table can trail a swap); the dispatcher uses it when present, else ``score`` with the
+    resolved version.
     """
 
     def models(self) -> list[ModelHandle]:
@@ -75,9 +77,11 @@ class Backend(Protocol):
         ...
 
     async def score(self, model: str, version: int, inputs: RequestInputs,
-                    deadline: float | None = None) -> np.ndarray:
+                    deadline: float | None = None,
+                    priority: Priority = Priority.NORMAL) -> np.ndarray:
         """float32 scores, [N] for one output or [N, H] for H outputs; ``RecserveError``
-        subclasses for refusals (``DeadlineExceeded`` once ``deadline`` has passed)."""
+        subclasses for refusals (``DeadlineExceeded`` once ``deadline`` has passed).
+        ``priority`` orders queued work (a backend without a queue may ignore it)."""
         ...
 
     async def close(self) -> None:
@@ -121,8 +125,10 @@ class ReferenceBackend:
         return resolve_handle(self._handles, name, version)
 
     async def score(self, model: str, version: int, inputs: RequestInputs,
-                    deadline: float | None = None) -> np.ndarray:
-        """float32 scores, [N] for one output or [N, H] for H outputs."""
+                    deadline: float | None = None,
+                    priority: Priority = Priority.NORMAL) -> np.ndarray:
+        """float32 scores, [N] for one output or [N, H] for H outputs (in arrival order:
+        ``priority`` is ignored, one request at a time has no queue of its own)."""
         reference = self._models.get((model, version))
         if reference is None:
             raise NotFound(message=f"model {model!r} version {version} is not served here")
@@ -132,7 +138,8 @@ class ReferenceBackend:
 
     def submit(self, model: str, version: int, inputs: RequestInputs, deadline: float | None,
                on_done: Callable[[Any], None],
-               on_release: Callable[[], None] | None = None) -> Callable[[], object]:
+               on_release: Callable[[], None] | None = None,
+               priority: Priority = Priority.NORMAL) -> Callable[[], object]:
         """``score`` without a task (see the module function ``submit``): the inputs are
         released when the scoring thread is done with them, even after a cancel."""
         reference = self._models.get((model, version))
@@ -183,7 +190,8 @@ def _forward(model: ReferenceModel, inputs: RequestInputs, deadline: float | Non
 
 def submit(backend: Any, model: str, version: int, inputs: RequestInputs,
            deadline: float | None, on_done: Callable[[Any], None],
-           on_release: Callable[[], None] | None = None) -> Callable[[], object]:
+           on_release: Callable[[], None] | None = None,
+           priority: Priority = Priority.NORMAL) -> Callable[[], object]:
     """Score in the background: ``on_done`` gets the scores or the exception, later, on the
     loop (never when cancelled). Returns the request's cancel function. Uses the
     backend's own ``submit`` when it has one (no task per request), else a task around
@@ -195,9 +203,9 @@ def submit(backend: Any, model: str, version: int, inputs: RequestInputs,
     its own ``submit``, as ``ReferenceBackend`` does."""
     own = getattr(backend, "submit", None)
     if own is not None:
-        return own(model, version, inputs, deadline, on_done, on_release)
+        return own(model, version, inputs, deadline, on_done, on_release, priority)
     task = asyncio.get_running_loop().create_task(backend.score(model, version, inputs,
-                                                                deadline))
+                                                                deadline, priority))
 
     def finished(done: asyncio.Task) -> None:
         if on_release is not None:
@@ -238,21 +246,24 @@ class EngineBackend:
             raise _wire_error(exc) from None
 
     async def score(self, model: str, version: int, inputs: RequestInputs,
-                    deadline: float | None = None) -> np.ndarray:
+                    deadline: float | None = None,
+                    priority: Priority = Priority.NORMAL) -> np.ndarray:
         """float32 scores, [N] for one output or [N, H] for H outputs."""
         return await self._call(self.engine.score(model, inputs, version=version,
-                                                  deadline=deadline))
+                                                  deadline=deadline, priority=priority))
 
     def submit(self, model: str, version: int, inputs: RequestInputs, deadline: float | None,
                on_done: Callable[[Any], None],
-               on_release: Callable[[], None] | None = None) -> Callable[[], object]:
+               on_release: Callable[[], None] | None = None,
+               priority: Priority = Priority.NORMAL) -> Callable[[], object]:
         """``engine.submit`` with wire errors (see the module function ``submit``)."""
         def done(outcome: Any) -> None:
             on_done(_wire_error(outcome) if isinstance(outcome, Exception) else outcome)
 
         try:
             request_id = self.engine.submit(model, inputs, done, version=version,
-                                            deadline=deadline, on_release=on_release)
+                                            deadline=deadline, priority=priority,
+                                            on_release=on_release)
         except Exception as exc:
             raise _wire_error(exc) from None
         return functools.partial(self.engine.cancel, request_id)

@@ -7,7 +7,7 @@ numpy data, in a flat binary layout the engine side reads back as zero-copy
 4-byte length header) whose first byte is its kind:
 
 - ``S`` score request: ``rid u64, deadline f64 (NaN: none), version u32, N u32,
-  pinned u8, name_len u16, data_at u64, name``, then the headers of the request's
+  pinned u8, priority u8, name_len u16, data_at u64, name``, then the headers of the request's
   arrays, then (``data_at`` = INLINE) their data. The arrays: its sparse inputs in the
   flat form (``recserve.engine.flat``: ids, weights, candidate-scope lengths [F_c, N], bag
   bounds), then each dense feature in spec order. Each header is ``code u8, ndim u8,
@@ -38,12 +38,13 @@ import numpy as np
 
 from recserve.engine.flat import FlatFeatures, FlatSparse, flat_shape, flatten_sparse
 from recserve.engine.inputs import RequestInputs
+from recserve.engine.scheduler import Priority
 from recserve.engine.spec import ModelSpec
 
 from .codec import HEADER
 from .shared_ring import ALIGN, SharedRing
 
-_SCORE = struct.Struct("<cQdIIBHQ")
+_SCORE = struct.Struct("<cQdIIBBHQ")
 _REPLY = struct.Struct("<cQBBI")
 _FREE = struct.Struct("<cQ")
 _I8, _F4, _I4 = np.dtype("<i8"), np.dtype("<f4"), np.dtype("<i4")
@@ -145,7 +146,8 @@ def _score_arrays(inputs: RequestInputs, spec: ModelSpec) -> Arrays:
 
 def encode_score(rid: int, name: str, version: int, inputs: RequestInputs,
                  deadline: float | None, spec: ModelSpec, pinned: bool = True,
-                 ring: SharedRing | None = None) -> tuple[bytes, int | None]:
+                 ring: SharedRing | None = None,
+                 priority: Priority = Priority.NORMAL) -> tuple[bytes, int | None]:
     """(a framed score request, arrays in ``spec``'s order; the start of the ``ring``
     region its data were written to, or None when they are in the frame: no ring, or
     no room left in it)."""
@@ -158,10 +160,10 @@ def encode_score(rid: int, name: str, version: int, inputs: RequestInputs,
         if data_at is not None:
             _write(ring.memory, data_at, arrays, offsets)
             fixed = _SCORE.pack(b"S", rid, deadline, version, inputs.num_candidates, pinned,
-                                len(raw), data_at)
+                                priority, len(raw), data_at)
             return frame(fixed + raw + headers), data_at
-    fixed = _SCORE.pack(b"S", rid, deadline, version, inputs.num_candidates, pinned, len(raw),
-                        INLINE)
+    fixed = _SCORE.pack(b"S", rid, deadline, version, inputs.num_candidates, pinned, priority,
+                        len(raw), INLINE)
     return _frame_with(fixed + raw, arrays), None
 
 
@@ -177,15 +179,18 @@ class ScoreHeader(NamedTuple):
     pinned: bool
     offset: int
     data_at: int | None
+    priority: Priority
 
 
 def score_header(payload: memoryview) -> ScoreHeader:
     """The header of a score request."""
-    _, rid, deadline, version, n, pinned, name_len, data_at = _SCORE.unpack_from(payload, 0)
+    _, rid, deadline, version, n, pinned, priority, name_len, data_at = _SCORE.unpack_from(
+        payload, 0)
     start = _SCORE.size
     name = bytes(payload[start:start + name_len]).decode()
     return ScoreHeader(rid, name, version, n, None if math.isnan(deadline) else deadline,
-                       bool(pinned), start + name_len, None if data_at == INLINE else data_at)
+                       bool(pinned), start + name_len, None if data_at == INLINE else data_at,
+                       Priority(priority))
 
 
 def decode_inputs(payload: memoryview, header: ScoreHeader, spec: ModelSpec,

@@ -85,7 +85,7 @@ def _add_connection(parser: argparse.ArgumentParser, timeout: float = 60.0) -> N
 def _add_infer(commands) -> None:
     p = add_command(commands, "infer", "score one request and print the scores", """\
 The request file is JSON: {"model": "demo", "candidates": 3, "inputs": {...}}
-with optional "version" and "deadline_ms"; arrays are plain JSON lists
+with optional "version", "deadline_ms" and "priority"; arrays are plain JSON lists
 (the inputs map is described in PROTOCOL.md and listed by `recserve models`).
 Use - to read it from stdin. Or pass --demo-candidates N instead of a file to
 send random valid inputs for --model, built from the server's `models` answer.
@@ -102,6 +102,9 @@ examples:
                    "(default: %(default)s)")
     p.add_argument("--version", type=int, help="model version (default: the highest served, "
                    "or the file's)")
+    p.add_argument("--priority", choices=("high", "normal", "low"),
+                   help="queued high requests are batched before normal ones, normal before "
+                   "low (default: normal, or the file's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated request "
                    "(default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print {model, version, scores} as JSON")
@@ -195,6 +198,8 @@ def _infer(args: argparse.Namespace) -> int:
         raise ValueError("give a REQUEST.json file or --demo-candidates N (one of them)")
     with Client(args.host, args.port, timeout=args.timeout) as client:
         request = _read_request(args) if args.request else _generated(client, args)
+        if args.priority is not None:
+            request["priority"] = args.priority
         start = time.perf_counter()
         answer = client.call(**request)
         took = (time.perf_counter() - start) * 1e3

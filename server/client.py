@@ -25,8 +25,10 @@ DEFAULT_PORT = 7700
 
 
 def infer_request(model: str, inputs: dict, candidates: int | None = None,
-                  version: int | None = None, deadline_ms: float | None = None) -> dict:
-    """The fields of an infer request (without ``id``); N is guessed when not given."""
+                  version: int | None = None, deadline_ms: float | None = None,
+                  priority: str | None = None) -> dict:
+    """The fields of an infer request (without ``id``); N is guessed when not given.
+    ``priority``: "high", "normal" (the server's default) or "low" (PROTOCOL.md)."""
     if candidates is None:
         candidates = guess_candidates(inputs)
     request = {"op": "infer", "model": model, "candidates": int(candidates), "inputs": inputs}
@@ -34,6 +36,8 @@ def infer_request(model: str, inputs: dict, candidates: int | None = None,
         request["version"] = int(version)
     if deadline_ms is not None:
         request["deadline_ms"] = deadline_ms
+    if priority is not None:
+        request["priority"] = priority
     return request
 
 
@@ -99,9 +103,10 @@ class Client:
         return self.call("models")["models"]
 
     def infer(self, model: str, inputs: dict, candidates: int | None = None,
-              version: int | None = None, deadline_ms: float | None = None) -> np.ndarray:
+              version: int | None = None, deadline_ms: float | None = None,
+              priority: str | None = None) -> np.ndarray:
         """Scores for N candidates: float32 [N], or [N, H] for a model with H outputs."""
-        request = infer_request(model, inputs, candidates, version, deadline_ms)
+        request = infer_request(model, inputs, candidates, version, deadline_ms, priority)
         return decode_scores(self.call(**request))
 
     def _receive(self) -> dict:

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from enum import StrEnum
 
 from recserve.engine import VERSION
+from recserve.engine.scheduler import Priority
 
 from .backend import Backend, ModelHandle
 from .config import ServerConfig
@@ -30,6 +31,8 @@ log = logging.getLogger("recserve.server")
 PROTOCOL_VERSION = 1
 MAX_ID = (1 << 64) - 1
 MAX_DEADLINE_MS = 3_600_000
+PRIORITIES = {"high": Priority.HIGH, "normal": Priority.NORMAL, "low": Priority.LOW}
+"""``priority`` on the wire -> the engine's level (queued high rows are batched first)."""
 
 
 class Op(StrEnum):
@@ -51,7 +54,7 @@ _KEYS: dict[Op, tuple[frozenset[str], frozenset[str]]] = {
     Op.PING: (_NONE, _NONE),
     Op.MODELS: (_NONE, _NONE),
     Op.INFER: (frozenset({"model", "candidates", "inputs"}),
-               frozenset({"version", "deadline_ms"})),
+               frozenset({"version", "deadline_ms", "priority"})),
     Op.HEALTH: (_NONE, _NONE),
     Op.STATS: (_NONE, _NONE),
     # admin ops: a missing token is answered unauthorized (by the op), not bad_request
@@ -183,6 +186,7 @@ class Dispatcher:
         if version is not None and (type(version) is not int or version < 0):
             raise BadRequest(message=f"version is {version!r}; expected a non-negative int")
         timeout = _deadline(message.get("deadline_ms"))
+        priority = _priority(message.get("priority"))
         handle = self.backend.resolve(name, version)
         request.model = handle.name
         try:
@@ -204,9 +208,11 @@ class Dispatcher:
                 remote = getattr(self.backend, "score_request", None)
                 if remote is not None:  # a backend that may score a newer version
                     scores, version = await remote(handle, inputs, deadline,
-                                                   pinned=message.get("version") is not None)
+                                                   pinned=message.get("version") is not None,
+                                                   priority=priority)
                 else:
-                    scores = await self.backend.score(handle.name, version, inputs, deadline)
+                    scores = await self.backend.score(handle.name, version, inputs, deadline,
+                                                      priority)
         except TimeoutError:
             raise DeadlineExceeded(message=f"not scored within deadline_ms="
                                            f"{message['deadline_ms']}") from None
@@ -228,6 +234,16 @@ def _deadline(value: object) -> float | None:
         raise BadRequest(message=f"deadline_ms is {value!r}; expected a number of "
                                  f"milliseconds in (0, {MAX_DEADLINE_MS}]")
     return value / 1000.0
+
+
+def _priority(value: object) -> Priority:
+    if value is None:
+        return Priority.NORMAL
+    level = PRIORITIES.get(value) if isinstance(value, str) else None
+    if level is None:
+        raise BadRequest(message=f"priority is {value!r}; expected one of "
+                                 f"{sorted(PRIORITIES, key=PRIORITIES.get)}")
+    return level
 
 
 def describe_model(handle: ModelHandle) -> dict:

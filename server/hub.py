@@ -230,7 +230,7 @@ class Hub:
                 side.holding.add(rid)
                 release = functools.partial(side.release, rid)
             cancel = submit(self.backend, handle.name, handle.version, inputs,
-                            header.deadline, reply, release)
+                            header.deadline, reply, release, header.priority)
         except Exception as exc:  # refused at once, or the request is malformed
             side.holding.discard(rid)  # (the backend kept nothing)
             self._reply(side, rid, 0, exc)

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from recserve.engine.scheduler import Priority
 from recserve.engine.spec import ModelSpec
 
 from . import channel, shared_ring
@@ -85,24 +86,27 @@ class RemoteBackend:
         """The version asked for (the highest served one when None); raises ``NotFound``."""
         return resolve_handle(self._handles, name, version)
 
-    async def score(self, model: str, version: int, inputs, deadline: float | None = None):
+    async def score(self, model: str, version: int, inputs, deadline: float | None = None,
+                    priority: Priority = Priority.NORMAL):
         """Scores from the engine process; a cancelled call cancels the engine's work."""
         handle = self._handles.get((model, version))
         if handle is None:  # unloaded since the request was validated
             raise NotFound(message=f"model {model!r} version {version} is not served here")
-        return (await self.score_request(handle, inputs, deadline))[0]
+        return (await self.score_request(handle, inputs, deadline, priority=priority))[0]
 
     async def score_request(self, handle: ModelHandle, inputs, deadline: float | None,
-                            pinned: bool = True) -> tuple[np.ndarray, int]:
+                            pinned: bool = True,
+                            priority: Priority = Priority.NORMAL) -> tuple[np.ndarray, int]:
         """(scores, version that scored). Unpinned (the client asked for the latest), the
         engine process may score a newer version with the same inputs: this worker's model
         table can trail a swap by a moment, and that must not fail the request."""
-        return await self._ask(self._encode_score, handle, inputs, deadline, pinned)
+        return await self._ask(self._encode_score, handle, inputs, deadline, pinned, priority)
 
     def _encode_score(self, rid: int, handle: ModelHandle, inputs, deadline: float | None,
-                      pinned: bool) -> bytes:
+                      pinned: bool, priority: Priority) -> bytes:
         data, data_at = channel.encode_score(rid, handle.name, handle.version, inputs,
-                                             deadline, handle.spec, pinned, self.ring)
+                                             deadline, handle.spec, pinned, self.ring,
+                                             priority)
         if data_at is not None:
             self._regions[rid] = data_at
         elif self.ring is not None:

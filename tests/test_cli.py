@@ -160,6 +160,11 @@ def test_infer_generated_and_from_a_file(served, tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("demo version 1: 2 candidates scored")
     assert [line.split()[0] for line in out[1:]] == ["0", "1"]
+    assert main(["infer", str(tmp_path / "req.json"), "--port", port, "--priority", "low"]) == 0
+    capsys.readouterr()
+    (tmp_path / "urgent.json").write_text(json.dumps({**request, "priority": "urgent"}))
+    assert main(["infer", str(tmp_path / "urgent.json"), "--port", port]) == 1
+    assert "priority is 'urgent'" in capsys.readouterr().err
     request["inputs"]["genres"]["values"][2] = 64
     (tmp_path / "bad.json").write_text(json.dumps(request))
     assert main(["infer", str(tmp_path / "bad.json"), "--port", port]) == 1

@@ -61,6 +61,11 @@ def test_an_unknown_code_still_raises_a_recserve_error():
     assert type(error) is RecserveError and error.code == "rate_limited"
 
 
+def test_infer_requests_carry_priority_only_when_given():
+    assert "priority" not in infer_request("m", {"x": [1]}, candidates=1)
+    assert infer_request("m", {"x": [1]}, candidates=1, priority="high")["priority"] == "high"
+
+
 def test_candidates_are_guessed_from_candidate_scope_inputs():
     assert guess_candidates({"a": [1], "b": {"values": [1, 2], "lengths": [1, 0, 1]}}) == 3
     assert guess_candidates({"d": np.zeros((5, 2)), "r": np.zeros(2)}) == 5

@@ -14,7 +14,7 @@ from server_fixtures import small_spec
 from test_engine import SETTINGS, SPEC, expected, run, settle, started
 
 from recserve.engine.demo import random_inputs
-from recserve.engine.scheduler import EngineError
+from recserve.engine.scheduler import EngineError, Priority
 from recserve.server import backend as backend_module
 from recserve.server import channel
 from recserve.server.backend import EngineBackend, ModelHandle, ReferenceBackend, submit
@@ -183,7 +183,8 @@ def test_hub_keeps_no_entry_for_an_answered_request(when):
         def resolve(self, name, version):
             return ModelHandle(spec.name, 1, spec)
 
-        def submit(self, model, version, inputs, deadline, on_done, on_release):
+        def submit(self, model, version, inputs, deadline, on_done, on_release, priority):
+            self.priority = priority  # (as the worker sent it)
             if when == "inside submit":
                 on_done(np.zeros(inputs.num_candidates, np.float32))
             else:
@@ -193,9 +194,11 @@ def test_hub_keeps_no_entry_for_an_answered_request(when):
     async def main():
         backend, side = Backend(), FakeSide()
         hub = Hub(backend, ServerConfig(), 2)
-        frame, _ = channel.encode_score(7, spec.name, 1, inputs, None, spec)
+        frame, _ = channel.encode_score(7, spec.name, 1, inputs, None, spec,
+                                        priority=Priority.LOW)
         (payload,) = FrameDecoder().feed(frame)
         hub.score(side, memoryview(payload))
+        assert backend.priority is Priority.LOW
         waiting = dict(side.running)
         for on_done in backend.pending:
             on_done(np.ones(inputs.num_candidates, np.float32))

@@ -39,7 +39,7 @@ class SlowBackend:
             raise NotFound(message=f"no {name} {version}")
         return self.handle
 
-    async def score(self, model, version, inputs, deadline=None) -> np.ndarray:
+    async def score(self, model, version, inputs, deadline=None, priority=None) -> np.ndarray:
         self.lock = self.lock or asyncio.Lock()
         async with self.lock:
             await asyncio.sleep(DELAY_S)

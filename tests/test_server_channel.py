@@ -12,6 +12,7 @@ from server_fixtures import loaded, multi_spec, small_spec
 
 from recserve.engine.demo import random_inputs
 from recserve.engine.flat import flatten_sparse, with_flat
+from recserve.engine.scheduler import Priority
 from recserve.server import channel, shared_ring
 from recserve.server.codec import FrameDecoder
 from recserve.server.shared_ring import SharedRing
@@ -43,15 +44,17 @@ def test_score_requests_round_trip(spec, deadline, where):
     writer, reader = ring() if where == "ring" else (None, None)
     if writer is not None:
         writer.alloc(100)  # (not at the ring's start)
+    priority = Priority.HIGH if deadline is None else Priority.LOW
     data, data_at = channel.encode_score(77, spec.name, 4, inputs, deadline, spec,
-                                         pinned=deadline is None, ring=writer)
+                                         pinned=deadline is None, ring=writer,
+                                         priority=priority)
     assert (data_at is None) == (where == "frame")
     view = one_frame(data)
     assert bytes(view[:1]) == b"S"
     header = channel.score_header(view)
-    rid, name, version, n, got_deadline, pinned, _, got_at = header
+    rid, name, version, n, got_deadline, pinned, _, got_at, got_priority = header
     assert (rid, name, version, n, got_deadline) == (77, spec.name, 4, 5, deadline)
-    assert pinned is (deadline is None) and got_at == data_at
+    assert pinned is (deadline is None) and got_at == data_at and got_priority is priority
     back = channel.decode_inputs(view, header, spec, reader)
     assert back.num_candidates == 5
     for f in spec.sparse:

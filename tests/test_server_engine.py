@@ -4,6 +4,7 @@ error codes as over the reference backend, with many requests batched together."
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from server_fixtures import (
     multi_spec,
     reference_scores,
     small_spec,
+    wait_for,
 )
 
 from recserve.engine.demo import random_inputs, to_wire
@@ -76,3 +78,42 @@ def test_engine_refusals_arrive_as_wire_codes(server):
     conn.send({"id": 1, "op": "infer", "model": "small", "candidates": 65, "inputs": {}})
     assert conn.receive()["error"]["code"] == "too_large"
     conn.close()
+
+
+def test_priority_on_the_wire_orders_queued_requests():
+    """Requests queued behind a running batch go into batches by their ``priority``: high,
+    then normal (the default), then low, whatever order they arrived in."""
+    gate = threading.Event()
+    settings = EngineSettings(max_batch_rows=16, buckets=(16,), slots=1, aging_s=None)
+    engine = Engine(settings, lambda s: CpuExecutor(s, torch_threads=1,
+                                                    fault=lambda batch: gate.wait(10)))
+    thread = ServerThread(EngineBackend(engine), setup=lambda: _start(engine),
+                          max_candidates=16)
+    try:
+        conn = RawConnection(thread.port)
+        _, inputs = wire(SMALL, 16, 0)  # 16 rows: each request is a batch of its own
+        order = [("first", None), ("low", "low"), ("default", None), ("high", "high"),
+                 ("normal", "normal")]
+        for i, (_, priority) in enumerate(order):
+            message = {"id": i, "op": "infer", "model": "small", "candidates": 16,
+                       "inputs": inputs}
+            if priority is not None:
+                message["priority"] = priority
+            conn.send(message)
+            if i == 0:  # the first one runs (held at the gate); the rest queue behind it
+                assert wait_for(lambda: engine.pending_requests == 1)
+        assert wait_for(lambda: engine.queued_rows == 64)
+        gate.set()
+        answered = [conn.receive() for _ in order]
+        conn.close()
+    finally:
+        gate.set()
+        thread.stop()
+    assert all(a["ok"] for a in answered)
+    assert [order[a["id"]][0] for a in answered] == ["first", "high", "default", "normal",
+                                                     "low"]
+
+
+async def _start(engine: Engine) -> None:
+    await engine.start()
+    await EngineBackend(engine).load(SMALL)

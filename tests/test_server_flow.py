@@ -51,7 +51,7 @@ class ControlledBackend:
     def resolve(self, name, version):
         return self.inner.resolve(name, version)
 
-    async def score(self, model, version, inputs, deadline=None):
+    async def score(self, model, version, inputs, deadline=None, priority=None):
         n = inputs.num_candidates
         self._turn = self._turn or asyncio.Condition()
         self._release = self._release or asyncio.Event()
