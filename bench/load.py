@@ -72,9 +72,11 @@ def ranking_inputs(model: dict, rng: np.random.Generator, n: int, zipf: bool) ->
     return inputs
 
 
-def encode_requests(answer: dict, model: str, count: int, seed: int,
-                    zipf: bool) -> tuple[list[bytes], list[int]]:
-    """``count`` infer request bodies with an id slot for ``frame_with_id``, and their N."""
+def encode_requests(answer: dict, model: str, count: int, seed: int, zipf: bool,
+                    high_share: float = 0.0) -> tuple[list[bytes], list[int], list[str]]:
+    """``count`` infer request bodies with an id slot for ``frame_with_id``, their N, and
+    their priority ("" when none is sent; with ``high_share`` > 0, that share "high" and
+    the rest "low")."""
     served = [m for m in answer["models"] if m["name"] == model]
     if not served:
         raise LookupError(f"the server has no model {model!r}; it serves "
@@ -82,26 +84,33 @@ def encode_requests(answer: dict, model: str, count: int, seed: int,
     desc = max(served, key=lambda m: m["version"])
     cap = int(answer["limits"]["max_candidates"])
     rng = np.random.default_rng(seed)
-    bodies, sizes = [], []
+    bodies, sizes, priorities = [], [], []
     for _ in range(count):
         n = min(ranking_candidates(rng), cap)
         fields = {"op": "infer", "model": model, "candidates": n,
                   "inputs": ranking_inputs(desc, rng, n, zipf)}
+        priority = "" if high_share <= 0 else "high" if rng.random() < high_share else "low"
+        if priority:
+            fields["priority"] = priority
+        priorities.append(priority)
         frame = encode_message(fields)[HEADER.size:]
         # bench/server.py's layout: "id" as the map's first key, a uint64 slot to fill per send
         bodies.append(bytes([frame[0] + 1]) + msgpack.packb("id") + b"\xcf" + b"\x00" * 8
                       + frame[1:])
         sizes.append(n)
-    return bodies, sizes
+    return bodies, sizes, priorities
 
 
 class Run(bench_server.Load):
-    """bench/server.py's ``Load`` with a cap on requests sent, and rows and answers counted."""
+    """bench/server.py's ``Load`` with a cap on requests sent, rows and answers counted,
+    and latencies kept per priority too."""
 
     def __init__(self, bodies: list[bytes], sizes: list[int], closed_until: float | None,
-                 max_requests: int) -> None:
+                 max_requests: int, priorities: list[str] | None = None) -> None:
         super().__init__(bodies, closed_until)
         self.sizes, self.max_requests = sizes, max_requests
+        self.priorities = priorities or [""] * len(bodies)
+        self.by_priority: dict[str, list[float]] = {}
         self.rows = self.answers = 0
 
     def send(self, conn, at: float | None = None) -> None:
@@ -114,6 +123,9 @@ class Run(bench_server.Load):
             self.answers += 1
             if response.get("ok"):
                 self.rows += self.sizes[rid % len(self.sizes)]
+                priority = self.priorities[rid % len(self.priorities)]
+                if priority:
+                    self.by_priority.setdefault(priority, []).append(now - self.started[rid])
             super().answered(conn, response, now)
 
 
@@ -135,11 +147,12 @@ async def _poll_gpu(host: str, port: int, samples: list[float], period: float = 
 async def drive(host: str, port: int, bodies: list[bytes], sizes: list[int], *,
                 concurrency: int | None, rate: float | None, duration: float,
                 max_requests: int, connections: int, seed: int, tick=None,
-                straggler_s: float = 10.0) -> dict:
+                straggler_s: float = 10.0, priorities: list[str] | None = None) -> dict:
     """One closed-loop (``concurrency``) or open-loop (``rate``) run; raw results."""
     loop = asyncio.get_running_loop()
     begin = time.perf_counter()
-    run = Run(bodies, sizes, begin + duration if rate is None else None, max_requests)
+    run = Run(bodies, sizes, begin + duration if rate is None else None, max_requests,
+              priorities)
     conns = [(await loop.create_connection(lambda: bench_server.LoadProtocol(run), host,
                                            port))[1] for _ in range(connections)]
     gpu: list[float] = []
@@ -171,7 +184,7 @@ async def drive(host: str, port: int, bodies: list[bytes], sizes: list[int], *,
         conn.transport.close()
     return {"sent": run.next_id, "latencies": run.latencies, "errors": run.errors,
             "rows": run.rows, "unanswered": len(run.started), "span": span,
-            "gpu_util_samples": gpu}
+            "gpu_util_samples": gpu, "latencies_by_priority": run.by_priority}
 
 
 def run_loads(host: str, port: int, label: str, args: argparse.Namespace,
@@ -179,8 +192,8 @@ def run_loads(host: str, port: int, label: str, args: argparse.Namespace,
     """Every run of the plan against one server; one summary per run."""
     with Client(host, port, timeout=30) as client:
         answer = client.call("models")
-    bodies, sizes = encode_requests(answer, args.model, args.requests, args.seed,
-                                    args.ids == "zipf")
+    bodies, sizes, priorities = encode_requests(answer, args.model, args.requests, args.seed,
+                                                args.ids == "zipf", args.high_share)
     plan = [("closed", c, None) for c in args.concurrency or []]
     plan += [("open", None, r) for r in args.rate or []]
     runner = asyncio.run
@@ -198,7 +211,8 @@ def run_loads(host: str, port: int, label: str, args: argparse.Namespace,
             before = client.call("stats")["stats"]
             raw = runner(drive(host, port, bodies, sizes, concurrency=concurrency, rate=rate,
                                duration=args.duration, max_requests=args.max_requests,
-                               connections=args.connections, seed=args.seed + i, tick=tick))
+                               connections=args.connections, seed=args.seed + i, tick=tick,
+                               priorities=priorities))
             after = client.call("stats")["stats"]
         progress.stop()
         results.append(report.summarize(raw, before, after, label=label, mode=mode,

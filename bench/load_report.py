@@ -72,6 +72,14 @@ def summarize(raw: dict, before: dict, after: dict, *, label: str, mode: str,
            "gpu_util_pct": float(np.mean(samples)) if samples else float("nan")}
     out.update({f"p{p:g}_ms": v for p, v in zip(PERCENTILES, pct, strict=True)})
     out.update(server_side(before, after, span))
+    by_priority = {}
+    for priority, seconds in sorted(raw.get("latencies_by_priority", {}).items()):
+        part = np.asarray(seconds, dtype=np.float64) * 1e3
+        by_priority[priority] = {"completed": len(part), **{
+            f"p{p:g}_ms": float(v) for p, v in zip(PERCENTILES, np.percentile(part, PERCENTILES),
+                                                  strict=True)}}
+    if by_priority:
+        out["by_priority"] = by_priority
     return out
 
 
@@ -124,6 +132,10 @@ def print_table(results: list[dict]) -> None:
               f"{_fmt(r['p99.9_ms']):>7}     {_fmt(r['mean_batch_rows'], '.0f'):>6} "
               f"{_fmt(r['engine_gpu_busy'] * 100, '.0f'):>5} "
               f"{_fmt(r['gpu_util_pct'], '.0f'):>4}  {errors}", flush=True)
+        for priority, part in r.get("by_priority", {}).items():
+            print(f"{'  ' + priority:<14} {'':<10} {part['completed']:8d} {'answered':>9} "
+                  f"{_fmt(part['p50_ms']):>7} {_fmt(part['p90_ms']):>7} "
+                  f"{_fmt(part['p99_ms']):>7} {_fmt(part['p99.9_ms']):>7}", flush=True)
 
 
 def _no_nan(row: dict, blank: object) -> dict:

@@ -69,7 +69,9 @@ examples:
                    help="front-end processes: with W > 1, W worker processes share the port "
                    "(SO_REUSEPORT), decode and validate requests and hand them to this "
                    "process's one engine; limits on connections and requests in flight are "
-                   "split among them (default: %(default)s: one process does all)")
+                   "split among them. Worth it on a CPU host too: on 2 cores, --workers 2 "
+                   "held 2000 requests/s where one process fell behind (bench/RESULTS.md) "
+                   "(default: %(default)s: one process does all)")
     p.add_argument("--worker-ring-mb", type=int, default=DEFAULT_RING_BYTES >> 20,
                    metavar="MB",
                    help="with --workers: shared memory per worker through which requests' "

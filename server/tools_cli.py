@@ -72,6 +72,16 @@ examples:
       --concurrency 1,4,16,64 --plot p99.png"""
 
 
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in [0, 1]")
+    return value
+
+
 def add_load_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``recserve bench load`` (and of ``python bench/load.py``)."""
     p.add_argument("--host", default=DEFAULT_HOST, help="server address (default: %(default)s)")
@@ -100,6 +110,10 @@ def add_load_arguments(p: argparse.ArgumentParser) -> None:
                    help="distinct requests, encoded once and cycled (default: %(default)s)")
     p.add_argument("--connections", type=_positive_int, default=4, metavar="K",
                    help="client connections per run (default: %(default)s)")
+    p.add_argument("--high-share", type=_share, default=0.0, metavar="F",
+                   help="send this fraction of requests with priority high and the rest "
+                   "with priority low (interactive traffic over background), and report "
+                   "latency per priority (default: %(default)s: no priority sent)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--json", type=Path, metavar="PATH", help="write every run as JSON")
     p.add_argument("--csv", type=Path, metavar="PATH", help="write one CSV row per run")

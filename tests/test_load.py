@@ -30,6 +30,7 @@ class SlowBackend:
     def __init__(self) -> None:
         self.handle = ModelHandle("demo", 1, demo_spec())
         self.lock: asyncio.Lock | None = None
+        self.priorities: list = []
 
     def models(self) -> list[ModelHandle]:
         return [self.handle]
@@ -40,6 +41,7 @@ class SlowBackend:
         return self.handle
 
     async def score(self, model, version, inputs, deadline=None, priority=None) -> np.ndarray:
+        self.priorities.append(priority)
         self.lock = self.lock or asyncio.Lock()
         async with self.lock:
             await asyncio.sleep(DELAY_S)
@@ -66,7 +68,7 @@ def test_requests_are_ranking_shaped_with_zipf_or_uniform_ids(slow_server):
     load = load_module()
     with Client(slow_server.host, slow_server.port) as client:
         answer = client.call("models")
-    _, sizes = load.encode_requests(answer, "demo", 300, seed=1, zipf=False)
+    _, sizes, _ = load.encode_requests(answer, "demo", 300, seed=1, zipf=False)
     assert 100 <= min(sizes) and max(sizes) <= 700 and 200 < np.mean(sizes) < 350
     desc = answer["models"][0]
     rng = np.random.default_rng(2)
@@ -139,3 +141,22 @@ def test_cli_registration_parses_both_commands():
                 ["bench", "load", "--duration", "99999"], ["top", "--interval", "0"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
+
+
+def test_a_priority_mix_is_sent_and_reported_per_priority(slow_server, tmp_path):
+    load = load_module()
+    backend = slow_server.server.dispatcher.backend
+    backend.priorities.clear()
+    args = load_args("--port", str(slow_server.port), "--concurrency", "4", "--duration", "1",
+                     "--max-requests", "40", "--requests", "20", "--high-share", "0.3",
+                     "--json", str(tmp_path / "r.json"))
+    assert load.run(args) == 0
+    (run,) = json.loads((tmp_path / "r.json").read_text())["runs"]
+    parts = run["by_priority"]
+    assert set(parts) == {"high", "low"}
+    assert parts["high"]["completed"] + parts["low"]["completed"] == run["completed"]
+    assert parts["high"]["p50_ms"] <= parts["high"]["p99_ms"]
+    seen = {str(p.name).lower() for p in backend.priorities}
+    assert seen == {"high", "low"}  # the server got them, as the engine's levels
+    with pytest.raises(SystemExit):
+        load_args("--high-share", "1.5")
