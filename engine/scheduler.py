@@ -17,7 +17,10 @@ from the queue heads only: O(levels) per pick, no re-sorting).
 Deadlines are absolute times on the caller's clock; a request whose deadline
 passes while it still has unsent rows is dropped and reported as expired.
 Admission control counts queued (unsent) rows: past ``max_queued_rows``,
-``submit`` raises ``EngineError("overloaded")`` at once.
+``submit`` raises ``EngineError("overloaded")`` at once. The bound depends on the level,
+so overload sheds background work first and keeps room for urgent work: LOW requests are
+refused from half the bound on, NORMAL ones at the bound, HIGH ones may queue an eighth
+past it.
 """
 
 from __future__ import annotations
@@ -49,6 +52,11 @@ class Priority(IntEnum):
     HIGH = 0
     NORMAL = 1
     LOW = 2
+
+
+ADMIT_SHARE = {Priority.HIGH: 1.125, Priority.NORMAL: 1.0, Priority.LOW: 0.5}
+"""Queued rows a request of each level may find and still be admitted, as a share of
+``max_queued_rows`` (see the module docstring)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,13 +161,15 @@ class Scheduler:
         if rows > limit:
             raise EngineError("too_large", f"{rows} candidates is above the engine's queue "
                                            f"bound of {limit} rows")
-        if self._queued_rows + rows > limit:
+        level = priority if type(priority) is Priority else Priority(priority)
+        bound = int(limit * ADMIT_SHARE[level])
+        if self._queued_rows + rows > bound:
             raise EngineError("overloaded", f"{self._queued_rows} rows queued; {rows} more "
-                                            f"would pass the bound of {limit}")
+                                            f"would pass the bound of {bound} for "
+                                            f"{level.name.lower()} priority")
         if deadline is not None and deadline <= now:
             raise EngineError("deadline_exceeded", "the deadline passed before queueing")
         self._seq += 1
-        level = priority if type(priority) is Priority else Priority(priority)
         entry = _Entry(request_id, model, rows, level, deadline, now, self._seq)
         queue = self._queues.get(model)
         if queue is None:  # (not setdefault: that would build a queue per request)

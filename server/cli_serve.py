@@ -113,7 +113,8 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
                    "on cuda)")
     g.add_argument("--max-queued-rows", type=int, metavar="ROWS",
                    help="queued candidate rows above which new requests are answered "
-                   f"overloaded (default: {DEVICE_DEFAULTS['cpu'].max_queued_rows} on cpu, "
+                   "overloaded (priority low: from half of it; high: up to an eighth past "
+                   f"it; default: {DEVICE_DEFAULTS['cpu'].max_queued_rows} on cpu, "
                    f"{DEVICE_DEFAULTS['cuda'].max_queued_rows} on cuda)")
     g.add_argument("--fill-wait-ms", type=float, metavar="MS",
                    help="longest a lone request waits for more rows before a partly full "

@@ -145,6 +145,23 @@ def test_admission_control_refuses_past_the_bound():
     assert info.value.code == "too_large"
 
 
+def test_overload_sheds_low_priority_first_and_keeps_room_for_high():
+    sched = make(max_queued_rows=800)
+    sched.submit(1, "m", 400, now=0.0, priority=Priority.LOW)  # up to half the bound
+    with pytest.raises(EngineError, match="bound of 400 for low priority"):
+        sched.submit(2, "m", 1, now=0.0, priority=Priority.LOW)
+    sched.submit(3, "m", 400, now=0.0)  # normal: up to the bound
+    with pytest.raises(EngineError, match="bound of 800 for normal priority"):
+        sched.submit(4, "m", 1, now=0.0)
+    sched.submit(5, "m", 100, now=0.0, priority=Priority.HIGH)  # an eighth past it
+    with pytest.raises(EngineError, match="bound of 900 for high priority") as info:
+        sched.submit(6, "m", 1, now=0.0, priority=Priority.HIGH)
+    assert info.value.code == "overloaded" and sched.queued_rows == 900
+    with pytest.raises(EngineError) as info:
+        sched.submit(7, "m", 801, now=0.0, priority=Priority.HIGH)
+    assert info.value.code == "too_large"  # one request never above the bound itself
+
+
 def test_cancel_drops_queued_and_unsent_rows():
     sched = make()
     sched.submit(1, "m", 250, now=0.0)
