@@ -111,6 +111,7 @@ class Run(bench_server.Load):
         self.sizes, self.max_requests = sizes, max_requests
         self.priorities = priorities or [""] * len(bodies)
         self.by_priority: dict[str, list[float]] = {}
+        self.errors_by_priority: dict[str, dict[str, int]] = {}
         self.rows = self.answers = 0
 
     def send(self, conn, at: float | None = None) -> None:
@@ -121,11 +122,15 @@ class Run(bench_server.Load):
         rid = response.get("id")
         if rid in self.started:
             self.answers += 1
+            priority = self.priorities[rid % len(self.priorities)]
             if response.get("ok"):
                 self.rows += self.sizes[rid % len(self.sizes)]
-                priority = self.priorities[rid % len(self.priorities)]
                 if priority:
                     self.by_priority.setdefault(priority, []).append(now - self.started[rid])
+            elif priority:
+                code = response["error"]["code"]
+                errors = self.errors_by_priority.setdefault(priority, {})
+                errors[code] = errors.get(code, 0) + 1
             super().answered(conn, response, now)
 
 
@@ -184,7 +189,8 @@ async def drive(host: str, port: int, bodies: list[bytes], sizes: list[int], *,
         conn.transport.close()
     return {"sent": run.next_id, "latencies": run.latencies, "errors": run.errors,
             "rows": run.rows, "unanswered": len(run.started), "span": span,
-            "gpu_util_samples": gpu, "latencies_by_priority": run.by_priority}
+            "gpu_util_samples": gpu, "latencies_by_priority": run.by_priority,
+            "errors_by_priority": run.errors_by_priority}
 
 
 def run_loads(host: str, port: int, label: str, args: argparse.Namespace,

@@ -73,9 +73,11 @@ def summarize(raw: dict, before: dict, after: dict, *, label: str, mode: str,
     out.update({f"p{p:g}_ms": v for p, v in zip(PERCENTILES, pct, strict=True)})
     out.update(server_side(before, after, span))
     by_priority = {}
+    errors = raw.get("errors_by_priority", {})
     for priority, seconds in sorted(raw.get("latencies_by_priority", {}).items()):
         part = np.asarray(seconds, dtype=np.float64) * 1e3
-        by_priority[priority] = {"completed": len(part), **{
+        by_priority[priority] = {"completed": len(part),
+                                 "errors": dict(sorted(errors.get(priority, {}).items())), **{
             f"p{p:g}_ms": float(v) for p, v in zip(PERCENTILES, np.percentile(part, PERCENTILES),
                                                   strict=True)}}
     if by_priority:
@@ -133,9 +135,11 @@ def print_table(results: list[dict]) -> None:
               f"{_fmt(r['engine_gpu_busy'] * 100, '.0f'):>5} "
               f"{_fmt(r['gpu_util_pct'], '.0f'):>4}  {errors}", flush=True)
         for priority, part in r.get("by_priority", {}).items():
+            refused = ", ".join(f"{c} {n}" for c, n in part["errors"].items()) or "none"
             print(f"{'  ' + priority:<14} {'':<10} {part['completed']:8d} {'answered':>9} "
                   f"{_fmt(part['p50_ms']):>7} {_fmt(part['p90_ms']):>7} "
-                  f"{_fmt(part['p99_ms']):>7} {_fmt(part['p99.9_ms']):>7}", flush=True)
+                  f"{_fmt(part['p99_ms']):>7} {_fmt(part['p99.9_ms']):>7}"
+                  f"{'':29}{refused}", flush=True)
 
 
 def _no_nan(row: dict, blank: object) -> dict:
