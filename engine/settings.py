@@ -30,7 +30,8 @@ class EngineSettings:
     """Batches the executor may hold at once (being packed, computed or copied back)."""
     max_queued_rows: int = 65536
     """Admission bound: a request that would bring the queued (not yet dispatched) rows above
-    this is refused at once with ``overloaded``."""
+    this is refused at once with ``overloaded`` (LOW priority from half of it, HIGH an
+    eighth past it: ``scheduler.ADMIT_SHARE``)."""
     fill_wait_s: float = 0.0
     """Longest a model's oldest queued request waits for more rows before a batch that is not
     full is dispatched anyway; 0 dispatches whatever is queued as soon as a slot is free."""

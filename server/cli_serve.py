@@ -120,6 +120,10 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
                    help="longest a lone request waits for more rows before a partly full "
                    f"batch is sent anyway (default: {DEVICE_DEFAULTS['cpu'].fill_wait_s * 1e3:g}"
                    f" on cpu, {DEVICE_DEFAULTS['cuda'].fill_wait_s * 1e3:g} on cuda)")
+    g.add_argument("--aging-ms", type=float, metavar="MS",
+                   help="a queued request rises one priority level (low, normal, high) per MS "
+                   "of waiting, so low-priority work is delayed, never starved; 0: strict "
+                   f"priority (default: {DEVICE_DEFAULTS['cpu'].aging_s * 1e3:g})")
     g.add_argument("--pack-threads", type=int, metavar="N",
                    help="host threads packing batches for the GPU (default: one per slot, "
                    "leaving two cores to the event loop and completions; packing bounds "
@@ -172,7 +176,7 @@ def run_serve(args: argparse.Namespace) -> int:
         logging.getLogger("recserve").info("demo model: %s", build_demo_repository(repo))
     device = resolve_device(args.device)
     settings = engine_settings(device, args.max_batch_rows, args.buckets, args.slots,
-                               args.max_queued_rows, args.fill_wait_ms)
+                               args.max_queued_rows, args.fill_wait_ms, args.aging_ms)
     options = ServeOptions(repo, device, settings, args.one_at_a_time, args.torch_threads,
                            args.metrics_host, args.metrics_port, args.workers,
                            args.log_level.upper(), args.pack_threads, args.compute_streams,

@@ -102,11 +102,13 @@ class ServeOptions:
 def engine_settings(device: str, max_batch_rows: int | None = None,
                     buckets: tuple[int, ...] | None = None, slots: int | None = None,
                     max_queued_rows: int | None = None,
-                    fill_wait_ms: float | None = None) -> EngineSettings:
+                    fill_wait_ms: float | None = None,
+                    aging_ms: float | None = None) -> EngineSettings:
     """``device``'s default settings with the given values replacing them.
 
     ``max_batch_rows`` alone trims (or extends) the default buckets to end at it;
-    ``buckets`` alone sets ``max_batch_rows`` to its last entry.
+    ``buckets`` alone sets ``max_batch_rows`` to its last entry; ``aging_ms`` 0 turns
+    aging off (strict priority).
     """
     base = DEVICE_DEFAULTS[device]
     if buckets is None:
@@ -120,7 +122,7 @@ def engine_settings(device: str, max_batch_rows: int | None = None,
         slots=base.slots if slots is None else slots,
         max_queued_rows=base.max_queued_rows if max_queued_rows is None else max_queued_rows,
         fill_wait_s=base.fill_wait_s if fill_wait_ms is None else fill_wait_ms / 1e3,
-        aging_s=base.aging_s)
+        aging_s=base.aging_s if aging_ms is None else (aging_ms / 1e3 or None))
 
 
 def resolve_device(device: str) -> str:

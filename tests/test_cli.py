@@ -207,7 +207,11 @@ def test_engine_settings_follow_the_device_defaults_and_overrides():
     custom = engine_settings("cpu", buckets=(8, 64), slots=3, max_queued_rows=99,
                              fill_wait_ms=2.5)
     assert (custom.max_batch_rows, custom.slots, custom.max_queued_rows) == (64, 3, 99)
-    assert custom.fill_wait_s == 0.0025
+    assert custom.fill_wait_s == 0.0025 and custom.aging_s == DEVICE_DEFAULTS["cpu"].aging_s
+    assert engine_settings("cuda", aging_ms=250).aging_s == 0.25
+    assert engine_settings("cuda", aging_ms=0).aging_s is None  # strict priority
+    with pytest.raises(ValueError, match="aging_s"):
+        engine_settings("cuda", aging_ms=-1)
     with pytest.raises(ValueError, match="last bucket"):
         engine_settings("cpu", max_batch_rows=100, buckets=(8, 64))
 
