@@ -95,17 +95,22 @@ def test_a_failing_callback_costs_only_its_own_request():
     assert run(main()).shape == (6, 2)
 
 
+def backend_of(kind: str, engine, weights):
+    """The engine behind the Backend interface, or the one-at-a-time reference backend."""
+    if kind == "engine":
+        return EngineBackend(engine)
+
+    class Loaded:
+        name, version, spec = "tiny", 1, SPEC
+    Loaded.weights = weights["tiny"]
+    return ReferenceBackend([Loaded()])
+
+
 @pytest.mark.parametrize("kind", ["engine", "one_at_a_time"])
 def test_backend_submit_gives_scores_or_wire_errors_and_cancels(kind):
     async def main():
         engine, _, weights = await started()
-        if kind == "engine":
-            backend = EngineBackend(engine)
-        else:
-            class Loaded:
-                name, version, spec = "tiny", 1, SPEC
-            Loaded.weights = weights["tiny"]
-            backend = ReferenceBackend([Loaded()])
+        backend = backend_of(kind, engine, weights)
         rng = np.random.default_rng(4)
         inputs = random_inputs(SPEC, rng, 8)
         released = []  # each request's inputs are released once, answered or cancelled
@@ -234,13 +239,7 @@ def test_the_hub_frees_a_ring_region_only_once_the_backend_released_it(kind, mon
 
     async def main():
         engine, _, weights = await started(gate=gate)
-        if kind == "engine":
-            backend = EngineBackend(engine)
-        else:
-            class Loaded:
-                name, version, spec = "tiny", 1, SPEC
-            Loaded.weights = weights["tiny"]
-            backend = ReferenceBackend([Loaded()])
+        backend = backend_of(kind, engine, weights)
         hub, side = Hub(backend, ServerConfig(), 2), FakeSide(reader)
         rng = np.random.default_rng(8)
         regions = {}
