@@ -220,6 +220,11 @@ class Engine:
         """Rows waiting for a batch."""
         return self._scheduler.queued_rows
 
+    def room(self, priority: Priority = Priority.NORMAL) -> int:
+        """Rows a request of ``priority`` could bring now without being refused
+        ``overloaded`` (a server checks this before reading a request's inputs)."""
+        return self._scheduler.room(priority)
+
     @property
     def pending_requests(self) -> int:
         """Requests queued or running."""

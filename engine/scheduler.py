@@ -145,6 +145,11 @@ class Scheduler:
         """Requests with rows not yet dispatched."""
         return len(self._entries)
 
+    def room(self, priority: Priority = Priority.NORMAL) -> int:
+        """Rows a request of ``priority`` may bring now and still be admitted."""
+        bound = int(self.settings.max_queued_rows * ADMIT_SHARE[Priority(priority)])
+        return min(self.settings.max_queued_rows, bound - self._queued_rows)
+
     def queued_rows_for(self, model: Hashable) -> int:
         """Rows of ``model`` not yet dispatched."""
         queue = self._queues.get(model)

@@ -252,6 +252,11 @@ class EngineBackend:
         return await self._call(self.engine.score(model, inputs, version=version,
                                                   deadline=deadline, priority=priority))
 
+    def admits(self, rows: int, priority: Priority = Priority.NORMAL) -> bool:
+        """Whether the engine's queue has room for ``rows`` more at ``priority`` now: the
+        dispatcher asks before validating a request, so overload refuses work cheaply."""
+        return rows <= self.engine.room(priority)
+
     def submit(self, model: str, version: int, inputs: RequestInputs, deadline: float | None,
                on_done: Callable[[Any], None],
                on_release: Callable[[], None] | None = None,

@@ -189,8 +189,17 @@ class Dispatcher:
         priority = _priority(message.get("priority"))
         handle = self.backend.resolve(name, version)
         request.model = handle.name
+        admits = getattr(self.backend, "admits", None)
+        candidates = message["candidates"]
+        if (admits is not None and type(candidates) is int
+                and 0 < candidates <= self.config.max_candidates
+                and not admits(candidates, priority)):
+            # refused before its inputs are read: in overload, every refusal that costs a
+            # full validation is CPU the engine's batches do not get (bench/RESULTS.md)
+            raise Overloaded(message=f"the engine's queue has no room for {candidates} "
+                                     f"rows at {priority.name.lower()} priority; retry later")
         try:
-            inputs = validate_inputs(handle.spec, message["candidates"], message["inputs"],
+            inputs = validate_inputs(handle.spec, candidates, message["inputs"],
                                      self.config.max_candidates)
         except BadRequest as exc:
             invalid = getattr(exc, "invalid_ids", None)

@@ -160,6 +160,12 @@ def test_overload_sheds_low_priority_first_and_keeps_room_for_high():
     with pytest.raises(EngineError) as info:
         sched.submit(7, "m", 801, now=0.0, priority=Priority.HIGH)
     assert info.value.code == "too_large"  # one request never above the bound itself
+    assert (sched.room(Priority.HIGH), sched.room(), sched.room(Priority.LOW)) == (0, -100, -500)
+    sched.cancel(5)
+    assert (sched.room(Priority.HIGH), sched.room(), sched.room(Priority.LOW)) == (100, 0, -400)
+    sched.cancel(1)
+    sched.cancel(3)
+    assert sched.room(Priority.HIGH) == sched.room() == 800  # one request: at most the bound
 
 
 def test_cancel_drops_queued_and_unsent_rows():

@@ -117,3 +117,38 @@ def test_priority_on_the_wire_orders_queued_requests():
 async def _start(engine: Engine) -> None:
     await engine.start()
     await EngineBackend(engine).load(SMALL)
+
+
+def test_a_full_queue_refuses_before_reading_the_inputs():
+    """With no room in the engine's queue for a request's rows at its priority, the server
+    answers ``overloaded`` before validating its inputs (a refusal costs no validation);
+    a request that has room is validated as usual."""
+    gate = threading.Event()
+    settings = EngineSettings(max_batch_rows=16, buckets=(16,), slots=1,
+                              max_queued_rows=32, aging_s=None)
+    engine = Engine(settings, lambda s: CpuExecutor(s, torch_threads=1,
+                                                    fault=lambda batch: gate.wait(10)))
+    thread = ServerThread(EngineBackend(engine), setup=lambda: _start(engine),
+                          max_candidates=16)
+    try:
+        conn = RawConnection(thread.port)
+        _, inputs = wire(SMALL, 16, 0)
+        for i in range(3):  # one runs (held at the gate), two fill the queue's 32 rows
+            conn.send({"id": i, "op": "infer", "model": "small", "candidates": 16,
+                       "inputs": inputs})
+            assert wait_for(lambda: engine.pending_requests == i + 1)
+        codes = {}
+        for rid, priority in ((10, "normal"), (11, "low"), (12, "high")):
+            conn.send({"id": rid, "op": "infer", "model": "small", "candidates": 2,
+                       "inputs": {"bogus": 1}, "priority": priority})
+            answer = conn.receive()
+            codes[priority] = (answer["error"]["code"], answer["error"]["message"])
+        gate.set()
+        assert all(conn.receive()["ok"] for _ in range(3))
+        conn.close()
+    finally:
+        gate.set()
+        thread.stop()
+    assert codes["normal"][0] == codes["low"][0] == "overloaded"
+    assert "no room for 2 rows at normal priority" in codes["normal"][1]
+    assert codes["high"][0] == "bad_request"  # high may queue past the bound: validated
