@@ -4,35 +4,31 @@
 admission count and the request stats); ``Session`` is one connection's view: it
 starts a task per request, remembers id -> task while the request is in flight, and
 hands each response to a ``send`` callback as soon as it is ready, in whatever order
-they finish. The data-plane ops (ping, models, infer) are here; ``control`` adds the
-control plane (health, stats, load, unload, reload). Nothing here touches sockets.
+they finish. The data-plane ops (ping, models, infer) are here (infer's body in
+``infer``); ``control`` adds the control plane (health, stats, load, unload, reload).
+Nothing here touches sockets.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
 
 from recserve.engine import VERSION
-from recserve.engine.scheduler import Priority
 
 from .backend import Backend, ModelHandle
 from .config import ServerConfig
-from .errors import BadRequest, DeadlineExceeded, InternalError, Overloaded, RecserveError
+from .errors import BadRequest, InternalError, Overloaded, RecserveError
+from .infer import infer
 from .stats import ServerStats
-from .validate import validate_inputs
 
 log = logging.getLogger("recserve.server")
 
 PROTOCOL_VERSION = 1
 MAX_ID = (1 << 64) - 1
-MAX_DEADLINE_MS = 3_600_000
-PRIORITIES = {"high": Priority.HIGH, "normal": Priority.NORMAL, "low": Priority.LOW}
-"""``priority`` on the wire -> the engine's level (queued high rows are batched first)."""
 
 
 class Op(StrEnum):
@@ -180,79 +176,7 @@ class Dispatcher:
 
     async def infer(self, message: dict, request: Request) -> dict:
         """Body of an infer response; raises RecserveError for a request it refuses."""
-        name, version = message["model"], message.get("version")
-        if not isinstance(name, str):
-            raise BadRequest(message=f"model is {name!r}; expected a model name (str)")
-        if version is not None and (type(version) is not int or version < 0):
-            raise BadRequest(message=f"version is {version!r}; expected a non-negative int")
-        timeout = _deadline(message.get("deadline_ms"))
-        priority = _priority(message.get("priority"))
-        handle = self.backend.resolve(name, version)
-        request.model = handle.name
-        admits = getattr(self.backend, "admits", None)
-        candidates = message["candidates"]
-        if (admits is not None and type(candidates) is int
-                and 0 < candidates <= self.config.max_candidates
-                and not admits(candidates, priority)):
-            # refused before its inputs are read: in overload, every refusal that costs a
-            # full validation is CPU the engine's batches do not get (bench/RESULTS.md)
-            raise Overloaded(message=f"the engine's queue has no room for {candidates} "
-                                     f"rows at {priority.name.lower()} priority; retry later")
-        try:
-            inputs = validate_inputs(handle.spec, candidates, message["inputs"],
-                                     self.config.max_candidates)
-        except BadRequest as exc:
-            invalid = getattr(exc, "invalid_ids", None)
-            if invalid is not None:  # (feature, count): ids outside their table
-                self.stats.invalid_ids[invalid[0]] += invalid[1]
-            raise
-        deadline = None if timeout is None else time.monotonic() + timeout
-        version = handle.version
-        try:
-            # The backend gets the deadline to drop expired work; the timeout guarantees the
-            # answer even from a backend that ignores it. Awaited in this task (no new task),
-            # so the backend sees the request in the same step as the resolve above: a model
-            # swapped meanwhile cannot retire the resolved version under it.
-            async with asyncio.timeout(timeout):
-                remote = getattr(self.backend, "score_request", None)
-                if remote is not None:  # a backend that may score a newer version
-                    scores, version = await remote(handle, inputs, deadline,
-                                                   pinned=message.get("version") is not None,
-                                                   priority=priority)
-                else:
-                    scores = await self.backend.score(handle.name, version, inputs, deadline,
-                                                      priority)
-        except TimeoutError:
-            raise DeadlineExceeded(message=f"not scored within deadline_ms="
-                                           f"{message['deadline_ms']}") from None
-        expected = (inputs.num_candidates,) if len(handle.spec.outputs) == 1 else (
-            inputs.num_candidates, len(handle.spec.outputs))
-        if tuple(scores.shape) != expected:
-            # A backend bug; refuse to send scores that cannot be matched to candidates.
-            raise InternalError(message=f"backend returned scores of shape "
-                                        f"{list(scores.shape)}; expected {list(expected)}")
-        return {"model": handle.name, "version": version,
-                "scores": scores.astype("float32", copy=False)}
-
-
-def _deadline(value: object) -> float | None:
-    if value is None:
-        return None
-    if (type(value) not in (int, float) or not math.isfinite(value)
-            or not 0 < value <= MAX_DEADLINE_MS):
-        raise BadRequest(message=f"deadline_ms is {value!r}; expected a number of "
-                                 f"milliseconds in (0, {MAX_DEADLINE_MS}]")
-    return value / 1000.0
-
-
-def _priority(value: object) -> Priority:
-    if value is None:
-        return Priority.NORMAL
-    level = PRIORITIES.get(value) if isinstance(value, str) else None
-    if level is None:
-        raise BadRequest(message=f"priority is {value!r}; expected one of "
-                                 f"{sorted(PRIORITIES, key=PRIORITIES.get)}")
-    return level
+        return await infer(self.backend, self.config, self.stats, message, request)
 
 
 def describe_model(handle: ModelHandle) -> dict:

@@ -136,7 +136,7 @@ def test_a_full_queue_refuses_before_reading_the_inputs():
         for i in range(3):  # one runs (held at the gate), two fill the queue's 32 rows
             conn.send({"id": i, "op": "infer", "model": "small", "candidates": 16,
                        "inputs": inputs})
-            assert wait_for(lambda: engine.pending_requests == i + 1)
+            assert wait_for(lambda want=i + 1: engine.pending_requests == want)
         codes = {}
         for rid, priority in ((10, "normal"), (11, "low"), (12, "high")):
             conn.send({"id": rid, "op": "infer", "model": "small", "candidates": 2,

@@ -13,8 +13,9 @@ from server_fixtures import RawConnection, ServerThread
 
 from recserve.server.codec import MAX_NESTING, CodecLimits, encode_array, encode_message
 from recserve.server.config import ServerConfig
-from recserve.server.dispatch import MAX_DEADLINE_MS, Op
+from recserve.server.dispatch import Op
 from recserve.server.errors import ErrorCode
+from recserve.server.infer import MAX_DEADLINE_MS
 
 DOC = (Path(__file__).resolve().parent.parent / "PROTOCOL.md").read_text()
 
