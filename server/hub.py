@@ -25,15 +25,10 @@ scoring), waits for them to exit, then ``close`` closes the engine.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
-import json
 import logging
-import math
-import os
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +45,7 @@ from .dispatch import Dispatcher, Op, Request
 from .errors import InternalError, NotFound, Overloaded, RecserveError
 from .shared_ring import DEFAULT_RING_BYTES, MIN_RING_BYTES
 from .stats import merge_server_stats
+from .worker_launch import launch, worker_config
 
 log = logging.getLogger("recserve.server")
 START_TIMEOUT_S = 60.0
@@ -134,28 +130,8 @@ class Hub:
                  self.port, self.workers)
 
     async def _spawn(self, index: int) -> None:
-        ours, theirs = socket.socketpair()
-        share = lambda value: max(1, math.ceil(value / self.workers))  # noqa: E731
-        config = dataclasses.replace(
-            self.config, port=self.port, admin_token=None,
-            max_connections=share(self.config.max_connections),
-            max_in_flight=share(self.config.max_in_flight),
-            max_read_buffer_bytes=max(self.config.max_frame_bytes,
-                                      share(self.config.max_read_buffer_bytes)))
-        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-        settings = {"channel_fd": theirs.fileno(), "config": fields,
-                    "log_level": self.log_level, "ring_fd": None, "ring_bytes": 0}
-        ring, ring_fd = self._new_ring()
-        if ring_fd is not None:
-            settings.update(ring_fd=ring_fd, ring_bytes=self.ring_bytes)
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "recserve.server.worker", json.dumps(settings)],
-                pass_fds=[theirs.fileno()] + ([] if ring_fd is None else [ring_fd]))
-        finally:
-            theirs.close()
-            if ring_fd is not None:
-                os.close(ring_fd)
+        config = worker_config(self.config, self.port, self.workers)
+        proc, ours, ring = launch(config, self.log_level, self.ring_bytes)
         _, side = await asyncio.get_running_loop().connect_accepted_socket(
             lambda: EngineSide(self, index, ring), ours)
         if index < len(self.sides):  # a replacement
@@ -163,23 +139,6 @@ class Hub:
         else:
             self.procs.append(proc)
             self.sides.append(side)
-
-    def _new_ring(self) -> tuple[memoryview | None, int | None]:
-        """A fresh shared ring for a worker being started (nothing of a dead one's): this
-        process's read-only view and the fd to pass on; (None, None) when rings are off
-        or the memory cannot be had (the worker then sends requests through its socket)."""
-        if not self.ring_bytes:
-            return None, None
-        fd = None
-        try:
-            fd = shared_ring.create(self.ring_bytes)
-            return shared_ring.map_memory(fd, self.ring_bytes, writable=False), fd
-        except OSError as exc:
-            if fd is not None:
-                os.close(fd)
-            log.warning("no shared ring for a worker (%s): its requests go through its "
-                        "socket", exc)
-            return None, None
 
     @property
     def address(self) -> tuple[str, int]:

@@ -283,3 +283,15 @@ def test_a_small_ring_wraps_and_overflows_without_losing_a_request(repo):
         proc.wait()
     proc.reader.join(10)  # (the log's last lines)
     assert any("shared ring (1 MiB) is full" in line for line in proc.log)
+
+
+def test_each_worker_gets_its_share_of_the_limits():
+    from recserve.server.config import ServerConfig
+    from recserve.server.worker_launch import worker_config
+
+    hub = ServerConfig(port=0, max_connections=64, max_in_flight=10, admin_token="t",
+                       max_frame_bytes=1 << 20, max_read_buffer_bytes=3 << 20)
+    one = worker_config(hub, 7123, 4)
+    assert (one.port, one.max_connections, one.max_in_flight) == (7123, 16, 3)
+    assert one.admin_token is None  # admin ops are forwarded to the engine process
+    assert one.max_read_buffer_bytes == 1 << 20  # never below one whole frame

@@ -138,15 +138,15 @@ def test_a_worker_without_shared_memory_still_starts(monkeypatch, caplog):
     process starts the worker without a ring and says so; its requests use the socket."""
     from recserve.server.config import ServerConfig
     from recserve.server.hub import Hub
+    from recserve.server.worker_launch import new_ring
 
     def no_memory(size):
         raise OSError(12, "Cannot allocate memory")
 
     monkeypatch.setattr(shared_ring, "create", no_memory)
-    hub = Hub(object(), ServerConfig(), 2)
     with caplog.at_level("WARNING", logger="recserve.server"):
-        assert hub._new_ring() == (None, None)
+        assert new_ring(1 << 20) == (None, None)
     assert "no shared ring for a worker" in caplog.text
-    assert Hub(object(), ServerConfig(), 2, ring_bytes=0)._new_ring() == (None, None)
+    assert new_ring(0) == (None, None)
     with pytest.raises(ValueError, match="or 0 for none"):
         Hub(object(), ServerConfig(), 2, ring_bytes=1000)
