@@ -254,8 +254,9 @@ class EngineBackend:
 
     def admits(self, rows: int, priority: Priority = Priority.NORMAL) -> bool:
         """Whether the engine's queue has room for ``rows`` more at ``priority`` now: the
-        dispatcher asks before validating a request, so overload refuses work cheaply."""
-        return rows <= self.engine.room(priority)
+        dispatcher asks before validating a request, so overload refuses work cheaply.
+        (More rows than the whole bound: left to the engine, which says ``too_large``.)"""
+        return rows > self.engine.settings.max_queued_rows or rows <= self.engine.room(priority)
 
     def submit(self, model: str, version: int, inputs: RequestInputs, deadline: float | None,
                on_done: Callable[[Any], None],

@@ -20,7 +20,7 @@ from recserve.server import channel
 from recserve.server.backend import EngineBackend, ModelHandle, ReferenceBackend, submit
 from recserve.server.codec import FrameDecoder
 from recserve.server.config import ServerConfig
-from recserve.server.errors import Overloaded
+from recserve.server.errors import Overloaded, TooLarge
 from recserve.server.hub import EngineSide, Hub
 
 
@@ -341,3 +341,27 @@ def test_inputs_are_released_once_no_batch_reads_them():
     assert by_tag["cancelled"] == ["released"]  # never answered, released once
     assert by_tag["plain"] == ["released", "done"]  # nothing holds it: released first
     assert by_tag["empty"] == ["released", "done"]
+
+
+def test_engine_backend_admits_by_queue_room_and_leaves_too_large_to_the_engine():
+    async def main():
+        gate = threading.Event()
+        engine, _, _ = await started(replace(SETTINGS, max_queued_rows=100), gate=gate)
+        backend = EngineBackend(engine)
+        rng = np.random.default_rng(9)
+        running = engine.submit("tiny", random_inputs(SPEC, rng, 64), print)
+        queued = engine.submit("tiny", random_inputs(SPEC, rng, 60), print)
+        await settle()
+        seen = (backend.admits(40), backend.admits(41), backend.admits(41, Priority.HIGH),
+                backend.admits(1, Priority.LOW), backend.admits(101))
+        with pytest.raises(TooLarge):
+            submit(backend, "tiny", 1, random_inputs(SPEC, rng, 101), None, print)
+        engine.cancel(running)
+        engine.cancel(queued)
+        gate.set()
+        await engine.close()
+        return seen
+
+    # 60 rows queued of 100: 40 more fit at normal priority, 52 at high (an eighth past the
+    # bound), none at low (half of it); more than the whole bound is the engine's too_large
+    assert run(main()) == (True, False, True, False, True)
