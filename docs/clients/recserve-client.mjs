@@ -339,12 +339,13 @@ export class RecserveClient {
   /**
    * Score `candidates` candidates. `inputs` maps input names to typed arrays, `tensor(...)`,
    * plain arrays or `{values, lengths, weights}` maps of those. Resolves with
-   * `{ model, version, scores: Float32Array, shape }`.
+   * `{ model, version, scores: Float32Array, shape }`. `priority`: "high", "normal" or "low".
    */
-  async infer(model, candidates, inputs, { version, deadlineMs } = {}) {
+  async infer(model, candidates, inputs, { version, deadlineMs, priority } = {}) {
     const fields = { model, candidates, inputs };
     if (version !== undefined) fields.version = version;  // optional keys are left out
     if (deadlineMs !== undefined) fields.deadline_ms = deadlineMs;
+    if (priority !== undefined) fields.priority = priority;
     const msg = await this.request("infer", fields);
     const { data, shape } = fromTypedArray(msg.scores);
     return { model: msg.model, version: msg.version, scores: data, shape };
