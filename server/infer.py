@@ -34,14 +34,8 @@ async def infer(backend: Backend, config: ServerConfig, stats: ServerStats, mess
     priority = _priority(message.get("priority"))
     handle = backend.resolve(name, version)
     request.model = handle.name
-    admits = getattr(backend, "admits", None)
     candidates = message["candidates"]
-    if (admits is not None and type(candidates) is int
-            and 0 < candidates <= config.max_candidates and not admits(candidates, priority)):
-        # refused before its inputs are read: in overload, every refusal that costs a full
-        # validation is CPU the engine's batches do not get (bench/RESULTS.md)
-        raise Overloaded(message=f"the engine's queue has no room for {candidates} rows at "
-                                 f"{priority.name.lower()} priority; retry later")
+    _check_room(backend, config, candidates, priority)
     try:
         inputs = validate_inputs(handle.spec, candidates, message["inputs"],
                                  config.max_candidates)
@@ -76,6 +70,18 @@ async def infer(backend: Backend, config: ServerConfig, stats: ServerStats, mess
                                     f"{list(scores.shape)}; expected {list(expected)}")
     return {"model": handle.name, "version": version,
             "scores": scores.astype("float32", copy=False)}
+
+
+def _check_room(backend: Backend, config: ServerConfig, candidates: object,
+                priority: Priority) -> None:
+    """Refuse a request the engine's queue has no room for before its inputs are read: in
+    overload, every refusal that costs a full validation is CPU the engine's batches do
+    not get (bench/RESULTS.md). Malformed ``candidates`` are left to validation."""
+    admits = getattr(backend, "admits", None)
+    if (admits is not None and type(candidates) is int
+            and 0 < candidates <= config.max_candidates and not admits(candidates, priority)):
+        raise Overloaded(message=f"the engine's queue has no room for {candidates} rows at "
+                                 f"{priority.name.lower()} priority; retry later")
 
 
 def _deadline(value: object) -> float | None:
