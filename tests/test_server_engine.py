@@ -84,11 +84,7 @@ def test_priority_on_the_wire_orders_queued_requests():
     """Requests queued behind a running batch go into batches by their ``priority``: high,
     then normal (the default), then low, whatever order they arrived in."""
     gate = threading.Event()
-    settings = EngineSettings(max_batch_rows=16, buckets=(16,), slots=1, aging_s=None)
-    engine = Engine(settings, lambda s: CpuExecutor(s, torch_threads=1,
-                                                    fault=lambda batch: gate.wait(10)))
-    thread = ServerThread(EngineBackend(engine), setup=lambda: _start(engine),
-                          max_candidates=16)
+    engine, thread = gated_server(gate, max_queued_rows=65536)
     try:
         conn = RawConnection(thread.port)
         _, inputs = wire(SMALL, 16, 0)  # 16 rows: each request is a batch of its own
@@ -114,9 +110,19 @@ def test_priority_on_the_wire_orders_queued_requests():
                                                      "low"]
 
 
-async def _start(engine: Engine) -> None:
-    await engine.start()
-    await EngineBackend(engine).load(SMALL)
+def gated_server(gate: threading.Event, max_queued_rows: int) -> tuple[Engine, ServerThread]:
+    """A server over an engine of 16-row batches, one slot, strict priority, whose every
+    batch waits at ``gate`` before its forward."""
+    settings = EngineSettings(max_batch_rows=16, buckets=(16,), slots=1,
+                              max_queued_rows=max_queued_rows, aging_s=None)
+    engine = Engine(settings, lambda s: CpuExecutor(s, torch_threads=1,
+                                                    fault=lambda batch: gate.wait(10)))
+
+    async def start() -> None:
+        await engine.start()
+        await EngineBackend(engine).load(SMALL)
+
+    return engine, ServerThread(EngineBackend(engine), setup=start, max_candidates=16)
 
 
 def test_a_full_queue_refuses_before_reading_the_inputs():
@@ -124,12 +130,7 @@ def test_a_full_queue_refuses_before_reading_the_inputs():
     answers ``overloaded`` before validating its inputs (a refusal costs no validation);
     a request that has room is validated as usual."""
     gate = threading.Event()
-    settings = EngineSettings(max_batch_rows=16, buckets=(16,), slots=1,
-                              max_queued_rows=32, aging_s=None)
-    engine = Engine(settings, lambda s: CpuExecutor(s, torch_threads=1,
-                                                    fault=lambda batch: gate.wait(10)))
-    thread = ServerThread(EngineBackend(engine), setup=lambda: _start(engine),
-                          max_candidates=16)
+    engine, thread = gated_server(gate, max_queued_rows=32)
     try:
         conn = RawConnection(thread.port)
         _, inputs = wire(SMALL, 16, 0)
