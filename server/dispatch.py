@@ -63,12 +63,14 @@ _KEYS: dict[Op, tuple[frozenset[str], frozenset[str]]] = {
 class Request:
     """What the stats need to know about one request while it is handled."""
 
-    __slots__ = ("op", "model", "started")
+    __slots__ = ("op", "model", "priority", "started")
 
     def __init__(self, op: str, started: float) -> None:
         self.op = op
         self.model = ""
         """Set by a handler once it has resolved a served model (a bounded label)."""
+        self.priority = ""
+        """Set by ``infer`` once the request's priority is read (high, normal or low)."""
         self.started = started
 
 
@@ -282,7 +284,7 @@ class Session:
         error = response.get("error")
         code = error["code"] if error else "ok"
         self._dispatcher.stats.record(request.model, request.op, code,
-                                      time.perf_counter() - request.started)
+                                      time.perf_counter() - request.started, request.priority)
         self._send(response)
 
     def close(self) -> None:

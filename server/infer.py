@@ -24,7 +24,7 @@ PRIORITIES = {"high": Priority.HIGH, "normal": Priority.NORMAL, "low": Priority.
 async def infer(backend: Backend, config: ServerConfig, stats: ServerStats, message: dict,
                 request: Any) -> dict:
     """Body of an infer response; raises RecserveError for a request it refuses.
-    ``request`` (the dispatcher's record of it) learns which model it was for."""
+    ``request`` (the dispatcher's record of it) learns its model and priority."""
     name, version = message["model"], message.get("version")
     if not isinstance(name, str):
         raise BadRequest(message=f"model is {name!r}; expected a model name (str)")
@@ -32,6 +32,7 @@ async def infer(backend: Backend, config: ServerConfig, stats: ServerStats, mess
         raise BadRequest(message=f"version is {version!r}; expected a non-negative int")
     timeout = _deadline(message.get("deadline_ms"))
     priority = _priority(message.get("priority"))
+    request.priority = priority.name.lower()
     handle = backend.resolve(name, version)
     request.model = handle.name
     candidates = message["candidates"]

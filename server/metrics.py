@@ -120,6 +120,12 @@ def server_metrics(server: dict) -> Iterator[Metric]:
         "recserve_request_duration_seconds", "Server-side infer latency, frame read to "
         "response written", {(m,): h for m, h in server.get("latency_s", {}).items()},
         ("model",))
+    by_priority = CounterMetricFamily(
+        "recserve_requests_by_priority", "Answered infer requests by priority (high, normal, "
+        "low) and outcome (code: ok or the error code)", labels=["priority", "code"])
+    for row in server.get("priorities", []):
+        by_priority.add_metric([row["priority"], row["code"]], row["count"])
+    yield by_priority
     for key, name, doc in (("connections", "recserve_connections", "Open client connections"),
                            ("in_flight", "recserve_in_flight_requests",
                             "Admitted infer requests not yet answered")):

@@ -32,12 +32,18 @@ class ServerStats:
         """End-to-end infer latency (frame read to response written) per model."""
         self.invalid_ids: Counter[str] = Counter()
         """Sparse ids outside their table per feature, in requests refused by validation."""
+        self.priorities: Counter[tuple[str, str]] = Counter()
+        """Answered infer requests by (priority, code), once their priority was read."""
         self.on_request_done: list[RequestHook] = list(hooks or [])
         """Callbacks run for every answered request; one that raises is logged and kept."""
 
-    def record(self, model: str, op: str, code: str, seconds: float) -> None:
-        """Count one answered request and run the hooks."""
+    def record(self, model: str, op: str, code: str, seconds: float,
+               priority: str = "") -> None:
+        """Count one answered request (by priority too, when it has one) and run the
+        hooks."""
         self.requests[(model, op, code)] += 1
+        if priority:
+            self.priorities[(priority, code)] += 1
         if op == "infer" and model:
             histogram = self.latency.get(model)
             if histogram is None:
@@ -51,16 +57,18 @@ class ServerStats:
 
     def to_dict(self) -> dict:
         """``{requests: [{model, op, code, count}], latency_s: {model: histogram},
-        invalid_ids: {feature: count}}``."""
+        invalid_ids: {feature: count}, priorities: [{priority, code, count}]}``."""
         return {"requests": [{"model": m, "op": o, "code": c, "count": n}
                              for (m, o, c), n in sorted(self.requests.items())],
                 "latency_s": {m: h.to_dict() for m, h in sorted(self.latency.items())},
-                "invalid_ids": dict(sorted(self.invalid_ids.items()))}
+                "invalid_ids": dict(sorted(self.invalid_ids.items())),
+                "priorities": _priority_rows(self.priorities)}
 
 
 def merge_server_stats(parts: list[dict]) -> dict:
     """Several processes' ``server`` stats as one: counts and histograms added up."""
     requests: Counter[tuple[str, str, str]] = Counter()
+    priorities: Counter[tuple[str, str]] = Counter()
     invalid: Counter[str] = Counter()
     latency: dict[str, dict] = {}
     connections = in_flight = 0
@@ -69,6 +77,8 @@ def merge_server_stats(parts: list[dict]) -> dict:
         in_flight += part.get("in_flight", 0)
         for row in part.get("requests", []):
             requests[(row["model"], row["op"], row["code"])] += row["count"]
+        for row in part.get("priorities", []):
+            priorities[(row["priority"], row["code"])] += row["count"]
         invalid.update(part.get("invalid_ids", {}))
         for model, hist in part.get("latency_s", {}).items():
             into = latency.get(model)
@@ -82,4 +92,9 @@ def merge_server_stats(parts: list[dict]) -> dict:
             "requests": [{"model": m, "op": o, "code": c, "count": n}
                          for (m, o, c), n in sorted(requests.items())],
             "latency_s": dict(sorted(latency.items())),
-            "invalid_ids": dict(sorted(invalid.items()))}
+            "invalid_ids": dict(sorted(invalid.items())),
+            "priorities": _priority_rows(priorities)}
+
+
+def _priority_rows(counts: Counter[tuple[str, str]]) -> list[dict]:
+    return [{"priority": p, "code": c, "count": n} for (p, c), n in sorted(counts.items())]

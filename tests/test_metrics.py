@@ -214,3 +214,24 @@ def test_the_workers_hand_over_counts_become_metrics():
     del stats["server"]["workers"]
     text = render(lambda: stats).decode()
     assert "recserve_worker" not in text
+
+
+def test_requests_by_priority_are_counted_merged_and_exported():
+    from recserve.server.metrics import render
+    from recserve.server.stats import ServerStats, merge_server_stats
+
+    one, two = ServerStats(), ServerStats()
+    one.record("m", "infer", "ok", 0.01, "high")
+    one.record("m", "infer", "overloaded", 0.001, "low")
+    two.record("m", "infer", "ok", 0.02, "high")
+    two.record("", "infer", "bad_request", 0.001)  # refused before its priority was read
+    merged = merge_server_stats([one.to_dict(), two.to_dict()])
+    assert merged["priorities"] == [{"priority": "high", "code": "ok", "count": 2},
+                                    {"priority": "low", "code": "overloaded", "count": 1}]
+    stats = {"server": merged, "engine": {}, "gpu": {"available": False, "gpus": []}}
+    families = {f.name: f for f in parser.text_string_to_metric_families(
+        render(lambda: stats).decode())}
+    samples = {(s.labels["priority"], s.labels["code"]): s.value
+               for s in families["recserve_requests_by_priority"].samples
+               if s.name.endswith("_total")}
+    assert samples == {("high", "ok"): 2, ("low", "overloaded"): 1}

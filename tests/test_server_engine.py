@@ -146,10 +146,16 @@ def test_a_full_queue_refuses_before_reading_the_inputs():
             codes[priority] = (answer["error"]["code"], answer["error"]["message"])
         gate.set()
         assert all(conn.receive()["ok"] for _ in range(3))
+        conn.send({"id": 20, "op": "stats"})
+        counted = {(r["priority"], r["code"]): r["count"]
+                   for r in conn.receive()["stats"]["server"]["priorities"]}
         conn.close()
     finally:
         gate.set()
         thread.stop()
+    # the server counts infer answers by priority (no priority sent: normal)
+    assert counted == {("normal", "ok"): 3, ("normal", "overloaded"): 1,
+                       ("low", "overloaded"): 1, ("high", "bad_request"): 1}
     assert codes["normal"][0] == codes["low"][0] == "overloaded"
     assert "no room for 2 rows at normal priority" in codes["normal"][1]
     assert codes["high"][0] == "bad_request"  # high may queue past the bound: validated
