@@ -292,7 +292,7 @@ class Engine:
                     self.metrics.count_invalid(result.job.model.spec, pending.inputs, outcome.error)
                 self._finish(piece.request_id, outcome.error)
                 continue
-            if piece.count == pending.rows_left == pending.inputs.num_candidates:
+            if piece.count == pending.inputs.num_candidates:
                 # the whole request in one piece: its rows of the batch's fresh scores
                 self._finish(piece.request_id, np.asarray(outcome.scores, dtype=np.float32))
                 continue

@@ -147,8 +147,12 @@ class Scheduler:
 
     def room(self, priority: Priority = Priority.NORMAL) -> int:
         """Rows a request of ``priority`` may bring now and still be admitted."""
-        bound = int(self.settings.max_queued_rows * ADMIT_SHARE[Priority(priority)])
-        return min(self.settings.max_queued_rows, bound - self._queued_rows)
+        return min(self.settings.max_queued_rows,
+                   self._bound(Priority(priority)) - self._queued_rows)
+
+    def _bound(self, level: Priority) -> int:
+        """Queued rows past which a request of ``level`` is refused (``ADMIT_SHARE``)."""
+        return int(self.settings.max_queued_rows * ADMIT_SHARE[level])
 
     def queued_rows_for(self, model: Hashable) -> int:
         """Rows of ``model`` not yet dispatched."""
@@ -167,7 +171,7 @@ class Scheduler:
             raise EngineError("too_large", f"{rows} candidates is above the engine's queue "
                                            f"bound of {limit} rows")
         level = priority if type(priority) is Priority else Priority(priority)
-        bound = int(limit * ADMIT_SHARE[level])
+        bound = self._bound(level)
         if self._queued_rows + rows > bound:
             raise EngineError("overloaded", f"{self._queued_rows} rows queued; {rows} more "
                                             f"would pass the bound of {bound} for "

@@ -152,19 +152,19 @@ def encode_score(rid: int, name: str, version: int, inputs: RequestInputs,
     region its data were written to, or None when they are in the frame: no ring, or
     no room left in it)."""
     arrays = _score_arrays(inputs, spec)
-    raw = name.encode()
-    deadline = math.nan if deadline is None else deadline
+    data_at = None
     if ring is not None:
         headers, offsets, size = _layout(arrays)
         data_at = ring.alloc(size)
         if data_at is not None:
             _write(ring.memory, data_at, arrays, offsets)
-            fixed = _SCORE.pack(b"S", rid, deadline, version, inputs.num_candidates, pinned,
-                                priority, len(raw), data_at)
-            return frame(fixed + raw + headers), data_at
-    fixed = _SCORE.pack(b"S", rid, deadline, version, inputs.num_candidates, pinned, priority,
-                        len(raw), INLINE)
-    return _frame_with(fixed + raw, arrays), None
+    raw = name.encode()
+    fixed = _SCORE.pack(b"S", rid, math.nan if deadline is None else deadline, version,
+                        inputs.num_candidates, pinned, priority, len(raw),
+                        INLINE if data_at is None else data_at) + raw
+    if data_at is None:
+        return _frame_with(fixed, arrays), None
+    return frame(fixed + headers), data_at
 
 
 class ScoreHeader(NamedTuple):
