@@ -129,9 +129,7 @@ class ReferenceBackend:
                     priority: Priority = Priority.NORMAL) -> np.ndarray:
         """float32 scores, [N] for one output or [N, H] for H outputs (in arrival order:
         ``priority`` is ignored, one request at a time has no queue of its own)."""
-        reference = self._models.get((model, version))
-        if reference is None:
-            raise NotFound(message=f"model {model!r} version {version} is not served here")
+        reference = self._reference(model, version)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, _forward, reference, inputs,
                                           deadline)
@@ -142,9 +140,7 @@ class ReferenceBackend:
                priority: Priority = Priority.NORMAL) -> Callable[[], object]:
         """``score`` without a task (see the module function ``submit``): the inputs are
         released when the scoring thread is done with them, even after a cancel."""
-        reference = self._models.get((model, version))
-        if reference is None:
-            raise NotFound(message=f"model {model!r} version {version} is not served here")
+        reference = self._reference(model, version)
         loop = asyncio.get_running_loop()
         cancelled = False
 
@@ -168,6 +164,12 @@ class ReferenceBackend:
         work = self._executor.submit(_forward, reference, inputs, deadline)
         work.add_done_callback(finished)
         return cancel
+
+    def _reference(self, model: str, version: int) -> ReferenceModel:
+        reference = self._models.get((model, version))
+        if reference is None:
+            raise NotFound(message=f"model {model!r} version {version} is not served here")
+        return reference
 
     def stats(self) -> dict:
         """What the ``stats`` op reports under ``engine``."""
