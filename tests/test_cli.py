@@ -346,3 +346,14 @@ def test_cpu_torch_threads_leave_cores_to_the_event_loop_and_the_workers(monkeyp
     assert cpu_torch_threads(4) == 11  # and one per front-end worker process
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert cpu_torch_threads() == 1 and cpu_torch_threads(8) == 1  # never below one
+
+
+def test_worker_ring_size_is_parsed_and_checked(tmp_path):
+    from recserve.server.serving import ServeOptions
+
+    assert build_parser().parse_args(["serve"]).worker_ring_mb == 64
+    assert build_parser().parse_args(["serve", "--worker-ring-mb", "0"]).worker_ring_mb == 0
+    assert ServeOptions(tmp_path, "cpu", worker_ring_mb=0).worker_ring_mb == 0
+    for bad in (-1, 1 << 17, 2.5, True):
+        with pytest.raises(ValueError, match="worker_ring_mb is"):
+            ServeOptions(tmp_path, "cpu", worker_ring_mb=bad)
