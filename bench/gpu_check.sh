@@ -12,7 +12,8 @@
 #   pytest-gpu.log, bench.log (every benchmark's output, in order), kernels.json,
 #   kernel_variants.json, engine_gpu.json, engine-cuda-<time>.json, load.json
 # Environment knobs: PYTHON (default python), PYTEST_PATHS (tests), KERNEL_BENCH_ARGS
-# (--budget-s 60), ENGINE_BENCH_ARGS (--sweep), and each step's time limit in seconds:
+# (--budget-s 60), ENGINE_BENCH_ARGS (--sweep), PYTEST_WORKERS (4, with pytest-xdist), and each
+# step's time limit in seconds:
 # PYTEST_TIMEOUT_S (240), BENCH_TIMEOUT_S (120), VARIANTS_TIMEOUT_S (90), ENGINE_TIMEOUT_S (120),
 # SINGLE_TIMEOUT_S (60), LOAD_TIMEOUT_S (60), WORKERS_TIMEOUT_S (90; the step runs only when
 # the check has taken under WORKERS_BUDGET_S, 330, so far); RECSERVE_COMMIT (default: git HEAD; the device
@@ -62,8 +63,12 @@ step install install
 
 # GPU tests: one config per kernel (no autotuning) so compiles stay few; the benchmark
 # below autotunes over every config and prunes those that fail to compile on this card.
+# With pytest-xdist there (the device image has it), PYTEST_WORKERS processes share the card:
+# the run is mostly Triton compiles, which then go in parallel on the host's cores.
+PARALLEL=""
+if "$PY" -c "import xdist" 2>/dev/null; then PARALLEL="-n ${PYTEST_WORKERS:-4}"; fi
 step pytest-gpu bash -c "set -o pipefail; RECSERVE_AUTOTUNE=0 timeout ${PYTEST_TIMEOUT_S:-240} \
-    $PY -m pytest -m gpu -v --no-header -p no:cacheprovider -o addopts='' -o timeout=60 \
+    $PY -m pytest -m gpu -v --no-header -p no:cacheprovider -o addopts='' -o timeout=60 $PARALLEL \
     --continue-on-collection-errors --durations=15 ${PYTEST_PATHS:-tests} \
     2>&1 | tee '$OUT/pytest-gpu.log' | tail -n 5"
 
