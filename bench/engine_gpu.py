@@ -206,6 +206,33 @@ def copy_in_rate(megabytes: int = 8) -> dict:
     return out
 
 
+# --sweep's runs after the default: what bounds the engine? (8 slots measured slower than 4
+# in earlier runs.) A packing thread that gave the GIL up for a copy waits up to the switch
+# interval (5 ms by default) for a busy Python thread to hand it back.
+SWEEP = ["pack_threads=1", "slots=2", "compute_streams=2", "switch_ms=0.5"]
+
+
+def variant(name: str, settings: EngineSettings) -> tuple:
+    """(name, settings, packing threads, compute streams, switch interval s) of a run named
+    'default' or by '+'-joined changes such as 'compute_streams=2+switch_ms=0.5'."""
+    threads, streams, switch = None, 1, None  # one packing thread per slot
+    if name != "default":
+        for change in name.split("+"):
+            key, _, value = change.partition("=")
+            if key == "pack_threads":
+                threads = int(value)
+            elif key == "slots":
+                settings = replace(settings, slots=int(value))
+            elif key == "compute_streams":
+                streams = int(value)
+            elif key == "switch_ms":
+                switch = float(value) / 1e3
+            else:
+                raise SystemExit(f"unknown variant change {change!r} in {name!r}: use "
+                                 "pack_threads=N, slots=N, compute_streams=N or switch_ms=X")
+    return name, settings, threads, streams, switch
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("outdir", type=Path)
@@ -216,6 +243,11 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true",
                    help="also one packing thread, 2 slots, 2 compute streams, and a 0.5 ms "
                    "switch interval")
+    p.add_argument("--variants", default="",
+                   help="comma-separated runs instead of default (+ --sweep's), each 'default' "
+                   "or '+'-joined changes: pack_threads=N, slots=N, compute_streams=N, "
+                   "switch_ms=X (e.g. default,compute_streams=2+switch_ms=0.5,default: a "
+                   "name given twice is run twice, which shows what the run's order costs)")
     p.add_argument("--pack-only", action="store_true",
                    help="only time one thread's packing (runs without a GPU: the engine's "
                    "bottleneck on the H200, so a CPU-measurable proxy); writes engine_pack.json")
@@ -240,15 +272,11 @@ def main() -> None:
     repeats = max(1, args.batches * args.batch // sum(r.num_candidates for r in ranking))
     results["pack_ms"] = pack_times(spec, full[0], ranking)
     print(f"one thread packing one 8192-row batch, ms: {results['pack_ms']}")
-    # (name, settings, packing threads, compute streams, interpreter switch interval)
-    variants = [("default", settings, None, 1, None)]  # one packing thread per slot
-    if args.sweep:  # (8 slots measured slower than 4 in earlier runs: replaced by streams)
-        variants += [("pack_threads=1", settings, 1, 1, None),
-                     ("slots=2", replace(settings, slots=2), None, 1, None),
-                     ("compute_streams=2", settings, None, 2, None),
-                     # a packing thread that gave the GIL up for a copy waits up to the
-                     # switch interval (5 ms) for a busy Python thread to hand it back
-                     ("switch_interval=0.5ms", settings, None, 1, 0.0005)]
+    if args.variants:
+        names = args.variants.split(",")
+    else:
+        names = ["default"] + (SWEEP if args.sweep else [])
+    variants = [variant(name, settings) for name in names]
     results["runs"] = []
     default_switch = sys.getswitchinterval()
     for name, run_settings, threads, streams, switch in variants:
@@ -257,7 +285,8 @@ def main() -> None:
         sys.setswitchinterval(switch or default_switch)
         traffics = [("full_batches", full, args.batches // 4), ("ranking_requests", ranking,
                                                                 repeats)]
-        if name == "default":  # as a single-process server hands them over: per feature
+        first_default = name == "default" and "full_batches" not in results
+        if first_default:  # as a single-process server hands them over: per feature
             traffics.append(("ranking_per_feature", wl.per_feature(ranking), repeats))
         for traffic, requests, times in traffics:
             try:  # one variant failing (a new option on this card) must not cost the rest
@@ -270,7 +299,7 @@ def main() -> None:
             if traffic in run:
                 print(summarize(name, traffic, run[traffic], results["pack_ms"]), flush=True)
         results["runs"].append(run)
-        if name == "default":
+        if first_default:
             results.update({k: run[k] for k in ("full_batches", "ranking_requests") if k in run})
         # after every variant, so a timeout keeps what was measured
         (args.outdir / "engine_gpu.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -78,6 +78,19 @@ def test_engine_gpu_summary_of_a_run():
     assert r["pack_in_engine_over_alone"] != r["pack_in_engine_over_alone"]  # nan
 
 
+def test_engine_gpu_variants_compose_from_their_names():
+    from engine_gpu import variant
+
+    base = SETTINGS
+    assert variant("default", base) == ("default", base, None, 1, None)
+    name, settings, threads, streams, switch = variant(
+        "slots=2+compute_streams=2+switch_ms=0.5+pack_threads=1", base)
+    assert (settings.slots, threads, streams, switch) == (2, 1, 2, 0.0005)
+    assert settings.max_batch_rows == base.max_batch_rows
+    with pytest.raises(SystemExit, match="unknown variant change 'warps=4'"):
+        variant("slots=2+warps=4", base)
+
+
 @pytest.mark.parametrize("via_hub", ["socket", "ring"])
 def test_engine_host_feeds_requests_through_the_hub(via_hub):
     """bench/engine_host.py's ``ranking_via_hub`` traffic: every request enters as a
