@@ -94,8 +94,8 @@ class SafeTuner:
             raise RuntimeError(f"{self.name}: every config failed for key {key}:\n  "
                                + "\n  ".join(errors))
         if errors:
-            warnings.warn(f"{self.name}: pruned {len(errors)} config(s) for key {key}: "
-                          + "; ".join(errors), stacklevel=2)
+            warnings.warn(f"{self.name}: pruned {len(errors)} of {len(configs)} config(s) for "
+                          f"key {_brief(key)}: " + "; ".join(errors), stacklevel=2)
         timings.sort(key=lambda t: t[0])
         self.timings[key] = timings
         best = timings[0][1]
@@ -113,13 +113,20 @@ class SafeTuner:
             except Exception as exc:  # noqa: BLE001 - a failing config falls through
                 if i == len(configs) - 1:
                     raise
-                warnings.warn(f"{self.name}: config {config} failed for key {key} "
+                warnings.warn(f"{self.name}: config {config} failed for key {_brief(key)} "
                               f"({type(exc).__name__}: {str(exc)[:200]}); trying the next",
                               stacklevel=3)
                 continue
             self.best[key] = config
             return config
         raise AssertionError("unreachable: configs is never empty")
+
+
+def _brief(key: tuple, limit: int = 160) -> str:
+    """A tuning key for a message: a gather's key holds every feature (26 for dlrmv2), which
+    buried the warning it was part of."""
+    text = repr(key)
+    return text if len(text) <= limit else text[:limit - 15] + f"... ({len(text)} chars)"
 
 
 def _bits_of(launch: Callable[[dict], None], config: dict,

@@ -360,9 +360,13 @@ def test_tuning_keeps_every_timing_fastest_first_and_prunes_failures(monkeypatch
 
     monkeypatch.setattr(_common.triton.testing, "do_bench", fake_bench)
     tuner = _common.SafeTuner("t", [{"v": v} for v in cost])
-    with pytest.warns(UserWarning, match="pruned 1 config"):
-        assert tuner.run(("k",), launch) == {"v": 1}
-    assert [(ms, c["v"]) for ms, c in tuner.timings[("k",)]] == [(1.5, 1), (2.0, 3), (3.0, 0)]
+    long_key = ("k",) + tuple(range(200))  # (a gather's key names every feature)
+    with pytest.warns(UserWarning, match=r"pruned 1 of 4 config\(s\) for key \('k', 0, 1,") as seen:
+        assert tuner.run(long_key, launch) == {"v": 1}
+    message = str(seen[0].message)
+    assert "199" not in message.split(": {")[0] and "chars)" in message  # the key, shortened
+    assert "{'v': 2}: RuntimeError: ptxas error" in message
+    assert [(ms, c["v"]) for ms, c in tuner.timings[long_key]] == [(1.5, 1), (2.0, 3), (3.0, 0)]
 
 
 @pytest.mark.parametrize("dim,stride,params_at", [(128, 144, 128), (37, 48, 40), (4, 16, 8)])
@@ -405,7 +409,7 @@ def test_tuning_drops_a_config_whose_output_differs(monkeypatch):
 
     monkeypatch.setattr(_common.triton.testing, "do_bench", fake_bench)
     tuner = _common.SafeTuner("t", [{"v": v} for v in cost])
-    with pytest.warns(UserWarning, match="pruned 2 config.*output differs"):
+    with pytest.warns(UserWarning, match="pruned 2 of 4 config.*output differs"):
         best = tuner.run(("k",), launch, outputs=lambda: [(out, float("nan"))])
     assert best == {"v": 3} and out.tolist() == [0.0, 1.0, 2.0, 3.0]
     assert [c["v"] for _, c in tuner.timings[("k",)]] == [3, 0]
