@@ -17,7 +17,10 @@
 # PYTEST_TIMEOUT_S (240), BENCH_TIMEOUT_S (120), VARIANTS_TIMEOUT_S (90), ENGINE_TIMEOUT_S (120),
 # SINGLE_TIMEOUT_S (60), LOAD_TIMEOUT_S (60), WORKERS_TIMEOUT_S (90; the step runs only when
 # the check has taken under WORKERS_BUDGET_S, 330, so far); RECSERVE_COMMIT (default: git HEAD; the device
-# copy of the tree has no .git, so pass it in).
+# copy of the tree has no .git, so pass it in); STEPS (default: every step; else the names
+# to run, e.g. "install pytest-gpu engine-bench": a short follow-up call).
+# The server step also runs the CPU engine on the same host (config ``cpu``): the demo model
+# is small enough that the host, not the device, decides its rate.
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 
@@ -32,6 +35,10 @@ START=$(date +%s)
 
 step() {  # step NAME CMD...: run, log exit code and wall seconds, never abort the script
     local name=$1; shift
+    if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then
+        echo "step $name skipped (not in STEPS)" | tee -a "$SUMMARY"
+        return 0
+    fi
     local t0; t0=$(date +%s)
     "$@"
     local rc=$?
@@ -103,12 +110,13 @@ step load-generator bash -c "RECSERVE_AUTOTUNE=0 timeout ${LOAD_TIMEOUT_S:-60} $
     tail -n 8 '$OUT/bench.log'; exit \$rc"
 
 # Only with time to spare (the whole check should leave room for a rerun): the server on the
-# card in one process and with 4 front-end worker processes (--workers), which has never run
-# on a GPU host; the table goes to bench.log (no file: OUTDIR is at its limit of 8).
+# card in one process and with 4 front-end worker processes (--workers), and the CPU engine on
+# the same host; the table goes to bench.log (no file: OUTDIR is at its limit of 8).
 if [ $(( $(date +%s) - START )) -lt "${WORKERS_BUDGET_S:-330}" ]; then
     step server-workers bash -c "RECSERVE_AUTOTUNE=0 timeout ${WORKERS_TIMEOUT_S:-90} $PY \
         bench/server.py --config 'engine=--device cuda' \
-        --config 'engine-4w=--device cuda --workers 4' --duration 3 --loads 0.5 \
+        --config 'engine-4w=--device cuda --workers 4' --config 'cpu=--device cpu' \
+        --duration 3 --loads 0.5 \
         >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 6 '$OUT/bench.log'; exit \$rc"
 else
     echo "step server-workers skipped: past ${WORKERS_BUDGET_S:-330} s" | tee -a "$SUMMARY"
