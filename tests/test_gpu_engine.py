@@ -18,19 +18,15 @@ pytestmark = pytest.mark.gpu
 SETTINGS = EngineSettings(max_batch_rows=1024, buckets=(128, 512, 1024), slots=3)
 
 
-def gpu_engine(use_graphs: bool = True, compute_streams: int = 1,
-               pack_threads: int | None = None) -> Engine:
+def gpu_engine(use_graphs: bool = True, compute_streams: int = 1) -> Engine:
     from recserve.engine.gpu_executor import GpuExecutor
 
     return Engine(SETTINGS, lambda s: GpuExecutor(s, "cuda", use_graphs=use_graphs,
-                                                  compute_streams=compute_streams,
-                                                  pack_threads=pack_threads))
+                                                  compute_streams=compute_streams))
 
 
-@pytest.mark.parametrize("use_graphs, compute_streams, pack_threads",
-                         [(True, 1, None), (False, 1, None), (True, 2, None), (True, 1, 0)])
-def test_engine_on_gpu_matches_reference_and_isolates_bad_ids(use_graphs, compute_streams,
-                                                              pack_threads):
+@pytest.mark.parametrize("use_graphs, compute_streams", [(True, 1), (False, 1), (True, 2)])
+def test_engine_on_gpu_matches_reference_and_isolates_bad_ids(use_graphs, compute_streams):
     spec = demo_spec()
     weights = init_weights(spec, seed=4)
     rng = np.random.default_rng(0)
@@ -42,7 +38,7 @@ def test_engine_on_gpu_matches_reference_and_isolates_bad_ids(use_graphs, comput
     reference = ReferenceModel(spec, weights)
 
     async def run():
-        async with gpu_engine(use_graphs, compute_streams, pack_threads) as engine:
+        async with gpu_engine(use_graphs, compute_streams) as engine:
             await engine.load("demo", 1, spec, weights)
             return await asyncio.gather(*(engine.score("demo", r) for r in requests),
                                         return_exceptions=True)
