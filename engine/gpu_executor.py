@@ -13,12 +13,7 @@ also autotunes every kernel for that shape. A batch goes through three streams:
                    retakes the GIL); one per slot measured best there with full batches
                    (bench/RESULTS.md). Requests from worker processes now arrive flat and
                    stage in one large copy each (``staging``), which releases the GIL for
-                   its length. ``pack_threads=0`` packs and issues inline on the thread that
-                   submits (the event loop): no thread takes the GIL from another mid-pack
-                   (each numpy copy gives it up, and taking it back beside a thread that runs
-                   Python waits up to the switch interval: a 0.28 ms pack took 17 ms beside a
-                   spinning thread on the CI machine), at the cost of the loop's time; a
-                   bench variant (bench/engine_gpu.py --variants pack_threads=0).
+                   its length: not yet measured on a card.
   copy-in stream:  used prefixes host -> device                      -> event h2d
   compute stream:  (waits h2d) cast dense, replay the bucket's graph   -> event compute
                    (``compute_streams`` > 1: batches take the compute streams in turn,
@@ -73,16 +68,14 @@ class GpuExecutor(Executor):
     def __init__(self, settings: EngineSettings, device: str = "cuda", *,
                  use_graphs: bool = True, pack_threads: int | None = None,
                  compute_streams: int = 1) -> None:
-        if pack_threads is not None and pack_threads < 0:
-            raise ValueError(f"pack_threads is {pack_threads}; expected 0 (pack on the "
-                             f"submitting thread) or more")
+        if pack_threads is not None and pack_threads < 1:
+            raise ValueError(f"pack_threads is {pack_threads}; expected at least 1")
         if not 1 <= compute_streams <= settings.slots:
             raise ValueError(f"compute_streams is {compute_streams}; expected 1 to the "
                              f"number of slots ({settings.slots})")
         self.compute_streams = compute_streams
         self.settings = settings
-        self.pack_threads = (default_pack_threads(settings.slots) if pack_threads is None
-                             else pack_threads)
+        self.pack_threads = pack_threads or default_pack_threads(settings.slots)
         self.device = torch.device(device)
         if self.device.index is None:  # set_device and streams need an explicit index
             self.device = torch.device(self.device.type, 0)
@@ -173,10 +166,7 @@ class GpuExecutor(Executor):
             if not self._free:
                 raise RuntimeError(f"all {self.settings.slots} slots are busy")
             slot = self._free.pop()
-        if self.pack_threads == 0:  # inline: pack and issue here, on the event loop
-            self._take(job, slot, done, self._now_ms())
-        else:
-            self._launch_q.put((job, slot, done, self._now_ms()))
+        self._launch_q.put((job, slot, done, self._now_ms()))
 
     def close(self) -> None:
         """Finish queued jobs, then stop both threads."""
@@ -202,16 +192,13 @@ class GpuExecutor(Executor):
     def _launcher(self) -> None:
         self._bind_thread()
         while (item := self._launch_q.get()) is not None:
-            self._take(*item)
-
-    def _take(self, job: Job, slot_index: int, done: Done, submitted: float) -> None:
-        """Pack and issue ``job`` in ``slot_index`` (on a launcher thread, or inline)."""
-        self._host_stage(job.plan.seq, "host_queue", submitted)
-        try:
-            self._launch(job, slot_index, done)
-        except Exception as exc:  # OOM or a bug: isolate per piece, keep serving
-            self._release(slot_index)
-            done(JobResult(job, self._fallback(job, exc)))
+            job, slot_index, done, submitted = item
+            self._host_stage(job.plan.seq, "host_queue", submitted)
+            try:
+                self._launch(job, slot_index, done)
+            except Exception as exc:  # OOM or a bug: isolate per piece, keep serving
+                self._release(slot_index)
+                done(JobResult(job, self._fallback(job, exc)))
 
     def _launch(self, job: Job, slot_index: int, done: Done) -> None:
         model: GpuModel = job.model

@@ -21,9 +21,7 @@ SETTINGS = EngineSettings(max_batch_rows=64, buckets=(16, 32, 64), slots=2,
                           max_queued_rows=100_000, aging_s=None)
 
 
-@pytest.mark.parametrize("pack_threads", [2, 0])
-def test_every_request_is_answered_through_the_real_launch_and_completion_threads(pack_threads):
-    """With launcher threads, or (0) packing and issuing inline on the event loop."""
+def test_every_request_is_answered_through_the_real_launch_and_completion_threads():
     spec = demo_spec()
     rng = np.random.default_rng(3)
     sizes = [int(n) for n in rng.integers(1, 150, 40)]  # some above 64 rows: split
@@ -31,16 +29,13 @@ def test_every_request_is_answered_through_the_real_launch_and_completion_thread
     executors: list[SimulatedGpuExecutor] = []
 
     def factory(settings):
-        executors.append(SimulatedGpuExecutor(settings, compute_ms=0.2,
-                                              pack_threads=pack_threads))
+        executors.append(SimulatedGpuExecutor(settings, compute_ms=0.2, pack_threads=2))
         executors[-1].timeline_limit = 100_000
         return executors[-1]
 
     async def main():
         async with Engine(SETTINGS, factory) as engine:
             await engine.load(spec.name, 1, spec, {})
-            launchers = [t for t in executors[0]._threads if "launch" in t.name]
-            assert len(launchers) == pack_threads  # 0: packed on this (the loop's) thread
             return await asyncio.gather(*(engine.score(spec.name, r) for r in requests))
 
     results = asyncio.run(main())
@@ -49,7 +44,7 @@ def test_every_request_is_answered_through_the_real_launch_and_completion_thread
         assert scores.shape[0] == n and not scores.any()  # the simulated device scores 0
     assert executor.free_slots() == SETTINGS.slots  # every slot came back
     stats = executor.stats()
-    assert stats["batches"] == executor.batches and stats["pack_threads"] == pack_threads
+    assert stats["batches"] == executor.batches and stats["pack_threads"] == 2
     assert 0 < stats["pack_ms"] < 60_000
     assert executor.batches >= -(-sum(sizes) // SETTINGS.max_batch_rows)
     stages: dict[int, dict[str, tuple[float, float]]] = {}
