@@ -103,7 +103,7 @@ def _embedding_jobs(quick: bool):
             sig = {n: "*i32" for n in eb._embedding_bag_kernel.arg_names if n.endswith("_ptr")}
             sig.update(table_ptr=_PTR[table], weights_ptr="*fp32",
                        out_ptr=_PTR[out], meta_ptr="*i64", out_stride="i32")
-            for cfg in eb.CONFIGS + (eb.INT8_CONFIGS if table == "u8" else []) + [None]:
+            for cfg in eb.CONFIGS + [None]:
                 # (ALIGN, PREFETCH): the launcher's candidates for dim-128 tables, for odd
                 # dims (no alignment hint), and (None) the proven fallback of the first run
                 variants = [(16, True)] if quick else [(16, True), (1, True)]

@@ -73,15 +73,6 @@ CONFIGS = [
     {"BAGS": 16, "LANES": 16, "UNROLL": 1, "STAGES": 4, "num_warps": 4},
     {"BAGS": 8, "LANES": 8, "UNROLL": 1, "STAGES": 4, "num_warps": 2},
 ]
-# int8 tables only: their rows (codes and inline scale/offset, 144 bytes) are about half a
-# bf16 row, yet the H100 and H200 gathered them no faster: the gather is bound by rows in
-# flight, not bytes. A 32-row tile costs an int8 program the registers of a 16-row bf16 one
-# (compile_check, sm_90: 80 registers, 6 programs per SM; with UNROLL 2 and 8 warps, 256
-# rows in flight per SM against 128). LANES stays 16, the first config's: the same sums.
-INT8_CONFIGS = [
-    {"BAGS": 32, "LANES": 16, "UNROLL": 1, "STAGES": 1, "num_warps": 4},
-    {"BAGS": 32, "LANES": 16, "UNROLL": 2, "STAGES": 1, "num_warps": 8},
-]
 # Switches for ``bench/kernel_variants.py``: both False give the kernel of the first H200
 # run (one element per load instruction, ids and rows loaded back to back). Whatever they
 # say, that proven kernel is also among the tuning candidates (see ``_candidates``).
@@ -143,12 +134,10 @@ def _embedding_bag_kernel(
 
 
 _tuner = SafeTuner("embedding_bag", CONFIGS)
-def _candidates(align: int, quantized: bool = False) -> list[dict]:
-    """Tuning candidates: every config (and for int8 tables ``INT8_CONFIGS``) with the
-    switches' variant, then the first H200 run's proven kernel, so a variant that fails to
-    compile on the card only loses speed."""
-    configs = CONFIGS + (INT8_CONFIGS if quantized else [])
-    out = [{**c, "ALIGN": align, "PREFETCH": PREFETCH and c["STAGES"] == 1} for c in configs]
+def _candidates(align: int) -> list[dict]:
+    """Tuning candidates: every config with the switches' variant, then the first H200
+    run's proven kernel, so a variant that fails to compile on the card only loses speed."""
+    out = [{**c, "ALIGN": align, "PREFETCH": PREFETCH and c["STAGES"] == 1} for c in CONFIGS]
     if align > 1 or PREFETCH:
         out.append({**CONFIGS[0], "ALIGN": 1, "PREFETCH": False})
     return out
@@ -224,7 +213,7 @@ def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices:
 
     key = (packed.dtype, block_d, weighted, features, num_rows, num_requests, out.dtype,
            indices.dtype, align, PREFETCH)
-    _tuner.run(key, launch, _candidates(align, packed.quantized), outputs)
+    _tuner.run(key, launch, _candidates(align), outputs)
     return bad
 
 
