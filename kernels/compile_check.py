@@ -129,11 +129,8 @@ def _linear_jobs(quick: bool):
     for dtype in (["bf16"] if quick else ["bf16", "fp16", "fp32"]):
         for flags in variants:
             # the launcher's candidates for this dtype (FINAL: the 256-wide last layer)
-            extra = [c for c in li._cross_configs(None) if li._fits(c, 4 if dtype == "fp32"
-                                                                   else 2)] \
-                if flags["CROSS"] else []
             for c in li._configs(256 if flags["FINAL"] else None, None,
-                                 4 if dtype == "fp32" else 2) + extra:
+                                 4 if dtype == "fp32" else 2):
                 sig = {n: _PTR[dtype] for n in li._linear_kernel.arg_names if n.endswith("_ptr")}
                 sig.update(a_rows_ptr="*i32", add_rows_ptr="*i32", fact_ptr="*i32",
                            bf_ptr="*fp32", part_ptr="*fp32",

@@ -41,16 +41,6 @@ _GPU_CONFIGS = [
     # 4x more programs than with 64x128 (split-K configs are added per call, see linear)
     {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
 ]
-# Cross layers at large M (DCNv2's V: K = 512, then an epilogue that reads x0 and x, as many
-# bytes as the output): on the H100 the best general config (64x128, 4 warps) ran V at 1.7x
-# its 59 us memory floor with 8 warps per SM (220 registers a thread: 2 programs). These
-# keep 16 warps per SM (compile_check: 8 warps at ~120 registers, or a 2-stage 64x64) so
-# more of the epilogue's loads are in flight; the tuner keeps whichever is fastest.
-_CROSS_CONFIGS = [
-    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
-    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
-    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
-]
 _CPU_CONFIGS = [{"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}]
 _tuner = SafeTuner("linear", _GPU_CONFIGS)
 
@@ -200,14 +190,6 @@ def _splits_k(m: int, k: int) -> bool:
     return not interpreting() and m <= 1024 and k >= 1024
 
 
-def _cross_configs(m: int | None) -> list[dict]:
-    """The extra candidates of a cross layer with ``m`` rows (None: any; none on the
-    interpreter, which tunes nothing)."""
-    from ._common import interpreting
-
-    return [] if interpreting() or (m is not None and m <= 1024) else list(_CROSS_CONFIGS)
-
-
 def _fits(c: dict, elsize: int) -> bool:
     """Whether a config's pipeline buffers fit Hopper's 227 KB of shared memory (the
     compiled kernels use num_stages - 1 buffers of A and W tiles, as compile_check saw;
@@ -344,7 +326,6 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            add is not None, cross is not None, a.stride(), weight.stride(), out.stride())
     candidates = _configs(n if final is not None else None, m, a.element_size())
     if cross is not None:  # both epilogue orders compete; the card's tuner keeps the faster
-        candidates = candidates + _cross_configs(m)
         candidates = candidates + [{**c, "EPILOGUE_FIRST": True} for c in candidates]
     if _splits_k(m, k) and final is None and cross is None and add is None and a_rows is None:
         # few rows, long K (at B=512 the 3456-wide layers ran on ~128 programs, each walking
