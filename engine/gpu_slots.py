@@ -102,8 +102,11 @@ def device_step(model: GpuModel, slot: SlotState, bucket: int) -> tuple[torch.Te
 
 
 def capture(step, pool, device: torch.device):
-    """``step`` warmed up (autotuning its kernels) and captured: (graph, scores, bad)."""
+    """``step`` warmed up (autotuning its kernels), captured and replayed once: (graph,
+    scores, bad). A graph's first launch also uploads it to the device; doing that here
+    keeps it out of the first request that lands in this slot and bucket."""
     from recserve.kernels.model import capture_graph
 
     graph, (scores, bad) = capture_graph(step, pool=pool, device=device)
+    graph.replay()
     return graph, scores, bad
