@@ -107,7 +107,7 @@ step engine-vs-single bash -c "timeout ${SINGLE_TIMEOUT_S:-60} $PY bench/engine.
 # captures a graph per bucket and slot at start, and tuning each shape would take this
 # step's time (the benches above measure tuned kernels).
 step load-generator bash -c "RECSERVE_AUTOTUNE=0 timeout ${LOAD_TIMEOUT_S:-60} $PY bench/load.py \
-    --start --baseline --serve-args '--device cuda' --concurrency 8,64 --rate 1000 \
+    --start --baseline --serve-args '--device cuda --workers 1' --concurrency 8,64 --rate 1000 \
     --duration 3 --quiet --json '$OUT/load.json' >> '$OUT/bench.log' 2>&1; rc=\$?; \
     tail -n 8 '$OUT/bench.log'; exit \$rc"
 
@@ -116,8 +116,8 @@ step load-generator bash -c "RECSERVE_AUTOTUNE=0 timeout ${LOAD_TIMEOUT_S:-60} $
 # the same host; the table goes to bench.log (no file: OUTDIR is at its limit of 8).
 if [ $(( $(date +%s) - START )) -lt "${WORKERS_BUDGET_S:-420}" ]; then
     step server-workers bash -c "RECSERVE_AUTOTUNE=0 timeout ${WORKERS_TIMEOUT_S:-90} $PY \
-        bench/server.py --config 'engine=--device cuda' \
-        --config 'engine-4w=--device cuda --workers 4' --config 'cpu=--device cpu' \
+        bench/server.py --config 'engine=--device cuda --workers 1' \
+        --config 'engine-4w=--device cuda --workers 4' --config 'cpu=--device cpu --workers 1' \
         --duration 3 --loads 0.5 \
         >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 6 '$OUT/bench.log'; exit \$rc"
 else

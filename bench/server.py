@@ -35,9 +35,9 @@ import numpy as np
 from recserve.engine.demo import build_demo_repository, demo_request, demo_spec, ranking_candidates
 from recserve.server.codec import HEADER, FrameDecoder, encode_message
 
-DEFAULT_CONFIGS = ["one-at-a-time=--one-at-a-time --device cpu", "engine=--device cpu",
-                   "engine-2w=--device cpu --workers 2", "null=--device null",
-                   "null-2w=--device null --workers 2"]
+DEFAULT_CONFIGS = ["one-at-a-time=--one-at-a-time --device cpu",
+                   "engine=--device cpu --workers 1", "engine-2w=--device cpu --workers 2",
+                   "null=--device null --workers 1", "null-2w=--device null --workers 2"]
 
 
 def request_bodies(count: int, seed: int) -> tuple[list[bytes], list[int]]:

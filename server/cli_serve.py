@@ -65,13 +65,16 @@ examples:
                    help="on SIGTERM/SIGINT, wait this long for accepted requests to be "
                    "answered, then exit 0; a second signal exits at once (default: "
                    "%(default)s)")
-    p.add_argument("--workers", type=int, default=1, metavar="W",
+    p.add_argument("--workers", type=int, default=None, metavar="W",
                    help="front-end processes: with W > 1, W worker processes share the port "
                    "(SO_REUSEPORT), decode and validate requests and hand them to this "
                    "process's one engine; limits on connections and requests in flight are "
-                   "split among them. Worth it on a CPU host too: on 2 cores, --workers 2 "
-                   "held 2000 requests/s where one process fell behind (bench/RESULTS.md) "
-                   "(default: %(default)s: one process does all)")
+                   "split among them; 1: one process does all (the lowest latency at low "
+                   "load). On an H100 host 4 workers served 1.6x one process; on 2 cores, "
+                   "--workers 2 held 2000 requests/s where one process fell behind "
+                   "(bench/RESULTS.md) (default: one per 4 cores this process may use, counting "
+                   "its affinity and CPU quota, at most 4; so 1 below 8 cores, and with "
+                   "--one-at-a-time)")
     p.add_argument("--worker-ring-mb", type=int, default=DEFAULT_RING_BYTES >> 20,
                    metavar="MB",
                    help="with --workers: shared memory per worker through which requests' "
@@ -164,6 +167,7 @@ def run_serve(args: argparse.Namespace) -> int:
                           drain_s=args.drain_seconds,
                           admin_token=os.environ.get("RECSERVE_ADMIN_TOKEN") or None)
     # torch comes in with the backend: imported only by the commands that need it.
+    from .cores import default_workers
     from .serving import ServeOptions, engine_settings, resolve_device, serve
 
     repo = args.model_repo
@@ -178,7 +182,9 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = engine_settings(device, args.max_batch_rows, args.buckets, args.slots,
                                args.max_queued_rows, args.fill_wait_ms, args.aging_ms)
     options = ServeOptions(repo, device, settings, args.one_at_a_time, args.torch_threads,
-                           args.metrics_host, args.metrics_port, args.workers,
+                           args.metrics_host, args.metrics_port,
+                           default_workers(args.one_at_a_time) if args.workers is None
+                           else args.workers,
                            args.log_level.upper(), args.pack_threads, args.compute_streams,
                            args.worker_ring_mb)
     import uvloop  # the event loop is chosen here only, never on import

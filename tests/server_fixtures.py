@@ -156,9 +156,11 @@ def wait_for(predicate, timeout: float = 30.0) -> bool:
 
 def start_serve(repo, *args: str, env: dict | None = None):
     """`recserve serve` on a free port; (process, port) once ready; stderr keeps draining
-    into ``process.log`` (``process.reader`` is the thread doing it)."""
+    into ``process.log`` (``process.reader`` is the thread doing it). One process unless
+    ``args`` say ``--workers`` (the default depends on the machine's cores)."""
     proc = subprocess.Popen([sys.executable, "-m", "recserve.server.cli", "serve", "--port", "0",
-                             "--device", "cpu", "--model-repo", str(repo), *args],
+                             "--device", "cpu", "--model-repo", str(repo), "--workers", "1",
+                             *args],
                             stderr=subprocess.PIPE, text=True, env=env)
     lines, port = [], None
     for line in proc.stderr:

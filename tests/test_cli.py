@@ -348,6 +348,40 @@ def test_cpu_torch_threads_leave_cores_to_the_event_loop_and_the_workers(monkeyp
     assert cpu_torch_threads() == 1 and cpu_torch_threads(8) == 1  # never below one
 
 
+def test_workers_default_to_one_per_four_cores_up_to_four(monkeypatch, tmp_path):
+    from recserve.server import cores
+    from recserve.server.cores import available_cores, cgroup_cpu_quota, default_workers
+
+    assert [default_workers(cores=c) for c in (1, 2, 4, 7, 8, 12, 16, 64)] == \
+        [1, 1, 1, 1, 2, 3, 4, 4]
+    assert default_workers(one_at_a_time=True, cores=64) == 1  # the baseline: one process
+    monkeypatch.setattr(cores.os, "sched_getaffinity", lambda pid: set(range(16)),
+                        raising=False)
+    monkeypatch.setattr(cores, "CGROUP_ROOT", tmp_path)  # (the default root)
+    assert cgroup_cpu_quota() is None and available_cores() == 16 and default_workers() == 4
+    (tmp_path / "cpu.max").write_text("max 100000\n")  # cgroup v2, no quota
+    assert available_cores(tmp_path) == 16
+    (tmp_path / "cpu.max").write_text("250000 100000\n")  # a 2.5-CPU limit
+    assert cgroup_cpu_quota(tmp_path) == 2.5 and available_cores(tmp_path) == 3
+    assert default_workers() == 1  # one process: the quota, not the 16 cores, counts
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()  # cgroup v1
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_quota(tmp_path) is None
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("800000\n")
+    assert available_cores(tmp_path) == 8 and default_workers(cores=8) == 2
+    assert build_parser().parse_args(["serve"]).workers is None  # resolved at start
+    assert build_parser().parse_args(["serve", "--workers", "1"]).workers == 1
+
+
+def test_serve_refuses_zero_workers(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "recserve.server.cli", "serve", "--port", "0",
+                             "--device", "cpu", "--workers", "0", "--model-repo", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "workers is 0" in result.stderr
+
+
 def test_worker_ring_size_is_parsed_and_checked(tmp_path):
     from recserve.server.serving import ServeOptions
 
