@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .spec import ModelSpec
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch only for collate's Batch: worker processes never import it
+    import torch
+
     from .flat import FlatSparse
 
 
@@ -82,6 +83,8 @@ class Batch:
 
 def collate(spec: ModelSpec, requests: list[RequestInputs]) -> Batch:
     """Pack ``requests`` (already validated against ``spec``) into one Batch."""
+    import torch
+
     if not requests:
         raise ValueError("collate needs at least one request")
     counts = np.array([r.num_candidates for r in requests], dtype=np.int64)

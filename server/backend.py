@@ -17,17 +17,18 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import torch
 
 from recserve.engine.inputs import RequestInputs, collate
-from recserve.engine.reference import ReferenceModel
 from recserve.engine.scheduler import Priority
 from recserve.engine.spec import ModelSpec
 
 from .errors import DeadlineExceeded, NotFound, RecserveError
+
+if TYPE_CHECKING:  # torch comes with ReferenceBackend only: worker processes never load it
+    from recserve.engine.reference import ReferenceModel
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +98,8 @@ class ReferenceBackend:
     """
 
     def __init__(self, models: Any, device: str = "cpu") -> None:
+        from recserve.engine.reference import ReferenceModel
+
         self._handles: dict[tuple[str, int], ModelHandle] = {}
         self._models: dict[tuple[str, int], ReferenceModel] = {}
         for loaded in models:
@@ -184,6 +187,8 @@ def _forward(model: ReferenceModel, inputs: RequestInputs, deadline: float | Non
     if deadline is not None and time.monotonic() > deadline:
         # It waited in the queue past its deadline: skip the work nobody will read.
         raise DeadlineExceeded(message="deadline passed while queued")
+    import torch
+
     batch = collate(model.spec, [inputs])
     with torch.inference_mode():
         scores = model.forward(batch).float().cpu().numpy()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -295,3 +297,12 @@ def test_each_worker_gets_its_share_of_the_limits():
     assert (one.port, one.max_connections, one.max_in_flight) == (7123, 16, 3)
     assert one.admin_token is None  # admin ops are forwarded to the engine process
     assert one.max_read_buffer_bytes == 1 << 20  # never below one whole frame
+
+
+def test_a_worker_process_does_not_load_torch():
+    """Workers decode, validate and hand over numpy arrays: importing one must not pull
+    torch in (about 190 MB and a second of start-up per worker, and serve starts up to 4
+    by default)."""
+    code = ("import sys, recserve.server.worker, recserve.server.channel; "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
