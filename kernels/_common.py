@@ -15,6 +15,7 @@ GPU, the first that compiles and launches). A kernel whose configs all compute t
 bits (the gather: same sums, same order) passes ``outputs``: every config's result is
 then compared bit for bit with the first one's before it is timed, and a config that
 differs (a miscompile that still runs) is dropped like one that fails to compile.
+With ``RECSERVE_TUNING_CACHE`` set, picks persist across processes (``tuning_cache``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import triton  # noqa: E402  (must come after the interpreter switch above)
+
+from .tuning_cache import shared_cache  # noqa: E402
 
 
 def interpreting() -> bool:
@@ -72,6 +75,18 @@ class SafeTuner:
             configs = configs[:1]  # tests exercise the first config; a failure must show
         if len(configs) == 1 or os.environ.get("RECSERVE_AUTOTUNE") == "0":
             return self._first_that_runs(key, launch, configs)
+        cache = shared_cache()
+        cached = cache.get(self.name, key) if cache is not None else None
+        if cached is not None and cached in configs:
+            try:  # tuned by an earlier process for this card, compiler and kernel source
+                launch(cached)
+            except Exception as exc:  # noqa: BLE001 - then tune as if it were not there
+                warnings.warn(f"{self.name}: cached config {cached} failed for key "
+                              f"{_brief(key)} ({type(exc).__name__}); tuning again",
+                              stacklevel=2)
+            else:
+                self.best[key] = cached
+                return cached
         timings = []
         errors = []
         reference = None
@@ -100,6 +115,8 @@ class SafeTuner:
         self.timings[key] = timings
         best = timings[0][1]
         self.best[key] = best
+        if cache is not None:
+            cache.put(self.name, key, best)
         launch(best)  # leave the outputs of the chosen config in place
         return best
 

@@ -136,6 +136,12 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
                    "(default: 1; 2 lets one batch's gather run beside the previous batch's "
                    "matrix products: measure it on your card with bench/engine_gpu.py "
                    "--sweep first)")
+    g.add_argument("--tuning-cache", metavar="FILE",
+                   help="where kernel autotuning picks are kept for the next start on the same "
+                   "kind of card (a cold start tunes every kernel for every bucket: a minute "
+                   "or two; with this file and Triton's compile cache, seconds); an empty "
+                   "value keeps none (default: $RECSERVE_TUNING_CACHE, else tuning.json in "
+                   "the cache folder, ~/.cache/recserve)")
     g.add_argument("--torch-threads", type=int, metavar="N",
                    help="torch intra-op threads of the CPU executor (default: the cores "
                    "torch would use, less one for the event loop and one per --workers "
@@ -152,6 +158,18 @@ def _int_tuple(text: str) -> tuple[int, ...]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of ints"
                                          ) from None
+
+
+def tuning_cache_path(flag: str | None) -> str:
+    """The autotuning cache file for ``--tuning-cache`` (None: not given): the flag, else
+    $RECSERVE_TUNING_CACHE, else tuning.json in the cache folder; "" for none."""
+    if flag is not None:
+        return flag
+    if "RECSERVE_TUNING_CACHE" in os.environ:
+        return os.environ["RECSERVE_TUNING_CACHE"]
+    from .cli import default_cache_dir
+
+    return str(default_cache_dir() / "tuning.json")
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -178,6 +196,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
         repo = default_cache_dir() / "models"
         logging.getLogger("recserve").info("demo model: %s", build_demo_repository(repo))
+    os.environ["RECSERVE_TUNING_CACHE"] = tuning_cache_path(args.tuning_cache)
     device = resolve_device(args.device)
     settings = engine_settings(device, args.max_batch_rows, args.buckets, args.slots,
                                args.max_queued_rows, args.fill_wait_ms, args.aging_ms)

@@ -375,6 +375,19 @@ def test_workers_default_to_one_per_four_cores_up_to_four(monkeypatch, tmp_path)
     assert build_parser().parse_args(["serve", "--workers", "1"]).workers == 1
 
 
+def test_the_tuning_cache_defaults_to_the_cache_folder(monkeypatch, tmp_path):
+    from recserve.server.cli_serve import tuning_cache_path
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("RECSERVE_TUNING_CACHE", raising=False)
+    assert tuning_cache_path(None) == str(tmp_path / "recserve" / "tuning.json")
+    monkeypatch.setenv("RECSERVE_TUNING_CACHE", "/elsewhere/t.json")
+    assert tuning_cache_path(None) == "/elsewhere/t.json"
+    assert tuning_cache_path("") == ""  # none
+    assert build_parser().parse_args(["serve", "--tuning-cache", "x.json"]).tuning_cache == \
+        "x.json"
+
+
 def test_serve_refuses_zero_workers(tmp_path):
     result = subprocess.run([sys.executable, "-m", "recserve.server.cli", "serve", "--port", "0",
                              "--device", "cpu", "--workers", "0", "--model-repo", str(tmp_path)],
