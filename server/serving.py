@@ -222,7 +222,31 @@ async def create_backend(options: ServeOptions):
     engine = Engine(settings, executor_factory(device, threads, options.pack_threads,
                                                options.compute_streams))
     await engine.start()
+    log.info("engine on %s: %s", device, describe(device, settings, options, threads,
+                                                   engine.stats()["executor"]))
     return EngineBackend(engine)
+
+
+def describe(device: str, settings: EngineSettings, options: ServeOptions,
+             torch_threads: int | None, executor: dict) -> str:
+    """The settings in effect on ``device``, defaults resolved, for the start-up log."""
+    parts = [f"batches up to {settings.max_batch_rows} rows in buckets "
+             f"{','.join(map(str, settings.buckets))}", f"{settings.slots} slot(s)",
+             f"queue bound {settings.max_queued_rows} rows",
+             f"fill wait {settings.fill_wait_s * 1e3:g} ms",
+             "strict priority" if settings.aging_s is None
+             else f"aging {settings.aging_s * 1e3:g} ms",
+             f"{options.workers} front-end worker(s)" if options.workers > 1
+             else "one process (no front-end workers)"]
+    if torch_threads is not None:
+        parts.append(f"{torch_threads} torch thread(s)")
+    for key in ("pack_threads", "compute_streams"):
+        if key in executor:
+            parts.append(f"{key.replace('_', ' ')} {executor[key]}")
+    tuning = os.environ.get("RECSERVE_TUNING_CACHE")
+    if device == "cuda" and tuning is not None:
+        parts.append(f"tuning cache {tuning or 'off'}")
+    return ", ".join(parts)
 
 
 async def load_models(backend, repo_root: Path) -> None:

@@ -388,6 +388,19 @@ def test_the_tuning_cache_defaults_to_the_cache_folder(monkeypatch, tmp_path):
         "x.json"
 
 
+def test_the_start_up_log_names_the_settings_in_effect(tmp_path, monkeypatch):
+    from recserve.server.serving import DEVICE_DEFAULTS, ServeOptions, describe
+
+    monkeypatch.setenv("RECSERVE_TUNING_CACHE", "")
+    cpu = describe("cpu", DEVICE_DEFAULTS["cpu"], ServeOptions(tmp_path, "cpu"), 3, {})
+    assert "buckets 256,512,1024,2048" in cpu and "one process" in cpu
+    assert "3 torch thread(s)" in cpu and "tuning" not in cpu
+    gpu = describe("cuda", DEVICE_DEFAULTS["cuda"], ServeOptions(tmp_path, "cuda", workers=4),
+                   None, {"pack_threads": 4, "compute_streams": 1})
+    assert "4 front-end worker(s)" in gpu and "pack threads 4" in gpu
+    assert "tuning cache off" in gpu and "torch thread" not in gpu
+
+
 def test_serve_refuses_zero_workers(tmp_path):
     result = subprocess.run([sys.executable, "-m", "recserve.server.cli", "serve", "--port", "0",
                              "--device", "cpu", "--workers", "0", "--model-repo", str(tmp_path)],
