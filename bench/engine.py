@@ -36,7 +36,7 @@ from recserve.engine.reference import ReferenceModel
 from recserve.engine.scheduler import EngineError
 from recserve.engine.weights import init_weights
 from recserve.server.app import freeze_heap
-from recserve.server.serving import engine_settings
+from recserve.server.serve_options import engine_settings
 
 
 def percentiles(latencies: list[float]) -> dict[str, float]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from .client import DEFAULT_HOST, DEFAULT_PORT
 from .codec import DEFAULT_MAX_FRAME
 from .config import ServerConfig
-from .serving import DEFAULTS_NOTE, DEVICE_DEFAULTS, DEVICES
+from .serve_options import DEFAULTS_NOTE, DEVICE_DEFAULTS, DEVICES
 from .shared_ring import DEFAULT_RING_BYTES
 
 
@@ -186,7 +186,8 @@ def run_serve(args: argparse.Namespace) -> int:
                           admin_token=os.environ.get("RECSERVE_ADMIN_TOKEN") or None)
     # torch comes in with the backend: imported only by the commands that need it.
     from .cores import default_workers
-    from .serving import ServeOptions, engine_settings, resolve_device, serve
+    from .serve_options import ServeOptions, engine_settings, resolve_device
+    from .serving import serve
 
     repo = args.model_repo
     if repo is None:

@@ -198,7 +198,7 @@ def test_serve_refuses_an_empty_repository(tmp_path):
 
 
 def test_engine_settings_follow_the_device_defaults_and_overrides():
-    from recserve.server.serving import DEVICE_DEFAULTS, engine_settings
+    from recserve.server.serve_options import DEVICE_DEFAULTS, engine_settings
 
     assert engine_settings("cpu") == DEVICE_DEFAULTS["cpu"]
     assert engine_settings("cuda") == DEVICE_DEFAULTS["cuda"]
@@ -218,7 +218,8 @@ def test_engine_settings_follow_the_device_defaults_and_overrides():
 
 def test_pack_threads_reach_the_gpu_executor(tmp_path):
     from recserve.engine.settings import EngineSettings
-    from recserve.server.serving import ServeOptions, executor_factory
+    from recserve.server.serve_options import ServeOptions
+    from recserve.server.serving import executor_factory
 
     args = build_parser().parse_args(["serve", "--pack-threads", "3"])
     assert args.pack_threads == 3
@@ -236,7 +237,8 @@ def test_pack_threads_reach_the_gpu_executor(tmp_path):
 
 def test_compute_streams_reach_the_gpu_executor(tmp_path):
     from recserve.engine.settings import EngineSettings
-    from recserve.server.serving import ServeOptions, executor_factory
+    from recserve.server.serve_options import ServeOptions
+    from recserve.server.serving import executor_factory
 
     args = build_parser().parse_args(["serve", "--compute-streams", "2"])
     assert args.compute_streams == 2
@@ -269,7 +271,8 @@ def test_open_backend_engine_or_one_at_a_time(tmp_path):
 
     from recserve.engine.demo import build_demo_repository, demo_spec, random_inputs
     from recserve.server.backend import EngineBackend, ReferenceBackend
-    from recserve.server.serving import ServeOptions, engine_settings, open_backend
+    from recserve.server.serve_options import ServeOptions, engine_settings
+    from recserve.server.serving import open_backend
 
     build_demo_repository(tmp_path)
     inputs = random_inputs(demo_spec(), np.random.default_rng(1), 9)
@@ -299,7 +302,8 @@ def test_the_null_device_answers_zeros_without_scoring(tmp_path):
     import numpy as np
 
     from recserve.engine.demo import build_demo_repository, demo_spec, random_inputs
-    from recserve.server.serving import ServeOptions, open_backend
+    from recserve.server.serve_options import ServeOptions
+    from recserve.server.serving import open_backend
 
     build_demo_repository(tmp_path)
 
@@ -389,7 +393,8 @@ def test_the_tuning_cache_defaults_to_the_cache_folder(monkeypatch, tmp_path):
 
 
 def test_the_start_up_log_names_the_settings_in_effect(tmp_path, monkeypatch):
-    from recserve.server.serving import DEVICE_DEFAULTS, ServeOptions, describe
+    from recserve.server.serve_options import DEVICE_DEFAULTS, ServeOptions
+    from recserve.server.serving import describe
 
     monkeypatch.setenv("RECSERVE_TUNING_CACHE", "")
     cpu = describe("cpu", DEVICE_DEFAULTS["cpu"], ServeOptions(tmp_path, "cpu"), 3, {})
@@ -409,7 +414,7 @@ def test_serve_refuses_zero_workers(tmp_path):
 
 
 def test_worker_ring_size_is_parsed_and_checked(tmp_path):
-    from recserve.server.serving import ServeOptions
+    from recserve.server.serve_options import ServeOptions
 
     assert build_parser().parse_args(["serve"]).worker_ring_mb == 64
     assert build_parser().parse_args(["serve", "--worker-ring-mb", "0"]).worker_ring_mb == 0

@@ -1,0 +1,124 @@
+"""``recserve serve``'s choices: the devices, each device's engine defaults, ``ServeOptions``
+(what the command line chose, checked) and the engine settings they make.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from recserve.engine.settings import EngineSettings
+
+from .shared_ring import DEFAULT_RING_BYTES
+
+DEVICES = ("auto", "cpu", "cuda", "null")
+
+# Per-device engine defaults. cuda: the engine's own (a CUDA graph per bucket, 2 slots so
+# one batch copies while another computes). cpu: measured on a 2-core machine with
+# bench/server.py (demo model, ranking traffic over loopback); see DEFAULTS_NOTE.
+DEVICE_DEFAULTS = {
+    "cuda": EngineSettings(),
+    "cpu": EngineSettings(max_batch_rows=2048, buckets=(256, 512, 1024, 2048), slots=1),
+    "null": EngineSettings(max_batch_rows=2048, buckets=(256, 512, 1024, 2048), slots=1),
+}
+# Measured 2026-11-26 with bench/server.py (2 load processes, 32 in flight, other jobs on the
+# machine; each setting twice): 1 slot, 2048 rows: 2260-2285 req/s closed loop, p99 9-10 ms
+# at half of that offered (Poisson), no refusals at 0.8. 4096 rows: 2568 req/s (+13%) but
+# p99 14-20 ms at half load and refusals at 0.8. 2 slots: 1980-2290 req/s, p99 15-31 ms at
+# half load (two batches' torch threads fight over 2 cores). A fill wait only added latency
+# in earlier runs: under load the queue fills batches by itself.
+DEFAULTS_NOTE = ("on cpu: 1 slot, batches up to 2048 rows, no fill wait, chosen from "
+                 "bench/server.py runs on 2 cores")
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    """How ``recserve serve`` scores requests."""
+
+    repo: Path
+    """Model repository; the highest version of every model in it is served."""
+    device: str = "auto"
+    """``cpu``, ``cuda``, or ``auto`` (cuda when torch sees a GPU)."""
+    settings: EngineSettings | None = None
+    """Engine batching settings (None: the device's defaults; unused with one_at_a_time)."""
+    one_at_a_time: bool = False
+    """Score with the reference model one request at a time (the benchmark baseline)."""
+    torch_threads: int | None = None
+    """Intra-op threads of the CPU executor; None keeps torch's default."""
+    metrics_host: str = "127.0.0.1"
+    """Address of the Prometheus endpoint."""
+    metrics_port: int | None = None
+    """Port of the Prometheus endpoint; None: no endpoint."""
+    workers: int = 1
+    """Front-end processes: 1 serves from this process; more start that many worker
+    processes that parse and validate, and keep only the engine here (``hub``)."""
+    log_level: str = "INFO"
+    """Log level of worker processes."""
+    pack_threads: int | None = None
+    """Host threads packing batches for the GPU executor; None: one per slot."""
+    compute_streams: int = 1
+    """CUDA streams the GPU executor's batches take in turn (at most the slots; the CPU and
+    null executors have none and ignore it)."""
+    worker_ring_mb: int = DEFAULT_RING_BYTES >> 20
+    """Shared memory per worker process for requests' arrays (``shared_ring``); 0: they
+    travel through the worker's socket."""
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"ServeOptions.device is {self.device!r}; expected one of {DEVICES}")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or not (
+                1 <= self.workers <= 256):
+            raise ValueError(f"ServeOptions.workers is {self.workers!r}; expected 1..256")
+        for name in ("torch_threads", "pack_threads", "compute_streams"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"ServeOptions.{name} is {value!r}; expected a positive int "
+                                 "or None")
+        if (isinstance(self.worker_ring_mb, bool) or not isinstance(self.worker_ring_mb, int)
+                or not 0 <= self.worker_ring_mb <= 1 << 16):
+            raise ValueError(f"ServeOptions.worker_ring_mb is {self.worker_ring_mb!r}; "
+                             "expected 0..65536")
+        slots = (self.settings or DEVICE_DEFAULTS["cuda"]).slots
+        if self.device == "cuda" and self.compute_streams > slots:  # (others: no streams)
+            raise ValueError(f"{self.compute_streams} compute streams for {slots} slots: a "
+                             "stream without a batch to run is of no use; raise --slots")
+
+
+def engine_settings(device: str, max_batch_rows: int | None = None,
+                    buckets: tuple[int, ...] | None = None, slots: int | None = None,
+                    max_queued_rows: int | None = None,
+                    fill_wait_ms: float | None = None,
+                    aging_ms: float | None = None) -> EngineSettings:
+    """``device``'s default settings with the given values replacing them.
+
+    ``max_batch_rows`` alone trims (or extends) the default buckets to end at it;
+    ``buckets`` alone sets ``max_batch_rows`` to its last entry; ``aging_ms`` 0 turns
+    aging off (strict priority).
+    """
+    base = DEVICE_DEFAULTS[device]
+    if buckets is None:
+        buckets = base.buckets
+        if max_batch_rows is not None:
+            buckets = tuple(b for b in buckets if b < max_batch_rows) + (max_batch_rows,)
+    if max_batch_rows is None:
+        max_batch_rows = buckets[-1] if buckets else base.max_batch_rows
+    return EngineSettings(
+        max_batch_rows=max_batch_rows, buckets=tuple(buckets),
+        slots=base.slots if slots is None else slots,
+        max_queued_rows=base.max_queued_rows if max_queued_rows is None else max_queued_rows,
+        fill_wait_s=base.fill_wait_s if fill_wait_ms is None else fill_wait_ms / 1e3,
+        aging_s=base.aging_s if aging_ms is None else (aging_ms / 1e3 or None))
+
+
+def resolve_device(device: str) -> str:
+    """``cpu`` or ``cuda`` for a ``--device`` value; ``cuda`` without a GPU is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "null":
+        return device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA device")
+    return device
