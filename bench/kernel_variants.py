@@ -19,6 +19,8 @@ multi-hot), most important first, each measurement guarded so one failure loses 
 Then the configs the tuners chose. Writes OUTDIR/kernel_variants.json after every record,
 prints a table; exit status 1 when any correctness check failed (they print FAIL loudly).
 ``--untuned`` sets RECSERVE_AUTOTUNE=0 (first config of each kernel: far fewer compiles).
+``--sections forward`` skips the gather and int8 sections (a short follow-up call);
+``--cross-configs`` also tunes the cross layers' opt-in candidates (``linear.CROSS_CANDIDATES``).
 Cost on a cold card: tuning compiles ~15 gather and ~50 GEMM configs (1-2 s each), so
 expect about 2-3 minutes tuned, under a minute with ``--untuned``; measurements stop
 starting after ``--budget-s``, and the JSON holds everything measured until then.
@@ -243,9 +245,20 @@ def main() -> int:
     ap.add_argument("--untuned", action="store_true", help="RECSERVE_AUTOTUNE=0")
     ap.add_argument("--all-variants", action="store_true",
                     help="also the 'aligned' gather (without the id prefetch)")
+    ap.add_argument("--cross-configs", action="store_true",
+                    help="also tune the DCNv2 cross layers' opt-in candidates "
+                    "(linear.CROSS_CANDIDATES: more warps per SM for V's epilogue)")
+    ap.add_argument("--sections", default="gather,int8,forward",
+                    help="what to measure, comma-separated: gather, int8, forward (default: "
+                    "all; 'forward' alone suits a short follow-up call)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cpu: a smoke run under the interpreter (use tiny --sizes, --max-rows)")
     args = ap.parse_args()
+    sections = set(args.sections.split(","))
+    if not sections <= {"gather", "int8", "forward"}:
+        ap.error(f"--sections {args.sections!r}: expected gather, int8 and/or forward")
+    if args.cross_configs:
+        li.EXTRA_CROSS_CONFIGS[:] = li.CROSS_CANDIDATES
     if args.untuned:
         os.environ["RECSERVE_AUTOTUNE"] = "0"
     kb.DEV = args.device
@@ -260,9 +273,12 @@ def main() -> int:
     weights = init_weights(spec, 0, device=kb.DEV)
     model = TritonModel(spec, weights, device=kb.DEV)
     variants = tuple(VARIANTS) if args.all_variants else ("first_run", DEFAULT)
-    for b in args.sizes:
+    for b in args.sizes if "gather" in sections else []:
         bench_gather(rec, base, model, spec, b, "bf16", variants=variants)
-    rec.guarded("int8", bench_int8, rec, base, model, spec, args.sizes)
+    if "int8" in sections:
+        rec.guarded("int8", bench_int8, rec, base, model, spec, args.sizes)
+    if "forward" not in sections:
+        return finish(rec)
     for b in args.sizes:
         bench_forward(rec, base, "dlrmv2", spec, weights, model, b, (DEFAULT,))
     dot = wl.dlrmv2_spec(args.max_rows, spec.tables[0].dtype, "dot")
@@ -278,6 +294,11 @@ def main() -> int:
     model.set_bottom_beside_gather(False)
     for b in args.sizes:  # (the least telling now: last, where the time budget may cut it)
         bench_forward(rec, base, "dlrmv2", spec, weights, model, b, ("first_run",))
+    return finish(rec)
+
+
+def finish(rec) -> int:
+    """The closing record and table; exit status 1 when a correctness check failed."""
     rec.add(section="done", failures=FAILURES)
     print(summary(rec.records), flush=True)
     if FAILURES:

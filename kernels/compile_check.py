@@ -129,8 +129,11 @@ def _linear_jobs(quick: bool):
     for dtype in (["bf16"] if quick else ["bf16", "fp16", "fp32"]):
         for flags in variants:
             # the launcher's candidates for this dtype (FINAL: the 256-wide last layer)
+            # (a cross layer's opt-in candidates too, so a benchmark can turn them on)
+            extra = [c for c in li.CROSS_CANDIDATES if li._fits(c, 4 if dtype == "fp32" else 2)
+                     ] if flags["CROSS"] else []
             for c in li._configs(256 if flags["FINAL"] else None, None,
-                                 4 if dtype == "fp32" else 2):
+                                 4 if dtype == "fp32" else 2) + extra:
                 sig = {n: _PTR[dtype] for n in li._linear_kernel.arg_names if n.endswith("_ptr")}
                 sig.update(a_rows_ptr="*i32", add_rows_ptr="*i32", fact_ptr="*i32",
                            bf_ptr="*fp32", part_ptr="*fp32",

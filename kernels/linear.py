@@ -41,6 +41,18 @@ _GPU_CONFIGS = [
     # 4x more programs than with 64x128 (split-K configs are added per call, see linear)
     {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
 ]
+# Cross layers at large M (DCNv2's V: K = 512, then an epilogue that reads x0 and x, as many
+# bytes as the output): on the H100 the best general config (64x128, 4 warps) ran V at 1.7x
+# its 59 us memory floor with 8 warps per SM (220 registers a thread: 2 programs). These keep
+# 16 warps per SM (compile_check: 8 warps at ~120 registers, or a 2-stage 64x64). Not yet
+# measured, so tuned only when a benchmark sets ``EXTRA_CROSS_CONFIGS`` (each adds compiles
+# to every server start): bench/kernel_variants.py --cross-configs.
+CROSS_CANDIDATES = [
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
+]
+EXTRA_CROSS_CONFIGS: list[dict] = []
 _CPU_CONFIGS = [{"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}]
 _tuner = SafeTuner("linear", _GPU_CONFIGS)
 
@@ -326,6 +338,8 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            add is not None, cross is not None, a.stride(), weight.stride(), out.stride())
     candidates = _configs(n if final is not None else None, m, a.element_size())
     if cross is not None:  # both epilogue orders compete; the card's tuner keeps the faster
+        if m > 1024:
+            candidates = candidates + EXTRA_CROSS_CONFIGS
         candidates = candidates + [{**c, "EPILOGUE_FIRST": True} for c in candidates]
     if _splits_k(m, k) and final is None and cross is None and add is None and a_rows is None:
         # few rows, long K (at B=512 the 3456-wide layers ran on ~128 programs, each walking

@@ -213,3 +213,30 @@ def test_gpu_configs_fit_shared_memory_per_operand_size(monkeypatch):
     assert (128, 256, 4) not in fp32 and (128, 128, 3) in fp32
     final = _configs(256, 8192, 2)
     assert final and all(c["BLOCK_N"] == 256 and c["BLOCK_M"] <= 64 for c in final)
+
+
+def test_cross_layer_opt_in_candidates_join_only_when_asked_and_at_large_m(monkeypatch):
+    """``linear.EXTRA_CROSS_CONFIGS`` (set by bench/kernel_variants.py --cross-configs) adds
+    candidates to cross layers above 1024 rows only, in both epilogue orders; serving never
+    tunes them (each would add compiles to every start)."""
+    from recserve.kernels import linear as li
+
+    seen = []
+    monkeypatch.setattr(li._tuner, "run", lambda key, launch, candidates: seen.append(
+        candidates))
+    k, n = 32, 48
+    w = torch.randn(n, k)
+
+    def call(m):
+        x0, x = torch.randn(m, n), torch.randn(m, n)
+        li.linear(torch.randn(m, k), w, torch.randn(n), cross=(x0, x))
+        return seen.pop()
+
+    assert li.EXTRA_CROSS_CONFIGS == []  # off unless a benchmark turns it on
+    base = call(2048)
+    monkeypatch.setattr(li, "EXTRA_CROSS_CONFIGS", list(li.CROSS_CANDIDATES))
+    extended = call(2048)
+    extra = [c for c in extended if c not in base]
+    assert len(extra) == 2 * len(li.CROSS_CANDIDATES)  # each in both epilogue orders
+    assert {c.get("EPILOGUE_FIRST", False) for c in extra} == {False, True}
+    assert call(1024) == call(1024) and len(call(1024)) == len(base)  # small M: none
