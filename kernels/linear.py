@@ -339,7 +339,8 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     candidates = _configs(n if final is not None else None, m, a.element_size())
     if cross is not None:  # both epilogue orders compete; the card's tuner keeps the faster
         if m > 1024:
-            candidates = candidates + EXTRA_CROSS_CONFIGS
+            candidates = candidates + [c for c in EXTRA_CROSS_CONFIGS
+                                       if _fits(c, a.element_size())]
         candidates = candidates + [{**c, "EPILOGUE_FIRST": True} for c in candidates]
     if _splits_k(m, k) and final is None and cross is None and add is None and a_rows is None:
         # few rows, long K (at B=512 the 3456-wide layers ran on ~128 programs, each walking
