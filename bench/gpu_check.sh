@@ -14,6 +14,7 @@
 #   kernel_variants.json, engine_gpu.json, engine-cuda-<time>.json, load.json
 # Environment knobs: PYTHON (default python), PYTEST_PATHS (tests), KERNEL_BENCH_ARGS
 # (--budget-s 90: on the H100, 60 s ended before Zipf ids and torch.compile),
+# VARIANTS_BENCH_ARGS (--budget-s 60; e.g. "--sections forward --cross-configs"),
 # ENGINE_BENCH_ARGS (--sweep), PYTEST_WORKERS (4, with pytest-xdist), and each step's time
 # limit in seconds:
 # PYTEST_TIMEOUT_S (240), BENCH_TIMEOUT_S (150), VARIANTS_TIMEOUT_S (90), ENGINE_TIMEOUT_S (120),
@@ -89,7 +90,8 @@ step kernels-bench bash -c "timeout ${BENCH_TIMEOUT_S:-150} $PY bench/kernels.py
 
 # Gather and forward variants side by side, each checked against the torch reference.
 step kernel-variants bash -c "timeout ${VARIANTS_TIMEOUT_S:-90} $PY bench/kernel_variants.py \
-    '$OUT' --budget-s 60 >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 18 '$OUT/bench.log'; exit \$rc"
+    '$OUT' ${VARIANTS_BENCH_ARGS:---budget-s 60} >> '$OUT/bench.log' 2>&1; rc=\$?; \
+    tail -n 18 '$OUT/bench.log'; exit \$rc"
 
 # Engine at full load vs its own bare forward (dlrmv2, B=8192), copy/compute overlap, host
 # stages; --sweep: also one packing thread, 2 slots, 2 compute streams, 0.5 ms switch interval.
