@@ -9,12 +9,15 @@ back after. Beside a thread that runs Python, taking it back waits until that th
 made to drop it, up to the switch interval (5 ms by default) per copy. The table says how
 much longer a pack takes there and what share of its solo rate the Python thread kept.
 Workload ``dlrmv2`` at 8192 rows: one full request, and ranking-sized requests (flat form).
-No GPU needed.
+``--where process`` packs in a separate process instead, this one only waiting on a pipe:
+what packing off this interpreter's GIL would cost in hand-offs (one per pack). No GPU
+needed.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
 import threading
 import time
@@ -55,12 +58,9 @@ def spin_rate(seconds: float, work=None) -> tuple[float, int, float]:
     return counted[0] / elapsed, runs, elapsed
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--switch-ms", default="5,0.5,0.1",
-                   help="switch intervals to try, comma-separated ms (default: 5,0.5,0.1)")
-    p.add_argument("--seconds", type=float, default=1.0, help="per measurement")
-    args = p.parse_args()
+def batches() -> tuple:
+    """(layout, host buffers, {name: pieces}): one 8192-row dlrmv2 request, and ranking-sized
+    ones filling 8192 rows (the same in every process: a fixed seed)."""
     spec = wl.dlrmv2_spec(4_000_000)
     rng = np.random.default_rng(0)
     full = wl.full_requests(spec, rng, 8192, 1)
@@ -71,27 +71,63 @@ def main() -> None:
         pieces.append(r)
         rows += r.num_candidates
     layout = staging_layout(spec, feature_groups(spec), 8192, build_layout(spec).x_request)
-    host = allocate(layout, "cpu")
-    print(f"{'switch':>8s} {'batch':8s} {'alone ms':>9s} {'beside ms':>10s} {'slower':>7s} "
-          f"{'spinner kept':>13s}")
+    return layout, allocate(layout, "cpu"), {"full": [full[0]], f"{len(pieces)} req": pieces}
+
+
+def _packer(conn) -> None:
+    """A packing process: packs the named batch into its own buffers on each request (the
+    design this measures would pack into shared, pinned staging memory)."""
+    layout, host, named = batches()
+    while (name := conn.recv()) is not None:
+        conn.send(pack(layout, host, named[name], 8192).rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--switch-ms", default="5,0.5,0.1",
+                   help="switch intervals to try, comma-separated ms (default: 5,0.5,0.1)")
+    p.add_argument("--seconds", type=float, default=1.0, help="per measurement")
+    p.add_argument("--where", default="thread,process",
+                   help="thread: pack in this process; process: a packing process packs while "
+                   "this one waits on a pipe, so it takes the GIL back once per pack, not "
+                   "once per copy (default: both)")
+    args = p.parse_args()
+    layout, host, named = batches()
+    child = None
+    if "process" in args.where:
+        parent_end, child_end = multiprocessing.Pipe()
+        child = multiprocessing.get_context("spawn").Process(target=_packer, args=(child_end,),
+                                                             daemon=True)
+        child.start()
+    print(f"{'switch':>8s} {'where':8s} {'batch':8s} {'alone ms':>9s} {'beside ms':>10s} "
+          f"{'slower':>7s} {'spinner kept':>13s}")
     default = sys.getswitchinterval()
     try:
         for switch_ms in (float(x) for x in args.switch_ms.split(",")):
             sys.setswitchinterval(switch_ms / 1e3)
             solo, _, _ = spin_rate(args.seconds)
-            for name, batch in (("full", [full[0]]), (f"{len(pieces)} req", pieces)):
-                work = lambda b=batch: pack(layout, host, b, 8192)  # noqa: E731
-                work()
-                start = time.perf_counter()
-                for _ in range(20):
+            for where in args.where.split(","):
+                for name, batch in named.items():
+                    if where == "thread":
+                        work = lambda b=batch: pack(layout, host, b, 8192)  # noqa: E731
+                    else:
+                        def work(n=name):
+                            parent_end.send(n)
+                            parent_end.recv()
                     work()
-                alone = (time.perf_counter() - start) / 20
-                rate, runs, elapsed = spin_rate(args.seconds, work)
-                beside = elapsed / runs
-                print(f"{switch_ms:6g}ms {name:8s} {alone * 1e3:9.3f} {beside * 1e3:10.3f} "
-                      f"{beside / alone:6.1f}x {rate / solo:12.0%}")
+                    start = time.perf_counter()
+                    for _ in range(20):
+                        work()
+                    alone = (time.perf_counter() - start) / 20
+                    rate, runs, elapsed = spin_rate(args.seconds, work)
+                    beside = elapsed / runs
+                    print(f"{switch_ms:6g}ms {where:8s} {name:8s} {alone * 1e3:9.3f} "
+                          f"{beside * 1e3:10.3f} {beside / alone:6.1f}x {rate / solo:12.0%}")
     finally:
         sys.setswitchinterval(default)
+        if child is not None:
+            parent_end.send(None)
+            child.join(10)
 
 
 if __name__ == "__main__":
