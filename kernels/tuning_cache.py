@@ -7,7 +7,8 @@ on every start of every replica. With ``RECSERVE_TUNING_CACHE`` naming a JSON fi
 the same Triton and torch and the same kernel sources, starts from it: the config is
 launched untimed, as if just tuned. Anything else in the file (another card, an edited
 kernel) is ignored and replaced. Triton's own cache (``TRITON_CACHE_DIR``) keeps the
-compiled kernels; the two together make a warm restart take seconds.
+compiled kernels; with both, a restart should neither tune nor compile (not yet timed on
+a card).
 
 The file is rewritten whole through a temporary file and a rename, so a reader never sees
 half of it; two processes tuning at once may lose each other's entries, never corrupt them.

@@ -138,10 +138,10 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
                    "--sweep first)")
     g.add_argument("--tuning-cache", metavar="FILE",
                    help="where kernel autotuning picks are kept for the next start on the same "
-                   "kind of card (a cold start tunes every kernel for every bucket: a minute "
-                   "or two; with this file and Triton's compile cache, seconds); an empty "
-                   "value keeps none (default: $RECSERVE_TUNING_CACHE, else tuning.json in "
-                   "the cache folder, ~/.cache/recserve)")
+                   "kind of card, which then skips tuning (a cold start tunes every kernel for "
+                   "every bucket: a minute or two; the saving is not yet timed on a card); an "
+                   "empty value keeps none (default: $RECSERVE_TUNING_CACHE, else tuning.json "
+                   "in the cache folder, ~/.cache/recserve)")
     g.add_argument("--torch-threads", type=int, metavar="N",
                    help="torch intra-op threads of the CPU executor (default: the cores "
                    "torch would use, less one for the event loop and one per --workers "
