@@ -413,3 +413,11 @@ def test_tuning_drops_a_config_whose_output_differs(monkeypatch):
         best = tuner.run(("k",), launch, outputs=lambda: [(out, float("nan"))])
     assert best == {"v": 3} and out.tolist() == [0.0, 1.0, 2.0, 3.0]
     assert [c["v"] for _, c in tuner.timings[("k",)]] == [3, 0]
+
+
+def test_the_int8_decode_without_a_conversion_is_exact():
+    """The gather reads a uint8 code as fp32 by setting it under 2^23's exponent and
+    subtracting 2^23 (no I2F instruction): exact for every code."""
+    codes = torch.arange(256, dtype=torch.int32)
+    decoded = (codes | 0x4B000000).view(torch.float32) - 8388608.0
+    assert torch.equal(decoded, codes.float())
