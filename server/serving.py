@@ -30,10 +30,18 @@ def executor_factory(device: str, torch_threads: int | None = None,
     if device == "null":
         return _null_executor
     if device == "cuda":
-        from recserve.engine.gpu_executor import GpuExecutor
+        from recserve.engine.gpu_executor import GpuExecutor, default_pack_threads
 
-        return lambda settings: GpuExecutor(settings, "cuda", pack_threads=pack_threads,
-                                            compute_streams=compute_streams)
+        from .cores import available_cores
+
+        def gpu(settings: EngineSettings) -> GpuExecutor:
+            threads = pack_threads  # default: per slot, within the cores this process may use
+            if threads is None:
+                threads = default_pack_threads(settings.slots, available_cores())
+            return GpuExecutor(settings, "cuda", pack_threads=threads,
+                               compute_streams=compute_streams)
+
+        return gpu
     from recserve.engine.executor import CpuExecutor
 
     return lambda settings: CpuExecutor(settings, torch_threads=torch_threads)
@@ -68,16 +76,19 @@ def _null_executor(settings: EngineSettings):
 
 
 def cpu_torch_threads(workers: int = 1) -> int:
-    """The CPU executor's default torch threads: the cores torch would use, less one for
-    this process's event loop and one per front-end worker process (at least 1). Measured
-    with bench/server.py on the 2-core CI machine (demo model, closed loop, 32 in flight,
-    runs interleaved): torch's default of 2 threads served 1865-2408 req/s (median 1900 of
-    5 runs), 1 thread 1806-2874 (median 2215 of 7): two torch threads and the event loop
-    fight over two cores."""
+    """The CPU executor's default torch threads: the cores torch would use, but no more
+    than the process may (a container's CPU limit: torch counts the machine's cores), less
+    one for this process's event loop and one per front-end worker process (at least 1).
+    Measured with bench/server.py on the 2-core CI machine (demo model, closed loop, 32 in
+    flight, runs interleaved): torch's default of 2 threads served 1865-2408 req/s (median
+    1900 of 5 runs), 1 thread 1806-2874 (median 2215 of 7): two torch threads and the event
+    loop fight over two cores."""
     import torch
 
+    from .cores import available_cores
+
     others = 1 + (workers if workers > 1 else 0)
-    return max(1, torch.get_num_threads() - others)
+    return max(1, min(torch.get_num_threads(), available_cores()) - others)
 
 
 async def create_backend(options: ServeOptions):

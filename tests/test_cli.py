@@ -216,8 +216,9 @@ def test_engine_settings_follow_the_device_defaults_and_overrides():
         engine_settings("cpu", max_batch_rows=100, buckets=(8, 64))
 
 
-def test_pack_threads_reach_the_gpu_executor(tmp_path):
+def test_pack_threads_reach_the_gpu_executor(tmp_path, monkeypatch):
     from recserve.engine.settings import EngineSettings
+    from recserve.server import cores
     from recserve.server.serve_options import ServeOptions
     from recserve.server.serving import executor_factory
 
@@ -227,8 +228,10 @@ def test_pack_threads_reach_the_gpu_executor(tmp_path):
     assert executor.pack_threads == 3
     from recserve.engine.gpu_executor import default_pack_threads
 
-    assert executor_factory("cuda")(EngineSettings(slots=2)).pack_threads == \
-        default_pack_threads(2)
+    monkeypatch.setattr(cores, "available_cores", lambda root=None: 16)
+    assert executor_factory("cuda")(EngineSettings(slots=2)).pack_threads == 2
+    monkeypatch.setattr(cores, "available_cores", lambda root=None: 3)  # a 3-CPU limit
+    assert executor_factory("cuda")(EngineSettings(slots=4)).pack_threads == 1
     # one per slot where cores allow, a core each left to the event loop and completions
     assert [default_pack_threads(4, c) for c in (1, 2, 4, 5, 16)] == [1, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="pack_threads is 0"):
@@ -343,11 +346,15 @@ def test_synthetic_inputs_follow_the_model_description():
 def test_cpu_torch_threads_leave_cores_to_the_event_loop_and_the_workers(monkeypatch):
     import torch
 
+    from recserve.server import cores
     from recserve.server.serving import cpu_torch_threads
 
+    monkeypatch.setattr(cores, "available_cores", lambda root=None: 16)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
     assert cpu_torch_threads() == 15  # one core for the event loop
     assert cpu_torch_threads(4) == 11  # and one per front-end worker process
+    monkeypatch.setattr(cores, "available_cores", lambda root=None: 4)  # a 4-CPU limit
+    assert cpu_torch_threads() == 3  # not 15: torch counts the machine's cores
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert cpu_torch_threads() == 1 and cpu_torch_threads(8) == 1  # never below one
 
