@@ -129,7 +129,8 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
                    f"priority (default: {DEVICE_DEFAULTS['cpu'].aging_s * 1e3:g})")
     g.add_argument("--pack-threads", type=int, metavar="N",
                    help="host threads packing batches for the GPU (default: one per slot, "
-                   "leaving two cores to the event loop and completions; packing bounds "
+                   "leaving two of the cores the process may use to the event loop and "
+                   "completions; packing bounds "
                    "the engine on a GPU, bench/RESULTS.md has the sweep)")
     g.add_argument("--compute-streams", type=int, default=1, metavar="N",
                    help="CUDA streams consecutive GPU batches take in turn, up to --slots "
@@ -144,8 +145,9 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
                    "in the cache folder, ~/.cache/recserve)")
     g.add_argument("--torch-threads", type=int, metavar="N",
                    help="torch intra-op threads of the CPU executor (default: the cores "
-                   "torch would use, less one for the event loop and one per --workers "
-                   "process, at least 1: on 2 cores 1 thread served about 17%% more than 2)")
+                   "torch would use, within the process's CPU limit, less one for the event "
+                   "loop and one per --workers process, at least 1: on 2 cores 1 thread "
+                   "served about 17%% more than 2)")
 
 
 def _show(values: tuple[int, ...]) -> str:
