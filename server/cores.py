@@ -14,17 +14,24 @@ from pathlib import Path
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
-def cgroup_cpu_quota(root: Path | None = None) -> float | None:
+def cgroup_cpu_quota(root: Path | None = None, membership: Path | None = None) -> float | None:
     """Cores' worth of CPU time the cgroup quota allows (``quota / period``), or None
-    without a quota. cgroup v2 (``cpu.max``: "max 100000" or "400000 100000") or v1
-    (``cpu/cpu.cfs_quota_us``, -1 for none, and ``cpu.cfs_period_us``); ``root``: where
-    the cgroup filesystem is (default ``CGROUP_ROOT``)."""
+    without a quota. cgroup v2: ``cpu.max`` ("max 100000" or "400000 100000") of this
+    process's cgroup and each one above it (a systemd service's CPUQuota sits below the
+    root; in a container the root is its own), the smallest; v1: ``cpu/cpu.cfs_quota_us``
+    (-1 for none) and ``cpu.cfs_period_us``. ``root``: where the cgroup filesystem is
+    (default ``CGROUP_ROOT``); ``membership``: this process's cgroups (/proc/self/cgroup)."""
     root = CGROUP_ROOT if root is None else root
-    try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):
-        pass
+    quotas = []
+    for folder in _v2_chain(root, membership or Path("/proc/self/cgroup")):
+        try:
+            quota, period = (folder / "cpu.max").read_text().split()[:2]
+            if quota != "max":
+                quotas.append(int(quota) / int(period))
+        except (OSError, ValueError):
+            continue
+    if quotas:
+        return min(quotas)
     for folder in ("cpu", "cpu,cpuacct"):
         try:
             quota = int((root / folder / "cpu.cfs_quota_us").read_text())
@@ -33,6 +40,23 @@ def cgroup_cpu_quota(root: Path | None = None) -> float | None:
             continue
         return None if quota <= 0 or period <= 0 else quota / period
     return None
+
+
+def _v2_chain(root: Path, membership: Path) -> list[Path]:
+    """This process's cgroup v2 folder and every folder above it up to ``root``."""
+    relative = ""
+    try:
+        for line in membership.read_text().splitlines():
+            if line.startswith("0::"):
+                relative = line[3:].strip().strip("/")
+    except OSError:
+        pass
+    folder, chain = root / relative if relative else root, []
+    while True:
+        chain.append(folder)
+        if folder == root or root not in folder.parents:
+            return chain
+        folder = folder.parent
 
 
 def available_cores(root: Path | None = None) -> int:

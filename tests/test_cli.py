@@ -382,6 +382,15 @@ def test_workers_default_to_one_per_four_cores_up_to_four(monkeypatch, tmp_path)
     assert cgroup_cpu_quota(tmp_path) is None
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("800000\n")
     assert available_cores(tmp_path) == 8 and default_workers(cores=8) == 2
+    service = tmp_path / "v2" / "system.slice" / "recserve.service"  # a systemd CPUQuota
+    service.mkdir(parents=True)
+    (tmp_path / "v2" / "cpu.max").write_text("max 100000\n")
+    (service / "cpu.max").write_text("300000 100000\n")
+    membership = tmp_path / "self-cgroup"
+    membership.write_text("0::/system.slice/recserve.service\n")
+    assert cgroup_cpu_quota(tmp_path / "v2", membership) == 3.0
+    (service.parent / "cpu.max").write_text("150000 100000\n")  # a tighter slice above
+    assert cgroup_cpu_quota(tmp_path / "v2", membership) == 1.5
     assert build_parser().parse_args(["serve"]).workers is None  # resolved at start
     assert build_parser().parse_args(["serve", "--workers", "1"]).workers == 1
 
