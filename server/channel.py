@@ -42,7 +42,7 @@ from recserve.engine.scheduler import Priority
 from recserve.engine.spec import ModelSpec
 
 from .codec import HEADER
-from .shared_ring import ALIGN, SharedRing
+from .shared_ring import ALIGN, SharedRing, aligned
 
 _SCORE = struct.Struct("<cQdIIBBHQ")
 _REPLY = struct.Struct("<cQBBI")
@@ -72,7 +72,7 @@ def _layout(arrays: Arrays) -> tuple[bytes, list[int], int]:
             headers.append(_ABSENT)
             continue
         headers.append(_HEADS[array.ndim].pack(_CODES[array.dtype], array.ndim, *array.shape))
-        size += -(-array.nbytes // ALIGN) * ALIGN
+        size += aligned(array.nbytes)
     return b"".join(headers), offsets, size
 
 
@@ -106,7 +106,7 @@ def _read(headers: memoryview, pos: int, count: int, memory: memoryview | None,
             dtype, shape = spec
             array = np.ndarray(shape, dtype, memory, base)
             arrays.append(array)
-            base += -(-array.nbytes // ALIGN) * ALIGN
+            base += aligned(array.nbytes)
     except TypeError as exc:  # numpy's word for a buffer too small
         raise ValueError(f"array data past the end of its memory: {exc}") from None
     return arrays, pos
