@@ -165,10 +165,12 @@ def _int_tuple(text: str) -> tuple[int, ...]:
 def tuning_cache_path(flag: str | None) -> str:
     """The autotuning cache file for ``--tuning-cache`` (None: not given): the flag, else
     $RECSERVE_TUNING_CACHE, else tuning.json in the cache folder; "" for none."""
+    from recserve.kernels.tuning_cache import ENV  # (no torch: the module imports it late)
+
     if flag is not None:
         return flag
-    if "RECSERVE_TUNING_CACHE" in os.environ:
-        return os.environ["RECSERVE_TUNING_CACHE"]
+    if ENV in os.environ:
+        return os.environ[ENV]
     from .cli import default_cache_dir
 
     return str(default_cache_dir() / "tuning.json")
@@ -199,7 +201,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
         repo = default_cache_dir() / "models"
         logging.getLogger("recserve").info("demo model: %s", build_demo_repository(repo))
-    os.environ["RECSERVE_TUNING_CACHE"] = tuning_cache_path(args.tuning_cache)
+    from recserve.kernels.tuning_cache import ENV
+
+    os.environ[ENV] = tuning_cache_path(args.tuning_cache)
     device = resolve_device(args.device)
     settings = engine_settings(device, args.max_batch_rows, args.buckets, args.slots,
                                args.max_queued_rows, args.fill_wait_ms, args.aging_ms)

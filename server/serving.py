@@ -140,7 +140,9 @@ def describe(device: str, settings: EngineSettings, options: ServeOptions,
     for key in ("pack_threads", "compute_streams"):
         if key in executor:
             parts.append(f"{key.replace('_', ' ')} {executor[key]}")
-    tuning = os.environ.get("RECSERVE_TUNING_CACHE")
+    from recserve.kernels.tuning_cache import ENV
+
+    tuning = os.environ.get(ENV)
     if device == "cuda" and tuning is not None:
         parts.append(f"tuning cache {tuning or 'off'}")
     return ", ".join(parts)
