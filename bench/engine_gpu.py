@@ -141,12 +141,7 @@ def pack_times(spec, full: RequestInputs, ranking: list[RequestInputs]) -> dict:
     single-process server or an in-process caller hands them over)."""
     layout = staging_layout(spec, feature_groups(spec), full.num_candidates,
                             build_layout(spec).x_request)
-    pieces, rows = [], 0
-    for r in ranking:
-        if rows + r.num_candidates > full.num_candidates:
-            break
-        pieces.append(r)
-        rows += r.num_candidates
+    pieces = wl.one_batch(ranking, full.num_candidates)
     out = {}
     memories = ("pinned", "pageable") if torch.cuda.is_available() else ("pageable",)
     for memory in memories:

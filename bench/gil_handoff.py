@@ -64,12 +64,7 @@ def batches() -> tuple:
     spec = wl.dlrmv2_spec(4_000_000)
     rng = np.random.default_rng(0)
     full = wl.full_requests(spec, rng, 8192, 1)
-    pieces, rows = [], 0
-    for r in wl.ranking_slices(spec, full, rng, 40):
-        if rows + r.num_candidates > 8192:
-            break
-        pieces.append(r)
-        rows += r.num_candidates
+    pieces = wl.one_batch(wl.ranking_slices(spec, full, rng, 40), 8192)
     layout = staging_layout(spec, feature_groups(spec), 8192, build_layout(spec).x_request)
     return layout, allocate(layout, "cpu"), {"full": [full[0]], f"{len(pieces)} req": pieces}
 

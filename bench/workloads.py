@@ -243,6 +243,17 @@ def ranking_slices(spec, full: list[RequestInputs], rng, per_request: int
             for r in full for n in rng.integers(100, 701, per_request)]
 
 
+def one_batch(requests: list[RequestInputs], rows: int) -> list[RequestInputs]:
+    """The leading ``requests`` whose candidates fit one batch of ``rows``."""
+    batch, used = [], 0
+    for r in requests:
+        if used + r.num_candidates > rows:
+            break
+        batch.append(r)
+        used += r.num_candidates
+    return batch
+
+
 async def closed_loop(engine, name: str, requests: list[RequestInputs], rows_in_flight: int
                       ) -> None:
     """Score ``requests`` in order keeping about ``rows_in_flight`` candidate rows
