@@ -32,7 +32,6 @@ a table is flagged by the gather kernel and fails alone; an exception while laun
 from __future__ import annotations
 
 import functools
-import os
 import queue
 import threading
 import time
@@ -40,6 +39,7 @@ import time
 import numpy as np
 import torch
 
+from . import cores as _cores
 from .demo import random_inputs
 from .executor import Done, Executor, Job, JobResult, PieceResult, index_problem, slice_rows
 from .gpu_slots import GpuModel, SlotState, capture, copy_in, device_step, new_slot
@@ -58,7 +58,7 @@ def default_pack_threads(slots: int, cores: int | None = None) -> int:
     the simulated device, 0.61-0.63 with two, 0.44-0.51 with four; bench/engine_host.py),
     while the H200's 16-core host did best with one per slot (bench/RESULTS.md)."""
     if cores is None:
-        cores = os.cpu_count() or 1
+        cores = _cores.available_cores()  # (a container's CPU limit, not the machine's cores)
     return max(1, min(slots, cores - 2))
 
 

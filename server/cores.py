@@ -1,74 +1,9 @@
-"""How many cores this process may use, and the front-end workers ``serve`` starts by default.
-
-A container can be held to fewer cores than its machine shows: by an affinity mask
-(``--cpuset-cpus``, Kubernetes' static CPU manager) or by a CFS quota (``--cpus``, a pod's
-CPU limit). Both count; the number of cores the machine has does not.
-"""
+"""The front-end workers ``serve`` starts by default, from the cores this process may use
+(``recserve.engine.cores``: affinity and the cgroup CPU quota, not the machine's cores)."""
 
 from __future__ import annotations
 
-import math
-import os
-from pathlib import Path
-
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-
-
-def cgroup_cpu_quota(root: Path | None = None, membership: Path | None = None) -> float | None:
-    """Cores' worth of CPU time the cgroup quota allows (``quota / period``), or None
-    without a quota. cgroup v2: ``cpu.max`` ("max 100000" or "400000 100000") of this
-    process's cgroup and each one above it (a systemd service's CPUQuota sits below the
-    root; in a container the root is its own), the smallest; v1: ``cpu/cpu.cfs_quota_us``
-    (-1 for none) and ``cpu.cfs_period_us``. ``root``: where the cgroup filesystem is
-    (default ``CGROUP_ROOT``); ``membership``: this process's cgroups (/proc/self/cgroup)."""
-    root = CGROUP_ROOT if root is None else root
-    quotas = []
-    for folder in _v2_chain(root, membership or Path("/proc/self/cgroup")):
-        try:
-            quota, period = (folder / "cpu.max").read_text().split()[:2]
-            if quota != "max":
-                quotas.append(int(quota) / int(period))
-        except (OSError, ValueError):
-            continue
-    if quotas:
-        return min(quotas)
-    for folder in ("cpu", "cpu,cpuacct"):
-        try:
-            quota = int((root / folder / "cpu.cfs_quota_us").read_text())
-            period = int((root / folder / "cpu.cfs_period_us").read_text())
-        except (OSError, ValueError):
-            continue
-        return None if quota <= 0 or period <= 0 else quota / period
-    return None
-
-
-def _v2_chain(root: Path, membership: Path) -> list[Path]:
-    """This process's cgroup v2 folder and every folder above it up to ``root``."""
-    relative = ""
-    try:
-        for line in membership.read_text().splitlines():
-            if line.startswith("0::"):
-                relative = line[3:].strip().strip("/")
-    except OSError:
-        pass
-    folder, chain = root / relative if relative else root, []
-    while True:
-        chain.append(folder)
-        if folder == root or root not in folder.parents:
-            return chain
-        folder = folder.parent
-
-
-def available_cores(root: Path | None = None) -> int:
-    """Cores this process may run on (affinity), capped by the cgroup's CPU quota."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # (no affinity on this platform)
-        cores = os.cpu_count() or 1
-    quota = cgroup_cpu_quota(root)
-    if quota is not None:
-        cores = min(cores, max(1, math.ceil(quota)))
-    return cores
+from recserve.engine import cores as cores_module
 
 
 def default_workers(one_at_a_time: bool = False, cores: int | None = None) -> int:
@@ -81,5 +16,5 @@ def default_workers(one_at_a_time: bool = False, cores: int | None = None) -> in
     if one_at_a_time:
         return 1
     if cores is None:
-        cores = available_cores()
+        cores = cores_module.available_cores()
     return max(1, min(4, cores // 4))

@@ -30,18 +30,10 @@ def executor_factory(device: str, torch_threads: int | None = None,
     if device == "null":
         return _null_executor
     if device == "cuda":
-        from recserve.engine.gpu_executor import GpuExecutor, default_pack_threads
+        from recserve.engine.gpu_executor import GpuExecutor
 
-        from .cores import available_cores
-
-        def gpu(settings: EngineSettings) -> GpuExecutor:
-            threads = pack_threads  # default: per slot, within the cores this process may use
-            if threads is None:
-                threads = default_pack_threads(settings.slots, available_cores())
-            return GpuExecutor(settings, "cuda", pack_threads=threads,
-                               compute_streams=compute_streams)
-
-        return gpu
+        return lambda settings: GpuExecutor(settings, "cuda", pack_threads=pack_threads,
+                                            compute_streams=compute_streams)
     from recserve.engine.executor import CpuExecutor
 
     return lambda settings: CpuExecutor(settings, torch_threads=torch_threads)
@@ -85,10 +77,10 @@ def cpu_torch_threads(workers: int = 1) -> int:
     loop fight over two cores."""
     import torch
 
-    from .cores import available_cores
+    from recserve.engine import cores
 
     others = 1 + (workers if workers > 1 else 0)
-    return max(1, min(torch.get_num_threads(), available_cores()) - others)
+    return max(1, min(torch.get_num_threads(), cores.available_cores()) - others)
 
 
 async def create_backend(options: ServeOptions):

@@ -218,7 +218,7 @@ def test_engine_settings_follow_the_device_defaults_and_overrides():
 
 def test_pack_threads_reach_the_gpu_executor(tmp_path, monkeypatch):
     from recserve.engine.settings import EngineSettings
-    from recserve.server import cores
+    from recserve.engine import cores
     from recserve.server.serve_options import ServeOptions
     from recserve.server.serving import executor_factory
 
@@ -346,7 +346,7 @@ def test_synthetic_inputs_follow_the_model_description():
 def test_cpu_torch_threads_leave_cores_to_the_event_loop_and_the_workers(monkeypatch):
     import torch
 
-    from recserve.server import cores
+    from recserve.engine import cores
     from recserve.server.serving import cpu_torch_threads
 
     monkeypatch.setattr(cores, "available_cores", lambda root=None: 16)
@@ -360,8 +360,9 @@ def test_cpu_torch_threads_leave_cores_to_the_event_loop_and_the_workers(monkeyp
 
 
 def test_workers_default_to_one_per_four_cores_up_to_four(monkeypatch, tmp_path):
-    from recserve.server import cores
-    from recserve.server.cores import available_cores, cgroup_cpu_quota, default_workers
+    from recserve.engine import cores
+    from recserve.engine.cores import available_cores, cgroup_cpu_quota
+    from recserve.server.cores import default_workers
 
     assert [default_workers(cores=c) for c in (1, 2, 4, 7, 8, 12, 16, 64)] == \
         [1, 1, 1, 1, 2, 3, 4, 4]
