@@ -217,8 +217,8 @@ def test_engine_settings_follow_the_device_defaults_and_overrides():
 
 
 def test_pack_threads_reach_the_gpu_executor(tmp_path, monkeypatch):
-    from recserve.engine.settings import EngineSettings
     from recserve.engine import cores
+    from recserve.engine.settings import EngineSettings
     from recserve.server.serve_options import ServeOptions
     from recserve.server.serving import executor_factory
 
