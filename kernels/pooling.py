@@ -26,10 +26,7 @@ def _gather(table_ptr, weights_ptr, idx, pos, valid,
         # uint8 -> fp32 without an I2F (a conversion the SM runs at 1/8 the rate of an FMA,
         # one per element: sm_90 SASS had 32 per step): 2^23 + code, read as a float, holds
         # the code in its low mantissa bits, so subtracting 2^23 gives it exactly
-        vals = (raw.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-    else:
-        vals = raw.to(tl.float32)
-    if QUANT:
+        codes = (raw.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
         # scale and offset right after the row's codes (see PackedTables): one 8-byte load
         # from the span the codes came from
         params = (row + (dim + 7) // 8 * 8).to(tl.pointer_type(tl.float32), bitcast=True)
@@ -38,7 +35,9 @@ def _gather(table_ptr, weights_ptr, idx, pos, valid,
         # An explicit FMA: one rounding in every variant. Left as `vals * s + o`, the
         # compiler contracted it in some configs and not others (int8 bits differed
         # between the unroll and prefetch variants on the H200).
-        vals = tl.fma(vals, s[:, None], o[:, None])
+        vals = tl.fma(codes, s[:, None], o[:, None])
+    else:
+        vals = raw.to(tl.float32)
     if WEIGHTED:
         # Unweighted features in a weighted launch read weight 1 (their slots are unused).
         w = tl.load(weights_ptr + pos, mask=inb, other=1.0).to(tl.float32)
