@@ -105,3 +105,17 @@ def test_engine_host_feeds_requests_through_the_hub(via_hub):
         run(SETTINGS, spec, requests, compute_ms=0.05, pack_threads=1, via_hub=via_hub), 60))
     assert result["samples_per_s"] > 0 and result["loop_cpu_us_per_request"] > 0
     assert result["host_stage_mean_ms"]["host_pack"] > 0  # they reached the executor
+
+
+def test_kernel_variants_refuses_an_unknown_section(tmp_path):
+    """bench/kernel_variants.py --sections takes gather, int8 and forward only, and says so
+    before any measurement."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "kernel_variants.py"
+    result = subprocess.run([sys.executable, str(script), str(tmp_path), "--device", "cpu",
+                             "--sections", "forward,gemm"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert "expected gather, int8 and/or forward" in result.stderr
+    assert not (tmp_path / "kernel_variants.json").exists()
