@@ -1,7 +1,7 @@
 """The GPU engine's host side on any machine: the real executor with the device simulated.
 
     python bench/engine_host.py [--compute-ms 0.72] [--slots 4] [--pack-threads N] [--sweep]
-                                [--json FILE]
+                                [--pack-processes] [--traffic KIND ...] [--json FILE]
 
 On the H200 the engine reached 0.43 of its bare forward's samples/s because the host could
 not pack batches fast enough (bench/RESULTS.md). This measures that host side without a
@@ -14,7 +14,8 @@ Workload ``dlrmv2`` (int32 ids, every bag full), 8192-row buckets: (a) 8192-row 
 the same per feature, as a single-process server hands them over, and (d) the same as
 the engine process of ``serve --workers`` meets them: channel frames, copied once (as a
 socket read would), decoded and answered by ``Hub.score`` (``through_hub``; no sockets),
-and (e) the same with the arrays in a worker's shared ring (``ranking_via_hub_ring``).
+and (e) the same with the arrays in a worker's shared ring (``ranking_via_hub_ring``;
+``full_via_hub_ring``: (a) so), which ``--pack-processes`` packs in packing processes.
 Ratio = samples/s over the simulated device's (batch / compute time): the ceiling the host
 side allows, on this machine. Default compute time: the H200's bare dlrmv2 forward at
 B=8192 (0.72 ms). The H200's host packed about 3x slower per thread than the 2-core CI
@@ -27,7 +28,6 @@ import argparse
 import asyncio
 import functools
 import json
-import os
 import sys
 import time
 from dataclasses import replace
@@ -43,19 +43,24 @@ import workloads as wl  # noqa: E402
 from engine import run_loop  # noqa: E402
 from recserve.engine.engine import Engine  # noqa: E402
 from recserve.engine.gpu_executor import GpuExecutor  # noqa: E402
-from recserve.engine.gpu_slots import GpuModel, SlotState  # noqa: E402
+from recserve.engine.gpu_slots import GpuModel, SlotState, shared_host  # noqa: E402
 from recserve.engine.settings import EngineSettings  # noqa: E402
+from recserve.engine.shared_memory import SharedMemory  # noqa: E402
 from recserve.engine.staging import allocate, staging_layout  # noqa: E402
 from recserve.kernels.layout import build_layout  # noqa: E402
 from recserve.kernels.model import feature_groups  # noqa: E402
+
+TRAFFIC = ("full_batches", "ranking_requests", "ranking_per_feature", "ranking_via_hub",
+           "ranking_via_hub_ring", "full_via_hub_ring")
 
 
 class SimulatedGpuExecutor(GpuExecutor):
     """``GpuExecutor`` whose device is a clock: see the module docstring. Scores are zeros."""
 
     def __init__(self, settings: EngineSettings, compute_ms: float,
-                 pack_threads: int | None = None) -> None:
-        super().__init__(settings, "cpu", pack_threads=pack_threads)
+                 pack_threads: int | None = None, pack_processes: bool = False) -> None:
+        super().__init__(settings, "cpu", pack_threads=pack_threads,
+                         pack_processes=pack_processes)
         self.compute_s = compute_ms / 1e3
         self._device_free = 0.0
         self._due: dict[int, float] = {}
@@ -71,9 +76,13 @@ class SimulatedGpuExecutor(GpuExecutor):
         layout = staging_layout(spec, feature_groups(spec), self.settings.max_batch_rows,
                                 build_layout(spec).x_request)
         rows, outputs = layout.max_rows, len(spec.outputs)
-        slots = [SlotState(allocate(layout, "cpu"), None, None, torch.zeros(rows, outputs),
-                           torch.zeros(rows + 1, dtype=torch.bool), None)
-                 for _ in range(self.settings.slots)]
+        slots = []
+        for _ in range(self.settings.slots):
+            host, memory = shared_host(layout) if self.pack_processes \
+                else (allocate(layout, "cpu"), None)
+            slots.append(SlotState(host, None, None, torch.zeros(rows, outputs),
+                                   torch.zeros(rows + 1, dtype=torch.bool), None,
+                                   shared=memory))
         return GpuModel(spec, None, layout, slots)
 
     def _issue(self, model, slot, plan, sizes) -> None:
@@ -97,7 +106,7 @@ class _CountingSide:
 
     index = 0
 
-    def __init__(self, ring: memoryview | None) -> None:
+    def __init__(self, ring: SharedMemory | None) -> None:
         from recserve.server.hub import EngineSide
 
         self.ring, self.running, self.holding = ring, {}, set()
@@ -113,9 +122,9 @@ class _CountingSide:
             self.wake.set_result(None)
 
 
-def worker_frames(spec, requests: list, shared: bool) -> tuple[dict, memoryview | None]:
+def worker_frames(spec, requests: list, shared: bool) -> tuple[dict, SharedMemory | None]:
     """Each distinct request's channel frame payload as a worker sends it (by ``id`` of
-    the request), and, with ``shared``, the engine side's view of the ring their arrays
+    the request), and, with ``shared``, the engine side's ring (read-only) their arrays
     were written to (once each, before the run: a worker process writes them, not the
     engine's)."""
     from recserve.server import channel, shared_ring
@@ -125,11 +134,9 @@ def worker_frames(spec, requests: list, shared: bool) -> tuple[dict, memoryview 
                 for r in distinct}
     if not shared:
         return payloads, None
-    size = 2 * sum(map(len, payloads.values()))  # (room for every array's alignment)
-    fd = shared_ring.create(size)
-    writer = shared_ring.SharedRing(shared_ring.map_memory(fd, size, writable=True))
-    ring = shared_ring.map_memory(fd, size, writable=False)
-    os.close(fd)
+    ring = SharedMemory(2 * sum(map(len, payloads.values())),  # (room for each alignment)
+                        writable=False)
+    writer = shared_ring.SharedRing(shared_ring.map_memory(ring.fd, ring.size, writable=True))
     for r in distinct:
         data, data_at = channel.encode_score(0, spec.name, 1, r, None, spec, ring=writer)
         assert data_at is not None
@@ -137,7 +144,7 @@ def worker_frames(spec, requests: list, shared: bool) -> tuple[dict, memoryview 
     return payloads, ring
 
 
-async def through_hub(engine: Engine, requests: list, frames: tuple[dict, memoryview | None],
+async def through_hub(engine: Engine, requests: list, frames: tuple[dict, SharedMemory | None],
                       rows_in_flight: int) -> None:
     """Feed ``requests`` the way the engine process of ``serve --workers`` meets them: each
     arrives as the channel frame a worker sends (``worker_frames``), is decoded and
@@ -164,17 +171,21 @@ async def through_hub(engine: Engine, requests: list, frames: tuple[dict, memory
 
 
 async def run(settings: EngineSettings, spec, requests: list, compute_ms: float,
-              pack_threads: int | None, via_hub: str | None = None) -> dict:
+              pack_threads: int | None, via_hub: str | None = None,
+              pack_processes: bool = False) -> dict:
     executors: list[SimulatedGpuExecutor] = []
 
     def factory(s: EngineSettings) -> SimulatedGpuExecutor:
-        executors.append(SimulatedGpuExecutor(s, compute_ms, pack_threads))
+        executors.append(SimulatedGpuExecutor(s, compute_ms, pack_threads, pack_processes))
         return executors[-1]
 
     frames = worker_frames(spec, requests, via_hub == "ring") if via_hub else None
     async with Engine(settings, factory) as engine:
         await engine.load(spec.name, 1, spec, {})
-        await asyncio.gather(*(engine.score(spec.name, r) for r in requests[:4]))  # warm
+        if via_hub:  # warm: (packing processes import for about a second at start)
+            await through_hub(engine, requests[:4], frames, 0)
+        else:
+            await asyncio.gather(*(engine.score(spec.name, r) for r in requests[:4]))
         executor = executors[0]
         executor.timeline_limit = 1_000_000
         busy0 = executor.busy_ms
@@ -196,6 +207,7 @@ async def run(settings: EngineSettings, spec, requests: list, compute_ms: float,
     return {"samples_per_s": rows / wall, "ratio_to_device": rows / wall / device,
             "device_busy_fraction": (executor.busy_ms - busy0) / 1e3 / wall,
             "loop_cpu_us_per_request": round(loop_cpu / len(requests) * 1e6, 2),
+            "packed_in_processes": executor.stats().get("packed_in_processes", 0),
             "host_stage_mean_ms": {k: round(float(np.mean(v)), 3) for k, v in spans.items()}}
 
 
@@ -230,6 +242,11 @@ def main() -> None:
     p.add_argument("--pack-threads", type=int,
                    help="default: one per slot, leaving two cores (see default_pack_threads)")
     p.add_argument("--sweep", action="store_true", help="also 1 packing thread and 2 slots")
+    p.add_argument("--pack-processes", action="store_true",
+                   help="also with packing processes (recserve.engine.packer): they take "
+                   "the requests that lie in a worker's ring, the *_via_hub_ring traffic")
+    p.add_argument("--traffic", action="append", choices=TRAFFIC,
+                   help="run only this traffic (repeatable; default: all)")
     p.add_argument("--model", choices=("dlrmv2", "demo"), default="dlrmv2",
                    help="dlrmv2: 214 ids a row, every feature per candidate; demo: the demo "
                    "model's small requests (a few ids a row, most features per request)")
@@ -248,18 +265,24 @@ def main() -> None:
                "ranking_per_feature": wl.per_feature(ranking) * repeats,
                # as worker processes send them to the engine process (the hub's path),
                # through the socket, and in the shared ring
-               "ranking_via_hub": ranking * repeats, "ranking_via_hub_ring": ranking * repeats}
+               "ranking_via_hub": ranking * repeats, "ranking_via_hub_ring": ranking * repeats,
+               "full_via_hub_ring": full * (args.batches // 4)}
+    traffic = {k: v for k, v in traffic.items() if k in (args.traffic or TRAFFIC)}
     settings = EngineSettings(max_batch_rows=args.batch, buckets=(args.batch,), slots=args.slots,
                               max_queued_rows=args.batch * args.batches * 4)
-    variants = [("default", settings, args.pack_threads)]
+    variants = [("default", settings, args.pack_threads, False)]
     if args.sweep:
-        variants += [("pack_threads=1", settings, 1), ("slots=2", replace(settings, slots=2),
-                                                      args.pack_threads)]
+        variants += [("pack_threads=1", settings, 1, False),
+                     ("slots=2", replace(settings, slots=2), args.pack_threads, False)]
+    if args.pack_processes:
+        variants += [("pack_processes", settings, args.pack_threads, True)]
     results = {"commit": provenance.commit(), "compute_ms": args.compute_ms, "runs": []}
-    for name, run_settings, threads in variants:
+    for name, run_settings, threads, processes in variants:
         for kind, requests in traffic.items():
-            via_hub = {"ranking_via_hub": "socket", "ranking_via_hub_ring": "ring"}.get(kind)
-            r = run_loop(run(run_settings, spec, requests, args.compute_ms, threads, via_hub))
+            via_hub = "ring" if kind.endswith("_ring") else (
+                "socket" if kind.endswith("_hub") else None)
+            r = run_loop(run(run_settings, spec, requests, args.compute_ms, threads, via_hub,
+                             processes))
             results["runs"].append({"variant": name, "traffic": kind, **r})
             print(f"{name:15s} {kind:19s} {r['samples_per_s'] / 1e6:6.2f} M samples/s = "
                   f"{r['ratio_to_device']:.2f} of the simulated device; event loop "

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import queue
+import sys
 import threading
 import time
 
@@ -40,16 +41,22 @@ import numpy as np
 import torch
 
 from . import cores as _cores
+from . import shared_memory
 from .demo import random_inputs
 from .executor import Done, Executor, Job, JobResult, PieceResult, index_problem, slice_rows
 from .gpu_slots import GpuModel, SlotState, capture, copy_in, device_step, new_slot
 from .inputs import RequestInputs, collate
+from .packer import PackerUnavailable, PackingProcess
 from .scheduler import EngineError
 from .settings import EngineSettings
 from .spec import ModelSpec
 from .staging import PackedSizes, pack, staging_layout
 
 _STAGES = ("h2d", "compute", "d2h")
+SWITCH_INTERVAL_S = 0.0005
+"""The GIL switch interval with packing processes (Python's default: 5 ms). On CPU, packs
+done by another process cost 1.1 ms beside a busy thread at 0.5 ms, 7-10 ms at 5 ms
+(bench/gil_handoff.py): the launcher still takes the GIL back once a pack."""
 
 
 def default_pack_threads(slots: int, cores: int | None = None) -> int:
@@ -67,13 +74,17 @@ class GpuExecutor(Executor):
 
     def __init__(self, settings: EngineSettings, device: str = "cuda", *,
                  use_graphs: bool = True, pack_threads: int | None = None,
-                 compute_streams: int = 1) -> None:
+                 compute_streams: int = 1, pack_processes: bool = False) -> None:
         if pack_threads is not None and pack_threads < 1:
             raise ValueError(f"pack_threads is {pack_threads}; expected at least 1")
         if not 1 <= compute_streams <= settings.slots:
             raise ValueError(f"compute_streams is {compute_streams}; expected 1 to the "
                              f"number of slots ({settings.slots})")
         self.compute_streams = compute_streams
+        self.pack_processes = pack_processes and shared_memory.supported()
+        """Each launcher thread has a packing process (``packer``) for batches whose
+        requests lie in shared memory; their slots' staging is shared memory, pinned."""
+        self._packers: list[PackingProcess] = []
         self.settings = settings
         self.pack_threads = pack_threads or default_pack_threads(settings.slots)
         self.device = torch.device(device)
@@ -109,7 +120,15 @@ class GpuExecutor(Executor):
         self._open_device()
         self._host_origin = time.perf_counter()
         self._free = list(range(self.settings.slots))
-        targets = [(self._launcher, f"launch-{i}") for i in range(self.pack_threads)]
+        if self.pack_processes:
+            self._packers = [PackingProcess() for _ in range(self.pack_threads)]
+            for packer in self._packers:
+                packer.start()
+            # this process's threads now hand the GIL over once per pack and per CUDA
+            # call: a short switch interval keeps each hand-off short (bench/notes-engine.md)
+            sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
+        targets = [(functools.partial(self._launcher, i), f"launch-{i}")
+                   for i in range(self.pack_threads)]
         for target, name in [*targets, (self._completer, "complete")]:
             thread = threading.Thread(target=target, name=f"recserve-gpu-{name}", daemon=True)
             thread.start()
@@ -139,7 +158,7 @@ class GpuExecutor(Executor):
         triton_model = TritonModel(spec, weights, self.device)
         layout = staging_layout(spec, [names for _, _, names in triton_model.groups],
                                 self.settings.max_batch_rows, triton_model.layout.x_request)
-        slots = [new_slot(triton_model, layout, self.device, _STAGES)
+        slots = [new_slot(triton_model, layout, self.device, _STAGES, self.pack_processes)
                  for _ in range(self.settings.slots)]
         model = GpuModel(spec, triton_model, layout, slots)
         rng = np.random.default_rng(0)
@@ -180,34 +199,40 @@ class GpuExecutor(Executor):
         self._done_q.put(None)
         completer.join()
         self._threads.clear()
+        for packer in self._packers:
+            packer.close()
 
     def stats(self) -> dict:
         """Counters: batches run, GPU busy time from CUDA events, bytes copied in, and the
         host's packing time (its threads' sum: near ``pack_threads`` x wall time, the host
         is what bounds the engine)."""
-        return {"batches": self.batches, "gpu_busy_ms": self.busy_ms, "bytes_in": self.bytes_in,
-                "pack_ms": self.pack_ms, "pack_threads": self.pack_threads,
-                "compute_streams": self.compute_streams}
+        stats = {"batches": self.batches, "gpu_busy_ms": self.busy_ms,
+                 "bytes_in": self.bytes_in, "pack_ms": self.pack_ms,
+                 "pack_threads": self.pack_threads, "compute_streams": self.compute_streams}
+        if self._packers:
+            stats["packed_in_processes"] = sum(p.packs for p in self._packers)
+            stats["packing_process_restarts"] = sum(p.restarts for p in self._packers)
+        return stats
 
-    def _launcher(self) -> None:
+    def _launcher(self, index: int) -> None:
         self._bind_thread()
+        packer = self._packers[index] if self._packers else None
         while (item := self._launch_q.get()) is not None:
             job, slot_index, done, submitted = item
             self._host_stage(job.plan.seq, "host_queue", submitted)
             try:
-                self._launch(job, slot_index, done)
+                self._launch(job, slot_index, done, packer)
             except Exception as exc:  # OOM or a bug: isolate per piece, keep serving
                 self._release(slot_index)
                 done(JobResult(job, self._fallback(job, exc)))
 
-    def _launch(self, job: Job, slot_index: int, done: Done) -> None:
+    def _launch(self, job: Job, slot_index: int, done: Done,
+                packer: PackingProcess | None = None) -> None:
         model: GpuModel = job.model
         slot = model.slots[slot_index]
         plan = job.plan
         started = self._now_ms()
-        pieces = [slice_rows(model.spec, inputs, p.start, p.count)
-                  for p, inputs in zip(plan.pieces, job.inputs, strict=True)]
-        sizes = pack(model.layout, slot.host, pieces, plan.bucket)
+        sizes = self._pack(model, slot_index, job, packer)
         packed = self._host_stage(plan.seq, "host_pack", started)
         with self._lock:
             self.pack_ms += packed - started
@@ -215,6 +240,23 @@ class GpuExecutor(Executor):
             self._issue(model, slot, plan, sizes)
             self._host_stage(plan.seq, "host_issue", packed)
             self._done_q.put((job, slot_index, sizes, done))
+
+    def _pack(self, model: GpuModel, slot_index: int, job: Job,
+              packer: PackingProcess | None) -> PackedSizes:
+        """Pack the job's pieces into the slot's host staging: in the packing process when
+        every request lies in shared memory (and it can), else in this thread."""
+        plan = job.plan
+        if packer is not None and model.packed is not None \
+                and all(inputs.shared is not None for inputs in job.inputs):
+            try:
+                return packer.pack(model.packed, slot_index, plan.bucket,
+                                   [(inputs.shared, p.start, p.count)
+                                    for p, inputs in zip(plan.pieces, job.inputs, strict=True)])
+            except PackerUnavailable:
+                pass
+        pieces = [slice_rows(model.spec, inputs, p.start, p.count)
+                  for p, inputs in zip(plan.pieces, job.inputs, strict=True)]
+        return pack(model.layout, model.slots[slot_index].host, pieces, plan.bucket)
 
     def _issue(self, model: GpuModel, slot: SlotState, plan, sizes: PackedSizes) -> None:
         """Enqueue copy-in, compute and copy-out of one packed batch on the three streams."""

@@ -6,12 +6,22 @@
 
 from __future__ import annotations
 
+import itertools
+import logging
+import mmap
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 
+from .packer import PackedModel
+from .shared_memory import SharedMemory
 from .spec import ModelSpec
 from .staging import Buffers, PackedSizes, StagingLayout, allocate
+from .staging_layout import host_bytes
+
+log = logging.getLogger("recserve.engine")
+_model_keys = itertools.count(1)
 
 
 @dataclass(slots=True)
@@ -27,6 +37,8 @@ class SlotState:
     graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = field(
         default_factory=dict)
     events: dict[str, torch.cuda.Event] = field(default_factory=dict)
+    shared: SharedMemory | None = None
+    """The memory ``host`` lies in, when packing processes share it (``packer``)."""
 
 
 @dataclass(slots=True)
@@ -37,14 +49,49 @@ class GpuModel:
     triton: object
     layout: StagingLayout
     slots: list[SlotState]
+    packed: PackedModel | None = None
+    """What packing processes need of it; None when its slots' staging is not shared."""
+
+    def __post_init__(self) -> None:
+        if self.packed is None and self.slots and all(s.shared for s in self.slots):
+            self.packed = PackedModel(next(_model_keys), self.layout,
+                                      [s.shared for s in self.slots])
+
+
+def shared_host(layout: StagingLayout) -> tuple[Buffers, SharedMemory]:
+    """A host set of staging buffers in new shared memory (zeroed, whole pages)."""
+    memory = SharedMemory(-(-host_bytes(layout) // mmap.PAGESIZE) * mmap.PAGESIZE,
+                          "recserve-staging")
+    return allocate(layout, "cpu", memory=memory.view), memory
+
+
+def pin_shared(memory: SharedMemory) -> bool:
+    """Register ``memory`` with CUDA as pinned (so copies from it run asynchronously at
+    full speed), unregistered when it goes; False, with a warning, when CUDA refuses."""
+    cudart = torch.cuda.cudart()
+    address = torch.frombuffer(memory.view, dtype=torch.uint8).data_ptr()
+    error = int(cudart.cudaHostRegister(address, memory.size, 0))
+    if error:
+        log.warning("CUDA did not pin shared staging memory (cudaError %d): batches are "
+                    "packed in threads", error)
+        return False
+    weakref.finalize(memory, cudart.cudaHostUnregister, address)
+    return True
 
 
 def new_slot(triton_model, layout: StagingLayout, device: torch.device,
-             stages: tuple[str, ...]) -> SlotState:
-    """Allocate one slot's pinned host set, device set, outputs and stage events."""
+             stages: tuple[str, ...], shared: bool = False) -> SlotState:
+    """Allocate one slot's pinned host set (in shared memory when ``shared``, and CUDA
+    pins it), device set, outputs and stage events."""
     rows, outputs = layout.max_rows, len(layout.spec.outputs)
     dense_compute = None
-    host = allocate(layout, "cpu", pin=True)
+    memory = None
+    if shared:
+        host, memory = shared_host(layout)
+        if not pin_shared(memory):
+            memory = None
+    if memory is None:
+        host = allocate(layout, "cpu", pin=True)
     on_device = allocate(layout, device)
     if on_device.dense is not None:
         dense_compute = torch.zeros_like(on_device.dense, dtype=triton_model.dtype)
@@ -53,7 +100,7 @@ def new_slot(triton_model, layout: StagingLayout, device: torch.device,
     return SlotState(host, on_device, dense_compute,
                      torch.zeros(rows, outputs, pin_memory=True),
                      torch.zeros(rows + 1, dtype=torch.bool, pin_memory=True),
-                     torch.cuda.graph_pool_handle(), events=events)
+                     torch.cuda.graph_pool_handle(), events=events, shared=memory)
 
 
 def copy_in(model: GpuModel, slot: SlotState, sizes: PackedSizes,

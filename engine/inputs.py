@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # torch only for collate's Batch: worker processes never impo
     import torch
 
     from .flat import FlatSparse
+    from .shared_memory import SharedInputs
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,9 @@ class RequestInputs:
     """The same sparse inputs back to back (``recserve.engine.flat``), when whoever built
     the request made them (the worker channel does): the GPU engine then stages the
     request in one copy. Must hold exactly ``sparse``'s data; never change one alone."""
+    shared: SharedInputs | None = None
+    """Where these arrays lie in shared memory (a worker's ring), when they do: the GPU
+    engine's packing processes then read them there (``packer``)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,7 @@ kernel flags what stays outside).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -131,15 +132,51 @@ class Buffers:
     groups: tuple[tuple[torch.Tensor, torch.Tensor], ...]
     """Per group: (starts, ends) of its bags, in its kernel's offsets layout."""
     scratch: torch.Tensor | None = None
-    """Host only (pageable, never copied): room for the flat bag bounds of pieces that
+    """Host only (never copied): room for the flat bag bounds of pieces that
     arrive without a FlatSparse, so packing them allocates nothing."""
 
 
-def allocate(layout: StagingLayout, device: torch.device | str, pin: bool = False) -> Buffers:
-    """Allocate one set of buffers (zeroed) for ``layout`` on ``device``."""
-    def make(shape, dtype):
-        return torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
+def allocate(layout: StagingLayout, device: torch.device | str, pin: bool = False,
+             memory: memoryview | None = None) -> Buffers:
+    """Allocate one set of buffers (zeroed) for ``layout`` on ``device``; a host set
+    (``device`` cpu) lies in ``memory`` when given (zeroed shared memory of at least
+    ``host_bytes(layout)``: the engine and its packing processes map the same bytes)."""
+    if memory is not None:
+        return _build(layout, _Carver(memory), host=True)
+    return _build(layout, lambda shape, dtype: torch.zeros(
+        shape, dtype=dtype, device=device, pin_memory=pin),
+        host=torch.device(device).type == "cpu")
 
+
+def host_bytes(layout: StagingLayout) -> int:
+    """Bytes a host set of buffers takes in shared memory (``allocate``'s ``memory``)."""
+    carver = _Carver(None)
+    _build(layout, carver, host=True)
+    return carver.offset
+
+
+class _Carver:
+    """Tensors carved one after the other out of ``memory``, each on a 64-byte boundary
+    (None: only counts, handing out tensors without storage)."""
+
+    def __init__(self, memory: memoryview | None) -> None:
+        self.memory, self.offset = memory, 0
+
+    def __call__(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        count = math.prod(shape) if isinstance(shape, tuple) else shape
+        start, self.offset = self.offset, self.offset + -(-count * dtype.itemsize // 64) * 64
+        if self.memory is None:
+            return torch.empty(shape, dtype=dtype, device="meta")
+        if self.offset > len(self.memory):
+            raise ValueError(f"{len(self.memory)} bytes of memory do not hold the staging "
+                             "buffers (see host_bytes)")
+        if not count:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(self.memory, dtype=dtype, count=count,
+                                offset=start).view(shape)
+
+
+def _build(layout: StagingLayout, make, host: bool) -> Buffers:
     b, r = layout.max_rows, layout.max_requests
     dense = None
     if layout.dense_width:
@@ -148,9 +185,9 @@ def allocate(layout: StagingLayout, device: torch.device | str, pin: bool = Fals
     groups = tuple((make(g.bounds_used(b), layout.index_dtype),
                     make(g.bounds_used(b), layout.index_dtype)) for g in layout.groups)
     scratch = None
-    if torch.device(device).type == "cpu":
+    if host:
         f_c, f_r = layout.flat_bags
-        scratch = torch.zeros(f_c * b + (f_r + 1) * r, dtype=layout.index_dtype)
+        scratch = make(f_c * b + (f_r + 1) * r, layout.index_dtype)
     return Buffers(make(b, torch.int32), make(r + 1, torch.int32), make(r, torch.int32),
                    dense, make(layout.index_capacity, layout.index_dtype), weights, groups,
                    scratch)

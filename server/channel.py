@@ -39,6 +39,7 @@ import numpy as np
 from recserve.engine.flat import FlatFeatures, FlatSparse, flat_shape, flatten_sparse
 from recserve.engine.inputs import RequestInputs
 from recserve.engine.scheduler import Priority
+from recserve.engine.shared_memory import SharedInputs
 from recserve.engine.spec import ModelSpec
 
 from .codec import HEADER
@@ -194,9 +195,11 @@ def score_header(payload: memoryview) -> ScoreHeader:
 
 
 def decode_inputs(payload: memoryview, header: ScoreHeader, spec: ModelSpec,
-                  ring: memoryview | None = None) -> RequestInputs:
+                  ring: memoryview | None = None,
+                  shared: SharedInputs | None = None) -> RequestInputs:
     """The request's arrays (views of ``payload``, or of ``ring``, the worker's shared
-    memory, when they lie there) as RequestInputs, with its flat form."""
+    memory, when they lie there) as RequestInputs, with its flat form (and ``shared``:
+    where another process finds them)."""
     if header.data_at is not None and ring is None:
         raise ValueError("a request in shared memory from a worker that has none")
     arrays, _ = _read(payload, header.offset, 4 + len(spec.dense), ring, header.data_at)
@@ -204,7 +207,14 @@ def decode_inputs(payload: memoryview, header: ScoreHeader, spec: ModelSpec,
     n = header.candidates
     _check_flat(flat, n, spec)
     dense = {f.name: a for f, a in zip(spec.dense, arrays[4:], strict=True)}
-    return RequestInputs(n, FlatFeatures(flat, spec), dense, flat)
+    return RequestInputs(n, FlatFeatures(flat, spec), dense, flat, shared)
+
+
+def decode_shared(payload: bytes, ring: memoryview, spec: ModelSpec) -> RequestInputs:
+    """A score request's inputs from its payload and a mapping of its worker's ring: what
+    a process that maps the ring (``recserve.engine.packer``) decodes (``SharedInputs``)."""
+    view = memoryview(payload)
+    return decode_inputs(view, score_header(view), spec, ring)
 
 
 def _check_flat(flat: FlatSparse, n: int, spec: ModelSpec) -> None:

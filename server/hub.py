@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from recserve.engine.shared_memory import SharedInputs, SharedMemory
+
 from . import channel, shared_ring
 from .backend import submit
 from .channel_end import ChannelEnd
@@ -55,9 +57,9 @@ RESPAWN_PAUSE_S = 1.0
 class EngineSide(ChannelEnd):
     """This process's end of one worker's channel, with its requests' state: ``running``
     (rid -> cancel, until answered), ``holding`` (rids whose ring region the backend may
-    still read) and ``ring`` (a read-only view of the worker's shared memory, or None)."""
+    still read) and ``ring`` (the worker's shared memory, mapped read-only, or None)."""
 
-    def __init__(self, hub: Hub, index: int, ring: memoryview | None = None) -> None:
+    def __init__(self, hub: Hub, index: int, ring: SharedMemory | None = None) -> None:
         super().__init__()
         self.hub, self.index, self.ring = hub, index, ring
         self.running: dict[int, Callable[[], object] | None] = {}
@@ -182,7 +184,11 @@ class Hub:
                      else "requests_via_ring"] += 1
         try:
             handle = self._handle_for(header)
-            inputs = channel.decode_inputs(view, header, handle.spec, side.ring)
+            ring, shared = side.ring, None
+            if header.data_at is not None and ring is not None:  # (else decode refuses it)
+                shared = SharedInputs(ring, bytes(view), channel.decode_shared)
+            inputs = channel.decode_inputs(view, header, handle.spec,
+                                           None if ring is None else ring.view, shared)
             reply = functools.partial(self._reply, side, rid, handle.version)
             release = None
             if header.data_at is not None:

@@ -8,9 +8,9 @@ bench/engine_host.py, moving those bytes was about 60 of the 140 us of event-loo
 writes the arrays once into memory both processes map, the frame carries only their
 headers and where they lie, and the engine process stages straight from the mapping.
 
-The memory is a ``memfd`` (anonymous, passed to the worker at spawn like its socket): it
-is not a file under /dev/shm, so a container's small /dev/shm limit does not apply and
-nothing is left behind when a process dies. The worker allocates (``Ring``); the engine
+The memory is a ``memfd`` (``recserve.engine.shared_memory``, passed to the worker at
+spawn like its socket; the engine process keeps its descriptor, so that its packing
+processes can map the ring too). The worker allocates (``Ring``); the engine
 process only reads, through a read-only mapping, and says when a request's region may be
 reused (``channel`` has the messages). A worker whose ring is full sends the request in
 the frame as before.
@@ -18,37 +18,15 @@ the frame as before.
 
 from __future__ import annotations
 
-import mmap
-import os
 from collections import deque
+
+from recserve.engine.shared_memory import create_fd as create  # noqa: F401 (the API here)
+from recserve.engine.shared_memory import map_fd as map_memory  # noqa: F401
+from recserve.engine.shared_memory import supported  # noqa: F401
 
 ALIGN = 64  # each region (and each array in it) starts on a cache line
 DEFAULT_RING_BYTES = 64 << 20  # per worker: a hundred 600 KB dlrmv2 ranking requests
 MIN_RING_BYTES = 1 << 16
-
-
-def supported() -> bool:
-    """True where anonymous shared memory can be passed to a child (Linux)."""
-    return hasattr(os, "memfd_create")
-
-
-def create(size: int) -> int:
-    """A new anonymous shared memory of ``size`` bytes; its file descriptor (inheritable
-    only when passed explicitly, as ``subprocess``'s ``pass_fds`` does)."""
-    fd = os.memfd_create("recserve-channel", os.MFD_CLOEXEC)
-    try:
-        os.ftruncate(fd, size)
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
-
-
-def map_memory(fd: int, size: int, *, writable: bool) -> memoryview:
-    """Map ``fd``'s ``size`` bytes (read-only unless ``writable``); the fd may be closed
-    afterwards. The mapping lives as long as a view of it does."""
-    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-    return memoryview(mmap.mmap(fd, size, mmap.MAP_SHARED, prot))
 
 
 def aligned(size: int) -> int:

@@ -7,12 +7,12 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import socket
 import subprocess
 import sys
 
-from . import shared_ring
+from recserve.engine.shared_memory import SharedMemory
+
 from .config import ServerConfig
 
 log = logging.getLogger("recserve.server")
@@ -29,44 +29,38 @@ def worker_config(config: ServerConfig, port: int, workers: int) -> ServerConfig
         max_read_buffer_bytes=max(config.max_frame_bytes, share(config.max_read_buffer_bytes)))
 
 
-def new_ring(ring_bytes: int) -> tuple[memoryview | None, int | None]:
-    """A fresh shared ring for a worker being started (nothing of a dead one's): the
-    engine side's read-only view and the fd to pass on; (None, None) when rings are off
-    or the memory cannot be had (the worker then sends requests through its socket)."""
+def new_ring(ring_bytes: int) -> SharedMemory | None:
+    """A fresh shared ring for a worker being started (nothing of a dead one's), mapped
+    read-only here; None when rings are off or the memory cannot be had (the worker then
+    sends requests through its socket)."""
     if not ring_bytes:
-        return None, None
-    fd = None
+        return None
     try:
-        fd = shared_ring.create(ring_bytes)
-        return shared_ring.map_memory(fd, ring_bytes, writable=False), fd
+        return SharedMemory(ring_bytes, "recserve-channel", writable=False)
     except OSError as exc:
-        if fd is not None:
-            os.close(fd)
         log.warning("no shared ring for a worker (%s): its requests go through its socket",
                     exc)
-        return None, None
+        return None
 
 
 def launch(config: ServerConfig, log_level: str, ring_bytes: int
-           ) -> tuple[subprocess.Popen, socket.socket, memoryview | None]:
+           ) -> tuple[subprocess.Popen, socket.socket, SharedMemory | None]:
     """Start ``python -m recserve.server.worker``: (the process, this side's channel
-    socket, this side's view of its ring or None)."""
+    socket, its ring or None)."""
     ours, theirs = socket.socketpair()
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     settings = {"channel_fd": theirs.fileno(), "config": fields, "log_level": log_level,
                 "ring_fd": None, "ring_bytes": 0}
-    ring, ring_fd = new_ring(ring_bytes)
-    if ring_fd is not None:
-        settings.update(ring_fd=ring_fd, ring_bytes=ring_bytes)
+    ring = new_ring(ring_bytes)
+    if ring is not None:
+        settings.update(ring_fd=ring.fd, ring_bytes=ring_bytes)
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "recserve.server.worker", json.dumps(settings)],
-            pass_fds=[theirs.fileno()] + ([] if ring_fd is None else [ring_fd]))
+            pass_fds=[theirs.fileno()] + ([] if ring is None else [ring.fd]))
     except BaseException:
         ours.close()
         raise
     finally:
         theirs.close()
-        if ring_fd is not None:
-            os.close(ring_fd)
     return proc, ours, ring

@@ -4,7 +4,6 @@ backend.submit over both kinds of backend."""
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 from dataclasses import replace
 
@@ -219,14 +218,12 @@ def test_the_hub_frees_a_ring_region_only_once_the_backend_released_it(kind, mon
     """A request whose arrays lie in the worker's ring: the reply says the region is free
     when nothing reads it any more; a cancelled request (nothing to reply) or one answered
     while a batch still reads it gets an ``F`` once the backend lets go."""
+    from recserve.engine.shared_memory import SharedMemory
     from recserve.server import shared_ring
     from recserve.server.shared_ring import SharedRing
 
-    size = 1 << 16
-    fd = shared_ring.create(size)
-    writer = SharedRing(shared_ring.map_memory(fd, size, writable=True))
-    reader = shared_ring.map_memory(fd, size, writable=False)
-    os.close(fd)
+    reader = SharedMemory(1 << 16, writable=False)  # the engine side keeps the descriptor
+    writer = SharedRing(shared_ring.map_memory(reader.fd, reader.size, writable=True))
 
     gate = threading.Event()
     forward = backend_module._forward
