@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import provenance  # noqa: E402
 import workloads as wl  # noqa: E402
+from engine_host import through_hub, worker_frames  # noqa: E402
 
 from engine import run_loop  # noqa: E402
 from recserve.engine.engine import Engine  # noqa: E402
@@ -82,18 +83,23 @@ def two_stream_replay_ms(graphs: list) -> float:
 
 
 async def engine_run(settings, spec, weights, requests, repeats: int,
-                     pack_threads: int | None = None, compute_streams: int = 1) -> dict:
+                     pack_threads: int | None = None, compute_streams: int = 1,
+                     via_ring: bool = False, pack_processes: bool = False) -> dict:
     executors = []
 
     def factory(s):
         executor = GpuExecutor(s, "cuda", pack_threads=pack_threads,
-                               compute_streams=compute_streams)
+                               compute_streams=compute_streams, pack_processes=pack_processes)
         executors.append(executor)
         return executor
 
+    frames = worker_frames(spec, requests, shared=True) if via_ring else None
     async with Engine(settings, factory) as engine:
         await engine.load(spec.name, 1, spec, weights)
-        await asyncio.gather(*(engine.score(spec.name, r) for r in requests[:4]))  # warm
+        if via_ring:  # warm (packing processes import for about a second at start)
+            await through_hub(engine, requests[:4], frames, 0)
+        else:
+            await asyncio.gather(*(engine.score(spec.name, r) for r in requests[:4]))
         executor = executors[0]
         executor.timeline.clear()
         executor.timeline_limit = 100_000
@@ -101,9 +107,14 @@ async def engine_run(settings, spec, weights, requests, repeats: int,
         rows = sum(r.num_candidates for r in requests) * repeats
         start = time.perf_counter()
         # clients keep two batches per slot outstanding (not a burst: see closed_loop)
-        await wl.closed_loop(engine, spec.name, [r for _ in range(repeats) for r in requests],
-                             2 * settings.slots * settings.max_batch_rows)
+        every = [r for _ in range(repeats) for r in requests]
+        if via_ring:  # as the engine process of serve --workers meets them
+            await through_hub(engine, every, frames, 2 * settings.slots * settings.max_batch_rows)
+        else:
+            await wl.closed_loop(engine, spec.name, every,
+                                 2 * settings.slots * settings.max_batch_rows)
         wall = time.perf_counter() - start
+        packed_in_processes = executor.stats().get("packed_in_processes", 0)
         model = engine.handle(spec.name, 1)  # the built GpuModel: its graphs, for timing
         slot = model.slots[0]
         graph = slot.graphs[settings.max_batch_rows][0]
@@ -112,6 +123,7 @@ async def engine_run(settings, spec, weights, requests, repeats: int,
                                         for s in model.slots[:2]]) if len(model.slots) > 1 \
             else float("nan")
         return {"rows": rows, "wall_s": wall, "samples_per_s": rows / wall,
+                "packed_in_processes": packed_in_processes,
                 "gpu_busy_fraction": (executor.busy_ms - busy0) / 1e3 / wall,
                 "copy_overlap_fraction": overlap_fraction(executor.timeline),
                 "batches": len({t[0] for t in executor.timeline}),
@@ -208,9 +220,11 @@ SWEEP = ["pack_threads=1", "slots=2", "compute_streams=2", "switch_ms=0.5"]
 
 
 def variant(name: str, settings: EngineSettings) -> tuple:
-    """(name, settings, packing threads, compute streams, switch interval s) of a run named
-    'default' or by '+'-joined changes such as 'compute_streams=2+switch_ms=0.5'."""
+    """(name, settings, packing threads, compute streams, switch interval s, requests via a
+    worker's ring, packing processes) of a run named 'default' or by '+'-joined changes
+    such as 'compute_streams=2+switch_ms=0.5'."""
     threads, streams, switch = None, 1, None  # one packing thread per slot
+    via_ring = processes = False
     if name != "default":
         for change in name.split("+"):
             key, _, value = change.partition("=")
@@ -222,10 +236,15 @@ def variant(name: str, settings: EngineSettings) -> tuple:
                 streams = int(value)
             elif key == "switch_ms":
                 switch = float(value) / 1e3
+            elif change == "via=ring":
+                via_ring = True
+            elif change == "pack_in=process":  # (only ring requests go to the processes)
+                via_ring = processes = True
             else:
                 raise SystemExit(f"unknown variant change {change!r} in {name!r}: use "
-                                 "pack_threads=N, slots=N, compute_streams=N or switch_ms=X")
-    return name, settings, threads, streams, switch
+                                 "pack_threads=N, slots=N, compute_streams=N, switch_ms=X, "
+                                 "via=ring or pack_in=process")
+    return name, settings, threads, streams, switch, via_ring, processes
 
 
 def main() -> None:
@@ -241,8 +260,11 @@ def main() -> None:
     p.add_argument("--variants", default="",
                    help="comma-separated runs instead of default (+ --sweep's), each 'default' "
                    "or '+'-joined changes: pack_threads=N, slots=N, compute_streams=N, "
-                   "switch_ms=X (e.g. default,compute_streams=2+switch_ms=0.5,default: a "
-                   "name given twice is run twice, which shows what the run's order costs)")
+                   "switch_ms=X, via=ring (requests reach the engine as the channel frames of "
+                   "workers with shared rings, through Hub.score), pack_in=process (via=ring, "
+                   "packed by packing processes) (e.g. "
+                   "default,compute_streams=2+switch_ms=0.5,default: a name given twice is "
+                   "run twice, which shows what the run's order costs)")
     p.add_argument("--pack-only", action="store_true",
                    help="only time one thread's packing (runs without a GPU: the engine's "
                    "bottleneck on the H200, so a CPU-measurable proxy); writes engine_pack.json")
@@ -274,7 +296,7 @@ def main() -> None:
     variants = [variant(name, settings) for name in names]
     results["runs"] = []
     default_switch = sys.getswitchinterval()
-    for name, run_settings, threads, streams, switch in variants:
+    for name, run_settings, threads, streams, switch, via_ring, processes in variants:
         run = {"variant": name, "slots": run_settings.slots, "pack_threads": threads,
                "compute_streams": streams, "switch_interval_s": switch or default_switch}
         sys.setswitchinterval(switch or default_switch)
@@ -286,7 +308,8 @@ def main() -> None:
         for traffic, requests, times in traffics:
             try:  # one variant failing (a new option on this card) must not cost the rest
                 run[traffic] = run_loop(engine_run(run_settings, spec, weights, requests,
-                                                   times, threads, streams))
+                                                   times, threads, streams, via_ring,
+                                                   processes))
             except Exception as exc:  # noqa: BLE001
                 run[f"{traffic}_error"] = f"{type(exc).__name__}: {exc}"[:500]
                 print(f"{name:13s} {traffic:19s} FAILED: {run[f'{traffic}_error']}", flush=True)

@@ -28,7 +28,9 @@ import argparse
 import asyncio
 import functools
 import json
+import os
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -172,7 +174,7 @@ async def through_hub(engine: Engine, requests: list, frames: tuple[dict, Shared
 
 async def run(settings: EngineSettings, spec, requests: list, compute_ms: float,
               pack_threads: int | None, via_hub: str | None = None,
-              pack_processes: bool = False) -> dict:
+              pack_processes: bool = False, busy_thread: bool = False) -> dict:
     executors: list[SimulatedGpuExecutor] = []
 
     def factory(s: EngineSettings) -> SimulatedGpuExecutor:
@@ -189,6 +191,9 @@ async def run(settings: EngineSettings, spec, requests: list, compute_ms: float,
         executor = executors[0]
         executor.timeline_limit = 1_000_000
         busy0 = executor.busy_ms
+        stop = threading.Event()
+        if busy_thread:  # Python running beside the engine's threads, holding the GIL
+            threading.Thread(target=_spin, args=(stop,), daemon=True).start()
         start, loop_cpu = time.perf_counter(), time.thread_time()
         # clients keep two batches per slot outstanding (a burst of every request at once
         # would measure the event loop submitting them, not the engine)
@@ -199,6 +204,7 @@ async def run(settings: EngineSettings, spec, requests: list, compute_ms: float,
             await wl.closed_loop(engine, spec.name, requests, in_flight)
         wall = time.perf_counter() - start
         loop_cpu = time.thread_time() - loop_cpu  # this (the event loop's) thread only
+        stop.set()
     rows = sum(r.num_candidates for r in requests)
     spans: dict[str, list[float]] = {}
     for _, stage, a, b in executor.timeline:
@@ -209,6 +215,13 @@ async def run(settings: EngineSettings, spec, requests: list, compute_ms: float,
             "loop_cpu_us_per_request": round(loop_cpu / len(requests) * 1e6, 2),
             "packed_in_processes": executor.stats().get("packed_in_processes", 0),
             "host_stage_mean_ms": {k: round(float(np.mean(v)), 3) for k, v in spans.items()}}
+
+
+def _spin(stop: threading.Event) -> None:
+    """Run Python until ``stop``: what a busy event loop (a GPU server's at thousands of
+    requests/s) is to the engine's threads, as far as the GIL goes."""
+    while not stop.is_set():
+        sum(range(200))
 
 
 def demo_traffic(rng: np.random.Generator, batch: int) -> tuple:
@@ -245,6 +258,11 @@ def main() -> None:
     p.add_argument("--pack-processes", action="store_true",
                    help="also with packing processes (recserve.engine.packer): they take "
                    "the requests that lie in a worker's ring, the *_via_hub_ring traffic")
+    p.add_argument("--busy-thread", action="store_true",
+                   help="run a thread that only runs Python beside the engine (a busy event "
+                   "loop, as far as the GIL goes; bench/gil_handoff.py)")
+    p.add_argument("--switch-ms", type=float,
+                   help="the interpreter's switch interval for every run (default: 5 ms)")
     p.add_argument("--traffic", action="append", choices=TRAFFIC,
                    help="run only this traffic (repeatable; default: all)")
     p.add_argument("--model", choices=("dlrmv2", "demo"), default="dlrmv2",
@@ -276,13 +294,17 @@ def main() -> None:
                      ("slots=2", replace(settings, slots=2), args.pack_threads, False)]
     if args.pack_processes:
         variants += [("pack_processes", settings, args.pack_threads, True)]
-    results = {"commit": provenance.commit(), "compute_ms": args.compute_ms, "runs": []}
+    if args.switch_ms is not None:  # (the executor sets 0.5 ms itself with processes)
+        sys.setswitchinterval(args.switch_ms / 1e3)
+    results = {"commit": provenance.commit(), "compute_ms": args.compute_ms,
+               "busy_thread": args.busy_thread, "switch_interval_s": sys.getswitchinterval(),
+               "cores": os.cpu_count(), "runs": []}
     for name, run_settings, threads, processes in variants:
         for kind, requests in traffic.items():
             via_hub = "ring" if kind.endswith("_ring") else (
                 "socket" if kind.endswith("_hub") else None)
             r = run_loop(run(run_settings, spec, requests, args.compute_ms, threads, via_hub,
-                             processes))
+                             processes, args.busy_thread))
             results["runs"].append({"variant": name, "traffic": kind, **r})
             print(f"{name:15s} {kind:19s} {r['samples_per_s'] / 1e6:6.2f} M samples/s = "
                   f"{r['ratio_to_device']:.2f} of the simulated device; event loop "

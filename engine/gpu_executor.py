@@ -126,7 +126,8 @@ class GpuExecutor(Executor):
                 packer.start()
             # this process's threads now hand the GIL over once per pack and per CUDA
             # call: a short switch interval keeps each hand-off short (bench/notes-engine.md)
-            sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
+            self._switch_interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL_S))
         targets = [(functools.partial(self._launcher, i), f"launch-{i}")
                    for i in range(self.pack_threads)]
         for target, name in [*targets, (self._completer, "complete")]:
@@ -201,6 +202,8 @@ class GpuExecutor(Executor):
         self._threads.clear()
         for packer in self._packers:
             packer.close()
+        if self._packers:
+            sys.setswitchinterval(self._switch_interval)
 
     def stats(self) -> dict:
         """Counters: batches run, GPU busy time from CUDA events, bytes copied in, and the

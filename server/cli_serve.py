@@ -12,7 +12,7 @@ from pathlib import Path
 from .client import DEFAULT_HOST, DEFAULT_PORT
 from .codec import DEFAULT_MAX_FRAME
 from .config import ServerConfig
-from .serve_options import DEFAULTS_NOTE, DEVICE_DEFAULTS, DEVICES
+from .serve_options import DEFAULTS_NOTE, DEVICE_DEFAULTS, DEVICES, PACK_IN
 from .shared_ring import DEFAULT_RING_BYTES
 
 
@@ -132,6 +132,13 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
                    "leaving two of the cores the process may use to the event loop and "
                    "completions; packing bounds "
                    "the engine on a GPU, bench/RESULTS.md has the sweep)")
+    g.add_argument("--pack-in", choices=PACK_IN, default="thread",
+                   help="where the GPU executor packs batches of requests that lie in "
+                   "--workers' shared rings: in its launcher threads, or in one packing "
+                   "process per thread, off this process's GIL (needs --workers 2 or more; "
+                   "default: thread: on the 2-core CI machine processes cost more than they "
+                   "save, and they are not yet measured on a card: compare with "
+                   "bench/engine_gpu.py --variants pack_in_process)")
     g.add_argument("--compute-streams", type=int, default=1, metavar="N",
                    help="CUDA streams consecutive GPU batches take in turn, up to --slots "
                    "(default: 1; 2 lets one batch's gather run beside the previous batch's "
@@ -212,7 +219,7 @@ def run_serve(args: argparse.Namespace) -> int:
                            default_workers(args.one_at_a_time) if args.workers is None
                            else args.workers,
                            args.log_level.upper(), args.pack_threads, args.compute_streams,
-                           args.worker_ring_mb)
+                           args.worker_ring_mb, args.pack_in)
     import uvloop  # the event loop is chosen here only, never on import
 
     return uvloop.run(serve(options, config))

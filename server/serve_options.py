@@ -12,6 +12,7 @@ from recserve.engine.settings import EngineSettings
 from .shared_ring import DEFAULT_RING_BYTES
 
 DEVICES = ("auto", "cpu", "cuda", "null")
+PACK_IN = ("thread", "process")
 
 # Per-device engine defaults. cuda: the engine's own (a CUDA graph per bucket, 2 slots so
 # one batch copies while another computes). cpu: measured on a 2-core machine with
@@ -62,6 +63,10 @@ class ServeOptions:
     worker_ring_mb: int = DEFAULT_RING_BYTES >> 20
     """Shared memory per worker process for requests' arrays (``shared_ring``); 0: they
     travel through the worker's socket."""
+    pack_in: str = "thread"
+    """Where the GPU executor packs batches of requests that lie in a worker's ring:
+    ``thread`` (its launcher threads) or ``process`` (a packing process per launcher
+    thread, off this process's GIL: ``recserve.engine.packer``; needs workers and rings)."""
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -79,6 +84,13 @@ class ServeOptions:
                 or not 0 <= self.worker_ring_mb <= 1 << 16):
             raise ValueError(f"ServeOptions.worker_ring_mb is {self.worker_ring_mb!r}; "
                              "expected 0..65536")
+        if self.pack_in not in PACK_IN:
+            raise ValueError(f"ServeOptions.pack_in is {self.pack_in!r}; expected one of "
+                             f"{PACK_IN}")
+        if self.pack_in == "process" and (self.workers < 2 or not self.worker_ring_mb):
+            raise ValueError("--pack-in process packs requests that lie in front-end "
+                             "workers' shared rings: it needs --workers 2 or more and "
+                             "--worker-ring-mb above 0")
         slots = (self.settings or DEVICE_DEFAULTS["cuda"]).slots
         if self.device == "cuda" and self.compute_streams > slots:  # (others: no streams)
             raise ValueError(f"{self.compute_streams} compute streams for {slots} slots: a "

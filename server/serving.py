@@ -25,7 +25,8 @@ from .serve_options import DEVICE_DEFAULTS, ServeOptions, resolve_device
 log = logging.getLogger("recserve.server")
 
 def executor_factory(device: str, torch_threads: int | None = None,
-                     pack_threads: int | None = None, compute_streams: int = 1):
+                     pack_threads: int | None = None, compute_streams: int = 1,
+                     pack_processes: bool = False):
     """A factory ``settings -> Executor`` for ``cpu``, ``cuda`` or ``null``."""
     if device == "null":
         return _null_executor
@@ -33,7 +34,8 @@ def executor_factory(device: str, torch_threads: int | None = None,
         from recserve.engine.gpu_executor import GpuExecutor
 
         return lambda settings: GpuExecutor(settings, "cuda", pack_threads=pack_threads,
-                                            compute_streams=compute_streams)
+                                            compute_streams=compute_streams,
+                                            pack_processes=pack_processes)
     from recserve.engine.executor import CpuExecutor
 
     return lambda settings: CpuExecutor(settings, torch_threads=torch_threads)
@@ -109,7 +111,8 @@ async def create_backend(options: ServeOptions):
     threads = options.torch_threads if options.torch_threads is not None else (
         cpu_torch_threads(options.workers) if device == "cpu" else None)
     engine = Engine(settings, executor_factory(device, threads, options.pack_threads,
-                                               options.compute_streams))
+                                               options.compute_streams,
+                                               options.pack_in == "process"))
     await engine.start()
     log.info("engine on %s: %s", device, describe(device, settings, options, threads,
                                                    engine.stats()["executor"]))
@@ -132,6 +135,8 @@ def describe(device: str, settings: EngineSettings, options: ServeOptions,
     for key in ("pack_threads", "compute_streams"):
         if key in executor:
             parts.append(f"{key.replace('_', ' ')} {executor[key]}")
+    if "packed_in_processes" in executor:
+        parts.append("ring requests packed in packing processes")
     from recserve.kernels.tuning_cache import ENV
 
     tuning = os.environ.get(ENV)

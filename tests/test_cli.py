@@ -254,6 +254,25 @@ def test_compute_streams_reach_the_gpu_executor(tmp_path):
         ServeOptions(tmp_path, "cuda", EngineSettings(slots=2), compute_streams=3)
 
 
+def test_pack_in_reaches_the_gpu_executor_and_needs_workers_with_rings(tmp_path):
+    from recserve.engine.settings import EngineSettings
+    from recserve.server.serve_options import ServeOptions
+    from recserve.server.serving import executor_factory
+
+    assert build_parser().parse_args(["serve"]).pack_in == "thread"
+    assert build_parser().parse_args(["serve", "--pack-in", "process"]).pack_in == "process"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--pack-in", "gpu"])
+    assert executor_factory("cuda", None, None, 1, True)(EngineSettings()).pack_processes
+    assert not executor_factory("cuda")(EngineSettings()).pack_processes
+    ServeOptions(tmp_path, "cuda", workers=2, pack_in="process")
+    for refused in ({"workers": 1}, {"workers": 2, "worker_ring_mb": 0}):
+        with pytest.raises(ValueError, match="needs --workers 2 or more"):
+            ServeOptions(tmp_path, "cuda", pack_in="process", **refused)
+    with pytest.raises(ValueError, match="pack_in is 'gpu'"):
+        ServeOptions(tmp_path, "cuda", pack_in="gpu")
+
+
 def test_serve_engine_flags_parse():
     args = build_parser().parse_args(["serve", "--device", "cpu", "--buckets", "16,128",
                                       "--slots", "2", "--fill-wait-ms", "0.5",
@@ -421,6 +440,9 @@ def test_the_start_up_log_names_the_settings_in_effect(tmp_path, monkeypatch):
                    None, {"pack_threads": 4, "compute_streams": 1})
     assert "4 front-end worker(s)" in gpu and "pack threads 4" in gpu
     assert "tuning cache off" in gpu and "torch thread" not in gpu
+    assert "packing processes" not in gpu
+    assert "packing processes" in describe("cuda", DEVICE_DEFAULTS["cuda"], ServeOptions(
+        tmp_path, "cuda", workers=4), None, {"packed_in_processes": 0})
 
 
 def test_serve_refuses_zero_workers(tmp_path):

@@ -98,3 +98,63 @@ def test_timeline_orders_each_batch_copy_in_compute_copy_out(compute_streams):
     # busy time is the union of the compute spans: never less than one, never more than all
     assert longest - slack <= executors[0].busy_ms <= span + slack
     # How much copying overlapped compute is a measurement: bench/engine.py reports it.
+
+
+def test_ring_requests_packed_in_processes_score_as_the_reference():
+    """Requests in a worker's ring, through the hub, packed by packing processes into shared
+    staging memory CUDA pinned: the reference's scores, and a bad id still fails alone."""
+    from recserve.engine.gpu_executor import GpuExecutor
+    from recserve.engine.shared_memory import SharedMemory
+    from recserve.server import channel
+    from recserve.server.backend import EngineBackend
+    from recserve.server.config import ServerConfig
+    from recserve.server.hub import EngineSide, Hub
+    from recserve.server.shared_ring import SharedRing, map_memory
+
+    spec = demo_spec()
+    weights = init_weights(spec, seed=4)
+    rng = np.random.default_rng(7)
+    requests = [random_inputs(spec, rng, int(n)) for n in rng.integers(1, 700, 24)]
+    bad = requests[3].sparse["title_id"]
+    values = bad.values.copy()
+    values[-1] = spec.table("titles").rows
+    requests[3].sparse["title_id"] = SparseInput(values, bad.lengths)
+    ring = SharedMemory(64 << 20, writable=False)
+    writer = SharedRing(map_memory(ring.fd, ring.size, writable=True))
+
+    class Side:  # a worker's channel end as the hub sees it, keeping the replies
+        index, release = 0, EngineSide.release
+
+        def __init__(self):
+            self.ring, self.running, self.holding, self.replies = ring, {}, set(), {}
+
+        def send_soon(self, data):
+            if data[4:5] == b"R":
+                reply = channel.decode_reply(memoryview(data)[4:])
+                self.replies[reply.rid] = reply
+
+    async def run():
+        engine = Engine(SETTINGS, lambda s: GpuExecutor(s, "cuda", pack_processes=True))
+        async with engine:
+            await engine.load("demo", 1, spec, weights)
+            pinned = all(slot.shared is not None for slot in engine.handle("demo", 1).slots)
+            hub, side = Hub(EngineBackend(engine), ServerConfig(), 2), Side()
+            for rid, r in enumerate(requests):
+                frame, data_at = channel.encode_score(rid, "demo", 1, r, None, spec,
+                                                      ring=writer)
+                assert data_at is not None
+                hub.score(side, memoryview(bytearray(frame[4:])))
+            while len(side.replies) < len(requests):
+                await asyncio.sleep(0.01)
+            return pinned, engine.stats()["executor"], side.replies
+
+    pinned, stats, replies = asyncio.run(run())
+    assert pinned  # CUDA registered every slot's shared staging memory
+    assert stats["packed_in_processes"] > 0 and stats["packing_process_restarts"] == 0
+    assert replies[3].error is not None and replies[3].error["code"] == "bad_request"
+    reference = ReferenceModel(spec, weights)
+    for rid, req in enumerate(requests):
+        if rid == 3:
+            continue
+        want = reference.forward(collate(spec, [req]))[:, 0].numpy()
+        np.testing.assert_allclose(replies[rid].scores.reshape(-1), want, atol=2e-2, rtol=0)
