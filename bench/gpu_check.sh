@@ -16,7 +16,9 @@
 # (--budget-s 60: on the H100 that ended before torch.compile; a follow-up call with
 # STEPS="install kernels-bench" BENCH_TIMEOUT_S=240 KERNEL_BENCH_ARGS="--budget-s 200" has it),
 # VARIANTS_BENCH_ARGS (--budget-s 60; e.g. "--sections forward --cross-configs"),
-# ENGINE_BENCH_ARGS (--sweep), PYTEST_WORKERS (4, with pytest-xdist), and each step's time
+# ENGINE_BENCH_ARGS (--variants default,via=ring,pack_in=process,default: the requests as
+# workers' rings hand them over, packed in threads and in packing processes; --sweep: the
+# older sweep of threads, slots, streams and switch interval), PYTEST_WORKERS (4, with pytest-xdist), and each step's time
 # limit in seconds:
 # PYTEST_TIMEOUT_S (240), BENCH_TIMEOUT_S (120), VARIANTS_TIMEOUT_S (90), ENGINE_TIMEOUT_S (120),
 # SINGLE_TIMEOUT_S (60), LOAD_TIMEOUT_S (60), WORKERS_TIMEOUT_S (90; the step runs only when
@@ -95,10 +97,11 @@ step kernel-variants bash -c "timeout ${VARIANTS_TIMEOUT_S:-90} $PY bench/kernel
     tail -n 18 '$OUT/bench.log'; exit \$rc"
 
 # Engine at full load vs its own bare forward (dlrmv2, B=8192), copy/compute overlap, host
-# stages; --sweep: also one packing thread, 2 slots, 2 compute streams, 0.5 ms switch interval.
+# stages; in process, then as the rings of serve --workers hand requests over, packed in
+# threads and in packing processes (serve --pack-in), then in process again (order effects).
 step engine-bench bash -c "timeout ${ENGINE_TIMEOUT_S:-120} $PY bench/engine_gpu.py '$OUT' \
-    ${ENGINE_BENCH_ARGS:---sweep} >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 10 '$OUT/bench.log'; \
-    exit \$rc"
+    ${ENGINE_BENCH_ARGS:---variants default,via=ring,pack_in=process,default} \
+    >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 10 '$OUT/bench.log'; exit \$rc"
 
 # Engine vs one forward per request, in process, same offered loads (bench/engine.py).
 step engine-vs-single bash -c "timeout ${SINGLE_TIMEOUT_S:-60} $PY bench/engine.py --device cuda \

@@ -13,7 +13,10 @@ also autotunes every kernel for that shape. A batch goes through three streams:
                    retakes the GIL); one per slot measured best there with full batches
                    (bench/RESULTS.md). Requests from worker processes now arrive flat and
                    stage in one large copy each (``staging``), which releases the GIL for
-                   its length: not yet measured on a card.
+                   its length: not yet measured on a card. With ``pack_processes`` a
+                   batch whose requests all lie in a worker's shared ring is packed by
+                   the thread's packing process (``packer``) into the slot's shared,
+                   CUDA-pinned staging memory, off this process's GIL.
   copy-in stream:  used prefixes host -> device                      -> event h2d
   compute stream:  (waits h2d) cast dense, replay the bucket's graph   -> event compute
                    (``compute_streams`` > 1: batches take the compute streams in turn,

@@ -82,11 +82,13 @@ def test_engine_gpu_variants_compose_from_their_names():
     from engine_gpu import variant
 
     base = SETTINGS
-    assert variant("default", base) == ("default", base, None, 1, None)
-    name, settings, threads, streams, switch = variant(
+    assert variant("default", base) == ("default", base, None, 1, None, False, False)
+    name, settings, threads, streams, switch, ring, processes = variant(
         "slots=2+compute_streams=2+switch_ms=0.5+pack_threads=1", base)
     assert (settings.slots, threads, streams, switch) == (2, 1, 2, 0.0005)
-    assert settings.max_batch_rows == base.max_batch_rows
+    assert settings.max_batch_rows == base.max_batch_rows and not ring and not processes
+    assert variant("via=ring", base)[5:] == (True, False)
+    assert variant("pack_in=process", base)[5:] == (True, True)  # (ring requests only)
     with pytest.raises(SystemExit, match="unknown variant change 'warps=4'"):
         variant("slots=2+warps=4", base)
 
