@@ -39,6 +39,8 @@ class SlotState:
     events: dict[str, torch.cuda.Event] = field(default_factory=dict)
     shared: SharedMemory | None = None
     """The memory ``host`` lies in, when packing processes share it (``packer``)."""
+    timed: bool = False
+    """Whether its batch in flight records every stage's events (the timeline is on)."""
 
 
 @dataclass(slots=True)
@@ -107,17 +109,12 @@ def copy_in(model: GpuModel, slot: SlotState, sizes: PackedSizes,
             stream: torch.cuda.Stream) -> int:
     """Enqueue the used prefix of every host buffer to the device on ``stream``; bytes sent."""
     host, dev, b = slot.host, slot.device, sizes.bucket
-    pairs = [(dev.row_request, host.row_request, b),
-             (dev.request_offsets, host.request_offsets, b + 2),
-             (dev.first_rows, host.first_rows, b + 1)]
+    pairs = [(dev.index, host.index, host.bucket(b).nbytes)]  # rows, requests, bag bounds
     if dev.dense is not None:
         pairs.append((dev.dense, host.dense, b + 1 if model.layout.dense_per_request else b))
     pairs.append((dev.ids, host.ids, sizes.nnz))
     if dev.weights is not None:
         pairs.append((dev.weights, host.weights, sizes.nnz))
-    for (d_starts, d_ends), (h_starts, h_ends), used in zip(dev.groups, host.groups,
-                                                            sizes.bounds, strict=True):
-        pairs += [(d_starts, h_starts, used), (d_ends, h_ends, used)]
     copied = 0
     with torch.cuda.stream(stream):
         for device_buf, host_buf, n in pairs:
@@ -138,13 +135,10 @@ def device_step(model: GpuModel, slot: SlotState, bucket: int) -> tuple[torch.Te
         rows = r_cap if layout.dense_per_request else bucket
         dense = slot.dense_compute[:rows]
         dense.copy_(dev.dense[:rows])  # fp32 staging -> compute dtype, on the device
-    groups = []
-    for group, (starts, ends) in zip(layout.groups, dev.groups, strict=True):
-        used = group.bounds_used(bucket)
-        groups.append((dev.ids, starts[:used], ends[:used], dev.weights))
-    prepared = PreparedBatch(bucket, r_cap, dev.row_request[:bucket],
-                             dev.request_offsets[:r_cap + 1], dev.first_rows[:r_cap], dense,
-                             tuple(groups))
+    views = dev.bucket(bucket)
+    groups = [(dev.ids, starts, ends, dev.weights) for starts, ends in views.groups]
+    prepared = PreparedBatch(bucket, r_cap, views.row_request, views.request_offsets,
+                             views.first_rows, dense, tuple(groups))
     return model.triton.forward_prepared(prepared)
 
 

@@ -25,14 +25,15 @@ from .staging_layout import (
     INT32_MAX,
     Buffers,
     GroupLayout,
+    IndexViews,
     PackedSizes,
     StagingLayout,
     allocate,
     staging_layout,
 )
 
-__all__ = ["Buffers", "GroupLayout", "PackedSizes", "StagingLayout", "allocate", "pack",
-           "staging_layout"]
+__all__ = ["Buffers", "GroupLayout", "IndexViews", "PackedSizes", "StagingLayout", "allocate",
+           "pack", "staging_layout"]
 
 
 def pack(layout: StagingLayout, host: Buffers, pieces: list[RequestInputs],
@@ -49,20 +50,21 @@ def pack(layout: StagingLayout, host: Buffers, pieces: list[RequestInputs],
     if not 1 <= rows <= bucket <= layout.max_rows:
         raise ValueError(f"{rows} rows do not fit bucket {bucket} (max {layout.max_rows})")
     r_cap = bucket + 1
-    row_request = host.row_request.numpy()[:bucket]
+    views = host.bucket(bucket)
+    row_request = views.row_request.numpy()
     row_request[:rows] = np.repeat(np.arange(real, dtype=np.int32), counts)
     row_request[rows:] = real  # the padding request owns the padding rows
-    offsets = host.request_offsets.numpy()[:r_cap + 1]
+    offsets = views.request_offsets.numpy()
     offsets[0] = 0
     np.cumsum(counts, out=offsets[1:real + 1], dtype=np.int32)
     offsets[real + 1:] = bucket
-    np.minimum(offsets[:-1], bucket - 1, out=host.first_rows.numpy()[:r_cap])
+    np.minimum(offsets[:-1], bucket - 1, out=views.first_rows.numpy())
     if host.dense is not None:
         _pack_dense(spec, host.dense.numpy(), pieces, counts, bucket, r_cap,
                     layout.dense_per_request)
     blocks, nnz = _pack_ids(layout, host, pieces)
     used = tuple(_pack_bounds(group, starts, ends, blocks, rows, real, bucket)
-                 for group, (starts, ends) in zip(layout.groups, host.groups, strict=True))
+                 for group, (starts, ends) in zip(layout.groups, views.groups, strict=True))
     return PackedSizes(bucket, rows, real, nnz, used)
 
 

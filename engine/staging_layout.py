@@ -6,10 +6,11 @@ buffers, allocated once when a model is built. A batch of R requests and ``rows`
 is padded to its bucket B with one extra "padding request" owning the padding rows,
 so every bucket has fixed tensor shapes (a static input for a CUDA graph):
 
-  row_request [B], request_offsets [B + 2], first_rows [B + 1]   (R_cap = B + 1)
+  index block (one copy): row_request [B], request_offsets [B + 2], first_rows [B + 1]
+    (R_cap = B + 1), then per table group its bags' starts and ends [sum over its
+    features of bags + 1] (the kernel's bag bounds), each where bucket B puts it
   dense fp32 [B or R_cap, dense_in_dim]
   ids [cap], weights [cap] (when a feature is weighted): every group's ids
-  per table group: starts, ends [sum over features of bags + 1] (the kernel's bag bounds)
 
 Each bag's (start, end) says where its ids are, so ids can lie in whatever order copies
 fastest: a request that comes with its ``FlatSparse`` (from a worker process) is one copy,
@@ -32,7 +33,7 @@ kernel flags what stays outside).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -120,20 +121,69 @@ def staging_layout(spec: ModelSpec, group_features: list[tuple[str, ...]], max_r
 
 
 @dataclass(frozen=True, slots=True)
+class IndexViews:
+    """One bucket's row, request and bag-bound arrays, views of a ``Buffers.index`` block
+    laid back to back from its start (each on a 64-byte boundary), so that one copy of
+    its first ``nbytes`` moves them all: every CUDA call of a batch's copy-in is a GIL
+    hand-off in the engine process, and these were 3 + 2 per table group of them."""
+
+    row_request: torch.Tensor
+    """int32 [B]: each row's request (the padding request owns the padding rows)."""
+    request_offsets: torch.Tensor
+    """int32 [B + 2]: each request's first row, then the end."""
+    first_rows: torch.Tensor
+    """int32 [B + 1]: each request's first row, clamped into the bucket."""
+    groups: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    """Per group: (starts, ends) of its bags [bounds_used(B)], its kernel's offsets layout."""
+    nbytes: int
+
+
+def index_views(layout: StagingLayout, block: torch.Tensor, bucket: int) -> IndexViews:
+    """``bucket``'s arrays in ``block`` (uint8, at least ``index_bytes(layout, max_rows)``;
+    a block without storage, on the meta device, gives sizes only)."""
+    parts = [(bucket, torch.int32), (bucket + 2, torch.int32), (bucket + 1, torch.int32)]
+    for group in layout.groups:
+        parts += [(group.bounds_used(bucket), layout.index_dtype)] * 2
+    views, offset = [], 0
+    for count, dtype in parts:
+        size = count * dtype.itemsize
+        views.append(block[offset:offset + size].view(dtype))
+        offset += _aligned(size)
+    bounds = views[3:]
+    return IndexViews(*views[:3], tuple(zip(bounds[::2], bounds[1::2], strict=True)), offset)
+
+
+def index_bytes(layout: StagingLayout, bucket: int) -> int:
+    """Bytes of ``bucket``'s index block (the largest bucket's is the block's size)."""
+    return index_views(layout, torch.empty(1 << 62, dtype=torch.uint8, device="meta"),
+                       bucket).nbytes
+
+
+def _aligned(size: int) -> int:
+    return -(-size // 64) * 64
+
+
+@dataclass(frozen=True, slots=True)
 class Buffers:
     """One full set of staging tensors (host or device)."""
 
-    row_request: torch.Tensor
-    request_offsets: torch.Tensor
-    first_rows: torch.Tensor
+    layout: StagingLayout
+    index: torch.Tensor
+    """uint8: each bucket's ``IndexViews`` (``bucket``)."""
     dense: torch.Tensor | None
     ids: torch.Tensor
     weights: torch.Tensor | None
-    groups: tuple[tuple[torch.Tensor, torch.Tensor], ...]
-    """Per group: (starts, ends) of its bags, in its kernel's offsets layout."""
     scratch: torch.Tensor | None = None
     """Host only (never copied): room for the flat bag bounds of pieces that
     arrive without a FlatSparse, so packing them allocates nothing."""
+    views: dict[int, IndexViews] = field(default_factory=dict, compare=False, repr=False)
+
+    def bucket(self, bucket: int) -> IndexViews:
+        """``bucket``'s row, request and bound arrays (made once per bucket)."""
+        views = self.views.get(bucket)
+        if views is None:
+            views = self.views[bucket] = index_views(self.layout, self.index, bucket)
+        return views
 
 
 def allocate(layout: StagingLayout, device: torch.device | str, pin: bool = False,
@@ -182,15 +232,12 @@ def _build(layout: StagingLayout, make, host: bool) -> Buffers:
     if layout.dense_width:
         dense = make(((r if layout.dense_per_request else b), layout.dense_width), torch.float32)
     weights = make(layout.index_capacity, torch.float32) if layout.weighted else None
-    groups = tuple((make(g.bounds_used(b), layout.index_dtype),
-                    make(g.bounds_used(b), layout.index_dtype)) for g in layout.groups)
     scratch = None
     if host:
         f_c, f_r = layout.flat_bags
         scratch = make(f_c * b + (f_r + 1) * r, layout.index_dtype)
-    return Buffers(make(b, torch.int32), make(r + 1, torch.int32), make(r, torch.int32),
-                   dense, make(layout.index_capacity, layout.index_dtype), weights, groups,
-                   scratch)
+    return Buffers(layout, make(index_bytes(layout, b), torch.uint8), dense,
+                   make(layout.index_capacity, layout.index_dtype), weights, scratch)
 
 
 @dataclass(frozen=True, slots=True)

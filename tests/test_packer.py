@@ -59,14 +59,13 @@ def model_with_shared_slots(spec, slots=2, max_rows=64):
 def used_bytes(host, sizes):
     """Every buffer prefix a batch of ``sizes`` uses (what is copied to the device)."""
     b = sizes.bucket
-    parts = [host.row_request[:b], host.request_offsets[:b + 2], host.first_rows[:b + 1],
-             host.ids[:sizes.nnz]]
+    views = host.bucket(b)
+    parts = [views.row_request, views.request_offsets, views.first_rows, host.ids[:sizes.nnz],
+             *(t for pair in views.groups for t in pair)]
     if host.dense is not None:
         parts.append(host.dense[:b + 1])
     if host.weights is not None:
         parts.append(host.weights[:sizes.nnz])
-    for (starts, ends), used in zip(host.groups, sizes.bounds, strict=True):
-        parts += [starts[:used], ends[:used]]
     return [p.numpy().tobytes() for p in parts]
 
 
@@ -85,8 +84,7 @@ def test_a_packing_process_writes_the_bytes_the_thread_writes(process):
     plan = [(0, 0, 5), (1, 3, 9), (2, 0, 1), (3, 10, 20), (4, 0, 9)]
     pieces = [(requests[i][0], start, count) for i, start, count in plan]
     for slot in (1, 0, 1):  # the same process packs into either slot, again and again
-        for t in model.slots[slot].host.groups[0]:
-            t.fill_(-7)  # poison: the process must write what the step reads
+        model.slots[slot].host.index.fill_(0xF9)  # poison: it must write what is read
         sizes = process.pack(model.packed, slot, 64, pieces)
     thread_host = allocate(model.layout, "cpu")
     expected = pack(model.layout, thread_host,

@@ -43,9 +43,7 @@ def packed_scores(spec, weights, pieces, bucket, max_rows=16):
     layout = staging_layout(spec, [names for _, _, names in model.groups], max_rows,
                             model.layout.x_request)
     host = allocate(layout, "cpu")
-    for t in (host.row_request, host.request_offsets, host.first_rows,
-              *(b for group in host.groups for b in group)):
-        t.fill_(-7)  # poison: pack must write every entry the step reads
+    host.index.fill_(0xF9)  # poison (rows, requests, bounds): pack must write what is read
     sizes = pack(layout, host, pieces, bucket)
     slot = SlotState(host, host, torch.zeros_like(host.dense) if host.dense is not None
                      else None, torch.zeros(0), torch.zeros(0), None)
@@ -69,8 +67,8 @@ def test_packed_bucket_matches_reference(dense_scope, flat):
     torch.testing.assert_close(scores, want, rtol=1e-4, atol=1e-5)
     assert not bool(bad.any())
     # Padding: rows 8..11 belong to the padding request 3, whose bags are empty.
-    assert host.row_request[:12].tolist() == [0, 0, 0, 1, 2, 2, 2, 2, 3, 3, 3, 3]
-    assert host.request_offsets[:14].tolist() == [0, 3, 4, 8] + [12] * 10
+    assert host.bucket(12).row_request.tolist() == [0, 0, 0, 1, 2, 2, 2, 2, 3, 3, 3, 3]
+    assert host.bucket(12).request_offsets.tolist() == [0, 3, 4, 8] + [12] * 10
     assert sizes.nnz == sum(len(s.values) for p in pieces for s in p.sparse.values())
 
 
@@ -238,9 +236,8 @@ def test_copy_in_moves_everything_the_device_step_reads(flat):
     layout = staging_layout(spec, [names for _, _, names in model.groups], 16,
                             model.layout.x_request)
     host, device = allocate(layout, "cpu"), allocate(layout, "cpu")
-    for t in (device.row_request, device.request_offsets, device.first_rows, device.ids,
-              *(b for group in device.groups for b in group)):
-        t.fill_(-7)
+    device.index.fill_(0xF9)
+    device.ids.fill_(-7)
     for t in (device.dense, device.weights):
         if t is not None:
             t.fill_(float("nan"))
@@ -249,10 +246,15 @@ def test_copy_in_moves_everything_the_device_step_reads(flat):
                      torch.zeros(0), None)
     gpu = GpuModel(spec, model, layout, [slot])
     copied = copy_in(gpu, slot, sizes, None)
-    assert copied == sum(t.element_size() * n for t, n in (
-        (host.row_request, 12), (host.request_offsets, 14), (host.first_rows, 13),
+    views = host.bucket(12)  # rows, requests and bounds: one block, each part 64-byte aligned
+    parts = [views.row_request, views.request_offsets, views.first_rows,
+             *(t for pair in views.groups for t in pair)]
+    assert [t.numel() for t in parts[:3]] == [12, 14, 13]
+    assert [t.numel() for t in parts[3:]] == [u for u in sizes.bounds for _ in (0, 1)]
+    assert views.nbytes == sum(-(-t.numel() * t.element_size() // 64) * 64 for t in parts)
+    assert copied == views.nbytes + sum(t.element_size() * n for t, n in (
         (host.dense, 12 * host.dense.shape[1]), (host.ids, sizes.nnz),
-        (host.weights, sizes.nnz))) + sum(2 * 4 * u for u in sizes.bounds)
+        (host.weights, sizes.nnz)))
     scores, bad = device_step(gpu, slot, 12)
     want = ReferenceModel(spec, weights).forward(collate(spec, pieces))
     torch.testing.assert_close(scores[:sizes.rows], want, rtol=1e-4, atol=1e-5)
