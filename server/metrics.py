@@ -173,6 +173,14 @@ def engine_metrics(engine: dict) -> Iterator[Metric]:
                               value=float(executor.get("pack_ms", 0.0)) / 1e3)
     yield GaugeMetricFamily("recserve_pack_threads", "Host threads packing batches for the GPU",
                             value=float(executor.get("pack_threads", 0)))
+    if "packed_in_processes" in executor:  # (serve --pack-in process)
+        yield CounterMetricFamily("recserve_batches_packed_in_processes", "Batches packed by "
+                                  "packing processes (the rest: in the packing threads)",
+                                  value=float(executor["packed_in_processes"]))
+        yield CounterMetricFamily("recserve_packing_process_restarts", "Packing processes "
+                                  "started again after one died or hung (its batch was "
+                                  "packed in its thread)",
+                                  value=float(executor["packing_process_restarts"]))
 
 
 def invalid_ids_metric(stats: dict) -> CounterMetricFamily:

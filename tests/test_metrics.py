@@ -235,3 +235,17 @@ def test_requests_by_priority_are_counted_merged_and_exported():
                for s in families["recserve_requests_by_priority"].samples
                if s.name.endswith("_total")}
     assert samples == {("high", "ok"): 2, ("low", "overloaded"): 1}
+
+
+def test_batches_packed_in_processes_are_counted_only_with_packing_processes():
+    from recserve.server.metrics import render
+
+    executor = {"pack_threads": 2, "packed_in_processes": 31, "packing_process_restarts": 1}
+    stats = {"server": {}, "engine": {"executor": executor},
+             "gpu": {"available": False, "gpus": []}}
+    families = {f.name: f for f in parser.text_string_to_metric_families(
+        render(lambda: stats).decode())}
+    assert families["recserve_batches_packed_in_processes"].samples[0].value == 31
+    assert families["recserve_packing_process_restarts"].samples[0].value == 1
+    del executor["packed_in_processes"], executor["packing_process_restarts"]
+    assert "packing_process" not in render(lambda: stats).decode()
