@@ -46,11 +46,10 @@ import torch
 from . import cores as _cores
 from . import shared_memory
 from .demo import random_inputs
-from .executor import Done, Executor, Job, JobResult, PieceResult, index_problem, slice_rows
+from .executor import Done, Executor, Job, JobResult, slice_rows
+from .gpu_results import piece_results, score_one_by_one
 from .gpu_slots import GpuModel, SlotState, capture, copy_in, device_step, new_slot
-from .inputs import RequestInputs, collate
 from .packer import PackerUnavailable, PackingProcess
-from .scheduler import EngineError
 from .settings import EngineSettings
 from .spec import ModelSpec
 from .staging import PackedSizes, pack, staging_layout
@@ -230,7 +229,7 @@ class GpuExecutor(Executor):
                 self._launch(job, slot_index, done, packer)
             except Exception as exc:  # OOM or a bug: isolate per piece, keep serving
                 self._release(slot_index)
-                done(JobResult(job, self._fallback(job, exc)))
+                done(JobResult(job, score_one_by_one(job, exc)))
 
     def _launch(self, job: Job, slot_index: int, done: Done,
                 packer: PackingProcess | None = None) -> None:
@@ -309,18 +308,8 @@ class GpuExecutor(Executor):
             bad = slot.bad_out[:sizes.requests].numpy().copy()
             self._account(job.plan.seq, slot)
             self._release(slot_index)
-            done(JobResult(job, self._results(job, scores, bad)))
+            done(JobResult(job, piece_results(job, scores, bad)))
             self._host_stage(job.plan.seq, "host_resolve", synced)
-
-    def _results(self, job: Job, scores: np.ndarray, bad: np.ndarray) -> tuple:
-        results, start = [], 0
-        for i, (piece, inputs) in enumerate(zip(job.plan.pieces, job.inputs, strict=True)):
-            if bad[i]:
-                results.append(_bad_ids(job.model.spec, inputs))
-            else:
-                results.append(PieceResult(scores=scores[start:start + piece.count]))
-            start += piece.count
-        return tuple(results)
 
     def _account(self, seq: int, slot: SlotState) -> None:
         ev = slot.events
@@ -350,28 +339,3 @@ class GpuExecutor(Executor):
     def _release(self, slot_index: int) -> None:
         with self._lock:
             self._free.append(slot_index)
-
-    def _fallback(self, job: Job, exc: Exception) -> tuple[PieceResult, ...]:
-        """Score each piece alone on the default stream, without graphs."""
-        model: GpuModel = job.model
-        results = []
-        for piece, inputs in zip(job.plan.pieces, job.inputs, strict=True):
-            rows = slice_rows(model.spec, inputs, piece.start, piece.count)
-            try:
-                scores, bad = model.triton.forward(collate(model.spec, [rows]))
-                if bool(bad.any()):
-                    results.append(_bad_ids(model.spec, rows))
-                else:
-                    results.append(PieceResult(scores=scores.float().cpu().numpy()))
-            except Exception as piece_exc:
-                kind = "out of memory" if isinstance(piece_exc, torch.OutOfMemoryError) \
-                    else f"{type(piece_exc).__name__}: {piece_exc}"
-                results.append(PieceResult(error=EngineError(
-                    "internal", f"scoring failed ({kind}) after the batch failed ({exc})")))
-        return tuple(results)
-
-
-def _bad_ids(spec: ModelSpec, inputs: RequestInputs) -> PieceResult:
-    """The answer for a request the gather kernel flagged: an id outside its table."""
-    problem = index_problem(spec, inputs) or "an id is outside its table"
-    return PieceResult(error=EngineError("bad_request", problem))
