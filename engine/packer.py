@@ -114,7 +114,10 @@ class PackingProcess:
             if self._proc is not None:
                 self.close()
                 self.restarts += 1
-            self.start()
+            try:
+                self.start()
+            except OSError as exc:  # (no process to be had now: try again next batch)
+                raise PackerUnavailable(f"no packing process: {exc}") from exc
         memories, fds = self._new_memories(
             [*model.slots, *(shared.memory for shared, _, _ in pieces)])
         new_model = None
@@ -179,6 +182,7 @@ class PackingProcess:
                     "starts another", exc)
         self._sock.close()
         self._sock = None
+        self._proc.kill()  # (dead already, or hung: either way, not to be waited for)
         raise PackerUnavailable(str(exc)) from exc
 
 

@@ -105,6 +105,21 @@ def test_what_packing_refuses_is_a_pack_error_and_the_process_goes_on(process):
     assert process.restarts == 0
 
 
+def test_no_process_to_be_had_means_packing_in_the_thread(process, monkeypatch):
+    _, requests = ring_requests(SPEC, [7])
+    model = model_with_shared_slots(SPEC)
+    process.close()  # (as after a failure: the next pack starts one)
+
+    def no_process(*args, **kwargs):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(packer_module.subprocess, "Popen", no_process)
+    with pytest.raises(PackerUnavailable, match="no packing process"):
+        process.pack(model.packed, 0, 16, [(requests[0][0], 0, 7)])
+    monkeypatch.undo()
+    assert process.pack(model.packed, 0, 16, [(requests[0][0], 0, 7)]).rows == 7
+
+
 def test_a_dead_process_costs_one_batch_and_another_starts(process):
     _, requests = ring_requests(SPEC, [7])
     model = model_with_shared_slots(SPEC)
@@ -129,8 +144,11 @@ def test_a_hung_process_is_dropped_after_the_timeout(monkeypatch):
         process._proc.send_signal(19)  # SIGSTOP: alive, answering nothing
         with pytest.raises(PackerUnavailable, match="timed out"):
             process.pack(model.packed, 0, 16, [(requests[0][0], 0, 7)])
-        assert process._sock is None  # dropped; the next pack starts another
-        process._proc.send_signal(18)  # (SIGCONT, so that close can end it)
+        assert process._sock is None  # dropped (and killed); the next pack starts another
+        assert process._proc.wait(5) != 0
+        monkeypatch.undo()
+        assert process.pack(model.packed, 0, 16, [(requests[0][0], 0, 7)]).rows == 7
+        assert process.restarts == 1
     finally:
         process.close()
 
