@@ -46,7 +46,8 @@ from recserve.engine.engine import Engine  # noqa: E402
 from recserve.engine.gpu_executor import GpuExecutor  # noqa: E402
 from recserve.engine.inputs import RequestInputs  # noqa: E402
 from recserve.engine.settings import EngineSettings  # noqa: E402
-from recserve.engine.staging import allocate, pack, staging_layout  # noqa: E402
+from recserve.engine.staging import host_buffers, pack, staging_layout  # noqa: E402
+from recserve.engine.tensor_buffers import pinned_host  # noqa: E402
 from recserve.engine.weights import init_weights  # noqa: E402
 from recserve.kernels.layout import build_layout  # noqa: E402
 from recserve.kernels.model import feature_groups  # noqa: E402
@@ -157,7 +158,7 @@ def pack_times(spec, full: RequestInputs, ranking: list[RequestInputs]) -> dict:
     out = {}
     memories = ("pinned", "pageable") if torch.cuda.is_available() else ("pageable",)
     for memory in memories:
-        host = allocate(layout, "cpu", pin=memory == "pinned")
+        host = pinned_host(layout) if memory == "pinned" else host_buffers(layout)
         for traffic, flat_batch in (("full", [full]), ("ranking", pieces)):
             for form, batch in (("flat", flat_batch), ("per_feature", wl.per_feature(flat_batch))):
                 pack(layout, host, batch, full.num_candidates)

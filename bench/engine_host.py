@@ -48,7 +48,7 @@ from recserve.engine.gpu_executor import GpuExecutor  # noqa: E402
 from recserve.engine.gpu_slots import GpuModel, SlotState, shared_host  # noqa: E402
 from recserve.engine.settings import EngineSettings  # noqa: E402
 from recserve.engine.shared_memory import SharedMemory  # noqa: E402
-from recserve.engine.staging import allocate, staging_layout  # noqa: E402
+from recserve.engine.staging import host_buffers, staging_layout  # noqa: E402
 from recserve.kernels.layout import build_layout  # noqa: E402
 from recserve.kernels.model import feature_groups  # noqa: E402
 
@@ -81,7 +81,7 @@ class SimulatedGpuExecutor(GpuExecutor):
         slots = []
         for _ in range(self.settings.slots):
             host, memory = shared_host(layout) if self.pack_processes \
-                else (allocate(layout, "cpu"), None)
+                else (host_buffers(layout), None)
             slots.append(SlotState(host, None, None, torch.zeros(rows, outputs),
                                    torch.zeros(rows + 1, dtype=torch.bool), None,
                                    shared=memory))

@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workloads as wl  # noqa: E402
 
-from recserve.engine.staging import allocate, pack, staging_layout  # noqa: E402
+from recserve.engine.staging import host_buffers, pack, staging_layout  # noqa: E402
 from recserve.kernels.layout import build_layout  # noqa: E402
 from recserve.kernels.model import feature_groups  # noqa: E402
 
@@ -66,7 +66,7 @@ def batches() -> tuple:
     full = wl.full_requests(spec, rng, 8192, 1)
     pieces = wl.one_batch(wl.ranking_slices(spec, full, rng, 40), 8192)
     layout = staging_layout(spec, feature_groups(spec), 8192, build_layout(spec).x_request)
-    return layout, allocate(layout, "cpu"), {"full": [full[0]], f"{len(pieces)} req": pieces}
+    return layout, host_buffers(layout), {"full": [full[0]], f"{len(pieces)} req": pieces}
 
 
 def _packer(conn) -> None:

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .flat import FlatFeatures, flat_shape, slice_flat
-from .inputs import Batch, RequestInputs, SparseInput, collate
+from .flat import slice_rows
+from .inputs import Batch, RequestInputs, collate
 from .reference import ReferenceModel
 from .scheduler import BatchPlan, EngineError
 from .settings import EngineSettings
@@ -83,35 +83,6 @@ class Executor(ABC):
     @abstractmethod
     def close(self) -> None:
         """Finish running jobs and stop; no ``submit`` after this."""
-
-
-def slice_rows(spec: ModelSpec, inputs: RequestInputs, start: int, count: int) -> RequestInputs:
-    """Rows ``start .. start+count`` of a request: candidate-scope inputs sliced, request-scope
-    inputs kept whole."""
-    if start < 0 or count < 1 or start + count > inputs.num_candidates:
-        raise ValueError(f"rows {start}..{start + count} are outside the request's "
-                         f"{inputs.num_candidates} candidates")
-    if start == 0 and count == inputs.num_candidates:
-        return inputs
-    stop = start + count
-    dense = {f.name: inputs.dense[f.name] if f.scope == "request"
-             else inputs.dense[f.name][start:stop] for f in spec.dense}
-    flat = inputs.flat
-    if flat is not None and flat.fits(*flat_shape(spec)[:2], inputs.num_candidates):
-        part = slice_flat(flat, start, count)
-        return RequestInputs(count, FlatFeatures(part, spec), dense, part)
-    sparse = {}
-    for feature in spec.sparse:
-        part = inputs.sparse[feature.name]
-        if feature.scope == "request":
-            sparse[feature.name] = part
-            continue
-        ends = np.cumsum(part.lengths)
-        lo = int(ends[start - 1]) if start else 0
-        hi = int(ends[stop - 1])
-        weights = part.weights[lo:hi] if part.weights is not None else None
-        sparse[feature.name] = SparseInput(part.values[lo:hi], part.lengths[start:stop], weights)
-    return RequestInputs(count, sparse, dense)
 
 
 def index_problem(spec: ModelSpec, inputs: RequestInputs) -> str | None:

@@ -17,8 +17,8 @@ import torch
 from .packer import PackedModel
 from .shared_memory import SharedMemory
 from .spec import ModelSpec
-from .staging import Buffers, PackedSizes, StagingLayout, allocate
-from .staging_layout import host_bytes
+from .staging_layout import HostBuffers, PackedSizes, StagingLayout, host_buffers, host_bytes
+from .tensor_buffers import TensorBuffers, allocate, as_tensors, pinned_host
 
 log = logging.getLogger("recserve.engine")
 _model_keys = itertools.count(1)
@@ -28,8 +28,9 @@ _model_keys = itertools.count(1)
 class SlotState:
     """One slot's buffers, graphs and events for one model."""
 
-    host: Buffers
-    device: Buffers
+    host: HostBuffers
+    """What packing writes (numpy; pinned, or shared memory CUDA pinned)."""
+    device: TensorBuffers
     dense_compute: torch.Tensor | None
     scores_out: torch.Tensor
     bad_out: torch.Tensor
@@ -41,6 +42,8 @@ class SlotState:
     """The memory ``host`` lies in, when packing processes share it (``packer``)."""
     timed: bool = False
     """Whether its batch in flight records every stage's events (the timeline is on)."""
+    host_tensors: TensorBuffers | None = None
+    """``host`` as torch tensors: what the copies to the device read."""
 
 
 @dataclass(slots=True)
@@ -60,11 +63,11 @@ class GpuModel:
                                       [s.shared for s in self.slots])
 
 
-def shared_host(layout: StagingLayout) -> tuple[Buffers, SharedMemory]:
+def shared_host(layout: StagingLayout) -> tuple[HostBuffers, SharedMemory]:
     """A host set of staging buffers in new shared memory (zeroed, whole pages)."""
     memory = SharedMemory(-(-host_bytes(layout) // mmap.PAGESIZE) * mmap.PAGESIZE,
                           "recserve-staging")
-    return allocate(layout, "cpu", memory=memory.view), memory
+    return host_buffers(layout, memory.view), memory
 
 
 def pin_shared(memory: SharedMemory) -> bool:
@@ -93,7 +96,7 @@ def new_slot(triton_model, layout: StagingLayout, device: torch.device,
         if not pin_shared(memory):
             memory = None
     if memory is None:
-        host = allocate(layout, "cpu", pin=True)
+        host = pinned_host(layout)
     on_device = allocate(layout, device)
     if on_device.dense is not None:
         dense_compute = torch.zeros_like(on_device.dense, dtype=triton_model.dtype)
@@ -102,14 +105,15 @@ def new_slot(triton_model, layout: StagingLayout, device: torch.device,
     return SlotState(host, on_device, dense_compute,
                      torch.zeros(rows, outputs, pin_memory=True),
                      torch.zeros(rows + 1, dtype=torch.bool, pin_memory=True),
-                     torch.cuda.graph_pool_handle(), events=events, shared=memory)
+                     torch.cuda.graph_pool_handle(), events=events, shared=memory,
+                     host_tensors=as_tensors(host))
 
 
 def copy_in(model: GpuModel, slot: SlotState, sizes: PackedSizes,
             stream: torch.cuda.Stream) -> int:
     """Enqueue the used prefix of every host buffer to the device on ``stream``; bytes sent."""
-    host, dev, b = slot.host, slot.device, sizes.bucket
-    pairs = [(dev.index, host.index, host.bucket(b).nbytes)]  # rows, requests, bag bounds
+    host, dev, b = slot.host_tensors, slot.device, sizes.bucket
+    pairs = [(dev.index, host.index, dev.bucket(b).nbytes)]  # rows, requests, bag bounds
     if dev.dense is not None:
         pairs.append((dev.dense, host.dense, b + 1 if model.layout.dense_per_request else b))
     pairs.append((dev.ids, host.ids, sizes.nnz))

@@ -15,11 +15,11 @@ import pickle
 import socket
 import sys
 
-from .executor import slice_rows
+from .flat import slice_rows
 from .packer import MAX_FDS, MAX_MESSAGE
 from .shared_memory import map_fd
 from .staging import pack
-from .staging_layout import allocate
+from .staging_layout import host_buffers
 
 
 class _State:
@@ -27,7 +27,7 @@ class _State:
 
     def __init__(self) -> None:
         self.memories: dict[int, memoryview] = {}
-        self.models: dict[int, tuple] = {}  # key -> (layout, [Buffers per slot])
+        self.models: dict[int, tuple] = {}  # key -> (layout, [HostBuffers per slot])
 
     def apply(self, gone_memories, gone_models, memories, new_model, fds: list[int]) -> None:
         for key in gone_models:
@@ -40,7 +40,7 @@ class _State:
             self.memories[key] = map_fd(fd, size, writable=writable)
         if new_model is not None:
             key, layout, slot_keys = new_model
-            self.models[key] = (layout, [allocate(layout, "cpu", memory=self.memories[k])
+            self.models[key] = (layout, [host_buffers(layout, self.memories[k])
                                          for k in slot_keys])
 
     def pack(self, model_key: int, slot: int, bucket: int, pieces: list):

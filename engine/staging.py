@@ -16,27 +16,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from .flat import split_bounds
 from .inputs import RequestInputs
 from .spec import ModelSpec
 from .staging_layout import (
     INT32_MAX,
-    Buffers,
     GroupLayout,
-    IndexViews,
+    HostBuffers,
     PackedSizes,
     StagingLayout,
-    allocate,
+    host_buffers,
     staging_layout,
 )
 
-__all__ = ["Buffers", "GroupLayout", "IndexViews", "PackedSizes", "StagingLayout", "allocate",
-           "pack", "staging_layout"]
+__all__ = ["GroupLayout", "HostBuffers", "PackedSizes", "StagingLayout", "host_buffers", "pack",
+           "staging_layout"]
 
 
-def pack(layout: StagingLayout, host: Buffers, pieces: list[RequestInputs],
+def pack(layout: StagingLayout, host: HostBuffers, pieces: list[RequestInputs],
          bucket: int) -> PackedSizes:
     """Write ``pieces`` (already sliced to their planned rows) into ``host`` for ``bucket``.
 
@@ -51,16 +49,16 @@ def pack(layout: StagingLayout, host: Buffers, pieces: list[RequestInputs],
         raise ValueError(f"{rows} rows do not fit bucket {bucket} (max {layout.max_rows})")
     r_cap = bucket + 1
     views = host.bucket(bucket)
-    row_request = views.row_request.numpy()
+    row_request = views.row_request
     row_request[:rows] = np.repeat(np.arange(real, dtype=np.int32), counts)
     row_request[rows:] = real  # the padding request owns the padding rows
-    offsets = views.request_offsets.numpy()
+    offsets = views.request_offsets
     offsets[0] = 0
     np.cumsum(counts, out=offsets[1:real + 1], dtype=np.int32)
     offsets[real + 1:] = bucket
-    np.minimum(offsets[:-1], bucket - 1, out=views.first_rows.numpy())
+    np.minimum(offsets[:-1], bucket - 1, out=views.first_rows)
     if host.dense is not None:
-        _pack_dense(spec, host.dense.numpy(), pieces, counts, bucket, r_cap,
+        _pack_dense(spec, host.dense, pieces, counts, bucket, r_cap,
                     layout.dense_per_request)
     blocks, nnz = _pack_ids(layout, host, pieces)
     used = tuple(_pack_bounds(group, starts, ends, blocks, rows, real, bucket)
@@ -83,7 +81,7 @@ class _Block:
     bases: np.ndarray | None = None
 
 
-def _pack_ids(layout: StagingLayout, host: Buffers, pieces: list[RequestInputs]
+def _pack_ids(layout: StagingLayout, host: HostBuffers, pieces: list[RequestInputs]
               ) -> tuple[list[_Block], int]:
     """Every piece's ids (and weights) in the ids buffer: (their bag bounds as blocks, ids
     written). Pieces that came with their FlatSparse (shaped for this spec) go first, their
@@ -98,13 +96,12 @@ def _pack_ids(layout: StagingLayout, host: Buffers, pieces: list[RequestInputs]
     blocks: list[_Block] = []
     pos = _pack_flat(layout, host, pieces, flat, blocks) if flat else 0
     if loose:
-        weights = host.weights.numpy() if host.weights is not None else None
-        pos = _pack_loose(layout, host.ids.numpy(), weights, host.scratch.numpy(), pieces,
-                          loose, pos, blocks)
+        pos = _pack_loose(layout, host.ids, host.weights, host.scratch, pieces, loose, pos,
+                          blocks)
     return blocks, pos
 
 
-def _pack_flat(layout: StagingLayout, host: Buffers, pieces: list[RequestInputs],
+def _pack_flat(layout: StagingLayout, host: HostBuffers, pieces: list[RequestInputs],
                flat: list[tuple[int, int]], blocks: list[_Block]) -> int:
     """Pieces with a FlatSparse (``flat``: (index, first row)), from the buffers' start:
     their ids (and weights) back to back in one concatenate, their bounds as one block per
@@ -115,7 +112,7 @@ def _pack_flat(layout: StagingLayout, host: Buffers, pieces: list[RequestInputs]
     bases = np.zeros(len(forms), np.int64)
     np.cumsum(sizes[:-1], out=bases[1:])
     end = _room(layout, 0, int(sizes.sum()))
-    room = host.ids.numpy()[:end]
+    room = host.ids[:end]
     try:  # a plain copy when no id needs narrowing ("safe" refuses int64 -> int32)
         np.concatenate([f.ids for f in forms], out=room, casting="safe")
     except TypeError:  # wider ids: checked and cast, or clipped (_copy_ids)
@@ -123,7 +120,7 @@ def _pack_flat(layout: StagingLayout, host: Buffers, pieces: list[RequestInputs]
                   room)
     if host.weights is not None:
         np.concatenate([f.weights if f.weights is not None else np.ones(len(f.ids), np.float32)
-                        for f in forms], out=host.weights.numpy()[:end], casting="same_kind")
+                        for f in forms], out=host.weights[:end], casting="same_kind")
     f_c = layout.flat_bags[0]
     k = 0
     while k < len(flat):  # runs of pieces consecutive in the batch
@@ -213,13 +210,12 @@ def _copy_ids(src: np.ndarray, dst: np.ndarray) -> None:
         np.copyto(dst, src, casting="unsafe")
 
 
-def _pack_bounds(group: GroupLayout, starts_t: torch.Tensor, ends_t: torch.Tensor,
+def _pack_bounds(group: GroupLayout, starts: np.ndarray, ends: np.ndarray,
                  blocks: list[_Block], rows: int, pieces: int, bucket: int) -> int:
     """One group's bag bounds from the blocks (its features' rows of each piece, plus the
     piece's base); empty bags for padding. Returns the slots written."""
     f_c, f_r = group.candidate_features, group.request_features
     split, used = f_c * (bucket + 1), group.bounds_used(bucket)
-    starts, ends = starts_t.numpy(), ends_t.numpy()
     # [F_c, B + 1] and [F_r, R_cap + 1] views: one feature per row, its last slot unused
     cand = (starts[:split].reshape(f_c, bucket + 1), ends[:split].reshape(f_c, bucket + 1))
     req = (starts[split:used].reshape(f_r, bucket + 2), ends[split:used].reshape(f_r, bucket + 2))

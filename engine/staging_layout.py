@@ -1,10 +1,11 @@
-"""Fixed-size staging buffers for one model: their layout and allocation (``staging`` packs
-batches into them).
+"""Fixed-size staging buffers for one model: their layout, and the host set as numpy arrays
+(``staging`` packs batches into them; ``tensor_buffers`` has the device set and the torch
+views the copies read). No torch here: packing processes (``packer``) import this.
 
-The GPU executor owns, per slot, one host set (pinned) and one device set of these
-buffers, allocated once when a model is built. A batch of R requests and ``rows`` rows
-is padded to its bucket B with one extra "padding request" owning the padding rows,
-so every bucket has fixed tensor shapes (a static input for a CUDA graph):
+The GPU executor owns, per slot, one host set (pinned, or shared memory CUDA pins) and one
+device set of these buffers, allocated once when a model is built. A batch of R requests
+and ``rows`` rows is padded to its bucket B with one extra "padding request" owning the
+padding rows, so every bucket has fixed tensor shapes (a static input for a CUDA graph):
 
   index block (one copy): row_request [B], request_offsets [B + 2], first_rows [B + 1]
     (R_cap = B + 1), then per table group its bags' starts and ends [sum over its
@@ -32,10 +33,9 @@ kernel flags what stays outside).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from .spec import ModelSpec
 
@@ -75,7 +75,7 @@ class StagingLayout:
     dense_width: int
     dense_per_request: bool
     groups: tuple[GroupLayout, ...]
-    index_dtype: torch.dtype
+    index_dtype: np.dtype
     """int32 when every table has fewer than 2^31 rows, else int64."""
     index_capacity: int
     """Ids of a full batch whose bags all hold ``max_bag`` ids."""
@@ -115,129 +115,125 @@ def staging_layout(spec: ModelSpec, group_features: list[tuple[str, ...]], max_r
     rows = max((t.rows for t in spec.tables), default=0)
     narrow = rows <= INT32_MAX and capacity <= INT32_MAX
     return StagingLayout(spec, max_rows, spec.dense_in_dim, dense_per_request, tuple(groups),
-                         torch.int32 if narrow else torch.int64, capacity,
+                         np.dtype(np.int32 if narrow else np.int64), capacity,
                          any(f.weighted for f in spec.sparse),
                          tuple(candidates + requests), (len(candidates), len(requests)))
 
 
-@dataclass(frozen=True, slots=True)
-class IndexViews:
-    """One bucket's row, request and bag-bound arrays, views of a ``Buffers.index`` block
-    laid back to back from its start (each on a 64-byte boundary), so that one copy of
-    its first ``nbytes`` moves them all: every CUDA call of a batch's copy-in is a GIL
-    hand-off in the engine process, and these were 3 + 2 per table group of them."""
-
-    row_request: torch.Tensor
-    """int32 [B]: each row's request (the padding request owns the padding rows)."""
-    request_offsets: torch.Tensor
-    """int32 [B + 2]: each request's first row, then the end."""
-    first_rows: torch.Tensor
-    """int32 [B + 1]: each request's first row, clamped into the bucket."""
-    groups: tuple[tuple[torch.Tensor, torch.Tensor], ...]
-    """Per group: (starts, ends) of its bags [bounds_used(B)], its kernel's offsets layout."""
-    nbytes: int
+ALIGN = 64
+"""Every staging array starts on a 64-byte boundary (a cache line; 16-byte vector loads)."""
 
 
-def index_views(layout: StagingLayout, block: torch.Tensor, bucket: int) -> IndexViews:
-    """``bucket``'s arrays in ``block`` (uint8, at least ``index_bytes(layout, max_rows)``;
-    a block without storage, on the meta device, gives sizes only)."""
-    parts = [(bucket, torch.int32), (bucket + 2, torch.int32), (bucket + 1, torch.int32)]
+def index_parts(layout: StagingLayout, bucket: int) -> tuple[tuple[int, int, np.dtype], ...]:
+    """(byte offset, count, dtype) of ``bucket``'s arrays in an index block, back to back:
+    row_request [B], request_offsets [B + 2], first_rows [B + 1], then each group's bag
+    starts and ends [bounds_used(B)]. One copy of the block's first ``index_bytes`` moves
+    them all: every CUDA call of a batch's copy-in is a GIL hand-off in the engine
+    process, and these were 3 + 2 per table group of them."""
+    counts = [(bucket, _INT32), (bucket + 2, _INT32), (bucket + 1, _INT32)]
     for group in layout.groups:
-        parts += [(group.bounds_used(bucket), layout.index_dtype)] * 2
-    views, offset = [], 0
-    for count, dtype in parts:
-        size = count * dtype.itemsize
-        views.append(block[offset:offset + size].view(dtype))
-        offset += _aligned(size)
-    bounds = views[3:]
-    return IndexViews(*views[:3], tuple(zip(bounds[::2], bounds[1::2], strict=True)), offset)
+        counts += [(group.bounds_used(bucket), layout.index_dtype)] * 2
+    parts, offset = [], 0
+    for count, dtype in counts:
+        parts.append((offset, count, dtype))
+        offset += _aligned(count * dtype.itemsize)
+    return tuple(parts)
 
 
 def index_bytes(layout: StagingLayout, bucket: int) -> int:
     """Bytes of ``bucket``'s index block (the largest bucket's is the block's size)."""
-    return index_views(layout, torch.empty(1 << 62, dtype=torch.uint8, device="meta"),
-                       bucket).nbytes
+    offset, count, dtype = index_parts(layout, bucket)[-1]
+    return offset + _aligned(count * dtype.itemsize)
 
 
 def _aligned(size: int) -> int:
-    return -(-size // 64) * 64
+    return -(-size // ALIGN) * ALIGN
+
+
+_INT32 = np.dtype(np.int32)
 
 
 @dataclass(frozen=True, slots=True)
-class Buffers:
-    """One full set of staging tensors (host or device)."""
+class IndexArrays:
+    """One bucket's arrays of an index block (``index_parts``), as numpy views."""
+
+    row_request: np.ndarray
+    """int32 [B]: each row's request (the padding request owns the padding rows)."""
+    request_offsets: np.ndarray
+    """int32 [B + 2]: each request's first row, then the end."""
+    first_rows: np.ndarray
+    """int32 [B + 1]: each request's first row, clamped into the bucket."""
+    groups: tuple[tuple[np.ndarray, np.ndarray], ...]
+    """Per group: (starts, ends) of its bags [bounds_used(B)], its kernel's offsets layout."""
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class HostBuffers:
+    """One host set of staging arrays, carved from one block of memory (``host_buffers``)."""
 
     layout: StagingLayout
-    index: torch.Tensor
-    """uint8: each bucket's ``IndexViews`` (``bucket``)."""
-    dense: torch.Tensor | None
-    ids: torch.Tensor
-    weights: torch.Tensor | None
-    scratch: torch.Tensor | None = None
-    """Host only (never copied): room for the flat bag bounds of pieces that
-    arrive without a FlatSparse, so packing them allocates nothing."""
-    views: dict[int, IndexViews] = field(default_factory=dict, compare=False, repr=False)
+    index: np.ndarray
+    """uint8: each bucket's ``IndexArrays`` (``bucket``)."""
+    dense: np.ndarray | None
+    ids: np.ndarray
+    weights: np.ndarray | None
+    scratch: np.ndarray
+    """Never copied: room for the flat bag bounds of pieces that arrive without a
+    FlatSparse, so packing them allocates nothing."""
+    views: dict[int, IndexArrays] = field(default_factory=dict, compare=False, repr=False)
 
-    def bucket(self, bucket: int) -> IndexViews:
+    def bucket(self, bucket: int) -> IndexArrays:
         """``bucket``'s row, request and bound arrays (made once per bucket)."""
         views = self.views.get(bucket)
         if views is None:
-            views = self.views[bucket] = index_views(self.layout, self.index, bucket)
+            arrays = [self.index[o:o + n * t.itemsize].view(t)
+                      for o, n, t in index_parts(self.layout, bucket)]
+            bounds = arrays[3:]
+            views = self.views[bucket] = IndexArrays(
+                *arrays[:3], tuple(zip(bounds[::2], bounds[1::2], strict=True)),
+                index_bytes(self.layout, bucket))
         return views
 
 
-def allocate(layout: StagingLayout, device: torch.device | str, pin: bool = False,
-             memory: memoryview | None = None) -> Buffers:
-    """Allocate one set of buffers (zeroed) for ``layout`` on ``device``; a host set
-    (``device`` cpu) lies in ``memory`` when given (zeroed shared memory of at least
-    ``host_bytes(layout)``: the engine and its packing processes map the same bytes)."""
-    if memory is not None:
-        return _build(layout, _Carver(memory), host=True)
-    return _build(layout, lambda shape, dtype: torch.zeros(
-        shape, dtype=dtype, device=device, pin_memory=pin),
-        host=torch.device(device).type == "cpu")
+def host_shapes(layout: StagingLayout) -> dict[str, tuple[tuple[int, ...], np.dtype] | None]:
+    """Each host array's shape and dtype (None: the model has no such input), in the
+    order ``host_buffers`` lays them out; the first four are a device set's too."""
+    b, r = layout.max_rows, layout.max_requests
+    f_c, f_r = layout.flat_bags
+    dense = ((r if layout.dense_per_request else b, layout.dense_width), np.dtype(np.float32))
+    return {"index": ((index_bytes(layout, b),), np.dtype(np.uint8)),
+            "dense": dense if layout.dense_width else None,
+            "ids": ((layout.index_capacity,), layout.index_dtype),
+            "weights": ((layout.index_capacity,), np.dtype(np.float32))
+            if layout.weighted else None,
+            "scratch": ((f_c * b + (f_r + 1) * r,), layout.index_dtype)}
 
 
 def host_bytes(layout: StagingLayout) -> int:
-    """Bytes a host set of buffers takes in shared memory (``allocate``'s ``memory``)."""
-    carver = _Carver(None)
-    _build(layout, carver, host=True)
-    return carver.offset
+    """Bytes a host set takes in one block (``host_buffers``'s ``memory``)."""
+    return sum(_aligned(int(np.prod(shape)) * dtype.itemsize)
+               for shape, dtype in filter(None, host_shapes(layout).values()))
 
 
-class _Carver:
-    """Tensors carved one after the other out of ``memory``, each on a 64-byte boundary
-    (None: only counts, handing out tensors without storage)."""
-
-    def __init__(self, memory: memoryview | None) -> None:
-        self.memory, self.offset = memory, 0
-
-    def __call__(self, shape, dtype: torch.dtype) -> torch.Tensor:
-        count = math.prod(shape) if isinstance(shape, tuple) else shape
-        start, self.offset = self.offset, self.offset + -(-count * dtype.itemsize // 64) * 64
-        if self.memory is None:
-            return torch.empty(shape, dtype=dtype, device="meta")
-        if self.offset > len(self.memory):
-            raise ValueError(f"{len(self.memory)} bytes of memory do not hold the staging "
-                             "buffers (see host_bytes)")
-        if not count:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(self.memory, dtype=dtype, count=count,
-                                offset=start).view(shape)
-
-
-def _build(layout: StagingLayout, make, host: bool) -> Buffers:
-    b, r = layout.max_rows, layout.max_requests
-    dense = None
-    if layout.dense_width:
-        dense = make(((r if layout.dense_per_request else b), layout.dense_width), torch.float32)
-    weights = make(layout.index_capacity, torch.float32) if layout.weighted else None
-    scratch = None
-    if host:
-        f_c, f_r = layout.flat_bags
-        scratch = make(f_c * b + (f_r + 1) * r, layout.index_dtype)
-    return Buffers(layout, make(index_bytes(layout, b), torch.uint8), dense,
-                   make(layout.index_capacity, layout.index_dtype), weights, scratch)
+def host_buffers(layout: StagingLayout, memory: memoryview | None = None) -> HostBuffers:
+    """A host set carved from ``memory`` (zeroed, at least ``host_bytes(layout)``: pinned
+    memory, or shared memory a packing process maps too), or from new zeroed memory."""
+    if memory is None:
+        memory = memoryview(bytearray(host_bytes(layout)))
+    if len(memory) < host_bytes(layout):
+        raise ValueError(f"{len(memory)} bytes of memory do not hold the staging buffers "
+                         f"({host_bytes(layout)}, see host_bytes)")
+    arrays, offset = {}, 0
+    for name, shape_dtype in host_shapes(layout).items():
+        if shape_dtype is None:
+            arrays[name] = None
+            continue
+        shape, dtype = shape_dtype
+        count = int(np.prod(shape))
+        arrays[name] = np.frombuffer(memory, dtype, count, offset).reshape(shape)
+        offset += _aligned(count * dtype.itemsize)
+    return HostBuffers(layout, **arrays)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from recserve.engine.executor import slice_rows
 from recserve.engine.gpu_slots import GpuModel, SlotState, shared_host
 from recserve.engine.packer import PackError, PackerUnavailable, PackingProcess
 from recserve.engine.shared_memory import SharedInputs, SharedMemory, supported
-from recserve.engine.staging import allocate, pack, staging_layout
+from recserve.engine.staging import host_buffers, pack, staging_layout
 from recserve.kernels.layout import build_layout
 from recserve.kernels.model import feature_groups
 from recserve.server import channel
@@ -66,7 +66,7 @@ def used_bytes(host, sizes):
         parts.append(host.dense[:b + 1])
     if host.weights is not None:
         parts.append(host.weights[:sizes.nnz])
-    return [p.numpy().tobytes() for p in parts]
+    return [p.tobytes() for p in parts]
 
 
 @pytest.fixture
@@ -84,9 +84,9 @@ def test_a_packing_process_writes_the_bytes_the_thread_writes(process):
     plan = [(0, 0, 5), (1, 3, 9), (2, 0, 1), (3, 10, 20), (4, 0, 9)]
     pieces = [(requests[i][0], start, count) for i, start, count in plan]
     for slot in (1, 0, 1):  # the same process packs into either slot, again and again
-        model.slots[slot].host.index.fill_(0xF9)  # poison: it must write what is read
+        model.slots[slot].host.index.fill(0xF9)  # poison: it must write what is read
         sizes = process.pack(model.packed, slot, 64, pieces)
-    thread_host = allocate(model.layout, "cpu")
+    thread_host = host_buffers(model.layout)
     expected = pack(model.layout, thread_host,
                     [slice_rows(SPEC, requests[i][1], start, count) for i, start, count in plan],
                     64)
@@ -212,3 +212,18 @@ def test_the_executor_packs_ring_requests_in_its_processes_and_others_in_threads
     assert stats["packing_process_restarts"] == 0
     assert executors[0].free_slots() == settings.slots
     assert all(p._proc is None for p in executors[0]._packers)  # closed with the engine
+
+
+def test_a_packing_process_does_not_load_torch():
+    """Packing is numpy alone: a packing process that has read a model's layout and a ring
+    request's decoder must not have pulled torch in (about 190 MB and a second of start-up
+    per process; the GPU engine runs one per packing thread)."""
+    import pickle
+    import subprocess
+
+    model = model_with_shared_slots(SPEC)
+    message = pickle.dumps((model.layout, channel.decode_shared))
+    code = ("import pickle, sys, recserve.engine.packer_process; "
+            "pickle.loads(sys.stdin.buffer.read()); sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], input=message,
+                          timeout=60).returncode == 0

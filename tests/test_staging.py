@@ -16,7 +16,8 @@ from recserve.engine.gpu_slots import SlotState, device_step
 from recserve.engine.inputs import SparseInput, collate
 from recserve.engine.reference import ReferenceModel
 from recserve.engine.spec import DenseFeature, Interaction, ModelSpec, SparseFeature, Table
-from recserve.engine.staging import allocate, pack, staging_layout
+from recserve.engine.staging import host_buffers, pack, staging_layout
+from recserve.engine.tensor_buffers import allocate, as_tensors
 from recserve.engine.weights import init_weights
 from recserve.kernels.model import TritonModel
 
@@ -42,10 +43,11 @@ def packed_scores(spec, weights, pieces, bucket, max_rows=16):
     model = TritonModel(spec, weights, "cpu")
     layout = staging_layout(spec, [names for _, _, names in model.groups], max_rows,
                             model.layout.x_request)
-    host = allocate(layout, "cpu")
-    host.index.fill_(0xF9)  # poison (rows, requests, bounds): pack must write what is read
+    host = host_buffers(layout)
+    host.index.fill(0xF9)  # poison (rows, requests, bounds): pack must write what is read
     sizes = pack(layout, host, pieces, bucket)
-    slot = SlotState(host, host, torch.zeros_like(host.dense) if host.dense is not None
+    device = as_tensors(host)  # (the step reads the host set itself: no copy on CPU)
+    slot = SlotState(host, device, torch.zeros_like(device.dense) if host.dense is not None
                      else None, torch.zeros(0), torch.zeros(0), None)
     from recserve.engine.gpu_slots import GpuModel
 
@@ -175,7 +177,7 @@ def test_pack_refuses_a_batch_larger_than_its_bucket():
     layout = staging_layout(spec, [n for _, _, n in model.groups], 8, model.layout.x_request)
     pieces = [random_inputs(spec, np.random.default_rng(0), 5)]
     with pytest.raises(ValueError, match="5 rows do not fit bucket 4"):
-        pack(layout, allocate(layout, "cpu"), pieces, 4)
+        pack(layout, host_buffers(layout), pieces, 4)
 
 
 @pytest.mark.parametrize("kind", ["dense-only", "request-sparse-only"])
@@ -235,7 +237,7 @@ def test_copy_in_moves_everything_the_device_step_reads(flat):
     model = TritonModel(spec, weights, "cpu")
     layout = staging_layout(spec, [names for _, _, names in model.groups], 16,
                             model.layout.x_request)
-    host, device = allocate(layout, "cpu"), allocate(layout, "cpu")
+    host, device = host_buffers(layout), allocate(layout, "cpu")
     device.index.fill_(0xF9)
     device.ids.fill_(-7)
     for t in (device.dense, device.weights):
@@ -243,16 +245,16 @@ def test_copy_in_moves_everything_the_device_step_reads(flat):
             t.fill_(float("nan"))
     sizes = pack(layout, host, staged, bucket=12)
     slot = SlotState(host, device, torch.zeros_like(device.dense), torch.zeros(0),
-                     torch.zeros(0), None)
+                     torch.zeros(0), None, host_tensors=as_tensors(host))
     gpu = GpuModel(spec, model, layout, [slot])
     copied = copy_in(gpu, slot, sizes, None)
     views = host.bucket(12)  # rows, requests and bounds: one block, each part 64-byte aligned
     parts = [views.row_request, views.request_offsets, views.first_rows,
              *(t for pair in views.groups for t in pair)]
-    assert [t.numel() for t in parts[:3]] == [12, 14, 13]
-    assert [t.numel() for t in parts[3:]] == [u for u in sizes.bounds for _ in (0, 1)]
-    assert views.nbytes == sum(-(-t.numel() * t.element_size() // 64) * 64 for t in parts)
-    assert copied == views.nbytes + sum(t.element_size() * n for t, n in (
+    assert [t.size for t in parts[:3]] == [12, 14, 13]
+    assert [t.size for t in parts[3:]] == [u for u in sizes.bounds for _ in (0, 1)]
+    assert views.nbytes == sum(-(-t.nbytes // 64) * 64 for t in parts)
+    assert copied == views.nbytes + sum(t.itemsize * n for t, n in (
         (host.dense, 12 * host.dense.shape[1]), (host.ids, sizes.nnz),
         (host.weights, sizes.nnz)))
     scores, bad = device_step(gpu, slot, 12)
