@@ -217,6 +217,7 @@ class GpuExecutor(Executor):
         if self._packers:
             stats["packed_in_processes"] = sum(p.packs for p in self._packers)
             stats["packing_process_restarts"] = sum(p.restarts for p in self._packers)
+            stats["packing_threads_given_up"] = sum(p.given_up for p in self._packers)
         return stats
 
     def _launcher(self, index: int) -> None:

@@ -46,6 +46,10 @@ MAX_MESSAGE = 1 << 20
 socket refuses is packed in the thread)."""
 MAX_FDS = 64
 """Descriptors one message may carry."""
+MAX_FAILURES = 3
+"""Processes that fail one after the other, without a pack in between, before this thread
+gives up on them and packs every batch itself (something is wrong that a new process will
+not mend; an error is logged once)."""
 
 
 class PackerUnavailable(Exception):
@@ -70,6 +74,8 @@ class PackingProcess:
         self._models: dict[int, weakref.ref] = {}  # and built buffers for
         self.packs = 0
         self.restarts = 0
+        self.failures = 0  # in a row
+        self.given_up = False
 
     def start(self) -> None:
         """Start the process (it imports for about a second; the first pack waits)."""
@@ -110,6 +116,8 @@ class PackingProcess:
         slot ``slot`` for ``bucket``, in the process. Raises ``PackerUnavailable`` when it
         cannot (then pack in the thread), and ``PackError`` for what packing itself refused
         (the thread would refuse it too)."""
+        if self.given_up:
+            raise PackerUnavailable("packing processes failed; packing in this thread")
         if self._sock is None:  # not started, or dropped after a failure
             if self._proc is not None:
                 self.close()
@@ -117,6 +125,7 @@ class PackingProcess:
             try:
                 self.start()
             except OSError as exc:  # (no process to be had now: try again next batch)
+                self._failed()
                 raise PackerUnavailable(f"no packing process: {exc}") from exc
         memories, fds = self._new_memories(
             [*model.slots, *(shared.memory for shared, _, _ in pieces)])
@@ -144,6 +153,7 @@ class PackingProcess:
         if status != "ok":
             raise PackError(value)
         self.packs += 1
+        self.failures = 0
         return value
 
     def _new_memories(self, memories: list[SharedMemory]) -> tuple[list, list[int]]:
@@ -183,7 +193,16 @@ class PackingProcess:
         self._sock.close()
         self._sock = None
         self._proc.kill()  # (dead already, or hung: either way, not to be waited for)
+        self._failed()
         raise PackerUnavailable(str(exc)) from exc
+
+    def _failed(self) -> None:
+        self.failures += 1
+        if self.failures >= MAX_FAILURES:
+            self.given_up = True
+            log.error("%d packing processes failed in a row: this thread packs every batch "
+                      "itself from now on (serve --pack-in thread does so from the start)",
+                      self.failures)
 
 
 class PackError(ValueError):

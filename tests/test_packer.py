@@ -209,7 +209,7 @@ def test_the_executor_packs_ring_requests_in_its_processes_and_others_in_threads
     scores, stats = asyncio.run(main())
     assert scores.shape[0] == requests[0].num_candidates
     assert stats["packed_in_processes"] >= -(-sum(r.num_candidates for r in requests) // 64)
-    assert stats["packing_process_restarts"] == 0
+    assert stats["packing_process_restarts"] == 0 and stats["packing_threads_given_up"] == 0
     assert executors[0].free_slots() == settings.slots
     assert all(p._proc is None for p in executors[0]._packers)  # closed with the engine
 
@@ -227,3 +227,22 @@ def test_a_packing_process_does_not_load_torch():
             "pickle.loads(sys.stdin.buffer.read()); sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], input=message,
                           timeout=60).returncode == 0
+
+
+def test_processes_failing_in_a_row_are_given_up_on(monkeypatch, caplog):
+    """A process that cannot work (here: none can be started) is tried MAX_FAILURES times,
+    then the thread packs every batch itself, saying so once."""
+    _, requests = ring_requests(SPEC, [7])
+    model = model_with_shared_slots(SPEC)
+    process = PackingProcess()
+
+    def no_process(*args, **kwargs):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(packer_module.subprocess, "Popen", no_process)
+    with caplog.at_level("ERROR", logger="recserve.engine"):
+        for _ in range(packer_module.MAX_FAILURES + 2):
+            with pytest.raises(PackerUnavailable):
+                process.pack(model.packed, 0, 16, [(requests[0][0], 0, 7)])
+    assert process.given_up and process.failures == packer_module.MAX_FAILURES
+    assert caplog.text.count("failed in a row") == 1
