@@ -35,6 +35,7 @@ a table is flagged by the gather kernel and fails alone; an exception while laun
 from __future__ import annotations
 
 import functools
+import logging
 import queue
 import sys
 import threading
@@ -54,6 +55,7 @@ from .settings import EngineSettings
 from .spec import ModelSpec
 from .staging import PackedSizes, pack, staging_layout
 
+log = logging.getLogger("recserve.engine")
 _STAGES = ("h2d", "compute", "d2h")
 SWITCH_INTERVAL_S = 0.0005
 """The GIL switch interval with packing processes (Python's default: 5 ms). On CPU, packs
@@ -125,7 +127,10 @@ class GpuExecutor(Executor):
         if self.pack_processes:
             self._packers = [PackingProcess() for _ in range(self.pack_threads)]
             for packer in self._packers:
-                packer.start()
+                try:
+                    packer.start()
+                except OSError as exc:  # (its thread's first batch tries again)
+                    log.warning("could not start a packing process: %s", exc)
             # this process's threads now hand the GIL over once per pack and per CUDA
             # call: a short switch interval keeps each hand-off short (bench/notes-engine.md)
             self._switch_interval = sys.getswitchinterval()
