@@ -155,7 +155,8 @@ _INT32 = np.dtype(np.int32)
 
 @dataclass(frozen=True, slots=True)
 class IndexArrays:
-    """One bucket's arrays of an index block (``index_parts``), as numpy views."""
+    """One bucket's arrays of an index block (``index_parts``): numpy views of a host set
+    (what packing writes), or torch views of a device set (what the device step reads)."""
 
     row_request: np.ndarray
     """int32 [B]: each row's request (the padding request owns the padding rows)."""
@@ -187,13 +188,18 @@ class HostBuffers:
         """``bucket``'s row, request and bound arrays (made once per bucket)."""
         views = self.views.get(bucket)
         if views is None:
-            arrays = [self.index[o:o + n * t.itemsize].view(t)
-                      for o, n, t in index_parts(self.layout, bucket)]
-            bounds = arrays[3:]
-            views = self.views[bucket] = IndexArrays(
-                *arrays[:3], tuple(zip(bounds[::2], bounds[1::2], strict=True)),
-                index_bytes(self.layout, bucket))
+            views = self.views[bucket] = index_arrays(self.layout, self.index, bucket)
         return views
+
+
+def index_arrays(layout: StagingLayout, block, bucket: int, dtype_of=None) -> IndexArrays:
+    """``bucket``'s arrays as views of ``block`` (uint8: a numpy array, or a tensor with
+    ``dtype_of`` mapping numpy dtypes to its own)."""
+    arrays = [block[o:o + n * t.itemsize].view(dtype_of(t) if dtype_of else t)
+              for o, n, t in index_parts(layout, bucket)]
+    bounds = arrays[3:]
+    return IndexArrays(*arrays[:3], tuple(zip(bounds[::2], bounds[1::2], strict=True)),
+                       index_bytes(layout, bucket))
 
 
 def host_shapes(layout: StagingLayout) -> dict[str, tuple[tuple[int, ...], np.dtype] | None]:

@@ -12,28 +12,16 @@ import torch
 
 from .staging_layout import (
     HostBuffers,
+    IndexArrays,
     StagingLayout,
     host_buffers,
     host_bytes,
     host_shapes,
-    index_bytes,
-    index_parts,
+    index_arrays,
 )
 
 _TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int32): torch.int32,
                  np.dtype(np.int64): torch.int64, np.dtype(np.float32): torch.float32}
-
-
-@dataclass(frozen=True, slots=True)
-class IndexViews:
-    """One bucket's arrays of an index block (``index_parts``), as torch views: what the
-    device step reads."""
-
-    row_request: torch.Tensor
-    request_offsets: torch.Tensor
-    first_rows: torch.Tensor
-    groups: tuple[tuple[torch.Tensor, torch.Tensor], ...]
-    nbytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,23 +30,19 @@ class TensorBuffers:
 
     layout: StagingLayout
     index: torch.Tensor
-    """uint8: each bucket's ``IndexViews`` (``bucket``)."""
+    """uint8: each bucket's ``IndexArrays`` (``bucket``)."""
     dense: torch.Tensor | None
     ids: torch.Tensor
     weights: torch.Tensor | None
-    views: dict[int, IndexViews] = field(default_factory=dict, compare=False, repr=False)
+    views: dict[int, IndexArrays] = field(default_factory=dict, compare=False, repr=False)
 
-    def bucket(self, bucket: int) -> IndexViews:
+    def bucket(self, bucket: int) -> IndexArrays:
         """``bucket``'s row, request and bound tensors (made once per bucket: a captured
         graph reads these very addresses)."""
         views = self.views.get(bucket)
         if views is None:
-            tensors = [self.index[o:o + n * t.itemsize].view(_TORCH_DTYPES[t])
-                       for o, n, t in index_parts(self.layout, bucket)]
-            bounds = tensors[3:]
-            views = self.views[bucket] = IndexViews(
-                *tensors[:3], tuple(zip(bounds[::2], bounds[1::2], strict=True)),
-                index_bytes(self.layout, bucket))
+            views = self.views[bucket] = index_arrays(self.layout, self.index, bucket,
+                                                      _TORCH_DTYPES.__getitem__)
         return views
 
 

@@ -25,16 +25,23 @@ def gpu_engine(use_graphs: bool = True, compute_streams: int = 1) -> Engine:
                                                   compute_streams=compute_streams))
 
 
+def requests_with_a_bad_id(spec, rng, bad: int) -> list:
+    """24 demo requests (1..699 candidates); request ``bad`` has one title id past the end
+    of its table."""
+    requests = [random_inputs(spec, rng, int(n)) for n in rng.integers(1, 700, 24)]
+    titles = requests[bad].sparse["title_id"]
+    values = titles.values.copy()
+    values[0] = spec.table("titles").rows  # one past the end
+    requests[bad].sparse["title_id"] = SparseInput(values, titles.lengths)
+    return requests
+
+
 @pytest.mark.parametrize("use_graphs, compute_streams", [(True, 1), (False, 1), (True, 2)])
 def test_engine_on_gpu_matches_reference_and_isolates_bad_ids(use_graphs, compute_streams):
     spec = demo_spec()
     weights = init_weights(spec, seed=4)
     rng = np.random.default_rng(0)
-    requests = [random_inputs(spec, rng, int(n)) for n in rng.integers(1, 700, 24)]
-    bad = requests[5].sparse["title_id"]
-    values = bad.values.copy()
-    values[0] = spec.table("titles").rows  # one past the end
-    requests[5].sparse["title_id"] = SparseInput(values, bad.lengths)
+    requests = requests_with_a_bad_id(spec, rng, 5)
     reference = ReferenceModel(spec, weights)
 
     async def run():
@@ -114,11 +121,7 @@ def test_ring_requests_packed_in_processes_score_as_the_reference():
     spec = demo_spec()
     weights = init_weights(spec, seed=4)
     rng = np.random.default_rng(7)
-    requests = [random_inputs(spec, rng, int(n)) for n in rng.integers(1, 700, 24)]
-    bad = requests[3].sparse["title_id"]
-    values = bad.values.copy()
-    values[-1] = spec.table("titles").rows
-    requests[3].sparse["title_id"] = SparseInput(values, bad.lengths)
+    requests = requests_with_a_bad_id(spec, rng, 3)
     ring = SharedMemory(64 << 20, writable=False)
     writer = SharedRing(map_memory(ring.fd, ring.size, writable=True))
 
