@@ -135,10 +135,12 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pack-in", choices=PACK_IN, default="thread",
                    help="where the GPU executor packs batches of requests that lie in "
                    "--workers' shared rings: in its launcher threads, or in one packing "
-                   "process per thread, off this process's GIL (needs --workers 2 or more; "
-                   "default: thread: on the 2-core CI machine processes cost more than they "
-                   "save, and they are not yet measured on a card: compare with "
-                   "bench/engine_gpu.py --variants pack_in_process)")
+                   "process per thread, off this process's GIL (needs --workers 2 or more). "
+                   "On the 2-core CI machine, beside a busy event loop, processes kept the "
+                   "simulated device 1.6x to over 10x as busy as threads did, and without "
+                   "one they did as well or worse; not yet measured on a card, so the "
+                   "default is thread: compare on yours with bench/engine_gpu.py --variants "
+                   "default,via=ring,pack_in=process)")
     g.add_argument("--compute-streams", type=int, default=1, metavar="N",
                    help="CUDA streams consecutive GPU batches take in turn, up to --slots "
                    "(default: 1; 2 lets one batch's gather run beside the previous batch's "
