@@ -75,7 +75,7 @@ def serve(sock: socket.socket) -> None:
         try:
             reply = ("ok", state.pack(*job))
         except Exception as exc:  # what the thread would raise too: the engine decides
-            reply = ("error", f"{type(exc).__name__}: {exc}")
+            reply = ("error", f"{type(exc).__name__}: {exc}"[:2000])  # (one short message)
         sock.send(pickle.dumps(reply, pickle.HIGHEST_PROTOCOL))
 
 
