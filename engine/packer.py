@@ -17,10 +17,10 @@ descriptors passed with ``SCM_RIGHTS``): the batch plan, with whatever memory an
 the process has not seen yet (their descriptors attached) and the ones gone since (to
 unmap); back, the ``PackedSizes`` or the error.
 
-A batch the process cannot take (a piece not in shared memory, a memory whose descriptor
-is gone, a plan too large for one message) and a process that died or hung: the caller
-packs in its thread instead (``PackerUnavailable``); a dead process is started again on
-the next batch.
+A batch the process cannot take (a piece not in shared memory, a plan too large for one
+message) and a process that died or hung: the caller packs in its thread instead
+(``PackerUnavailable``); a failed process is killed and another started on the next
+batch, until ``MAX_FAILURES`` in a row. The process imports numpy, not torch (31 MB).
 """
 
 from __future__ import annotations
