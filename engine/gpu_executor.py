@@ -51,6 +51,7 @@ from .executor import Done, Executor, Job, JobResult, slice_rows
 from .gpu_results import piece_results, score_one_by_one
 from .gpu_slots import GpuModel, SlotState, capture, copy_in, device_step, new_slot
 from .packer import PackerUnavailable, PackingProcess
+from .progress import Progress
 from .settings import EngineSettings
 from .spec import ModelSpec
 from .staging import PackedSizes, pack, staging_layout
@@ -170,7 +171,10 @@ class GpuExecutor(Executor):
                  for _ in range(self.settings.slots)]
         model = GpuModel(spec, triton_model, layout, slots)
         rng = np.random.default_rng(0)
-        for slot in slots:
+        progress = Progress(f"building {spec.name} on {self.device} (a CUDA graph per slot "
+                            "and bucket; the first ones autotune their kernels)",
+                            len(slots) * len(self.settings.buckets))
+        for index, slot in enumerate(slots):
             for bucket in self.settings.buckets:
                 sizes = pack(layout, slot.host, [random_inputs(spec, rng, bucket)], bucket)
                 copy_in(model, slot, sizes, torch.cuda.current_stream(self.device))
@@ -179,6 +183,7 @@ class GpuExecutor(Executor):
                     slot.graphs[bucket] = capture(step, slot.pool, self.device)
                 else:
                     device_step(model, slot, bucket)
+                progress.step(f"slot {index + 1}, bucket {bucket}")
         torch.cuda.synchronize(self.device)
         return model
 
