@@ -35,9 +35,7 @@ a table is flagged by the gather kernel and fails alone; an exception while laun
 from __future__ import annotations
 
 import functools
-import logging
 import queue
-import sys
 import threading
 import time
 
@@ -50,18 +48,13 @@ from .demo import random_inputs
 from .executor import Done, Executor, Job, JobResult, slice_rows
 from .gpu_results import piece_results, score_one_by_one
 from .gpu_slots import GpuModel, SlotState, capture, copy_in, device_step, new_slot
-from .packer import PackerUnavailable, PackingProcess
+from .packer import PackerUnavailable, PackingProcess, PackingProcesses
 from .progress import Progress
 from .settings import EngineSettings
 from .spec import ModelSpec
 from .staging import PackedSizes, pack, staging_layout
 
-log = logging.getLogger("recserve.engine")
 _STAGES = ("h2d", "compute", "d2h")
-SWITCH_INTERVAL_S = 0.0005
-"""The GIL switch interval with packing processes (Python's default: 5 ms). On CPU, packs
-done by another process cost 1.1 ms beside a busy thread at 0.5 ms, 7-10 ms at 5 ms
-(bench/gil_handoff.py): the launcher still takes the GIL back once a pack."""
 
 
 def default_pack_threads(slots: int, cores: int | None = None) -> int:
@@ -89,7 +82,7 @@ class GpuExecutor(Executor):
         self.pack_processes = pack_processes and shared_memory.supported()
         """Each launcher thread has a packing process (``packer``) for batches whose
         requests lie in shared memory; their slots' staging is shared memory, pinned."""
-        self._packers: list[PackingProcess] = []
+        self._packing = PackingProcesses(0)
         self.settings = settings
         self.pack_threads = pack_threads or default_pack_threads(settings.slots)
         self.device = torch.device(device)
@@ -126,16 +119,8 @@ class GpuExecutor(Executor):
         self._host_origin = time.perf_counter()
         self._free = list(range(self.settings.slots))
         if self.pack_processes:
-            self._packers = [PackingProcess() for _ in range(self.pack_threads)]
-            for packer in self._packers:
-                try:
-                    packer.start()
-                except OSError as exc:  # (its thread's first batch tries again)
-                    log.warning("could not start a packing process: %s", exc)
-            # this process's threads now hand the GIL over once per pack and per CUDA
-            # call: a short switch interval keeps each hand-off short (bench/notes-engine.md)
-            self._switch_interval = sys.getswitchinterval()
-            sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL_S))
+            self._packing = PackingProcesses(self.pack_threads)
+            self._packing.start()
         targets = [(functools.partial(self._launcher, i), f"launch-{i}")
                    for i in range(self.pack_threads)]
         for target, name in [*targets, (self._completer, "complete")]:
@@ -212,10 +197,7 @@ class GpuExecutor(Executor):
         self._done_q.put(None)
         completer.join()
         self._threads.clear()
-        for packer in self._packers:
-            packer.close()
-        if self._packers:
-            sys.setswitchinterval(self._switch_interval)
+        self._packing.close()
 
     def stats(self) -> dict:
         """Counters: batches run, GPU busy time from CUDA events, bytes copied in, and the
@@ -224,15 +206,11 @@ class GpuExecutor(Executor):
         stats = {"batches": self.batches, "gpu_busy_ms": self.busy_ms,
                  "bytes_in": self.bytes_in, "pack_ms": self.pack_ms,
                  "pack_threads": self.pack_threads, "compute_streams": self.compute_streams}
-        if self._packers:
-            stats["packed_in_processes"] = sum(p.packs for p in self._packers)
-            stats["packing_process_restarts"] = sum(p.restarts for p in self._packers)
-            stats["packing_threads_given_up"] = sum(p.given_up for p in self._packers)
-        return stats
+        return {**stats, **self._packing.stats()}
 
     def _launcher(self, index: int) -> None:
         self._bind_thread()
-        packer = self._packers[index] if self._packers else None
+        packer = self._packing.processes[index] if self._packing.processes else None
         while (item := self._launch_q.get()) is not None:
             job, slot_index, done, submitted = item
             self._host_stage(job.plan.seq, "host_queue", submitted)

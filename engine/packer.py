@@ -46,6 +46,10 @@ MAX_MESSAGE = 1 << 20
 socket refuses is packed in the thread)."""
 MAX_FDS = 64
 """Descriptors one message may carry."""
+SWITCH_INTERVAL_S = 0.0005
+"""The GIL switch interval while packing processes run (Python's default: 5 ms). On CPU,
+packs done by another process cost 1.1 ms beside a busy thread at 0.5 ms, 7-10 ms at 5 ms
+(bench/gil_handoff.py): the launcher still takes the GIL back once a pack."""
 MAX_FAILURES = 3
 """Processes that fail one after the other, without a pack in between, before this thread
 gives up on them and packs every batch itself (something is wrong that a new process will
@@ -203,6 +207,42 @@ class PackingProcess:
             log.error("%d packing processes failed in a row: this thread packs every batch "
                       "itself from now on (serve --pack-in thread does so from the start)",
                       self.failures)
+
+
+class PackingProcesses:
+    """One ``PackingProcess`` per launcher thread (``processes[i]`` for thread i), started
+    and closed together, with the engine process's switch interval short while they run."""
+
+    def __init__(self, count: int) -> None:
+        self.processes = [PackingProcess() for _ in range(count)]
+        self._switch_interval: float | None = None
+
+    def start(self) -> None:
+        for process in self.processes:
+            try:
+                process.start()
+            except OSError as exc:  # (its thread's first batch tries again)
+                log.warning("could not start a packing process: %s", exc)
+        # this process's threads now hand the GIL over once per pack and per CUDA call: a
+        # short switch interval keeps each hand-off short (bench/notes-engine.md)
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL_S))
+
+    def close(self) -> None:
+        for process in self.processes:
+            process.close()
+        if self._switch_interval is not None:
+            sys.setswitchinterval(self._switch_interval)
+            self._switch_interval = None
+
+    def stats(self) -> dict:
+        """Batches packed by the processes, restarts, threads that gave up on them (none
+        of it without processes)."""
+        if not self.processes:
+            return {}
+        return {"packed_in_processes": sum(p.packs for p in self.processes),
+                "packing_process_restarts": sum(p.restarts for p in self.processes),
+                "packing_threads_given_up": sum(p.given_up for p in self.processes)}
 
 
 class PackError(ValueError):

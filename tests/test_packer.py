@@ -211,7 +211,7 @@ def test_the_executor_packs_ring_requests_in_its_processes_and_others_in_threads
     assert stats["packed_in_processes"] >= -(-sum(r.num_candidates for r in requests) // 64)
     assert stats["packing_process_restarts"] == 0 and stats["packing_threads_given_up"] == 0
     assert executors[0].free_slots() == settings.slots
-    assert all(p._proc is None for p in executors[0]._packers)  # closed with the engine
+    assert all(p._proc is None for p in executors[0]._packing.processes)  # closed with it
 
 
 def test_a_packing_process_does_not_load_torch():
@@ -246,3 +246,19 @@ def test_processes_failing_in_a_row_are_given_up_on(monkeypatch, caplog):
                 process.pack(model.packed, 0, 16, [(requests[0][0], 0, 7)])
     assert process.given_up and process.failures == packer_module.MAX_FAILURES
     assert caplog.text.count("failed in a row") == 1
+
+
+def test_the_switch_interval_is_short_while_packing_processes_run_and_restored_after():
+    from recserve.engine.packer import SWITCH_INTERVAL_S, PackingProcesses
+
+    before = sys.getswitchinterval()
+    group = PackingProcesses(1)
+    group.start()
+    try:
+        assert sys.getswitchinterval() == min(before, SWITCH_INTERVAL_S)
+        assert group.stats() == {"packed_in_processes": 0, "packing_process_restarts": 0,
+                                 "packing_threads_given_up": 0}
+    finally:
+        group.close()
+    assert sys.getswitchinterval() == before
+    assert PackingProcesses(0).stats() == {}
