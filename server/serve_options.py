@@ -87,6 +87,9 @@ class ServeOptions:
         if self.pack_in not in PACK_IN:
             raise ValueError(f"ServeOptions.pack_in is {self.pack_in!r}; expected one of "
                              f"{PACK_IN}")
+        if self.pack_in == "process" and self.device not in ("cuda", "auto"):
+            raise ValueError(f"--pack-in process packs batches for the GPU; on {self.device} "
+                             "there is nothing to pack (leave it out)")
         if self.pack_in == "process" and (self.workers < 2 or not self.worker_ring_mb):
             raise ValueError("--pack-in process packs requests that lie in front-end "
                              "workers' shared rings: it needs --workers 2 or more and "

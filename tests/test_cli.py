@@ -271,6 +271,8 @@ def test_pack_in_reaches_the_gpu_executor_and_needs_workers_with_rings(tmp_path)
             ServeOptions(tmp_path, "cuda", pack_in="process", **refused)
     with pytest.raises(ValueError, match="pack_in is 'gpu'"):
         ServeOptions(tmp_path, "cuda", pack_in="gpu")
+    with pytest.raises(ValueError, match="on cpu there is nothing to pack"):
+        ServeOptions(tmp_path, "cpu", workers=2, pack_in="process")
 
 
 def test_serve_engine_flags_parse():
