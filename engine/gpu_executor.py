@@ -162,7 +162,7 @@ class GpuExecutor(Executor):
         for index, slot in enumerate(slots):
             for bucket in self.settings.buckets:
                 sizes = pack(layout, slot.host, [random_inputs(spec, rng, bucket)], bucket)
-                copy_in(model, slot, sizes, torch.cuda.current_stream(self.device))
+                copy_in(slot, sizes, torch.cuda.current_stream(self.device))
                 if self.use_graphs:
                     step = functools.partial(device_step, model, slot, bucket)
                     slot.graphs[bucket] = capture(step, slot.pool, self.device)
@@ -260,7 +260,7 @@ class GpuExecutor(Executor):
         slot.timed = len(self.timeline) < self.timeline_limit
         if slot.timed:
             ev["h2d_start"].record(streams["h2d"])
-        self.bytes_in += copy_in(model, slot, sizes, streams["h2d"])
+        self.bytes_in += copy_in(slot, sizes, streams["h2d"])
         ev["h2d_end"].record(streams["h2d"])
         compute = self._compute[self._issued % len(self._compute)]  # in turn (launch lock)
         self._issued += 1

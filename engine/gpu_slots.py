@@ -98,8 +98,9 @@ def new_slot(triton_model, layout: StagingLayout, device: torch.device,
     if memory is None:
         host = pinned_host(layout)
     on_device = allocate(layout, device)
-    if on_device.dense is not None:
-        dense_compute = torch.zeros_like(on_device.dense, dtype=triton_model.dtype)
+    if layout.dense_width:  # (the largest bucket's rows: smaller ones use a prefix)
+        dense_compute = torch.zeros_like(on_device.bucket(layout.max_rows).dense,
+                                         dtype=triton_model.dtype)
     events = {f"{s}_{edge}": torch.cuda.Event(enable_timing=True)
               for s in stages for edge in ("start", "end")}
     return SlotState(host, on_device, dense_compute,
@@ -109,14 +110,12 @@ def new_slot(triton_model, layout: StagingLayout, device: torch.device,
                      host_tensors=as_tensors(host))
 
 
-def copy_in(model: GpuModel, slot: SlotState, sizes: PackedSizes,
-            stream: torch.cuda.Stream) -> int:
-    """Enqueue the used prefix of every host buffer to the device on ``stream``; bytes sent."""
-    host, dev, b = slot.host_tensors, slot.device, sizes.bucket
-    pairs = [(dev.index, host.index, dev.bucket(b).nbytes)]  # rows, requests, bag bounds
-    if dev.dense is not None:
-        pairs.append((dev.dense, host.dense, b + 1 if model.layout.dense_per_request else b))
-    pairs.append((dev.ids, host.ids, sizes.nnz))
+def copy_in(slot: SlotState, sizes: PackedSizes, stream: torch.cuda.Stream) -> int:
+    """Enqueue what a packed batch uses of the slot's host set to the device on ``stream``;
+    bytes sent."""
+    host, dev = slot.host_tensors, slot.device
+    # rows, requests, bag bounds, dense inputs and ids: one copy (see block_parts)
+    pairs = [(dev.block, host.block, dev.bucket(sizes.bucket).copy_bytes(sizes.nnz))]
     if dev.weights is not None:
         pairs.append((dev.weights, host.weights, sizes.nnz))
     copied = 0
@@ -132,15 +131,14 @@ def device_step(model: GpuModel, slot: SlotState, bucket: int) -> tuple[torch.Te
     """The device work of one batch on the slot's device buffers (what a graph captures)."""
     from recserve.kernels.prepare import PreparedBatch
 
-    dev, layout = slot.device, model.layout
-    r_cap = bucket + 1
+    dev, r_cap = slot.device, bucket + 1
+    views = dev.bucket(bucket)
     dense = None
     if slot.dense_compute is not None:
-        rows = r_cap if layout.dense_per_request else bucket
-        dense = slot.dense_compute[:rows]
-        dense.copy_(dev.dense[:rows])  # fp32 staging -> compute dtype, on the device
-    views = dev.bucket(bucket)
-    groups = [(dev.ids, starts, ends, dev.weights) for starts, ends in views.groups]
+        dense = slot.dense_compute[:views.dense.shape[0]]
+        dense.copy_(views.dense)  # fp32 staging -> compute dtype, on the device
+    weights = None if dev.weights is None else dev.weights[:views.ids.shape[0]]  # (as long)
+    groups = [(views.ids, starts, ends, weights) for starts, ends in views.groups]
     prepared = PreparedBatch(bucket, r_cap, views.row_request, views.request_offsets,
                              views.first_rows, dense, tuple(groups))
     return model.triton.forward_prepared(prepared)

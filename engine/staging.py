@@ -57,10 +57,10 @@ def pack(layout: StagingLayout, host: HostBuffers, pieces: list[RequestInputs],
     np.cumsum(counts, out=offsets[1:real + 1], dtype=np.int32)
     offsets[real + 1:] = bucket
     np.minimum(offsets[:-1], bucket - 1, out=views.first_rows)
-    if host.dense is not None:
-        _pack_dense(spec, host.dense, pieces, counts, bucket, r_cap,
+    if views.dense is not None:
+        _pack_dense(spec, views.dense, pieces, counts, bucket, r_cap,
                     layout.dense_per_request)
-    blocks, nnz = _pack_ids(layout, host, pieces)
+    blocks, nnz = _pack_ids(layout, views.ids, host.weights, host.scratch, pieces)
     used = tuple(_pack_bounds(group, starts, ends, blocks, rows, real, bucket)
                  for group, (starts, ends) in zip(layout.groups, views.groups, strict=True))
     return PackedSizes(bucket, rows, real, nnz, used)
@@ -81,8 +81,8 @@ class _Block:
     bases: np.ndarray | None = None
 
 
-def _pack_ids(layout: StagingLayout, host: HostBuffers, pieces: list[RequestInputs]
-              ) -> tuple[list[_Block], int]:
+def _pack_ids(layout: StagingLayout, ids: np.ndarray, weights: np.ndarray | None,
+              scratch: np.ndarray, pieces: list[RequestInputs]) -> tuple[list[_Block], int]:
     """Every piece's ids (and weights) in the ids buffer: (their bag bounds as blocks, ids
     written). Pieces that came with their FlatSparse (shaped for this spec) go first, their
     ids in one concatenate (``_pack_flat``); the rest follow, packed feature by feature
@@ -94,14 +94,14 @@ def _pack_ids(layout: StagingLayout, host: HostBuffers, pieces: list[RequestInpu
         (flat if fits else loose).append((i, row))
         row += piece.num_candidates
     blocks: list[_Block] = []
-    pos = _pack_flat(layout, host, pieces, flat, blocks) if flat else 0
+    pos = _pack_flat(layout, ids, weights, pieces, flat, blocks) if flat else 0
     if loose:
-        pos = _pack_loose(layout, host.ids, host.weights, host.scratch, pieces, loose, pos,
-                          blocks)
+        pos = _pack_loose(layout, ids, weights, scratch, pieces, loose, pos, blocks)
     return blocks, pos
 
 
-def _pack_flat(layout: StagingLayout, host: HostBuffers, pieces: list[RequestInputs],
+def _pack_flat(layout: StagingLayout, ids: np.ndarray, weights: np.ndarray | None,
+               pieces: list[RequestInputs],
                flat: list[tuple[int, int]], blocks: list[_Block]) -> int:
     """Pieces with a FlatSparse (``flat``: (index, first row)), from the buffers' start:
     their ids (and weights) back to back in one concatenate, their bounds as one block per
@@ -111,16 +111,16 @@ def _pack_flat(layout: StagingLayout, host: HostBuffers, pieces: list[RequestInp
     sizes = np.fromiter((len(f.ids) for f in forms), np.int64, len(forms))
     bases = np.zeros(len(forms), np.int64)
     np.cumsum(sizes[:-1], out=bases[1:])
-    end = _room(layout, 0, int(sizes.sum()))
-    room = host.ids[:end]
+    end = _room(ids, 0, int(sizes.sum()))
+    room = ids[:end]
     try:  # a plain copy when no id needs narrowing ("safe" refuses int64 -> int32)
         np.concatenate([f.ids for f in forms], out=room, casting="safe")
     except TypeError:  # wider ids: checked and cast, or clipped (_copy_ids)
         _copy_ids(np.concatenate([f.ids for f in forms], dtype=np.int64, casting="unsafe"),
                   room)
-    if host.weights is not None:
+    if weights is not None:
         np.concatenate([f.weights if f.weights is not None else np.ones(len(f.ids), np.float32)
-                        for f in forms], out=host.weights[:end], casting="same_kind")
+                        for f in forms], out=weights[:end], casting="same_kind")
     f_c = layout.flat_bags[0]
     k = 0
     while k < len(flat):  # runs of pieces consecutive in the batch
@@ -152,7 +152,7 @@ def _pack_loose(layout: StagingLayout, ids: np.ndarray, weights: np.ndarray | No
     mine = [pieces[i] for i, _ in loose]
     every = [p.sparse[name] for name in order for p in mine]  # feature-major
     values = [s.values for s in every]
-    end = _room(layout, start, sum(map(len, values)))
+    end = _room(ids, start, sum(map(len, values)))
     room = ids[start:end]
     try:  # a plain copy when no id needs narrowing ("safe" refuses int64 -> int32)
         if values:  # (none: a model without sparse features)
@@ -191,11 +191,11 @@ def _pack_loose(layout: StagingLayout, ids: np.ndarray, weights: np.ndarray | No
     return end
 
 
-def _room(layout: StagingLayout, start: int, count: int) -> int:
-    """Where ``count`` ids from ``start`` end; ValueError past the buffers' capacity."""
-    if start + count > layout.index_capacity:
+def _room(ids: np.ndarray, start: int, count: int) -> int:
+    """Where ``count`` ids from ``start`` end; ValueError past the bucket's room."""
+    if start + count > len(ids):
         raise ValueError(f"{start + count} ids do not fit the staging buffers "
-                         f"({layout.index_capacity}): a bag is longer than its max_bag")
+                         f"({len(ids)}): a bag is longer than its max_bag")
     return start + count
 
 

@@ -7,11 +7,11 @@ device set of these buffers, allocated once when a model is built. A batch of R 
 and ``rows`` rows is padded to its bucket B with one extra "padding request" owning the
 padding rows, so every bucket has fixed tensor shapes (a static input for a CUDA graph):
 
-  index block (one copy): row_request [B], request_offsets [B + 2], first_rows [B + 1]
-    (R_cap = B + 1), then per table group its bags' starts and ends [sum over its
-    features of bags + 1] (the kernel's bag bounds), each where bucket B puts it
-  dense fp32 [B or R_cap, dense_in_dim]
-  ids [cap], weights [cap] (when a feature is weighted): every group's ids
+  batch block (one copy, up to the batch's last id), each array where bucket B puts it:
+    row_request [B], request_offsets [B + 2], first_rows [B + 1] (R_cap = B + 1); per
+    table group its bags' starts and ends [sum over its features of bags + 1] (the
+    kernel's bag bounds); dense fp32 [B or R_cap, dense_in_dim]; ids [room for B rows]
+  weights [cap] (when a feature is weighted), copied on their own
 
 Each bag's (start, end) says where its ids are, so ids can lie in whatever order copies
 fastest: a request that comes with its ``FlatSparse`` (from a worker process) is one copy,
@@ -20,8 +20,8 @@ concatenate. A group's bounds list its candidate-scope features (B + 1 slots eac
 its request-scope ones (R_cap + 1 slots each), the order ``feature_groups`` gives, so the
 bounds of a request (or of a run of requests) for a whole group are one 2-D array add.
 Bags beyond the real requests and rows are empty, dense padding is zero, so padding rows
-compute finite scores that are never read. Only the used prefix of each buffer travels to
-the device.
+compute finite scores that are never read. Only the block up to the batch's last id, and
+the weights it uses, travel to the device.
 
 Ids are staged as int32 when every table has fewer than 2^31 rows (int64 otherwise), so
 the host writes and the copy-in moves half the bytes: packing was the engine's bottleneck
@@ -110,8 +110,7 @@ def staging_layout(spec: ModelSpec, group_features: list[tuple[str, ...]], max_r
                                   tuple(candidates.index(n) for n in names[:f_c]),
                                   tuple(requests.index(n) for n in names[f_c:])))
     # Every feature's ids are staged (a request's FlatSparse holds them all).
-    capacity = sum(f.max_bag * (max_rows + 1 if f.scope == "request" else max_rows)
-                   for f in spec.sparse)
+    capacity = _ids_room(spec, max_rows)
     rows = max((t.rows for t in spec.tables), default=0)
     narrow = rows <= INT32_MAX and capacity <= INT32_MAX
     return StagingLayout(spec, max_rows, spec.dense_in_dim, dense_per_request, tuple(groups),
@@ -124,26 +123,45 @@ ALIGN = 64
 """Every staging array starts on a 64-byte boundary (a cache line; 16-byte vector loads)."""
 
 
-def index_parts(layout: StagingLayout, bucket: int) -> tuple[tuple[int, int, np.dtype], ...]:
-    """(byte offset, count, dtype) of ``bucket``'s arrays in an index block, back to back:
-    row_request [B], request_offsets [B + 2], first_rows [B + 1], then each group's bag
-    starts and ends [bounds_used(B)]. One copy of the block's first ``index_bytes`` moves
-    them all: every CUDA call of a batch's copy-in is a GIL hand-off in the engine
-    process, and these were 3 + 2 per table group of them."""
-    counts = [(bucket, _INT32), (bucket + 2, _INT32), (bucket + 1, _INT32)]
+def block_parts(layout: StagingLayout, bucket: int
+                ) -> tuple[tuple[int, tuple[int, ...], np.dtype], ...]:
+    """(byte offset, shape, dtype) of ``bucket``'s arrays in a batch block, back to back:
+    row_request [B], request_offsets [B + 2], first_rows [B + 1], each group's bag starts
+    and ends [bounds_used(B)], dense [B or R_cap, dense_in_dim] (when the model has dense
+    inputs), then the ids, last, with room for any batch of B rows (``ids_room``). A batch's
+    copy to the device is the block up to the end of its ids: one copy for all but the
+    weights (each CUDA call of a batch's copy-in is a GIL hand-off in the engine process;
+    these were 5 + 2 per table group of them)."""
+    shapes = [((bucket,), _INT32), ((bucket + 2,), _INT32), ((bucket + 1,), _INT32)]
     for group in layout.groups:
-        counts += [(group.bounds_used(bucket), layout.index_dtype)] * 2
+        shapes += [((group.bounds_used(bucket),), layout.index_dtype)] * 2
+    if layout.dense_width:
+        rows = bucket + 1 if layout.dense_per_request else bucket
+        shapes.append(((rows, layout.dense_width), _FLOAT32))
+    shapes.append(((ids_room(layout, bucket),), layout.index_dtype))
     parts, offset = [], 0
-    for count, dtype in counts:
-        parts.append((offset, count, dtype))
-        offset += _aligned(count * dtype.itemsize)
+    for shape, dtype in shapes:
+        parts.append((offset, shape, dtype))
+        offset += _aligned(int(np.prod(shape)) * dtype.itemsize)
     return tuple(parts)
 
 
-def index_bytes(layout: StagingLayout, bucket: int) -> int:
-    """Bytes of ``bucket``'s index block (the largest bucket's is the block's size)."""
-    offset, count, dtype = index_parts(layout, bucket)[-1]
-    return offset + _aligned(count * dtype.itemsize)
+def ids_room(layout: StagingLayout, bucket: int) -> int:
+    """Ids a batch of ``bucket`` rows can hold (``index_capacity`` for the largest)."""
+    return _ids_room(layout.spec, bucket)
+
+
+def _ids_room(spec: ModelSpec, bucket: int) -> int:
+    """Every bag full (``max_bag``): a bag per row and candidate-scope feature, one per
+    request (at most B + 1) and request-scope feature."""
+    return sum(f.max_bag * (bucket + 1 if f.scope == "request" else bucket)
+               for f in spec.sparse)
+
+
+def block_bytes(layout: StagingLayout, bucket: int) -> int:
+    """Bytes of ``bucket``'s whole block (the largest bucket's is the block's size)."""
+    offset, shape, dtype = block_parts(layout, bucket)[-1]
+    return offset + _aligned(int(np.prod(shape)) * dtype.itemsize)
 
 
 def _aligned(size: int) -> int:
@@ -151,11 +169,12 @@ def _aligned(size: int) -> int:
 
 
 _INT32 = np.dtype(np.int32)
+_FLOAT32 = np.dtype(np.float32)
 
 
 @dataclass(frozen=True, slots=True)
-class IndexArrays:
-    """One bucket's arrays of an index block (``index_parts``): numpy views of a host set
+class BucketArrays:
+    """One bucket's arrays of a batch block (``block_parts``): numpy views of a host set
     (what packing writes), or torch views of a device set (what the device step reads)."""
 
     row_request: np.ndarray
@@ -166,7 +185,28 @@ class IndexArrays:
     """int32 [B + 1]: each request's first row, clamped into the bucket."""
     groups: tuple[tuple[np.ndarray, np.ndarray], ...]
     """Per group: (starts, ends) of its bags [bounds_used(B)], its kernel's offsets layout."""
-    nbytes: int
+    dense: np.ndarray | None
+    """fp32 [B or R_cap, dense_in_dim]; None: the model has no dense inputs."""
+    ids: np.ndarray
+    """[ids_room(B)]: every bag's ids, where its bounds say."""
+    ids_at: int
+    """The ids' byte offset: a batch of ``nnz`` ids copies ``copy_bytes(nnz)`` bytes."""
+
+    def copy_bytes(self, nnz: int) -> int:
+        """Bytes from the block's start to the end of a batch's ``nnz`` ids."""
+        return self.ids_at + nnz * self.ids.itemsize
+
+
+def bucket_arrays(layout: StagingLayout, block, bucket: int, dtype_of=None) -> BucketArrays:
+    """``bucket``'s arrays as views of ``block`` (uint8: a numpy array, or a tensor with
+    ``dtype_of`` mapping numpy dtypes to its own)."""
+    parts = block_parts(layout, bucket)
+    arrays = [block[o:o + int(np.prod(shape)) * t.itemsize].view(
+        dtype_of(t) if dtype_of else t).reshape(shape) for o, shape, t in parts]
+    dense = arrays[-2] if layout.dense_width else None
+    bounds = arrays[3:len(arrays) - (2 if layout.dense_width else 1)]
+    return BucketArrays(*arrays[:3], tuple(zip(bounds[::2], bounds[1::2], strict=True)), dense,
+                        arrays[-1], parts[-1][0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,45 +214,30 @@ class HostBuffers:
     """One host set of staging arrays, carved from one block of memory (``host_buffers``)."""
 
     layout: StagingLayout
-    index: np.ndarray
-    """uint8: each bucket's ``IndexArrays`` (``bucket``)."""
-    dense: np.ndarray | None
-    ids: np.ndarray
+    block: np.ndarray
+    """uint8: each bucket's ``BucketArrays`` (``bucket``)."""
     weights: np.ndarray | None
+    """fp32 per-id weights (weighted models only): copied on their own."""
     scratch: np.ndarray
     """Never copied: room for the flat bag bounds of pieces that arrive without a
     FlatSparse, so packing them allocates nothing."""
-    views: dict[int, IndexArrays] = field(default_factory=dict, compare=False, repr=False)
+    views: dict[int, BucketArrays] = field(default_factory=dict, compare=False, repr=False)
 
-    def bucket(self, bucket: int) -> IndexArrays:
-        """``bucket``'s row, request and bound arrays (made once per bucket)."""
+    def bucket(self, bucket: int) -> BucketArrays:
+        """``bucket``'s arrays (made once per bucket)."""
         views = self.views.get(bucket)
         if views is None:
-            views = self.views[bucket] = index_arrays(self.layout, self.index, bucket)
+            views = self.views[bucket] = bucket_arrays(self.layout, self.block, bucket)
         return views
 
 
-def index_arrays(layout: StagingLayout, block, bucket: int, dtype_of=None) -> IndexArrays:
-    """``bucket``'s arrays as views of ``block`` (uint8: a numpy array, or a tensor with
-    ``dtype_of`` mapping numpy dtypes to its own)."""
-    arrays = [block[o:o + n * t.itemsize].view(dtype_of(t) if dtype_of else t)
-              for o, n, t in index_parts(layout, bucket)]
-    bounds = arrays[3:]
-    return IndexArrays(*arrays[:3], tuple(zip(bounds[::2], bounds[1::2], strict=True)),
-                       index_bytes(layout, bucket))
-
-
 def host_shapes(layout: StagingLayout) -> dict[str, tuple[tuple[int, ...], np.dtype] | None]:
-    """Each host array's shape and dtype (None: the model has no such input), in the
-    order ``host_buffers`` lays them out; the first four are a device set's too."""
+    """Each host array's shape and dtype (None: the model has none), in the order
+    ``host_buffers`` lays them out; the first two are a device set's too."""
     b, r = layout.max_rows, layout.max_requests
     f_c, f_r = layout.flat_bags
-    dense = ((r if layout.dense_per_request else b, layout.dense_width), np.dtype(np.float32))
-    return {"index": ((index_bytes(layout, b),), np.dtype(np.uint8)),
-            "dense": dense if layout.dense_width else None,
-            "ids": ((layout.index_capacity,), layout.index_dtype),
-            "weights": ((layout.index_capacity,), np.dtype(np.float32))
-            if layout.weighted else None,
+    return {"block": ((block_bytes(layout, b),), np.dtype(np.uint8)),
+            "weights": ((layout.index_capacity,), _FLOAT32) if layout.weighted else None,
             "scratch": ((f_c * b + (f_r + 1) * r,), layout.index_dtype)}
 
 

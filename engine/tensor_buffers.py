@@ -11,13 +11,13 @@ import numpy as np
 import torch
 
 from .staging_layout import (
+    BucketArrays,
     HostBuffers,
-    IndexArrays,
     StagingLayout,
+    bucket_arrays,
     host_buffers,
     host_bytes,
     host_shapes,
-    index_arrays,
 )
 
 _TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int32): torch.int32,
@@ -29,20 +29,18 @@ class TensorBuffers:
     """A set of staging tensors: on a device, or torch views of a host set."""
 
     layout: StagingLayout
-    index: torch.Tensor
-    """uint8: each bucket's ``IndexArrays`` (``bucket``)."""
-    dense: torch.Tensor | None
-    ids: torch.Tensor
+    block: torch.Tensor
+    """uint8: each bucket's ``BucketArrays`` (``bucket``)."""
     weights: torch.Tensor | None
-    views: dict[int, IndexArrays] = field(default_factory=dict, compare=False, repr=False)
+    views: dict[int, BucketArrays] = field(default_factory=dict, compare=False, repr=False)
 
-    def bucket(self, bucket: int) -> IndexArrays:
-        """``bucket``'s row, request and bound tensors (made once per bucket: a captured
-        graph reads these very addresses)."""
+    def bucket(self, bucket: int) -> BucketArrays:
+        """``bucket``'s tensors (made once per bucket: a captured graph reads these very
+        addresses)."""
         views = self.views.get(bucket)
         if views is None:
-            views = self.views[bucket] = index_arrays(self.layout, self.index, bucket,
-                                                      _TORCH_DTYPES.__getitem__)
+            views = self.views[bucket] = bucket_arrays(self.layout, self.block, bucket,
+                                                       _TORCH_DTYPES.__getitem__)
         return views
 
 
@@ -60,8 +58,7 @@ def as_tensors(host: HostBuffers) -> TensorBuffers:
     def view(array: np.ndarray | None) -> torch.Tensor | None:
         return None if array is None else torch.from_numpy(array)
 
-    return TensorBuffers(host.layout, view(host.index), view(host.dense), view(host.ids),
-                         view(host.weights))
+    return TensorBuffers(host.layout, view(host.block), view(host.weights))
 
 
 def pinned_host(layout: StagingLayout) -> HostBuffers:

@@ -60,10 +60,10 @@ def used_bytes(host, sizes):
     """Every buffer prefix a batch of ``sizes`` uses (what is copied to the device)."""
     b = sizes.bucket
     views = host.bucket(b)
-    parts = [views.row_request, views.request_offsets, views.first_rows, host.ids[:sizes.nnz],
+    parts = [views.row_request, views.request_offsets, views.first_rows, views.ids[:sizes.nnz],
              *(t for pair in views.groups for t in pair)]
-    if host.dense is not None:
-        parts.append(host.dense[:b + 1])
+    if views.dense is not None:
+        parts.append(views.dense)
     if host.weights is not None:
         parts.append(host.weights[:sizes.nnz])
     return [p.tobytes() for p in parts]
@@ -84,7 +84,7 @@ def test_a_packing_process_writes_the_bytes_the_thread_writes(process):
     plan = [(0, 0, 5), (1, 3, 9), (2, 0, 1), (3, 10, 20), (4, 0, 9)]
     pieces = [(requests[i][0], start, count) for i, start, count in plan]
     for slot in (1, 0, 1):  # the same process packs into either slot, again and again
-        model.slots[slot].host.index.fill(0xF9)  # poison: it must write what is read
+        model.slots[slot].host.block.fill(0xF9)  # poison: it must write what is read
         sizes = process.pack(model.packed, slot, 64, pieces)
     thread_host = host_buffers(model.layout)
     expected = pack(model.layout, thread_host,

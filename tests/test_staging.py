@@ -44,11 +44,11 @@ def packed_scores(spec, weights, pieces, bucket, max_rows=16):
     layout = staging_layout(spec, [names for _, _, names in model.groups], max_rows,
                             model.layout.x_request)
     host = host_buffers(layout)
-    host.index.fill(0xF9)  # poison (rows, requests, bounds): pack must write what is read
+    host.block.fill(0xF9)  # poison: pack must write every entry the step reads
     sizes = pack(layout, host, pieces, bucket)
     device = as_tensors(host)  # (the step reads the host set itself: no copy on CPU)
-    slot = SlotState(host, device, torch.zeros_like(device.dense) if host.dense is not None
-                     else None, torch.zeros(0), torch.zeros(0), None)
+    dense = torch.zeros_like(device.bucket(max_rows).dense) if layout.dense_width else None
+    slot = SlotState(host, device, dense, torch.zeros(0), torch.zeros(0), None)
     from recserve.engine.gpu_slots import GpuModel
 
     scores, bad = device_step(GpuModel(spec, model, layout, [slot]), slot, bucket)
@@ -238,25 +238,23 @@ def test_copy_in_moves_everything_the_device_step_reads(flat):
     layout = staging_layout(spec, [names for _, _, names in model.groups], 16,
                             model.layout.x_request)
     host, device = host_buffers(layout), allocate(layout, "cpu")
-    device.index.fill_(0xF9)
-    device.ids.fill_(-7)
-    for t in (device.dense, device.weights):
-        if t is not None:
-            t.fill_(float("nan"))
+    device.block.fill_(0xF9)  # poison: rows, requests and bounds negative
+    device.bucket(12).ids.fill_(-7)
+    device.bucket(12).dense.fill_(float("nan"))
+    device.weights.fill_(float("nan"))
     sizes = pack(layout, host, staged, bucket=12)
-    slot = SlotState(host, device, torch.zeros_like(device.dense), torch.zeros(0),
+    slot = SlotState(host, device, torch.zeros_like(device.bucket(16).dense), torch.zeros(0),
                      torch.zeros(0), None, host_tensors=as_tensors(host))
     gpu = GpuModel(spec, model, layout, [slot])
-    copied = copy_in(gpu, slot, sizes, None)
-    views = host.bucket(12)  # rows, requests and bounds: one block, each part 64-byte aligned
+    copied = copy_in(slot, sizes, None)
+    views = host.bucket(12)  # one block, each part 64-byte aligned, the ids last
     parts = [views.row_request, views.request_offsets, views.first_rows,
-             *(t for pair in views.groups for t in pair)]
+             *(t for pair in views.groups for t in pair), views.dense]
     assert [t.size for t in parts[:3]] == [12, 14, 13]
-    assert [t.size for t in parts[3:]] == [u for u in sizes.bounds for _ in (0, 1)]
-    assert views.nbytes == sum(-(-t.nbytes // 64) * 64 for t in parts)
-    assert copied == views.nbytes + sum(t.itemsize * n for t, n in (
-        (host.dense, 12 * host.dense.shape[1]), (host.ids, sizes.nnz),
-        (host.weights, sizes.nnz)))
+    assert [t.size for t in parts[3:-1]] == [u for u in sizes.bounds for _ in (0, 1)]
+    assert views.dense.shape == (12, layout.dense_width)
+    assert views.ids_at == sum(-(-t.nbytes // 64) * 64 for t in parts)
+    assert copied == views.ids_at + views.ids.itemsize * sizes.nnz + 4 * sizes.nnz
     scores, bad = device_step(gpu, slot, 12)
     want = ReferenceModel(spec, weights).forward(collate(spec, pieces))
     torch.testing.assert_close(scores[:sizes.rows], want, rtol=1e-4, atol=1e-5)

@@ -59,7 +59,7 @@ def test_every_staged_bag_selects_exactly_its_ids(spec, data):
     max_rows = 12
     layout = staging_layout(spec, feature_groups(spec), max_rows, False)
     host = host_buffers(layout)
-    host.index.fill(0xF7)  # poison: every slot the kernel reads must be written
+    host.block.fill(0xF7)  # poison: every slot the kernel reads must be written
     pieces, rows = [], 0
     while rows < max_rows and (not pieces or data.draw(st.booleans())):
         n = data.draw(st.integers(1, max_rows - rows))
@@ -82,7 +82,7 @@ def test_every_staged_bag_selects_exactly_its_ids(spec, data):
         sizes = pack(layout, host, pieces, bucket)
     finally:
         staging._ADD_EACH_MIN = threshold
-    ids, weights = host.ids[:sizes.nnz], None
+    ids, weights = host.bucket(bucket).ids[:sizes.nnz], None
     if host.weights is not None:
         weights = host.weights[:sizes.nnz]
     by_name = {f.name: f for f in spec.sparse}
