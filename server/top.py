@@ -59,6 +59,8 @@ def summarize(now: dict, before: dict | None) -> dict:
     executor, old_executor = engine.get("executor", {}), old_engine.get("executor", {})
     busy_ms = executor.get("gpu_busy_ms", 0.0) - old_executor.get("gpu_busy_ms", 0.0)
     pack_ms = executor.get("pack_ms", 0.0) - old_executor.get("pack_ms", 0.0)
+    in_processes = (executor.get("packed_in_processes", 0)
+                    - old_executor.get("packed_in_processes", 0))
     nan = float("nan")
     workers = now.get("server", {}).get("workers")
     old_workers = (before or {}).get("server", {}).get("workers") or {}
@@ -88,6 +90,10 @@ def summarize(now: dict, before: dict | None) -> dict:
         "workers": workers.get("processes") if workers else None,
         "via_socket": (handed["socket"] / (handed["ring"] + handed["socket"])
                        if handed and handed["ring"] + handed["socket"] else nan),
+        # --pack-in process: the share of batches its processes packed (the rest: threads)
+        "in_processes": (in_processes / batches if "packed_in_processes" in executor
+                         and batches else nan),
+        "packing_restarts": executor.get("packing_process_restarts", 0),
     }
 
 
@@ -142,6 +148,10 @@ def render(now: dict, before: dict | None, title: str = "recserve"):
     if not math.isnan(s["pack_busy"]):
         table.add_row("host packing busy", _num(s["pack_busy"] * 100, ".0f", "%")
                       + " of the packing threads (near 100%: the host bounds the GPU)")
+    if not math.isnan(s["in_processes"]):
+        table.add_row("packing processes", _num(s["in_processes"] * 100, ".0f", "%")
+                      + f" of batches ({s['packing_restarts']} restarts since start; below "
+                        "100%: requests outside the rings, or processes that failed)")
     if s["workers"]:
         table.add_row("front end", f"{s['workers']} worker processes, "
                       f"{_num(s['via_socket'] * 100, '.0f', '%')} of requests through the "

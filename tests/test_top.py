@@ -76,6 +76,21 @@ def test_the_front_end_line_counts_requests_that_missed_the_ring():
     console = Console(width=200, record=True)
     console.print(top.render(now, before))
     assert "4 worker processes, 10% of requests through the socket" in console.export_text()
+    assert "packing processes" not in console.export_text()  # (threads pack: no line)
+
+
+def test_the_packing_processes_line_gives_their_share_of_batches():
+    before = snapshot(100.0, 10, 0, 2_000, 4, [], 0.0)
+    now = snapshot(102.0, 50, 0, 10_000, 14, [], 0.0)
+    before["engine"]["executor"].update(packed_in_processes=4, packing_process_restarts=0)
+    now["engine"]["executor"].update(packed_in_processes=12, packing_process_restarts=1)
+    s = top.summarize(now, before)
+    assert s["in_processes"] == pytest.approx(0.8)  # 8 of the interval's 10 batches
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(top.render(now, before))
+    assert "80% of batches (1 restarts since start" in console.export_text()
 
 
 def test_top_once_renders_a_live_server(monkeypatch, capsys):
