@@ -150,8 +150,8 @@ def render(now: dict, before: dict | None, title: str = "recserve"):
                       + " of the packing threads (near 100%: the host bounds the GPU)")
     if not math.isnan(s["in_processes"]):
         table.add_row("packing processes", _num(s["in_processes"] * 100, ".0f", "%")
-                      + f" of batches ({s['packing_restarts']} restarts since start; below "
-                        "100%: requests outside the rings, or processes that failed)")
+                      + " of batches (below 100%: requests outside the rings, or processes "
+                        f"that failed; restarts since start: {s['packing_restarts']})")
     if s["workers"]:
         table.add_row("front end", f"{s['workers']} worker processes, "
                       f"{_num(s['via_socket'] * 100, '.0f', '%')} of requests through the "
