@@ -85,12 +85,14 @@ def two_stream_replay_ms(graphs: list) -> float:
 
 async def engine_run(settings, spec, weights, requests, repeats: int,
                      pack_threads: int | None = None, compute_streams: int = 1,
-                     via_ring: bool = False, pack_processes: bool = False) -> dict:
+                     via_ring: bool = False, pack_processes: bool = False,
+                     slot_streams: bool = False) -> dict:
     executors = []
 
     def factory(s):
         executor = GpuExecutor(s, "cuda", pack_threads=pack_threads,
-                               compute_streams=compute_streams, pack_processes=pack_processes)
+                               compute_streams=compute_streams, pack_processes=pack_processes,
+                               slot_streams=slot_streams)
         executors.append(executor)
         return executor
 
@@ -222,10 +224,10 @@ SWEEP = ["pack_threads=1", "slots=2", "compute_streams=2", "switch_ms=0.5"]
 
 def variant(name: str, settings: EngineSettings) -> tuple:
     """(name, settings, packing threads, compute streams, switch interval s, requests via a
-    worker's ring, packing processes) of a run named 'default' or by '+'-joined changes
-    such as 'compute_streams=2+switch_ms=0.5'."""
+    worker's ring, packing processes, slot streams) of a run named 'default' or by
+    '+'-joined changes such as 'compute_streams=2+switch_ms=0.5'."""
     threads, streams, switch = None, 1, None  # one packing thread per slot
-    via_ring = processes = False
+    via_ring = processes = slot_streams = False
     if name != "default":
         for change in name.split("+"):
             key, _, value = change.partition("=")
@@ -241,11 +243,13 @@ def variant(name: str, settings: EngineSettings) -> tuple:
                 via_ring = True
             elif change == "pack_in=process":  # (only ring requests go to the processes)
                 via_ring = processes = True
+            elif change == "slot_streams":
+                slot_streams = True
             else:
                 raise SystemExit(f"unknown variant change {change!r} in {name!r}: use "
                                  "pack_threads=N, slots=N, compute_streams=N, switch_ms=X, "
-                                 "via=ring or pack_in=process")
-    return name, settings, threads, streams, switch, via_ring, processes
+                                 "via=ring, pack_in=process or slot_streams")
+    return name, settings, threads, streams, switch, via_ring, processes, slot_streams
 
 
 def main() -> None:
@@ -263,7 +267,8 @@ def main() -> None:
                    "or '+'-joined changes: pack_threads=N, slots=N, compute_streams=N, "
                    "switch_ms=X, via=ring (requests reach the engine as the channel frames of "
                    "workers with shared rings, through Hub.score), pack_in=process (via=ring, "
-                   "packed by packing processes) (e.g. "
+                   "packed by packing processes), slot_streams (each slot's copies and "
+                   "compute on its own stream: fewer CUDA calls a batch) (e.g. "
                    "default,compute_streams=2+switch_ms=0.5,default: a name given twice is "
                    "run twice, which shows what the run's order costs)")
     p.add_argument("--pack-only", action="store_true",
@@ -297,9 +302,11 @@ def main() -> None:
     variants = [variant(name, settings) for name in names]
     results["runs"] = []
     default_switch = sys.getswitchinterval()
-    for name, run_settings, threads, streams, switch, via_ring, processes in variants:
+    for name, run_settings, threads, streams, switch, via_ring, processes, slot_streams \
+            in variants:
         run = {"variant": name, "slots": run_settings.slots, "pack_threads": threads,
-               "compute_streams": streams, "switch_interval_s": switch or default_switch}
+               "compute_streams": streams, "switch_interval_s": switch or default_switch,
+               "via_ring": via_ring, "pack_processes": processes, "slot_streams": slot_streams}
         sys.setswitchinterval(switch or default_switch)
         traffics = [("full_batches", full, args.batches // 4), ("ranking_requests", ranking,
                                                                 repeats)]
@@ -310,7 +317,7 @@ def main() -> None:
             try:  # one variant failing (a new option on this card) must not cost the rest
                 run[traffic] = run_loop(engine_run(run_settings, spec, weights, requests,
                                                    times, threads, streams, via_ring,
-                                                   processes))
+                                                   processes, slot_streams))
             except Exception as exc:  # noqa: BLE001
                 run[f"{traffic}_error"] = f"{type(exc).__name__}: {exc}"[:500]
                 print(f"{name:13s} {traffic:19s} FAILED: {run[f'{traffic}_error']}", flush=True)

@@ -87,7 +87,7 @@ class SimulatedGpuExecutor(GpuExecutor):
                                    shared=memory))
         return GpuModel(spec, None, layout, slots)
 
-    def _issue(self, model, slot, plan, sizes) -> None:
+    def _issue(self, model, slot, plan, sizes, slot_index) -> None:
         # called under the launch lock, in batch order, like the real stream work
         start = max(time.perf_counter(), self._device_free)
         self._device_free = start + self.compute_s

@@ -16,11 +16,12 @@
 # (--budget-s 60: on the H100 that ended before torch.compile; a follow-up call with
 # STEPS="install kernels-bench" BENCH_TIMEOUT_S=240 KERNEL_BENCH_ARGS="--budget-s 200" has it),
 # VARIANTS_BENCH_ARGS (--budget-s 60; e.g. "--sections forward --cross-configs"),
-# ENGINE_BENCH_ARGS (--variants default,via=ring,pack_in=process,default: the requests as
-# workers' rings hand them over, packed in threads and in packing processes; --sweep: the
-# older sweep of threads, slots, streams and switch interval), PYTEST_WORKERS (4, with pytest-xdist), and each step's time
+# ENGINE_BENCH_ARGS (--variants default,via=ring,pack_in=process,pack_in=process+slot_streams,
+# default: the requests as workers' rings hand them over, packed in threads and in packing
+# processes, then with each slot's copies and compute on its own stream; --sweep: the older
+# sweep of threads, slots, streams and switch interval), PYTEST_WORKERS (4, with pytest-xdist), and each step's time
 # limit in seconds:
-# PYTEST_TIMEOUT_S (240), BENCH_TIMEOUT_S (120), VARIANTS_TIMEOUT_S (90), ENGINE_TIMEOUT_S (120),
+# PYTEST_TIMEOUT_S (240), BENCH_TIMEOUT_S (120), VARIANTS_TIMEOUT_S (90), ENGINE_TIMEOUT_S (150),
 # SINGLE_TIMEOUT_S (60), LOAD_TIMEOUT_S (60), WORKERS_TIMEOUT_S (90; the step runs only when
 # the check has taken under WORKERS_BUDGET_S, 330, so far); RECSERVE_COMMIT (default: git HEAD; the device
 # copy of the tree has no .git, so pass it in); STEPS (default: every step; else the names
@@ -98,9 +99,10 @@ step kernel-variants bash -c "timeout ${VARIANTS_TIMEOUT_S:-90} $PY bench/kernel
 
 # Engine at full load vs its own bare forward (dlrmv2, B=8192), copy/compute overlap, host
 # stages; in process, then as the rings of serve --workers hand requests over, packed in
-# threads and in packing processes (serve --pack-in), then in process again (order effects).
-step engine-bench bash -c "timeout ${ENGINE_TIMEOUT_S:-120} $PY bench/engine_gpu.py '$OUT' \
-    ${ENGINE_BENCH_ARGS:---variants default,via=ring,pack_in=process,default} \
+# threads and in packing processes (serve --pack-in), with slot streams, then in process
+# again (order effects).
+step engine-bench bash -c "timeout ${ENGINE_TIMEOUT_S:-150} $PY bench/engine_gpu.py '$OUT' \
+    ${ENGINE_BENCH_ARGS:---variants default,via=ring,pack_in=process,pack_in=process+slot_streams,default} \
     >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 10 '$OUT/bench.log'; exit \$rc"
 
 # Engine vs one forward per request, in process, same offered loads (bench/engine.py).

@@ -72,13 +72,21 @@ class GpuExecutor(Executor):
 
     def __init__(self, settings: EngineSettings, device: str = "cuda", *,
                  use_graphs: bool = True, pack_threads: int | None = None,
-                 compute_streams: int = 1, pack_processes: bool = False) -> None:
+                 compute_streams: int = 1, pack_processes: bool = False,
+                 slot_streams: bool = False) -> None:
         if pack_threads is not None and pack_threads < 1:
             raise ValueError(f"pack_threads is {pack_threads}; expected at least 1")
         if not 1 <= compute_streams <= settings.slots:
             raise ValueError(f"compute_streams is {compute_streams}; expected 1 to the "
                              f"number of slots ({settings.slots})")
+        if slot_streams and compute_streams != 1:
+            raise ValueError("slot_streams gives each slot a stream of its own for its copies "
+                             f"and compute; compute_streams ({compute_streams}) does not apply")
         self.compute_streams = compute_streams
+        self.slot_streams = slot_streams
+        """Each slot's batch runs its copies in, compute and copies out on the slot's own
+        stream: no cross-stream event waits (three CUDA calls, GIL hand-offs, fewer a
+        batch), and consecutive batches overlap as with ``compute_streams`` = slots."""
         self.pack_processes = pack_processes and shared_memory.supported()
         """Each launcher thread has a packing process (``packer``) for batches whose
         requests lie in shared memory; their slots' staging is shared memory, pinned."""
@@ -133,6 +141,8 @@ class GpuExecutor(Executor):
         self._bind_thread()
         self._streams = {s: torch.cuda.Stream(self.device) for s in ("h2d", "d2h")}
         self._compute = [torch.cuda.Stream(self.device) for _ in range(self.compute_streams)]
+        self._per_slot = [torch.cuda.Stream(self.device) for _ in range(self.settings.slots)] \
+            if self.slot_streams else []
         self._origin = torch.cuda.Event(enable_timing=True)
         self._origin.record()
 
@@ -231,7 +241,7 @@ class GpuExecutor(Executor):
         with self._lock:
             self.pack_ms += packed - started
         with self._launch_lock:  # the completion queue stays in stream order
-            self._issue(model, slot, plan, sizes)
+            self._issue(model, slot, plan, sizes, slot_index)
             self._host_stage(plan.seq, "host_issue", packed)
             self._done_q.put((job, slot_index, sizes, done))
 
@@ -252,19 +262,27 @@ class GpuExecutor(Executor):
                   for p, inputs in zip(plan.pieces, job.inputs, strict=True)]
         return pack(model.layout, model.slots[slot_index].host, pieces, plan.bucket)
 
-    def _issue(self, model: GpuModel, slot: SlotState, plan, sizes: PackedSizes) -> None:
-        """Enqueue copy-in, compute and copy-out of one packed batch on the three streams."""
-        ev, streams = slot.events, self._streams
-        # the copies' start events serve only the timeline: two CUDA calls (GIL hand-offs)
-        # fewer per batch without it
+    def _issue(self, model: GpuModel, slot: SlotState, plan, sizes: PackedSizes,
+               slot_index: int) -> None:
+        """Enqueue copy-in, compute and copy-out of one packed batch: on the copy-in,
+        compute and copy-out streams, or all three on the slot's own (``slot_streams``)."""
+        ev = slot.events
+        if self._per_slot:
+            h2d = compute = out = self._per_slot[slot_index]
+        else:
+            h2d, out = self._streams["h2d"], self._streams["d2h"]
+            compute = self._compute[self._issued % len(self._compute)]  # in turn (launch lock)
+            self._issued += 1
+        # events that only the timeline reads are recorded only with it on: CUDA calls are
+        # GIL hand-offs
         slot.timed = len(self.timeline) < self.timeline_limit
         if slot.timed:
-            ev["h2d_start"].record(streams["h2d"])
-        self.bytes_in += copy_in(slot, sizes, streams["h2d"])
-        ev["h2d_end"].record(streams["h2d"])
-        compute = self._compute[self._issued % len(self._compute)]  # in turn (launch lock)
-        self._issued += 1
-        compute.wait_event(ev["h2d_end"])
+            ev["h2d_start"].record(h2d)
+        self.bytes_in += copy_in(slot, sizes, h2d)
+        if slot.timed or compute is not h2d:
+            ev["h2d_end"].record(h2d)
+        if compute is not h2d:
+            compute.wait_event(ev["h2d_end"])
         with torch.cuda.stream(compute):
             ev["compute_start"].record(compute)
             if plan.bucket in slot.graphs:
@@ -273,16 +291,16 @@ class GpuExecutor(Executor):
             else:
                 scores, bad = device_step(model, slot, plan.bucket)
             ev["compute_end"].record(compute)
-        out = streams["d2h"]
-        out.wait_event(ev["compute_end"])
+        if out is not compute:
+            out.wait_event(ev["compute_end"])
         with torch.cuda.stream(out):
             if slot.timed:
                 ev["d2h_start"].record(out)
             slot.scores_out[:sizes.rows].copy_(scores[:sizes.rows], non_blocking=True)
             slot.bad_out[:sizes.requests].copy_(bad[:sizes.requests], non_blocking=True)
             ev["d2h_end"].record(out)
-        if plan.bucket not in slot.graphs:  # allocator-owned outputs: keep until copied
-            scores.record_stream(out)
+        if plan.bucket not in slot.graphs and out is not compute:
+            scores.record_stream(out)  # allocator-owned outputs: keep until copied
             bad.record_stream(out)
 
     def _completer(self) -> None:

@@ -18,11 +18,13 @@ pytestmark = pytest.mark.gpu
 SETTINGS = EngineSettings(max_batch_rows=1024, buckets=(128, 512, 1024), slots=3)
 
 
-def gpu_engine(use_graphs: bool = True, compute_streams: int = 1) -> Engine:
+def gpu_engine(use_graphs: bool = True, compute_streams: int = 1,
+               slot_streams: bool = False) -> Engine:
     from recserve.engine.gpu_executor import GpuExecutor
 
     return Engine(SETTINGS, lambda s: GpuExecutor(s, "cuda", use_graphs=use_graphs,
-                                                  compute_streams=compute_streams))
+                                                  compute_streams=compute_streams,
+                                                  slot_streams=slot_streams))
 
 
 def requests_with_a_bad_id(spec, rng, bad: int) -> list:
@@ -36,8 +38,11 @@ def requests_with_a_bad_id(spec, rng, bad: int) -> list:
     return requests
 
 
-@pytest.mark.parametrize("use_graphs, compute_streams", [(True, 1), (False, 1), (True, 2)])
-def test_engine_on_gpu_matches_reference_and_isolates_bad_ids(use_graphs, compute_streams):
+@pytest.mark.parametrize("use_graphs, compute_streams, slot_streams",
+                         [(True, 1, False), (False, 1, False), (True, 2, False), (True, 1, True),
+                          (False, 1, True)])
+def test_engine_on_gpu_matches_reference_and_isolates_bad_ids(use_graphs, compute_streams,
+                                                              slot_streams):
     spec = demo_spec()
     weights = init_weights(spec, seed=4)
     rng = np.random.default_rng(0)
@@ -45,7 +50,7 @@ def test_engine_on_gpu_matches_reference_and_isolates_bad_ids(use_graphs, comput
     reference = ReferenceModel(spec, weights)
 
     async def run():
-        async with gpu_engine(use_graphs, compute_streams) as engine:
+        async with gpu_engine(use_graphs, compute_streams, slot_streams) as engine:
             await engine.load("demo", 1, spec, weights)
             return await asyncio.gather(*(engine.score("demo", r) for r in requests),
                                         return_exceptions=True)
@@ -62,8 +67,8 @@ def test_engine_on_gpu_matches_reference_and_isolates_bad_ids(use_graphs, comput
         assert np.abs(got - want).mean() < 5e-3
 
 
-@pytest.mark.parametrize("compute_streams", [1, 2])
-def test_timeline_orders_each_batch_copy_in_compute_copy_out(compute_streams):
+@pytest.mark.parametrize("compute_streams, slot_streams", [(1, False), (2, False), (1, True)])
+def test_timeline_orders_each_batch_copy_in_compute_copy_out(compute_streams, slot_streams):
     from recserve.engine.gpu_executor import GpuExecutor
 
     spec = demo_spec()
@@ -73,7 +78,8 @@ def test_timeline_orders_each_batch_copy_in_compute_copy_out(compute_streams):
     executors = []
 
     def factory(settings):
-        executor = GpuExecutor(settings, "cuda", compute_streams=compute_streams)
+        executor = GpuExecutor(settings, "cuda", compute_streams=compute_streams,
+                               slot_streams=slot_streams)
         executor.timeline_limit = 1000
         executors.append(executor)
         return executor
