@@ -30,20 +30,19 @@ import logging
 import socket
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from recserve.engine.shared_memory import SharedInputs, SharedMemory
+from recserve.engine.shared_memory import SharedInputs
 
 from . import channel, shared_ring
 from .backend import submit
-from .channel_end import ChannelEnd
 from .config import ServerConfig
 from .control import Control
 from .dispatch import Dispatcher, Op, Request
+from .engine_side import EngineSide
 from .errors import InternalError, NotFound, Overloaded, RecserveError
 from .shared_ring import DEFAULT_RING_BYTES, MIN_RING_BYTES
 from .stats import merge_server_stats
@@ -52,38 +51,6 @@ from .worker_launch import launch, worker_config
 log = logging.getLogger("recserve.server")
 START_TIMEOUT_S = 60.0
 RESPAWN_PAUSE_S = 1.0
-
-
-class EngineSide(ChannelEnd):
-    """This process's end of one worker's channel, with its requests' state: ``running``
-    (rid -> cancel, until answered), ``holding`` (rids whose ring region the backend may
-    still read) and ``ring`` (the worker's shared memory, mapped read-only, or None)."""
-
-    def __init__(self, hub: Hub, index: int, ring: SharedMemory | None = None) -> None:
-        super().__init__()
-        self.hub, self.index, self.ring = hub, index, ring
-        self.running: dict[int, Callable[[], object] | None] = {}
-        self.holding: set[int] = set()
-        self.listening = asyncio.get_running_loop().create_future()
-
-    def on_frame(self, view: memoryview) -> None:
-        if view[:1] == b"S":
-            self.hub.score(self, view)
-        else:
-            self.hub.on_control(self, channel.decode_control(view))
-
-    def release(self, rid: int) -> None:
-        """The backend reads request ``rid``'s ring region no more: say so in its reply,
-        or, when that has gone already, in an ``F``."""
-        self.holding.discard(rid)
-        if rid not in self.running:
-            self.send_soon(channel.encode_free(rid))
-
-    def connection_lost(self, exc) -> None:
-        self.hub.lost(self)
-        for future in (self.listening, self.closed):
-            if not future.done():
-                future.set_result(False)
 
 
 class Hub:
