@@ -17,7 +17,7 @@ also autotunes every kernel for that shape. A batch goes through three streams:
                    batch whose requests all lie in a worker's shared ring is packed by
                    the thread's packing process (``packer``) into the slot's shared,
                    CUDA-pinned staging memory, off this process's GIL.
-  copy-in stream:  used prefixes host -> device                      -> event h2d
+  copy-in stream:  the batch block up to its last id (+ weights) -> device  -> event h2d
   compute stream:  (waits h2d) cast dense, replay the bucket's graph   -> event compute
                    (``compute_streams`` > 1: batches take the compute streams in turn,
                    so one batch's gather, bound by memory, may run beside the previous
@@ -25,6 +25,8 @@ also autotunes every kernel for that shape. A batch goes through three streams:
                    buffers, so their replays share nothing but the weights)
   copy-out stream: (waits compute) scores and bad-id flags -> pinned   -> event done
   completion thread: waits ``done`` (off the launcher), resolves the pieces, frees the slot
+  (``slot_streams``: copy-in, compute and copy-out of a batch on its slot's own stream
+  instead, without the events and waits between streams)
 
 So while batch k computes, batch k+1 is being copied in and batch k-1's scores copied
 out; nothing on the hot path synchronizes the device. A request whose ids fall outside
