@@ -3,7 +3,8 @@
 It serves one socket: each message maps the memories it brings (descriptors attached),
 unmaps the ones gone, builds the staging buffers of models it has not seen, then packs one
 batch and answers ``("ok", PackedSizes)`` or ``("error", why)``. It exits when the
-socket closes (the engine process is done with it, or gone). Anything wrong outside the
+socket closes (the engine process is done with it, or gone); it ignores SIGINT and SIGTERM,
+which the engine process handles for the group. Anything wrong outside the
 pack itself (a memory that cannot be mapped, a message it cannot read) also ends it: the
 engine side then packs in its thread and starts another, from a clean state.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import array
 import pickle
+import signal
 import socket
 import sys
 
@@ -80,10 +82,14 @@ def serve(sock: socket.socket) -> None:
 
 
 def main(argv: list[str]) -> None:
+    # Ctrl-C or a SIGTERM to the process group is the engine process's to handle (a server
+    # drains, and keeps packing meanwhile); this process ends when its socket closes.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     sock = socket.socket(fileno=int(argv[1]))
     try:
         serve(sock)
-    except (ConnectionError, KeyboardInterrupt):
+    except ConnectionError:
         pass
     finally:
         sock.close()

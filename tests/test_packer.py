@@ -262,3 +262,17 @@ def test_the_switch_interval_is_short_while_packing_processes_run_and_restored_a
         group.close()
     assert sys.getswitchinterval() == before
     assert PackingProcesses(0).stats() == {}
+
+
+def test_a_packing_process_ignores_the_signals_its_engine_handles(process):
+    """Ctrl-C reaches the whole process group; a draining server must keep packing."""
+    import signal
+
+    _, requests = ring_requests(SPEC, [7])
+    model = model_with_shared_slots(SPEC)
+    pieces = [(requests[0][0], 0, 7)]
+    process.pack(model.packed, 0, 16, pieces)  # (running: past its imports)
+    process._proc.send_signal(signal.SIGINT)
+    process._proc.send_signal(signal.SIGTERM)
+    assert process.pack(model.packed, 0, 16, pieces).rows == 7
+    assert process._proc.poll() is None and process.restarts == 0
