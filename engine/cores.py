@@ -70,3 +70,13 @@ def available_cores(root: Path | None = None) -> int:
     if quota is not None:
         cores = min(cores, max(1, math.ceil(quota)))
     return cores
+
+
+def default_pack_threads(slots: int, cores: int | None = None) -> int:
+    """One packing thread per slot, leaving a core each to the event loop and the completion
+    thread: on the 2-core CI machine one thread packed ranking batches fastest (0.72-0.74 of
+    the simulated device, 0.61-0.63 with two, 0.44-0.51 with four; bench/engine_host.py),
+    while the H200's 16-core host did best with one per slot (bench/RESULTS.md)."""
+    if cores is None:
+        cores = available_cores()  # (a container's CPU limit, not the machine's cores)
+    return max(1, min(slots, cores - 2))

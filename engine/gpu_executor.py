@@ -44,8 +44,8 @@ import time
 import numpy as np
 import torch
 
-from . import cores as _cores
 from . import shared_memory
+from .cores import default_pack_threads
 from .demo import random_inputs
 from .executor import Done, Executor, Job, JobResult, slice_rows
 from .gpu_results import piece_results, score_one_by_one
@@ -57,16 +57,6 @@ from .spec import ModelSpec
 from .staging import PackedSizes, pack, staging_layout
 
 _STAGES = ("h2d", "compute", "d2h")
-
-
-def default_pack_threads(slots: int, cores: int | None = None) -> int:
-    """One packing thread per slot, leaving a core each to the event loop and the completion
-    thread: on the 2-core CI machine one thread packed ranking batches fastest (0.72-0.74 of
-    the simulated device, 0.61-0.63 with two, 0.44-0.51 with four; bench/engine_host.py),
-    while the H200's 16-core host did best with one per slot (bench/RESULTS.md)."""
-    if cores is None:
-        cores = _cores.available_cores()  # (a container's CPU limit, not the machine's cores)
-    return max(1, min(slots, cores - 2))
 
 
 class GpuExecutor(Executor):

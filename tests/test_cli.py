@@ -226,7 +226,7 @@ def test_pack_threads_reach_the_gpu_executor(tmp_path, monkeypatch):
     assert args.pack_threads == 3
     executor = executor_factory("cuda", None, 3)(EngineSettings(slots=2))  # no CUDA until start
     assert executor.pack_threads == 3
-    from recserve.engine.gpu_executor import default_pack_threads
+    from recserve.engine.cores import default_pack_threads
 
     monkeypatch.setattr(cores, "available_cores", lambda root=None: 16)
     assert executor_factory("cuda")(EngineSettings(slots=2)).pack_threads == 2
