@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import platform
@@ -44,6 +45,7 @@ from engine_host import through_hub, worker_frames  # noqa: E402
 from engine import run_loop  # noqa: E402
 from recserve.engine.engine import Engine  # noqa: E402
 from recserve.engine.gpu_executor import GpuExecutor  # noqa: E402
+from recserve.engine.gpu_slots import capture, device_step  # noqa: E402
 from recserve.engine.inputs import RequestInputs  # noqa: E402
 from recserve.engine.settings import EngineSettings  # noqa: E402
 from recserve.engine.staging import host_buffers, pack, staging_layout  # noqa: E402
@@ -86,13 +88,14 @@ def two_stream_replay_ms(graphs: list) -> float:
 async def engine_run(settings, spec, weights, requests, repeats: int,
                      pack_threads: int | None = None, compute_streams: int = 1,
                      via_ring: bool = False, pack_processes: bool = False,
-                     slot_streams: bool = False) -> dict:
+                     slot_streams: bool = False, graph_copies: bool = False) -> dict:
     executors = []
 
     def factory(s):
         executor = GpuExecutor(s, "cuda", pack_threads=pack_threads,
                                compute_streams=compute_streams, pack_processes=pack_processes,
-                               slot_streams=slot_streams)
+                               slot_streams=slot_streams or graph_copies,
+                               graph_copies=graph_copies)
         executors.append(executor)
         return executor
 
@@ -121,10 +124,13 @@ async def engine_run(settings, spec, weights, requests, repeats: int,
         model = engine.handle(spec.name, 1)  # the built GpuModel: its graphs, for timing
         slot = model.slots[0]
         graph = slot.graphs[settings.max_batch_rows][0]
+        if graph_copies:  # its graphs hold the copies too: the bare forward is another one
+            graph = capture(functools.partial(device_step, model, slot, settings.max_batch_rows),
+                            torch.cuda.graph_pool_handle(), torch.device("cuda", 0))[0]
         bare_ms = triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
         pair_ms = two_stream_replay_ms([s.graphs[settings.max_batch_rows][0]
-                                        for s in model.slots[:2]]) if len(model.slots) > 1 \
-            else float("nan")
+                                        for s in model.slots[:2]]) \
+            if len(model.slots) > 1 and not graph_copies else float("nan")
         return {"rows": rows, "wall_s": wall, "samples_per_s": rows / wall,
                 "packed_in_processes": packed_in_processes,
                 "gpu_busy_fraction": (executor.busy_ms - busy0) / 1e3 / wall,
@@ -132,7 +138,7 @@ async def engine_run(settings, spec, weights, requests, repeats: int,
                 "batches": len({t[0] for t in executor.timeline}),
                 "stage_mean_ms": stage_means(executor.timeline),
                 "compute_start_gap_ms": float(np.mean(np.diff(sorted(
-                    s for _, st, s, _ in executor.timeline if st == "compute")))),
+                    s for _, st, s, _ in executor.timeline if st in ("compute", "batch"))))),
                 "bare_forward_us": bare_ms * 1e3,
                 "timeline_head": [(seq, stage, round(a, 3), round(b, 3)) for seq, stage, a, b
                                   in sorted(executor.timeline, key=lambda t: t[2])[:400]],
@@ -227,7 +233,7 @@ def variant(name: str, settings: EngineSettings) -> tuple:
     worker's ring, packing processes, slot streams) of a run named 'default' or by
     '+'-joined changes such as 'compute_streams=2+switch_ms=0.5'."""
     threads, streams, switch = None, 1, None  # one packing thread per slot
-    via_ring = processes = slot_streams = False
+    via_ring = processes = slot_streams = graph_copies = False
     if name != "default":
         for change in name.split("+"):
             key, _, value = change.partition("=")
@@ -245,11 +251,14 @@ def variant(name: str, settings: EngineSettings) -> tuple:
                 via_ring = processes = True
             elif change == "slot_streams":
                 slot_streams = True
+            elif change == "graph_copies":  # (on slot streams)
+                slot_streams = graph_copies = True
             else:
                 raise SystemExit(f"unknown variant change {change!r} in {name!r}: use "
                                  "pack_threads=N, slots=N, compute_streams=N, switch_ms=X, "
-                                 "via=ring, pack_in=process or slot_streams")
-    return name, settings, threads, streams, switch, via_ring, processes, slot_streams
+                                 "via=ring, pack_in=process, slot_streams or graph_copies")
+    return (name, settings, threads, streams, switch, via_ring, processes, slot_streams,
+            graph_copies)
 
 
 def main() -> None:
@@ -268,7 +277,8 @@ def main() -> None:
                    "switch_ms=X, via=ring (requests reach the engine as the channel frames of "
                    "workers with shared rings, through Hub.score), pack_in=process (via=ring, "
                    "packed by packing processes), slot_streams (each slot's copies and "
-                   "compute on its own stream: fewer CUDA calls a batch) (e.g. "
+                   "compute on its own stream: fewer CUDA calls a batch), graph_copies (slot "
+                   "streams, the copies captured in the graphs: a batch is one replay) (e.g. "
                    "default,compute_streams=2+switch_ms=0.5,default: a name given twice is "
                    "run twice, which shows what the run's order costs)")
     p.add_argument("--pack-only", action="store_true",
@@ -302,11 +312,12 @@ def main() -> None:
     variants = [variant(name, settings) for name in names]
     results["runs"] = []
     default_switch = sys.getswitchinterval()
-    for name, run_settings, threads, streams, switch, via_ring, processes, slot_streams \
-            in variants:
+    for (name, run_settings, threads, streams, switch, via_ring, processes, slot_streams,
+         graph_copies) in variants:
         run = {"variant": name, "slots": run_settings.slots, "pack_threads": threads,
                "compute_streams": streams, "switch_interval_s": switch or default_switch,
-               "via_ring": via_ring, "pack_processes": processes, "slot_streams": slot_streams}
+               "via_ring": via_ring, "pack_processes": processes, "slot_streams": slot_streams,
+               "graph_copies": graph_copies}
         sys.setswitchinterval(switch or default_switch)
         traffics = [("full_batches", full, args.batches // 4), ("ranking_requests", ranking,
                                                                 repeats)]
@@ -317,7 +328,7 @@ def main() -> None:
             try:  # one variant failing (a new option on this card) must not cost the rest
                 run[traffic] = run_loop(engine_run(run_settings, spec, weights, requests,
                                                    times, threads, streams, via_ring,
-                                                   processes, slot_streams))
+                                                   processes, slot_streams, graph_copies))
             except Exception as exc:  # noqa: BLE001
                 run[f"{traffic}_error"] = f"{type(exc).__name__}: {exc}"[:500]
                 print(f"{name:13s} {traffic:19s} FAILED: {run[f'{traffic}_error']}", flush=True)

@@ -17,9 +17,10 @@
 # STEPS="install kernels-bench" BENCH_TIMEOUT_S=240 KERNEL_BENCH_ARGS="--budget-s 200" has it),
 # VARIANTS_BENCH_ARGS (--budget-s 60; e.g. "--sections forward --cross-configs"),
 # ENGINE_BENCH_ARGS (--variants default,via=ring,pack_in=process,pack_in=process+slot_streams,
-# default: the requests as workers' rings hand them over, packed in threads and in packing
-# processes, then with each slot's copies and compute on its own stream; --sweep: the older
-# sweep of threads, slots, streams and switch interval), PYTEST_WORKERS (4, with pytest-xdist), and each step's time
+# pack_in=process+graph_copies: the requests as workers' rings hand them over, packed in
+# threads and in packing processes, then each slot's copies and compute on its own stream,
+# then the copies inside the graphs; --sweep: the older sweep of threads, slots, streams
+# and switch interval), PYTEST_WORKERS (4, with pytest-xdist), and each step's time
 # limit in seconds:
 # PYTEST_TIMEOUT_S (240), BENCH_TIMEOUT_S (120), VARIANTS_TIMEOUT_S (90), ENGINE_TIMEOUT_S (150),
 # SINGLE_TIMEOUT_S (60), LOAD_TIMEOUT_S (60), WORKERS_TIMEOUT_S (90; the step runs only when
@@ -99,10 +100,10 @@ step kernel-variants bash -c "timeout ${VARIANTS_TIMEOUT_S:-90} $PY bench/kernel
 
 # Engine at full load vs its own bare forward (dlrmv2, B=8192), copy/compute overlap, host
 # stages; in process, then as the rings of serve --workers hand requests over, packed in
-# threads and in packing processes (serve --pack-in), with slot streams, then in process
-# again (order effects).
+# threads and in packing processes (serve --pack-in), with slot streams, and with the
+# copies inside each slot's graphs (one replay a batch).
 step engine-bench bash -c "timeout ${ENGINE_TIMEOUT_S:-150} $PY bench/engine_gpu.py '$OUT' \
-    ${ENGINE_BENCH_ARGS:---variants default,via=ring,pack_in=process,pack_in=process+slot_streams,default} \
+    ${ENGINE_BENCH_ARGS:---variants default,via=ring,pack_in=process,pack_in=process+slot_streams,pack_in=process+graph_copies} \
     >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 10 '$OUT/bench.log'; exit \$rc"
 
 # Engine vs one forward per request, in process, same offered loads (bench/engine.py).

@@ -48,8 +48,17 @@ from . import shared_memory
 from .cores import default_pack_threads
 from .demo import random_inputs
 from .executor import Done, Executor, Job, JobResult, slice_rows
+from .gpu_issue import issue_streams, issue_whole
 from .gpu_results import piece_results, score_one_by_one
-from .gpu_slots import GpuModel, SlotState, capture, copy_in, device_step, new_slot
+from .gpu_slots import (
+    GpuModel,
+    SlotState,
+    batch_step,
+    capture,
+    copy_in,
+    device_step,
+    new_slot,
+)
 from .packer import PackerUnavailable, PackingProcess, PackingProcesses
 from .progress import Progress
 from .settings import EngineSettings
@@ -65,7 +74,7 @@ class GpuExecutor(Executor):
     def __init__(self, settings: EngineSettings, device: str = "cuda", *,
                  use_graphs: bool = True, pack_threads: int | None = None,
                  compute_streams: int = 1, pack_processes: bool = False,
-                 slot_streams: bool = False) -> None:
+                 slot_streams: bool = False, graph_copies: bool = False) -> None:
         if pack_threads is not None and pack_threads < 1:
             raise ValueError(f"pack_threads is {pack_threads}; expected at least 1")
         if not 1 <= compute_streams <= settings.slots:
@@ -74,8 +83,15 @@ class GpuExecutor(Executor):
         if slot_streams and compute_streams != 1:
             raise ValueError("slot_streams gives each slot a stream of its own for its copies "
                              f"and compute; compute_streams ({compute_streams}) does not apply")
+        if graph_copies and not (slot_streams and use_graphs):
+            raise ValueError("graph_copies captures each batch's copies in its slot's graphs, "
+                             "replayed on the slot's stream: it needs slot_streams and graphs")
         self.compute_streams = compute_streams
         self.slot_streams = slot_streams
+        self.graph_copies = graph_copies
+        """Each slot's graphs hold the batch's copies in and out too (fixed sizes: the
+        bucket's whole ids room), so a batch is one replay: three CUDA calls. The timeline
+        then has one ``batch`` span per batch, and busy time includes the copies."""
         """Each slot's batch runs its copies in, compute and copies out on the slot's own
         stream: no cross-stream event waits (three CUDA calls, GIL hand-offs, fewer a
         batch), and consecutive batches overlap as with ``compute_streams`` = slots."""
@@ -164,9 +180,10 @@ class GpuExecutor(Executor):
         for index, slot in enumerate(slots):
             for bucket in self.settings.buckets:
                 sizes = pack(layout, slot.host, [random_inputs(spec, rng, bucket)], bucket)
-                copy_in(slot, sizes, torch.cuda.current_stream(self.device))
+                copy_in(slot, bucket, sizes.nnz, torch.cuda.current_stream(self.device))
                 if self.use_graphs:
-                    step = functools.partial(device_step, model, slot, bucket)
+                    step = functools.partial(batch_step if self.graph_copies else device_step,
+                                             model, slot, bucket)
                     slot.graphs[bucket] = capture(step, slot.pool, self.device)
                 else:
                     device_step(model, slot, bucket)
@@ -256,44 +273,19 @@ class GpuExecutor(Executor):
 
     def _issue(self, model: GpuModel, slot: SlotState, plan, sizes: PackedSizes,
                slot_index: int) -> None:
-        """Enqueue copy-in, compute and copy-out of one packed batch: on the copy-in,
-        compute and copy-out streams, or all three on the slot's own (``slot_streams``)."""
-        ev = slot.events
+        """Enqueue one packed batch's device work (``gpu_issue``) on the copy-in, compute
+        and copy-out streams, or on the slot's own (``slot_streams``, ``graph_copies``)."""
+        slot.timed = len(self.timeline) < self.timeline_limit  # (its events, recorded)
+        if self.graph_copies:
+            self.bytes_in += issue_whole(slot, plan.bucket, self._per_slot[slot_index])
+            return
         if self._per_slot:
             h2d = compute = out = self._per_slot[slot_index]
         else:
             h2d, out = self._streams["h2d"], self._streams["d2h"]
             compute = self._compute[self._issued % len(self._compute)]  # in turn (launch lock)
             self._issued += 1
-        # events that only the timeline reads are recorded only with it on: CUDA calls are
-        # GIL hand-offs
-        slot.timed = len(self.timeline) < self.timeline_limit
-        if slot.timed:
-            ev["h2d_start"].record(h2d)
-        self.bytes_in += copy_in(slot, sizes, h2d)
-        if slot.timed or compute is not h2d:
-            ev["h2d_end"].record(h2d)
-        if compute is not h2d:
-            compute.wait_event(ev["h2d_end"])
-        with torch.cuda.stream(compute):
-            ev["compute_start"].record(compute)
-            if plan.bucket in slot.graphs:
-                graph, scores, bad = slot.graphs[plan.bucket]
-                graph.replay()
-            else:
-                scores, bad = device_step(model, slot, plan.bucket)
-            ev["compute_end"].record(compute)
-        if out is not compute:
-            out.wait_event(ev["compute_end"])
-        with torch.cuda.stream(out):
-            if slot.timed:
-                ev["d2h_start"].record(out)
-            slot.scores_out[:sizes.rows].copy_(scores[:sizes.rows], non_blocking=True)
-            slot.bad_out[:sizes.requests].copy_(bad[:sizes.requests], non_blocking=True)
-            ev["d2h_end"].record(out)
-        if plan.bucket not in slot.graphs and out is not compute:
-            scores.record_stream(out)  # allocator-owned outputs: keep until copied
-            bad.record_stream(out)
+        self.bytes_in += issue_streams(model, slot, plan.bucket, sizes, h2d, compute, out)
 
     def _completer(self) -> None:
         while (item := self._done_q.get()) is not None:
@@ -313,13 +305,15 @@ class GpuExecutor(Executor):
     def _account(self, seq: int, slot: SlotState) -> None:
         ev = slot.events
         start = self._origin.elapsed_time(ev["compute_start"])
-        end = self._origin.elapsed_time(ev["compute_end"])
+        end = self._origin.elapsed_time(ev["d2h_end" if self.graph_copies else "compute_end"])
         # batches complete in issue order; with several compute streams their spans may
         # overlap, and only the time not already counted is busy time
         self.busy_ms += max(0.0, end - max(start, self._busy_until))
         self._busy_until = max(self._busy_until, end)
         self.batches += 1
-        if slot.timed and len(self.timeline) < self.timeline_limit:
+        if slot.timed and len(self.timeline) < self.timeline_limit and self.graph_copies:
+            self.timeline.append((seq, "batch", start, end))  # (copies and compute, one span)
+        elif slot.timed and len(self.timeline) < self.timeline_limit:
             for stage in _STAGES:
                 start = self._origin.elapsed_time(ev[f"{stage}_start"])
                 end = self._origin.elapsed_time(ev[f"{stage}_end"])

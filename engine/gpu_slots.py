@@ -17,7 +17,7 @@ import torch
 from .packer import PackedModel
 from .shared_memory import SharedMemory
 from .spec import ModelSpec
-from .staging_layout import HostBuffers, PackedSizes, StagingLayout, host_buffers, host_bytes
+from .staging_layout import HostBuffers, StagingLayout, host_buffers, host_bytes
 from .tensor_buffers import TensorBuffers, allocate, as_tensors, pinned_host
 
 log = logging.getLogger("recserve.engine")
@@ -110,14 +110,15 @@ def new_slot(triton_model, layout: StagingLayout, device: torch.device,
                      host_tensors=as_tensors(host))
 
 
-def copy_in(slot: SlotState, sizes: PackedSizes, stream: torch.cuda.Stream) -> int:
-    """Enqueue what a packed batch uses of the slot's host set to the device on ``stream``;
-    bytes sent."""
+def copy_in(slot: SlotState, bucket: int, nnz: int,
+            stream: torch.cuda.Stream | None) -> int:
+    """Enqueue what a batch of ``bucket`` rows and ``nnz`` ids uses of the slot's host set
+    to the device on ``stream`` (None: the current one); bytes sent."""
     host, dev = slot.host_tensors, slot.device
     # rows, requests, bag bounds, dense inputs and ids: one copy (see block_parts)
-    pairs = [(dev.block, host.block, dev.bucket(sizes.bucket).copy_bytes(sizes.nnz))]
+    pairs = [(dev.block, host.block, dev.bucket(bucket).copy_bytes(nnz))]
     if dev.weights is not None:
-        pairs.append((dev.weights, host.weights, sizes.nnz))
+        pairs.append((dev.weights, host.weights, nnz))
     copied = 0
     with torch.cuda.stream(stream):
         for device_buf, host_buf, n in pairs:
@@ -142,6 +143,19 @@ def device_step(model: GpuModel, slot: SlotState, bucket: int) -> tuple[torch.Te
     prepared = PreparedBatch(bucket, r_cap, views.row_request, views.request_offsets,
                              views.first_rows, dense, tuple(groups))
     return model.triton.forward_prepared(prepared)
+
+
+def batch_step(model: GpuModel, slot: SlotState, bucket: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``device_step`` with the batch's copies around it, at fixed sizes (what a whole-batch
+    graph captures, ``GpuExecutor(graph_copies=True)``): the block up to the end of the
+    bucket's whole ids room (and as many weights) in, scores and bad-id flags of every row
+    out to the slot's pinned outputs, all on the current stream."""
+    copy_in(slot, bucket, slot.device.bucket(bucket).ids.shape[0], None)  # (current stream)
+    scores, bad = device_step(model, slot, bucket)
+    slot.scores_out[:bucket].copy_(scores[:bucket], non_blocking=True)
+    slot.bad_out[:bucket + 1].copy_(bad[:bucket + 1], non_blocking=True)
+    return scores, bad
 
 
 def capture(step, pool, device: torch.device):

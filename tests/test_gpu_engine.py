@@ -19,12 +19,13 @@ SETTINGS = EngineSettings(max_batch_rows=1024, buckets=(128, 512, 1024), slots=3
 
 
 def gpu_engine(use_graphs: bool = True, compute_streams: int = 1,
-               slot_streams: bool = False) -> Engine:
+               slot_streams: bool = False, graph_copies: bool = False) -> Engine:
     from recserve.engine.gpu_executor import GpuExecutor
 
     return Engine(SETTINGS, lambda s: GpuExecutor(s, "cuda", use_graphs=use_graphs,
                                                   compute_streams=compute_streams,
-                                                  slot_streams=slot_streams))
+                                                  slot_streams=slot_streams,
+                                                  graph_copies=graph_copies))
 
 
 def requests_with_a_bad_id(spec, rng, bad: int) -> list:
@@ -38,11 +39,12 @@ def requests_with_a_bad_id(spec, rng, bad: int) -> list:
     return requests
 
 
-@pytest.mark.parametrize("use_graphs, compute_streams, slot_streams",
-                         [(True, 1, False), (False, 1, False), (True, 2, False), (True, 1, True),
-                          (False, 1, True)])
+@pytest.mark.parametrize("use_graphs, compute_streams, slot_streams, graph_copies",
+                         [(True, 1, False, False), (False, 1, False, False),
+                          (True, 2, False, False), (True, 1, True, False),
+                          (False, 1, True, False), (True, 1, True, True)])
 def test_engine_on_gpu_matches_reference_and_isolates_bad_ids(use_graphs, compute_streams,
-                                                              slot_streams):
+                                                              slot_streams, graph_copies):
     spec = demo_spec()
     weights = init_weights(spec, seed=4)
     rng = np.random.default_rng(0)
@@ -50,7 +52,8 @@ def test_engine_on_gpu_matches_reference_and_isolates_bad_ids(use_graphs, comput
     reference = ReferenceModel(spec, weights)
 
     async def run():
-        async with gpu_engine(use_graphs, compute_streams, slot_streams) as engine:
+        async with gpu_engine(use_graphs, compute_streams, slot_streams,
+                              graph_copies) as engine:
             await engine.load("demo", 1, spec, weights)
             return await asyncio.gather(*(engine.score("demo", r) for r in requests),
                                         return_exceptions=True)

@@ -84,21 +84,27 @@ def test_slot_streams_and_several_compute_streams_exclude_each_other():
     with pytest.raises(ValueError, match="compute_streams .2. does not apply"):
         GpuExecutor(SETTINGS, "cuda", compute_streams=2, slot_streams=True)
     assert GpuExecutor(SETTINGS, "cuda", slot_streams=True).slot_streams
+    for without in ({"slot_streams": False}, {"slot_streams": True, "use_graphs": False}):
+        with pytest.raises(ValueError, match="needs slot_streams and graphs"):
+            GpuExecutor(SETTINGS, "cuda", graph_copies=True, **without)
+    assert GpuExecutor(SETTINGS, "cuda", slot_streams=True, graph_copies=True).graph_copies
 
 
 def test_engine_gpu_variants_compose_from_their_names():
     from engine_gpu import variant
 
     base = SETTINGS
-    assert variant("default", base) == ("default", base, None, 1, None, False, False, False)
-    name, settings, threads, streams, switch, ring, processes, slot_streams = variant(
+    assert variant("default", base) == ("default", base, None, 1, None, False, False, False,
+                                        False)
+    name, settings, threads, streams, switch, ring, processes, slot_streams, whole = variant(
         "slots=2+compute_streams=2+switch_ms=0.5+pack_threads=1", base)
     assert (settings.slots, threads, streams, switch) == (2, 1, 2, 0.0005)
     assert settings.max_batch_rows == base.max_batch_rows and not ring and not processes
-    assert variant("via=ring", base)[5:] == (True, False, False)
-    assert variant("pack_in=process", base)[5:] == (True, True, False)  # (ring requests only)
-    assert variant("pack_in=process+slot_streams", base)[5:] == (True, True, True)
-    assert not slot_streams
+    assert variant("via=ring", base)[5:] == (True, False, False, False)
+    assert variant("pack_in=process", base)[5:] == (True, True, False, False)  # (ring only)
+    assert variant("pack_in=process+slot_streams", base)[5:] == (True, True, True, False)
+    assert variant("graph_copies", base)[5:] == (False, False, True, True)  # (slot streams)
+    assert not slot_streams and not whole
     with pytest.raises(SystemExit, match="unknown variant change 'warps=4'"):
         variant("slots=2+warps=4", base)
 

@@ -188,13 +188,13 @@ def test_cuda_graph_replay_matches_eager_forward(monkeypatch, beside):
     gpu = GpuModel(spec, model, layout, [slot])
     stream = torch.cuda.current_stream(device)
     sizes = pack(layout, slot.host, [_request(spec, rng, n) for n in (100, 50)], bucket)
-    copy_in(slot, sizes, stream)
+    copy_in(slot, sizes.bucket, sizes.nnz, stream)
     graph, scores, bad = capture(functools.partial(device_step, gpu, slot, bucket), slot.pool,
                                  device)
     for counts in ((7, 200), (1, 1, 90)):
         pieces = [_request(spec, rng, n) for n in counts]
         sizes = pack(layout, slot.host, pieces, bucket)
-        copy_in(slot, sizes, stream)
+        copy_in(slot, sizes.bucket, sizes.nnz, stream)
         graph.replay()
         model.set_bottom_beside_gather(False)
         want, want_bad = device_step(gpu, slot, bucket)  # eager, same inputs, same configs

@@ -246,7 +246,7 @@ def test_copy_in_moves_everything_the_device_step_reads(flat):
     slot = SlotState(host, device, torch.zeros_like(device.bucket(16).dense), torch.zeros(0),
                      torch.zeros(0), None, host_tensors=as_tensors(host))
     gpu = GpuModel(spec, model, layout, [slot])
-    copied = copy_in(slot, sizes, None)
+    copied = copy_in(slot, sizes.bucket, sizes.nnz, None)
     views = host.bucket(12)  # one block, each part 64-byte aligned, the ids last
     parts = [views.row_request, views.request_offsets, views.first_rows,
              *(t for pair in views.groups for t in pair), views.dense]
@@ -259,3 +259,32 @@ def test_copy_in_moves_everything_the_device_step_reads(flat):
     want = ReferenceModel(spec, weights).forward(collate(spec, pieces))
     torch.testing.assert_close(scores[:sizes.rows], want, rtol=1e-4, atol=1e-5)
     assert not bool(bad[:sizes.requests].any())
+
+
+def test_the_whole_batch_step_copies_at_fixed_sizes_scores_and_copies_out():
+    """``batch_step``, what a ``graph_copies`` graph captures (here on CPU, no graph): the
+    bucket's whole block and ids room in, the forward, every row's scores and flags out to
+    the slot's outputs; a device set and outputs poisoned beforehand."""
+    from recserve.engine.gpu_slots import GpuModel, batch_step
+
+    spec = small_spec()
+    weights = init_weights(spec, seed=15)
+    rng = np.random.default_rng(15)
+    pieces = with_flat(spec, [random_inputs(spec, rng, n) for n in (5, 1, 3)])
+    model = TritonModel(spec, weights, "cpu")
+    layout = staging_layout(spec, [names for _, _, names in model.groups], 16,
+                            model.layout.x_request)
+    host, device = host_buffers(layout), allocate(layout, "cpu")
+    device.block.fill_(0xF9)
+    device.weights.fill_(float("nan"))
+    sizes = pack(layout, host, pieces, bucket=12)
+    slot = SlotState(host, device, torch.zeros_like(device.bucket(16).dense),
+                     torch.full((16, 1), float("nan")), torch.ones(17, dtype=torch.bool), None,
+                     host_tensors=as_tensors(host))
+    batch_step(GpuModel(spec, model, layout, [slot]), slot, 12)
+    want = ReferenceModel(spec, weights).forward(collate(spec, pieces))
+    torch.testing.assert_close(slot.scores_out[:sizes.rows], want, rtol=1e-4, atol=1e-5)
+    assert not bool(slot.bad_out[:sizes.requests].any())
+    assert not bool(slot.scores_out[:12].isnan().any())  # every row of the bucket came out
+    room = device.bucket(12).ids
+    assert len(room) > sizes.nnz and torch.equal(room, torch.from_numpy(host.bucket(12).ids))
