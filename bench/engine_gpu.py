@@ -31,7 +31,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,7 @@ from recserve.engine.settings import EngineSettings  # noqa: E402
 from recserve.engine.staging import host_buffers, pack, staging_layout  # noqa: E402
 from recserve.engine.tensor_buffers import pinned_host  # noqa: E402
 from recserve.engine.weights import init_weights  # noqa: E402
+from recserve.kernels._common import PDL_ENV  # noqa: E402
 from recserve.kernels.layout import build_layout  # noqa: E402
 from recserve.kernels.model import feature_groups  # noqa: E402
 
@@ -85,16 +86,14 @@ def two_stream_replay_ms(graphs: list) -> float:
     return triton.testing.do_bench(both, warmup=25, rep=200, return_mode="median")
 
 
-async def engine_run(settings, spec, weights, requests, repeats: int,
-                     pack_threads: int | None = None, compute_streams: int = 1,
-                     via_ring: bool = False, pack_processes: bool = False,
-                     slot_streams: bool = False, graph_copies: bool = False) -> dict:
+async def engine_run(v: Variant, spec, weights, requests, repeats: int) -> dict:
+    settings, via_ring, graph_copies = v.settings, v.via_ring, v.graph_copies
     executors = []
 
     def factory(s):
-        executor = GpuExecutor(s, "cuda", pack_threads=pack_threads,
-                               compute_streams=compute_streams, pack_processes=pack_processes,
-                               slot_streams=slot_streams or graph_copies,
+        executor = GpuExecutor(s, "cuda", pack_threads=v.pack_threads,
+                               compute_streams=v.compute_streams,
+                               pack_processes=v.pack_processes, slot_streams=v.slot_streams,
                                graph_copies=graph_copies)
         executors.append(executor)
         return executor
@@ -228,37 +227,51 @@ def copy_in_rate(megabytes: int = 8) -> dict:
 SWEEP = ["pack_threads=1", "slots=2", "compute_streams=2", "switch_ms=0.5"]
 
 
-def variant(name: str, settings: EngineSettings) -> tuple:
-    """(name, settings, packing threads, compute streams, switch interval s, requests via a
-    worker's ring, packing processes, slot streams) of a run named 'default' or by
-    '+'-joined changes such as 'compute_streams=2+switch_ms=0.5'."""
-    threads, streams, switch = None, 1, None  # one packing thread per slot
-    via_ring = processes = slot_streams = graph_copies = False
+@dataclass(frozen=True)
+class Variant:
+    """One engine run's settings: 'default', or '+'-joined changes of it (``variant``)."""
+
+    name: str
+    settings: EngineSettings
+    pack_threads: int | None = None  # None: one per slot (default_pack_threads)
+    compute_streams: int = 1
+    switch_s: float | None = None  # the interpreter's switch interval; None: unchanged
+    via_ring: bool = False  # requests as workers' rings hand them over (Hub.score)
+    pack_processes: bool = False
+    slot_streams: bool = False
+    graph_copies: bool = False
+    pdl: bool = False  # RECSERVE_PDL=1 while the engine builds and runs
+
+
+_CHANGES = {"via=ring": {"via_ring": True},
+            "pack_in=process": {"via_ring": True, "pack_processes": True},  # (ring requests)
+            "slot_streams": {"slot_streams": True},
+            "graph_copies": {"slot_streams": True, "graph_copies": True},
+            "pdl": {"pdl": True}}
+
+
+def variant(name: str, settings: EngineSettings) -> Variant:
+    """The run named 'default' or by '+'-joined changes such as
+    'compute_streams=2+switch_ms=0.5'."""
+    fields: dict = {}
     if name != "default":
         for change in name.split("+"):
             key, _, value = change.partition("=")
-            if key == "pack_threads":
-                threads = int(value)
+            if change in _CHANGES:
+                fields.update(_CHANGES[change])
+            elif key == "pack_threads":
+                fields["pack_threads"] = int(value)
             elif key == "slots":
                 settings = replace(settings, slots=int(value))
             elif key == "compute_streams":
-                streams = int(value)
+                fields["compute_streams"] = int(value)
             elif key == "switch_ms":
-                switch = float(value) / 1e3
-            elif change == "via=ring":
-                via_ring = True
-            elif change == "pack_in=process":  # (only ring requests go to the processes)
-                via_ring = processes = True
-            elif change == "slot_streams":
-                slot_streams = True
-            elif change == "graph_copies":  # (on slot streams)
-                slot_streams = graph_copies = True
+                fields["switch_s"] = float(value) / 1e3
             else:
                 raise SystemExit(f"unknown variant change {change!r} in {name!r}: use "
                                  "pack_threads=N, slots=N, compute_streams=N, switch_ms=X, "
-                                 "via=ring, pack_in=process, slot_streams or graph_copies")
-    return (name, settings, threads, streams, switch, via_ring, processes, slot_streams,
-            graph_copies)
+                                 f"or one of {', '.join(_CHANGES)}")
+    return Variant(name, settings, **fields)
 
 
 def main() -> None:
@@ -278,7 +291,8 @@ def main() -> None:
                    "workers with shared rings, through Hub.score), pack_in=process (via=ring, "
                    "packed by packing processes), slot_streams (each slot's copies and "
                    "compute on its own stream: fewer CUDA calls a batch), graph_copies (slot "
-                   "streams, the copies captured in the graphs: a batch is one replay) (e.g. "
+                   "streams, the copies captured in the graphs: a batch is one replay), pdl "
+                   "(RECSERVE_PDL=1: kernels launch while the one before finishes) (e.g. "
                    "default,compute_streams=2+switch_ms=0.5,default: a name given twice is "
                    "run twice, which shows what the run's order costs)")
     p.add_argument("--pack-only", action="store_true",
@@ -312,29 +326,32 @@ def main() -> None:
     variants = [variant(name, settings) for name in names]
     results["runs"] = []
     default_switch = sys.getswitchinterval()
-    for (name, run_settings, threads, streams, switch, via_ring, processes, slot_streams,
-         graph_copies) in variants:
-        run = {"variant": name, "slots": run_settings.slots, "pack_threads": threads,
-               "compute_streams": streams, "switch_interval_s": switch or default_switch,
-               "via_ring": via_ring, "pack_processes": processes, "slot_streams": slot_streams,
-               "graph_copies": graph_copies}
-        sys.setswitchinterval(switch or default_switch)
+    for v in variants:
+        run = {"variant": v.name, "slots": v.settings.slots, "pack_threads": v.pack_threads,
+               "compute_streams": v.compute_streams,
+               "switch_interval_s": v.switch_s or default_switch, "via_ring": v.via_ring,
+               "pack_processes": v.pack_processes, "slot_streams": v.slot_streams,
+               "graph_copies": v.graph_copies, "pdl": v.pdl}
+        sys.setswitchinterval(v.switch_s or default_switch)
+        if v.pdl:
+            os.environ[PDL_ENV] = "1"
+        else:
+            os.environ.pop(PDL_ENV, None)
         traffics = [("full_batches", full, args.batches // 4), ("ranking_requests", ranking,
                                                                 repeats)]
-        first_default = name == "default" and "full_batches" not in results
+        first_default = v.name == "default" and "full_batches" not in results
         if first_default:  # as a single-process server hands them over: per feature
             traffics.append(("ranking_per_feature", wl.per_feature(ranking), repeats))
         for traffic, requests, times in traffics:
             try:  # one variant failing (a new option on this card) must not cost the rest
-                run[traffic] = run_loop(engine_run(run_settings, spec, weights, requests,
-                                                   times, threads, streams, via_ring,
-                                                   processes, slot_streams, graph_copies))
+                run[traffic] = run_loop(engine_run(v, spec, weights, requests, times))
             except Exception as exc:  # noqa: BLE001
                 run[f"{traffic}_error"] = f"{type(exc).__name__}: {exc}"[:500]
-                print(f"{name:13s} {traffic:19s} FAILED: {run[f'{traffic}_error']}", flush=True)
+                print(f"{v.name:13s} {traffic:19s} FAILED: {run[f'{traffic}_error']}",
+                      flush=True)
         for traffic in ("full_batches", "ranking_requests", "ranking_per_feature"):
             if traffic in run:
-                print(summarize(name, traffic, run[traffic], results["pack_ms"]), flush=True)
+                print(summarize(v.name, traffic, run[traffic], results["pack_ms"]), flush=True)
         results["runs"].append(run)
         if first_default:
             results.update({k: run[k] for k in ("full_batches", "ranking_requests") if k in run})

@@ -14,7 +14,9 @@ multi-hot), most important first, each measurement guarded so one failure loses 
 2. int8 row-wise tables vs bf16 (default variant): time, lookup-rate ratio, and a check;
 3. ``dlrmv2`` and ``dlrm-dot`` forward replayed in a CUDA graph (defaults), scores checked
    against the PyTorch eager peer, with the device time per kernel from the profiler; then
-   ``dlrmv2`` again with its bottom MLP on a side stream beside the gather
+   both again with programmatic dependent launch (``RECSERVE_PDL=1``: each kernel launches
+   while the one before finishes; aimed at B=512, about 15 short kernels), ``dlrmv2`` with
+   its bottom MLP on a side stream beside the gather
    (``TritonModel.set_bottom_beside_gather``), and last with the ``first_run`` gather.
 Then the configs the tuners chose. Writes OUTDIR/kernel_variants.json after every record,
 prints a table; exit status 1 when any correctness check failed (they print FAIL loudly).
@@ -46,6 +48,7 @@ from recserve.engine.weights import (
 )
 from recserve.kernels import embedding_bag as eb  # noqa: E402
 from recserve.kernels import linear as li  # noqa: E402
+from recserve.kernels._common import PDL_ENV  # noqa: E402
 from recserve.kernels.model import TritonModel, capture_graph  # noqa: E402
 from recserve.kernels.tables import PackedTables  # noqa: E402
 
@@ -287,6 +290,12 @@ def main() -> int:
     dot_model = rec.guarded("dlrm-dot model", TritonModel, dot, dot_w, device=kb.DEV)
     for b in args.sizes if dot_model is not None else []:
         bench_forward(rec, base, "dlrm-dot", dot, dot_w, dot_model, b, (DEFAULT,))
+    os.environ[PDL_ENV] = "1"  # programmatic dependent launch: kernels overlap launches
+    for b in args.sizes:
+        bench_forward(rec, base, "dlrmv2 pdl", spec, weights, model, b, (DEFAULT,))
+    for b in args.sizes if dot_model is not None else []:
+        bench_forward(rec, base, "dlrm-dot pdl", dot, dot_w, dot_model, b, (DEFAULT,))
+    del os.environ[PDL_ENV]
     model.set_bottom_beside_gather(True)
     for b in args.sizes:
         bench_forward(rec, base, "dlrmv2 bottom beside gather", spec, weights, model, b,

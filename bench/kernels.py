@@ -8,7 +8,9 @@ eager gather (26 per-table ``embedding_bag`` calls, and one call over a concaten
 table), eager forward, eager forward in a CUDA graph; torch.compile at a few sizes. The
 recserve and per-table gathers are also timed replayed in a CUDA graph (``*_graph``, 20
 calls per graph): the device's time alone, since at small B an eager call times the
-host's launch path (Python and driver), not the kernels.
+host's launch path (Python and driver), not the kernels. The forward's graph is timed
+again captured with programmatic dependent launch (``recserve_pdl_graph``, RECSERVE_PDL=1:
+each kernel launches while the one before it finishes).
 Every timing is the median of ``triton.testing.do_bench`` (it flushes L2 between calls)
 while rotating over several input sets. Gather GB/s counts table-row bytes read (small
 tables sit in L2, so it is an effective rate and may exceed the copy rate); TFLOP/s counts
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -33,6 +36,7 @@ import provenance  # noqa: E402
 import workloads as wl  # noqa: E402
 
 from recserve.engine.weights import init_weights  # noqa: E402
+from recserve.kernels._common import PDL_ENV  # noqa: E402
 from recserve.kernels.embedding_bag import embedding_bag  # noqa: E402
 from recserve.kernels.model import TritonModel, capture_graph  # noqa: E402
 
@@ -192,6 +196,17 @@ def bench_batch(rec: Recorder, base: dict, ctx: dict, model: TritonModel,
     if graphs:
         g("recserve graph", measure, rec, base, ctx, "recserve_graph",
           [gr.replay for gr in graphs], False)
+    del graphs
+    os.environ[PDL_ENV] = "1"  # the same graph with programmatic dependent launch
+    try:
+        graphs = g("recserve pdl graph capture",
+                   lambda: [capture_graph(model.forward_prepared, p)[0] for p in prepared])
+    finally:
+        del os.environ[PDL_ENV]
+    if graphs:
+        g("recserve pdl graph", measure, rec, base, ctx, "recserve_pdl_graph",
+          [gr.replay for gr in graphs], False)
+    del graphs
     tgraphs = g("torch graph capture", lambda: [capture_graph(peers["per_table"].forward, *a)[0]
                                                 for a in pin])
     if tgraphs:
@@ -276,7 +291,8 @@ def summary(records: list[dict]) -> str:
     cols = {"recserve_gather": "ours gather", "recserve_graph_gather": "ours g. graph",
             "torch_per_table_gather": "pt/table gath", "torch_per_table_graph_gather":
             "pt/table graph", "torch_concat_gather": "pt concat gat", "recserve_fwd": "ours fwd",
-            "recserve_graph_fwd": "ours fwd graph", "torch_eager_fwd": "pt eager fwd",
+            "recserve_graph_fwd": "ours fwd graph", "recserve_pdl_graph_fwd": "ours fwd pdl",
+            "torch_eager_fwd": "pt eager fwd",
             "torch_eager_graph_fwd": "pt fwd graph", "torch_compile_fwd": "pt compile"}
     table: dict[tuple, dict] = {}
     for r in records:

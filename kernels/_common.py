@@ -39,6 +39,27 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+PDL_ENV = "RECSERVE_PDL"
+"""Set to 1 for programmatic dependent launch (``pdl``); off until measured on a card."""
+
+
+def pdl() -> bool:
+    """Whether kernels launch with programmatic dependent launch (``RECSERVE_PDL=1``, a
+    Hopper or newer card, never under the interpreter). A PDL kernel may start while the
+    kernel before it on the stream finishes its last programs; each of ours then waits
+    (``griddepcontrol.wait``) before it reads or writes any memory, so results are the
+    same, and a chain of short kernels (a B=512 forward launches about 15) overlaps each
+    one's launch and ramp with the previous one's tail."""
+    if os.environ.get(PDL_ENV, "0") != "1" or interpreting():
+        return False
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+def pdl_launch() -> dict:
+    """Launch options and the kernels' ``USE_GDC`` flag for the current ``pdl`` setting."""
+    return {"USE_GDC": True, "launch_pdl": True} if pdl() else {}
+
+
 def ieee_dot(dtype: torch.dtype) -> bool:
     """Whether a kernel's ``tl.dot`` must upcast to fp32 with exact (IEEE) products: for fp32
     operands (no TF32), and for bf16 under the interpreter, whose bf16 dot returns garbage

@@ -16,6 +16,7 @@ Exit status 1 when any config fails; each result is printed on one line.
 from __future__ import annotations
 
 import argparse
+import inspect
 import itertools
 import os
 import struct
@@ -42,6 +43,11 @@ def compile_kernel(fn, signature: dict, constexprs: dict, options: dict, arch: i
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    # meta-parameters a job leaves out take their defaults, as at a launch (read from the
+    # Python function: the same whatever Triton's version)
+    defaults = {n: p.default for n, p in inspect.signature(fn.fn).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    constexprs = {**defaults, **constexprs}
     sig = {n: ("constexpr" if n in constexprs else signature[n]) for n in fn.arg_names}
     attrs = card_attrs(fn, constexprs, div16)
     return triton.compile(ASTSource(fn, sig, constexprs, attrs),
@@ -184,6 +190,14 @@ def _dot_jobs(quick: bool):
             yield it._dot_interaction_kernel, sig, const, {"num_warps": 4}, div16
 
 
+def _pdl_jobs(quick: bool):
+    """The first job of each kernel family again with programmatic dependent launch
+    (``_common.pdl``): its ``griddepcontrol`` wait and trigger, and the launch option."""
+    for jobs in (_embedding_jobs, _linear_jobs, _split_k_jobs, _dot_jobs):
+        fn, sig, const, options, div16 = next(iter(jobs(quick)))
+        yield fn, sig, {**const, "USE_GDC": True}, {**options, "launch_pdl": True}, div16
+
+
 def main(argv: list[str] | None = None) -> int:
     """Compile every job; print one line each; return the number of failures."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -194,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         print("set TRITON_INTERPRET=0: the interpreter does not compile", file=sys.stderr)
         return 1
     failures = 0
-    for jobs in (_embedding_jobs, _linear_jobs, _split_k_jobs, _dot_jobs):
+    for jobs in (_embedding_jobs, _linear_jobs, _split_k_jobs, _dot_jobs, _pdl_jobs):
         for fn, sig, const, options, div16 in jobs(args.quick):
             t0 = time.time()
             error, produced = _compile(fn, sig, const, options, args.arch, div16)

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._common import SafeTuner, check_tensor, next_pow2
+from ._common import SafeTuner, check_tensor, next_pow2, pdl_launch
 from .pooling import _pool_long, _pool_short
 from .tables import (
     INDEX_DTYPES,
@@ -93,6 +93,7 @@ def _embedding_bag_kernel(
     BAGS: tl.constexpr, LANES: tl.constexpr, BLOCK_D: tl.constexpr,
     QUANT: tl.constexpr, WEIGHTED: tl.constexpr, ALIGN: tl.constexpr,
     PREFETCH: tl.constexpr, UNROLL: tl.constexpr, STAGES: tl.constexpr,
+    USE_GDC: tl.constexpr = False,
 ):
     """One program pools BAGS short bags, or one long bag LANES positions at a time.
 
@@ -105,6 +106,9 @@ def _embedding_bag_kernel(
     row_request [B], request_offsets [R + 1], prog_feature [programs] int32,
     meta [F, 9] int64 (see ``_META_COLS``).
     """
+    if USE_GDC:  # launched early (PDL): nothing is read before the previous kernel is done
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     f = tl.load(prog_feature_ptr + pid).to(tl.int64)
     meta = meta_ptr + f * 9
@@ -203,7 +207,7 @@ def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices:
             BAGS=cfg["BAGS"], LANES=cfg["LANES"], BLOCK_D=block_d, QUANT=packed.quantized,
             WEIGHTED=weighted, ALIGN=cfg["ALIGN"], PREFETCH=cfg["PREFETCH"],
             UNROLL=cfg["UNROLL"], STAGES=cfg["STAGES"],
-            num_warps=cfg["num_warps"])
+            num_warps=cfg["num_warps"], **pdl_launch())
 
     def outputs() -> list[tuple[torch.Tensor, float]]:
         # What a launch writes: every config must give the same bits (same sums, same

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_tensor, ieee_dot, interpreting, next_pow2
+from ._common import check_tensor, ieee_dot, interpreting, next_pow2, pdl_launch
 from .linear import linear
 
 import triton  # isort: skip  (after _common, which may switch on the interpreter)
@@ -39,11 +39,14 @@ def _dot_interaction_kernel(
     stride_vm, stride_om,
     # meta-parameters
     ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_X: tl.constexpr, IEEE: tl.constexpr,
+    HAS_X: tl.constexpr, IEEE: tl.constexpr, USE_GDC: tl.constexpr = False,
 ):
     """ROWS rows per program. v [B, T*D] (row stride stride_vm), out [B, K],
     dest [BLOCK_T, BLOCK_T] int32 (output column of pair (i, j), -1: not stored);
     with HAS_X, vector 0 is also copied to out columns x_dest .. x_dest+D."""
+    if USE_GDC:  # launched early (PDL): nothing is read before the previous kernel is done
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     t = tl.arange(0, BLOCK_T)
     d = tl.arange(0, BLOCK_D)
@@ -126,7 +129,7 @@ def dot_interaction(v: torch.Tensor, num_vectors: int, dim: int, dest: torch.Ten
         v, out, dest, v.shape[0], num_vectors, dim, x_dest if x_dest is not None else 0,
         v.stride(0), out.stride(0),
         ROWS=rows, BLOCK_T=block_t, BLOCK_D=block_d, HAS_X=x_dest is not None,
-        IEEE=ieee_dot(v.dtype), num_warps=4)
+        IEEE=ieee_dot(v.dtype), num_warps=4, **pdl_launch())
     return out
 
 

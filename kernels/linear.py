@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import SafeTuner, check_tensor, ieee_dot, next_pow2
+from ._common import SafeTuner, check_tensor, ieee_dot, next_pow2, pdl_launch
 
 import triton  # isort: skip  (after _common, which may switch on the interpreter)
 import triton.language as tl  # isort: skip
@@ -76,6 +76,7 @@ def _linear_kernel(
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, A_ROWS: tl.constexpr, ADD_ROWS: tl.constexpr,
     CROSS: tl.constexpr, FINAL: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
     EPILOGUE_FIRST: tl.constexpr = False, SPLIT_K: tl.constexpr = 1,
+    USE_GDC: tl.constexpr = False,
 ):
     """One [BLOCK_M, BLOCK_N] tile of act(A @ W^T + bias (+ add) (x0 * . + x)).
 
@@ -84,6 +85,9 @@ def _linear_kernel(
     SPLIT_K > 1: program (m, n, s) sums K slice s only and stores the raw fp32 tile to
     part [SPLIT_K, M, N]; ``_split_k_reduce`` adds the slices in order and does the epilogue.
     """
+    if USE_GDC:  # launched early (PDL): nothing is read before the previous kernel is done
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -164,9 +168,12 @@ def _linear_kernel(
 @triton.jit(do_not_specialize=["M"])
 def _split_k_reduce(part_ptr, bias_ptr, out_ptr, M, N, stride_om, stride_on,
                     SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    ACT: tl.constexpr, HAS_BIAS: tl.constexpr):
+                    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GDC: tl.constexpr = False):
     """out = act(sum over s of part[s] + bias): the K slices added in a fixed order (s = 0,
     1, ...), so a split-K layer is as deterministic as an unsplit one."""
+    if USE_GDC:  # (as in _linear_kernel)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
@@ -327,12 +334,13 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             ADD_ROWS=add is not None, CROSS=cross is not None, FINAL=final is not None,
             IEEE=ieee_dot(a.dtype), EVEN_K=k % cfg["BLOCK_K"] == 0,
             EPILOGUE_FIRST=cfg.get("EPILOGUE_FIRST", False), SPLIT_K=split,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch())
         if split > 1:
             _split_k_reduce[(triton.cdiv(m, 32), triton.cdiv(n, 128))](
                 part, bias if bias is not None else dummy, out, m, n, out.stride(0),
                 out.stride(1), SPLIT_K=split, BLOCK_M=32, BLOCK_N=128,
-                ACT=ACTIVATIONS[activation], HAS_BIAS=bias is not None, num_warps=4)
+                ACT=ACTIVATIONS[activation], HAS_BIAS=bias is not None, num_warps=4,
+                **pdl_launch())
 
     key = (m, n, k, h, a.dtype, activation, bias is not None, a_rows is not None,
            add is not None, cross is not None, a.stride(), weight.stride(), out.stride())

@@ -91,20 +91,18 @@ def test_slot_streams_and_several_compute_streams_exclude_each_other():
 
 
 def test_engine_gpu_variants_compose_from_their_names():
-    from engine_gpu import variant
+    from engine_gpu import Variant, variant
 
     base = SETTINGS
-    assert variant("default", base) == ("default", base, None, 1, None, False, False, False,
-                                        False)
-    name, settings, threads, streams, switch, ring, processes, slot_streams, whole = variant(
-        "slots=2+compute_streams=2+switch_ms=0.5+pack_threads=1", base)
-    assert (settings.slots, threads, streams, switch) == (2, 1, 2, 0.0005)
-    assert settings.max_batch_rows == base.max_batch_rows and not ring and not processes
-    assert variant("via=ring", base)[5:] == (True, False, False, False)
-    assert variant("pack_in=process", base)[5:] == (True, True, False, False)  # (ring only)
-    assert variant("pack_in=process+slot_streams", base)[5:] == (True, True, True, False)
-    assert variant("graph_copies", base)[5:] == (False, False, True, True)  # (slot streams)
-    assert not slot_streams and not whole
+    assert variant("default", base) == Variant("default", base)
+    v = variant("slots=2+compute_streams=2+switch_ms=0.5+pack_threads=1", base)
+    assert (v.settings.slots, v.pack_threads, v.compute_streams, v.switch_s) == (2, 1, 2, 0.0005)
+    assert v.settings.max_batch_rows == base.max_batch_rows and not v.via_ring
+    assert variant("via=ring", base).via_ring and not variant("via=ring", base).pack_processes
+    p = variant("pack_in=process", base)
+    assert p.via_ring and p.pack_processes  # (only ring requests go to the processes)
+    g = variant("pack_in=process+graph_copies+pdl", base)
+    assert g.slot_streams and g.graph_copies and g.pdl and g.pack_processes  # (slot streams)
     with pytest.raises(SystemExit, match="unknown variant change 'warps=4'"):
         variant("slots=2+warps=4", base)
 

@@ -204,3 +204,38 @@ def test_cuda_graph_replay_matches_eager_forward(monkeypatch, beside):
         reference = ReferenceModel(spec, weights).forward(collate(spec, pieces))
         torch.testing.assert_close(scores[:sum(counts)].cpu(), reference, atol=2e-2,
                                    rtol=2e-2)
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["dot", "dcnv2"])
+def test_programmatic_dependent_launch_gives_the_same_bits(monkeypatch, kind):
+    """RECSERVE_PDL=1: every kernel launches while the one before it finishes and waits
+    before touching memory, so the forward gives the very bits it gives without, eager and
+    replayed from a CUDA graph (int8, split-K and interaction kernels included)."""
+    from recserve.kernels import _common
+    from recserve.kernels.model import capture_graph
+
+    spec = _spec(kind)
+    rng = np.random.default_rng(21)
+    weights = init_weights(spec, 21)
+    batch = collate(spec, [_request(spec, rng, n) for n in (40, 3, 300)])
+    model = TritonModel(spec, weights, device="cuda")
+    monkeypatch.delenv(_common.PDL_ENV, raising=False)
+    want, want_bad = model.forward(batch)
+    monkeypatch.setenv(_common.PDL_ENV, "1")
+    assert _common.pdl() == (torch.cuda.get_device_capability()[0] >= 9)
+    got, bad = model.forward(batch)
+    assert torch.equal(got, want) and torch.equal(bad, want_bad)
+    prepared = model.prepare(batch)
+    graph, (scores, flags) = capture_graph(model.forward_prepared, prepared)
+    graph.replay()
+    assert torch.equal(scores, want) and torch.equal(flags, want_bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path")
+def test_programmatic_dependent_launch_is_off_without_a_hopper_card(monkeypatch):
+    from recserve.kernels import _common
+
+    monkeypatch.setenv(_common.PDL_ENV, "1")
+    assert not _common.pdl() and _common.pdl_launch() == {}  # (the interpreter has no PDL)
+    spec = _spec("dot")
+    _check(spec, "cpu", torch.float32, 3)  # and the kernels run as before
