@@ -17,9 +17,11 @@ socket read would), decoded and answered by ``Hub.score`` (``through_hub``; no s
 and (e) the same with the arrays in a worker's shared ring (``ranking_via_hub_ring``;
 ``full_via_hub_ring``: (a) so), which ``--pack-processes`` packs in packing processes.
 Ratio = samples/s over the simulated device's (batch / compute time): the ceiling the host
-side allows, on this machine. Default compute time: the H200's bare dlrmv2 forward at
-B=8192 (0.72 ms). The H200's host packed about 3x slower per thread than the 2-core CI
-machine, so read figures from here as relative.
+side allows, on this machine. CPU per request: the event loop's thread, and all of the
+engine process's threads (a ``--busy-thread`` included; packing processes not). Default
+compute time: the H200's bare dlrmv2 forward at B=8192 (0.72 ms). The H200's host packed
+about 3x slower per thread than the 2-core CI machine, so read figures from here as
+relative.
 """
 
 from __future__ import annotations
@@ -195,6 +197,7 @@ async def run(settings: EngineSettings, spec, requests: list, compute_ms: float,
         if busy_thread:  # Python running beside the engine's threads, holding the GIL
             threading.Thread(target=_spin, args=(stop,), daemon=True).start()
         start, loop_cpu = time.perf_counter(), time.thread_time()
+        process_cpu = time.process_time()  # every thread of this (the engine's) process
         # clients keep two batches per slot outstanding (a burst of every request at once
         # would measure the event loop submitting them, not the engine)
         in_flight = 2 * settings.slots * settings.max_batch_rows
@@ -204,6 +207,7 @@ async def run(settings: EngineSettings, spec, requests: list, compute_ms: float,
             await wl.closed_loop(engine, spec.name, requests, in_flight)
         wall = time.perf_counter() - start
         loop_cpu = time.thread_time() - loop_cpu  # this (the event loop's) thread only
+        process_cpu = time.process_time() - process_cpu
         stop.set()
     rows = sum(r.num_candidates for r in requests)
     spans: dict[str, list[float]] = {}
@@ -213,6 +217,8 @@ async def run(settings: EngineSettings, spec, requests: list, compute_ms: float,
     return {"samples_per_s": rows / wall, "ratio_to_device": rows / wall / device,
             "device_busy_fraction": (executor.busy_ms - busy0) / 1e3 / wall,
             "loop_cpu_us_per_request": round(loop_cpu / len(requests) * 1e6, 2),
+            # (the GIL-bound process's budget: packing processes' CPU is not in it)
+            "process_cpu_us_per_request": round(process_cpu / len(requests) * 1e6, 2),
             "packed_in_processes": executor.stats().get("packed_in_processes", 0),
             "host_stage_mean_ms": {k: round(float(np.mean(v)), 3) for k, v in spans.items()}}
 
@@ -308,7 +314,8 @@ def main() -> None:
             results["runs"].append({"variant": name, "traffic": kind, **r})
             print(f"{name:15s} {kind:19s} {r['samples_per_s'] / 1e6:6.2f} M samples/s = "
                   f"{r['ratio_to_device']:.2f} of the simulated device; event loop "
-                  f"{r['loop_cpu_us_per_request']:.1f} us CPU a request; host stage ms "
+                  f"{r['loop_cpu_us_per_request']:.1f} us CPU a request (all its threads "
+                  f"{r['process_cpu_us_per_request']:.0f}); host stage ms "
                   f"{r['host_stage_mean_ms']}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
