@@ -82,7 +82,7 @@ class PackingProcess:
         self.given_up = False
 
     def start(self) -> None:
-        """Start the process (it imports for about a second; the first pack waits)."""
+        """Start the process (it imports numpy, a tenth of a second; the first pack waits)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for sock in (ours, theirs):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MAX_MESSAGE)
