@@ -101,7 +101,7 @@ async def engine_run(v: Variant, spec, weights, requests, repeats: int) -> dict:
     frames = worker_frames(spec, requests, shared=True) if via_ring else None
     async with Engine(settings, factory) as engine:
         await engine.load(spec.name, 1, spec, weights)
-        if via_ring:  # warm (packing processes import for about a second at start)
+        if via_ring:  # warm (packing processes start: 0.1 s of imports)
             await through_hub(engine, requests[:4], frames, 0)
         else:
             await asyncio.gather(*(engine.score(spec.name, r) for r in requests[:4]))

@@ -186,7 +186,7 @@ async def run(settings: EngineSettings, spec, requests: list, compute_ms: float,
     frames = worker_frames(spec, requests, via_hub == "ring") if via_hub else None
     async with Engine(settings, factory) as engine:
         await engine.load(spec.name, 1, spec, {})
-        if via_hub:  # warm: (packing processes import for about a second at start)
+        if via_hub:  # warm (packing processes start: 0.1 s of imports)
             await through_hub(engine, requests[:4], frames, 0)
         else:
             await asyncio.gather(*(engine.score(spec.name, r) for r in requests[:4]))
