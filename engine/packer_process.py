@@ -12,6 +12,7 @@ engine side then packs in its thread and starts another, from a clean state.
 from __future__ import annotations
 
 import array
+import os
 import pickle
 import signal
 import socket
@@ -39,7 +40,10 @@ class _State:
         if len(fds) != len(memories):
             raise ValueError(f"{len(memories)} memories came with {len(fds)} descriptors")
         for (key, size, writable), fd in zip(memories, fds, strict=True):
-            self.memories[key] = map_fd(fd, size, writable=writable)
+            try:
+                self.memories[key] = map_fd(fd, size, writable=writable)
+            finally:
+                os.close(fd)  # (the mapping holds the memory: forgetting it frees it)
         if new_model is not None:
             key, layout, slot_keys = new_model
             self.models[key] = (layout, [host_buffers(layout, self.memories[k])

@@ -6,6 +6,7 @@ that batch a pack in the thread, never a request."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -31,10 +32,10 @@ pytestmark = pytest.mark.skipif(not supported(), reason="needs memfd_create (Lin
 SPEC = small_spec("request")
 
 
-def ring_requests(spec, sizes, seed=0):
+def ring_requests(spec, sizes, seed=0, name="recserve"):
     """Requests written to a worker's ring as the worker does: (their SharedInputs, the
     engine side's decoded inputs)."""
-    ring = SharedMemory(1 << 20, writable=False)
+    ring = SharedMemory(1 << 20, name, writable=False)
     writer = SharedRing(map_memory(ring.fd, ring.size, writable=True))
     rng = np.random.default_rng(seed)
     out = []
@@ -276,3 +277,21 @@ def test_a_packing_process_ignores_the_signals_its_engine_handles(process):
     process._proc.send_signal(signal.SIGTERM)
     assert process.pack(model.packed, 0, 16, pieces).rows == 7
     assert process._proc.poll() is None and process.restarts == 0
+
+
+def test_a_forgotten_ring_leaves_nothing_open_in_the_packing_process(process):
+    """A ring the engine has dropped (a worker replaced, say) must be freed in the packing
+    process too once it is told to forget it: no descriptor may keep it alive there."""
+    model = model_with_shared_slots(SPEC)
+    ring, requests = ring_requests(SPEC, [7], name="recserve-test-old-ring")
+    process.pack(model.packed, 0, 16, [(requests[0][0], 0, 7)])
+    fds = Path(f"/proc/{process._proc.pid}/fd")
+
+    def old_ring_open() -> bool:
+        return any("recserve-test-old-ring" in os.readlink(p) for p in fds.iterdir())
+
+    assert old_ring_open()  # (mapped)
+    del ring, requests
+    _, more = ring_requests(SPEC, [7], seed=1)
+    process.pack(model.packed, 0, 16, [(more[0][0], 0, 7)])  # (says: forget the old ring)
+    assert not old_ring_open()
