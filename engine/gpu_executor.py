@@ -88,13 +88,13 @@ class GpuExecutor(Executor):
                              "replayed on the slot's stream: it needs slot_streams and graphs")
         self.compute_streams = compute_streams
         self.slot_streams = slot_streams
+        """Each slot's batch runs its copies in, compute and copies out on the slot's own
+        stream: no cross-stream event waits (three CUDA calls, GIL hand-offs, fewer a
+        batch), and consecutive batches overlap as with ``compute_streams`` = slots."""
         self.graph_copies = graph_copies
         """Each slot's graphs hold the batch's copies in and out too (fixed sizes: the
         bucket's whole ids room), so a batch is one replay: three CUDA calls. The timeline
         then has one ``batch`` span per batch, and busy time includes the copies."""
-        """Each slot's batch runs its copies in, compute and copies out on the slot's own
-        stream: no cross-stream event waits (three CUDA calls, GIL hand-offs, fewer a
-        batch), and consecutive batches overlap as with ``compute_streams`` = slots."""
         self.pack_processes = pack_processes and shared_memory.supported()
         """Each launcher thread has a packing process (``packer``) for batches whose
         requests lie in shared memory; their slots' staging is shared memory, pinned."""
@@ -285,7 +285,7 @@ class GpuExecutor(Executor):
             h2d, out = self._streams["h2d"], self._streams["d2h"]
             compute = self._compute[self._issued % len(self._compute)]  # in turn (launch lock)
             self._issued += 1
-        self.bytes_in += issue_streams(model, slot, plan.bucket, sizes, h2d, compute, out)
+        self.bytes_in += issue_streams(model, slot, sizes, h2d, compute, out)
 
     def _completer(self) -> None:
         while (item := self._done_q.get()) is not None:
@@ -311,9 +311,11 @@ class GpuExecutor(Executor):
         self.busy_ms += max(0.0, end - max(start, self._busy_until))
         self._busy_until = max(self._busy_until, end)
         self.batches += 1
-        if slot.timed and len(self.timeline) < self.timeline_limit and self.graph_copies:
+        if not (slot.timed and len(self.timeline) < self.timeline_limit):
+            return
+        if self.graph_copies:
             self.timeline.append((seq, "batch", start, end))  # (copies and compute, one span)
-        elif slot.timed and len(self.timeline) < self.timeline_limit:
+        else:
             for stage in _STAGES:
                 start = self._origin.elapsed_time(ev[f"{stage}_start"])
                 end = self._origin.elapsed_time(ev[f"{stage}_end"])

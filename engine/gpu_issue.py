@@ -15,13 +15,13 @@ from .gpu_slots import GpuModel, SlotState, copy_in, device_step
 from .staging_layout import PackedSizes
 
 
-def issue_streams(model: GpuModel, slot: SlotState, bucket: int, sizes: PackedSizes,
+def issue_streams(model: GpuModel, slot: SlotState, sizes: PackedSizes,
                   h2d: torch.cuda.Stream, compute: torch.cuda.Stream,
                   out: torch.cuda.Stream) -> int:
     """Copy in on ``h2d``, replay the bucket's graph (or run the step) on ``compute``, copy
     the scores and flags out on ``out`` (one stream for all three, or three); ends with the
     slot's ``d2h_end`` event. Returns the bytes copied in."""
-    ev = slot.events
+    ev, bucket = slot.events, sizes.bucket
     if slot.timed:
         ev["h2d_start"].record(h2d)
     copied = copy_in(slot, bucket, sizes.nnz, h2d)
