@@ -23,7 +23,7 @@
 # and switch interval), PYTEST_WORKERS (4, with pytest-xdist), and each step's time
 # limit in seconds:
 # PYTEST_TIMEOUT_S (240), BENCH_TIMEOUT_S (120), VARIANTS_TIMEOUT_S (90), ENGINE_TIMEOUT_S (150),
-# SINGLE_TIMEOUT_S (60), LOAD_TIMEOUT_S (60), WORKERS_TIMEOUT_S (90; the step runs only when
+# SINGLE_TIMEOUT_S (60), LOAD_TIMEOUT_S (60), WORKERS_TIMEOUT_S (120; the step runs only when
 # the check has taken under WORKERS_BUDGET_S, 330, so far); RECSERVE_COMMIT (default: git HEAD; the device
 # copy of the tree has no .git, so pass it in); STEPS (default: every step; else the names
 # to run, e.g. "install pytest-gpu engine-bench": a short follow-up call).
@@ -121,12 +121,15 @@ step load-generator bash -c "RECSERVE_AUTOTUNE=0 timeout ${LOAD_TIMEOUT_S:-60} $
     tail -n 8 '$OUT/bench.log'; exit \$rc"
 
 # Only with time to spare (the whole check should leave room for a rerun): the server on the
-# card in one process and with 4 front-end worker processes (--workers), and the CPU engine on
-# the same host; the table goes to bench.log (no file: OUTDIR is at its limit of 8).
+# card in one process and with 4 front-end worker processes (--workers), packed in threads and
+# in packing processes (--pack-in process), and the CPU engine on the same host; the table goes
+# to bench.log (no file: OUTDIR is at its limit of 8).
 if [ $(( $(date +%s) - START )) -lt "${WORKERS_BUDGET_S:-330}" ]; then
-    step server-workers bash -c "RECSERVE_AUTOTUNE=0 timeout ${WORKERS_TIMEOUT_S:-90} $PY \
+    step server-workers bash -c "RECSERVE_AUTOTUNE=0 timeout ${WORKERS_TIMEOUT_S:-120} $PY \
         bench/server.py --config 'engine=--device cuda --workers 1' \
-        --config 'engine-4w=--device cuda --workers 4' --config 'cpu=--device cpu --workers 1' \
+        --config 'engine-4w=--device cuda --workers 4' \
+        --config 'engine-4w-proc=--device cuda --workers 4 --pack-in process' \
+        --config 'cpu=--device cpu --workers 1' \
         --duration 3 --loads 0.5 \
         >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 6 '$OUT/bench.log'; exit \$rc"
 else
