@@ -132,15 +132,16 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
                    "leaving two of the cores the process may use to the event loop and "
                    "completions; packing bounds "
                    "the engine on a GPU, bench/RESULTS.md has the sweep)")
-    g.add_argument("--pack-in", choices=PACK_IN, default="thread",
+    g.add_argument("--pack-in", choices=PACK_IN, default="auto",
                    help="where the GPU executor packs batches of requests that lie in "
                    "--workers' shared rings: in its launcher threads, or in one packing "
-                   "process per thread, off this process's GIL (needs --workers 2 or more). "
-                   "On the 2-core CI machine, beside a busy event loop, processes kept the "
-                   "simulated device 1.6x to over 10x as busy as threads did, and without "
-                   "one they did as well or worse; not yet measured on a card, so the "
-                   "default is thread: compare on yours with bench/engine_gpu.py --variants "
-                   "default,via=ring,pack_in=process)")
+                   "process per thread, off this process's GIL (needs a GPU and --workers 2 "
+                   "or more; give each process a core and about 40 MiB). auto (default): "
+                   "process wherever it can run, else thread. On H100 hosts processes kept "
+                   "the card about 1.5x as busy as threads with ranking-sized requests and "
+                   "as busy or busier with 8192-row ones (bench/RESULTS.md); compare on "
+                   "yours with bench/engine_gpu.py --variants default,via=ring,"
+                   "pack_in=process")
     g.add_argument("--compute-streams", type=int, default=1, metavar="N",
                    help="CUDA streams consecutive GPU batches take in turn, up to --slots "
                    "(default: 1; 2 lets one batch's gather run beside the previous batch's "

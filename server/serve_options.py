@@ -12,7 +12,7 @@ from recserve.engine.settings import EngineSettings
 from .shared_ring import DEFAULT_RING_BYTES
 
 DEVICES = ("auto", "cpu", "cuda", "null")
-PACK_IN = ("thread", "process")
+PACK_IN = ("auto", "thread", "process")
 
 # Per-device engine defaults. cuda: the engine's own (a CUDA graph per bucket, 2 slots so
 # one batch copies while another computes). cpu: measured on a 2-core machine with
@@ -63,10 +63,11 @@ class ServeOptions:
     worker_ring_mb: int = DEFAULT_RING_BYTES >> 20
     """Shared memory per worker process for requests' arrays (``shared_ring``); 0: they
     travel through the worker's socket."""
-    pack_in: str = "thread"
+    pack_in: str = "auto"
     """Where the GPU executor packs batches of requests that lie in a worker's ring:
-    ``thread`` (its launcher threads) or ``process`` (a packing process per launcher
-    thread, off this process's GIL: ``recserve.engine.packer``; needs workers and rings)."""
+    ``thread`` (its launcher threads), ``process`` (a packing process per launcher thread,
+    off this process's GIL: ``recserve.engine.packer``; needs workers and rings) or
+    ``auto`` (process where it can run, else thread: ``packs_in_processes``)."""
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -98,6 +99,16 @@ class ServeOptions:
         if self.device == "cuda" and self.compute_streams > slots:  # (others: no streams)
             raise ValueError(f"{self.compute_streams} compute streams for {slots} slots: a "
                              "stream without a batch to run is of no use; raise --slots")
+
+    def packs_in_processes(self, device: str) -> bool:
+        """Whether the engine on ``device`` (resolved: ``cuda``, ``cpu`` or ``null``) packs
+        ring requests in packing processes. ``auto`` does wherever it can (a GPU, front-end
+        workers with rings): on H100 hosts they kept the card about 1.5x as busy as threads
+        did with ranking-sized ring requests, and as busy or busier with 8192-row ones
+        (bench/RESULTS.md, eighth session)."""
+        if self.pack_in != "auto":
+            return self.pack_in == "process"
+        return device == "cuda" and self.workers >= 2 and self.worker_ring_mb > 0
 
 
 def engine_settings(device: str, max_batch_rows: int | None = None,

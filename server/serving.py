@@ -112,7 +112,7 @@ async def create_backend(options: ServeOptions):
         cpu_torch_threads(options.workers) if device == "cpu" else None)
     engine = Engine(settings, executor_factory(device, threads, options.pack_threads,
                                                options.compute_streams,
-                                               options.pack_in == "process"))
+                                               options.packs_in_processes(device)))
     await engine.start()
     log.info("engine on %s: %s", device, describe(device, settings, options, threads,
                                                    engine.stats()["executor"]))

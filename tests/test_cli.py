@@ -259,7 +259,7 @@ def test_pack_in_reaches_the_gpu_executor_and_needs_workers_with_rings(tmp_path)
     from recserve.server.serve_options import ServeOptions
     from recserve.server.serving import executor_factory
 
-    assert build_parser().parse_args(["serve"]).pack_in == "thread"
+    assert build_parser().parse_args(["serve"]).pack_in == "auto"
     assert build_parser().parse_args(["serve", "--pack-in", "process"]).pack_in == "process"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--pack-in", "gpu"])
@@ -273,6 +273,21 @@ def test_pack_in_reaches_the_gpu_executor_and_needs_workers_with_rings(tmp_path)
         ServeOptions(tmp_path, "cuda", pack_in="gpu")
     with pytest.raises(ValueError, match="on cpu there is nothing to pack"):
         ServeOptions(tmp_path, "cpu", workers=2, pack_in="process")
+
+
+def test_pack_in_auto_uses_processes_only_on_a_gpu_with_workers_and_rings(tmp_path):
+    from recserve.server.serve_options import ServeOptions
+
+    auto = ServeOptions(tmp_path, "auto", workers=4)
+    assert auto.packs_in_processes("cuda")
+    assert not auto.packs_in_processes("cpu") and not auto.packs_in_processes("null")
+    assert not ServeOptions(tmp_path, "cuda").packs_in_processes("cuda")  # no workers
+    assert not ServeOptions(tmp_path, "cuda", workers=4,
+                            worker_ring_mb=0).packs_in_processes("cuda")
+    assert not ServeOptions(tmp_path, "cuda", workers=4,
+                            pack_in="thread").packs_in_processes("cuda")
+    assert ServeOptions(tmp_path, "cuda", workers=2, pack_in="process").packs_in_processes(
+        "cuda")
 
 
 def test_serve_engine_flags_parse():
