@@ -14,11 +14,14 @@ from .shared_ring import DEFAULT_RING_BYTES
 DEVICES = ("auto", "cpu", "cuda", "null")
 PACK_IN = ("auto", "thread", "process")
 
-# Per-device engine defaults. cuda: the engine's own (a CUDA graph per bucket, 2 slots so
-# one batch copies while another computes). cpu: measured on a 2-core machine with
+# Per-device engine defaults. cuda: the engine's own buckets (a CUDA graph per bucket and
+# slot), 4 slots: a slot is held from its pack to its scores' hand-back (2.5-4.5 ms on H100
+# hosts at 8192 rows), so 2 slots left the card idle between batches (0.57 of the bare
+# forward against 0.79-0.82 with 4, 0.82 with 6, 0.73 with 8; bench/RESULTS.md, eighth
+# session). cpu: measured on a 2-core machine with
 # bench/server.py (demo model, ranking traffic over loopback); see DEFAULTS_NOTE.
 DEVICE_DEFAULTS = {
-    "cuda": EngineSettings(),
+    "cuda": EngineSettings(slots=4),
     "cpu": EngineSettings(max_batch_rows=2048, buckets=(256, 512, 1024, 2048), slots=1),
     "null": EngineSettings(max_batch_rows=2048, buckets=(256, 512, 1024, 2048), slots=1),
 }
