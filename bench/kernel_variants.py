@@ -23,6 +23,8 @@ prints a table; exit status 1 when any correctness check failed (they print FAIL
 ``--untuned`` sets RECSERVE_AUTOTUNE=0 (first config of each kernel: far fewer compiles).
 ``--sections forward`` skips the gather and int8 sections (a short follow-up call);
 ``--cross-configs`` also tunes the cross layers' opt-in candidates (``linear.CROSS_CANDIDATES``).
+``--sections row_size`` times the gather at embedding dims 32-256, bf16 and int8 (rows a
+second against bytes a row: why int8 runs at the bf16 rate, ``bench_row_sizes``).
 Cost on a cold card: tuning compiles ~15 gather and ~50 GEMM configs (1-2 s each), so
 expect about 2-3 minutes tuned, under a minute with ``--untuned``; measurements stop
 starting after ``--budget-s``, and the JSON holds everything measured until then.
@@ -50,7 +52,7 @@ from recserve.kernels import embedding_bag as eb  # noqa: E402
 from recserve.kernels import linear as li  # noqa: E402
 from recserve.kernels._common import PDL_ENV  # noqa: E402
 from recserve.kernels.model import TritonModel, capture_graph  # noqa: E402
-from recserve.kernels.tables import PackedTables  # noqa: E402
+from recserve.kernels.tables import PackedTables, quantized_row_bytes  # noqa: E402
 
 # (ALIGN_HINTS, PREFETCH), in the order measured (the least telling one last)
 VARIANTS = {"first_run": (False, False), "aligned_prefetch": (True, True),
@@ -176,6 +178,41 @@ def bench_int8(rec, base: dict, model: TritonModel, spec, sizes: list[int]) -> N
     del packed8, codes, qparams
 
 
+def bench_row_sizes(rec, base: dict, max_rows: int, b: int,
+                    dims: tuple[int, ...] = (32, 64, 128, 256)) -> None:
+    """The same gather (dlrmv2's 26 tables and bag sizes, uniform ids, ``max_rows`` rows a
+    table) at each embedding dim, bf16 and int8: rows looked up per second against the
+    bytes a row takes. If the rate stays flat while rows grow, a lookup costs per row (a
+    DRAM access, latency, instructions), not per byte, and int8's half-size rows cannot
+    reach issue 6's 1.6x the bf16 rate by their bytes alone; if it falls with the bytes,
+    they can, and the int8 kernel is what holds them back."""
+    import dataclasses
+
+    lookups = b * sum(f.max_bag for f in wl.dlrmv2_spec(max_rows).sparse)
+    for dim in dims:
+        base_spec = wl.dlrmv2_spec(max_rows, "bf16" if kb.DEV == "cuda" else "fp32")
+        spec = dataclasses.replace(base_spec, name=f"dlrmv2-dim{dim}", tables=tuple(
+            dataclasses.replace(t, dim=dim) for t in base_spec.tables))
+        model = TritonModel(spec, init_weights(spec, 0, device=kb.DEV), device=kb.DEV)
+        times = bench_gather(rec, base, model, spec, b, f"bf16 dim {dim}", variants=(DEFAULT,))
+        tables = [model_table(model, t) for t in range(len(model.groups[0][0].rows))]
+        quantized = [quantize_rowwise(t) for t in tables]
+        packed8 = PackedTables([q[0] for q in quantized], [q[1] for q in quantized],
+                               [q[2] for q in quantized])
+        int8 = bench_gather(rec, base, model, spec, b, f"int8 dim {dim}", packed=packed8,
+                            qparams=[(q[1], q[2]) for q in quantized],
+                            tables=[q[0] for q in quantized], variants=(DEFAULT,))
+        for dtype, t_us, row_bytes in (("bf16", times.get(DEFAULT), dim * 2),
+                                       ("int8", int8.get(DEFAULT), quantized_row_bytes(dim))):
+            if t_us:
+                rec.add(section="row_size", B=b, dim=dim, dtype=dtype, row_bytes=row_bytes,
+                        us=t_us, M_rows_per_s=round(lookups / t_us, 1),
+                        GBps=round(lookups * row_bytes / t_us / 1e3, 1))
+        del model, tables, quantized, packed8
+        if kb.DEV == "cuda":
+            torch.cuda.empty_cache()
+
+
 def bench_forward(rec, base: dict, name: str, spec, weights: dict, model: TritonModel,
                   b: int, variants: tuple[str, ...]) -> None:
     """Forward in a CUDA graph (eager on cpu), scores checked against the eager peer."""
@@ -253,13 +290,20 @@ def main() -> int:
                     "(linear.CROSS_CANDIDATES: more warps per SM for V's epilogue)")
     ap.add_argument("--sections", default="gather,int8,forward",
                     help="what to measure, comma-separated: gather, int8, forward (default: "
-                    "all; 'forward' alone suits a short follow-up call)")
+                    "these three; 'forward' alone suits a short follow-up call), row_size "
+                    "(the gather at embedding dims 32-256, bf16 and int8, at the first of "
+                    "--sizes and --row-size-rows rows a table: is a lookup's cost per row "
+                    "or per byte?)")
+    ap.add_argument("--row-size-rows", type=int, default=1_000_000,
+                    help="rows per table in the row_size section (dim 256 bf16: 26 tables "
+                    "of 512-byte rows, 13 GB at 1M)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cpu: a smoke run under the interpreter (use tiny --sizes, --max-rows)")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
-    if not sections <= {"gather", "int8", "forward"}:
-        ap.error(f"--sections {args.sections!r}: expected gather, int8 and/or forward")
+    if not sections <= {"gather", "int8", "forward", "row_size"}:
+        ap.error(f"--sections {args.sections!r}: expected gather, int8, forward and/or "
+                 "row_size")
     if args.cross_configs:
         li.EXTRA_CROSS_CONFIGS[:] = li.CROSS_CANDIDATES
     if args.untuned:
@@ -280,6 +324,8 @@ def main() -> int:
         bench_gather(rec, base, model, spec, b, "bf16", variants=variants)
     if "int8" in sections:
         rec.guarded("int8", bench_int8, rec, base, model, spec, args.sizes)
+    if "row_size" in sections:
+        rec.guarded("row sizes", bench_row_sizes, rec, base, args.row_size_rows, args.sizes[0])
     if "forward" not in sections:
         return finish(rec)
     for b in args.sizes:

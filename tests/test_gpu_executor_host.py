@@ -124,8 +124,8 @@ def test_engine_host_feeds_requests_through_the_hub(via_hub):
 
 
 def test_kernel_variants_refuses_an_unknown_section(tmp_path):
-    """bench/kernel_variants.py --sections takes gather, int8 and forward only, and says so
-    before any measurement."""
+    """bench/kernel_variants.py --sections takes gather, int8, forward and row_size only,
+    and says so before any measurement."""
     import subprocess
 
     script = Path(__file__).resolve().parents[1] / "bench" / "kernel_variants.py"
@@ -133,5 +133,29 @@ def test_kernel_variants_refuses_an_unknown_section(tmp_path):
                              "--sections", "forward,gemm"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2
-    assert "expected gather, int8 and/or forward" in result.stderr
+    assert "expected gather, int8, forward and/or row_size" in result.stderr
     assert not (tmp_path / "kernel_variants.json").exists()
+
+
+def test_kernel_variants_row_sizes_check_every_dim_and_dtype(tmp_path):
+    """The row_size section (a card's question: does a lookup cost per row or per byte?)
+    gathers at dims 32-256, bf16 and int8, each checked against the torch reference, and
+    records rows a second for each; under the interpreter on tiny tables."""
+    import json
+    import os
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "kernel_variants.py"
+    result = subprocess.run([sys.executable, str(script), str(tmp_path), "--device", "cpu",
+                             "--sizes", "4", "--max-rows", "64", "--row-size-rows", "64",
+                             "--sections", "row_size"], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    records = json.loads((tmp_path / "kernel_variants.json").read_text())
+    checked = [r for r in records if r["section"] == "gather"]
+    assert len(checked) == 8 and all(r["ok"] for r in checked)
+    sizes = {(r["dim"], r["dtype"]): r["row_bytes"] for r in records
+             if r["section"] == "row_size"}
+    assert sizes == {(32, "bf16"): 64, (32, "int8"): 48, (64, "bf16"): 128, (64, "int8"): 80,
+                     (128, "bf16"): 256, (128, "int8"): 144, (256, "bf16"): 512,
+                     (256, "int8"): 272}
