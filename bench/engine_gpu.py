@@ -102,7 +102,7 @@ async def engine_run(v: Variant, spec, weights, requests, repeats: int) -> dict:
     async with Engine(settings, factory) as engine:
         await engine.load(spec.name, 1, spec, weights)
         if via_ring:  # warm (packing processes start: 0.1 s of imports)
-            await through_hub(engine, requests[:4], frames, 0)
+            await through_hub(engine, requests[:4], frames, 0, v.pack_processes)
         else:
             await asyncio.gather(*(engine.score(spec.name, r) for r in requests[:4]))
         executor = executors[0]
@@ -114,7 +114,8 @@ async def engine_run(v: Variant, spec, weights, requests, repeats: int) -> dict:
         # clients keep two batches per slot outstanding (not a burst: see closed_loop)
         every = [r for _ in range(repeats) for r in requests]
         if via_ring:  # as the engine process of serve --workers meets them
-            await through_hub(engine, every, frames, 2 * settings.slots * settings.max_batch_rows)
+            await through_hub(engine, every, frames, 2 * settings.slots * settings.max_batch_rows,
+                              v.pack_processes)  # (as serve: processes decode ring requests)
         else:
             await wl.closed_loop(engine, spec.name, every,
                                  2 * settings.slots * settings.max_batch_rows)

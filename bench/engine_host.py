@@ -149,18 +149,20 @@ def worker_frames(spec, requests: list, shared: bool) -> tuple[dict, SharedMemor
 
 
 async def through_hub(engine: Engine, requests: list, frames: tuple[dict, SharedMemory | None],
-                      rows_in_flight: int) -> None:
+                      rows_in_flight: int, defer: bool = False) -> None:
     """Feed ``requests`` the way the engine process of ``serve --workers`` meets them: each
     arrives as the channel frame a worker sends (``worker_frames``), is decoded and
     submitted by ``Hub.score``, and its reply encoded; no sockets. A frame is copied once
     here, as a socket read would; with a ring it carries only the arrays' headers. About
-    ``rows_in_flight`` rows stay outstanding."""
+    ``rows_in_flight`` rows stay outstanding. ``defer``: ring requests are left for the
+    packing processes to decode (``Hub(defer_ring_decode=)``, as serve does with them)."""
     from recserve.server.backend import EngineBackend
     from recserve.server.config import ServerConfig
     from recserve.server.hub import Hub
 
     payloads, ring = frames
-    hub, side = Hub(EngineBackend(engine), ServerConfig(), 2), _CountingSide(ring)
+    hub = Hub(EngineBackend(engine), ServerConfig(), 2, defer_ring_decode=defer)
+    side = _CountingSide(ring)
     mean = sum(r.num_candidates for r in requests) / len(requests)
     window = max(1, round(rows_in_flight / mean))
     sent = 0
@@ -187,7 +189,7 @@ async def run(settings: EngineSettings, spec, requests: list, compute_ms: float,
     async with Engine(settings, factory) as engine:
         await engine.load(spec.name, 1, spec, {})
         if via_hub:  # warm (packing processes start: 0.1 s of imports)
-            await through_hub(engine, requests[:4], frames, 0)
+            await through_hub(engine, requests[:4], frames, 0, pack_processes)
         else:
             await asyncio.gather(*(engine.score(spec.name, r) for r in requests[:4]))
         executor = executors[0]
@@ -202,7 +204,7 @@ async def run(settings: EngineSettings, spec, requests: list, compute_ms: float,
         # would measure the event loop submitting them, not the engine)
         in_flight = 2 * settings.slots * settings.max_batch_rows
         if via_hub:
-            await through_hub(engine, requests, frames, in_flight)
+            await through_hub(engine, requests, frames, in_flight, pack_processes)
         else:
             await wl.closed_loop(engine, spec.name, requests, in_flight)
         wall = time.perf_counter() - start

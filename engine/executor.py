@@ -181,8 +181,13 @@ class CpuExecutor(Executor):
         """Run one job synchronously (the worker's body; public for tests)."""
         spec = job.model.spec
         results: list[PieceResult | None] = [None] * len(job.plan.pieces)
-        items = [(i, slice_rows(spec, inputs, piece.start, piece.count)) for i, (piece, inputs)
-                 in enumerate(zip(job.plan.pieces, job.inputs, strict=True))]
+        items = []
+        for i, (piece, inputs) in enumerate(zip(job.plan.pieces, job.inputs, strict=True)):
+            try:
+                items.append((i, slice_rows(spec, inputs, piece.start, piece.count)))
+            except Exception as exc:  # arrays decoded only now (DeferredInputs) can refuse
+                results[i] = PieceResult(error=EngineError("internal",
+                                                           f"{type(exc).__name__}: {exc}"))
         try:
             batch = collate(spec, [rows for _, rows in items])
         except Exception:  # a malformed request: _score isolates it

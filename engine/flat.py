@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .inputs import RequestInputs, SparseInput
+from .inputs import DeferredInputs, RequestInputs, SparseInput
 from .spec import ModelSpec
 
 _INT32_MAX = (1 << 31) - 1
@@ -183,10 +183,13 @@ def with_flat(spec: ModelSpec, inputs: RequestInputs) -> RequestInputs:
 
 def slice_rows(spec: ModelSpec, inputs: RequestInputs, start: int, count: int) -> RequestInputs:
     """Rows ``start .. start+count`` of a request: candidate-scope inputs sliced, request-scope
-    inputs kept whole."""
+    inputs kept whole. ``DeferredInputs`` are decoded here (every executor reads a piece's
+    arrays through this), so a malformed one raises here, for its own piece alone."""
     if start < 0 or count < 1 or start + count > inputs.num_candidates:
         raise ValueError(f"rows {start}..{start + count} are outside the request's "
                          f"{inputs.num_candidates} candidates")
+    if isinstance(inputs, DeferredInputs):
+        inputs = inputs.decoded()
     if start == 0 and count == inputs.num_candidates:
         return inputs
     stop = start + count

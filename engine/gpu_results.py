@@ -31,8 +31,8 @@ def score_one_by_one(job: Job, exc: Exception) -> tuple[PieceResult, ...]:
     model = job.model
     results = []
     for piece, inputs in zip(job.plan.pieces, job.inputs, strict=True):
-        rows = slice_rows(model.spec, inputs, piece.start, piece.count)
-        try:
+        try:  # (slicing decodes DeferredInputs, which refuse malformed bytes: this piece's)
+            rows = slice_rows(model.spec, inputs, piece.start, piece.count)
             scores, bad = model.triton.forward(collate(model.spec, [rows]))
             if bool(bad.any()):
                 results.append(bad_ids(model.spec, rows))

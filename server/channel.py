@@ -196,38 +196,36 @@ def score_header(payload: memoryview) -> ScoreHeader:
 
 def decode_inputs(payload: memoryview, header: ScoreHeader, spec: ModelSpec,
                   ring: memoryview | None = None,
-                  shared: SharedInputs | None = None, check: bool = True) -> RequestInputs:
+                  shared: SharedInputs | None = None) -> RequestInputs:
     """The request's arrays (views of ``payload``, or of ``ring``, the worker's shared
     memory, when they lie there) as RequestInputs, with its flat form (and ``shared``:
-    where another process finds them); ``check`` False skips ``_check_flat`` (for a
-    request this process's engine side checked already)."""
+    where another process finds them), their bounds checked (``_check_flat``)."""
     if header.data_at is not None and ring is None:
         raise ValueError("a request in shared memory from a worker that has none")
     arrays, _ = _read(payload, header.offset, 4 + len(spec.dense), ring, header.data_at)
     flat = FlatSparse(*arrays[:4])
     n = header.candidates
-    if check:
-        _check_flat(flat, n, spec)
+    _check_flat(flat, n, spec)
     dense = {f.name: a for f, a in zip(spec.dense, arrays[4:], strict=True)}
     return RequestInputs(n, FlatFeatures(flat, spec), dense, flat, shared)
 
 
 def decode_shared(payload: bytes, ring: memoryview, spec: ModelSpec) -> RequestInputs:
     """A score request's inputs from its payload and a mapping of its worker's ring: what
-    a packing process (``recserve.engine.packer``) decodes (``SharedInputs``). Not checked
-    again (5 of its 12 us on a dlrmv2 ranking request): the hub checked this request's
-    bounds when it arrived, and the worker writes a region only before sending it and
-    after it is freed, so they are the bytes the hub checked."""
+    a packing process (``recserve.engine.packer``) decodes (``SharedInputs``). Checked
+    (``_check_flat``, about 2 us of its 8): the engine process defers ring requests'
+    decoding to the packing processes (``DeferredInputs``), so this may be the first
+    check of these bytes."""
     view = memoryview(payload)
-    return decode_inputs(view, score_header(view), spec, ring, check=False)
+    return decode_inputs(view, score_header(view), spec, ring)
 
 
 def _check_flat(flat: FlatSparse, n: int, spec: ModelSpec) -> None:
     """The flat form's shapes, and every bag bound inside its own ids: the engine stages
     bounds as they come, so a broken worker must not make the gather read past a request's
     ids (the ids themselves are checked by the kernel). One reduction: read as unsigned, a
-    negative bound is larger than any length. (Bounds in a worker's ring are checked here
-    once; the worker writes a region only before sending it and after it is freed.)"""
+    negative bound is larger than any length. (Bounds in a worker's ring stay as checked:
+    the worker writes a region only before sending it and after it is freed.)"""
     f_c, f_r, weighted = flat_shape(spec)
     bounds, ids = flat.bounds, flat.ids
     if (ids is None or flat.lengths is None or bounds is None or ids.ndim != 1

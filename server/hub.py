@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from recserve.engine.inputs import DeferredInputs
 from recserve.engine.shared_memory import SharedInputs
 
 from . import channel, shared_ring
@@ -59,13 +60,17 @@ class Hub:
 
     def __init__(self, backend: Any, config: ServerConfig, workers: int, *,
                  repository: Path | None = None, monitor: Any = None,
-                 log_level: str = "INFO", ring_bytes: int = DEFAULT_RING_BYTES) -> None:
+                 log_level: str = "INFO", ring_bytes: int = DEFAULT_RING_BYTES,
+                 defer_ring_decode: bool = False) -> None:
         if workers < 2:
             raise ValueError(f"Hub needs 2 or more workers, got {workers}")
         if ring_bytes and ring_bytes < MIN_RING_BYTES:
             raise ValueError(f"a worker's shared ring needs {MIN_RING_BYTES} bytes or more "
                              f"(or 0 for none), got {ring_bytes}")
         self.backend, self.config, self.workers = backend, config, workers
+        # Ring requests as DeferredInputs: the backend's packing processes decode them
+        # (serve --pack-in), so this loop does not (see ``score``).
+        self.defer_ring_decode = defer_ring_decode
         self.ring_bytes = ring_bytes if shared_ring.supported() else 0
         self.dispatcher = Dispatcher(backend, config)  # admission-free: for Control only
         self.control = Control(self.dispatcher, repository, monitor).install()
@@ -154,8 +159,13 @@ class Hub:
             ring, shared = side.ring, None
             if header.data_at is not None and ring is not None:  # (else decode refuses it)
                 shared = SharedInputs(ring, bytes(view), channel.decode_shared)
-            inputs = channel.decode_inputs(view, header, handle.spec,
-                                           None if ring is None else ring.view, shared)
+            if shared is not None and self.defer_ring_decode:
+                inputs = DeferredInputs(header.candidates, shared, functools.partial(
+                    channel.decode_inputs, memoryview(shared.payload), header, handle.spec,
+                    ring.view, shared))  # (the copied payload: ``view`` is reused)
+            else:
+                inputs = channel.decode_inputs(view, header, handle.spec,
+                                               None if ring is None else ring.view, shared)
             reply = functools.partial(self._reply, side, rid, handle.version)
             release = None
             if header.data_at is not None:

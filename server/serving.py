@@ -202,7 +202,9 @@ async def serve(options: ServeOptions, config: ServerConfig) -> int:
     if options.workers > 1:
         server = Hub(backend, config, options.workers, repository=options.repo,
                      monitor=monitor, log_level=options.log_level,
-                     ring_bytes=options.worker_ring_mb << 20)
+                     ring_bytes=options.worker_ring_mb << 20,
+                     defer_ring_decode=options.packs_in_processes(
+                         resolve_device(options.device)))
     else:
         server = Server(backend, config, repository=options.repo, monitor=monitor)
     loop = asyncio.get_running_loop()

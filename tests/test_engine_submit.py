@@ -362,3 +362,73 @@ def test_engine_backend_admits_by_queue_room_and_leaves_too_large_to_the_engine(
     # 60 rows queued of 100: 40 more fit at normal priority, 52 at high (an eighth past the
     # bound), none at low (half of it); more than the whole bound is the engine's too_large
     assert run(main()) == (True, False, True, False, True)
+
+
+def test_a_hub_deferring_ring_decoding_scores_as_one_decoding_at_once():
+    """``Hub(defer_ring_decode=True)`` (serve with packing processes) hands ring requests
+    on undecoded (``DeferredInputs``): the engine decodes them where it reads the arrays
+    (here the CPU executor's thread), with the same scores, and a request whose bounds
+    point past its ids fails alone there, as the undeferred hub refuses it at once."""
+    import dataclasses
+
+    from recserve.engine.flat import with_flat
+    from recserve.engine.inputs import DeferredInputs
+    from recserve.engine.shared_memory import SharedMemory
+    from recserve.server import shared_ring
+    from recserve.server.shared_ring import SharedRing
+
+    reader = SharedMemory(1 << 18, writable=False)
+    writer = SharedRing(shared_ring.map_memory(reader.fd, reader.size, writable=True))
+    rng = np.random.default_rng(11)
+    requests = [with_flat(SPEC, random_inputs(SPEC, rng, n)) for n in (5, 9, 3)]
+    bounds = requests[1].flat.bounds.copy()
+    bounds[-1] += 1  # past the request's own ids
+    broken = dataclasses.replace(requests[1], flat=dataclasses.replace(requests[1].flat,
+                                                                       bounds=bounds))
+
+    async def main(defer):
+        engine, _, weights = await started()
+        backend, handed = EngineBackend(engine), []
+        own_submit = backend.submit
+
+        def spy(model, version, inputs, *args):
+            handed.append((type(inputs), getattr(inputs, "_inputs", "decoded")))
+            return own_submit(model, version, inputs, *args)
+
+        backend.submit = spy
+        hub, side = Hub(backend, ServerConfig(), 2, defer_ring_decode=defer), FakeSide(reader)
+        for rid, inputs in enumerate([requests[0], broken, requests[2]]):
+            frame, data_at = channel.encode_score(rid, "tiny", 1, inputs, None, SPEC,
+                                                  ring=writer)
+            assert data_at is not None
+            (payload,) = FrameDecoder().feed(frame)
+            hub.score(side, memoryview(payload))
+        await until(lambda: len(side.sent) == 3)
+        await engine.close()
+        replies = [channel.decode_reply(memoryview(f)[4:]) for f in side.sent]
+        return {r.rid: r for r in replies}, handed, weights["tiny"]
+
+    deferred, handed, weights = run(main(True))
+    assert handed == [(DeferredInputs, None)] * 3  # not decoded on the loop
+    at_once, handed_at_once, _ = run(main(False))
+    assert len(handed_at_once) == 2  # the broken one was refused before the engine
+    for replies in (deferred, at_once):
+        for rid in (0, 2):
+            np.testing.assert_allclose(replies[rid].scores,
+                                       expected(SPEC, weights, requests[rid]),
+                                       rtol=1e-5, atol=1e-6)
+        assert replies[1].error is not None and replies[1].scores is None
+    assert "malformed sparse inputs" in deferred[1].error["message"]
+
+
+def test_deferred_inputs_decode_once_on_the_first_read_of_an_array():
+    from recserve.engine.flat import slice_rows
+    from recserve.engine.inputs import DeferredInputs
+
+    real = random_inputs(SPEC, np.random.default_rng(12), 4)
+    calls = []
+    deferred = DeferredInputs(4, None, lambda: calls.append(1) or real)
+    assert deferred.num_candidates == 4 and deferred.shared is None and calls == []
+    assert slice_rows(SPEC, deferred, 0, 4) is real  # a whole piece: the decoded inputs
+    assert deferred.sparse is real.sparse and deferred.dense is real.dense
+    assert deferred.flat is real.flat and calls == [1]

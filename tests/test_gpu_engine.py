@@ -117,8 +117,13 @@ def test_timeline_orders_each_batch_copy_in_compute_copy_out(compute_streams, sl
 
 
 def test_ring_requests_packed_in_processes_score_as_the_reference():
-    """Requests in a worker's ring, through the hub, packed by packing processes into shared
-    staging memory CUDA pinned: the reference's scores, and a bad id still fails alone."""
+    """Requests in a worker's ring, through the hub (which leaves their decoding to the
+    packing processes), packed into shared staging memory CUDA pinned: the reference's
+    scores; a bad id, and bag bounds past a request's ids (a worker's bug the packing
+    process refuses), each fail their own request alone."""
+    import dataclasses
+
+    from recserve.engine.flat import with_flat
     from recserve.engine.gpu_executor import GpuExecutor
     from recserve.engine.shared_memory import SharedMemory
     from recserve.server import channel
@@ -131,6 +136,10 @@ def test_ring_requests_packed_in_processes_score_as_the_reference():
     weights = init_weights(spec, seed=4)
     rng = np.random.default_rng(7)
     requests = requests_with_a_bad_id(spec, rng, 3)
+    last = with_flat(spec, requests[-1])
+    bounds = last.flat.bounds.copy()
+    bounds[-1] += 1
+    broken = dataclasses.replace(last, flat=dataclasses.replace(last.flat, bounds=bounds))
     ring = SharedMemory(64 << 20, writable=False)
     writer = SharedRing(map_memory(ring.fd, ring.size, writable=True))
 
@@ -150,13 +159,14 @@ def test_ring_requests_packed_in_processes_score_as_the_reference():
         async with engine:
             await engine.load("demo", 1, spec, weights)
             pinned = all(slot.shared is not None for slot in engine.handle("demo", 1).slots)
-            hub, side = Hub(EngineBackend(engine), ServerConfig(), 2), Side()
-            for rid, r in enumerate(requests):
+            hub = Hub(EngineBackend(engine), ServerConfig(), 2, defer_ring_decode=True)
+            side = Side()
+            for rid, r in enumerate(requests + [broken]):
                 frame, data_at = channel.encode_score(rid, "demo", 1, r, None, spec,
                                                       ring=writer)
                 assert data_at is not None
                 hub.score(side, memoryview(bytearray(frame[4:])))
-            while len(side.replies) < len(requests):
+            while len(side.replies) < len(requests) + 1:
                 await asyncio.sleep(0.01)
             return pinned, engine.stats()["executor"], side.replies
 
@@ -164,6 +174,8 @@ def test_ring_requests_packed_in_processes_score_as_the_reference():
     assert pinned  # CUDA registered every slot's shared staging memory
     assert stats["packed_in_processes"] > 0 and stats["packing_process_restarts"] == 0
     assert replies[3].error is not None and replies[3].error["code"] == "bad_request"
+    malformed = replies[len(requests)].error
+    assert malformed is not None and "malformed sparse inputs" in malformed["message"]
     reference = ReferenceModel(spec, weights)
     for rid, req in enumerate(requests):
         if rid == 3:
