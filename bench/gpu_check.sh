@@ -16,7 +16,8 @@
 # (--budget-s 60: on the H100 that ended before torch.compile; a follow-up call with
 # STEPS="install kernels-bench" BENCH_TIMEOUT_S=240 KERNEL_BENCH_ARGS="--budget-s 200" has it),
 # VARIANTS_BENCH_ARGS (--budget-s 60; e.g. "--sections forward --cross-configs", or
-# "--sections row_size --budget-s 200": is a lookup's cost per row or per byte?),
+# "--sections row_size --budget-s 200": is a lookup's cost per row or per byte?, or
+# "--sections forward,graph_tuned --budget-s 200": kernels tuned by their time in a graph),
 # ENGINE_BENCH_ARGS (--variants default,via=ring,pack_in=process,pack_in=process+slot_streams,
 # pack_in=process+graph_copies: the requests as workers' rings hand them over, packed in
 # threads and in packing processes, then each slot's copies and compute on its own stream,

@@ -24,7 +24,9 @@ prints a table; exit status 1 when any correctness check failed (they print FAIL
 ``--sections forward`` skips the gather and int8 sections (a short follow-up call);
 ``--cross-configs`` also tunes the cross layers' opt-in candidates (``linear.CROSS_CANDIDATES``).
 ``--sections row_size`` times the gather at embedding dims 32-256, bf16 and int8 (rows a
-second against bytes a row: why int8 runs at the bf16 rate, ``bench_row_sizes``).
+second against bytes a row: why int8 runs at the bf16 rate, ``bench_row_sizes``);
+``--sections forward,graph_tuned`` ends with both forwards tuned again by device time in a
+CUDA graph (``RECSERVE_TUNE_BY=graph``) instead of eager launches.
 Cost on a cold card: tuning compiles ~15 gather and ~50 GEMM configs (1-2 s each), so
 expect about 2-3 minutes tuned, under a minute with ``--untuned``; measurements stop
 starting after ``--budget-s``, and the JSON holds everything measured until then.
@@ -50,7 +52,7 @@ from recserve.engine.weights import (
 )
 from recserve.kernels import embedding_bag as eb  # noqa: E402
 from recserve.kernels import linear as li  # noqa: E402
-from recserve.kernels._common import PDL_ENV  # noqa: E402
+from recserve.kernels._common import PDL_ENV, TUNE_BY_ENV, forget_tuning  # noqa: E402
 from recserve.kernels.model import TritonModel, capture_graph  # noqa: E402
 from recserve.kernels.tables import PackedTables, quantized_row_bytes  # noqa: E402
 
@@ -101,7 +103,7 @@ def check_pooled(rec, what: str, e: torch.Tensor, feats, want: list, bad: torch.
 
 def new_configs(tuner, before: set) -> list:
     """The configs the tuner chose for keys it tuned since ``before``, each with every
-    candidate's tuning time (median ms, fastest first; eager launches)."""
+    candidate's tuning time (median ms, fastest first, timed as ``tune_by`` says)."""
     return [{"key": str(k)[:160], "config": v,
              "timings_ms": [[round(ms, 4), c] for ms, c in tuner.timings.get(k, [])]}
             for k, v in tuner.best.items() if k not in before]
@@ -293,7 +295,9 @@ def main() -> int:
                     "these three; 'forward' alone suits a short follow-up call), row_size "
                     "(the gather at embedding dims 32-256, bf16 and int8, at the first of "
                     "--sizes and --row-size-rows rows a table: is a lookup's cost per row "
-                    "or per byte?)")
+                    "or per byte?), graph_tuned (with forward: last, both forwards again "
+                    "with every kernel tuned anew by its time in a CUDA graph, "
+                    "RECSERVE_TUNE_BY=graph, against the default eager timing)")
     ap.add_argument("--row-size-rows", type=int, default=1_000_000,
                     help="rows per table in the row_size section (dim 256 bf16: 26 tables "
                     "of 512-byte rows, 13 GB at 1M)")
@@ -301,9 +305,9 @@ def main() -> int:
                     help="cpu: a smoke run under the interpreter (use tiny --sizes, --max-rows)")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
-    if not sections <= {"gather", "int8", "forward", "row_size"}:
-        ap.error(f"--sections {args.sections!r}: expected gather, int8, forward and/or "
-                 "row_size")
+    if not sections <= {"gather", "int8", "forward", "row_size", "graph_tuned"}:
+        ap.error(f"--sections {args.sections!r}: expected gather, int8, forward, row_size "
+                 "and/or graph_tuned")
     if args.cross_configs:
         li.EXTRA_CROSS_CONFIGS[:] = li.CROSS_CANDIDATES
     if args.untuned:
@@ -349,6 +353,14 @@ def main() -> int:
     model.set_bottom_beside_gather(False)
     for b in args.sizes:  # (the least telling now: last, where the time budget may cut it)
         bench_forward(rec, base, "dlrmv2", spec, weights, model, b, ("first_run",))
+    if "graph_tuned" in sections:  # every kernel tuned again, timed in CUDA graphs
+        os.environ[TUNE_BY_ENV] = "graph"
+        forget_tuning()
+        for b in args.sizes:
+            bench_forward(rec, base, "dlrmv2 graph-tuned", spec, weights, model, b, (DEFAULT,))
+        for b in args.sizes if dot_model is not None else []:
+            bench_forward(rec, base, "dlrm-dot graph-tuned", dot, dot_w, dot_model, b,
+                          (DEFAULT,))
     return finish(rec)
 
 

@@ -16,6 +16,8 @@ bits (the gather: same sums, same order) passes ``outputs``: every config's resu
 then compared bit for bit with the first one's before it is timed, and a config that
 differs (a miscompile that still runs) is dropped like one that fails to compile.
 With ``RECSERVE_TUNING_CACHE`` set, picks persist across processes (``tuning_cache``).
+``RECSERVE_TUNE_BY=graph`` times candidates as the engine runs them, replayed in a CUDA
+graph (``tune_by``); the default times eager launches.
 """
 
 from __future__ import annotations
@@ -67,12 +69,41 @@ def ieee_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting())
 
 
+TUNE_BY_ENV = "RECSERVE_TUNE_BY"
+TUNE_BY = ("eager", "graph")
+
+
+def tune_by() -> str:
+    """How ``SafeTuner`` times a candidate (``RECSERVE_TUNE_BY``): ``eager`` (default:
+    ``triton.testing.do_bench``, one launch at a time from Python, L2 flushed between) or
+    ``graph`` (``do_bench_cudagraph``: many launches replayed in one CUDA graph, the
+    device's time alone, as the engine replays its forward). They can disagree where a
+    launch is short: on the H100 at B=512 the tuner's eager timings put split-K configs
+    (two launches) behind single-kernel ones, while the chosen cross layers took 11.5 us of
+    device time each in the graph for 3.5 MB of weights (bench/RESULTS.md)."""
+    value = os.environ.get(TUNE_BY_ENV, "eager")
+    if value not in TUNE_BY:
+        raise ValueError(f"{TUNE_BY_ENV}={value!r}; expected one of {TUNE_BY}")
+    return value
+
+
+_TUNERS: list[SafeTuner] = []
+
+
+def forget_tuning() -> None:
+    """Drop every tuner's picks in this process (benchmarks: tune again another way)."""
+    for tuner in _TUNERS:
+        tuner.best.clear()
+        tuner.timings.clear()
+
+
 class SafeTuner:
     """Pick the fastest config per key among those that compile and run."""
 
     def __init__(self, name: str, configs: Sequence[dict]) -> None:
         if not configs:
             raise ValueError(f"{name}: no configs to tune over")
+        _TUNERS.append(self)
         self.name = name
         self.configs = list(configs)
         self.best: dict[tuple, dict] = {}
@@ -96,8 +127,10 @@ class SafeTuner:
             configs = configs[:1]  # tests exercise the first config; a failure must show
         if len(configs) == 1 or os.environ.get("RECSERVE_AUTOTUNE") == "0":
             return self._first_that_runs(key, launch, configs)
-        cache = shared_cache()
-        cached = cache.get(self.name, key) if cache is not None else None
+        method = tune_by()
+        cache, cache_name = shared_cache(), self.name if method == "eager" else \
+            f"{self.name}@{method}"  # (picks by one method do not stand for the other)
+        cached = cache.get(cache_name, key) if cache is not None else None
         if cached is not None and cached in configs:
             try:  # tuned by an earlier process for this card, compiler and kernel source
                 launch(cached)
@@ -108,24 +141,11 @@ class SafeTuner:
             else:
                 self.best[key] = cached
                 return cached
-        timings = []
-        errors = []
-        reference = None
-        for config in configs:
-            try:
-                if outputs is not None:
-                    result = _bits_of(launch, config, outputs)
-                    if reference is None:
-                        reference = (config, result)
-                    elif not all(torch.equal(a, b) for a, b in zip(reference[1], result,
-                                                                    strict=True)):
-                        errors.append(f"{config}: its output differs from {reference[0]}'s")
-                        continue
-                ms = triton.testing.do_bench(lambda c=config: launch(c), warmup=5, rep=20,
-                                             return_mode="median")
-                timings.append((ms, config))
-            except Exception as exc:  # noqa: BLE001 - any compile or launch failure prunes
-                errors.append(f"{config}: {type(exc).__name__}: {str(exc)[:200]}")
+        timings, errors = self._time_each(configs, launch, outputs, method)
+        if not timings and method == "graph":  # (a launch that cannot be captured)
+            warnings.warn(f"{self.name}: no config could be timed in a CUDA graph for key "
+                          f"{_brief(key)}; timing eager launches", stacklevel=2)
+            timings, errors = self._time_each(configs, launch, outputs, "eager")
         if not timings:
             raise RuntimeError(f"{self.name}: every config failed for key {key}:\n  "
                                + "\n  ".join(errors))
@@ -137,10 +157,37 @@ class SafeTuner:
         best = timings[0][1]
         self.best[key] = best
         if cache is not None:
-            cache.put(self.name, key, best)
+            cache.put(cache_name, key, best)
         launch(best)  # leave the outputs of the chosen config in place
         return best
 
+    @staticmethod
+    def _time_each(configs: list[dict], launch: Callable[[dict], None],
+                   outputs: Callable[[], Sequence[tuple[torch.Tensor, float]]] | None,
+                   method: str) -> tuple[list[tuple[float, dict]], list[str]]:
+        """(median ms, config) for each config that runs (and, with ``outputs``, gives the
+        first one's bits), and why each other one was dropped."""
+        timings, errors, reference = [], [], None
+        for config in configs:
+            try:
+                if outputs is not None:
+                    result = _bits_of(launch, config, outputs)
+                    if reference is None:
+                        reference = (config, result)
+                    elif not all(torch.equal(a, b) for a, b in zip(reference[1], result,
+                                                                    strict=True)):
+                        errors.append(f"{config}: its output differs from {reference[0]}'s")
+                        continue
+                if method == "graph":
+                    ms = triton.testing.do_bench_cudagraph(lambda c=config: launch(c), rep=10,
+                                                           return_mode="median")
+                else:
+                    ms = triton.testing.do_bench(lambda c=config: launch(c), warmup=5, rep=20,
+                                                 return_mode="median")
+                timings.append((ms, config))
+            except Exception as exc:  # noqa: BLE001 - any compile or launch failure prunes
+                errors.append(f"{config}: {type(exc).__name__}: {str(exc)[:200]}")
+        return timings, errors
 
     def _first_that_runs(self, key: tuple, launch: Callable[[dict], None],
                          configs: list[dict]) -> dict:

@@ -124,8 +124,8 @@ def test_engine_host_feeds_requests_through_the_hub(via_hub):
 
 
 def test_kernel_variants_refuses_an_unknown_section(tmp_path):
-    """bench/kernel_variants.py --sections takes gather, int8, forward and row_size only,
-    and says so before any measurement."""
+    """bench/kernel_variants.py --sections takes gather, int8, forward, row_size and
+    graph_tuned only, and says so before any measurement."""
     import subprocess
 
     script = Path(__file__).resolve().parents[1] / "bench" / "kernel_variants.py"
@@ -133,7 +133,7 @@ def test_kernel_variants_refuses_an_unknown_section(tmp_path):
                              "--sections", "forward,gemm"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2
-    assert "expected gather, int8, forward and/or row_size" in result.stderr
+    assert "expected gather, int8, forward, row_size and/or graph_tuned" in result.stderr
     assert not (tmp_path / "kernel_variants.json").exists()
 
 

@@ -421,3 +421,43 @@ def test_the_int8_decode_without_a_conversion_is_exact():
     codes = torch.arange(256, dtype=torch.int32)
     decoded = (codes | 0x4B000000).view(torch.float32) - 8388608.0
     assert torch.equal(decoded, codes.float())
+
+
+def test_tuning_by_graph_times_in_a_cuda_graph_and_falls_back_to_eager(monkeypatch):
+    """``RECSERVE_TUNE_BY=graph`` times candidates with ``do_bench_cudagraph`` (the device's
+    time, as the engine replays its forward); when no candidate can be timed so, the key is
+    timed eagerly instead, with a warning; ``forget_tuning`` drops every pick."""
+    from recserve.kernels import _common
+
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    monkeypatch.delenv("RECSERVE_AUTOTUNE", raising=False)
+    eager_ms, graph_ms = {0: 1.0, 1: 2.0}, {0: 3.0, 1: 0.5}  # they disagree
+    chosen = {}
+
+    def bench(table, fail=False):
+        def run(fn, **_):
+            fn()
+            if fail:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            return table[chosen["v"]]
+        return run
+
+    def launch(cfg):
+        chosen["v"] = cfg["v"]
+
+    monkeypatch.setattr(_common.triton.testing, "do_bench", bench(eager_ms))
+    monkeypatch.setattr(_common.triton.testing, "do_bench_cudagraph", bench(graph_ms))
+    tuner = _common.SafeTuner("t", [{"v": 0}, {"v": 1}])
+    monkeypatch.setenv("RECSERVE_TUNE_BY", "eager")
+    assert tuner.run(("a",), launch) == {"v": 0}
+    monkeypatch.setenv("RECSERVE_TUNE_BY", "graph")
+    assert tuner.run(("b",), launch) == {"v": 1}
+    assert [c["v"] for _, c in tuner.timings[("b",)]] == [1, 0]
+    monkeypatch.setattr(_common.triton.testing, "do_bench_cudagraph", bench(graph_ms, True))
+    with pytest.warns(UserWarning, match="no config could be timed in a CUDA graph"):
+        assert tuner.run(("c",), launch) == {"v": 0}
+    _common.forget_tuning()
+    assert tuner.best == {} and tuner.timings == {}
+    monkeypatch.setenv("RECSERVE_TUNE_BY", "fastest")
+    with pytest.raises(ValueError, match="RECSERVE_TUNE_BY='fastest'"):
+        tuner.run(("d",), launch)
