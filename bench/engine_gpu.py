@@ -94,7 +94,7 @@ async def engine_run(v: Variant, spec, weights, requests, repeats: int) -> dict:
         executor = GpuExecutor(s, "cuda", pack_threads=v.pack_threads,
                                compute_streams=v.compute_streams,
                                pack_processes=v.pack_processes, slot_streams=v.slot_streams,
-                               graph_copies=graph_copies)
+                               graph_copies=graph_copies, graph_outputs=v.graph_outputs)
         executors.append(executor)
         return executor
 
@@ -124,7 +124,7 @@ async def engine_run(v: Variant, spec, weights, requests, repeats: int) -> dict:
         model = engine.handle(spec.name, 1)  # the built GpuModel: its graphs, for timing
         slot = model.slots[0]
         graph = slot.graphs[settings.max_batch_rows][0]
-        if graph_copies:  # its graphs hold the copies too: the bare forward is another one
+        if graph_copies or v.graph_outputs:  # its graphs hold copies: the bare forward is apart
             graph = capture(functools.partial(device_step, model, slot, settings.max_batch_rows),
                             torch.cuda.graph_pool_handle(), torch.device("cuda", 0))[0]
         bare_ms = triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
@@ -241,6 +241,7 @@ class Variant:
     pack_processes: bool = False
     slot_streams: bool = False
     graph_copies: bool = False
+    graph_outputs: bool = False
     pdl: bool = False  # RECSERVE_PDL=1 while the engine builds and runs
 
 
@@ -248,6 +249,7 @@ _CHANGES = {"via=ring": {"via_ring": True},
             "pack_in=process": {"via_ring": True, "pack_processes": True},  # (ring requests)
             "slot_streams": {"slot_streams": True},
             "graph_copies": {"slot_streams": True, "graph_copies": True},
+            "graph_outputs": {"graph_outputs": True},
             "pdl": {"pdl": True}}
 
 
@@ -292,7 +294,9 @@ def main() -> None:
                    "workers with shared rings, through Hub.score), pack_in=process (via=ring, "
                    "packed by packing processes), slot_streams (each slot's copies and "
                    "compute on its own stream: fewer CUDA calls a batch), graph_copies (slot "
-                   "streams, the copies captured in the graphs: a batch is one replay), pdl "
+                   "streams, the copies captured in the graphs: a batch is one replay), "
+                   "graph_outputs (the graphs copy the scores out, the copy in stays apart: "
+                   "6 CUDA calls a batch instead of 10), pdl "
                    "(RECSERVE_PDL=1: kernels launch while the one before finishes) (e.g. "
                    "default,compute_streams=2+switch_ms=0.5,default: a name given twice is "
                    "run twice, which shows what the run's order costs)")
@@ -332,7 +336,7 @@ def main() -> None:
                "compute_streams": v.compute_streams,
                "switch_interval_s": v.switch_s or default_switch, "via_ring": v.via_ring,
                "pack_processes": v.pack_processes, "slot_streams": v.slot_streams,
-               "graph_copies": v.graph_copies, "pdl": v.pdl}
+               "graph_copies": v.graph_copies, "graph_outputs": v.graph_outputs, "pdl": v.pdl}
         sys.setswitchinterval(v.switch_s or default_switch)
         if v.pdl:
             os.environ[PDL_ENV] = "1"

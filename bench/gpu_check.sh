@@ -18,11 +18,12 @@
 # VARIANTS_BENCH_ARGS (--budget-s 60; e.g. "--sections forward --cross-configs", or
 # "--sections row_size --budget-s 200": is a lookup's cost per row or per byte?, or
 # "--sections forward,graph_tuned --budget-s 200": kernels tuned by their time in a graph),
-# ENGINE_BENCH_ARGS (--variants default,via=ring,pack_in=process,pack_in=process+slot_streams,
-# pack_in=process+graph_copies: the requests as workers' rings hand them over, packed in
-# threads and in packing processes, then each slot's copies and compute on its own stream,
-# then the copies inside the graphs; --sweep: the older sweep of threads, slots, streams
-# and switch interval), PYTEST_WORKERS (4, with pytest-xdist), and each step's time
+# ENGINE_BENCH_ARGS (--variants default,graph_outputs,via=ring,pack_in=process,
+# pack_in=process+graph_outputs,pack_in=process+switch_ms=0.1: in process, then with the
+# graphs copying the scores out (6 CUDA calls a batch, not 10), then the requests as
+# workers' rings hand them over, packed in threads and in packing processes, with graph
+# outputs, and with a 0.1 ms switch interval; --sweep: the older sweep of threads, slots,
+# streams and switch interval), PYTEST_WORKERS (4, with pytest-xdist), and each step's time
 # limit in seconds:
 # PYTEST_TIMEOUT_S (240), BENCH_TIMEOUT_S (120), VARIANTS_TIMEOUT_S (90), ENGINE_TIMEOUT_S (150),
 # SINGLE_TIMEOUT_S (60), LOAD_TIMEOUT_S (60), WORKERS_TIMEOUT_S (120; the step runs only when
@@ -102,10 +103,10 @@ step kernel-variants bash -c "timeout ${VARIANTS_TIMEOUT_S:-90} $PY bench/kernel
 
 # Engine at full load vs its own bare forward (dlrmv2, B=8192), copy/compute overlap, host
 # stages; in process, then as the rings of serve --workers hand requests over, packed in
-# threads and in packing processes (serve --pack-in), with slot streams, and with the
-# copies inside each slot's graphs (one replay a batch).
+# threads and in packing processes (serve --pack-in), with fewer CUDA calls a batch
+# (graph_outputs) and a shorter switch interval.
 step engine-bench bash -c "timeout ${ENGINE_TIMEOUT_S:-150} $PY bench/engine_gpu.py '$OUT' \
-    ${ENGINE_BENCH_ARGS:---variants default,via=ring,pack_in=process,pack_in=process+slot_streams,pack_in=process+graph_copies} \
+    ${ENGINE_BENCH_ARGS:---variants default,graph_outputs,via=ring,pack_in=process,pack_in=process+graph_outputs,pack_in=process+switch_ms=0.1} \
     >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 10 '$OUT/bench.log'; exit \$rc"
 
 # Engine vs one forward per request, in process, same offered loads (bench/engine.py).

@@ -26,7 +26,8 @@ also autotunes every kernel for that shape. A batch goes through three streams:
   copy-out stream: (waits compute) scores and bad-id flags -> pinned   -> event done
   completion thread: waits ``done`` (off the launcher), resolves the pieces, frees the slot
   (``slot_streams``: copy-in, compute and copy-out of a batch on its slot's own stream
-  instead, without the events and waits between streams)
+  instead, without the events and waits between streams; ``graph_outputs``: the graphs
+  copy the scores and flags out themselves, on the compute stream)
 
 So while batch k computes, batch k+1 is being copied in and batch k-1's scores copied
 out; nothing on the hot path synchronizes the device. A request whose ids fall outside
@@ -58,6 +59,7 @@ from .gpu_slots import (
     copy_in,
     device_step,
     new_slot,
+    outputs_step,
 )
 from .packer import PackerUnavailable, PackingProcess, PackingProcesses
 from .progress import Progress
@@ -74,7 +76,8 @@ class GpuExecutor(Executor):
     def __init__(self, settings: EngineSettings, device: str = "cuda", *,
                  use_graphs: bool = True, pack_threads: int | None = None,
                  compute_streams: int = 1, pack_processes: bool = False,
-                 slot_streams: bool = False, graph_copies: bool = False) -> None:
+                 slot_streams: bool = False, graph_copies: bool = False,
+                 graph_outputs: bool = False) -> None:
         if pack_threads is not None and pack_threads < 1:
             raise ValueError(f"pack_threads is {pack_threads}; expected at least 1")
         if not 1 <= compute_streams <= settings.slots:
@@ -86,6 +89,9 @@ class GpuExecutor(Executor):
         if graph_copies and not (slot_streams and use_graphs):
             raise ValueError("graph_copies captures each batch's copies in its slot's graphs, "
                              "replayed on the slot's stream: it needs slot_streams and graphs")
+        if graph_outputs and (graph_copies or not use_graphs):
+            raise ValueError("graph_outputs captures the copies out in the graphs: it needs "
+                             "graphs, and graph_copies has them there already")
         self.compute_streams = compute_streams
         self.slot_streams = slot_streams
         """Each slot's batch runs its copies in, compute and copies out on the slot's own
@@ -95,6 +101,12 @@ class GpuExecutor(Executor):
         """Each slot's graphs hold the batch's copies in and out too (fixed sizes: the
         bucket's whole ids room), so a batch is one replay: three CUDA calls. The timeline
         then has one ``batch`` span per batch, and busy time includes the copies."""
+        self.graph_outputs = graph_outputs
+        """The graphs copy each batch's scores and flags out too (fixed sizes: the bucket's
+        rows), on the compute stream; the copy-in stays apart, on its own stream, at the
+        batch's size. 6 CUDA calls a batch instead of 10, each a GIL hand-off; the
+        timeline's ``compute`` span then includes the copy out, and there is no ``d2h``."""
+        self._device_end = "d2h_end" if graph_copies or graph_outputs else "compute_end"
         self.pack_processes = pack_processes and shared_memory.supported()
         """Each launcher thread has a packing process (``packer``) for batches whose
         requests lie in shared memory; their slots' staging is shared memory, pinned."""
@@ -182,8 +194,9 @@ class GpuExecutor(Executor):
                 sizes = pack(layout, slot.host, [random_inputs(spec, rng, bucket)], bucket)
                 copy_in(slot, bucket, sizes.nnz, torch.cuda.current_stream(self.device))
                 if self.use_graphs:
-                    step = functools.partial(batch_step if self.graph_copies else device_step,
-                                             model, slot, bucket)
+                    step = functools.partial(
+                        batch_step if self.graph_copies else
+                        outputs_step if self.graph_outputs else device_step, model, slot, bucket)
                     slot.graphs[bucket] = capture(step, slot.pool, self.device)
                 else:
                     device_step(model, slot, bucket)
@@ -285,7 +298,8 @@ class GpuExecutor(Executor):
             h2d, out = self._streams["h2d"], self._streams["d2h"]
             compute = self._compute[self._issued % len(self._compute)]  # in turn (launch lock)
             self._issued += 1
-        self.bytes_in += issue_streams(model, slot, sizes, h2d, compute, out)
+        self.bytes_in += issue_streams(model, slot, sizes, h2d, compute, out,
+                                       self.graph_outputs)
 
     def _completer(self) -> None:
         while (item := self._done_q.get()) is not None:
@@ -305,7 +319,7 @@ class GpuExecutor(Executor):
     def _account(self, seq: int, slot: SlotState) -> None:
         ev = slot.events
         start = self._origin.elapsed_time(ev["compute_start"])
-        end = self._origin.elapsed_time(ev["d2h_end" if self.graph_copies else "compute_end"])
+        end = self._origin.elapsed_time(ev[self._device_end])
         # batches complete in issue order; with several compute streams their spans may
         # overlap, and only the time not already counted is busy time
         self.busy_ms += max(0.0, end - max(start, self._busy_until))
@@ -315,6 +329,10 @@ class GpuExecutor(Executor):
             return
         if self.graph_copies:
             self.timeline.append((seq, "batch", start, end))  # (copies and compute, one span)
+        elif self.graph_outputs:  # (the copy out inside compute's span)
+            self.timeline.append((seq, "h2d", self._origin.elapsed_time(ev["h2d_start"]),
+                                  self._origin.elapsed_time(ev["h2d_end"])))
+            self.timeline.append((seq, "compute", start, end))
         else:
             for stage in _STAGES:
                 start = self._origin.elapsed_time(ev[f"{stage}_start"])

@@ -145,17 +145,24 @@ def device_step(model: GpuModel, slot: SlotState, bucket: int) -> tuple[torch.Te
     return model.triton.forward_prepared(prepared)
 
 
-def batch_step(model: GpuModel, slot: SlotState, bucket: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``device_step`` with the batch's copies around it, at fixed sizes (what a whole-batch
-    graph captures, ``GpuExecutor(graph_copies=True)``): the block up to the end of the
-    bucket's whole ids room (and as many weights) in, scores and bad-id flags of every row
-    out to the slot's pinned outputs, all on the current stream."""
-    copy_in(slot, bucket, slot.device.bucket(bucket).ids.shape[0], None)  # (current stream)
+def outputs_step(model: GpuModel, slot: SlotState, bucket: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``device_step``, then the scores and bad-id flags of every row of the bucket out to
+    the slot's pinned outputs (fixed sizes), on the current stream: what a graph captures
+    with ``GpuExecutor(graph_outputs=True)``."""
     scores, bad = device_step(model, slot, bucket)
     slot.scores_out[:bucket].copy_(scores[:bucket], non_blocking=True)
     slot.bad_out[:bucket + 1].copy_(bad[:bucket + 1], non_blocking=True)
     return scores, bad
+
+
+def batch_step(model: GpuModel, slot: SlotState, bucket: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``outputs_step`` after the batch's copy in at a fixed size (what a whole-batch graph
+    captures, ``GpuExecutor(graph_copies=True)``): the block up to the end of the bucket's
+    whole ids room (and as many weights), on the current stream."""
+    copy_in(slot, bucket, slot.device.bucket(bucket).ids.shape[0], None)  # (current stream)
+    return outputs_step(model, slot, bucket)
 
 
 def capture(step, pool, device: torch.device):

@@ -88,6 +88,10 @@ def test_slot_streams_and_several_compute_streams_exclude_each_other():
         with pytest.raises(ValueError, match="needs slot_streams and graphs"):
             GpuExecutor(SETTINGS, "cuda", graph_copies=True, **without)
     assert GpuExecutor(SETTINGS, "cuda", slot_streams=True, graph_copies=True).graph_copies
+    for without in ({"use_graphs": False}, {"slot_streams": True, "graph_copies": True}):
+        with pytest.raises(ValueError, match="graph_outputs captures the copies out"):
+            GpuExecutor(SETTINGS, "cuda", graph_outputs=True, **without)
+    assert GpuExecutor(SETTINGS, "cuda", graph_outputs=True).graph_outputs
 
 
 def test_engine_gpu_variants_compose_from_their_names():
