@@ -94,7 +94,8 @@ async def engine_run(v: Variant, spec, weights, requests, repeats: int) -> dict:
         executor = GpuExecutor(s, "cuda", pack_threads=v.pack_threads,
                                compute_streams=v.compute_streams,
                                pack_processes=v.pack_processes, slot_streams=v.slot_streams,
-                               graph_copies=graph_copies, graph_outputs=v.graph_outputs)
+                               graph_copies=graph_copies, graph_outputs=v.graph_outputs,
+                               blocking_wait=v.blocking_wait)
         executors.append(executor)
         return executor
 
@@ -110,7 +111,7 @@ async def engine_run(v: Variant, spec, weights, requests, repeats: int) -> dict:
         executor.timeline_limit = 100_000
         busy0 = executor.busy_ms
         rows = sum(r.num_candidates for r in requests) * repeats
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         # clients keep two batches per slot outstanding (not a burst: see closed_loop)
         every = [r for _ in range(repeats) for r in requests]
         if via_ring:  # as the engine process of serve --workers meets them
@@ -120,6 +121,8 @@ async def engine_run(v: Variant, spec, weights, requests, repeats: int) -> dict:
             await wl.closed_loop(engine, spec.name, every,
                                  2 * settings.slots * settings.max_batch_rows)
         wall = time.perf_counter() - start
+        # this process's cores in use (its threads; packing processes not counted)
+        process_cores = (time.process_time() - cpu_start) / wall
         packed_in_processes = executor.stats().get("packed_in_processes", 0)
         model = engine.handle(spec.name, 1)  # the built GpuModel: its graphs, for timing
         slot = model.slots[0]
@@ -132,6 +135,7 @@ async def engine_run(v: Variant, spec, weights, requests, repeats: int) -> dict:
                                         for s in model.slots[:2]]) \
             if len(model.slots) > 1 and not graph_copies else float("nan")
         return {"rows": rows, "wall_s": wall, "samples_per_s": rows / wall,
+                "process_cores": process_cores,
                 "packed_in_processes": packed_in_processes,
                 "gpu_busy_fraction": (executor.busy_ms - busy0) / 1e3 / wall,
                 "copy_overlap_fraction": overlap_fraction(executor.timeline),
@@ -207,7 +211,8 @@ def summarize(name: str, traffic: str, r: dict, pack_ms: dict) -> str:
             f"{r['ratio_to_bare']:.2f}; GPU busy {r['gpu_busy_fraction']:.0%}, copy-in "
             f"overlapped {r['copy_overlap_fraction']:.0%} over {r['batches']} batches; a pack "
             f"took {r['pack_in_engine_over_alone']:.1f}x its time alone; compute starts every "
-            f"{r['compute_start_gap_ms']:.2f} ms; stage ms {r['stage_mean_ms']}")
+            f"{r['compute_start_gap_ms']:.2f} ms; engine process {r['process_cores']:.1f} "
+            f"cores; stage ms {r['stage_mean_ms']}")
 
 
 def copy_in_rate(megabytes: int = 8) -> dict:
@@ -242,6 +247,7 @@ class Variant:
     slot_streams: bool = False
     graph_copies: bool = False
     graph_outputs: bool = False
+    blocking_wait: bool = False  # the completion thread sleeps on its events, no spinning
     pdl: bool = False  # RECSERVE_PDL=1 while the engine builds and runs
 
 
@@ -250,6 +256,7 @@ _CHANGES = {"via=ring": {"via_ring": True},
             "slot_streams": {"slot_streams": True},
             "graph_copies": {"slot_streams": True, "graph_copies": True},
             "graph_outputs": {"graph_outputs": True},
+            "blocking_wait": {"blocking_wait": True},
             "pdl": {"pdl": True}}
 
 
@@ -296,7 +303,8 @@ def main() -> None:
                    "compute on its own stream: fewer CUDA calls a batch), graph_copies (slot "
                    "streams, the copies captured in the graphs: a batch is one replay), "
                    "graph_outputs (the graphs copy the scores out, the copy in stays apart: "
-                   "6 CUDA calls a batch instead of 10), pdl "
+                   "6 CUDA calls a batch instead of 10), blocking_wait (the completion "
+                   "thread sleeps until a batch is done instead of spinning a core), pdl "
                    "(RECSERVE_PDL=1: kernels launch while the one before finishes) (e.g. "
                    "default,compute_streams=2+switch_ms=0.5,default: a name given twice is "
                    "run twice, which shows what the run's order costs)")
@@ -336,7 +344,8 @@ def main() -> None:
                "compute_streams": v.compute_streams,
                "switch_interval_s": v.switch_s or default_switch, "via_ring": v.via_ring,
                "pack_processes": v.pack_processes, "slot_streams": v.slot_streams,
-               "graph_copies": v.graph_copies, "graph_outputs": v.graph_outputs, "pdl": v.pdl}
+               "graph_copies": v.graph_copies, "graph_outputs": v.graph_outputs,
+               "blocking_wait": v.blocking_wait, "pdl": v.pdl}
         sys.setswitchinterval(v.switch_s or default_switch)
         if v.pdl:
             os.environ[PDL_ENV] = "1"

@@ -18,9 +18,10 @@
 # VARIANTS_BENCH_ARGS (--budget-s 60; e.g. "--sections forward --cross-configs", or
 # "--sections row_size --budget-s 200": is a lookup's cost per row or per byte?, or
 # "--sections forward,graph_tuned --budget-s 200": kernels tuned by their time in a graph),
-# ENGINE_BENCH_ARGS (--variants default,graph_outputs,via=ring,pack_in=process,
+# ENGINE_BENCH_ARGS (--variants default,graph_outputs,blocking_wait,via=ring,pack_in=process,
 # pack_in=process+graph_outputs,pack_in=process+switch_ms=0.1: in process, then with the
-# graphs copying the scores out (6 CUDA calls a batch, not 10), then the requests as
+# graphs copying the scores out (6 CUDA calls a batch, not 10), with the completion thread
+# sleeping instead of spinning (the engine process's cores are printed), then the requests as
 # workers' rings hand them over, packed in threads and in packing processes, with graph
 # outputs, and with a 0.1 ms switch interval; --sweep: the older sweep of threads, slots,
 # streams and switch interval), PYTEST_WORKERS (4, with pytest-xdist), and each step's time
@@ -106,7 +107,7 @@ step kernel-variants bash -c "timeout ${VARIANTS_TIMEOUT_S:-90} $PY bench/kernel
 # threads and in packing processes (serve --pack-in), with fewer CUDA calls a batch
 # (graph_outputs) and a shorter switch interval.
 step engine-bench bash -c "timeout ${ENGINE_TIMEOUT_S:-150} $PY bench/engine_gpu.py '$OUT' \
-    ${ENGINE_BENCH_ARGS:---variants default,graph_outputs,via=ring,pack_in=process,pack_in=process+graph_outputs,pack_in=process+switch_ms=0.1} \
+    ${ENGINE_BENCH_ARGS:---variants default,graph_outputs,blocking_wait,via=ring,pack_in=process,pack_in=process+graph_outputs,pack_in=process+switch_ms=0.1} \
     >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 10 '$OUT/bench.log'; exit \$rc"
 
 # Engine vs one forward per request, in process, same offered loads (bench/engine.py).

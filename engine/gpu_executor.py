@@ -77,7 +77,7 @@ class GpuExecutor(Executor):
                  use_graphs: bool = True, pack_threads: int | None = None,
                  compute_streams: int = 1, pack_processes: bool = False,
                  slot_streams: bool = False, graph_copies: bool = False,
-                 graph_outputs: bool = False) -> None:
+                 graph_outputs: bool = False, blocking_wait: bool = False) -> None:
         if pack_threads is not None and pack_threads < 1:
             raise ValueError(f"pack_threads is {pack_threads}; expected at least 1")
         if not 1 <= compute_streams <= settings.slots:
@@ -107,6 +107,10 @@ class GpuExecutor(Executor):
         batch's size. 6 CUDA calls a batch instead of 10, each a GIL hand-off; the
         timeline's ``compute`` span then includes the copy out, and there is no ``d2h``."""
         self._device_end = "d2h_end" if graph_copies or graph_outputs else "compute_end"
+        self.blocking_wait = blocking_wait
+        """The completion thread sleeps until a batch is done instead of spinning a core
+        (CUDA spins in ``Event.synchronize`` by default while cores outnumber contexts):
+        a core back, for some wake-up latency; to be measured (``engine_gpu.py``)."""
         self.pack_processes = pack_processes and shared_memory.supported()
         """Each launcher thread has a packing process (``packer``) for batches whose
         requests lie in shared memory; their slots' staging is shared memory, pinned."""
@@ -182,8 +186,8 @@ class GpuExecutor(Executor):
         triton_model = TritonModel(spec, weights, self.device)
         layout = staging_layout(spec, [names for _, _, names in triton_model.groups],
                                 self.settings.max_batch_rows, triton_model.layout.x_request)
-        slots = [new_slot(triton_model, layout, self.device, _STAGES, self.pack_processes)
-                 for _ in range(self.settings.slots)]
+        slots = [new_slot(triton_model, layout, self.device, _STAGES, self.pack_processes,
+                          self.blocking_wait) for _ in range(self.settings.slots)]
         model = GpuModel(spec, triton_model, layout, slots)
         rng = np.random.default_rng(0)
         progress = Progress(f"building {spec.name} on {self.device} (a CUDA graph per slot "

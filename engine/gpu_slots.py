@@ -85,9 +85,11 @@ def pin_shared(memory: SharedMemory) -> bool:
 
 
 def new_slot(triton_model, layout: StagingLayout, device: torch.device,
-             stages: tuple[str, ...], shared: bool = False) -> SlotState:
+             stages: tuple[str, ...], shared: bool = False,
+             blocking: bool = False) -> SlotState:
     """Allocate one slot's pinned host set (in shared memory when ``shared``, and CUDA
-    pins it), device set, outputs and stage events."""
+    pins it), device set, outputs and stage events (``blocking``: a host thread waiting
+    on one sleeps instead of spinning a core, ``cudaEventBlockingSync``)."""
     rows, outputs = layout.max_rows, len(layout.spec.outputs)
     dense_compute = None
     memory = None
@@ -101,7 +103,7 @@ def new_slot(triton_model, layout: StagingLayout, device: torch.device,
     if layout.dense_width:  # (the largest bucket's rows: smaller ones use a prefix)
         dense_compute = torch.zeros_like(on_device.bucket(layout.max_rows).dense,
                                          dtype=triton_model.dtype)
-    events = {f"{s}_{edge}": torch.cuda.Event(enable_timing=True)
+    events = {f"{s}_{edge}": torch.cuda.Event(enable_timing=True, blocking=blocking)
               for s in stages for edge in ("start", "end")}
     return SlotState(host, on_device, dense_compute,
                      torch.zeros(rows, outputs, pin_memory=True),

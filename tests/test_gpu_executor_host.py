@@ -64,7 +64,7 @@ def test_engine_gpu_summary_of_a_run():
     run = {"samples_per_s": 4e6, "bare_samples_per_s": 8e6, "bare_forward_us": 1024.0,
            "bare_two_streams_samples_per_s": 9e6, "gpu_busy_fraction": 0.5,
            "copy_overlap_fraction": 0.25, "batches": 48, "compute_start_gap_ms": 2.0,
-           "stage_mean_ms": {"host_pack": 3.0, "compute": 1.0}}
+           "process_cores": 2.5, "stage_mean_ms": {"host_pack": 3.0, "compute": 1.0}}
     pack_ms = {"full_flat_pinned": 1.5, "ranking_flat_pinned": 2.0,
                "ranking_per_feature_pinned": 0.75}
     for traffic, over in (("full_batches", 2.0), ("ranking_requests", 1.5),
@@ -73,6 +73,7 @@ def test_engine_gpu_summary_of_a_run():
         line = summarize("default", traffic, r, pack_ms)
         assert r["ratio_to_bare"] == 0.5 and r["pack_in_engine_over_alone"] == over
         assert f"{over:.1f}x its time alone" in line and "ratio 0.50" in line
+        assert "engine process 2.5 cores" in line
     r = dict(run)
     summarize("default", "full_batches", r, {})  # no pinned figure (no GPU): not a crash
     assert r["pack_in_engine_over_alone"] != r["pack_in_engine_over_alone"]  # nan
@@ -105,6 +106,7 @@ def test_engine_gpu_variants_compose_from_their_names():
     assert variant("via=ring", base).via_ring and not variant("via=ring", base).pack_processes
     p = variant("pack_in=process", base)
     assert p.via_ring and p.pack_processes  # (only ring requests go to the processes)
+    assert variant("graph_outputs+blocking_wait", base).blocking_wait
     g = variant("pack_in=process+graph_copies+pdl", base)
     assert g.slot_streams and g.graph_copies and g.pdl and g.pack_processes  # (slot streams)
     with pytest.raises(SystemExit, match="unknown variant change 'warps=4'"):
