@@ -109,8 +109,10 @@ class ServeOptions:
         workers with rings): on H100 hosts they kept the card about 1.5x as busy as threads
         did with ranking-sized ring requests, and as busy or busier with 8192-row ones
         (bench/RESULTS.md, eighth session)."""
-        if self.pack_in != "auto":
-            return self.pack_in == "process"
+        if self.one_at_a_time or self.pack_in == "thread":  # (no engine, or not asked)
+            return False
+        if self.pack_in == "process":
+            return True
         return device == "cuda" and self.workers >= 2 and self.worker_ring_mb > 0
 
 

@@ -288,6 +288,8 @@ def test_pack_in_auto_uses_processes_only_on_a_gpu_with_workers_and_rings(tmp_pa
                             pack_in="thread").packs_in_processes("cuda")
     assert ServeOptions(tmp_path, "cuda", workers=2, pack_in="process").packs_in_processes(
         "cuda")
+    assert not ServeOptions(tmp_path, "cuda", one_at_a_time=True,
+                            workers=4).packs_in_processes("cuda")  # (no engine to pack for)
 
 
 def test_serve_engine_flags_parse():
