@@ -62,10 +62,12 @@ class SimulatedGpuExecutor(GpuExecutor):
     """``GpuExecutor`` whose device is a clock: see the module docstring. Scores are zeros."""
 
     def __init__(self, settings: EngineSettings, compute_ms: float,
-                 pack_threads: int | None = None, pack_processes: bool = False) -> None:
+                 pack_threads: int | None = None, pack_processes: bool = False,
+                 cuda_calls: int = 0) -> None:
         super().__init__(settings, "cpu", pack_threads=pack_threads,
                          pack_processes=pack_processes)
         self.compute_s = compute_ms / 1e3
+        self.cuda_calls = cuda_calls
         self._device_free = 0.0
         self._due: dict[int, float] = {}
 
@@ -90,7 +92,10 @@ class SimulatedGpuExecutor(GpuExecutor):
         return GpuModel(spec, None, layout, slots)
 
     def _issue(self, model, slot, plan, sizes, slot_index) -> None:
-        # called under the launch lock, in batch order, like the real stream work
+        # called under the launch lock, in batch order, like the real stream work; each
+        # CUDA call of the real issue gives the GIL up and waits to get it back: so here
+        for _ in range(self.cuda_calls):
+            time.sleep(0)
         start = max(time.perf_counter(), self._device_free)
         self._device_free = start + self.compute_s
         self._due[id(slot)] = self._device_free
@@ -178,11 +183,13 @@ async def through_hub(engine: Engine, requests: list, frames: tuple[dict, Shared
 
 async def run(settings: EngineSettings, spec, requests: list, compute_ms: float,
               pack_threads: int | None, via_hub: str | None = None,
-              pack_processes: bool = False, busy_thread: bool = False) -> dict:
+              pack_processes: bool = False, busy_thread: bool = False,
+              cuda_calls: int = 0) -> dict:
     executors: list[SimulatedGpuExecutor] = []
 
     def factory(s: EngineSettings) -> SimulatedGpuExecutor:
-        executors.append(SimulatedGpuExecutor(s, compute_ms, pack_threads, pack_processes))
+        executors.append(SimulatedGpuExecutor(s, compute_ms, pack_threads, pack_processes,
+                                              cuda_calls))
         return executors[-1]
 
     frames = worker_frames(spec, requests, via_hub == "ring") if via_hub else None
@@ -269,6 +276,10 @@ def main() -> None:
     p.add_argument("--busy-thread", action="store_true",
                    help="run a thread that only runs Python beside the engine (a busy event "
                    "loop, as far as the GIL goes; bench/gil_handoff.py)")
+    p.add_argument("--cuda-calls", type=int, default=0,
+                   help="GIL hand-offs (time.sleep(0)) a simulated batch's issue makes, as "
+                   "the real one's CUDA calls do: about 10 a batch, 6 with graph_outputs "
+                   "(default: 0, the device's calls free)")
     p.add_argument("--switch-ms", type=float,
                    help="the interpreter's switch interval for every run (default: 5 ms)")
     p.add_argument("--traffic", action="append", choices=TRAFFIC,
@@ -306,13 +317,14 @@ def main() -> None:
         sys.setswitchinterval(args.switch_ms / 1e3)
     results = {"commit": provenance.commit(), "compute_ms": args.compute_ms,
                "busy_thread": args.busy_thread, "switch_interval_s": sys.getswitchinterval(),
+               "cuda_calls": args.cuda_calls,
                "cores": os.cpu_count(), "runs": []}
     for name, run_settings, threads, processes in variants:
         for kind, requests in traffic.items():
             via_hub = "ring" if kind.endswith("_ring") else (
                 "socket" if kind.endswith("_hub") else None)
             r = run_loop(run(run_settings, spec, requests, args.compute_ms, threads, via_hub,
-                             processes, args.busy_thread))
+                             processes, args.busy_thread, args.cuda_calls))
             results["runs"].append({"variant": name, "traffic": kind, **r})
             print(f"{name:15s} {kind:19s} {r['samples_per_s'] / 1e6:6.2f} M samples/s = "
                   f"{r['ratio_to_device']:.2f} of the simulated device; event loop "
