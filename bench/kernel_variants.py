@@ -22,7 +22,8 @@ Then the configs the tuners chose. Writes OUTDIR/kernel_variants.json after ever
 prints a table; exit status 1 when any correctness check failed (they print FAIL loudly).
 ``--untuned`` sets RECSERVE_AUTOTUNE=0 (first config of each kernel: far fewer compiles).
 ``--sections forward`` skips the gather and int8 sections (a short follow-up call);
-``--cross-configs`` also tunes the cross layers' opt-in candidates (``linear.CROSS_CANDIDATES``).
+``--cross-configs`` also tunes the cross layers' opt-in candidates
+(``linear_configs.CROSS_CANDIDATES``).
 ``--sections row_size`` times the gather at embedding dims 32-256, bf16 and int8 (rows a
 second against bytes a row: why int8 runs at the bf16 rate, ``bench_row_sizes``);
 ``--sections forward,graph_tuned`` ends with both forwards tuned again by device time in a
@@ -52,6 +53,7 @@ from recserve.engine.weights import (
 )
 from recserve.kernels import embedding_bag as eb  # noqa: E402
 from recserve.kernels import linear as li  # noqa: E402
+from recserve.kernels import linear_configs as lc  # noqa: E402
 from recserve.kernels._common import PDL_ENV, TUNE_BY_ENV, forget_tuning  # noqa: E402
 from recserve.kernels.model import TritonModel, capture_graph  # noqa: E402
 from recserve.kernels.tables import PackedTables, quantized_row_bytes  # noqa: E402
@@ -289,7 +291,7 @@ def main() -> int:
                     help="also the 'aligned' gather (without the id prefetch)")
     ap.add_argument("--cross-configs", action="store_true",
                     help="also tune the DCNv2 cross layers' opt-in candidates "
-                    "(linear.CROSS_CANDIDATES: more warps per SM for V's epilogue)")
+                    "(linear_configs.CROSS_CANDIDATES: more warps per SM for V's epilogue)")
     ap.add_argument("--sections", default="gather,int8,forward",
                     help="what to measure, comma-separated: gather, int8, forward (default: "
                     "these three; 'forward' alone suits a short follow-up call), row_size "
@@ -309,7 +311,7 @@ def main() -> int:
         ap.error(f"--sections {args.sections!r}: expected gather, int8, forward, row_size "
                  "and/or graph_tuned")
     if args.cross_configs:
-        li.EXTRA_CROSS_CONFIGS[:] = li.CROSS_CANDIDATES
+        lc.EXTRA_CROSS_CONFIGS[:] = lc.CROSS_CANDIDATES
     if args.untuned:
         os.environ["RECSERVE_AUTOTUNE"] = "0"
     kb.DEV = args.device

@@ -126,6 +126,7 @@ def _embedding_jobs(quick: bool):
 
 def _linear_jobs(quick: bool):
     from . import linear as li
+    from . import linear_configs as lc
 
     variants = [dict(ACT=1, HAS_BIAS=True, A_ROWS=False, ADD_ROWS=False, CROSS=False,
                      FINAL=False),
@@ -136,9 +137,9 @@ def _linear_jobs(quick: bool):
         for flags in variants:
             # the launcher's candidates for this dtype (FINAL: the 256-wide last layer)
             # (a cross layer's opt-in candidates too, so a benchmark can turn them on)
-            extra = [c for c in li.CROSS_CANDIDATES if li._fits(c, 4 if dtype == "fp32" else 2)
+            extra = [c for c in lc.CROSS_CANDIDATES if lc.fits(c, 4 if dtype == "fp32" else 2)
                      ] if flags["CROSS"] else []
-            for c in li._configs(256 if flags["FINAL"] else None, None,
+            for c in lc.base_configs(256 if flags["FINAL"] else None, None,
                                  4 if dtype == "fp32" else 2) + extra:
                 sig = {n: _PTR[dtype] for n in li._linear_kernel.arg_names if n.endswith("_ptr")}
                 sig.update(a_rows_ptr="*i32", add_rows_ptr="*i32", fact_ptr="*i32",

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import SafeTuner, check_tensor, ieee_dot, next_pow2, pdl_launch
+from . import linear_configs as lc
+from ._common import SafeTuner, check_tensor, ieee_dot, pdl_launch
 
 import triton  # isort: skip  (after _common, which may switch on the interpreter)
 import triton.language as tl  # isort: skip
@@ -27,34 +28,7 @@ ACTIVATIONS = {"none": 0, "relu": 1, "sigmoid": 2}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_FINAL_N = 256
 MAX_FINAL_H = 8
-_GPU_CONFIGS = [
-    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
-    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
-    {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
-    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
-    {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
-    # Hopper-sized tiles for the large-M layers (3456/1024/512-wide): deeper pipeline, or
-    # two 64-row wgmma groups per warp group; shared memory checked by compile_check
-    {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
-    {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
-    # small batches: narrow wgmma tiles, so a 512-row layer with K = 3456 spreads over
-    # 4x more programs than with 64x128 (split-K configs are added per call, see linear)
-    {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
-]
-# Cross layers at large M (DCNv2's V: K = 512, then an epilogue that reads x0 and x, as many
-# bytes as the output): on the H100 the best general config (64x128, 4 warps) ran V at 1.7x
-# its 59 us memory floor with 8 warps per SM (220 registers a thread: 2 programs). These keep
-# 16 warps per SM (compile_check: 8 warps at ~120 registers, or a 2-stage 64x64). Not yet
-# measured, so tuned only when a benchmark sets ``EXTRA_CROSS_CONFIGS`` (each adds compiles
-# to every server start): bench/kernel_variants.py --cross-configs.
-CROSS_CANDIDATES = [
-    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
-    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
-    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
-]
-EXTRA_CROSS_CONFIGS: list[dict] = []
-_CPU_CONFIGS = [{"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}]
-_tuner = SafeTuner("linear", _GPU_CONFIGS)
+_tuner = SafeTuner("linear", lc.GPU_CONFIGS)
 
 
 # M (the batch) is not specialized, so one compile serves every batch size. N and K are:
@@ -201,46 +175,6 @@ def _cross_operands(x0_ptr, x_ptr, offs_m, offs_n, m_mask, n_mask, stride_x0m, s
     return x0, x
 
 
-def _splits_k(m: int, k: int) -> bool:
-    """Whether split-K configs are worth tuning for an [m, k] input (not on the interpreter:
-    the tests force them, see tests/test_kernels_linear.py)."""
-    from ._common import interpreting
-
-    return not interpreting() and m <= 1024 and k >= 1024
-
-
-def _fits(c: dict, elsize: int) -> bool:
-    """Whether a config's pipeline buffers fit Hopper's 227 KB of shared memory (the
-    compiled kernels use num_stages - 1 buffers of A and W tiles, as compile_check saw;
-    fp32 operands overflow with the largest tiles)."""
-    return ((c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] * elsize * (c["num_stages"] - 1)
-            <= 232448)
-
-
-def _configs(final_n: int | None, m: int | None = None, elsize: int = 2) -> list[dict]:
-    """Candidates for one call: small batches only try BLOCK_M <= 64 tiles, large ones only
-    64x64 and up (fewer compiles per shape; the card's tuning picks among the rest); only
-    configs whose buffers fit for operands of ``elsize`` bytes."""
-    from ._common import interpreting
-
-    base = _CPU_CONFIGS if interpreting() else _GPU_CONFIGS
-    if m is not None and not interpreting():
-        small = [c for c in base if c["BLOCK_M"] <= 64]
-        big = [c for c in base if c["BLOCK_M"] >= 64 and c["BLOCK_N"] >= 64]
-        base = small if m <= 1024 else big
-    if final_n is None:
-        return [c for c in base if _fits(c, elsize)]
-    block_n = next_pow2(final_n, 16)
-    seen, out = set(), []
-    for c in base:
-        c = {**c, "BLOCK_N": block_n, "BLOCK_M": min(c["BLOCK_M"], 64)}
-        key = tuple(sorted(c.items()))
-        if key not in seen and _fits(c, elsize):
-            seen.add(key)
-            out.append(c)
-    return out
-
-
 def _check(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            a_rows: torch.Tensor | None, add: torch.Tensor | None, add_rows: torch.Tensor | None,
            cross: tuple[torch.Tensor, torch.Tensor] | None, m: int) -> None:
@@ -344,17 +278,9 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     key = (m, n, k, h, a.dtype, activation, bias is not None, a_rows is not None,
            add is not None, cross is not None, a.stride(), weight.stride(), out.stride())
-    candidates = _configs(n if final is not None else None, m, a.element_size())
-    if cross is not None:  # both epilogue orders compete; the card's tuner keeps the faster
-        if m > 1024:
-            candidates = candidates + [c for c in EXTRA_CROSS_CONFIGS
-                                       if _fits(c, a.element_size())]
-        candidates = candidates + [{**c, "EPILOGUE_FIRST": True} for c in candidates]
-    if _splits_k(m, k) and final is None and cross is None and add is None and a_rows is None:
-        # few rows, long K (at B=512 the 3456-wide layers ran on ~128 programs, each walking
-        # all of K): slices of K on more programs, then an ordered sum
-        candidates = candidates + [{**c, "SPLIT_K": 4} for c in candidates]
-    _tuner.run(key, launch, candidates)
+    _tuner.run(key, launch, lc.candidates(
+        m, n, k, a.element_size(), final=final is not None, cross=cross is not None,
+        plain=final is None and cross is None and add is None and a_rows is None))
     return out
 
 

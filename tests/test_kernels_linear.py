@@ -144,16 +144,17 @@ def test_cross_epilogue_order_gives_identical_bits(device, monkeypatch):
     """x0 and x loaded before the K loop (EPILOGUE_FIRST, a tuning candidate) or after it:
     the same arithmetic, so the same bits."""
     from recserve.kernels import linear as li
+    from recserve.kernels import linear_configs as lc
 
     gen = torch.Generator().manual_seed(4)
     m, n, k = 37, 70, 50
     a, w = _rand(m, k, gen=gen, device=device), _rand(n, k, gen=gen, device=device)
     bias, x0, x = (_rand(*shape, gen=gen, device=device) for shape in ((n,), (m, n), (m, n)))
-    base = li._configs(None, m, a.element_size())[0]
+    base = lc.base_configs(None, m, a.element_size())[0]
     runs = []
     for first in (False, True):
         config = {**base, "EPILOGUE_FIRST": first}
-        monkeypatch.setattr(li, "_configs", lambda *args, c=config: [c])
+        monkeypatch.setattr(lc, "base_configs", lambda *args, c=config: [c])
         monkeypatch.setattr(li, "_tuner", li.SafeTuner("linear", [config]))
         runs.append(linear(a, w, bias, cross=(x0, x)))
         assert li._tuner.best[next(iter(li._tuner.best))].get("EPILOGUE_FIRST", False) == first
@@ -168,13 +169,14 @@ def test_split_k_matches_the_reference_and_repeats_its_bits(device, split, monke
     """K in slices on separate programs, then an ordered sum (small-batch candidates): the
     last slice is short (K = 300 is no multiple of the slices), bias and ReLU applied once."""
     from recserve.kernels import linear as li
+    from recserve.kernels import linear_configs as lc
 
     gen = torch.Generator().manual_seed(split)
     m, n, k = 37, 70, 300
     a, w = _rand(m, k, gen=gen, device=device), _rand(n, k, gen=gen, device=device)
     bias = _rand(n, gen=gen, device=device)
-    config = {**li._configs(None, m, a.element_size())[0], "SPLIT_K": split}
-    monkeypatch.setattr(li, "_configs", lambda *args: [config])
+    config = {**lc.base_configs(None, m, a.element_size())[0], "SPLIT_K": split}
+    monkeypatch.setattr(lc, "base_configs", lambda *args: [config])
     monkeypatch.setattr(li, "_tuner", li.SafeTuner("linear", [config]))
     got = linear(a, w, bias, activation="relu")
     assert li._tuner.best[next(iter(li._tuner.best))]["SPLIT_K"] == split
@@ -203,23 +205,24 @@ def test_gpu_configs_fit_shared_memory_per_operand_size(monkeypatch):
     """The card's candidates: large-M and small-M sets, and no config whose pipeline
     buffers overflow 227 KB for the operand size (fp32 drops the largest tiles)."""
     from recserve.kernels import _common
-    from recserve.kernels.linear import _configs
+    from recserve.kernels.linear_configs import base_configs
 
     monkeypatch.setattr(_common, "interpreting", lambda: False)
-    big = {(c["BLOCK_M"], c["BLOCK_N"], c["num_stages"]) for c in _configs(None, 8192, 2)}
+    big = {(c["BLOCK_M"], c["BLOCK_N"], c["num_stages"]) for c in base_configs(None, 8192, 2)}
     assert (128, 256, 4) in big and (256, 128, 3) in big
-    assert all(c["BLOCK_M"] <= 64 for c in _configs(None, 512, 2))
-    fp32 = {(c["BLOCK_M"], c["BLOCK_N"], c["num_stages"]) for c in _configs(None, 8192, 4)}
+    assert all(c["BLOCK_M"] <= 64 for c in base_configs(None, 512, 2))
+    fp32 = {(c["BLOCK_M"], c["BLOCK_N"], c["num_stages"]) for c in base_configs(None, 8192, 4)}
     assert (128, 256, 4) not in fp32 and (128, 128, 3) in fp32
-    final = _configs(256, 8192, 2)
+    final = base_configs(256, 8192, 2)
     assert final and all(c["BLOCK_N"] == 256 and c["BLOCK_M"] <= 64 for c in final)
 
 
 def test_cross_layer_opt_in_candidates_join_only_when_asked_and_at_large_m(monkeypatch):
-    """``linear.EXTRA_CROSS_CONFIGS`` (set by bench/kernel_variants.py --cross-configs) adds
+    """``linear_configs.EXTRA_CROSS_CONFIGS`` (set by kernel_variants.py --cross-configs) adds
     candidates to cross layers above 1024 rows only, in both epilogue orders; serving never
     tunes them (each would add compiles to every start)."""
     from recserve.kernels import linear as li
+    from recserve.kernels import linear_configs as lc
 
     seen = []
     monkeypatch.setattr(li._tuner, "run", lambda key, launch, candidates: seen.append(
@@ -232,11 +235,11 @@ def test_cross_layer_opt_in_candidates_join_only_when_asked_and_at_large_m(monke
         li.linear(torch.randn(m, k), w, torch.randn(n), cross=(x0, x))
         return seen.pop()
 
-    assert li.EXTRA_CROSS_CONFIGS == []  # off unless a benchmark turns it on
+    assert lc.EXTRA_CROSS_CONFIGS == []  # off unless a benchmark turns it on
     base = call(2048)
-    monkeypatch.setattr(li, "EXTRA_CROSS_CONFIGS", list(li.CROSS_CANDIDATES))
+    monkeypatch.setattr(lc, "EXTRA_CROSS_CONFIGS", list(lc.CROSS_CANDIDATES))
     extended = call(2048)
     extra = [c for c in extended if c not in base]
-    assert len(extra) == 2 * len(li.CROSS_CANDIDATES)  # each in both epilogue orders
+    assert len(extra) == 2 * len(lc.CROSS_CANDIDATES)  # each in both epilogue orders
     assert {c.get("EPILOGUE_FIRST", False) for c in extra} == {False, True}
     assert call(1024) == call(1024) and len(call(1024)) == len(base)  # small M: none

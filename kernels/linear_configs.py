@@ -1,0 +1,90 @@
+"""The fused linear layer's tuning candidates: which tile configs ``linear`` tries for a call
+(``candidates``), on the card and under the interpreter, and which fit Hopper's shared memory.
+"""
+
+from __future__ import annotations
+
+from . import _common  # (its interpreting(), looked up at each call: tests patch it)
+from ._common import next_pow2
+
+GPU_CONFIGS = [
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+    # Hopper-sized tiles for the large-M layers (3456/1024/512-wide): deeper pipeline, or
+    # two 64-row wgmma groups per warp group; shared memory checked by compile_check
+    {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
+    {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    # small batches: narrow wgmma tiles, so a 512-row layer with K = 3456 spreads over
+    # 4x more programs than with 64x128 (split-K configs are added per call, see linear)
+    {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+]
+# Cross layers at large M (DCNv2's V: K = 512, then an epilogue that reads x0 and x, as many
+# bytes as the output): on the H100 the best general config (64x128, 4 warps) ran V at 1.7x
+# its 59 us memory floor with 8 warps per SM (220 registers a thread: 2 programs). These keep
+# 16 warps per SM (compile_check: 8 warps at ~120 registers, or a 2-stage 64x64). Not yet
+# measured, so tuned only when a benchmark sets ``EXTRA_CROSS_CONFIGS`` (each adds compiles
+# to every server start): bench/kernel_variants.py --cross-configs.
+CROSS_CANDIDATES = [
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
+]
+EXTRA_CROSS_CONFIGS: list[dict] = []
+CPU_CONFIGS = [{"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}]
+
+
+def splits_k(m: int, k: int) -> bool:
+    """Whether split-K configs are worth tuning for an [m, k] input (not on the interpreter:
+    the tests force them, see tests/test_kernels_linear.py)."""
+    return not _common.interpreting() and m <= 1024 and k >= 1024
+
+
+def fits(c: dict, elsize: int) -> bool:
+    """Whether a config's pipeline buffers fit Hopper's 227 KB of shared memory (the
+    compiled kernels use num_stages - 1 buffers of A and W tiles, as compile_check saw;
+    fp32 operands overflow with the largest tiles)."""
+    return ((c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] * elsize * (c["num_stages"] - 1)
+            <= 232448)
+
+
+def base_configs(final_n: int | None, m: int | None = None, elsize: int = 2) -> list[dict]:
+    """Candidates for one call: small batches only try BLOCK_M <= 64 tiles, large ones only
+    64x64 and up (fewer compiles per shape; the card's tuning picks among the rest); only
+    configs whose buffers fit for operands of ``elsize`` bytes."""
+    base = CPU_CONFIGS if _common.interpreting() else GPU_CONFIGS
+    if m is not None and not _common.interpreting():
+        small = [c for c in base if c["BLOCK_M"] <= 64]
+        big = [c for c in base if c["BLOCK_M"] >= 64 and c["BLOCK_N"] >= 64]
+        base = small if m <= 1024 else big
+    if final_n is None:
+        return [c for c in base if fits(c, elsize)]
+    block_n = next_pow2(final_n, 16)
+    seen, out = set(), []
+    for c in base:
+        c = {**c, "BLOCK_N": block_n, "BLOCK_M": min(c["BLOCK_M"], 64)}
+        key = tuple(sorted(c.items()))
+        if key not in seen and fits(c, elsize):
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+def candidates(m: int, n: int, k: int, elsize: int, *, final: bool, cross: bool,
+               plain: bool) -> list[dict]:
+    """The configs ``linear`` tunes over for one call: the base set for its rows (a final
+    layer's with BLOCK_N covering its N); a cross layer's in both epilogue orders (and the
+    opt-in ``EXTRA_CROSS_CONFIGS`` above 1024 rows); a ``plain`` layer's (no final, cross,
+    add or gathered rows) with split-K copies too when it has few rows and a long K."""
+    configs = base_configs(n if final else None, m, elsize)
+    if cross:  # both epilogue orders compete; the card's tuner keeps the faster
+        if m > 1024:
+            configs = configs + [c for c in EXTRA_CROSS_CONFIGS if fits(c, elsize)]
+        configs = configs + [{**c, "EPILOGUE_FIRST": True} for c in configs]
+    if plain and splits_k(m, k):
+        # few rows, long K (at B=512 the 3456-wide layers ran on ~128 programs, each walking
+        # all of K): slices of K on more programs, then an ordered sum
+        configs = configs + [{**c, "SPLIT_K": 4} for c in configs]
+    return configs
