@@ -6,17 +6,12 @@ also autotunes every kernel for that shape. A batch goes through three streams:
 
   launcher threads (``pack_threads``, default one per slot where cores allow): pack pieces
                    into the slot's pinned buffers (numpy views, no allocation), then issue
-                   the stream work.
-                   Packing was the engine's bottleneck on the H200's host: one thread
-                   needed 2.2 ms for an 8192-row dlrmv2 batch with int64 ids (0.75 ms of
-                   compute) and threads scaled poorly (every small numpy copy releases and
-                   retakes the GIL); one per slot measured best there with full batches
-                   (bench/RESULTS.md). Requests from worker processes now arrive flat and
-                   stage in one large copy each (``staging``), which releases the GIL for
-                   its length: not yet measured on a card. With ``pack_processes`` a
-                   batch whose requests all lie in a worker's shared ring is packed by
-                   the thread's packing process (``packer``) into the slot's shared,
-                   CUDA-pinned staging memory, off this process's GIL.
+                   the stream work. With ``pack_processes`` a batch whose requests all lie
+                   in a worker's shared ring is packed by the thread's packing process
+                   (``packer``) into the slot's shared, CUDA-pinned staging memory, off this
+                   process's GIL. The host bounds the engine on a GPU: a slot is held from
+                   its pack to its scores' hand-back, and every CUDA call of the issue gives
+                   the GIL up (bench/notes-engine.md).
   copy-in stream:  the batch block up to its last id (+ weights) -> device  -> event h2d
   compute stream:  (waits h2d) cast dense, replay the bucket's graph   -> event compute
                    (``compute_streams`` > 1: batches take the compute streams in turn,
