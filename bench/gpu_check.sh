@@ -27,7 +27,7 @@
 # streams and switch interval), PYTEST_WORKERS (4, with pytest-xdist), and each step's time
 # limit in seconds:
 # PYTEST_TIMEOUT_S (240), BENCH_TIMEOUT_S (120), VARIANTS_TIMEOUT_S (90), ENGINE_TIMEOUT_S (150),
-# SINGLE_TIMEOUT_S (60), LOAD_TIMEOUT_S (60), WORKERS_TIMEOUT_S (120; the step runs only when
+# SINGLE_TIMEOUT_S (80), LOAD_TIMEOUT_S (60), WORKERS_TIMEOUT_S (120; the step runs only when
 # the check has taken under WORKERS_BUDGET_S, 330, so far); RECSERVE_COMMIT (default: git HEAD; the device
 # copy of the tree has no .git, so pass it in); STEPS (default: every step; else the names
 # to run, e.g. "install pytest-gpu engine-bench": a short follow-up call).
@@ -111,9 +111,9 @@ step engine-bench bash -c "timeout ${ENGINE_TIMEOUT_S:-150} $PY bench/engine_gpu
     >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 10 '$OUT/bench.log'; exit \$rc"
 
 # Engine vs one forward per request, in process, same offered loads (bench/engine.py).
-step engine-vs-single bash -c "timeout ${SINGLE_TIMEOUT_S:-60} $PY bench/engine.py --device cuda \
-    --duration 1.5 --repeat 1 --loads 0.5,1.3 --max-batch-rows 4096 --slots 2 --out '$OUT' \
-    >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 8 '$OUT/bench.log'; exit \$rc"
+step engine-vs-single bash -c "timeout ${SINGLE_TIMEOUT_S:-80} $PY bench/engine.py --device cuda \
+    --duration 1.5 --repeat 1 --loads 0.5,1.3,4 --max-batch-rows 4096 --out '$OUT' \
+    >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 12 '$OUT/bench.log'; exit \$rc"
 
 # The load generator (issue 5) over loopback: a GPU server it starts and a one-at-a-time
 # baseline server on the same card; closed and open loop. RECSERVE_AUTOTUNE=0: the server
