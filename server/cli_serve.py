@@ -139,7 +139,7 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
                    "or more; give each process a core and about 40 MiB). auto (default): "
                    "process wherever it can run, else thread. On H100 hosts processes kept "
                    "the card about 1.5x as busy as threads with ranking-sized requests and "
-                   "as busy or busier with 8192-row ones (bench/RESULTS.md); compare on "
+                   "0.96-1.15x as busy with 8192-row ones (bench/RESULTS.md); compare on "
                    "yours with bench/engine_gpu.py --variants default,via=ring,"
                    "pack_in=process")
     g.add_argument("--compute-streams", type=int, default=1, metavar="N",

@@ -107,7 +107,7 @@ class ServeOptions:
         """Whether the engine on ``device`` (resolved: ``cuda``, ``cpu`` or ``null``) packs
         ring requests in packing processes. ``auto`` does wherever it can (a GPU, front-end
         workers with rings): on H100 hosts they kept the card about 1.5x as busy as threads
-        did with ranking-sized ring requests, and as busy or busier with 8192-row ones
+        did with ranking-sized ring requests, and 0.96-1.15x as busy with 8192-row ones
         (bench/RESULTS.md, eighth session)."""
         if self.one_at_a_time or self.pack_in == "thread":  # (no engine, or not asked)
             return False
