@@ -29,8 +29,9 @@
 # PYTEST_TIMEOUT_S (240), BENCH_TIMEOUT_S (120), VARIANTS_TIMEOUT_S (90), ENGINE_TIMEOUT_S (150),
 # SINGLE_TIMEOUT_S (80), LOAD_TIMEOUT_S (60), WORKERS_TIMEOUT_S (120; the step runs only when
 # the check has taken under WORKERS_BUDGET_S, 330, so far); RECSERVE_COMMIT (default: git HEAD; the device
-# copy of the tree has no .git, so pass it in); STEPS (default: every step; else the names
-# to run, e.g. "install pytest-gpu engine-bench": a short follow-up call).
+# copy of the tree has no .git, so pass it in); STEPS (default: every step but startup; else
+# the names to run, e.g. "install pytest-gpu engine-bench": a short follow-up call, or
+# "install startup": model load times, STARTUP_ARGS, STARTUP_TIMEOUT_S 300).
 # The server step also runs the CPU engine on the same host (config ``cpu``): the demo model
 # is small enough that the host, not the device, decides its rate.
 set -u -o pipefail
@@ -138,6 +139,15 @@ if [ $(( $(date +%s) - START )) -lt "${WORKERS_BUDGET_S:-330}" ]; then
         >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 6 '$OUT/bench.log'; exit \$rc"
 else
     echo "step server-workers skipped: past ${WORKERS_BUDGET_S:-330} s" | tee -a "$SUMMARY"
+fi
+
+# Only when STEPS names it (a follow-up call, e.g. STEPS="install startup"): a model load
+# cold, with the tuning cache, and with both caches, each in a fresh process (demo model;
+# STARTUP_ARGS="--model dlrmv2" for the big one). Its table goes to bench.log.
+if [[ " ${STEPS:-} " == *" startup "* ]]; then
+    step startup bash -c "timeout ${STARTUP_TIMEOUT_S:-300} $PY bench/startup.py \
+        '$OUT/startup' ${STARTUP_ARGS:-} >> '$OUT/bench.log' 2>&1; rc=\$?; \
+        tail -n 4 '$OUT/bench.log'; exit \$rc"
 fi
 
 echo "gpu_check done in $(( $(date +%s) - START )) s" | tee -a "$SUMMARY"

@@ -165,3 +165,22 @@ def test_kernel_variants_row_sizes_check_every_dim_and_dtype(tmp_path):
     assert sizes == {(32, "bf16"): 64, (32, "int8"): 48, (64, "bf16"): 128, (64, "int8"): 80,
                      (128, "bf16"): 256, (128, "int8"): 144, (256, "bf16"): 512,
                      (256, "int8"): 272}
+
+
+def test_startup_bench_explains_itself_and_needs_a_gpu(tmp_path):
+    """bench/startup.py (model load time: cold, tuning cache, both caches) answers --help
+    anywhere and, without a GPU, says it needs one instead of failing in a child."""
+    import subprocess
+
+    import torch
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "startup.py"
+    shown = subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
+                           text=True, timeout=120)
+    assert shown.returncode == 0 and "tuning cache" in shown.stdout
+    if torch.cuda.is_available():
+        return
+    refused = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode == 2 and "on a CUDA GPU" in refused.stderr
+    assert not (tmp_path / "startup.json").exists()
