@@ -77,11 +77,13 @@ def tune_by() -> str:
     """How ``SafeTuner`` times a candidate (``RECSERVE_TUNE_BY``): ``eager`` (default:
     ``triton.testing.do_bench``, one launch at a time from Python, L2 flushed between) or
     ``graph`` (``do_bench_cudagraph``: many launches replayed in one CUDA graph, the
-    device's time alone, as the engine replays its forward). They can disagree where a
-    launch is short: on the H100 at B=512 the tuner's eager timings put split-K configs
-    (two launches) behind single-kernel ones, while the chosen configs of the cross
-    layers' U products took 11.5 us of device time each in the graph for 3.5 MB of
-    weights (bench/RESULTS.md, kernel_variants.json's per-kernel times)."""
+    device's time alone, as the engine replays its forward; but no L2 flush between them,
+    so operands that fit the L2 stay there, which a forward after the gather may not
+    find: ``kernel_variants.py``'s ``graph_tuned`` section judges by whole forwards). They
+    can disagree where a launch is short: on the H100 at B=512 the tuner's eager timings
+    put split-K configs (two launches) behind single-kernel ones, while the chosen configs
+    of the cross layers' U products took 11.5 us of device time each in the graph for
+    3.5 MB of weights (bench/RESULTS.md, kernel_variants.json's per-kernel times)."""
     value = os.environ.get(TUNE_BY_ENV, "eager")
     if value not in TUNE_BY:
         raise ValueError(f"{TUNE_BY_ENV}={value!r}; expected one of {TUNE_BY}")
