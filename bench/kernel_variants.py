@@ -164,14 +164,20 @@ def model_table(model: TritonModel, t: int) -> torch.Tensor:
     return packed.data[packed.elem_base[t]:packed.elem_base[t] + n].view(packed.rows[t], -1)
 
 
-def bench_int8(rec, base: dict, model: TritonModel, spec, sizes: list[int]) -> None:
-    """Gather of the same tables quantized row-wise (uint8 + scale/offset) vs bf16."""
+def quantized(model: TritonModel) -> tuple[PackedTables, list, list]:
+    """The model's tables quantized row-wise (uint8 codes + scale/offset): packed for the
+    gather, and the codes and (scale, offset) pairs for the reference."""
     codes, qparams = [], []
     for t in range(len(model.groups[0][0].rows)):
         c, s, o = quantize_rowwise(model_table(model, t))
         codes.append(c)
         qparams.append((s, o))
-    packed8 = PackedTables(codes, [q[0] for q in qparams], [q[1] for q in qparams])
+    return PackedTables(codes, [q[0] for q in qparams], [q[1] for q in qparams]), codes, qparams
+
+
+def bench_int8(rec, base: dict, model: TritonModel, spec, sizes: list[int]) -> None:
+    """Gather of the same tables quantized row-wise (uint8 + scale/offset) vs bf16."""
+    packed8, codes, qparams = quantized(model)
     for b in sizes:
         bf16 = bench_gather(rec, base, model, spec, b, "bf16", variants=(DEFAULT,))
         int8 = bench_gather(rec, base, model, spec, b, "int8", packed=packed8,
@@ -192,27 +198,23 @@ def bench_row_sizes(rec, base: dict, max_rows: int, b: int,
     they can, and the int8 kernel is what holds them back."""
     import dataclasses
 
-    lookups = b * sum(f.max_bag for f in wl.dlrmv2_spec(max_rows).sparse)
+    base_spec = wl.dlrmv2_spec(max_rows, "bf16" if kb.DEV == "cuda" else "fp32")
+    lookups = b * sum(f.max_bag for f in base_spec.sparse)
     for dim in dims:
-        base_spec = wl.dlrmv2_spec(max_rows, "bf16" if kb.DEV == "cuda" else "fp32")
         spec = dataclasses.replace(base_spec, name=f"dlrmv2-dim{dim}", tables=tuple(
             dataclasses.replace(t, dim=dim) for t in base_spec.tables))
         model = TritonModel(spec, init_weights(spec, 0, device=kb.DEV), device=kb.DEV)
         times = bench_gather(rec, base, model, spec, b, f"bf16 dim {dim}", variants=(DEFAULT,))
-        tables = [model_table(model, t) for t in range(len(model.groups[0][0].rows))]
-        quantized = [quantize_rowwise(t) for t in tables]
-        packed8 = PackedTables([q[0] for q in quantized], [q[1] for q in quantized],
-                               [q[2] for q in quantized])
+        packed8, codes, qparams = quantized(model)
         int8 = bench_gather(rec, base, model, spec, b, f"int8 dim {dim}", packed=packed8,
-                            qparams=[(q[1], q[2]) for q in quantized],
-                            tables=[q[0] for q in quantized], variants=(DEFAULT,))
+                            qparams=qparams, tables=codes, variants=(DEFAULT,))
         for dtype, t_us, row_bytes in (("bf16", times.get(DEFAULT), dim * 2),
                                        ("int8", int8.get(DEFAULT), quantized_row_bytes(dim))):
             if t_us:
                 rec.add(section="row_size", B=b, dim=dim, dtype=dtype, row_bytes=row_bytes,
                         us=t_us, M_rows_per_s=round(lookups / t_us, 1),
                         GBps=round(lookups * row_bytes / t_us / 1e3, 1))
-        del model, tables, quantized, packed8
+        del model, packed8, codes, qparams
         if kb.DEV == "cuda":
             torch.cuda.empty_cache()
 
