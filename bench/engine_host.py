@@ -58,16 +58,29 @@ TRAFFIC = ("full_batches", "ranking_requests", "ranking_per_feature", "ranking_v
            "ranking_via_hub_ring", "full_via_hub_ring")
 
 
+DRIVER_CALL_S = 3e-6
+"""A driver call's host time (an asynchronous copy, event record or graph launch: a few
+microseconds; not measured here)."""
+
+
+def _hold_gil(seconds: float) -> None:
+    """Keep this thread busy, GIL held, for ``seconds``."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
 class SimulatedGpuExecutor(GpuExecutor):
     """``GpuExecutor`` whose device is a clock: see the module docstring. Scores are zeros."""
 
     def __init__(self, settings: EngineSettings, compute_ms: float,
                  pack_threads: int | None = None, pack_processes: bool = False,
-                 cuda_calls: int = 0) -> None:
+                 cuda_calls: int = 0, calls_keep_gil: bool = False) -> None:
         super().__init__(settings, "cpu", pack_threads=pack_threads,
                          pack_processes=pack_processes)
         self.compute_s = compute_ms / 1e3
         self.cuda_calls = cuda_calls
+        self.calls_keep_gil = calls_keep_gil
         self._device_free = 0.0
         self._due: dict[int, float] = {}
 
@@ -93,9 +106,13 @@ class SimulatedGpuExecutor(GpuExecutor):
 
     def _issue(self, model, slot, plan, sizes, slot_index) -> None:
         # called under the launch lock, in batch order, like the real stream work; each
-        # CUDA call of the real issue gives the GIL up and waits to get it back: so here
+        # CUDA call of the real issue gives the GIL up and waits to get it back: so here,
+        # or (``keep_gil``: cuda_driver) takes a few microseconds with the GIL kept
         for _ in range(self.cuda_calls):
-            time.sleep(0)
+            if self.calls_keep_gil:
+                _hold_gil(DRIVER_CALL_S)
+            else:
+                time.sleep(0)
         start = max(time.perf_counter(), self._device_free)
         self._device_free = start + self.compute_s
         self._due[id(slot)] = self._device_free
@@ -184,12 +201,12 @@ async def through_hub(engine: Engine, requests: list, frames: tuple[dict, Shared
 async def run(settings: EngineSettings, spec, requests: list, compute_ms: float,
               pack_threads: int | None, via_hub: str | None = None,
               pack_processes: bool = False, busy_thread: bool = False,
-              cuda_calls: int = 0) -> dict:
+              cuda_calls: int = 0, calls_keep_gil: bool = False) -> dict:
     executors: list[SimulatedGpuExecutor] = []
 
     def factory(s: EngineSettings) -> SimulatedGpuExecutor:
         executors.append(SimulatedGpuExecutor(s, compute_ms, pack_threads, pack_processes,
-                                              cuda_calls))
+                                              cuda_calls, calls_keep_gil))
         return executors[-1]
 
     frames = worker_frames(spec, requests, via_hub == "ring") if via_hub else None
@@ -280,6 +297,9 @@ def main() -> None:
                    help="GIL hand-offs (time.sleep(0)) a simulated batch's issue makes, as "
                    "the real one's CUDA calls do: about 10 a batch, 6 with graph_outputs "
                    "(default: 0, the device's calls free)")
+    p.add_argument("--calls-keep-gil", action="store_true",
+                   help="the --cuda-calls keep the GIL instead, 3 us each, as the issue's "
+                   "driver calls do with GpuExecutor(keep_gil=True) (cuda_driver)")
     p.add_argument("--switch-ms", type=float,
                    help="the interpreter's switch interval for every run (default: 5 ms)")
     p.add_argument("--traffic", action="append", choices=TRAFFIC,
@@ -317,14 +337,15 @@ def main() -> None:
         sys.setswitchinterval(args.switch_ms / 1e3)
     results = {"commit": provenance.commit(), "compute_ms": args.compute_ms,
                "busy_thread": args.busy_thread, "switch_interval_s": sys.getswitchinterval(),
-               "cuda_calls": args.cuda_calls,
+               "cuda_calls": args.cuda_calls, "calls_keep_gil": args.calls_keep_gil,
                "cores": os.cpu_count(), "runs": []}
     for name, run_settings, threads, processes in variants:
         for kind, requests in traffic.items():
             via_hub = "ring" if kind.endswith("_ring") else (
                 "socket" if kind.endswith("_hub") else None)
             r = run_loop(run(run_settings, spec, requests, args.compute_ms, threads, via_hub,
-                             processes, args.busy_thread, args.cuda_calls))
+                             processes, args.busy_thread, args.cuda_calls,
+                             args.calls_keep_gil))
             results["runs"].append({"variant": name, "traffic": kind, **r})
             print(f"{name:15s} {kind:19s} {r['samples_per_s'] / 1e6:6.2f} M samples/s = "
                   f"{r['ratio_to_device']:.2f} of the simulated device; event loop "

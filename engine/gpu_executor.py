@@ -10,8 +10,9 @@ also autotunes every kernel for that shape. A batch goes through three streams:
                    in a worker's shared ring is packed by the thread's packing process
                    (``packer``) into the slot's shared, CUDA-pinned staging memory, off this
                    process's GIL. The host bounds the engine on a GPU: a slot is held from
-                   its pack to its scores' hand-back, and every CUDA call of the issue gives
-                   the GIL up (bench/notes-engine.md).
+                   its pack to its scores' hand-back, and every CUDA call torch makes gives
+                   the GIL up (bench/notes-engine.md; ``keep_gil``: the issue's calls go to
+                   the driver and keep it, ``cuda_driver``).
   copy-in stream:  the batch block up to its last id (+ weights) -> device  -> event h2d
   compute stream:  (waits h2d) cast dense, replay the bucket's graph   -> event compute
                    (``compute_streams`` > 1: batches take the compute streams in turn,
@@ -42,6 +43,7 @@ import torch
 
 from . import shared_memory
 from .cores import default_pack_threads
+from .cuda_driver import TORCH_CALLS, TorchCalls, issue_calls
 from .demo import random_inputs
 from .executor import Done, Executor, Job, JobResult, slice_rows
 from .gpu_issue import issue_streams, issue_whole
@@ -72,7 +74,8 @@ class GpuExecutor(Executor):
                  use_graphs: bool = True, pack_threads: int | None = None,
                  compute_streams: int = 1, pack_processes: bool = False,
                  slot_streams: bool = False, graph_copies: bool = False,
-                 graph_outputs: bool = False, blocking_wait: bool = False) -> None:
+                 graph_outputs: bool = False, blocking_wait: bool = False,
+                 keep_gil: bool = False) -> None:
         if pack_threads is not None and pack_threads < 1:
             raise ValueError(f"pack_threads is {pack_threads}; expected at least 1")
         if not 1 <= compute_streams <= settings.slots:
@@ -106,6 +109,11 @@ class GpuExecutor(Executor):
         """The completion thread sleeps until a batch is done instead of spinning a core
         (CUDA spins in ``Event.synchronize`` by default while cores outnumber contexts):
         a core back, for some wake-up latency; to be measured (``engine_gpu.py``)."""
+        self.keep_gil = keep_gil
+        """The issue's CUDA calls go straight to the driver and keep the GIL
+        (``cuda_driver``): no hand-off a call; falls back to torch's calls, with a warning,
+        where the driver library does not load (``stats()["issue_calls"]`` says which)."""
+        self._calls: TorchCalls = TORCH_CALLS
         self.pack_processes = pack_processes and shared_memory.supported()
         """Each launcher thread has a packing process (``packer``) for batches whose
         requests lie in shared memory; their slots' staging is shared memory, pinned."""
@@ -143,6 +151,7 @@ class GpuExecutor(Executor):
         if self._threads:
             return
         self._open_device()
+        self._calls = issue_calls(self.keep_gil)
         self._host_origin = time.perf_counter()
         self._free = list(range(self.settings.slots))
         if self.pack_processes:
@@ -236,11 +245,13 @@ class GpuExecutor(Executor):
         is what bounds the engine)."""
         stats = {"batches": self.batches, "gpu_busy_ms": self.busy_ms,
                  "bytes_in": self.bytes_in, "pack_ms": self.pack_ms,
-                 "pack_threads": self.pack_threads, "compute_streams": self.compute_streams}
+                 "pack_threads": self.pack_threads, "compute_streams": self.compute_streams,
+                 "issue_calls": self._calls.name}
         return {**stats, **self._packing.stats()}
 
     def _launcher(self, index: int) -> None:
         self._bind_thread()
+        self._calls.bind_thread(self.device.index)
         packer = self._packing.processes[index] if self._packing.processes else None
         while (item := self._launch_q.get()) is not None:
             job, slot_index, done, submitted = item
@@ -289,7 +300,8 @@ class GpuExecutor(Executor):
         and copy-out streams, or on the slot's own (``slot_streams``, ``graph_copies``)."""
         slot.timed = len(self.timeline) < self.timeline_limit  # (its events, recorded)
         if self.graph_copies:
-            self.bytes_in += issue_whole(slot, plan.bucket, self._per_slot[slot_index])
+            self.bytes_in += issue_whole(slot, plan.bucket, self._per_slot[slot_index],
+                                         self._calls)
             return
         if self._per_slot:
             h2d = compute = out = self._per_slot[slot_index]
@@ -298,7 +310,7 @@ class GpuExecutor(Executor):
             compute = self._compute[self._issued % len(self._compute)]  # in turn (launch lock)
             self._issued += 1
         self.bytes_in += issue_streams(model, slot, sizes, h2d, compute, out,
-                                       self.graph_outputs)
+                                       self.graph_outputs, self._calls)
 
     def _completer(self) -> None:
         while (item := self._done_q.get()) is not None:

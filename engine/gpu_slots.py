@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .cuda_driver import TORCH_CALLS, TorchCalls
 from .packer import PackedModel
 from .shared_memory import SharedMemory
 from .spec import ModelSpec
@@ -112,22 +113,18 @@ def new_slot(triton_model, layout: StagingLayout, device: torch.device,
                      host_tensors=as_tensors(host))
 
 
-def copy_in(slot: SlotState, bucket: int, nnz: int,
-            stream: torch.cuda.Stream | None) -> int:
-    """Enqueue what a batch of ``bucket`` rows and ``nnz`` ids uses of the slot's host set
-    to the device on ``stream`` (None: the current one); bytes sent."""
+def copy_in(slot: SlotState, bucket: int, nnz: int, stream: torch.cuda.Stream | None,
+            calls: TorchCalls = TORCH_CALLS) -> int:
+    """Enqueue, through ``calls`` on ``stream`` (None: the current one), what a batch of
+    ``bucket`` rows and ``nnz`` ids uses of the slot's host set: the block (rows, requests,
+    bag bounds, dense inputs and ids: one copy, see block_parts) and the weights, if any;
+    bytes sent."""
     host, dev = slot.host_tensors, slot.device
-    # rows, requests, bag bounds, dense inputs and ids: one copy (see block_parts)
     pairs = [(dev.block, host.block, dev.bucket(bucket).copy_bytes(nnz))]
     if dev.weights is not None:
         pairs.append((dev.weights, host.weights, nnz))
-    copied = 0
-    with torch.cuda.stream(stream):
-        for device_buf, host_buf, n in pairs:
-            if n:
-                device_buf[:n].copy_(host_buf[:n], non_blocking=True)
-                copied += host_buf[:n].numel() * host_buf.element_size()
-    return copied
+    return sum(calls.copy(device_buf[:n], host_buf[:n], stream)
+               for device_buf, host_buf, n in pairs if n)
 
 
 def device_step(model: GpuModel, slot: SlotState, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,16 +18,17 @@ pytestmark = pytest.mark.gpu
 SETTINGS = EngineSettings(max_batch_rows=1024, buckets=(128, 512, 1024), slots=3)
 
 
-def gpu_engine(use_graphs: bool = True, compute_streams: int = 1,
-               slot_streams: bool = False, graph_copies: bool = False,
-               graph_outputs: bool = False) -> Engine:
+def gpu_engine(**options) -> tuple[Engine, list]:
+    """An engine on GpuExecutor(**options), and the list its executor lands in."""
     from recserve.engine.gpu_executor import GpuExecutor
 
-    return Engine(SETTINGS, lambda s: GpuExecutor(s, "cuda", use_graphs=use_graphs,
-                                                  compute_streams=compute_streams,
-                                                  slot_streams=slot_streams,
-                                                  graph_copies=graph_copies,
-                                                  graph_outputs=graph_outputs))
+    executors = []
+
+    def factory(settings):
+        executors.append(GpuExecutor(settings, "cuda", **options))
+        return executors[-1]
+
+    return Engine(SETTINGS, factory), executors
 
 
 def requests_with_a_bad_id(spec, rng, bad: int) -> list:
@@ -41,28 +42,37 @@ def requests_with_a_bad_id(spec, rng, bad: int) -> list:
     return requests
 
 
-@pytest.mark.parametrize("use_graphs, compute_streams, slot_streams, graph_copies, outputs",
-                         [(True, 1, False, False, False), (False, 1, False, False, False),
-                          (True, 2, False, False, False), (True, 1, True, False, False),
-                          (False, 1, True, False, False), (True, 1, True, True, False),
-                          (True, 1, False, False, True), (True, 2, False, False, True)])
-def test_engine_on_gpu_matches_reference_and_isolates_bad_ids(use_graphs, compute_streams,
-                                                              slot_streams, graph_copies,
-                                                              outputs):
+ENGINE_OPTIONS = [
+    {}, {"use_graphs": False}, {"compute_streams": 2}, {"slot_streams": True},
+    {"use_graphs": False, "slot_streams": True}, {"slot_streams": True, "graph_copies": True},
+    {"graph_outputs": True}, {"compute_streams": 2, "graph_outputs": True},
+    # the issue's CUDA calls through the driver, keeping the GIL (cuda_driver)
+    {"keep_gil": True}, {"keep_gil": True, "use_graphs": False},
+    {"keep_gil": True, "compute_streams": 2, "graph_outputs": True},
+    {"keep_gil": True, "slot_streams": True, "graph_copies": True},
+]
+
+
+@pytest.mark.parametrize("options", ENGINE_OPTIONS,
+                         ids=lambda o: "+".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_engine_on_gpu_matches_reference_and_isolates_bad_ids(options):
     spec = demo_spec()
     weights = init_weights(spec, seed=4)
     rng = np.random.default_rng(0)
     requests = requests_with_a_bad_id(spec, rng, 5)
     reference = ReferenceModel(spec, weights)
+    engine, executors = gpu_engine(**options)
 
     async def run():
-        async with gpu_engine(use_graphs, compute_streams, slot_streams,
-                              graph_copies, outputs) as engine:
+        async with engine:
             await engine.load("demo", 1, spec, weights)
             return await asyncio.gather(*(engine.score("demo", r) for r in requests),
                                         return_exceptions=True)
 
     results = asyncio.run(run())
+    # keep_gil must not have fallen back to torch's calls (libcuda is on every GPU host)
+    assert executors[0].stats()["issue_calls"] == ("driver" if options.get("keep_gil")
+                                                  else "torch")
     assert isinstance(results[5], EngineError) and results[5].code == "bad_request"
     assert "title_id" in results[5].message
     for i, (req, got) in enumerate(zip(requests, results, strict=True)):
@@ -74,11 +84,12 @@ def test_engine_on_gpu_matches_reference_and_isolates_bad_ids(use_graphs, comput
         assert np.abs(got - want).mean() < 5e-3
 
 
-@pytest.mark.parametrize("compute_streams, slot_streams, outputs",
-                         [(1, False, False), (2, False, False), (1, True, False),
-                          (1, False, True)])
+@pytest.mark.parametrize("compute_streams, slot_streams, outputs, keep_gil",
+                         [(1, False, False, False), (2, False, False, False),
+                          (1, True, False, False), (1, False, True, False),
+                          (1, False, False, True)])
 def test_timeline_orders_each_batch_copy_in_compute_copy_out(compute_streams, slot_streams,
-                                                             outputs):
+                                                             outputs, keep_gil):
     from recserve.engine.gpu_executor import GpuExecutor
 
     spec = demo_spec()
@@ -89,7 +100,8 @@ def test_timeline_orders_each_batch_copy_in_compute_copy_out(compute_streams, sl
 
     def factory(settings):
         executor = GpuExecutor(settings, "cuda", compute_streams=compute_streams,
-                               slot_streams=slot_streams, graph_outputs=outputs)
+                               slot_streams=slot_streams, graph_outputs=outputs,
+                               keep_gil=keep_gil)
         executor.timeline_limit = 1000
         executors.append(executor)
         return executor
