@@ -95,7 +95,7 @@ async def engine_run(v: Variant, spec, weights, requests, repeats: int) -> dict:
                                compute_streams=v.compute_streams,
                                pack_processes=v.pack_processes, slot_streams=v.slot_streams,
                                graph_copies=graph_copies, graph_outputs=v.graph_outputs,
-                               blocking_wait=v.blocking_wait)
+                               blocking_wait=v.blocking_wait, keep_gil=v.keep_gil)
         executors.append(executor)
         return executor
 
@@ -124,6 +124,7 @@ async def engine_run(v: Variant, spec, weights, requests, repeats: int) -> dict:
         # this process's cores in use (its threads; packing processes not counted)
         process_cores = (time.process_time() - cpu_start) / wall
         packed_in_processes = executor.stats().get("packed_in_processes", 0)
+        issue_calls = executor.stats()["issue_calls"]  # (keep_gil: "driver" unless it fell back)
         model = engine.handle(spec.name, 1)  # the built GpuModel: its graphs, for timing
         slot = model.slots[0]
         graph = slot.graphs[settings.max_batch_rows][0]
@@ -136,7 +137,7 @@ async def engine_run(v: Variant, spec, weights, requests, repeats: int) -> dict:
             if len(model.slots) > 1 and not graph_copies else float("nan")
         return {"rows": rows, "wall_s": wall, "samples_per_s": rows / wall,
                 "process_cores": process_cores,
-                "packed_in_processes": packed_in_processes,
+                "packed_in_processes": packed_in_processes, "issue_calls": issue_calls,
                 "gpu_busy_fraction": (executor.busy_ms - busy0) / 1e3 / wall,
                 "copy_overlap_fraction": overlap_fraction(executor.timeline),
                 "batches": len({t[0] for t in executor.timeline}),
@@ -248,6 +249,7 @@ class Variant:
     graph_copies: bool = False
     graph_outputs: bool = False
     blocking_wait: bool = False  # the completion thread sleeps on its events, no spinning
+    keep_gil: bool = False  # the issue's CUDA calls through the driver, the GIL kept
     pdl: bool = False  # RECSERVE_PDL=1 while the engine builds and runs
 
 
@@ -257,6 +259,7 @@ _CHANGES = {"via=ring": {"via_ring": True},
             "graph_copies": {"slot_streams": True, "graph_copies": True},
             "graph_outputs": {"graph_outputs": True},
             "blocking_wait": {"blocking_wait": True},
+            "keep_gil": {"keep_gil": True},
             "pdl": {"pdl": True}}
 
 
@@ -304,7 +307,9 @@ def main() -> None:
                    "streams, the copies captured in the graphs: a batch is one replay), "
                    "graph_outputs (the graphs copy the scores out, the copy in stays apart: "
                    "6 CUDA calls a batch instead of 10), blocking_wait (the completion "
-                   "thread sleeps until a batch is done instead of spinning a core), pdl "
+                   "thread sleeps until a batch is done instead of spinning a core), keep_gil "
+                   "(the issue's copies, event records, waits and graph launches go to the "
+                   "CUDA driver and keep the GIL: no hand-off a call), pdl "
                    "(RECSERVE_PDL=1: kernels launch while the one before finishes) (e.g. "
                    "default,compute_streams=2+switch_ms=0.5,default: a name given twice is "
                    "run twice, which shows what the run's order costs)")
@@ -345,7 +350,7 @@ def main() -> None:
                "switch_interval_s": v.switch_s or default_switch, "via_ring": v.via_ring,
                "pack_processes": v.pack_processes, "slot_streams": v.slot_streams,
                "graph_copies": v.graph_copies, "graph_outputs": v.graph_outputs,
-               "blocking_wait": v.blocking_wait, "pdl": v.pdl}
+               "blocking_wait": v.blocking_wait, "keep_gil": v.keep_gil, "pdl": v.pdl}
         sys.setswitchinterval(v.switch_s or default_switch)
         if v.pdl:
             os.environ[PDL_ENV] = "1"

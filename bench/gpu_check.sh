@@ -18,15 +18,17 @@
 # VARIANTS_BENCH_ARGS (--budget-s 60; e.g. "--sections forward --cross-configs", or
 # "--sections row_size --budget-s 200": is a lookup's cost per row or per byte?, or
 # "--sections forward,graph_tuned --budget-s 200": kernels tuned by their time in a graph),
-# ENGINE_BENCH_ARGS (--variants default,graph_outputs,blocking_wait,via=ring,pack_in=process,
-# pack_in=process+graph_outputs,pack_in=process+switch_ms=0.1: in process, then with the
-# graphs copying the scores out (6 CUDA calls a batch, not 10), with the completion thread
+# ENGINE_BENCH_ARGS (--variants default,keep_gil,graph_outputs,keep_gil+graph_outputs,
+# blocking_wait,via=ring,pack_in=process,pack_in=process+keep_gil,slots=6+pack_threads=4+keep_gil:
+# in process, then with the issue's CUDA calls keeping the GIL (cuda_driver), with the graphs
+# copying the scores out (6 CUDA calls a batch, not 10), both, with the completion thread
 # sleeping instead of spinning (the engine process's cores are printed), then the requests as
-# workers' rings hand them over, packed in threads and in packing processes, with graph
-# outputs, and with a 0.1 ms switch interval; --sweep: the older sweep of threads, slots,
-# streams and switch interval), PYTEST_WORKERS (4, with pytest-xdist), and each step's time
+# workers' rings hand them over, packed in threads and in packing processes (with and without
+# keep_gil), and 6 slots on 4 launcher threads (a thread packs the next batch while its last
+# one's slot waits on the device); --sweep: the older sweep of threads, slots, streams and
+# switch interval), PYTEST_WORKERS (4, with pytest-xdist), and each step's time
 # limit in seconds:
-# PYTEST_TIMEOUT_S (240), BENCH_TIMEOUT_S (120), VARIANTS_TIMEOUT_S (90), ENGINE_TIMEOUT_S (150),
+# PYTEST_TIMEOUT_S (240), BENCH_TIMEOUT_S (120), VARIANTS_TIMEOUT_S (90), ENGINE_TIMEOUT_S (200),
 # SINGLE_TIMEOUT_S (80), LOAD_TIMEOUT_S (60), WORKERS_TIMEOUT_S (120; the step runs only when
 # the check has taken under WORKERS_BUDGET_S, 330, so far); RECSERVE_COMMIT (default: git HEAD; the device
 # copy of the tree has no .git, so pass it in); STEPS (default: every step but startup; else
@@ -105,10 +107,10 @@ step kernel-variants bash -c "timeout ${VARIANTS_TIMEOUT_S:-90} $PY bench/kernel
 
 # Engine at full load vs its own bare forward (dlrmv2, B=8192), copy/compute overlap, host
 # stages; in process, then as the rings of serve --workers hand requests over, packed in
-# threads and in packing processes (serve --pack-in), with fewer CUDA calls a batch
-# (graph_outputs) and a shorter switch interval.
-step engine-bench bash -c "timeout ${ENGINE_TIMEOUT_S:-150} $PY bench/engine_gpu.py '$OUT' \
-    ${ENGINE_BENCH_ARGS:---variants default,graph_outputs,blocking_wait,via=ring,pack_in=process,pack_in=process+graph_outputs,pack_in=process+switch_ms=0.1} \
+# threads and in packing processes (serve --pack-in), with the issue's CUDA calls keeping the
+# GIL (keep_gil), with fewer of them (graph_outputs), and more slots than launcher threads.
+step engine-bench bash -c "timeout ${ENGINE_TIMEOUT_S:-200} $PY bench/engine_gpu.py '$OUT' \
+    ${ENGINE_BENCH_ARGS:---variants default,keep_gil,graph_outputs,keep_gil+graph_outputs,blocking_wait,via=ring,pack_in=process,pack_in=process+keep_gil,slots=6+pack_threads=4+keep_gil} \
     >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 10 '$OUT/bench.log'; exit \$rc"
 
 # Engine vs one forward per request, in process, same offered loads (bench/engine.py).

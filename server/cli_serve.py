@@ -142,6 +142,13 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
                    "0.96-1.15x as busy with 8192-row ones (bench/RESULTS.md); compare on "
                    "yours with bench/engine_gpu.py --variants default,via=ring,"
                    "pack_in=process")
+    g.add_argument("--keep-gil", action="store_true",
+                   help="the GPU executor makes a batch's CUDA calls (copies, events, graph "
+                   "launches) through the CUDA driver and keeps the GIL, instead of through "
+                   "torch, which gives it up at each call and may wait up to the switch "
+                   "interval to get it back. Off by default until measured on a card: a "
+                   "simulated device kept 0.99 instead of 0.53-0.59 busy (bench/RESULTS.md); "
+                   "compare on yours with bench/engine_gpu.py --variants default,keep_gil")
     g.add_argument("--compute-streams", type=int, default=1, metavar="N",
                    help="CUDA streams consecutive GPU batches take in turn, up to --slots "
                    "(default: 1; 2 lets one batch's gather run beside the previous batch's "
@@ -222,7 +229,7 @@ def run_serve(args: argparse.Namespace) -> int:
                            default_workers(args.one_at_a_time) if args.workers is None
                            else args.workers,
                            args.log_level.upper(), args.pack_threads, args.compute_streams,
-                           args.worker_ring_mb, args.pack_in)
+                           args.worker_ring_mb, args.pack_in, args.keep_gil)
     import uvloop  # the event loop is chosen here only, never on import
 
     return uvloop.run(serve(options, config))

@@ -71,6 +71,9 @@ class ServeOptions:
     ``thread`` (its launcher threads), ``process`` (a packing process per launcher thread,
     off this process's GIL: ``recserve.engine.packer``; needs workers and rings) or
     ``auto`` (process where it can run, else thread: ``packs_in_processes``)."""
+    keep_gil: bool = False
+    """The GPU executor's issue makes its CUDA calls through the driver, keeping the GIL
+    (``recserve.engine.cuda_driver``); off: through torch, which gives it up at each."""
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -98,6 +101,9 @@ class ServeOptions:
             raise ValueError("--pack-in process packs requests that lie in front-end "
                              "workers' shared rings: it needs --workers 2 or more and "
                              "--worker-ring-mb above 0")
+        if self.keep_gil and self.device not in ("cuda", "auto"):
+            raise ValueError(f"--keep-gil is about the GPU executor's CUDA calls; on "
+                             f"{self.device} there are none (leave it out)")
         slots = (self.settings or DEVICE_DEFAULTS["cuda"]).slots
         if self.device == "cuda" and self.compute_streams > slots:  # (others: no streams)
             raise ValueError(f"{self.compute_streams} compute streams for {slots} slots: a "

@@ -26,7 +26,7 @@ log = logging.getLogger("recserve.server")
 
 def executor_factory(device: str, torch_threads: int | None = None,
                      pack_threads: int | None = None, compute_streams: int = 1,
-                     pack_processes: bool = False):
+                     pack_processes: bool = False, keep_gil: bool = False):
     """A factory ``settings -> Executor`` for ``cpu``, ``cuda`` or ``null``."""
     if device == "null":
         return _null_executor
@@ -35,7 +35,8 @@ def executor_factory(device: str, torch_threads: int | None = None,
 
         return lambda settings: GpuExecutor(settings, "cuda", pack_threads=pack_threads,
                                             compute_streams=compute_streams,
-                                            pack_processes=pack_processes)
+                                            pack_processes=pack_processes,
+                                            keep_gil=keep_gil)
     from recserve.engine.executor import CpuExecutor
 
     return lambda settings: CpuExecutor(settings, torch_threads=torch_threads)
@@ -112,7 +113,8 @@ async def create_backend(options: ServeOptions):
         cpu_torch_threads(options.workers) if device == "cpu" else None)
     engine = Engine(settings, executor_factory(device, threads, options.pack_threads,
                                                options.compute_streams,
-                                               options.packs_in_processes(device)))
+                                               options.packs_in_processes(device),
+                                               options.keep_gil))
     await engine.start()
     log.info("engine on %s: %s", device, describe(device, settings, options, threads,
                                                    engine.stats()["executor"]))
@@ -137,6 +139,8 @@ def describe(device: str, settings: EngineSettings, options: ServeOptions,
             parts.append(f"{key.replace('_', ' ')} {executor[key]}")
     if "packed_in_processes" in executor:
         parts.append("ring requests packed in packing processes")
+    if executor.get("issue_calls") == "driver":
+        parts.append("CUDA calls keep the GIL")
     from recserve.kernels.tuning_cache import ENV
 
     tuning = os.environ.get(ENV)

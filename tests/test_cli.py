@@ -275,6 +275,26 @@ def test_pack_in_reaches_the_gpu_executor_and_needs_workers_with_rings(tmp_path)
         ServeOptions(tmp_path, "cpu", workers=2, pack_in="process")
 
 
+def test_keep_gil_reaches_the_gpu_executor_and_is_refused_without_one(tmp_path):
+    from recserve.engine.settings import EngineSettings
+    from recserve.server.serve_options import ServeOptions
+    from recserve.server.serving import describe, executor_factory
+
+    assert build_parser().parse_args(["serve", "--keep-gil"]).keep_gil
+    assert not build_parser().parse_args(["serve"]).keep_gil
+    assert executor_factory("cuda", keep_gil=True)(EngineSettings()).keep_gil
+    assert not executor_factory("cuda")(EngineSettings()).keep_gil
+    ServeOptions(tmp_path, "auto", keep_gil=True)
+    with pytest.raises(ValueError, match="on cpu there are none"):
+        ServeOptions(tmp_path, "cpu", keep_gil=True)
+    options = ServeOptions(tmp_path, "cuda", keep_gil=True)
+    said = describe("cuda", EngineSettings(), options, None, {"issue_calls": "driver"})
+    assert "CUDA calls keep the GIL" in said
+    # (fell back: libcuda did not load, the executor warned, and the log does not claim it)
+    assert "keep the GIL" not in describe("cuda", EngineSettings(), options, None,
+                                          {"issue_calls": "torch"})
+
+
 def test_pack_in_auto_uses_processes_only_on_a_gpu_with_workers_and_rings(tmp_path):
     from recserve.server.serve_options import ServeOptions
 

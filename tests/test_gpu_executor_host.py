@@ -4,6 +4,7 @@ CPU, with the device replaced by a clock (bench/engine_host.py's SimulatedGpuExe
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 from pathlib import Path
 
@@ -109,8 +110,16 @@ def test_engine_gpu_variants_compose_from_their_names():
     assert variant("graph_outputs+blocking_wait", base).blocking_wait
     g = variant("pack_in=process+graph_copies+pdl", base)
     assert g.slot_streams and g.graph_copies and g.pdl and g.pack_processes  # (slot streams)
+    k = variant("slots=6+pack_threads=4+keep_gil", base)
+    assert (k.settings.slots, k.pack_threads, k.keep_gil) == (6, 4, True)
     with pytest.raises(SystemExit, match="unknown variant change 'warps=4'"):
         variant("slots=2+warps=4", base)
+    # every run gpu_check.sh asks for by default is one engine_gpu.py knows
+    script = (Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh").read_text()
+    defaults = re.search(r"ENGINE_BENCH_ARGS:---variants ([^}]+)}", script).group(1)
+    assert "keep_gil" in defaults.split(",")
+    for name in defaults.split(","):
+        variant(name, base)
 
 
 @pytest.mark.parametrize("via_hub", ["socket", "ring"])
