@@ -15,7 +15,14 @@ import socket
 
 import numpy as np
 
-from .client import DEFAULT_HOST, DEFAULT_PORT, decode_scores, infer_request, response_body
+from .client import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    admin_request,
+    decode_scores,
+    infer_request,
+    response_body,
+)
 from .codec import DEFAULT_MAX_FRAME, HEADER, CodecLimits, decode_message, encode_message
 from .errors import RecserveError, TooLarge
 
@@ -77,6 +84,18 @@ class AsyncClient:
         """Scores for N candidates: float32 [N], or [N, H] for a model with H outputs."""
         request = infer_request(model, inputs, candidates, version, deadline_ms, priority)
         return decode_scores(await self.call(**request))
+
+    async def load(self, model: str, token: str, version: int | None = None) -> dict:
+        """Admin: serve ``version`` (default: the highest) of ``model`` (``Client.load``)."""
+        return await self.call(**admin_request("load", model, token, version))
+
+    async def reload(self, model: str, token: str) -> dict:
+        """Admin: load a served model's highest version again (``Client.reload``)."""
+        return await self.call(**admin_request("reload", model, token))
+
+    async def unload(self, model: str, token: str, version: int | None = None) -> dict:
+        """Admin: stop serving ``version`` (default: every one) of ``model``."""
+        return await self.call(**admin_request("unload", model, token, version))
 
     async def _read_loop(self) -> None:
         failure: BaseException = ConnectionError("server closed the connection")

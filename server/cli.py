@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from .admin_cli import register_admin
 from .cli_serve import add_serve, run_serve
 from .client import DEFAULT_HOST, DEFAULT_PORT, Client
 from .errors import RecserveError
@@ -17,8 +18,9 @@ from .tools_cli import add_command, register_tools
 DESCRIPTION = """\
 recserve serves DLRM-family ranking models over msgpack-on-TCP (the wire contract
 is PROTOCOL.md). `recserve serve` runs a server; ping, models and infer talk to one;
-demo-model and import-dlrm write model repositories. Run `recserve COMMAND --help`
-for a command's options."""
+load, reload and unload change what it serves (with its admin token); demo-model and
+import-dlrm write model repositories. Run `recserve COMMAND --help` for a command's
+options."""
 
 EXAMPLES = """\
 examples:
@@ -29,6 +31,7 @@ examples:
   recserve models
   recserve infer --demo-candidates 5               # a generated request for "demo"
   recserve infer request.json                      # {"model", "candidates", "inputs"}
+  recserve load ctr --version 3                    # hot swap ($RECSERVE_ADMIN_TOKEN)
   recserve demo-model models
   recserve import-dlrm dlrm.pt --features features.json --repo models --name ctr"""
 
@@ -47,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_serve(commands, add_command)
     register_tools(commands)
+    register_admin(commands, add_command)
     for name, help_text in (("ping", "check that a server answers"),
                             ("models", "list a server's models, inputs and outputs")):
         sub = add_command(commands, name, help_text)

@@ -41,6 +41,20 @@ def infer_request(model: str, inputs: dict, candidates: int | None = None,
     return request
 
 
+def admin_request(op: str, model: str, token: str, version: int | None = None) -> dict:
+    """The fields of an admin op (``load``, ``reload``, ``unload``; PROTOCOL.md) for
+    ``model``: ``token`` is the server's admin token (its RECSERVE_ADMIN_TOKEN)."""
+    if op not in ("load", "reload", "unload"):
+        raise ValueError(f"{op!r} is not an admin op (load, reload, unload)")
+    if op == "reload" and version is not None:
+        raise ValueError("reload always takes the repository's highest version; use load "
+                         "to serve a given one")
+    request = {"op": op, "model": model, "token": token}
+    if version is not None:
+        request["version"] = int(version)
+    return request
+
+
 def guess_candidates(inputs: dict) -> int:
     """N from the inputs: a candidate-scope sparse ``lengths`` or a 2-D dense array."""
     for value in inputs.values():
@@ -108,6 +122,21 @@ class Client:
         """Scores for N candidates: float32 [N], or [N, H] for a model with H outputs."""
         request = infer_request(model, inputs, candidates, version, deadline_ms, priority)
         return decode_scores(self.call(**request))
+
+    def load(self, model: str, token: str, version: int | None = None) -> dict:
+        """Admin: read ``version`` of ``model`` (default: the highest) from the server's
+        repository, warm it up and serve it; work already queued finishes on the previous
+        version. ``{model, version}``."""
+        return self.call(**admin_request("load", model, token, version))
+
+    def reload(self, model: str, token: str) -> dict:
+        """Admin: load a served model's highest version again. ``{model, version, previous}``."""
+        return self.call(**admin_request("reload", model, token))
+
+    def unload(self, model: str, token: str, version: int | None = None) -> dict:
+        """Admin: stop serving ``version`` of ``model`` (default: every version); running
+        work finishes. ``{model, unloaded}``."""
+        return self.call(**admin_request("unload", model, token, version))
 
     def _receive(self) -> dict:
         while not self._frames:

@@ -51,6 +51,17 @@ def multi_spec() -> ModelSpec:
         outputs=(Output("click"), Output("watch_time", "logit")))
 
 
+def two_version_repo(root):
+    """A model repository at ``root`` holding ``small_spec`` versions 1 and 2 (weights
+    seeded by version, so their scores differ); ``root``."""
+    from recserve.engine.repository import save_model
+
+    spec = small_spec()
+    for version in (1, 2):
+        save_model(root, spec, init_weights(spec, seed=version), version=version)
+    return root
+
+
 def loaded(spec: ModelSpec, version: int = 1, seed: int = 0) -> SimpleNamespace:
     """What the backend takes: name, version, spec, weights."""
     return SimpleNamespace(name=spec.name, version=version, spec=spec,

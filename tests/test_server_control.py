@@ -7,14 +7,12 @@ import asyncio
 
 import numpy as np
 import pytest
-from server_fixtures import RawConnection, ServerThread, loaded, small_spec
+from server_fixtures import RawConnection, ServerThread, loaded, small_spec, two_version_repo
 
 from recserve.engine.demo import random_inputs, to_wire
 from recserve.engine.engine import Engine
 from recserve.engine.executor import CpuExecutor
-from recserve.engine.repository import save_model
 from recserve.engine.settings import EngineSettings
-from recserve.engine.weights import init_weights
 from recserve.server.backend import EngineBackend, ReferenceBackend
 
 TOKEN = "s3cret-token"
@@ -27,10 +25,7 @@ def engine_backend() -> EngineBackend:
 
 @pytest.fixture
 def repo(tmp_path):
-    spec = small_spec()
-    for version in (1, 2):
-        save_model(tmp_path, spec, init_weights(spec, seed=version), version=version)
-    return tmp_path
+    return two_version_repo(tmp_path)
 
 
 def start(backend, repo=None, models=(), **config):
