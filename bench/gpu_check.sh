@@ -128,14 +128,16 @@ step load-generator bash -c "RECSERVE_AUTOTUNE=0 timeout ${LOAD_TIMEOUT_S:-60} $
     tail -n 8 '$OUT/bench.log'; exit \$rc"
 
 # Only with time to spare (the whole check should leave room for a rerun): the server on the
-# card in one process and with 4 front-end worker processes (--workers), packed in threads and
-# in packing processes (--pack-in process), and the CPU engine on the same host; the table goes
+# card in one process and with 4 front-end worker processes (--workers), packed in threads
+# (--pack-in thread) and in packing processes (the default with workers), also with --keep-gil,
+# and the CPU engine on the same host; the table goes
 # to bench.log (no file: OUTDIR is at its limit of 8).
 if [ $(( $(date +%s) - START )) -lt "${WORKERS_BUDGET_S:-330}" ]; then
     step server-workers bash -c "RECSERVE_AUTOTUNE=0 timeout ${WORKERS_TIMEOUT_S:-120} $PY \
         bench/server.py --config 'engine=--device cuda --workers 1' \
+        --config 'engine-4w-thread=--device cuda --workers 4 --pack-in thread' \
         --config 'engine-4w=--device cuda --workers 4' \
-        --config 'engine-4w-proc=--device cuda --workers 4 --pack-in process' \
+        --config 'engine-4w-keep=--device cuda --workers 4 --keep-gil' \
         --config 'cpu=--device cpu --workers 1' \
         --duration 3 --loads 0.5 \
         >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 6 '$OUT/bench.log'; exit \$rc"
