@@ -1,14 +1,16 @@
 """The GPU engine's host side on any machine: the real executor with the device simulated.
 
     python bench/engine_host.py [--compute-ms 0.72] [--slots 4] [--pack-threads N] [--sweep]
-                                [--pack-processes] [--traffic KIND ...] [--json FILE]
+                                [--pack-processes] [--issue-calls free|torch|driver]
+                                [--graph-outputs] [--traffic KIND ...] [--json FILE]
 
 On the H200 the engine reached 0.43 of its bare forward's samples/s because the host could
 not pack batches fast enough (bench/RESULTS.md). This measures that host side without a
 GPU: ``SimulatedGpuExecutor`` is ``GpuExecutor`` with its device calls replaced by a clock
 (a batch "computes" for ``--compute-ms`` after the previous one, in issue order, and its
 copies are free), while the engine, the scheduler, the launcher threads, the packing into
-staging buffers, the completion thread and the slot bookkeeping are the production code.
+staging buffers, the issue path (its CUDA calls costing what ``--issue-calls`` says), the
+completion thread and the slot bookkeeping are the production code.
 Workload ``dlrmv2`` (int32 ids, every bag full), 8192-row buckets: (a) 8192-row requests,
 (b) ranking-size requests (N in 100..700) in the flat form a worker process sends, (c)
 the same per feature, as a single-process server hands them over, and (d) the same as
@@ -45,12 +47,14 @@ import provenance  # noqa: E402
 import workloads as wl  # noqa: E402
 
 from engine import run_loop  # noqa: E402
+from recserve.engine.cuda_driver import TorchCalls  # noqa: E402
 from recserve.engine.engine import Engine  # noqa: E402
 from recserve.engine.gpu_executor import GpuExecutor  # noqa: E402
 from recserve.engine.gpu_slots import GpuModel, SlotState, shared_host  # noqa: E402
 from recserve.engine.settings import EngineSettings  # noqa: E402
 from recserve.engine.shared_memory import SharedMemory  # noqa: E402
 from recserve.engine.staging import host_buffers, staging_layout  # noqa: E402
+from recserve.engine.tensor_buffers import allocate, as_tensors  # noqa: E402
 from recserve.kernels.layout import build_layout  # noqa: E402
 from recserve.kernels.model import feature_groups  # noqa: E402
 
@@ -58,9 +62,10 @@ TRAFFIC = ("full_batches", "ranking_requests", "ranking_per_feature", "ranking_v
            "ranking_via_hub_ring", "full_via_hub_ring")
 
 
+ISSUE_CALLS = ("free", "torch", "driver")
 DRIVER_CALL_S = 3e-6
 """A driver call's host time (an asynchronous copy, event record or graph launch: a few
-microseconds; not measured here)."""
+microseconds; assumed, not measured here)."""
 
 
 def _hold_gil(seconds: float) -> None:
@@ -70,28 +75,82 @@ def _hold_gil(seconds: float) -> None:
         pass
 
 
+class SimulatedCalls(TorchCalls):
+    """The calls of the real issue (``gpu_issue.issue_streams``) against the simulated
+    device, each costing the host what ``kind`` says: ``free`` nothing; ``torch`` a GIL
+    hand-off (``time.sleep(0)``: torch gives the GIL up in each CUDA call it wraps, and
+    getting it back waits for whichever thread took it); ``driver`` 3 us with the GIL kept
+    (``cuda_driver.DriverCalls``, ``GpuExecutor(keep_gil=True)``). A graph's launch puts
+    its batch on the device clock. ``calls`` counts them."""
+
+    def __init__(self, kind: str) -> None:
+        if kind not in ISSUE_CALLS:
+            raise ValueError(f"issue calls {kind!r}; expected one of {ISSUE_CALLS}")
+        self.name, self.calls = f"simulated {kind}", 0
+        self._cost = {"free": lambda: None, "torch": functools.partial(time.sleep, 0),
+                      "driver": functools.partial(_hold_gil, DRIVER_CALL_S)}[kind]
+
+    def copy(self, dst, src, stream) -> int:
+        self._call()
+        return src.numel() * src.element_size()
+
+    def record(self, event, stream) -> None:
+        self._call()
+
+    def wait(self, stream, event) -> None:
+        self._call()
+
+    def replay(self, graph, stream) -> None:
+        self._call()
+        graph.launch()
+
+    def _call(self) -> None:
+        self.calls += 1  # (under the launch lock: one issue at a time)
+        self._cost()
+
+
+class _SimulatedGraph:
+    """A slot's graph for one bucket: launching it occupies the simulated device for the
+    executor's compute time, after the batch before it (batches run in issue order)."""
+
+    def __init__(self, executor: SimulatedGpuExecutor, slot: SlotState) -> None:
+        self.executor, self.slot = executor, slot
+
+    def launch(self) -> None:
+        ex = self.executor
+        start = max(time.perf_counter(), ex._device_free)
+        ex._device_free = start + ex.compute_s
+        ex._due[id(self.slot)] = ex._device_free
+
+
 class SimulatedGpuExecutor(GpuExecutor):
-    """``GpuExecutor`` whose device is a clock: see the module docstring. Scores are zeros."""
+    """``GpuExecutor`` whose device is a clock: see the module docstring. Scores are zeros.
+    ``issue_calls``: what each CUDA call of the issue costs (``SimulatedCalls``)."""
 
     def __init__(self, settings: EngineSettings, compute_ms: float,
                  pack_threads: int | None = None, pack_processes: bool = False,
-                 cuda_calls: int = 0, calls_keep_gil: bool = False) -> None:
+                 issue_calls: str = "free", graph_outputs: bool = False) -> None:
         super().__init__(settings, "cpu", pack_threads=pack_threads,
-                         pack_processes=pack_processes)
+                         pack_processes=pack_processes, graph_outputs=graph_outputs)
         self.compute_s = compute_ms / 1e3
-        self.cuda_calls = cuda_calls
-        self.calls_keep_gil = calls_keep_gil
+        self.simulated_calls = SimulatedCalls(issue_calls)
         self._device_free = 0.0
         self._due: dict[int, float] = {}
 
     def _open_device(self) -> None:
-        pass
+        # streams are names here: the real issue compares them and hands them to its calls
+        self._streams = {"h2d": "h2d", "d2h": "d2h"}
+        self._compute, self._per_slot = ["compute"], []
+
+    def _issue_calls(self) -> SimulatedCalls:
+        return self.simulated_calls
 
     def _bind_thread(self) -> None:
         pass
 
     def build_model(self, spec, weights) -> GpuModel:
-        """Host staging per slot (as the real one), no device buffers, no weights needed."""
+        """Host staging per slot (as the real one) and a device set in host memory, which
+        nothing reads (the issue's copies are simulated); a graph per bucket; no weights."""
         layout = staging_layout(spec, feature_groups(spec), self.settings.max_batch_rows,
                                 build_layout(spec).x_request)
         rows, outputs = layout.max_rows, len(spec.outputs)
@@ -99,23 +158,17 @@ class SimulatedGpuExecutor(GpuExecutor):
         for _ in range(self.settings.slots):
             host, memory = shared_host(layout) if self.pack_processes \
                 else (host_buffers(layout), None)
-            slots.append(SlotState(host, None, None, torch.zeros(rows, outputs),
-                                   torch.zeros(rows + 1, dtype=torch.bool), None,
-                                   shared=memory))
+            slot = SlotState(host, allocate(layout, "cpu"), None, torch.zeros(rows, outputs),
+                             torch.zeros(rows + 1, dtype=torch.bool), None, shared=memory,
+                             host_tensors=as_tensors(host),
+                             events={f"{s}_{e}": f"{s}_{e}" for s in ("h2d", "compute", "d2h")
+                                     for e in ("start", "end")})
+            for bucket in self.settings.buckets:
+                slot.graphs[bucket] = (_SimulatedGraph(self, slot),
+                                       torch.zeros(bucket, outputs),
+                                       torch.zeros(bucket + 1, dtype=torch.bool))
+            slots.append(slot)
         return GpuModel(spec, None, layout, slots)
-
-    def _issue(self, model, slot, plan, sizes, slot_index) -> None:
-        # called under the launch lock, in batch order, like the real stream work; each
-        # CUDA call of the real issue gives the GIL up and waits to get it back: so here,
-        # or (``keep_gil``: cuda_driver) takes a few microseconds with the GIL kept
-        for _ in range(self.cuda_calls):
-            if self.calls_keep_gil:
-                _hold_gil(DRIVER_CALL_S)
-            else:
-                time.sleep(0)
-        start = max(time.perf_counter(), self._device_free)
-        self._device_free = start + self.compute_s
-        self._due[id(slot)] = self._device_free
 
     def _wait_done(self, slot: SlotState) -> None:
         wait = self._due[id(slot)] - time.perf_counter()
@@ -201,12 +254,12 @@ async def through_hub(engine: Engine, requests: list, frames: tuple[dict, Shared
 async def run(settings: EngineSettings, spec, requests: list, compute_ms: float,
               pack_threads: int | None, via_hub: str | None = None,
               pack_processes: bool = False, busy_thread: bool = False,
-              cuda_calls: int = 0, calls_keep_gil: bool = False) -> dict:
+              issue_calls: str = "free", graph_outputs: bool = False) -> dict:
     executors: list[SimulatedGpuExecutor] = []
 
     def factory(s: EngineSettings) -> SimulatedGpuExecutor:
         executors.append(SimulatedGpuExecutor(s, compute_ms, pack_threads, pack_processes,
-                                              cuda_calls, calls_keep_gil))
+                                              issue_calls, graph_outputs))
         return executors[-1]
 
     frames = worker_frames(spec, requests, via_hub == "ring") if via_hub else None
@@ -293,13 +346,14 @@ def main() -> None:
     p.add_argument("--busy-thread", action="store_true",
                    help="run a thread that only runs Python beside the engine (a busy event "
                    "loop, as far as the GIL goes; bench/gil_handoff.py)")
-    p.add_argument("--cuda-calls", type=int, default=0,
-                   help="GIL hand-offs (time.sleep(0)) a simulated batch's issue makes, as "
-                   "the real one's CUDA calls do: about 10 a batch, 6 with graph_outputs "
-                   "(default: 0, the device's calls free)")
-    p.add_argument("--calls-keep-gil", action="store_true",
-                   help="the --cuda-calls keep the GIL instead, 3 us each, as the issue's "
-                   "driver calls do with GpuExecutor(keep_gil=True) (cuda_driver)")
+    p.add_argument("--issue-calls", choices=ISSUE_CALLS, default="free",
+                   help="what each CUDA call of the real issue path costs the host (about 10 "
+                   "a batch, 6 with --graph-outputs): free (default), torch (a GIL hand-off "
+                   "each, as torch's calls make), driver (3 us each with the GIL kept, as "
+                   "GpuExecutor(keep_gil=True) makes them)")
+    p.add_argument("--graph-outputs", action="store_true",
+                   help="GpuExecutor(graph_outputs=True): the graphs copy the scores out, "
+                   "4 calls fewer a batch")
     p.add_argument("--switch-ms", type=float,
                    help="the interpreter's switch interval for every run (default: 5 ms)")
     p.add_argument("--traffic", action="append", choices=TRAFFIC,
@@ -337,15 +391,15 @@ def main() -> None:
         sys.setswitchinterval(args.switch_ms / 1e3)
     results = {"commit": provenance.commit(), "compute_ms": args.compute_ms,
                "busy_thread": args.busy_thread, "switch_interval_s": sys.getswitchinterval(),
-               "cuda_calls": args.cuda_calls, "calls_keep_gil": args.calls_keep_gil,
+               "issue_calls": args.issue_calls, "graph_outputs": args.graph_outputs,
                "cores": os.cpu_count(), "runs": []}
     for name, run_settings, threads, processes in variants:
         for kind, requests in traffic.items():
             via_hub = "ring" if kind.endswith("_ring") else (
                 "socket" if kind.endswith("_hub") else None)
             r = run_loop(run(run_settings, spec, requests, args.compute_ms, threads, via_hub,
-                             processes, args.busy_thread, args.cuda_calls,
-                             args.calls_keep_gil))
+                             processes, args.busy_thread, args.issue_calls,
+                             args.graph_outputs))
             results["runs"].append({"variant": name, "traffic": kind, **r})
             print(f"{name:15s} {kind:19s} {r['samples_per_s'] / 1e6:6.2f} M samples/s = "
                   f"{r['ratio_to_device']:.2f} of the simulated device; event loop "

@@ -151,7 +151,7 @@ class GpuExecutor(Executor):
         if self._threads:
             return
         self._open_device()
-        self._calls = issue_calls(self.keep_gil)
+        self._calls = self._issue_calls()
         self._host_origin = time.perf_counter()
         self._free = list(range(self.settings.slots))
         if self.pack_processes:
@@ -173,6 +173,10 @@ class GpuExecutor(Executor):
             if self.slot_streams else []
         self._origin = torch.cuda.Event(enable_timing=True)
         self._origin.record()
+
+    def _issue_calls(self) -> TorchCalls:
+        """What makes the issue's CUDA calls: the driver's, keeping the GIL, or torch's."""
+        return issue_calls(self.keep_gil)
 
     def _bind_thread(self) -> None:
         """Make this executor's device current on the calling thread."""
