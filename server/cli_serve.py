@@ -147,7 +147,7 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
                    "launches) through the CUDA driver and keeps the GIL, instead of through "
                    "torch, which gives it up at each call and may wait up to the switch "
                    "interval to get it back. Off by default until measured on a card: a "
-                   "simulated device kept 0.99 instead of 0.53-0.59 busy (bench/RESULTS.md); "
+                   "simulated device kept 0.95-0.99 instead of 0.48-0.50 busy (bench/RESULTS.md); "
                    "compare on yours with bench/engine_gpu.py --variants default,keep_gil")
     g.add_argument("--compute-streams", type=int, default=1, metavar="N",
                    help="CUDA streams consecutive GPU batches take in turn, up to --slots "
