@@ -38,7 +38,8 @@ the last interval. Ctrl-C quits.
 examples:
   recserve top
   recserve top --port 7700 --interval 2
-  recserve top --once            # one frame (two polls --interval apart), then exit""")
+  recserve top --once            # one frame (two polls --interval apart), then exit
+  recserve top --once --json     # the same as one line of JSON (with the raw stats)""")
     top.add_argument("--host", default=DEFAULT_HOST, help="server address (default: "
                      "%(default)s)")
     top.add_argument("--port", type=int, default=DEFAULT_PORT, help="server port (default: "
@@ -46,6 +47,9 @@ examples:
     top.add_argument("--interval", type=_positive, default=1.0, metavar="S",
                      help="seconds between polls (default: %(default)s)")
     top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.add_argument("--json", action="store_true", help="print each interval as one line of "
+                     "JSON ({summary, stats}: the rates and percentiles shown, and the "
+                     "server's stats answer) instead of the live view")
     top.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the "
                      "server (default: %(default)s)")
     top.set_defaults(run=_run_top)

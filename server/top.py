@@ -11,6 +11,7 @@ the whole uptime), batch fill, queue depth, errors by code, and the GPU readings
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from collections import Counter
@@ -159,8 +160,26 @@ def render(now: dict, before: dict | None, title: str = "recserve"):
     return Group(table, *_gpu_lines(s["gpu"]))
 
 
+def as_json(now: dict, before: dict) -> str:
+    """One ``--json`` line: the interval's ``summarize`` (NaN, where there was nothing to
+    measure, as null) and the raw ``stats`` answer it came from."""
+    def plain(value):
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return value
+
+    return json.dumps({"summary": plain(summarize(now, before)), "stats": plain(now)},
+                      allow_nan=False)
+
+
 def run_top(args: argparse.Namespace) -> int:
     """``recserve top``: refresh every ``args.interval`` s until Ctrl-C (or once)."""
+    if getattr(args, "json", False):
+        return _run_json(args)
     try:
         from rich.console import Console
         from rich.live import Live
@@ -190,5 +209,22 @@ def run_top(args: argparse.Namespace) -> int:
                     now = fetch()
                     live.update(render(now, before, title), refresh=True)
                     before = now
+        except KeyboardInterrupt:
+            return 0
+
+
+def _run_json(args: argparse.Namespace) -> int:
+    """``--json``: a line of JSON every interval (with ``--once``, one), for scripts and
+    logs; needs no terminal and no rich."""
+    with Client(args.host, args.port, timeout=args.timeout) as client:
+        before = client.call("stats")["stats"]
+        try:
+            while True:
+                time.sleep(args.interval)
+                now = client.call("stats")["stats"]
+                print(as_json(now, before), flush=True)
+                if args.once:
+                    return 0
+                before = now
         except KeyboardInterrupt:
             return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import types
 
 import numpy as np
@@ -94,7 +95,9 @@ def test_the_packing_processes_line_gives_their_share_of_batches():
     assert "80% of batches" in text and "restarts since start: 1" in text
 
 
-def test_top_once_renders_a_live_server(monkeypatch, capsys):
+def _top_once_against_a_live_server(monkeypatch, capsys, *flags: str) -> str:
+    """``recserve top --once FLAGS`` against a real server that, between top's two polls,
+    answers 3 requests and refuses one (not_found); what top printed."""
     model = loaded(small_spec())
     settings = EngineSettings(max_batch_rows=64, buckets=(16, 64), slots=1)
     backend = EngineBackend(Engine(settings, lambda s: CpuExecutor(s, torch_threads=1)))
@@ -120,13 +123,17 @@ def test_top_once_renders_a_live_server(monkeypatch, capsys):
     monkeypatch.setenv("COLUMNS", "200")
     parser = argparse.ArgumentParser()
     register_tools(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["top", "--once", "--port", str(thread.port)])
+    args = parser.parse_args(["top", "--once", "--port", str(thread.port), *flags])
     try:
         assert args.run(args) == 0
     finally:
         conn.close()
         thread.stop()
-    out = capsys.readouterr().out
+    return capsys.readouterr().out
+
+
+def test_top_once_renders_a_live_server(monkeypatch, capsys):
+    out = _top_once_against_a_live_server(monkeypatch, capsys)
     for field in ("requests/s", "rows/s", "latency p50 / p99", "batch fill", "queue",
                   "errors", "engine GPU busy"):
         assert field in out
@@ -134,3 +141,16 @@ def test_top_once_renders_a_live_server(monkeypatch, capsys):
     assert "GPU monitor unavailable: no GPU monitor" in out
     assert " ms / " in out and "rows per batch" in out
     assert "- ms / - ms" not in out  # the interval's requests gave percentiles
+
+
+def test_top_json_prints_the_interval_and_the_raw_stats_as_one_line(monkeypatch, capsys):
+    out = _top_once_against_a_live_server(monkeypatch, capsys, "--json")
+    lines = out.strip().splitlines()
+    assert len(lines) == 1
+    frame = json.loads(lines[0])  # (strict JSON: no NaN)
+    summary = frame["summary"]
+    assert summary["requests_per_s"] > 0 and summary["errors"] == {"not_found": 1}
+    assert summary["rows_per_batch"] >= 10 and 0 < summary["p50_s"] <= summary["p99_s"]
+    assert summary["via_socket"] is None  # (NaN: no front-end workers) as null
+    assert frame["stats"]["engine"]["counters"]["requests"] == 3
+    assert frame["stats"]["gpu"]["available"] is False
