@@ -3,10 +3,11 @@
 Torch gives the GIL up in every CUDA call it wraps (``copy_``, ``Event.record``,
 ``wait_event``, ``CUDAGraph.replay``). An asynchronous call takes microseconds, but a thread
 that gave the GIL up waits to get it back until whichever thread took it meanwhile drops it
-again, up to the switch interval when that thread runs Python: the engine's issue path made
-about 10 such calls a batch and took 1.0-1.3 ms on a slow H100 host against 0.44 ms on a
-fast one, and ``bench/engine_host.py --cuda-calls`` shows the cost (8192-row requests: 0.97
-of the simulated device with free calls, 0.57-0.59 with 10 hand-offs).
+again, up to the switch interval when that thread runs Python: the engine's issue path makes
+10 such calls a batch and took 1.0-1.3 ms on a slow H100 host against 0.44 ms on a fast one,
+and ``bench/engine_host.py --issue-calls torch|driver`` shows the cost on any machine
+(8192-row requests, 2 cores: 0.48-0.50 of the simulated device with torch's calls,
+0.95-0.99 with these; bench/RESULTS.md, ninth session).
 
 ``ctypes.PyDLL`` calls keep the GIL, so ``DriverCalls`` issues the same work through
 ``libcuda`` (the driver API, present wherever the driver is) without a hand-off. Only calls
@@ -177,11 +178,12 @@ class DriverCalls(TorchCalls):
         self.driver.wait(stream.cuda_stream, event.cuda_event)
 
     def replay(self, graph, stream) -> None:
-        graph_exec = getattr(graph, "raw_cuda_graph_exec", None)
-        if graph_exec is None:  # an older torch: its replay
+        try:
+            graph_exec = graph.raw_cuda_graph_exec()
+        except (AttributeError, RuntimeError):  # an older torch, or no exec to hand out
             super().replay(graph, stream)
             return
-        self.driver.launch(graph_exec(), stream.cuda_stream)
+        self.driver.launch(graph_exec, stream.cuda_stream)
 
 
 TORCH_CALLS = TorchCalls()

@@ -157,6 +157,12 @@ def test_driver_calls_copy_bytes_record_wait_and_launch_with_torch_handles(monke
     calls.copy(torch.zeros(10, dtype=torch.int32), host, stream)  # host to host
     calls.replay(object(), stream)  # a torch without raw_cuda_graph_exec
 
+    class Unexecutable:  # one whose graph has no exec to hand out
+        def raw_cuda_graph_exec(self):
+            raise RuntimeError("no graph exec")
+
+    calls.replay(Unexecutable(), stream)
+
     class NewEvent:  # never recorded: torch creates it at its first record
         cuda_event = 0
 
@@ -164,7 +170,7 @@ def test_driver_calls_copy_bytes_record_wait_and_launch_with_torch_handles(monke
             through_torch.append("record")
 
     calls.record(NewEvent(), stream)
-    assert through_torch == ["copy", "copy", "copy", "replay", "record"]
+    assert through_torch == ["copy", "copy", "copy", "replay", "replay", "record"]
     assert driver.calls == []
 
 
