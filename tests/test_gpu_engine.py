@@ -139,7 +139,8 @@ def test_timeline_orders_each_batch_copy_in_compute_copy_out(compute_streams, sl
     # How much copying overlapped compute is a measurement: bench/engine.py reports it.
 
 
-def test_ring_requests_packed_in_processes_score_as_the_reference():
+@pytest.mark.parametrize("keep_gil", [False, True])
+def test_ring_requests_packed_in_processes_score_as_the_reference(keep_gil):
     """Requests in a worker's ring, through the hub (which leaves their decoding to the
     packing processes), packed into shared staging memory CUDA pinned: the reference's
     scores; a bad id, and bag bounds past a request's ids (a worker's bug the packing
@@ -178,7 +179,8 @@ def test_ring_requests_packed_in_processes_score_as_the_reference():
                 self.replies[reply.rid] = reply
 
     async def run():
-        engine = Engine(SETTINGS, lambda s: GpuExecutor(s, "cuda", pack_processes=True))
+        engine = Engine(SETTINGS, lambda s: GpuExecutor(s, "cuda", pack_processes=True,
+                                                        keep_gil=keep_gil))
         async with engine:
             await engine.load("demo", 1, spec, weights)
             pinned = all(slot.shared is not None for slot in engine.handle("demo", 1).slots)
@@ -195,6 +197,7 @@ def test_ring_requests_packed_in_processes_score_as_the_reference():
 
     pinned, stats, replies = asyncio.run(run())
     assert pinned  # CUDA registered every slot's shared staging memory
+    assert stats["issue_calls"] == ("driver" if keep_gil else "torch")
     assert stats["packed_in_processes"] > 0 and stats["packing_process_restarts"] == 0
     assert replies[3].error is not None and replies[3].error["code"] == "bad_request"
     malformed = replies[len(requests)].error
