@@ -1,4 +1,5 @@
-"""Import a state dict of the open-source DLRM reference (``DLRM_Net``) into a repository.
+"""Import a state dict of the open-source DLRM reference (``DLRM_Net``) into a repository
+(TorchRec's DLRM and DLRM_DCN: ``torchrec_import``; ``run_import`` takes either).
 
 ``DLRM_Net`` keeps its layers in ``nn.Sequential`` containers: ``bot_l`` and ``top_l``
 alternate Linear and activation modules, so Linear layers sit at even indices
@@ -94,16 +95,8 @@ def convert_dlrm(state: dict[str, torch.Tensor], config: dict,
         interaction=_INTERACTIONS[interaction],
         top_mlp=tuple(int(state[f"top_l.{k}.weight"].shape[0]) for k in top),
         outputs=(Output(**output),), weight_dtype=weight_dtype)
-    weights: dict[str, torch.Tensor] = {}
-    for i, table in enumerate(tables):
-        values = state[f"emb_l.{i}.weight"].float()
-        stem = f"tables.{table.name}"
-        if table.dtype == "int8":
-            codes, scale, offset = quantize_rowwise(values)
-            weights.update({f"{stem}.weight": codes, f"{stem}.scale": scale,
-                            f"{stem}.offset": offset})
-        else:
-            weights[f"{stem}.weight"] = values.to(TORCH_DTYPES[table.dtype])
+    weights = tables_and_weights(tables, [state[f"emb_l.{i}.weight"]
+                                          for i in range(len(tables))])
     wdtype = TORCH_DTYPES[weight_dtype]
     for ours, theirs, layers in (("bottom", "bot_l", bottom), ("top", "top_l", top)):
         for k, index in enumerate(layers):
@@ -113,6 +106,21 @@ def convert_dlrm(state: dict[str, torch.Tensor], config: dict,
                     raise ValueError(f"state dict lacks {key!r}")
                 weights[f"{ours}.{k}.{part}"] = state[key].to(wdtype)
     return spec, weights
+
+
+def tables_and_weights(tables, values: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each table's stored tensors (``tables.<name>.weight``, and int8's scale and offset)
+    from its fp32-convertible ``values``, in the table's dtype."""
+    weights: dict[str, torch.Tensor] = {}
+    for table, value in zip(tables, values, strict=True):
+        stem, value = f"tables.{table.name}", value.float()
+        if table.dtype == "int8":
+            codes, scale, offset = quantize_rowwise(value)
+            weights.update({f"{stem}.weight": codes, f"{stem}.scale": scale,
+                            f"{stem}.offset": offset})
+        else:
+            weights[f"{stem}.weight"] = value.to(TORCH_DTYPES[table.dtype])
+    return weights
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -133,12 +141,17 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def run_import(state_dict: str | os.PathLike, features: str | os.PathLike,
                repo: str | os.PathLike, name: str, version: int | None = None) -> Path:
-    """Convert a DLRM_Net checkpoint and write it to ``repo`` as model ``name``."""
+    """Convert a DLRM_Net checkpoint, or a TorchRec DLRM / DLRM_DCN one (``torchrec_import``:
+    told apart by their tensor names), and write it to ``repo`` as model ``name``."""
+    from .torchrec_import import convert_torchrec, is_torchrec
+
     try:
         config = json.loads(Path(features).read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{features} is not valid JSON: {exc}") from None
     if not isinstance(config, dict):
         raise ValueError(f"{features} must hold a JSON object")
-    spec, weights = convert_dlrm(read_state_dict(state_dict), config, name)
+    state = read_state_dict(state_dict)
+    convert = convert_torchrec if is_torchrec(state) else convert_dlrm
+    spec, weights = convert(state, config, name)
     return save_model(repo, spec, weights, version)

@@ -116,13 +116,15 @@ examples:
 
 
 def _add_import(commands) -> None:
-    p = add_command(commands, "import-dlrm", "convert a DLRM_Net checkpoint into a repository "
-                    "entry", """\
-STATE_DICT is a state dict saved from the open-source DLRM reference (DLRM_Net:
-emb_l.<i>.weight, bot_l.<k>.weight|bias, top_l.<k>.weight|bias), as .pt or
-.safetensors. FEATURES.json names what the state dict does not know: feature
-names and scopes, the dense inputs, the interaction, the output; its format is in
-engine/dlrm_import.py (and the README).
+    p = add_command(commands, "import-dlrm", "convert a DLRM_Net or TorchRec DLRM checkpoint "
+                    "into a repository entry", """\
+STATE_DICT is a state dict, .pt or .safetensors, saved from the open-source DLRM
+reference (DLRM_Net: emb_l.<i>.weight, bot_l.<k>, top_l.<k>) or from TorchRec's
+DLRM or DLRM_DCN (torchrec.models.dlrm, as the MLPerf DLRM-v2 reference trains it:
+sparse_arch.embedding_bag_collection..., dense_arch, inter_arch, over_arch; told
+apart by these names). FEATURES.json names what the state dict does not know:
+feature names, their tables (TorchRec) and scopes, the dense inputs, the output;
+its formats are in engine/dlrm_import.py and engine/torchrec_import.py.
 
 example:
   recserve import-dlrm dlrm.pt --features features.json --repo models --name ctr""")
