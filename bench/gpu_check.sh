@@ -17,7 +17,8 @@
 # STEPS="install kernels-bench" BENCH_TIMEOUT_S=240 KERNEL_BENCH_ARGS="--budget-s 200" has it),
 # VARIANTS_BENCH_ARGS (--budget-s 60; e.g. "--sections forward --cross-configs", or
 # "--sections row_size --budget-s 200": is a lookup's cost per row or per byte?, or
-# "--sections forward,graph_tuned --budget-s 200": kernels tuned by their time in a graph),
+# "--sections int8,forward,graph_tuned --budget-s 200": kernels tuned by their time in a graph,
+# right after the eager-tuned forwards, and the int8 and bf16 gathers so too),
 # ENGINE_BENCH_ARGS (--variants default,keep_gil,graph_outputs,keep_gil+graph_outputs,
 # blocking_wait,via=ring,pack_in=process,pack_in=process+keep_gil,slots=6+pack_threads=4+keep_gil:
 # in process, then with the CUDA calls keeping the GIL (cuda_driver), with the graphs

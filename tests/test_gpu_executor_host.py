@@ -4,6 +4,7 @@ CPU, with the device replaced by a clock (bench/engine_host.py's SimulatedGpuExe
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import sys
 from pathlib import Path
@@ -183,6 +184,34 @@ def test_kernel_variants_refuses_an_unknown_section(tmp_path):
     assert result.returncode == 2
     assert "expected gather, int8, forward, row_size and/or graph_tuned" in result.stderr
     assert not (tmp_path / "kernel_variants.json").exists()
+
+
+def test_kernel_variants_graph_tuned_retunes_by_graph_time_then_measures(monkeypatch):
+    """The graph_tuned section (what a card call compares with the eager-tuned figures):
+    RECSERVE_TUNE_BY=graph, every tuner's picks forgotten first, then both forwards at each
+    size and, with int8, the bf16 and int8 gathers labelled graph-tuned."""
+    import kernel_variants as kv
+
+    calls = []
+    monkeypatch.setattr(kv, "forget_tuning", lambda: calls.append(("forget",)))
+    monkeypatch.setattr(kv, "bench_forward", lambda rec, base, name, *a: calls.append(
+        ("forward", name, a[-2], os.environ.get(kv.TUNE_BY_ENV))))
+    monkeypatch.setattr(kv, "bench_int8", lambda rec, base, model, spec, sizes, tuned_by:
+                        calls.append(("int8", tuple(sizes), tuned_by)))
+
+    class Rec:
+        @staticmethod
+        def guarded(what, fn, *args):
+            return fn(*args)
+
+    monkeypatch.setenv(kv.TUNE_BY_ENV, "eager")  # (restored after: graph_tuned sets it)
+    kv.graph_tuned(Rec(), {}, "spec", {}, "model", "dot", {}, "dot_model", [8192, 512], True)
+    assert calls == [("forget",),
+                     ("forward", "dlrmv2 graph-tuned", 8192, "graph"),
+                     ("forward", "dlrmv2 graph-tuned", 512, "graph"),
+                     ("forward", "dlrm-dot graph-tuned", 8192, "graph"),
+                     ("forward", "dlrm-dot graph-tuned", 512, "graph"),
+                     ("int8", (8192, 512), "graph")]
 
 
 def test_kernel_variants_row_sizes_check_every_dim_and_dtype(tmp_path):
