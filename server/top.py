@@ -162,9 +162,10 @@ def render(now: dict, before: dict | None, title: str = "recserve"):
 
 def as_json(now: dict, before: dict) -> str:
     """One ``--json`` line: the interval's ``summarize`` (NaN, where there was nothing to
-    measure, as null) and the raw ``stats`` answer it came from."""
+    measure, and any other non-finite number as null: strict JSON) and the raw ``stats``
+    answer it came from."""
     def plain(value):
-        if isinstance(value, float) and math.isnan(value):
+        if isinstance(value, float) and not math.isfinite(value):
             return None
         if isinstance(value, dict):
             return {k: plain(v) for k, v in value.items()}
