@@ -29,32 +29,13 @@ from .engine_metrics import EngineMetrics
 from .executor import Executor, Job, JobResult
 from .inputs import RequestInputs
 from .model_table import ModelKey, ModelTable
+from .pending import Outcome, Pending
 from .scheduler import EngineError, Priority, Scheduler
 from .settings import EngineSettings
+from .slow_log import SlowRequestLog
 from .spec import ModelSpec
 
-Outcome = np.ndarray | EngineError
-"""What a request ends with: its scores ([N] for one output, else [N, H]) or its error."""
-
 log = logging.getLogger("recserve.engine")
-
-
-class _Pending:
-    """A request between ``submit`` and its answer (and, with ``on_release``, until the
-    last batch reading its inputs is done: ``jobs`` counts those dispatched)."""
-
-    __slots__ = ("on_done", "on_release", "inputs", "key", "scores", "rows_left", "outputs",
-                 "submitted", "jobs")
-
-    def __init__(self, on_done: Callable[[Outcome], None],
-                 on_release: Callable[[], None] | None, inputs: RequestInputs,
-                 key: ModelKey, outputs: int, submitted: float) -> None:
-        self.on_done, self.on_release, self.inputs, self.key = on_done, on_release, inputs, key
-        self.scores: np.ndarray | None = None  # [N, outputs], made for split requests only
-        self.rows_left = inputs.num_candidates
-        self.outputs = outputs
-        self.submitted = submitted
-        self.jobs = 0
 
 
 class Engine:
@@ -66,7 +47,8 @@ class Engine:
 
     def __init__(self, settings: EngineSettings,
                  executor_factory: Callable[[EngineSettings], Executor], *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 slow_request_s: float | None = None) -> None:
         self.settings = settings
         self.clock = clock
         self._factory = executor_factory
@@ -74,8 +56,8 @@ class Engine:
         self._executor: Executor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._models = ModelTable()
-        self._pending: dict[int, _Pending] = {}
-        self._releasing: dict[int, _Pending] = {}  # answered, inputs still in a batch
+        self._pending: dict[int, Pending] = {}
+        self._releasing: dict[int, Pending] = {}  # answered, inputs still in a batch
         self._next_id = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -83,6 +65,8 @@ class Engine:
         self.counters: Counter[str] = Counter()
         """Totals since start: requests, batches, rows, padding_rows, expired, failed, ..."""
         self.metrics = EngineMetrics()
+        self._slow = SlowRequestLog(slow_request_s, clock) if slow_request_s else None
+        """Logs answers later than ``slow_request_s`` after submit (None: off)."""
 
     async def start(self) -> None:
         """Create and start the executor."""
@@ -199,7 +183,8 @@ class Engine:
         # operator.index: any integer type (numpy's too) counts rows; the policy takes ints.
         rows = operator.index(inputs.num_candidates)
         self._scheduler.submit(request_id, key, rows, now, priority, deadline)
-        self._pending[request_id] = _Pending(on_done, on_release, inputs, key, outputs, now)
+        self._pending[request_id] = Pending(on_done, on_release, inputs, key, outputs, now,
+                                             priority)
         self._models.begin(key)
         self.counters["requests"] += 1
         if deadline is not None or self._executor.free_slots() > 0:
@@ -253,8 +238,12 @@ class Engine:
                 wake_at = decision.wake_at
                 break
             holders = [self._pending[p.request_id] for p in plan.pieces]
+            now = self.clock()
             for pending in holders:
                 pending.jobs += 1
+                pending.batches += 1
+                if pending.dispatched is None:
+                    pending.dispatched = now
             inputs = tuple(pending.inputs for pending in holders)
             self._count_batch(plan)
             self._executor.submit(Job(plan, self._models[plan.model], inputs), self._done)
@@ -314,7 +303,7 @@ class Engine:
             del self._releasing[request_id]
             self._release(pending)
 
-    def _release(self, pending: _Pending) -> None:
+    def _release(self, pending: Pending) -> None:
         if pending.on_release is not None:
             try:
                 pending.on_release()
@@ -331,6 +320,8 @@ class Engine:
         else:
             self._releasing[request_id] = pending
         if outcome is not None:
+            if self._slow is not None:
+                self._note_latency(pending, outcome)
             if not isinstance(outcome, EngineError) and pending.outputs == 1:
                 outcome = outcome[:, 0]
             try:
@@ -338,6 +329,16 @@ class Engine:
             except Exception:  # the caller's bug must not cost the batch's other requests
                 log.exception("a request's on_done callback failed")
         self._models.end(pending.key)
+
+    def _note_latency(self, pending: Pending, outcome: np.ndarray | EngineError) -> None:
+        """Count (and log, rate-limited) an answer later than the slow-request threshold."""
+        name, version = pending.key
+        queued = None if pending.dispatched is None else pending.dispatched - pending.submitted
+        what = (f"{name} v{version}, {pending.inputs.num_candidates} candidates, priority "
+                f"{Priority(pending.priority).name.lower()}")
+        if self._slow.observe(what, self.clock() - pending.submitted, queued, pending.batches,
+                              outcome.code if isinstance(outcome, EngineError) else "ok"):
+            self.counters["slow"] += 1
 
     def _expire(self, request_ids: tuple[int, ...]) -> None:
         for request_id in request_ids:

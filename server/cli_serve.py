@@ -127,6 +127,11 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
                    help="a queued request rises one priority level (low, normal, high) per MS "
                    "of waiting, so low-priority work is delayed, never starved; 0: strict "
                    f"priority (default: {DEVICE_DEFAULTS['cpu'].aging_s * 1e3:g})")
+    g.add_argument("--slow-request-ms", type=float, default=1000.0, metavar="MS",
+                   help="log each request the engine answers later than MS after it "
+                   "arrived, with its model, size, priority, queued time and batches (at "
+                   "most 5 lines, then one every 2 s, each counting the ones left out), and "
+                   "count them (recserve_slow_requests_total); 0: off (default: %(default)g)")
     g.add_argument("--pack-threads", type=int, metavar="N",
                    help="host threads packing batches for the GPU (default: one per slot, "
                    "leaving two of the cores the process may use to the event loop and "
@@ -229,7 +234,8 @@ def run_serve(args: argparse.Namespace) -> int:
                            default_workers(args.one_at_a_time) if args.workers is None
                            else args.workers,
                            args.log_level.upper(), args.pack_threads, args.compute_streams,
-                           args.worker_ring_mb, args.pack_in, args.keep_gil)
+                           args.worker_ring_mb, args.pack_in, args.keep_gil,
+                           args.slow_request_ms)
     import uvloop  # the event loop is chosen here only, never on import
 
     return uvloop.run(serve(options, config))

@@ -56,6 +56,8 @@ _ENGINE_COUNTERS = {
     "expired": ("recserve_expired_requests", "Requests whose deadline passed while queued"),
     "failed": ("recserve_failed_requests", "Requests the executor answered with an error"),
     "cancelled": ("recserve_cancelled_requests", "Requests cancelled by their client"),
+    "slow": ("recserve_slow_requests", "Requests the engine answered later than "
+             "--slow-request-ms after they reached it (each logged, at a bounded rate)"),
 }
 # GPU sample field -> (metric name, help, scale to base units).
 _GPU_GAUGES = {

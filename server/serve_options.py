@@ -72,6 +72,9 @@ class ServeOptions:
     off this process's GIL: ``recserve.engine.packer``; needs workers and rings) or
     ``auto`` (process where it can run, else thread: ``packs_in_processes``)."""
     keep_gil: bool = False
+    slow_request_ms: float = 1000.0
+    """The engine logs each request it answers later than this after it arrived (queued
+    time and batches included; rate-limited) and counts them; 0: off."""
     """The GPU executor's issue makes its CUDA calls through the driver, keeping the GIL
     (``recserve.engine.cuda_driver``); off: through torch, which gives it up at each."""
 
@@ -101,6 +104,11 @@ class ServeOptions:
             raise ValueError("--pack-in process packs requests that lie in front-end "
                              "workers' shared rings: it needs --workers 2 or more and "
                              "--worker-ring-mb above 0")
+        if (isinstance(self.slow_request_ms, bool)
+                or not isinstance(self.slow_request_ms, (int, float))
+                or not 0 <= self.slow_request_ms <= 3_600_000):
+            raise ValueError(f"ServeOptions.slow_request_ms is {self.slow_request_ms!r}; "
+                             "expected 0 (off) to 3600000")
         if self.keep_gil and self.device not in ("cuda", "auto"):
             raise ValueError(f"--keep-gil is about the GPU executor's CUDA calls; on "
                              f"{self.device} there are none (leave it out)")

@@ -114,7 +114,8 @@ async def create_backend(options: ServeOptions):
     engine = Engine(settings, executor_factory(device, threads, options.pack_threads,
                                                options.compute_streams,
                                                options.packs_in_processes(device),
-                                               options.keep_gil))
+                                               options.keep_gil),
+                    slow_request_s=options.slow_request_ms / 1e3 or None)
     await engine.start()
     log.info("engine on %s: %s", device, describe(device, settings, options, threads,
                                                    engine.stats()["executor"]))
