@@ -142,6 +142,8 @@ def describe(device: str, settings: EngineSettings, options: ServeOptions,
         parts.append("ring requests packed in packing processes")
     if executor.get("issue_calls") == "driver":
         parts.append("CUDA calls keep the GIL")
+    parts.append(f"slow requests logged from {options.slow_request_ms:g} ms"
+                 if options.slow_request_ms else "no slow-request log")
     from recserve.kernels.tuning_cache import ENV
 
     tuning = os.environ.get(ENV)

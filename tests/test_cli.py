@@ -475,6 +475,9 @@ def test_the_start_up_log_names_the_settings_in_effect(tmp_path, monkeypatch):
     cpu = describe("cpu", DEVICE_DEFAULTS["cpu"], ServeOptions(tmp_path, "cpu"), 3, {})
     assert "buckets 256,512,1024,2048" in cpu and "one process" in cpu
     assert "3 torch thread(s)" in cpu and "tuning" not in cpu
+    assert "slow requests logged from 1000 ms" in cpu
+    assert "no slow-request log" in describe("cpu", DEVICE_DEFAULTS["cpu"], ServeOptions(
+        tmp_path, "cpu", slow_request_ms=0), 3, {})
     gpu = describe("cuda", DEVICE_DEFAULTS["cuda"], ServeOptions(tmp_path, "cuda", workers=4),
                    None, {"pack_threads": 4, "compute_streams": 1})
     assert "4 front-end worker(s)" in gpu and "pack threads 4" in gpu
