@@ -213,7 +213,7 @@ def summarize(name: str, traffic: str, r: dict, pack_ms: dict) -> str:
             f"overlapped {r['copy_overlap_fraction']:.0%} over {r['batches']} batches; a pack "
             f"took {r['pack_in_engine_over_alone']:.1f}x its time alone; compute starts every "
             f"{r['compute_start_gap_ms']:.2f} ms; engine process {r['process_cores']:.1f} "
-            f"cores; stage ms {r['stage_mean_ms']}")
+            f"cores; issue calls {r.get('issue_calls', '?')}; stage ms {r['stage_mean_ms']}")
 
 
 def copy_in_rate(megabytes: int = 8) -> dict:
