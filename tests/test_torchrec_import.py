@@ -208,3 +208,36 @@ def test_the_cli_imports_a_torchrec_checkpoint(tmp_path, capsys):
     spec = ModelRepository(tmp_path / "repo").load("dcn").spec
     assert [f.name for f in spec.sparse] == ["f1", "f3", "f2"]
     assert spec.sparse[1].scope == "request" and spec.interaction.kind == "dcnv2"
+
+
+def test_the_shipped_mlperf_import_file_gives_the_dlrmv2_shape():
+    """docs/mlperf-dlrmv2-features.json names the MLPerf DLRM-v2 reference's features (cat_i
+    reading t_cat_i, DESIGN.md's multi-hot sizes, 13 dense ints): a DLRM_DCN state dict of
+    that layout (tiny tables and layers here) imports to the dlrmv2 workload's shape."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    config = json.loads((root / "docs" / "mlperf-dlrmv2-features.json").read_text())
+    hot = [3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1]
+    d, n = 8, 27 * 8
+    state = {f"sparse_arch.embedding_bag_collection.embedding_bags.t_cat_{i}.weight":
+             torch.randn(5 + i, d) for i in range(26)}
+    for i, (n_in, n_out) in enumerate([(13, 16), (16, d)]):
+        state[f"dense_arch.model._mlp.{i}._linear.weight"] = torch.randn(n_out, n_in)
+        state[f"dense_arch.model._mlp.{i}._linear.bias"] = torch.randn(n_out)
+    for layer in range(3):
+        state[f"inter_arch.crossnet.V_kernels.{layer}"] = torch.randn(4, n)
+        state[f"inter_arch.crossnet.W_kernels.{layer}"] = torch.randn(n, 4)
+        state[f"inter_arch.crossnet.bias.{layer}"] = torch.randn(n, 1)
+    for i, (n_in, n_out) in enumerate([(n, 32), (32, 16)]):
+        state[f"over_arch.model.0._mlp.{i}._linear.weight"] = torch.randn(n_out, n_in)
+        state[f"over_arch.model.0._mlp.{i}._linear.bias"] = torch.randn(n_out)
+    state["over_arch.model.1.weight"], state["over_arch.model.1.bias"] = (torch.randn(1, 16),
+                                                                         torch.randn(1))
+    spec, weights = convert_torchrec(state, config, "dlrmv2")
+    assert [f.max_bag for f in spec.sparse] == hot
+    assert [f.table for f in spec.sparse] == [f"t_cat_{i}" for i in range(26)]
+    assert spec.dense[0].dim == 13 and spec.interaction.kind == "dcnv2"
+    assert (spec.interaction.layers, spec.interaction.rank) == (3, 4)
+    assert spec.top_mlp == (32, 16, 1) and spec.weight_dtype == "bf16"
+    ReferenceModel(spec, weights)  # every tensor where the spec says
