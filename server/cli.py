@@ -13,14 +13,15 @@ from .admin_cli import register_admin
 from .cli_serve import add_serve, run_serve
 from .client import DEFAULT_HOST, DEFAULT_PORT, Client
 from .errors import RecserveError
+from .inspect_cli import register_inspect
 from .tools_cli import add_command, register_tools
 
 DESCRIPTION = """\
 recserve serves DLRM-family ranking models over msgpack-on-TCP (the wire contract
 is PROTOCOL.md). `recserve serve` runs a server; ping, models and infer talk to one;
 load, reload and unload change what it serves (with its admin token); demo-model and
-import-dlrm write model repositories. Run `recserve COMMAND --help` for a command's
-options."""
+import-dlrm write model repositories, inspect checks a model in one. Run `recserve COMMAND
+--help` for a command's options."""
 
 EXAMPLES = """\
 examples:
@@ -33,6 +34,7 @@ examples:
   recserve infer request.json                      # {"model", "candidates", "inputs"}
   recserve load ctr --version 3                    # hot swap ($RECSERVE_ADMIN_TOKEN)
   recserve demo-model models
+  recserve inspect models ctr                      # loads, scores, says what it costs
   recserve import-dlrm dlrm.pt --features features.json --repo models --name ctr"""
 
 
@@ -51,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve(commands, add_command)
     register_tools(commands)
     register_admin(commands, add_command)
+    register_inspect(commands, add_command)
     for name, help_text in (("ping", "check that a server answers"),
                             ("models", "list a server's models, inputs and outputs")):
         sub = add_command(commands, name, help_text)
