@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConnectionRefusedError:
         print(f"error: nothing listens on {args.host}:{args.port} "
               "(is `recserve serve` running?)", file=sys.stderr)
+    except BrokenPipeError:  # the reader went away (`recserve ... | head`): nothing to say
+        sys.stdout = open(os.devnull, "w")  # (so the interpreter's last flush stays quiet)
+        return 0
     except (OSError, ValueError, LookupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
     return 1

@@ -88,3 +88,16 @@ def _renamed(spec, name: str):
     import dataclasses
 
     return dataclasses.replace(spec, name=name)
+
+
+def test_a_reader_that_goes_away_is_not_an_error(tmp_path):
+    """`recserve inspect DIR | head -1`: the pipe closes before the output is written; the
+    command exits 0 without a traceback or an error line."""
+    import subprocess
+
+    build_demo_repository(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "recserve.server.cli", "inspect",
+                             str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before it writes anything
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and err == b""
