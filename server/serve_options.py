@@ -72,11 +72,11 @@ class ServeOptions:
     off this process's GIL: ``recserve.engine.packer``; needs workers and rings) or
     ``auto`` (process where it can run, else thread: ``packs_in_processes``)."""
     keep_gil: bool = False
+    """The GPU executor's issue makes its CUDA calls through the driver, keeping the GIL
+    (``recserve.engine.cuda_driver``); off: through torch, which gives it up at each."""
     slow_request_ms: float = 1000.0
     """The engine logs each request it answers later than this after it arrived (queued
     time and batches included; rate-limited) and counts them; 0: off."""
-    """The GPU executor's issue makes its CUDA calls through the driver, keeping the GIL
-    (``recserve.engine.cuda_driver``); off: through torch, which gives it up at each."""
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
