@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +21,9 @@ EPILOG = """\
 examples:
   recserve inspect models                    # the only model, or say which there are
   recserve inspect models ctr --version 3    # one version
-  recserve inspect models ctr --json         # the same facts as JSON"""
+  recserve inspect models ctr --json         # the same facts as JSON
+  recserve inspect models ctr --against 2    # scores of the same requests, this version vs 2
+  recserve inspect models ctr --against 2 --max-diff 1e-3   # exit 1 past that (a re-export)"""
 
 
 def register_inspect(commands, add_command) -> None:
@@ -33,6 +36,11 @@ def register_inspect(commands, add_command) -> None:
     p.add_argument("--version", type=int, help="version (default: the highest)")
     p.add_argument("--candidates", type=_positive, default=100, metavar="N",
                    help="candidates in the generated request (default: %(default)s)")
+    p.add_argument("--against", type=int, metavar="VERSION",
+                   help="also score the same generated requests with this version of the "
+                   "model and say how far the scores and the candidates' ranking moved")
+    p.add_argument("--max-diff", type=float, metavar="X",
+                   help="with --against: exit 1 when a score moved by more than X")
     p.add_argument("--json", action="store_true", help="print the facts as JSON")
     p.set_defaults(run=_run)
 
@@ -72,9 +80,8 @@ def inspect_model(repo: Path, model: str | None, version: int | None,
         return sum(t.numel() * t.element_size() for k, t in weights.items() if prefix_match(k))
 
     request = random_inputs(spec, np.random.default_rng(0), candidates)
-    reference = ReferenceModel(spec, weights)
     start = time.perf_counter()
-    scores = reference.forward(collate(spec, [request]))
+    scores = ReferenceModel(spec, weights).forward(collate(spec, [request]))
     took = time.perf_counter() - start
     if not bool(scores.isfinite().all()):
         raise ValueError(f"{model} version {loaded.version} scored a generated request with "
@@ -104,6 +111,77 @@ def inspect_model(repo: Path, model: str | None, version: int | None,
         "check": {"candidates": candidates, "cpu_ms": round(took * 1e3, 2),
                   "min_score": float(scores.min()), "max_score": float(scores.max())},
     }
+
+
+def compare_versions(repo: Path, model: str, version: int | None, other: int,
+                     candidates: int, requests: int = 8) -> dict:
+    """Score ``requests`` generated requests of ``candidates`` candidates with two versions
+    of ``model`` (whose inputs must match) and say how far each output moved: the largest
+    and mean score change, and per request the rank correlation of the candidates' scores
+    and how many of the top 10 stayed in the top 10 (what a ranking service shows)."""
+    import numpy as np
+
+    from recserve.engine.demo import random_inputs
+    from recserve.engine.inputs import SparseInput, collate
+    from recserve.engine.reference import ReferenceModel
+    from recserve.engine.repository import ModelRepository
+
+    repository = ModelRepository(repo)
+    mine, theirs = repository.load(model, version), repository.load(model, other)
+    differ = _input_difference(mine.spec, theirs.spec)
+    if differ:
+        raise ValueError(f"{model} versions {mine.version} and {theirs.version} take different "
+                         f"inputs ({differ}): the same request cannot score on both")
+    ours, others = ReferenceModel(mine.spec, mine.weights), ReferenceModel(theirs.spec,
+                                                                         theirs.weights)
+    rng = np.random.default_rng(1)
+    diffs, rank_corr, top_shared = [], [], []
+    top = min(10, candidates)
+    for _ in range(requests):
+        request = random_inputs(mine.spec, rng, candidates)
+        for f in mine.spec.sparse:  # ids both versions' tables hold
+            rows = min(mine.spec.table(f.table).rows,
+                       theirs.spec.table(_feature(theirs.spec, f.name).table).rows)
+            bags = request.sparse[f.name]
+            request.sparse[f.name] = SparseInput(bags.values % rows, bags.lengths, bags.weights)
+        a = ours.forward(collate(mine.spec, [request])).numpy()
+        b = others.forward(collate(theirs.spec, [request])).numpy()
+        diffs.append(np.abs(a - b))
+        for column in range(a.shape[1]):
+            rank_corr.append(_rank_correlation(a[:, column], b[:, column]))
+            top_shared.append(len(set(np.argsort(-a[:, column])[:top])
+                                  & set(np.argsort(-b[:, column])[:top])))
+    moved = np.concatenate(diffs)
+    return {"against": theirs.version, "requests": requests, "candidates": candidates,
+            "max_abs_diff": float(moved.max()), "mean_abs_diff": float(moved.mean()),
+            "min_rank_correlation": float(min(rank_corr)),
+            "min_top_shared": int(min(top_shared)), "top": top}
+
+
+def _input_difference(a, b) -> str:
+    """How two specs' inputs differ (names, kinds, scopes, dense widths), or ''."""
+    def inputs(spec):
+        return ({(f.name, "sparse", f.scope) for f in spec.sparse}
+                | {(f.name, f"dense {f.dim}", f.scope) for f in spec.dense})
+    mine, theirs = inputs(a), inputs(b)
+    if mine == theirs:
+        return ""
+    only = sorted(n for n, *_ in mine ^ theirs)
+    return "inputs " + ", ".join(dict.fromkeys(only))
+
+
+def _feature(spec, name: str):
+    return next(f for f in spec.sparse if f.name == name)
+
+
+def _rank_correlation(x, y) -> float:
+    """Spearman's rank correlation (ties ranked by position: scores are floats)."""
+    import numpy as np
+
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    if len(x) < 2:
+        return 1.0
+    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 def describe(facts: dict) -> str:
@@ -140,6 +218,14 @@ def describe(facts: dict) -> str:
         f"in {check['cpu_ms']:.1f} ms, scores {check['min_score']:.4g} .. "
         f"{check['max_score']:.4g}",
     ]
+    against = facts.get("against")
+    if against:
+        lines.append(
+            f"  against v{against['against']}     {against['requests']} requests of "
+            f"{against['candidates']} candidates: scores moved by up to "
+            f"{against['max_abs_diff']:.3g} (mean {against['mean_abs_diff']:.3g}); rank "
+            f"correlation at least {against['min_rank_correlation']:.4f}; at least "
+            f"{against['min_top_shared']} of the top {against['top']} stayed there")
     return "\n".join(lines)
 
 
@@ -151,6 +237,15 @@ def _bytes(n: int) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.max_diff is not None and args.against is None:
+        raise ValueError("--max-diff bounds the change --against measures; give --against too")
     facts = inspect_model(args.repo, args.model, args.version, args.candidates)
+    if args.against is not None:
+        facts["against"] = compare_versions(args.repo, facts["model"], facts["version"],
+                                            args.against, args.candidates)
     print(json.dumps(facts, indent=2) if args.json else describe(facts))
+    if args.max_diff is not None and facts["against"]["max_abs_diff"] > args.max_diff:
+        print(f"error: scores moved by {facts['against']['max_abs_diff']:.3g}, more than "
+              f"--max-diff {args.max_diff:g}", file=sys.stderr)
+        return 1
     return 0

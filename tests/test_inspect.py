@@ -101,3 +101,40 @@ def test_a_reader_that_goes_away_is_not_an_error(tmp_path):
     proc.stdout.close()  # before it writes anything
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and err == b""
+
+
+def test_against_another_version_says_how_far_scores_and_rankings_moved(tmp_path, capsys):
+    build_demo_repository(tmp_path)
+    repo = tmp_path
+    spec = _spec((repo / "demo" / "1" / "spec.json").read_text())
+    from recserve.engine.repository import ModelRepository
+
+    same = ModelRepository(repo).load("demo").weights
+    save_model(repo, spec, same, version=2)  # a re-export: the same scores
+    save_model(repo, spec, init_weights(spec, seed=99), version=3)  # retrained
+    assert main(["inspect", str(repo), "demo", "--version", "2", "--against", "1",
+                 "--max-diff", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "against v1     8 requests of 100 candidates: scores moved by up to 0 " in out
+    assert "rank correlation at least 1.0000; at least 10 of the top 10 stayed there" in out
+    assert main(["inspect", str(repo), "demo", "--version", "3", "--against", "1",
+                 "--max-diff", "1e-3", "--json"]) == 1
+    captured = capsys.readouterr()
+    moved = json.loads(captured.out)["against"]
+    assert moved["max_abs_diff"] > 1e-3 and moved["min_rank_correlation"] < 1
+    assert "more than --max-diff 0.001" in captured.err
+    assert main(["inspect", str(repo), "demo", "--max-diff", "1"]) == 1
+    assert "give --against too" in capsys.readouterr().err
+
+
+def test_against_a_version_with_other_inputs_is_refused(tmp_path, capsys):
+    import dataclasses
+
+    build_demo_repository(tmp_path)
+    spec = _spec((tmp_path / "demo" / "1" / "spec.json").read_text())
+    fewer = dataclasses.replace(spec, sparse=spec.sparse[:-1])
+    save_model(tmp_path, fewer, init_weights(fewer), version=2)
+    assert main(["inspect", str(tmp_path), "demo", "--against", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "versions 2 and 1 take different inputs" in err
+    assert spec.sparse[-1].name in err
