@@ -29,7 +29,10 @@ examples:
 def register_inspect(commands, add_command) -> None:
     """Add ``inspect`` to the ``recserve`` subcommands."""
     p = add_command(commands, "inspect", "check a model in a repository (loads, scores a "
-                    "generated request) and say what it is and costs", EPILOG)
+                    "generated request) and say what it is and costs", EPILOG + """
+
+It reads the whole version into this machine's memory (its tables included, as the
+table bytes it prints say) and scores on the CPU with the reference model.""")
     p.add_argument("repo", type=Path, metavar="DIR", help="model repository")
     p.add_argument("model", nargs="?", metavar="MODEL",
                    help="model name (default: the repository's only model)")
