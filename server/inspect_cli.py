@@ -59,12 +59,12 @@ def inspect_model(repo: Path, model: str | None, version: int | None,
                   candidates: int) -> dict:
     """The facts ``recserve inspect`` prints; ValueError / LookupError when the model does
     not load or does not score."""
-    import numpy as np
+    return model_facts(load_version(repo, model, version), candidates)
 
-    from recserve.engine.costs import forward_flops, rows_read_bytes
-    from recserve.engine.demo import random_inputs
-    from recserve.engine.inputs import collate
-    from recserve.engine.reference import ReferenceModel
+
+def load_version(repo: Path, model: str | None, version: int | None):
+    """The ``LoadedModel`` (checked as a server checks it); ``model`` None: the repository's
+    only one."""
     from recserve.engine.repository import ModelRepository
 
     repository = ModelRepository(repo)
@@ -76,8 +76,20 @@ def inspect_model(repo: Path, model: str | None, version: int | None,
         if len(names) > 1:
             raise LookupError(f"{repo} holds {len(names)} models ({', '.join(names)}); name one")
         model = names[0]
-    loaded = repository.load(model, version)
-    spec, weights = loaded.spec, loaded.weights
+    return repository.load(model, version)
+
+
+def model_facts(loaded, candidates: int) -> dict:
+    """What a loaded model is and costs, with a generated request of ``candidates``
+    candidates scored by the reference model (ValueError when a score is not finite)."""
+    import numpy as np
+
+    from recserve.engine.costs import forward_flops, rows_read_bytes
+    from recserve.engine.demo import random_inputs
+    from recserve.engine.inputs import collate
+    from recserve.engine.reference import ReferenceModel
+
+    model, spec, weights = loaded.name, loaded.spec, loaded.weights
 
     def size(prefix_match) -> int:
         return sum(t.numel() * t.element_size() for k, t in weights.items() if prefix_match(k))
@@ -116,25 +128,22 @@ def inspect_model(repo: Path, model: str | None, version: int | None,
     }
 
 
-def compare_versions(repo: Path, model: str, version: int | None, other: int,
-                     candidates: int, requests: int = 8) -> dict:
-    """Score ``requests`` generated requests of ``candidates`` candidates with two versions
-    of ``model`` (whose inputs must match) and say how far each output moved: the largest
-    and mean score change, and per request the rank correlation of the candidates' scores
-    and how many of the top 10 stayed in the top 10 (what a ranking service shows)."""
+def compare_versions(mine, theirs, candidates: int, requests: int = 8) -> dict:
+    """Score ``requests`` generated requests of ``candidates`` candidates with two loaded
+    versions of a model (whose inputs must match) and say how far each output moved: the
+    largest and mean score change, and per request the rank correlation of the candidates'
+    scores and how many of the top 10 stayed in the top 10 (what a ranking service shows)."""
     import numpy as np
 
     from recserve.engine.demo import random_inputs
     from recserve.engine.inputs import SparseInput, collate
     from recserve.engine.reference import ReferenceModel
-    from recserve.engine.repository import ModelRepository
 
-    repository = ModelRepository(repo)
-    mine, theirs = repository.load(model, version), repository.load(model, other)
     differ = _input_difference(mine.spec, theirs.spec)
     if differ:
-        raise ValueError(f"{model} versions {mine.version} and {theirs.version} take different "
-                         f"inputs ({differ}): the same request cannot score on both")
+        raise ValueError(f"{mine.name} versions {mine.version} and {theirs.version} take "
+                         f"different inputs ({differ}): the same request cannot score on both")
+    their_tables = {f.name: theirs.spec.table(f.table) for f in theirs.spec.sparse}
     ours, others = ReferenceModel(mine.spec, mine.weights), ReferenceModel(theirs.spec,
                                                                          theirs.weights)
     rng = np.random.default_rng(1)
@@ -143,8 +152,7 @@ def compare_versions(repo: Path, model: str, version: int | None, other: int,
     for _ in range(requests):
         request = random_inputs(mine.spec, rng, candidates)
         for f in mine.spec.sparse:  # ids both versions' tables hold
-            rows = min(mine.spec.table(f.table).rows,
-                       theirs.spec.table(_feature(theirs.spec, f.name).table).rows)
+            rows = min(mine.spec.table(f.table).rows, their_tables[f.name].rows)
             bags = request.sparse[f.name]
             request.sparse[f.name] = SparseInput(bags.values % rows, bags.lengths, bags.weights)
         a = ours.forward(collate(mine.spec, [request])).numpy()
@@ -173,17 +181,13 @@ def _input_difference(a, b) -> str:
     return "inputs " + ", ".join(dict.fromkeys(only))
 
 
-def _feature(spec, name: str):
-    return next(f for f in spec.sparse if f.name == name)
-
-
 def _rank_correlation(x, y) -> float:
     """Spearman's rank correlation (ties ranked by position: scores are floats)."""
     import numpy as np
 
-    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
     if len(x) < 2:
         return 1.0
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
@@ -242,10 +246,11 @@ def _bytes(n: int) -> str:
 def _run(args: argparse.Namespace) -> int:
     if args.max_diff is not None and args.against is None:
         raise ValueError("--max-diff bounds the change --against measures; give --against too")
-    facts = inspect_model(args.repo, args.model, args.version, args.candidates)
+    loaded = load_version(args.repo, args.model, args.version)  # (read once: tables are big)
+    facts = model_facts(loaded, args.candidates)
     if args.against is not None:
-        facts["against"] = compare_versions(args.repo, facts["model"], facts["version"],
-                                            args.against, args.candidates)
+        other = load_version(args.repo, loaded.name, args.against)
+        facts["against"] = compare_versions(loaded, other, args.candidates)
     print(json.dumps(facts, indent=2) if args.json else describe(facts))
     if args.max_diff is not None and facts["against"]["max_abs_diff"] > args.max_diff:
         print(f"error: scores moved by {facts['against']['max_abs_diff']:.3g}, more than "
