@@ -123,8 +123,9 @@ async def engine_run(v: Variant, spec, weights, requests, repeats: int) -> dict:
         wall = time.perf_counter() - start
         # this process's cores in use (its threads; packing processes not counted)
         process_cores = (time.process_time() - cpu_start) / wall
-        packed_in_processes = executor.stats().get("packed_in_processes", 0)
-        issue_calls = executor.stats()["issue_calls"]  # (keep_gil: "driver" unless it fell back)
+        stats = executor.stats()
+        packed_in_processes = stats.get("packed_in_processes", 0)
+        issue_calls = stats["issue_calls"]  # (keep_gil: "driver" unless it fell back)
         model = engine.handle(spec.name, 1)  # the built GpuModel: its graphs, for timing
         slot = model.slots[0]
         graph = slot.graphs[settings.max_batch_rows][0]

@@ -245,13 +245,13 @@ class Engine:
                 if pending.dispatched is None:
                     pending.dispatched = now
             inputs = tuple(pending.inputs for pending in holders)
-            self._count_batch(plan)
+            self._count_batch(plan, now)
             self._executor.submit(Job(plan, self._models[plan.model], inputs), self._done)
         self._arm_timer(wake_at)
 
-    def _count_batch(self, plan) -> None:
-        """Counters and histograms of a batch about to be dispatched."""
-        now, m = self.clock(), self.metrics
+    def _count_batch(self, plan, now: float) -> None:
+        """Counters and histograms of a batch about to be dispatched at ``now``."""
+        m = self.metrics
         self.counters["batches"] += 1
         self.counters["rows"] += plan.rows
         self.counters["padding_rows"] += plan.padding
