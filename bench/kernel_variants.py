@@ -222,6 +222,73 @@ def bench_row_sizes(rec, base: dict, max_rows: int, b: int,
             torch.cuda.empty_cache()
 
 
+def check_configs(rec, base: dict, model: TritonModel, spec, sizes: list[int],
+                  rounds: int = 3) -> None:
+    """Every gather candidate config, bf16 and int8 tables, checked against the fp32
+    reference at this shape: launched eagerly, again after a CUDA-graph timing of it
+    (``do_bench_cudagraph``, what ``RECSERVE_TUNE_BY=graph`` runs), and replayed from a
+    captured graph; then the whole tuner ``rounds`` times by each method. A config that
+    passes eagerly and fails in one of the others points at the graph path, not the
+    kernel's arithmetic."""
+    import triton
+
+    from recserve.kernels._common import forget_tuning as forget
+    from recserve.kernels.model import capture_graph as capture
+
+    packed8, codes, qparams = quantized(model)
+    bf16_tables = [model_table(model, t) for t in range(len(model.groups[0][0].rows))]
+    feats = model.groups[0][1]
+    saved = (list(eb.CONFIGS), eb.ALIGN_HINTS, eb.PREFETCH, os.environ.get("RECSERVE_AUTOTUNE"))
+    for b in sizes:
+        inputs = wl.fixed_hot_inputs(spec, b, False, kb.DEV, seed=0)
+        p = wl.to_prepared(model, inputs)
+        e = torch.empty(b, model.layout.e_width, device=kb.DEV, dtype=model.dtype)
+        for label, packed, tables, qp in (("bf16", model.groups[0][0], bf16_tables, None),
+                                          ("int8", packed8, codes, qparams)):
+            want = reference_pooled(tables, feats, inputs, b, qp)
+            run = gather_once(packed, feats, p, e)
+
+            def checked(what: str, go, e=e, want=want) -> bool:
+                e.fill_(float("nan"))
+                bad = go()
+                if kb.DEV == "cuda":
+                    torch.cuda.synchronize()
+                n = len(FAILURES)
+                check_pooled(rec, what, e, feats, want, bad if bad is not None else
+                             torch.zeros(1, device=e.device))
+                return len(FAILURES) == n
+
+            os.environ["RECSERVE_AUTOTUNE"] = "0"  # the one config set below, untuned
+            candidates = [dict(c) for c in saved[0]] + [None]  # None: the proven fallback
+            for cfg in candidates:
+                eb.CONFIGS[:] = [cfg or saved[0][0]]
+                eb.ALIGN_HINTS, eb.PREFETCH = (False, False) if cfg is None else saved[1:3]
+                forget()
+                name = f"config {label} B={b} {cfg or 'fallback'}"
+                row = {"eager": checked(name + " eager", run)}
+                if kb.DEV == "cuda":  # (the CPU run checks the section's own code)
+                    triton.testing.do_bench_cudagraph(run, rep=10, return_mode="median")
+                    row["after_graph_timing"] = checked(name + " after graph timing", run)
+                    graph, _ = capture(run)
+                    row["replayed"] = checked(name + " replayed", lambda g=graph: g.replay())
+                    del graph
+                rec.add(section="config_check", tables=label, B=b, config=cfg or "fallback",
+                        **row)
+            eb.CONFIGS[:], (eb.ALIGN_HINTS, eb.PREFETCH) = saved[0], saved[1:3]
+            os.environ.pop("RECSERVE_AUTOTUNE", None)
+            if saved[3] is not None:
+                os.environ["RECSERVE_AUTOTUNE"] = saved[3]
+            for method in ("eager", "graph"):
+                os.environ[TUNE_BY_ENV] = method
+                for r in range(rounds):
+                    forget()
+                    ok = checked(f"tuned {label} B={b} by {method} round {r}", run)
+                    rec.add(section="config_check", tables=label, B=b, tuned_by=method,
+                            round=r, ok=ok, config=eb._tuner.best and
+                            list(eb._tuner.best.values())[-1])
+            os.environ.pop(TUNE_BY_ENV, None)
+
+
 def bench_forward(rec, base: dict, name: str, spec, weights: dict, model: TritonModel,
                   b: int, variants: tuple[str, ...]) -> None:
     """Forward in a CUDA graph (eager on cpu), scores checked against the eager peer."""
@@ -306,7 +373,10 @@ def main() -> int:
                     "or per byte?), graph_tuned (with forward: right after the default "
                     "forwards, both again with every kernel tuned anew by its time in a "
                     "CUDA graph, RECSERVE_TUNE_BY=graph, and with int8 the bf16 and int8 "
-                    "gathers so too; the older forward extras are then left out)")
+                    "gathers so too; the older forward extras are then left out), configs "
+                    "(every gather config, bf16 and int8, checked against the reference "
+                    "eagerly, after a CUDA-graph timing and replayed from a graph, then the "
+                    "tuner's pick by each method, three rounds)")
     ap.add_argument("--row-size-rows", type=int, default=1_000_000,
                     help="rows per table in the row_size section (dim 256 bf16: 26 tables "
                     "of 512-byte rows, 13 GB at 1M)")
@@ -314,9 +384,10 @@ def main() -> int:
                     help="cpu: a smoke run under the interpreter (use tiny --sizes, --max-rows)")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
-    if not sections <= {"gather", "int8", "forward", "row_size", "graph_tuned"}:
-        ap.error(f"--sections {args.sections!r}: expected gather, int8, forward, row_size "
-                 "and/or graph_tuned")
+    if not sections <= {"gather", "int8", "forward", "row_size", "graph_tuned",
+                           "configs"}:
+        ap.error(f"--sections {args.sections!r}: expected gather, int8, forward, row_size, "
+                 "graph_tuned and/or configs")
     if args.cross_configs:
         lc.EXTRA_CROSS_CONFIGS[:] = lc.CROSS_CANDIDATES
     if args.untuned:
@@ -337,6 +408,8 @@ def main() -> int:
         bench_gather(rec, base, model, spec, b, "bf16", variants=variants)
     if "int8" in sections:
         rec.guarded("int8", bench_int8, rec, base, model, spec, args.sizes)
+    if "configs" in sections:
+        rec.guarded("config check", check_configs, rec, base, model, spec, args.sizes)
     if "row_size" in sections:
         rec.guarded("row sizes", bench_row_sizes, rec, base, args.row_size_rows, args.sizes[0])
     if "forward" not in sections:
