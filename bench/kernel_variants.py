@@ -93,8 +93,13 @@ def check_pooled(rec, what: str, e: torch.Tensor, feats, want: list, bad: torch.
         excess = ((got - ref).abs() - (ref.abs() * 2**-7 + 1e-3)).max().item()
         worst = max(worst, (got - ref).abs().max().item())
         if not excess <= 0:  # NaN-safe: a NaN fails
+            wrong = ~((got - ref).abs() <= ref.abs() * 2**-7 + 1e-3)
+            rows = wrong.any(1).nonzero().flatten()
+            r, c = int(rows[0]), int(wrong[rows[0]].nonzero()[0])
             FAILURES.append(f"{what}: feature at column {f.out_col} off by {excess:+.4g} "
-                            "beyond bf16 rounding")
+                            f"beyond bf16 rounding ({int(wrong.sum())} values in "
+                            f"{rows.numel()} rows, rows {rows[:4].tolist()}...; row {r} "
+                            f"column {c}: {got[r, c].item():.5g}, want {ref[r, c].item():.5g})")
     if int(bad.sum()) != 0:
         FAILURES.append(f"{what}: {int(bad.sum())} requests flagged bad (all ids are valid)")
     ok = not any(x.startswith(what + ":") for x in FAILURES)
