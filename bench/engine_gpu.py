@@ -250,7 +250,7 @@ class Variant:
     graph_copies: bool = False
     graph_outputs: bool = False
     blocking_wait: bool = False  # the completion thread sleeps on its events, no spinning
-    keep_gil: bool = False  # the CUDA calls through the driver, the GIL kept
+    keep_gil: bool = True  # the CUDA calls through the driver, the GIL kept
     pdl: bool = False  # RECSERVE_PDL=1 while the engine builds and runs
 
 
@@ -260,7 +260,8 @@ _CHANGES = {"via=ring": {"via_ring": True},
             "graph_copies": {"slot_streams": True, "graph_copies": True},
             "graph_outputs": {"graph_outputs": True},
             "blocking_wait": {"blocking_wait": True},
-            "keep_gil": {"keep_gil": True},
+            "keep_gil": {"keep_gil": True},  # (the default since the tenth session)
+            "torch_calls": {"keep_gil": False},
             "pdl": {"pdl": True}}
 
 
@@ -308,9 +309,10 @@ def main() -> None:
                    "streams, the copies captured in the graphs: a batch is one replay), "
                    "graph_outputs (the graphs copy the scores out, the copy in stays apart: "
                    "6 CUDA calls a batch instead of 10), blocking_wait (the completion "
-                   "thread sleeps until a batch is done instead of spinning a core), keep_gil "
-                   "(the issue's copies, event records, waits and graph launches go to the "
-                   "CUDA driver and keep the GIL: no hand-off a call), pdl "
+                   "thread sleeps until a batch is done instead of spinning a core), torch_calls "
+                   "(the issue's copies, event records, waits and graph launches go through "
+                   "torch, which gives the GIL up at each, instead of to the CUDA driver: "
+                   "the executor's default before the tenth session), pdl "
                    "(RECSERVE_PDL=1: kernels launch while the one before finishes) (e.g. "
                    "default,compute_streams=2+switch_ms=0.5,default: a name given twice is "
                    "run twice, which shows what the run's order costs)")

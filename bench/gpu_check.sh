@@ -19,15 +19,15 @@
 # "--sections row_size --budget-s 200": is a lookup's cost per row or per byte?, or
 # "--sections int8,forward,graph_tuned --budget-s 200": kernels tuned by their time in a graph,
 # right after the eager-tuned forwards, and the int8 and bf16 gathers so too),
-# ENGINE_BENCH_ARGS (--variants default,keep_gil,graph_outputs,keep_gil+graph_outputs,
-# blocking_wait,via=ring,pack_in=process,pack_in=process+keep_gil,slots=6+pack_threads=4+keep_gil:
-# in process, then with the issue's CUDA calls keeping the GIL (cuda_driver), with the graphs
-# copying the scores out (6 CUDA calls a batch, not 10), both, with the completion thread
-# sleeping instead of spinning (the engine process's cores are printed), then the requests as
-# workers' rings hand them over, packed in threads and in packing processes (with and without
-# keep_gil), and 6 slots on 4 launcher threads (a thread packs the next batch while its last
-# one's slot waits on the device); --sweep: the older sweep of threads, slots, streams and
-# switch interval), PYTEST_WORKERS (4, with pytest-xdist), and each step's time
+# ENGINE_BENCH_ARGS (--variants default,torch_calls,slots=6+pack_threads=4,via=ring,
+# pack_in=process,pack_in=process+torch_calls,default,torch_calls: in process, with the
+# issue's CUDA calls through torch instead of the driver (the default before the tenth
+# session), 6 slots on 4 launcher threads (a thread packs the next batch while its last one's
+# slot waits on the device), then the requests as workers' rings hand them over, packed in
+# threads and in packing processes (also with torch's calls), then the first pair again (one
+# machine's runs vary by up to 0.2: a pair run twice shows it); graph_outputs and
+# blocking_wait, measured on the H200 without gain, stay as names; --sweep: the older sweep of
+# threads, slots, streams and switch interval), PYTEST_WORKERS (4, with pytest-xdist), and each step's time
 # limit in seconds:
 # PYTEST_TIMEOUT_S (240), BENCH_TIMEOUT_S (120), VARIANTS_TIMEOUT_S (90), ENGINE_TIMEOUT_S (200),
 # SINGLE_TIMEOUT_S (80), LOAD_TIMEOUT_S (60), WORKERS_TIMEOUT_S (120; the step runs only when
@@ -108,10 +108,10 @@ step kernel-variants bash -c "timeout ${VARIANTS_TIMEOUT_S:-90} $PY bench/kernel
 
 # Engine at full load vs its own bare forward (dlrmv2, B=8192), copy/compute overlap, host
 # stages; in process, then as the rings of serve --workers hand requests over, packed in
-# threads and in packing processes (serve --pack-in), with the issue's CUDA calls keeping the
-# GIL (keep_gil), with fewer of them (graph_outputs), and more slots than launcher threads.
+# threads and in packing processes (serve --pack-in), with the issue's CUDA calls through torch
+# (torch_calls) against the driver (the default), and more slots than launcher threads.
 step engine-bench bash -c "timeout ${ENGINE_TIMEOUT_S:-200} $PY bench/engine_gpu.py '$OUT' \
-    ${ENGINE_BENCH_ARGS:---variants default,keep_gil,graph_outputs,keep_gil+graph_outputs,blocking_wait,via=ring,pack_in=process,pack_in=process+keep_gil,slots=6+pack_threads=4+keep_gil} \
+    ${ENGINE_BENCH_ARGS:---variants default,torch_calls,slots=6+pack_threads=4,via=ring,pack_in=process,pack_in=process+torch_calls,default,torch_calls} \
     >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 10 '$OUT/bench.log'; exit \$rc"
 
 # Engine vs one forward per request, in process, same offered loads (bench/engine.py).
@@ -130,15 +130,15 @@ step load-generator bash -c "RECSERVE_AUTOTUNE=0 timeout ${LOAD_TIMEOUT_S:-60} $
 
 # Only with time to spare (the whole check should leave room for a rerun): the server on the
 # card in one process and with 4 front-end worker processes (--workers), packed in threads
-# (--pack-in thread) and in packing processes (the default with workers), also with --keep-gil,
-# and the CPU engine on the same host; the table goes
+# (--pack-in thread) and in packing processes (the default with workers), also with
+# --no-keep-gil (torch's CUDA calls), and the CPU engine on the same host; the table goes
 # to bench.log (no file: OUTDIR is at its limit of 8).
 if [ $(( $(date +%s) - START )) -lt "${WORKERS_BUDGET_S:-330}" ]; then
     step server-workers bash -c "RECSERVE_AUTOTUNE=0 timeout ${WORKERS_TIMEOUT_S:-120} $PY \
         bench/server.py --config 'engine=--device cuda --workers 1' \
         --config 'engine-4w-thread=--device cuda --workers 4 --pack-in thread' \
         --config 'engine-4w=--device cuda --workers 4' \
-        --config 'engine-4w-keep=--device cuda --workers 4 --keep-gil' \
+        --config 'engine-4w-torch=--device cuda --workers 4 --no-keep-gil' \
         --config 'cpu=--device cpu --workers 1' \
         --duration 3 --loads 0.5 \
         >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 6 '$OUT/bench.log'; exit \$rc"

@@ -182,6 +182,12 @@ class SafeTuner:
                         errors.append(f"{config}: its output differs from {reference[0]}'s")
                         continue
                 if method == "graph":
+                    # do_bench_cudagraph first launches on a new stream that does not wait
+                    # for ours: let what ours still has queued (the inputs' producers,
+                    # the launch above) finish first. Without it, a warm process (nothing
+                    # compiling to slow the host) gave a wrong int8 gather on the H200
+                    # (bench/RESULTS.md, tenth session; the fix not yet run on a card).
+                    torch.cuda.current_stream().synchronize()
                     ms = triton.testing.do_bench_cudagraph(lambda c=config: launch(c), rep=10,
                                                            return_mode="median")
                 else:

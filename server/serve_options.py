@@ -71,9 +71,10 @@ class ServeOptions:
     ``thread`` (its launcher threads), ``process`` (a packing process per launcher thread,
     off this process's GIL: ``recserve.engine.packer``; needs workers and rings) or
     ``auto`` (process where it can run, else thread: ``packs_in_processes``)."""
-    keep_gil: bool = False
+    keep_gil: bool | None = None
     """The GPU executor's issue makes its CUDA calls through the driver, keeping the GIL
-    (``recserve.engine.cuda_driver``); off: through torch, which gives it up at each."""
+    (``recserve.engine.cuda_driver``); False: through torch, which gives it up at each.
+    None (default): on wherever there is a GPU executor."""
     slow_request_ms: float = 1000.0
     """The engine logs each request it answers later than this after it arrived (queued
     time and batches included; rate-limited) and counts them; 0: off."""
@@ -109,7 +110,7 @@ class ServeOptions:
                 or not 0 <= self.slow_request_ms <= 3_600_000):
             raise ValueError(f"ServeOptions.slow_request_ms is {self.slow_request_ms!r}; "
                              "expected 0 (off) to 3600000")
-        if self.keep_gil and self.device not in ("cuda", "auto"):
+        if self.keep_gil is True and self.device not in ("cuda", "auto"):
             raise ValueError(f"--keep-gil is about the GPU executor's CUDA calls; on "
                              f"{self.device} there are none (leave it out)")
         slots = (self.settings or DEVICE_DEFAULTS["cuda"]).slots

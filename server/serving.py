@@ -26,7 +26,7 @@ log = logging.getLogger("recserve.server")
 
 def executor_factory(device: str, torch_threads: int | None = None,
                      pack_threads: int | None = None, compute_streams: int = 1,
-                     pack_processes: bool = False, keep_gil: bool = False):
+                     pack_processes: bool = False, keep_gil: bool = True):
     """A factory ``settings -> Executor`` for ``cpu``, ``cuda`` or ``null``."""
     if device == "null":
         return _null_executor
@@ -114,7 +114,7 @@ async def create_backend(options: ServeOptions):
     engine = Engine(settings, executor_factory(device, threads, options.pack_threads,
                                                options.compute_streams,
                                                options.packs_in_processes(device),
-                                               options.keep_gil),
+                                               options.keep_gil is not False),
                     slow_request_s=options.slow_request_ms / 1e3 or None)
     await engine.start()
     log.info("engine on %s: %s", device, describe(device, settings, options, threads,

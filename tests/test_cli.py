@@ -275,16 +275,20 @@ def test_pack_in_reaches_the_gpu_executor_and_needs_workers_with_rings(tmp_path)
         ServeOptions(tmp_path, "cpu", workers=2, pack_in="process")
 
 
-def test_keep_gil_reaches_the_gpu_executor_and_is_refused_without_one(tmp_path):
+def test_keep_gil_is_the_gpu_default_reaches_the_executor_and_is_refused_without_one(
+        tmp_path):
     from recserve.engine.settings import EngineSettings
     from recserve.server.serve_options import ServeOptions
     from recserve.server.serving import describe, executor_factory
 
-    assert build_parser().parse_args(["serve", "--keep-gil"]).keep_gil
-    assert not build_parser().parse_args(["serve"]).keep_gil
-    assert executor_factory("cuda", keep_gil=True)(EngineSettings()).keep_gil
-    assert not executor_factory("cuda")(EngineSettings()).keep_gil
+    assert build_parser().parse_args(["serve", "--keep-gil"]).keep_gil is True
+    assert build_parser().parse_args(["serve", "--no-keep-gil"]).keep_gil is False
+    assert build_parser().parse_args(["serve"]).keep_gil is None  # (on with a GPU)
+    assert executor_factory("cuda")(EngineSettings()).keep_gil
+    assert not executor_factory("cuda", keep_gil=False)(EngineSettings()).keep_gil
     ServeOptions(tmp_path, "auto", keep_gil=True)
+    ServeOptions(tmp_path, "cpu")  # the default asks nothing of a CPU server
+    ServeOptions(tmp_path, "cpu", keep_gil=False)
     with pytest.raises(ValueError, match="on cpu there are none"):
         ServeOptions(tmp_path, "cpu", keep_gil=True)
     options = ServeOptions(tmp_path, "cuda", keep_gil=True)

@@ -46,10 +46,10 @@ ENGINE_OPTIONS = [
     {}, {"use_graphs": False}, {"compute_streams": 2}, {"slot_streams": True},
     {"use_graphs": False, "slot_streams": True}, {"slot_streams": True, "graph_copies": True},
     {"graph_outputs": True}, {"compute_streams": 2, "graph_outputs": True},
-    # the issue's CUDA calls through the driver, keeping the GIL (cuda_driver)
-    {"keep_gil": True}, {"keep_gil": True, "use_graphs": False},
-    {"keep_gil": True, "compute_streams": 2, "graph_outputs": True},
-    {"keep_gil": True, "slot_streams": True, "graph_copies": True},
+    # the issue's CUDA calls through torch (the default goes to the driver: cuda_driver)
+    {"keep_gil": False}, {"keep_gil": False, "use_graphs": False},
+    {"keep_gil": False, "compute_streams": 2, "graph_outputs": True},
+    {"keep_gil": False, "slot_streams": True, "graph_copies": True},
 ]
 
 
@@ -70,8 +70,9 @@ def test_engine_on_gpu_matches_reference_and_isolates_bad_ids(options):
                                         return_exceptions=True)
 
     results = asyncio.run(run())
-    # keep_gil must not have fallen back to torch's calls (libcuda is on every GPU host)
-    assert executors[0].stats()["issue_calls"] == ("driver" if options.get("keep_gil")
+    # keep_gil (the default) must not have fallen back to torch's calls (libcuda is on
+    # every GPU host)
+    assert executors[0].stats()["issue_calls"] == ("driver" if options.get("keep_gil", True)
                                                   else "torch")
     assert isinstance(results[5], EngineError) and results[5].code == "bad_request"
     assert "title_id" in results[5].message
@@ -85,9 +86,9 @@ def test_engine_on_gpu_matches_reference_and_isolates_bad_ids(options):
 
 
 @pytest.mark.parametrize("compute_streams, slot_streams, outputs, keep_gil",
-                         [(1, False, False, False), (2, False, False, False),
-                          (1, True, False, False), (1, False, True, False),
-                          (1, False, False, True)])
+                         [(1, False, False, True), (2, False, False, True),
+                          (1, True, False, True), (1, False, True, True),
+                          (1, False, False, False)])
 def test_timeline_orders_each_batch_copy_in_compute_copy_out(compute_streams, slot_streams,
                                                              outputs, keep_gil):
     from recserve.engine.gpu_executor import GpuExecutor

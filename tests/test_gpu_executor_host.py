@@ -144,14 +144,15 @@ def test_engine_gpu_variants_compose_from_their_names():
     assert variant("graph_outputs+blocking_wait", base).blocking_wait
     g = variant("pack_in=process+graph_copies+pdl", base)
     assert g.slot_streams and g.graph_copies and g.pdl and g.pack_processes  # (slot streams)
-    k = variant("slots=6+pack_threads=4+keep_gil", base)
-    assert (k.settings.slots, k.pack_threads, k.keep_gil) == (6, 4, True)
+    k = variant("slots=6+pack_threads=4", base)
+    assert (k.settings.slots, k.pack_threads, k.keep_gil) == (6, 4, True)  # (the default)
+    assert not variant("pack_in=process+torch_calls", base).keep_gil
     with pytest.raises(SystemExit, match="unknown variant change 'warps=4'"):
         variant("slots=2+warps=4", base)
     # every run gpu_check.sh asks for by default is one engine_gpu.py knows
     script = (Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh").read_text()
     defaults = re.search(r"ENGINE_BENCH_ARGS:---variants ([^}]+)}", script).group(1)
-    assert "keep_gil" in defaults.split(",")
+    assert {"default", "torch_calls"} <= set(defaults.split(","))
     for name in defaults.split(","):
         variant(name, base)
 
@@ -182,7 +183,8 @@ def test_kernel_variants_refuses_an_unknown_section(tmp_path):
                              "--sections", "forward,gemm"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2
-    assert "expected gather, int8, forward, row_size and/or graph_tuned" in result.stderr
+    assert ("expected gather, int8, forward, row_size, graph_tuned and/or configs"
+            in result.stderr)
     assert not (tmp_path / "kernel_variants.json").exists()
 
 

@@ -425,17 +425,26 @@ def test_the_int8_decode_without_a_conversion_is_exact():
 
 def test_tuning_by_graph_times_in_a_cuda_graph_and_falls_back_to_eager(monkeypatch):
     """``RECSERVE_TUNE_BY=graph`` times candidates with ``do_bench_cudagraph`` (the device's
-    time, as the engine replays its forward); when no candidate can be timed so, the key is
-    timed eagerly instead, with a warning; ``forget_tuning`` drops every pick."""
+    time, as the engine replays its forward), each after the caller's stream has run what
+    it holds (``do_bench_cudagraph`` launches on a stream of its own that does not wait for
+    it); when no candidate can be timed so, the key is timed eagerly instead, with a
+    warning; ``forget_tuning`` drops every pick."""
     from recserve.kernels import _common
 
     monkeypatch.setattr(_common, "interpreting", lambda: False)
     monkeypatch.delenv("RECSERVE_AUTOTUNE", raising=False)
     eager_ms, graph_ms = {0: 1.0, 1: 2.0}, {0: 3.0, 1: 0.5}  # they disagree
-    chosen = {}
+    chosen, events = {}, []
+
+    class CallerStream:
+        def synchronize(self):
+            events.append("caller's stream done")
+
+    monkeypatch.setattr(_common.torch.cuda, "current_stream", CallerStream)
 
     def bench(table, fail=False):
         def run(fn, **_):
+            events.append(f"timed {table is graph_ms and 'in a graph' or 'eagerly'}")
             fn()
             if fail:
                 raise RuntimeError("operation not permitted when stream is capturing")
@@ -450,9 +459,12 @@ def test_tuning_by_graph_times_in_a_cuda_graph_and_falls_back_to_eager(monkeypat
     tuner = _common.SafeTuner("t", [{"v": 0}, {"v": 1}])
     monkeypatch.setenv("RECSERVE_TUNE_BY", "eager")
     assert tuner.run(("a",), launch) == {"v": 0}
+    assert "caller's stream done" not in events  # (do_bench runs on the caller's stream)
+    events.clear()
     monkeypatch.setenv("RECSERVE_TUNE_BY", "graph")
     assert tuner.run(("b",), launch) == {"v": 1}
     assert [c["v"] for _, c in tuner.timings[("b",)]] == [1, 0]
+    assert events == ["caller's stream done", "timed in a graph"] * 2
     monkeypatch.setattr(_common.triton.testing, "do_bench_cudagraph", bench(graph_ms, True))
     with pytest.warns(UserWarning, match="no config could be timed in a CUDA graph"):
         assert tuner.run(("c",), launch) == {"v": 0}
