@@ -184,9 +184,10 @@ class SafeTuner:
                 if method == "graph":
                     # do_bench_cudagraph first launches on a new stream that does not wait
                     # for ours: let what ours still has queued (the inputs' producers,
-                    # the launch above) finish first. Without it, a warm process (nothing
-                    # compiling to slow the host) gave a wrong int8 gather on the H200
-                    # (bench/RESULTS.md, tenth session; the fix not yet run on a card).
+                    # the launch above) finish first. The one unordered access found after
+                    # a warm process (nothing compiling to slow the host) gave a wrong int8
+                    # gather tuned this way on the H200 (bench/RESULTS.md, tenth session);
+                    # whether it was the cause is not known yet (not run on a card).
                     torch.cuda.current_stream().synchronize()
                     ms = triton.testing.do_bench_cudagraph(lambda c=config: launch(c), rep=10,
                                                            return_mode="median")
