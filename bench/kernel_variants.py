@@ -45,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernel_profile as kp  # noqa: E402
 import workloads as wl  # noqa: E402
+from gather_diagnosis import diagnose  # noqa: E402
 
 import kernels as kb  # noqa: E402  (bench/kernels.py: Recorder, timed_us, env_info)
 from recserve.engine.weights import (
@@ -146,6 +147,12 @@ def bench_gather(rec, base: dict, model: TritonModel, spec, b: int, label: str,
             e.fill_(float("nan"))
             bad = gather_once(packed, feats, prepared[0], e)()  # compiles and tunes
             check = check_pooled(rec, what, e, feats, want, bad)
+            if not check["ok"] and kb.DEV == "cuda":  # which input, or the output itself?
+                check["diagnosis"] = diagnose(
+                    e, feats, want, sets[0]["values"], *prepared[0].groups[0][:2], packed,
+                    tables, qparams, gather_once(packed, feats, prepared[0], e), b,
+                    (lambda t: quantize_rowwise(model_table(model, t))) if qparams else None)
+                print(f"!!!!! diagnosis: {check['diagnosis']}", flush=True)
             us = kb.timed_us([gather_once(packed, feats, p, e) for p in prepared])
             in_graph = None  # device time alone: 20 gathers replayed in one graph
             if kb.DEV == "cuda":
