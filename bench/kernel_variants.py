@@ -152,7 +152,8 @@ def bench_gather(rec, base: dict, model: TritonModel, spec, b: int, label: str,
                     e, feats, want, sets[0]["values"], *prepared[0].groups[0][:2], packed,
                     tables, qparams, gather_once(packed, feats, prepared[0], e), b,
                     (lambda t: quantize_rowwise(model_table(model, t))) if qparams else None)
-                print(f"!!!!! diagnosis: {check['diagnosis']}", flush=True)
+                FAILURES.append(f"{what}: diagnosis: {check['diagnosis']}")
+                print(f"!!!!! {FAILURES[-1]}", flush=True)
             us = kb.timed_us([gather_once(packed, feats, p, e) for p in prepared])
             in_graph = None  # device time alone: 20 gathers replayed in one graph
             if kb.DEV == "cuda":
