@@ -243,10 +243,7 @@ def check_configs(rec, base: dict, model: TritonModel, spec, sizes: list[int],
     captured graph; then the whole tuner ``rounds`` times by each method. A config that
     passes eagerly and fails in one of the others points at the graph path, not the
     kernel's arithmetic."""
-    import triton
-
-    from recserve.kernels._common import forget_tuning as forget
-    from recserve.kernels.model import capture_graph as capture
+    import triton  # here: importing it first thing would precede the interpreter switch
 
     packed8, codes, qparams = quantized(model)
     bf16_tables = [model_table(model, t) for t in range(len(model.groups[0][0].rows))]
@@ -276,13 +273,13 @@ def check_configs(rec, base: dict, model: TritonModel, spec, sizes: list[int],
             for cfg in candidates:
                 eb.CONFIGS[:] = [cfg or saved[0][0]]
                 eb.ALIGN_HINTS, eb.PREFETCH = (False, False) if cfg is None else saved[1:3]
-                forget()
+                forget_tuning()
                 name = f"config {label} B={b} {cfg or 'fallback'}"
                 row = {"eager": checked(name + " eager", run)}
                 if kb.DEV == "cuda":  # (the CPU run checks the section's own code)
                     triton.testing.do_bench_cudagraph(run, rep=10, return_mode="median")
                     row["after_graph_timing"] = checked(name + " after graph timing", run)
-                    graph, _ = capture(run)
+                    graph, _ = capture_graph(run)
                     row["replayed"] = checked(name + " replayed", lambda g=graph: g.replay())
                     del graph
                 rec.add(section="config_check", tables=label, B=b, config=cfg or "fallback",
@@ -294,11 +291,11 @@ def check_configs(rec, base: dict, model: TritonModel, spec, sizes: list[int],
             for method in ("eager", "graph"):
                 os.environ[TUNE_BY_ENV] = method
                 for r in range(rounds):
-                    forget()
+                    forget_tuning()
                     ok = checked(f"tuned {label} B={b} by {method} round {r}", run)
                     rec.add(section="config_check", tables=label, B=b, tuned_by=method,
-                            round=r, ok=ok, config=eb._tuner.best and
-                            list(eb._tuner.best.values())[-1])
+                            round=r, ok=ok,  # (the one key tuned since forget_tuning)
+                            config=next(iter(eb._tuner.best.values()), None))
             os.environ.pop(TUNE_BY_ENV, None)
 
 

@@ -257,3 +257,31 @@ def test_startup_bench_explains_itself_and_needs_a_gpu(tmp_path):
                              text=True, timeout=120)
     assert refused.returncode == 2 and "on a CUDA GPU" in refused.stderr
     assert not (tmp_path / "startup.json").exists()
+
+
+def test_kernel_variants_configs_checks_every_gather_config_and_the_tuners_picks(tmp_path):
+    """The configs section (the card's test for the tenth session's wrong int8 gather):
+    each candidate config, bf16 and int8, against the reference, then the tuner's pick by
+    each method in three rounds; under the interpreter the eager checks alone run (the
+    graph ones need a card)."""
+    import json
+    import os
+    import subprocess
+
+    from recserve.kernels.embedding_bag import CONFIGS
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "kernel_variants.py"
+    result = subprocess.run([sys.executable, str(script), str(tmp_path), "--device", "cpu",
+                             "--sizes", "4", "--max-rows", "64", "--sections", "configs"],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    records = [r for r in json.loads((tmp_path / "kernel_variants.json").read_text())
+               if r["section"] == "config_check"]
+    for label in ("bf16", "int8"):
+        each = [r for r in records if r["tables"] == label and "tuned_by" not in r]
+        assert [r["config"] for r in each] == [*CONFIGS, "fallback"]
+        assert all(r["eager"] for r in each)
+        tuned = [(r["tuned_by"], r["round"], r["ok"]) for r in records
+                 if r["tables"] == label and "tuned_by" in r]
+        assert tuned == [(m, k, True) for m in ("eager", "graph") for k in range(3)]
