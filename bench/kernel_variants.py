@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernel_profile as kp  # noqa: E402
 import workloads as wl  # noqa: E402
 from gather_diagnosis import diagnose  # noqa: E402
+from row_units import row_units  # noqa: E402
 
 import kernels as kb  # noqa: E402  (bench/kernels.py: Recorder, timed_us, env_info)
 from recserve.engine.weights import (
@@ -211,7 +212,10 @@ def bench_row_sizes(rec, base: dict, max_rows: int, b: int,
     bytes a row takes. If the rate stays flat while rows grow, a lookup costs per row (a
     DRAM access, latency, instructions), not per byte, and int8's half-size rows cannot
     reach issue 6's 1.6x the bf16 rate by their bytes alone; if it falls with the bytes,
-    they can, and the int8 kernel is what holds them back."""
+    they can, and the int8 kernel is what holds them back. Each record also says what a
+    lookup touches in 32-byte sectors, 64-byte bursts and 128-byte lines (``row_units``):
+    the unit whose count follows the measured times is what a lookup costs (at dim 128,
+    int8 / bf16 would run 1.6x by sectors, 1.33x by bursts, 1.0x by lines)."""
     import dataclasses
 
     base_spec = wl.dlrmv2_spec(max_rows, "bf16" if kb.DEV == "cuda" else "fp32")
@@ -226,10 +230,11 @@ def bench_row_sizes(rec, base: dict, max_rows: int, b: int,
                             qparams=qparams, tables=codes, variants=(DEFAULT,))
         for dtype, t_us, row_bytes in (("bf16", times.get(DEFAULT), dim * 2),
                                        ("int8", int8.get(DEFAULT), quantized_row_bytes(dim))):
-            if t_us:
+            if t_us:  # (with what a lookup touches, by each cost model's unit: row_units)
                 rec.add(section="row_size", B=b, dim=dim, dtype=dtype, row_bytes=row_bytes,
                         us=t_us, M_rows_per_s=round(lookups / t_us, 1),
-                        GBps=round(lookups * row_bytes / t_us / 1e3, 1))
+                        GBps=round(lookups * row_bytes / t_us / 1e3, 1),
+                        **row_units(dtype, dim))
         del model, packed8, codes, qparams
         if kb.DEV == "cuda":
             torch.cuda.empty_cache()
@@ -351,6 +356,12 @@ def summary(records: list[dict]) -> str:
         elif sec == "forward":
             what = f"forward {r['workload']} {r['variant']}" + (" graph" if r["graph"] else "")
             note = f"{r['TFLOPs']} TFLOP/s diff={r['max_diff_vs_eager']} ok={r['ok']}"
+        elif sec == "row_size":
+            lines.append(f"{'row_size ' + r['dtype'] + ' dim ' + str(r['dim']):44} "
+                         f"{r['B']:>6} {r['us']:>9.1f}  {r['M_rows_per_s']} M rows/s; a row: "
+                         f"{r['bytes_read']} B, {r['sectors']} sectors, {r['bursts']} "
+                         f"bursts, {r['lines']} lines")
+            continue
         elif sec == "int8_speedup":
             tuned = "" if r.get("tuned_by", "eager") == "eager" else f", {r['tuned_by']}-tuned"
             lines.append(f"{'int8 / bf16 lookup rate' + tuned:44} {r['B']:>6} {'':>9}  "

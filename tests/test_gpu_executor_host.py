@@ -238,6 +238,10 @@ def test_kernel_variants_row_sizes_check_every_dim_and_dtype(tmp_path):
     assert sizes == {(32, "bf16"): 64, (32, "int8"): 48, (64, "bf16"): 128, (64, "int8"): 80,
                      (128, "bf16"): 256, (128, "int8"): 144, (256, "bf16"): 512,
                      (256, "int8"): 272}
+    # beside each, what a lookup touches by each cost model's unit (bench/row_units.py)
+    lines = {(r["dim"], r["dtype"]): r["lines"] for r in records if r["section"] == "row_size"}
+    assert lines[(128, "bf16")] == lines[(128, "int8")] == 2.0
+    assert "M rows/s; a row: 136 B, 5.0 sectors, 3.0 bursts, 2.0 lines" in result.stdout
 
 
 def test_startup_bench_explains_itself_and_needs_a_gpu(tmp_path):
