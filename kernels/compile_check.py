@@ -182,13 +182,13 @@ def _dot_jobs(quick: bool):
     from . import interaction as it
 
     for dtype in (["bf16"] if quick else ["bf16", "fp32"]):
-        for block_t, block_d in ((32, 128), (16, 16)):
+        for (block_t, block_d), cfg in itertools.product(((32, 128), (16, 16)), it.CONFIGS):
             sig = {"v_ptr": _PTR[dtype], "out_ptr": _PTR[dtype], "dest_ptr": "*i32"}
             sig.update({n: "i32" for n in ("B", "T", "D", "x_dest", "stride_vm", "stride_om")})
-            const = {"ROWS": it._ROWS_GPU, "BLOCK_T": block_t, "BLOCK_D": block_d,
-                     "HAS_X": True, "IEEE": dtype == "fp32"}
+            const = {"ROWS": cfg["ROWS"], "BLOCK_T": block_t, "BLOCK_D": block_d,
+                     "HAS_X": True, "IEEE": dtype == "fp32", "BATCHED": cfg["BATCHED"]}
             div16 = ("D", "stride_vm", "stride_om") if block_d == 128 else ()
-            yield it._dot_interaction_kernel, sig, const, {"num_warps": 4}, div16
+            yield it._dot_interaction_kernel, sig, const, {"num_warps": cfg["num_warps"]}, div16
 
 
 def _pdl_jobs(quick: bool):

@@ -6,6 +6,8 @@ import pytest
 import torch
 from kernel_params import DEVICES
 
+from recserve.kernels import interaction
+from recserve.kernels._common import forget_tuning
 from recserve.kernels.interaction import (
     cross_layer,
     cross_layer_reference,
@@ -110,6 +112,31 @@ def test_dot_interaction_reference_order(device, t, d, self_interaction):
     dot_interaction(v, t, d, dest_map(t, pairs, width, device), out, x_dest=0)
     ref = dot_interaction_reference(v[:, :t * d].reshape(b, t, d).cpu(), self_interaction)
     torch.testing.assert_close(out.cpu(), ref, atol=FP32_TOL[0], rtol=FP32_TOL[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", interaction.CONFIGS,
+                         ids=lambda c: f"rows{c['ROWS']}{'-batched' if c['BATCHED'] else ''}")
+@pytest.mark.parametrize("t,d,self_interaction", [(5, 37, True), (27, 64, False)])
+def test_every_dot_interaction_config_matches_the_reference(device, config, t, d,
+                                                            self_interaction, monkeypatch):
+    """Each tuning candidate (the tuner picks one on the card; the interpreter and untuned
+    runs take the first): rows one by one, or a program's rows in one batched dot, with a
+    last program only partly filled (B = 9) and the columns it must not write left alone."""
+    monkeypatch.setattr(interaction, "CONFIGS", [config])
+    forget_tuning()
+    gen = torch.Generator().manual_seed(t + d)
+    b = 9
+    v = _rand(b, t * d + 3, gen=gen, device=device)
+    pairs = pair_columns(t, self_interaction, d + 2)  # two columns before them left alone
+    out = torch.full((b, d + 2 + len(pairs) + 1), float("nan"), device=device)
+    dot_interaction(v, t, d, dest_map(t, pairs, out.shape[1], device), out, x_dest=0)
+    ref = dot_interaction_reference(v[:, :t * d].reshape(b, t, d).cpu(), self_interaction)
+    got = torch.cat([out[:, :d], out[:, d + 2:d + 2 + len(pairs)]], dim=1).cpu()
+    torch.testing.assert_close(got, ref, atol=FP32_TOL[0], rtol=FP32_TOL[1])
+    untouched = torch.cat([out[:, d:d + 2], out[:, -1:]], dim=1)
+    assert bool(untouched.isnan().all())
+    forget_tuning()
 
 
 @pytest.mark.parametrize("device", DEVICES)
