@@ -54,6 +54,7 @@ from recserve.engine.weights import (
     quantize_rowwise,  # noqa: E402
 )
 from recserve.kernels import embedding_bag as eb  # noqa: E402
+from recserve.kernels import interaction as it  # noqa: E402
 from recserve.kernels import linear as li  # noqa: E402
 from recserve.kernels import linear_configs as lc  # noqa: E402
 from recserve.kernels._common import PDL_ENV, TUNE_BY_ENV, forget_tuning  # noqa: E402
@@ -316,6 +317,7 @@ def bench_forward(rec, base: dict, name: str, spec, weights: dict, model: Triton
         def one(variant=variant, what=what) -> None:
             set_variant(variant)
             before = set(li._tuner.best)
+            dot_before = set(it._tuner.best)
             ours, bad = model.forward_prepared(prepared[0])
             theirs = peer.forward(sets[0]["dense"], sets[0]["values"], sets[0]["offsets"])
             diff = (ours.float() - theirs.float()).abs().max().item()
@@ -340,7 +342,8 @@ def bench_forward(rec, base: dict, name: str, spec, weights: dict, model: Triton
                     graph=kb.DEV == "cuda", us=round(us, 2), samples_per_s=round(b / us * 1e6),
                     TFLOPs=round(tflops, 2), frac_matmul=round(tflops / base["matmul_tflops"], 4),
                     max_diff_vs_eager=round(diff, 5), ok=ok, kernels=kernels,
-                    linear_configs=new_configs(li._tuner, before))
+                    linear_configs=new_configs(li._tuner, before),
+                    interaction_configs=new_configs(it._tuner, dot_before))
 
         rec.guarded(what, one)
     set_variant(DEFAULT)
