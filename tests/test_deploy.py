@@ -133,3 +133,20 @@ def test_k8s_manifest_structure_when_yaml_is_available():
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert recserve_args(container[probe]["exec"]["command"]).command == "health"
+
+
+def test_the_several_gpus_recipe_is_a_valid_serve_command_per_gpu():
+    """deploy/README's one-server-per-GPU loop: each server's command parses, with ports
+    and metrics ports of its own."""
+    import shlex
+
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    block = readme.split("## Several GPUs on one host", 1)[1].split("```", 2)[1]
+    command = re.search(r"(recserve serve .*?)&", block.replace("\\\n", " "), re.S).group(1)
+    ports = set()
+    for i in range(4):
+        line = re.sub(r"\$\(\((\d+)\+i\)\)", lambda m, i=i: str(int(m.group(1)) + i), command)
+        args = recserve_args(shlex.split(line))
+        assert args.command == "serve" and args.host == "0.0.0.0"
+        ports |= {args.port, args.metrics_port}
+    assert len(ports) == 8
