@@ -25,9 +25,13 @@ prints a table; exit status 1 when any correctness check failed (they print FAIL
 ``--cross-configs`` also tunes the cross layers' opt-in candidates
 (``linear_configs.CROSS_CANDIDATES``).
 ``--sections row_size`` times the gather at embedding dims 32-256, bf16 and int8 (rows a
-second against bytes a row: why int8 runs at the bf16 rate, ``bench_row_sizes``);
+second against bytes a row, and the sectors, bursts and lines a lookup touches:
+``bench_row_sizes``, ``row_units``);
 ``--sections forward,graph_tuned`` ends with both forwards tuned again by device time in a
-CUDA graph (``RECSERVE_TUNE_BY=graph``) instead of eager launches.
+CUDA graph (``RECSERVE_TUNE_BY=graph``) instead of eager launches (with ``int8``, the
+gathers too); ``--sections configs`` checks every gather config against the reference
+eagerly, after a graph timing and replayed from a graph (``check_configs``). A failed
+gather check prints a diagnosis (``gather_diagnosis``).
 Cost on a cold card: tuning compiles ~15 gather and ~50 GEMM configs (1-2 s each), so
 expect about 2-3 minutes tuned, under a minute with ``--untuned``; measurements stop
 starting after ``--budget-s``, and the JSON holds everything measured until then.
