@@ -15,14 +15,15 @@ import torch
 from recserve.kernels.tables import PackedTables, quantized_params_at
 
 
+def beyond_bf16(got: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Where ``got`` is farther from the fp32 ``ref`` than bf16 rounding allows (a NaN is)."""
+    return ~((got - ref).abs() <= ref.abs() * 2**-7 + 1e-3)
+
+
 def wrong_features(e: torch.Tensor, feats, want: Sequence[torch.Tensor]) -> list[int]:
     """Indices of the features whose slice of ``e`` is beyond bf16 rounding of ``want``."""
-    out = []
-    for k, (f, ref) in enumerate(zip(feats, want, strict=True)):
-        got = e[:, f.out_col:f.out_col + ref.shape[1]].float()
-        if not bool(((got - ref).abs() <= ref.abs() * 2**-7 + 1e-3).all()):
-            out.append(k)
-    return out
+    return [k for k, (f, ref) in enumerate(zip(feats, want, strict=True))
+            if bool(beyond_bf16(e[:, f.out_col:f.out_col + ref.shape[1]].float(), ref).any())]
 
 
 def feature_ids(indices: torch.Tensor, offsets: torch.Tensor, k: int, b: int) -> torch.Tensor:
@@ -42,6 +43,10 @@ def packed_rows(packed: PackedTables, t: int, rows: torch.Tensor) -> tuple:
     at = quantized_params_at(dim)
     params = picked[:, at:at + 8].contiguous().view(torch.float32)  # [n, 2]
     return picked[:, :dim], params[:, 0], params[:, 1]
+
+
+def eq(same: bool) -> str:
+    return "=" if same else "!="
 
 
 def diagnose(e: torch.Tensor, feats, want: Sequence[torch.Tensor], values: Sequence,
@@ -76,9 +81,6 @@ def diagnose(e: torch.Tensor, feats, want: Sequence[torch.Tensor], values: Seque
                                           and bool((shift == qparams[t][1][rows]).all()))
         col = slice(f.out_col, f.out_col + packed.dims[t])
         same_output = bool(torch.equal(failed[:, col], e[:, col]))
-        def eq(same: bool) -> str:
-            return "=" if same else "!="
-
         parts = [f"feature {k} (table {t}): ids the kernel read {eq(same_ids)} the "
                  "reference's", f"stored rows {eq(same_rows)} the reference's tables",
                  f"stored scale/offset {eq(same_params)} the reference's",

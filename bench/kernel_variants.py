@@ -49,7 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernel_profile as kp  # noqa: E402
 import workloads as wl  # noqa: E402
-from gather_diagnosis import diagnose  # noqa: E402
+from gather_diagnosis import beyond_bf16, diagnose  # noqa: E402
 from row_units import row_units  # noqa: E402
 
 import kernels as kb  # noqa: E402  (bench/kernels.py: Recorder, timed_us, env_info)
@@ -100,7 +100,7 @@ def check_pooled(rec, what: str, e: torch.Tensor, feats, want: list, bad: torch.
         excess = ((got - ref).abs() - (ref.abs() * 2**-7 + 1e-3)).max().item()
         worst = max(worst, (got - ref).abs().max().item())
         if not excess <= 0:  # NaN-safe: a NaN fails
-            wrong = ~((got - ref).abs() <= ref.abs() * 2**-7 + 1e-3)
+            wrong = beyond_bf16(got, ref)
             rows = wrong.any(1).nonzero().flatten()
             r, c = int(rows[0]), int(wrong[rows[0]].nonzero()[0])
             FAILURES.append(f"{what}: feature at column {f.out_col} off by {excess:+.4g} "
@@ -245,6 +245,13 @@ def bench_row_sizes(rec, base: dict, max_rows: int, b: int,
             torch.cuda.empty_cache()
 
 
+def restore_env(name: str, value: str | None) -> None:
+    """Set ``name`` back to ``value`` (None: unset)."""
+    os.environ.pop(name, None)
+    if value is not None:
+        os.environ[name] = value
+
+
 def check_configs(rec, base: dict, model: TritonModel, spec, sizes: list[int],
                   rounds: int = 3) -> None:
     """Every gather candidate config, bf16 and int8 tables, checked against the fp32
@@ -259,6 +266,7 @@ def check_configs(rec, base: dict, model: TritonModel, spec, sizes: list[int],
     bf16_tables = [model_table(model, t) for t in range(len(model.groups[0][0].rows))]
     feats = model.groups[0][1]
     saved = (list(eb.CONFIGS), eb.ALIGN_HINTS, eb.PREFETCH, os.environ.get("RECSERVE_AUTOTUNE"))
+    tune_by = os.environ.get(TUNE_BY_ENV)
     for b in sizes:
         inputs = wl.fixed_hot_inputs(spec, b, False, kb.DEV, seed=0)
         p = wl.to_prepared(model, inputs)
@@ -295,9 +303,7 @@ def check_configs(rec, base: dict, model: TritonModel, spec, sizes: list[int],
                 rec.add(section="config_check", tables=label, B=b, config=cfg or "fallback",
                         **row)
             eb.CONFIGS[:], (eb.ALIGN_HINTS, eb.PREFETCH) = saved[0], saved[1:3]
-            os.environ.pop("RECSERVE_AUTOTUNE", None)
-            if saved[3] is not None:
-                os.environ["RECSERVE_AUTOTUNE"] = saved[3]
+            restore_env("RECSERVE_AUTOTUNE", saved[3])
             for method in ("eager", "graph"):
                 os.environ[TUNE_BY_ENV] = method
                 for r in range(rounds):
@@ -306,7 +312,7 @@ def check_configs(rec, base: dict, model: TritonModel, spec, sizes: list[int],
                     rec.add(section="config_check", tables=label, B=b, tuned_by=method,
                             round=r, ok=ok,  # (the one key tuned since forget_tuning)
                             config=next(iter(eb._tuner.best.values()), None))
-            os.environ.pop(TUNE_BY_ENV, None)
+            restore_env(TUNE_BY_ENV, tune_by)
 
 
 def bench_forward(rec, base: dict, name: str, spec, weights: dict, model: TritonModel,

@@ -45,7 +45,7 @@ def units_per_row(dtype: str, dim: int, unit: int) -> float:
 
 def row_units(dtype: str, dim: int) -> dict[str, float]:
     """Bytes read, sectors, bursts and lines per lookup (means, 2 decimals)."""
-    stride, spans = row_spans(dtype, dim)
+    _, spans = row_spans(dtype, dim)
     out = {"bytes_read": sum(length for _, length in spans)}
     out.update({name: round(units_per_row(dtype, dim, size), 2)
                 for name, size in UNITS.items()})
