@@ -22,6 +22,7 @@ graph (``tune_by``); the default times eager launches.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -60,6 +61,19 @@ def pdl() -> bool:
 def pdl_launch() -> dict:
     """Launch options and the kernels' ``USE_GDC`` flag for the current ``pdl`` setting."""
     return {"USE_GDC": True, "launch_pdl": True} if pdl() else {}
+
+
+def processors(device: torch.device) -> int:
+    """The device's streaming multiprocessors, which a persistent kernel's grid is sized by
+    (under the interpreter 2, so a CPU test walks several tiles per program)."""
+    if interpreting() or device.type != "cuda":
+        return 2
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def ieee_dot(dtype: torch.dtype) -> bool:

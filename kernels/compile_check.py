@@ -136,9 +136,10 @@ def _linear_jobs(quick: bool):
     for dtype in (["bf16"] if quick else ["bf16", "fp16", "fp32"]):
         for flags in variants:
             # the launcher's candidates for this dtype (FINAL: the 256-wide last layer)
-            # (a cross layer's opt-in candidates too, so a benchmark can turn them on)
-            extra = [c for c in lc.CROSS_CANDIDATES if lc.fits(c, 4 if dtype == "fp32" else 2)
-                     ] if flags["CROSS"] else []
+            # (a cross layer's opt-in candidates too, so a benchmark can turn them on, and
+            # its persistent ones)
+            extra = [c for c in lc.CROSS_CANDIDATES + lc.PERSISTENT_CROSS_CONFIGS
+                     if lc.fits(c, 4 if dtype == "fp32" else 2)] if flags["CROSS"] else []
             for c in lc.base_configs(256 if flags["FINAL"] else None, None,
                                  4 if dtype == "fp32" else 2) + extra:
                 sig = {n: _PTR[dtype] for n in li._linear_kernel.arg_names if n.endswith("_ptr")}
@@ -150,7 +151,7 @@ def _linear_jobs(quick: bool):
                 # as the card specializes dlrmv2's layers: unit strides are constants, the
                 # other sizes and strides multiples of 16; K = 13 (the first bottom layer)
                 # is the odd one, compiled with EVEN_K off.
-                orders = (False, True) if flags["CROSS"] else (False,)
+                orders = (False, True) if flags["CROSS"] and "PER_SM" not in c else (False,)
                 # split-K: the small-batch tiles of a plain layer (what linear() adds)
                 plain = not (flags["CROSS"] or flags["FINAL"] or flags["ADD_ROWS"])
                 splits = (1, 4) if plain and c["BLOCK_M"] <= 64 else (1,)
@@ -160,7 +161,7 @@ def _linear_jobs(quick: bool):
                              "BLOCK_K": c["BLOCK_K"], "IEEE": dtype == "fp32",
                              "stride_ak": 1, "stride_wk": 1, "stride_on": 1,
                              "EVEN_K": even_k, "EPILOGUE_FIRST": first, "SPLIT_K": split,
-                             **flags}
+                             "PERSISTENT": "PER_SM" in c, **flags}
                     div16 = ("N", "stride_am", "stride_wn", "stride_om", "stride_addm",
                              "stride_x0m", "stride_xm") + (("K",) if even_k else ())
                     yield li._linear_kernel, sig, const, {"num_warps": c["num_warps"],

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from . import linear_configs as lc
-from ._common import SafeTuner, check_tensor, ieee_dot, pdl_launch
+from ._common import SafeTuner, check_tensor, ieee_dot, pdl_launch, processors
 
 import triton  # isort: skip  (after _common, which may switch on the interpreter)
 import triton.language as tl  # isort: skip
@@ -50,20 +50,56 @@ def _linear_kernel(
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, A_ROWS: tl.constexpr, ADD_ROWS: tl.constexpr,
     CROSS: tl.constexpr, FINAL: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
     EPILOGUE_FIRST: tl.constexpr = False, SPLIT_K: tl.constexpr = 1,
-    USE_GDC: tl.constexpr = False,
+    USE_GDC: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
 ):
-    """One [BLOCK_M, BLOCK_N] tile of act(A @ W^T + bias (+ add) (x0 * . + x)).
+    """[BLOCK_M, BLOCK_N] tiles of act(A @ W^T + bias (+ add) (x0 * . + x)).
 
     a [M or more, K], w [N, K], bias [N], out [M, N] (or [M, H] fp32 with FINAL),
     a_rows [M], add [R, N], add_rows [M], x0/x [M, N] (CROSS), wf [H, N], bf [H], fact [H].
+    One tile per program (grid: M tiles, N tiles, K slices), or with PERSISTENT a 1-D grid
+    of about one program per SM slot, each walking tiles pid, pid + programs, ... (row-major
+    over [M tiles, N tiles]) in one flattened loop, so the compiler can issue the next
+    tile's first operand loads while this tile's epilogue runs: the shape of DCNv2's V
+    layers (K = 512, a short loop, then an epilogue moving as many bytes as the output).
     SPLIT_K > 1: program (m, n, s) sums K slice s only and stores the raw fp32 tile to
     part [SPLIT_K, M, N]; ``_split_k_reduce`` adds the slices in order and does the epilogue.
     """
     if USE_GDC:  # launched early (PDL): nothing is read before the previous kernel is done
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    if PERSISTENT:
+        tiles_n = tl.cdiv(N, BLOCK_N)
+        tiles = tl.cdiv(M, BLOCK_M) * tiles_n
+        for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=True):
+            _linear_tile(
+                tile // tiles_n, tile % tiles_n, 0,
+                a_ptr, w_ptr, bias_ptr, out_ptr, a_rows_ptr, add_ptr, add_rows_ptr, x0_ptr,
+                x_ptr, wf_ptr, bf_ptr, fact_ptr, part_ptr, M, N, K, H, stride_am, stride_ak,
+                stride_wn, stride_wk, stride_om, stride_on, stride_addm, stride_x0m, stride_xm,
+                BLOCK_M, BLOCK_N, BLOCK_K, ACT, HAS_BIAS, A_ROWS, ADD_ROWS, CROSS, FINAL, IEEE,
+                EVEN_K, EPILOGUE_FIRST, SPLIT_K)
+    else:
+        _linear_tile(
+            tl.program_id(0), tl.program_id(1), tl.program_id(2),
+            a_ptr, w_ptr, bias_ptr, out_ptr, a_rows_ptr, add_ptr, add_rows_ptr, x0_ptr,
+            x_ptr, wf_ptr, bf_ptr, fact_ptr, part_ptr, M, N, K, H, stride_am, stride_ak,
+            stride_wn, stride_wk, stride_om, stride_on, stride_addm, stride_x0m, stride_xm,
+            BLOCK_M, BLOCK_N, BLOCK_K, ACT, HAS_BIAS, A_ROWS, ADD_ROWS, CROSS, FINAL, IEEE,
+            EVEN_K, EPILOGUE_FIRST, SPLIT_K)
+
+
+@triton.jit
+def _linear_tile(
+    pid_m, pid_n, pid_k,
+    a_ptr, w_ptr, bias_ptr, out_ptr, a_rows_ptr, add_ptr, add_rows_ptr, x0_ptr, x_ptr,
+    wf_ptr, bf_ptr, fact_ptr, part_ptr, M, N, K, H, stride_am, stride_ak, stride_wn,
+    stride_wk, stride_om, stride_on, stride_addm, stride_x0m, stride_xm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, A_ROWS: tl.constexpr, ADD_ROWS: tl.constexpr,
+    CROSS: tl.constexpr, FINAL: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
+    EPILOGUE_FIRST: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """Tile (pid_m, pid_n) of ``_linear_kernel`` (K slice pid_k of SPLIT_K)."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -85,7 +121,7 @@ def _linear_kernel(
     k_hi = K
     if SPLIT_K > 1:  # this program's K slice: whole BLOCK_K steps, the last one shorter
         k_per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
-        k_lo = tl.program_id(2) * k_per
+        k_lo = pid_k * k_per
         k_hi = tl.minimum(K, k_lo + k_per)
         a_ptrs += k_lo * stride_ak
         w_ptrs += k_lo * stride_wk
@@ -104,7 +140,7 @@ def _linear_kernel(
         w_ptrs += BLOCK_K * stride_wk
     mn_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K > 1:
-        part = (part_ptr + tl.program_id(2).to(tl.int64) * M * N
+        part = (part_ptr + pid_k.to(tl.int64) * M * N
                 + offs_m[:, None].to(tl.int64) * N + offs_n[None, :])
         tl.store(part, acc, mask=mn_mask)
     else:  # the whole K: the epilogue here
@@ -255,6 +291,9 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if split > 1:  # fp32 partial tiles, one [M, N] slab per K slice
             part = torch.empty(split, m, n, device=a.device, dtype=torch.float32)
         grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split)
+        persistent = "PER_SM" in cfg
+        if persistent:  # as many programs as fit the card at once (fewer if fewer tiles)
+            grid = (min(grid[0] * grid[1], cfg["PER_SM"] * processors(a.device)), 1, 1)
         _linear_kernel[grid](
             a, weight, bias if bias is not None else dummy, out,
             a_rows if a_rows is not None else dummy, add if add is not None else dummy,
@@ -268,7 +307,8 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             ADD_ROWS=add is not None, CROSS=cross is not None, FINAL=final is not None,
             IEEE=ieee_dot(a.dtype), EVEN_K=k % cfg["BLOCK_K"] == 0,
             EPILOGUE_FIRST=cfg.get("EPILOGUE_FIRST", False), SPLIT_K=split,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch())
+            PERSISTENT=persistent, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            **pdl_launch())
         if split > 1:
             _split_k_reduce[(triton.cdiv(m, 32), triton.cdiv(n, 128))](
                 part, bias if bias is not None else dummy, out, m, n, out.stride(0),

@@ -33,6 +33,18 @@ CROSS_CANDIDATES = [
     {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
 ]
 EXTRA_CROSS_CONFIGS: list[dict] = []
+# Persistent cross layers (``PER_SM`` programs per SM, each walking tiles in one flattened
+# loop, see linear._linear_kernel): the SASS of V showed a program's DRAM traffic only in
+# its epilogue, after its K loop; here the next tile's first operand copies are in flight
+# while this tile's epilogue runs (sm_90 TTGIR: the async copies of the following steps
+# sit before the epilogue in the one loop). Tuned for cross layers above 1024 rows beside
+# the rest; the tiles and occupancy of the best tiled configs (compile_check: 64x128 / 4
+# warps 252 registers, 2 programs an SM; 128x128 / 8 warps 243, 1; 128x64 / 4 warps 246, 2).
+PERSISTENT_CROSS_CONFIGS = [
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4, "PER_SM": 2},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "PER_SM": 1},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3, "PER_SM": 2},
+]
 CPU_CONFIGS = [{"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}]
 
 
@@ -76,13 +88,16 @@ def candidates(m: int, n: int, k: int, elsize: int, *, final: bool, cross: bool,
                plain: bool) -> list[dict]:
     """The configs ``linear`` tunes over for one call: the base set for its rows (a final
     layer's with BLOCK_N covering its N); a cross layer's in both epilogue orders (and the
-    opt-in ``EXTRA_CROSS_CONFIGS`` above 1024 rows); a ``plain`` layer's (no final, cross,
-    add or gathered rows) with split-K copies too when it has few rows and a long K."""
+    opt-in ``EXTRA_CROSS_CONFIGS`` above 1024 rows), then persistent (above 1024 rows); a
+    ``plain`` layer's (no final, cross, add or gathered rows) with split-K copies too when
+    it has few rows and a long K."""
     configs = base_configs(n if final else None, m, elsize)
     if cross:  # both epilogue orders compete; the card's tuner keeps the faster
         if m > 1024:
             configs = configs + [c for c in EXTRA_CROSS_CONFIGS if fits(c, elsize)]
         configs = configs + [{**c, "EPILOGUE_FIRST": True} for c in configs]
+        if m > 1024:
+            configs = configs + [c for c in PERSISTENT_CROSS_CONFIGS if fits(c, elsize)]
     if plain and splits_k(m, k):
         # few rows, long K (at B=512 the 3456-wide layers ran on ~128 programs, each walking
         # all of K): slices of K on more programs, then an ordered sum

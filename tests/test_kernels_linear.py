@@ -191,6 +191,84 @@ def test_cross_epilogue_order_gives_identical_bits(device, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("per_sm", [1, 3])
+@pytest.mark.parametrize("epilogue", ["cross", "relu", "final"])
+def test_persistent_tiles_give_the_tiled_kernels_bits(device, per_sm, epilogue, monkeypatch):
+    """A persistent config (a 1-D grid of PER_SM programs per SM walking the tiles in one
+    loop) computes each tile as the tiled kernel does: the same bits, whether a program
+    walks several tiles (PER_SM 1: 2 programs under the interpreter for 4-8 tiles) or the
+    grid is cut to the tile count (PER_SM 3: 6 programs here, for 4 tiles of a final layer)."""
+    from recserve.kernels import linear as li
+    from recserve.kernels import linear_configs as lc
+
+    gen = torch.Generator().manual_seed(per_sm)
+    m, n, k = 100, 70 if epilogue != "final" else 24, 50
+    a, w = _rand(m, k, gen=gen, device=device), _rand(n, k, gen=gen, device=device)
+    bias, x0, x = (_rand(*shape, gen=gen, device=device) for shape in ((n,), (m, n), (m, n)))
+    kwargs = {"cross": (x0, x)} if epilogue == "cross" else {"activation": "relu"}
+    if epilogue == "final":
+        kwargs["final"] = (_rand(2, n, gen=gen, device=device), _rand(2, gen=gen, device=device),
+                           torch.tensor([1, 0], dtype=torch.int32, device=device))
+    base = lc.base_configs(n if epilogue == "final" else None, m, a.element_size())[0]
+    runs = []
+    for config in (base, {**base, "PER_SM": per_sm}):
+        monkeypatch.setattr(lc, "base_configs", lambda *args, c=config: [c])
+        monkeypatch.setattr(li, "_tuner", li.SafeTuner("linear", [config]))
+        runs.append(linear(a, w, bias, **kwargs))
+        assert li._tuner.best[next(iter(li._tuner.best))] == config
+    want = linear_reference(a, w, bias, **kwargs)
+    torch.testing.assert_close(runs[1].cpu(), want.cpu(), atol=FP32_TOL[0], rtol=FP32_TOL[1])
+    assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("index", range(3))
+def test_persistent_cross_configs_walk_many_tiles_on_the_card(index, monkeypatch):
+    """Each persistent candidate as the card tunes it (bf16, K = 512 like DCNv2's V) on more
+    tiles than its grid has programs, against the tiled kernel with the same tile: the same
+    bits, and the reference's values within bf16's error."""
+    from recserve.kernels import linear as li
+    from recserve.kernels import linear_configs as lc
+
+    config = lc.PERSISTENT_CROSS_CONFIGS[index]
+    gen = torch.Generator().manual_seed(index)
+    m, n, k = 4133, 1000, 512  # 520 or more tiles, ragged in M and N
+    dev, bf = "cuda", torch.bfloat16
+    a, w = _rand(m, k, gen=gen, device=dev, dtype=bf), _rand(n, k, gen=gen, device=dev, dtype=bf)
+    bias, x0, x = (_rand(*shape, gen=gen, device=dev, dtype=bf)
+                   for shape in ((n,), (m, n), (m, n)))
+    tiled = {key: v for key, v in config.items() if key != "PER_SM"}
+    runs = []
+    for cfg in (tiled, config):
+        monkeypatch.setattr(li, "_tuner", li.SafeTuner("linear", [cfg]))
+        monkeypatch.setattr(lc, "candidates", lambda *args, c=cfg, **kw: [c])
+        runs.append(linear(a, w, bias, cross=(x0, x)))
+        assert li._tuner.best[next(iter(li._tuner.best))] == cfg
+    assert torch.equal(runs[0], runs[1])
+    want = linear_reference(a, w, bias, cross=(x0, x))
+    torch_bf16 = x0 * (a @ w.T + bias) + x
+    _assert_bf16_close(runs[1], want, torch_bf16)
+
+
+def test_persistent_candidates_join_cross_layers_above_1024_rows(monkeypatch):
+    """Cross layers above 1024 rows (DCNv2's V at the large buckets) tune the persistent
+    configs beside the tiled ones; other layers and smaller batches do not."""
+    from recserve.kernels import _common
+    from recserve.kernels import linear_configs as lc
+
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+
+    def persistent(m, **flags):
+        got = lc.candidates(m, 3456, 512, 2, **{"final": False, "cross": False, "plain": False,
+                                               **flags})
+        return [c for c in got if "PER_SM" in c]
+
+    assert persistent(8192, cross=True) == lc.PERSISTENT_CROSS_CONFIGS
+    assert persistent(1024, cross=True) == []
+    assert persistent(8192, plain=True) == []
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("split", [2, 3])
 def test_split_k_matches_the_reference_and_repeats_its_bits(device, split, monkeypatch):
     """K in slices on separate programs, then an ordered sum (small-batch candidates): the
@@ -269,4 +347,5 @@ def test_cross_layer_opt_in_candidates_join_only_when_asked_and_at_large_m(monke
     extra = [c for c in extended if c not in base]
     assert len(extra) == 2 * len(lc.CROSS_CANDIDATES)  # each in both epilogue orders
     assert {c.get("EPILOGUE_FIRST", False) for c in extra} == {False, True}
-    assert call(1024) == call(1024) and len(call(1024)) == len(base)  # small M: none
+    tiled = [c for c in base if "PER_SM" not in c]  # (the persistent ones: above 1024 too)
+    assert call(1024) == call(1024) and len(call(1024)) == len(tiled)  # small M: none
