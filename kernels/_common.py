@@ -76,6 +76,23 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+INTERPRETER_L2_BYTES = 64 * 1024
+"""What ``l2_bytes`` says off a card: small, so the CPU tests' small tables split into kept
+and streamed ones (the hint changes no value, only what the card's L2 keeps)."""
+
+
+def l2_bytes(device: torch.device) -> int:
+    """The device's L2 cache in bytes (50 MB on an H100)."""
+    if interpreting() or device.type != "cuda":
+        return INTERPRETER_L2_BYTES
+    return _l2_size(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _l2_size(index: int) -> int:
+    return torch.cuda.get_device_properties(index).L2_cache_size
+
+
 def ieee_dot(dtype: torch.dtype) -> bool:
     """Whether a kernel's ``tl.dot`` must upcast to fp32 with exact (IEEE) products: for fp32
     operands (no TF32), and for bf16 under the interpreter, whose bf16 dot returns garbage

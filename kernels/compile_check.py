@@ -112,14 +112,17 @@ def _embedding_jobs(quick: bool):
             for cfg in eb.CONFIGS + [None]:
                 # (ALIGN, PREFETCH): the launcher's candidates for dim-128 tables, for odd
                 # dims (no alignment hint), and (None) the proven fallback of the first run
-                variants = [(16, True)] if quick else [(16, True), (1, True)]
+                # (and the L2 hint of kept tables, on the unpipelined configs)
+                variants = [(16, True, False)] if quick else [(16, True, False), (1, True, False)]
+                if cfg is not None and cfg["STAGES"] == 1:
+                    variants.append((16, True, True))
                 if cfg is None:
-                    cfg, variants = eb.CONFIGS[0], [(1, False)]
-                for align, prefetch in variants:
+                    cfg, variants = eb.CONFIGS[0], [(1, False, False)]
+                for align, prefetch, keep in variants:
                     const = {"BAGS": cfg["BAGS"], "LANES": cfg["LANES"], "BLOCK_D": 128,
                              "QUANT": table == "u8", "WEIGHTED": table != "fp32",
                              "ALIGN": align, "PREFETCH": prefetch and cfg["STAGES"] == 1,
-                             "UNROLL": cfg["UNROLL"], "STAGES": cfg["STAGES"]}
+                             "UNROLL": cfg["UNROLL"], "STAGES": cfg["STAGES"], "L2_KEEP": keep}
                     yield (eb._embedding_bag_kernel, sig, const,
                            {"num_warps": cfg["num_warps"]}, ("out_stride",))
 

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._common import SafeTuner, check_tensor, next_pow2, pdl_launch
+from ._common import SafeTuner, check_tensor, l2_bytes, next_pow2, pdl_launch
 from .pooling import _pool_long, _pool_short
 from .tables import (
     INDEX_DTYPES,
@@ -47,6 +47,7 @@ from .tables import (
     check_bounds,
     check_csr,
     check_launch,
+    kept_tables,
     launch_plan,
 )
 
@@ -80,6 +81,8 @@ ALIGN_HINTS = True
 """Alignment hints (16-byte row loads and stores where ``alignment`` allows)."""
 PREFETCH = True
 """Load each step's ids one step ahead of the rows they address."""
+L2_KEEP_SHARE = 0.5
+"""The share of the device's L2 that the tables kept there (``kept_tables``) may fill."""
 
 
 @triton.jit
@@ -93,7 +96,7 @@ def _embedding_bag_kernel(
     BAGS: tl.constexpr, LANES: tl.constexpr, BLOCK_D: tl.constexpr,
     QUANT: tl.constexpr, WEIGHTED: tl.constexpr, ALIGN: tl.constexpr,
     PREFETCH: tl.constexpr, UNROLL: tl.constexpr, STAGES: tl.constexpr,
-    USE_GDC: tl.constexpr = False,
+    USE_GDC: tl.constexpr = False, L2_KEEP: tl.constexpr = False,
 ):
     """One program pools BAGS short bags, or one long bag LANES positions at a time.
 
@@ -129,19 +132,25 @@ def _embedding_bag_kernel(
         _pool_long(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
                    out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
                    elem_base, row_stride, rows, dim, bag_base, num_bags, out_col, local, flags,
-                   out_stride, LANES, BLOCK_D, QUANT, WEIGHTED, PREFETCH, UNROLL, STAGES)
+                   out_stride, LANES, BLOCK_D, QUANT, WEIGHTED, PREFETCH, UNROLL, STAGES,
+                   L2_KEEP)
     else:
         _pool_short(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
                     out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
                     elem_base, row_stride, rows, dim, bag_base, num_bags, out_col, local, flags,
-                    out_stride, BAGS, BLOCK_D, QUANT, WEIGHTED, PREFETCH, UNROLL, STAGES)
+                    out_stride, BAGS, BLOCK_D, QUANT, WEIGHTED, PREFETCH, UNROLL, STAGES,
+                    L2_KEEP)
 
 
 _tuner = SafeTuner("embedding_bag", CONFIGS)
-def _candidates(align: int) -> list[dict]:
-    """Tuning candidates: every config with the switches' variant, then the first H200
-    run's proven kernel, so a variant that fails to compile on the card only loses speed."""
+def _candidates(align: int, l2_keep: bool) -> list[dict]:
+    """Tuning candidates: every config with the switches' variant, with ``l2_keep`` (some
+    but not all of the launch's tables are kept in L2, see ``kept_tables``) each unpipelined
+    one also with the L2 hint, then the first H200 run's proven kernel, so a variant that
+    fails to compile on the card only loses speed."""
     out = [{**c, "ALIGN": align, "PREFETCH": PREFETCH and c["STAGES"] == 1} for c in CONFIGS]
+    if l2_keep:
+        out += [{**c, "L2_KEEP": True} for c in out if c["STAGES"] == 1]
     if align > 1 or PREFETCH:
         out.append({**CONFIGS[0], "ALIGN": 1, "PREFETCH": False})
     return out
@@ -196,17 +205,18 @@ def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices:
     block_d = next_pow2(max(packed.dims[f.table] for f in features), 16)
     weighted = any(f.weighted for f in features)
     align = alignment(packed, features, out) if ALIGN_HINTS else 1
+    kept = kept_tables(packed, features, l2_bytes(packed.device) * L2_KEEP_SHARE)
 
     def launch(cfg: dict) -> None:
         meta, prog_feature, programs = launch_plan(packed, features, num_rows, num_requests,
-                                             cfg["BAGS"], cfg["LANES"])
+                                                   cfg["BAGS"], cfg["LANES"], kept)
         _embedding_bag_kernel[(programs,)](
             packed.data, indices, offsets, ends,
             weights if weighted else indices, out, bad, row_request, request_offsets,
             prog_feature, meta, out.stride(0),
             BAGS=cfg["BAGS"], LANES=cfg["LANES"], BLOCK_D=block_d, QUANT=packed.quantized,
             WEIGHTED=weighted, ALIGN=cfg["ALIGN"], PREFETCH=cfg["PREFETCH"],
-            UNROLL=cfg["UNROLL"], STAGES=cfg["STAGES"],
+            UNROLL=cfg["UNROLL"], STAGES=cfg["STAGES"], L2_KEEP=cfg.get("L2_KEEP", False),
             num_warps=cfg["num_warps"], **pdl_launch())
 
     def outputs() -> list[tuple[torch.Tensor, float]]:
@@ -216,8 +226,9 @@ def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices:
         return [(c, float("nan")) for c in cols] + [(bad, 0.0)]
 
     key = (packed.dtype, block_d, weighted, features, num_rows, num_requests, out.dtype,
-           indices.dtype, align, PREFETCH)
-    _tuner.run(key, launch, _candidates(align), outputs)
+           indices.dtype, align, PREFETCH, kept)
+    some = 0 < len(kept) < len({f.table for f in features})
+    _tuner.run(key, launch, _candidates(align, some), outputs)
     return bad
 
 

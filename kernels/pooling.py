@@ -14,14 +14,31 @@ import triton.language as tl  # isort: skip
 
 
 @triton.jit
+def _load(ptrs, mask, flags, L2_KEEP: tl.constexpr):
+    """A tile of a table's rows (0 where masked). With L2_KEEP, a table the host marked to
+    keep (flags & 16: the smallest tables of the launch, together within part of the L2)
+    is read with the L2 told to evict its lines last, so the rows streamed from the large
+    tables, read about once each, do not push the small tables' rows out (every sample
+    reads them again). The values are the same either way."""
+    if L2_KEEP:
+        if (flags & 16) != 0:
+            raw = tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_last")
+        else:
+            raw = tl.load(ptrs, mask=mask, other=0)
+    else:
+        raw = tl.load(ptrs, mask=mask, other=0)
+    return raw
+
+
+@triton.jit
 def _gather(table_ptr, weights_ptr, idx, pos, valid,
-            elem_base, row_stride, rows, dim, is_weighted, d, dmask,
-            QUANT: tl.constexpr, WEIGHTED: tl.constexpr):
+            elem_base, row_stride, rows, dim, flags, d, dmask,
+            QUANT: tl.constexpr, WEIGHTED: tl.constexpr, L2_KEEP: tl.constexpr):
     """Rows [n, BLOCK_D] (fp32, zero where masked) of ids ``idx`` [n] at positions ``pos``."""
     idx = idx.to(tl.int64)
     inb = valid & (idx >= 0) & (idx < rows)
     row = table_ptr + elem_base + idx * row_stride
-    raw = tl.load(row[:, None] + d[None, :], mask=inb[:, None] & dmask[None, :], other=0)
+    raw = _load(row[:, None] + d[None, :], inb[:, None] & dmask[None, :], flags, L2_KEEP)
     if QUANT:
         # uint8 -> fp32 without an I2F (a conversion the SM runs at 1/8 the rate of an FMA,
         # one per element: sm_90 SASS had 32 per step): 2^23 + code, read as a float, holds
@@ -30,7 +47,7 @@ def _gather(table_ptr, weights_ptr, idx, pos, valid,
         # scale and offset right after the row's codes (see PackedTables): one 8-byte load
         # from the span the codes came from
         params = (row + (dim + 7) // 8 * 8).to(tl.pointer_type(tl.float32), bitcast=True)
-        qp = tl.load(params[:, None] + tl.arange(0, 2)[None, :], mask=inb[:, None], other=0.0)
+        qp = _load(params[:, None] + tl.arange(0, 2)[None, :], inb[:, None], flags, L2_KEEP)
         s, o = tl.split(qp)
         # An explicit FMA: one rounding in every variant. Left as `vals * s + o`, the
         # compiler contracted it in some configs and not others (int8 bits differed
@@ -41,7 +58,7 @@ def _gather(table_ptr, weights_ptr, idx, pos, valid,
     if WEIGHTED:
         # Unweighted features in a weighted launch read weight 1 (their slots are unused).
         w = tl.load(weights_ptr + pos, mask=inb, other=1.0).to(tl.float32)
-        w = tl.where(is_weighted != 0, w, 1.0)
+        w = tl.where((flags & 4) != 0, w, 1.0)
         vals = vals * w[:, None]
     return vals, (valid & (inb == 0)).to(tl.int32)
 
@@ -71,28 +88,29 @@ def _step_ids(indices_ptr, nxt, pos, valid, pos_next, valid_next, PREFETCH: tl.c
 
 @triton.jit
 def _add_one(table_ptr, indices_ptr, weights_ptr, acc, bad, nxt, pos, end, STEP: tl.constexpr,
-             elem_base, row_stride, rows, dim, is_weighted, d, dmask,
-             QUANT: tl.constexpr, WEIGHTED: tl.constexpr, PREFETCH: tl.constexpr):
+             elem_base, row_stride, rows, dim, flags, d, dmask,
+             QUANT: tl.constexpr, WEIGHTED: tl.constexpr, PREFETCH: tl.constexpr,
+             L2_KEEP: tl.constexpr):
     """One step of a pooling loop: acc + the rows at positions ``pos`` (those before
     ``end``); the next step's ids are ``pos + STEP`` (loaded now when prefetching)."""
     idx, nxt = _step_ids(indices_ptr, nxt, pos, pos < end, pos + STEP, pos + STEP < end,
                          PREFETCH)
     vals, b = _gather(table_ptr, weights_ptr, idx, pos, pos < end, elem_base, row_stride,
-                      rows, dim, is_weighted, d, dmask, QUANT, WEIGHTED)
+                      rows, dim, flags, d, dmask, QUANT, WEIGHTED, L2_KEEP)
     return acc + vals, bad | b, nxt
 
 
 @triton.jit
 def _add_two(table_ptr, weights_ptr, ids, acc, bad, pos0, valid0, pos1, valid1,
-             elem_base, row_stride, rows, dim, is_weighted, d, dmask,
-             QUANT: tl.constexpr, WEIGHTED: tl.constexpr):
+             elem_base, row_stride, rows, dim, flags, d, dmask,
+             QUANT: tl.constexpr, WEIGHTED: tl.constexpr, L2_KEEP: tl.constexpr):
     """acc + rows(ids[:, 0]) + rows(ids[:, 1]), in that order (the same sums as two single
     steps, so UNROLL does not change a bit), with both tiles' loads in flight at once."""
     id0, id1 = tl.split(ids)
     v0, b0 = _gather(table_ptr, weights_ptr, id0, pos0, valid0, elem_base,
-                     row_stride, rows, dim, is_weighted, d, dmask, QUANT, WEIGHTED)
+                     row_stride, rows, dim, flags, d, dmask, QUANT, WEIGHTED, L2_KEEP)
     v1, b1 = _gather(table_ptr, weights_ptr, id1, pos1, valid1, elem_base,
-                     row_stride, rows, dim, is_weighted, d, dmask, QUANT, WEIGHTED)
+                     row_stride, rows, dim, flags, d, dmask, QUANT, WEIGHTED, L2_KEEP)
     return (acc + v0) + v1, bad | b0 | b1
 
 
@@ -124,7 +142,7 @@ def _pool_long(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
                elem_base, row_stride, rows, dim, bag_base, num_bags, out_col, local, flags,
                out_stride, LANES: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr,
                WEIGHTED: tl.constexpr, PREFETCH: tl.constexpr, UNROLL: tl.constexpr,
-               STAGES: tl.constexpr):
+               STAGES: tl.constexpr, L2_KEEP: tl.constexpr):
     """Bag ``local`` of a long-bag feature, LANES positions per step, one [LANES, D] tile."""
     d = tl.arange(0, BLOCK_D)
     dmask = d < dim
@@ -141,7 +159,8 @@ def _pool_long(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
         for j in tl.range(0, tl.max(end - start, axis=0), LANES, num_stages=STAGES):
             acc, bad, nxt = _add_one(table_ptr, indices_ptr, weights_ptr, acc, bad, nxt,
                                      start + j + lanes, end, LANES, elem_base, row_stride,
-                                     rows, dim, flags & 4, d, dmask, QUANT, WEIGHTED, PREFETCH)
+                                     rows, dim, flags, d, dmask, QUANT, WEIGHTED, PREFETCH,
+                                     L2_KEEP)
     else:
         # two [LANES, D] tiles per step (positions j + lanes and j + LANES + lanes)
         pos2 = start + lanes[:, None] + LANES * tl.arange(0, 2)[None, :]
@@ -152,7 +171,7 @@ def _pool_long(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
             pos = start + j + lanes
             acc, bad = _add_two(table_ptr, weights_ptr, ids, acc, bad, pos,
                                 pos < end, pos + LANES, pos + LANES < end, elem_base, row_stride,
-                                rows, dim, flags & 4, d, dmask, QUANT, WEIGHTED)
+                                rows, dim, flags, d, dmask, QUANT, WEIGHTED, L2_KEEP)
     # The lanes' partial sums are added in a fixed pairwise tree, not by tl.sum, whose
     # order follows the register layout: that changes with the load width (int8 rows with
     # 16-byte loads), and int8 results differed in the last bits between variants.
@@ -185,7 +204,7 @@ def _pool_short(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
                 elem_base, row_stride, rows, dim, bag_base, num_bags, out_col, local, flags,
                 out_stride, BAGS: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr,
                 WEIGHTED: tl.constexpr, PREFETCH: tl.constexpr, UNROLL: tl.constexpr,
-                STAGES: tl.constexpr):
+                STAGES: tl.constexpr, L2_KEEP: tl.constexpr):
     """Bags local*BAGS .. +BAGS of a short-bag feature, one position of each per step."""
     d = tl.arange(0, BLOCK_D)
     dmask = d < dim
@@ -201,7 +220,8 @@ def _pool_short(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
         for j in tl.range(0, tl.max(length, axis=0), num_stages=STAGES):
             acc, bad, nxt = _add_one(table_ptr, indices_ptr, weights_ptr, acc, bad, nxt,
                                      start + j, start + length, 1, elem_base, row_stride,
-                                     rows, dim, flags & 4, d, dmask, QUANT, WEIGHTED, PREFETCH)
+                                     rows, dim, flags, d, dmask, QUANT, WEIGHTED, PREFETCH,
+                                     L2_KEEP)
     else:
         # two positions of each bag per step
         u = tl.arange(0, 2)[None, :]
@@ -212,6 +232,6 @@ def _pool_short(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
                                  j + 2 + u < length[:, None], PREFETCH)
             acc, bad = _add_two(table_ptr, weights_ptr, ids, acc, bad, start + j,
                                 j < length, start + j + 1, j + 1 < length, elem_base, row_stride,
-                                rows, dim, flags & 4, d, dmask, QUANT, WEIGHTED)
+                                rows, dim, flags, d, dmask, QUANT, WEIGHTED, L2_KEEP)
     _finish(acc, length, bad, bags, bmask, out_ptr, bad_ptr, row_request_ptr,
             request_offsets_ptr, out_stride, out_col, dim, flags, d, dmask)

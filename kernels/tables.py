@@ -14,7 +14,7 @@ from ._common import check_tensor
 TABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.uint8)
 INDEX_DTYPES = (torch.int32, torch.int64)
 _META_COLS = 9  # elem_base, row_stride, rows, dim, bag_base, num_bags, out_col, first_prog, flags
-_REQUEST, _MEAN, _WEIGHTED, _LONG = 1, 2, 4, 8
+_REQUEST, _MEAN, _WEIGHTED, _LONG, _KEEP = 1, 2, 4, 8, 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,12 +161,31 @@ def bag_counts(features: Sequence[BagFeature], num_rows: int, num_requests: int)
     return [num_requests if f.request_scope else num_rows for f in features]
 
 
+def kept_tables(packed: PackedTables, features: Sequence[BagFeature],
+                budget: float) -> frozenset[int]:
+    """The tables of a launch whose rows the gather may ask the L2 to keep: the smallest
+    ones, in order of size, as long as together they fit ``budget`` bytes. Each sample
+    reads a row of every feature, so a small table's rows come back batch after batch and
+    are worth keeping; a large table's (dlrmv2's 1 GB ones) are read about once and would
+    otherwise push them out."""
+    sizes = sorted((packed.rows[t] * packed.row_stride[t] * packed.data.element_size(), t)
+                   for t in {f.table for f in features})
+    kept, total = set(), 0
+    for size, table in sizes:
+        total += size
+        if total > budget:
+            break
+        kept.add(table)
+    return frozenset(kept)
+
+
 def launch_plan(packed: PackedTables, features: tuple[BagFeature, ...], num_rows: int,
-                num_requests: int, bags_per_prog: int,
-                lanes: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Per-feature metadata and the program -> feature map, cached per shape bucket."""
+                num_requests: int, bags_per_prog: int, lanes: int,
+                kept: frozenset[int] = frozenset()) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-feature metadata and the program -> feature map, cached per shape bucket
+    (``kept``: tables whose rows the L2 hint keeps, see ``kept_tables``)."""
     key = (tuple(packed.elem_base), tuple(packed.rows), tuple(packed.row_stride), features,
-           num_rows, num_requests, bags_per_prog, lanes, str(packed.device))
+           num_rows, num_requests, bags_per_prog, lanes, kept, str(packed.device))
     if key in _plans:
         return _plans[key]
     counts = bag_counts(features, num_rows, num_requests)
@@ -182,7 +201,7 @@ def launch_plan(packed: PackedTables, features: tuple[BagFeature, ...], num_rows
         f, t = features[i], features[i].table
         programs = counts[i] if is_long[i] else -(-counts[i] // bags_per_prog)
         flags = (_REQUEST * f.request_scope) | (_MEAN * f.mean) | (_WEIGHTED * f.weighted) \
-            | (_LONG * is_long[i])
+            | (_LONG * is_long[i]) | (_KEEP * (t in kept))
         meta[i] = [packed.elem_base[t], packed.row_stride[t], packed.rows[t], packed.dims[t],
                    bag_base[i], counts[i], f.out_col, len(prog_feature), flags]
         prog_feature.extend([i] * programs)

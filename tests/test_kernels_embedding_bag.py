@@ -317,6 +317,51 @@ def test_switches_give_identical_bits(device, dtype, monkeypatch):
         assert torch.equal(other[0], out) and torch.equal(other[1], bad)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.uint8])
+@pytest.mark.parametrize("unroll", [1, 2])
+def test_l2_keep_hint_changes_no_bit(device, dtype, unroll, monkeypatch):
+    """With L2_KEEP the rows of the kept tables (here the two smallest) are loaded with an
+    evict-last hint and the others without: the same values, so the same bits as without
+    the hint, and the tuner offers the hinted variant only when some tables are kept."""
+    from recserve.kernels import embedding_bag as eb
+
+    dims, rows = [16, 32, 16], [50, 9, 300]
+    tuner = eb.SafeTuner("embedding_bag", eb.CONFIGS)
+    monkeypatch.setattr(eb, "_tuner", tuner)
+    # half of it, the budget, holds tables 1 and 0 (bf16 576 + 1600 bytes, int8 rows with
+    # their scale and offset 432 + 1600), not table 2 too (9600 more)
+    monkeypatch.setattr(eb, "l2_bytes", lambda device: 8000)
+    runs = []
+    for keep in (False, True):
+        config = {**eb.CONFIGS[0], "UNROLL": unroll, "L2_KEEP": keep}
+        monkeypatch.setattr(eb, "CONFIGS", [config])
+        runs.append(_run(dtype, dims, rows, _features(dims), device, seed=6, pad=16))
+        key = list(tuner.best)[-1]
+        assert tuner.best[key].get("L2_KEEP") == keep and key[-1] == frozenset({0, 1})
+        tuner.best.clear()
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    out, _, ref, _ = runs[1]
+    for f, want in zip(_features(dims), ref, strict=True):
+        got = out[:, f.out_col:f.out_col + want.shape[1]]
+        torch.testing.assert_close(got, want, atol=TOL[dtype][0], rtol=TOL[dtype][1])
+
+
+def test_kept_tables_are_the_smallest_that_fit_the_budget():
+    from recserve.kernels import embedding_bag as eb
+    from recserve.kernels.tables import kept_tables
+
+    packed = PackedTables([torch.zeros(r, 8, dtype=torch.bfloat16) for r in (100, 10, 1000, 40)])
+    feats = [BagFeature(t, 0) for t in (0, 1, 2, 3, 1)]  # (bytes: 1600, 160, 16000, 640)
+    assert kept_tables(packed, feats, 2400) == {1, 3, 0}
+    assert kept_tables(packed, feats, 2399) == {1, 3}
+    assert kept_tables(packed, feats, 100) == frozenset()
+    assert kept_tables(packed, feats[2:3], 10**9) == {2}  # only the launch's own tables
+    hinted = [c for c in eb._candidates(16, True) if c.get("L2_KEEP")]
+    assert hinted and all(c["STAGES"] == 1 for c in hinted)
+    assert not any(c.get("L2_KEEP") for c in eb._candidates(16, False))
+
+
 def test_untuned_launch_falls_back_to_the_next_config(monkeypatch):
     """With tuning off on a GPU, a config that fails to compile gives way to the next one
     (the gather's proven kernel is last among its candidates); the last failure raises."""
