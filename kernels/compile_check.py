@@ -158,6 +158,9 @@ def _linear_jobs(quick: bool):
                 # split-K: the small-batch tiles of a plain layer (what linear() adds)
                 plain = not (flags["CROSS"] or flags["FINAL"] or flags["ADD_ROWS"])
                 splits = (1, 4) if plain and c["BLOCK_M"] <= 64 else (1,)
+                if plain:  # and the large split-K tiles where this is their tile
+                    splits += tuple(t["SPLIT_K"] for t in lc.SPLIT_K_TILES
+                                    if t == {**c, "SPLIT_K": t["SPLIT_K"]})
                 for even_k, first, split in itertools.product(
                         (True,) if quick else (True, False), orders, splits):
                     const = {"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"],
@@ -174,10 +177,11 @@ def _linear_jobs(quick: bool):
 def _split_k_jobs(quick: bool):
     from . import linear as li
 
-    for dtype in (["bf16"] if quick else ["bf16", "fp16", "fp32"]):
+    for dtype, split in itertools.product(["bf16"] if quick else ["bf16", "fp16", "fp32"],
+                                          (4, 8)):
         sig = {"part_ptr": "*fp32", "bias_ptr": _PTR[dtype], "out_ptr": _PTR[dtype],
                "M": "i32", "N": "i32", "stride_om": "i32"}
-        const = {"stride_on": 1, "SPLIT_K": 4, "BLOCK_M": 32, "BLOCK_N": 128, "ACT": 1,
+        const = {"stride_on": 1, "SPLIT_K": split, "BLOCK_M": 32, "BLOCK_N": 128, "ACT": 1,
                  "HAS_BIAS": True}
         yield li._split_k_reduce, sig, const, {"num_warps": 4}, ("N", "stride_om")
 

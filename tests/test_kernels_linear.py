@@ -250,6 +250,22 @@ def test_persistent_cross_configs_walk_many_tiles_on_the_card(index, monkeypatch
     _assert_bf16_close(runs[1], want, torch_bf16)
 
 
+def test_large_split_k_tiles_join_plain_layers_with_few_rows_and_a_long_k(monkeypatch):
+    from recserve.kernels import _common
+    from recserve.kernels import linear_configs as lc
+
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+
+    def large(m, k, **flags):
+        got = lc.candidates(m, 512, k, 2, **{"final": False, "cross": False, "plain": True,
+                                            **flags})
+        return [c for c in got if c["BLOCK_M"] == 128 and c.get("SPLIT_K", 1) > 1]
+
+    assert large(512, 3456) == lc.SPLIT_K_TILES
+    assert large(2048, 3456) == [] and large(512, 512) == []
+    assert large(512, 3456, plain=False) == []
+
+
 def test_persistent_candidates_join_cross_layers_above_1024_rows(monkeypatch):
     """Cross layers above 1024 rows (DCNv2's V at the large buckets) tune the persistent
     configs beside the tiled ones; other layers and smaller batches do not."""
@@ -269,10 +285,11 @@ def test_persistent_candidates_join_cross_layers_above_1024_rows(monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("split", [2, 3])
+@pytest.mark.parametrize("split", [2, 3, 8])
 def test_split_k_matches_the_reference_and_repeats_its_bits(device, split, monkeypatch):
     """K in slices on separate programs, then an ordered sum (small-batch candidates): the
-    last slice is short (K = 300 is no multiple of the slices), bias and ReLU applied once."""
+    last slice is short (K = 300 is no multiple of the slices; with 8 slices of one 64-wide
+    step, the last three are empty and add zeros), bias and ReLU applied once."""
     from recserve.kernels import linear as li
     from recserve.kernels import linear_configs as lc
 
