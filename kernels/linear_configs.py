@@ -56,6 +56,13 @@ SPLIT_K_TILES = [
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3,
      "SPLIT_K": 4},
 ]
+# A cross layer with few rows (DCNv2's V at B=512: M = 512, N = 3456, K = 512; 8.0 us on
+# the H200 with the small-batch tiles): 64x128 tiles re-read the 3.5 MB weight once per
+# 64 rows, about 53 MB through L2 with the operands of the epilogue; 128x128 tiles about
+# 38 MB, on 108 programs.
+SMALL_M_CROSS_TILES = [
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+]
 CPU_CONFIGS = [{"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}]
 
 
@@ -98,14 +105,15 @@ def base_configs(final_n: int | None, m: int | None = None, elsize: int = 2) -> 
 def candidates(m: int, n: int, k: int, elsize: int, *, final: bool, cross: bool,
                plain: bool) -> list[dict]:
     """The configs ``linear`` tunes over for one call: the base set for its rows (a final
-    layer's with BLOCK_N covering its N); a cross layer's in both epilogue orders (and the
-    opt-in ``EXTRA_CROSS_CONFIGS`` above 1024 rows), then persistent (above 1024 rows); a
+    layer's with BLOCK_N covering its N); a cross layer's with ``SMALL_M_CROSS_TILES`` (up
+    to 1024 rows) or the opt-in ``EXTRA_CROSS_CONFIGS`` (above), in both epilogue orders,
+    then persistent (above 1024 rows); a
     ``plain`` layer's (no final, cross, add or gathered rows) with split-K copies too when
     it has few rows and a long K."""
     configs = base_configs(n if final else None, m, elsize)
     if cross:  # both epilogue orders compete; the card's tuner keeps the faster
-        if m > 1024:
-            configs = configs + [c for c in EXTRA_CROSS_CONFIGS if fits(c, elsize)]
+        extra = EXTRA_CROSS_CONFIGS if m > 1024 else SMALL_M_CROSS_TILES
+        configs = configs + [c for c in extra if fits(c, elsize)]
         configs = configs + [{**c, "EPILOGUE_FIRST": True} for c in configs]
         if m > 1024:
             configs = configs + [c for c in PERSISTENT_CROSS_CONFIGS if fits(c, elsize)]

@@ -364,5 +364,7 @@ def test_cross_layer_opt_in_candidates_join_only_when_asked_and_at_large_m(monke
     extra = [c for c in extended if c not in base]
     assert len(extra) == 2 * len(lc.CROSS_CANDIDATES)  # each in both epilogue orders
     assert {c.get("EPILOGUE_FIRST", False) for c in extra} == {False, True}
-    tiled = [c for c in base if "PER_SM" not in c]  # (the persistent ones: above 1024 too)
-    assert call(1024) == call(1024) and len(call(1024)) == len(tiled)  # small M: none
+    small = call(1024)  # small M: none of them, but the small-M cross tiles, both orders
+    assert not any(c in small for c in extra)
+    assert [c for c in small if c["BLOCK_M"] == 128] == [
+        {**t, **order} for order in ({}, {"EPILOGUE_FIRST": True}) for t in lc.SMALL_M_CROSS_TILES]
