@@ -383,7 +383,53 @@ def summary(records: list[dict]) -> str:
         else:
             continue
         lines.append(f"{what:44} {r['B']:>6} {r['us']:>9.1f}  {note}")
+        lines += [f"    {pick}" for pick in tuner_picks(r)]
     return "\n".join(lines)
+
+
+# The candidate kinds whose wins a short card call should see at a glance.
+_KINDS = {"PER_SM": "persistent", "SPLIT_K": "split-K", "EPILOGUE_FIRST": "epilogue first",
+          "L2_KEEP": "L2 keep", "BATCHED": "batched"}
+
+
+def _is(config: dict, key: str) -> bool:
+    value = config.get(key)
+    return (value or 1) > 1 if key == "SPLIT_K" else value is not None and value is not False
+
+
+def config_kind(config: dict) -> list[str]:
+    """What kind of candidate a config is (empty: a plain tiled one)."""
+    return [name for key, name in _KINDS.items() if _is(config, key)]
+
+
+def config_label(config: dict) -> str:
+    """A tuning config in a few words: its tile (or bags / rows), warps and kind."""
+    if "BLOCK_M" in config:
+        shape = f"{config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']}"
+    elif "BAGS" in config:
+        shape = f"bags {config['BAGS']} lanes {config['LANES']} unroll {config['UNROLL']}"
+    else:
+        shape = f"rows {config.get('ROWS')}"
+    kinds = [f"{name} {config[key]}" if key in ("SPLIT_K", "PER_SM") else name
+             for key, name in _KINDS.items() if _is(config, key)]
+    return " ".join([shape, f"w{config.get('num_warps')}"] + kinds)
+
+
+def tuner_picks(record: dict) -> list[str]:
+    """For each kernel shape a record's run tuned: the winner and the runner-up of another
+    kind (tiled vs persistent, split-K, hinted), with their tuning times."""
+    out = []
+    for entry in (record.get("linear_configs") or []) + (record.get("interaction_configs") or []) \
+            + (record.get("configs") or []):
+        timings = entry.get("timings_ms") or []
+        if len(timings) < 2:
+            continue
+        (best_ms, best), rest = timings[0], timings[1:]
+        other = next(((ms, c) for ms, c in rest if config_kind(c) != config_kind(best)),
+                     rest[0])
+        out.append(f"{entry['key'][:60]}: {config_label(best)} {best_ms:.4f} ms; "
+                   f"next of another kind {config_label(other[1])} {other[0]:.4f} ms")
+    return out
 
 
 def main() -> int:

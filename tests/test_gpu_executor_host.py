@@ -188,6 +188,32 @@ def test_kernel_variants_refuses_an_unknown_section(tmp_path):
     assert not (tmp_path / "kernel_variants.json").exists()
 
 
+def test_kernel_variants_summary_names_each_winner_and_the_best_of_another_kind():
+    """A card call's summary says per tuned shape which candidate won and how the best one
+    of another kind (tiled vs persistent, split-K, the L2 hint) did."""
+    import kernel_variants as kv
+
+    tile = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}
+    forward = {"section": "forward", "workload": "dlrmv2", "variant": "default",
+               "graph": True, "B": 8192, "us": 700.0, "TFLOPs": 300.0,
+               "max_diff_vs_eager": 0.001, "ok": True, "linear_configs": [
+                   {"key": "(8192, 3456, 512)", "timings_ms": [
+                       [0.09, {**tile, "PER_SM": 2}], [0.095, {**tile, "PER_SM": 1}],
+                       [0.1, {**tile, "SPLIT_K": 1}]]},
+                   {"key": "(512, 512, 3456)", "timings_ms": [[0.01, tile]]}]}
+    bags = {"BAGS": 8, "LANES": 8, "UNROLL": 1, "STAGES": 1, "num_warps": 2}
+    gather = {"section": "gather", "tables": "bf16", "variant": "default", "B": 512,
+              "us": 40.0, "GBps": 900.0, "ok": True, "graph_us": 12.0, "configs": [
+                  {"key": "(bf16)", "timings_ms": [[0.015, {**bags, "L2_KEEP": True}],
+                                                   [0.016, bags]]}]}
+    text = kv.summary([forward, gather])
+    assert ("(8192, 3456, 512): 64x128x64 w4 persistent 2 0.0900 ms; next of another kind "
+            "64x128x64 w4 0.1000 ms") in text
+    assert "(512, 512, 3456)" not in text  # one candidate: nothing to compare
+    assert "bags 8 lanes 8 unroll 1 w2 L2 keep 0.0150 ms; next of another kind bags 8 " \
+           "lanes 8 unroll 1 w2 0.0160 ms" in text
+
+
 def test_kernel_variants_graph_tuned_retunes_by_graph_time_then_measures(monkeypatch):
     """The graph_tuned section (what a card call compares with the eager-tuned figures):
     RECSERVE_TUNE_BY=graph, every tuner's picks forgotten first, then both forwards at each
