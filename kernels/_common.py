@@ -82,7 +82,7 @@ and streamed ones (the hint changes no value, only what the card's L2 keeps)."""
 
 
 def l2_bytes(device: torch.device) -> int:
-    """The device's L2 cache in bytes (50 MB on an H100)."""
+    """The device's L2 cache in bytes (50 MB on an H100; 0 if torch does not say)."""
     if interpreting() or device.type != "cuda":
         return INTERPRETER_L2_BYTES
     return _l2_size(device.index if device.index is not None else torch.cuda.current_device())
@@ -90,7 +90,8 @@ def l2_bytes(device: torch.device) -> int:
 
 @functools.cache
 def _l2_size(index: int) -> int:
-    return torch.cuda.get_device_properties(index).L2_cache_size
+    # (0 where a torch does not report it: then no table is kept, the hint is not tried)
+    return getattr(torch.cuda.get_device_properties(index), "L2_cache_size", 0)
 
 
 def ieee_dot(dtype: torch.dtype) -> bool:
