@@ -68,12 +68,16 @@ def processors(device: torch.device) -> int:
     (under the interpreter 2, so a CPU test walks several tiles per program)."""
     if interpreting() or device.type != "cuda":
         return 2
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _properties(_index(device)).multi_processor_count
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 @functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _properties(index: int):
+    return torch.cuda.get_device_properties(index)
 
 
 INTERPRETER_L2_BYTES = 64 * 1024
@@ -85,13 +89,8 @@ def l2_bytes(device: torch.device) -> int:
     """The device's L2 cache in bytes (50 MB on an H100; 0 if torch does not say)."""
     if interpreting() or device.type != "cuda":
         return INTERPRETER_L2_BYTES
-    return _l2_size(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.cache
-def _l2_size(index: int) -> int:
     # (0 where a torch does not report it: then no table is kept, the hint is not tried)
-    return getattr(torch.cuda.get_device_properties(index), "L2_cache_size", 0)
+    return getattr(_properties(_index(device)), "L2_cache_size", 0)
 
 
 def ieee_dot(dtype: torch.dtype) -> bool:

@@ -107,9 +107,9 @@ def candidates(m: int, n: int, k: int, elsize: int, *, final: bool, cross: bool,
     """The configs ``linear`` tunes over for one call: the base set for its rows (a final
     layer's with BLOCK_N covering its N); a cross layer's with ``SMALL_M_CROSS_TILES`` (up
     to 1024 rows) or the opt-in ``EXTRA_CROSS_CONFIGS`` (above), in both epilogue orders,
-    then persistent (above 1024 rows); a
-    ``plain`` layer's (no final, cross, add or gathered rows) with split-K copies too when
-    it has few rows and a long K."""
+    then the persistent ones (above 1024 rows); a ``plain`` layer's (no final, cross, add
+    or gathered rows) with split-K copies and ``SPLIT_K_TILES`` too when it has few rows
+    and a long K."""
     configs = base_configs(n if final else None, m, elsize)
     if cross:  # both epilogue orders compete; the card's tuner keeps the faster
         extra = EXTRA_CROSS_CONFIGS if m > 1024 else SMALL_M_CROSS_TILES
