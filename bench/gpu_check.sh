@@ -31,7 +31,8 @@
 # blocking_wait, measured on the H200 without gain, stay as names; --sweep: the older sweep of
 # threads, slots, streams and switch interval), PYTEST_WORKERS (4, with pytest-xdist), and each step's time
 # limit in seconds:
-# PYTEST_TIMEOUT_S (240), BENCH_TIMEOUT_S (120), VARIANTS_TIMEOUT_S (90), ENGINE_TIMEOUT_S (200),
+# PYTEST_TIMEOUT_S (240), BENCH_TIMEOUT_S (120), VARIANTS_TIMEOUT_S (120; the persistent,
+# split-K and L2-hint candidates add to its tuning), ENGINE_TIMEOUT_S (200),
 # SINGLE_TIMEOUT_S (80), LOAD_TIMEOUT_S (60), WORKERS_TIMEOUT_S (120; the step runs only when
 # the check has taken under WORKERS_BUDGET_S, 330, so far); RECSERVE_COMMIT (default: git HEAD; the device
 # copy of the tree has no .git, so pass it in); STEPS (default: every step but startup; else
@@ -104,7 +105,7 @@ step kernels-bench bash -c "timeout ${BENCH_TIMEOUT_S:-120} $PY bench/kernels.py
     tail -n 14 '$OUT/bench.log'; exit \$rc"
 
 # Gather and forward variants side by side, each checked against the torch reference.
-step kernel-variants bash -c "timeout ${VARIANTS_TIMEOUT_S:-90} $PY bench/kernel_variants.py \
+step kernel-variants bash -c "timeout ${VARIANTS_TIMEOUT_S:-120} $PY bench/kernel_variants.py \
     '$OUT' ${VARIANTS_BENCH_ARGS:---sections int8,forward,graph_tuned --budget-s 60} \
     >> '$OUT/bench.log' 2>&1; rc=\$?; \
     tail -n 18 '$OUT/bench.log'; exit \$rc"
