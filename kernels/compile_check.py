@@ -167,7 +167,8 @@ def _linear_jobs(quick: bool):
                              "BLOCK_K": c["BLOCK_K"], "IEEE": dtype == "fp32",
                              "stride_ak": 1, "stride_wk": 1, "stride_on": 1,
                              "EVEN_K": even_k, "EPILOGUE_FIRST": first, "SPLIT_K": split,
-                             "PERSISTENT": "PER_SM" in c, **flags}
+                             "PERSISTENT": "PER_SM" in c, "FLATTEN": c.get("FLATTEN", True),
+                             **flags}
                     div16 = ("N", "stride_am", "stride_wn", "stride_om", "stride_addm",
                              "stride_x0m", "stride_xm") + (("K",) if even_k else ())
                     yield li._linear_kernel, sig, const, {"num_warps": c["num_warps"],

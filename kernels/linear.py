@@ -51,6 +51,7 @@ def _linear_kernel(
     CROSS: tl.constexpr, FINAL: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
     EPILOGUE_FIRST: tl.constexpr = False, SPLIT_K: tl.constexpr = 1,
     USE_GDC: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
+    FLATTEN: tl.constexpr = True,
 ):
     """[BLOCK_M, BLOCK_N] tiles of act(A @ W^T + bias (+ add) (x0 * . + x)).
 
@@ -61,6 +62,8 @@ def _linear_kernel(
     over [M tiles, N tiles]) in one flattened loop, so the compiler can issue the next
     tile's first operand loads while this tile's epilogue runs: the shape of DCNv2's V
     layers (K = 512, a short loop, then an epilogue moving as many bytes as the output).
+    FLATTEN False keeps the two loops nested (if a Triton cannot flatten them: the program
+    still walks its tiles, its epilogue overlapped only by the SM's other programs).
     SPLIT_K > 1: program (m, n, s) sums K slice s only and stores the raw fp32 tile to
     part [SPLIT_K, M, N]; ``_split_k_reduce`` adds the slices in order and does the epilogue.
     """
@@ -70,7 +73,7 @@ def _linear_kernel(
     if PERSISTENT:
         tiles_n = tl.cdiv(N, BLOCK_N)
         tiles = tl.cdiv(M, BLOCK_M) * tiles_n
-        for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=True):
+        for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=FLATTEN):
             _linear_tile(
                 tile // tiles_n, tile % tiles_n, 0,
                 a_ptr, w_ptr, bias_ptr, out_ptr, a_rows_ptr, add_ptr, add_rows_ptr, x0_ptr,
@@ -307,8 +310,8 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             ADD_ROWS=add is not None, CROSS=cross is not None, FINAL=final is not None,
             IEEE=ieee_dot(a.dtype), EVEN_K=k % cfg["BLOCK_K"] == 0,
             EPILOGUE_FIRST=cfg.get("EPILOGUE_FIRST", False), SPLIT_K=split,
-            PERSISTENT=persistent, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-            **pdl_launch())
+            PERSISTENT=persistent, FLATTEN=cfg.get("FLATTEN", True),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch())
         if split > 1:
             _split_k_reduce[(triton.cdiv(m, 32), triton.cdiv(n, 128))](
                 part, bias if bias is not None else dummy, out, m, n, out.stride(0),

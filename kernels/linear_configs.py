@@ -44,6 +44,9 @@ PERSISTENT_CROSS_CONFIGS = [
     {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4, "PER_SM": 2},
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "PER_SM": 1},
     {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3, "PER_SM": 2},
+    # the loops nested, not flattened: still a candidate if the card's Triton cannot flatten
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4, "PER_SM": 2,
+     "FLATTEN": False},
 ]
 # Split-K with large tiles for few rows and a long K (DCNv2's U and the first top layer at
 # B=512: M = 512, K = 3456). With the small-batch tiles each program re-reads its A and W

@@ -191,13 +191,15 @@ def test_cross_epilogue_order_gives_identical_bits(device, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("per_sm", [1, 3])
+@pytest.mark.parametrize("per_sm,flatten", [(1, True), (3, True), (1, False)])
 @pytest.mark.parametrize("epilogue", ["cross", "relu", "final"])
-def test_persistent_tiles_give_the_tiled_kernels_bits(device, per_sm, epilogue, monkeypatch):
-    """A persistent config (a 1-D grid of PER_SM programs per SM walking the tiles in one
-    loop) computes each tile as the tiled kernel does: the same bits, whether a program
-    walks several tiles (PER_SM 1: 2 programs under the interpreter for 4-8 tiles) or the
-    grid is cut to the tile count (PER_SM 3: 6 programs here, for 4 tiles of a final layer)."""
+def test_persistent_tiles_give_the_tiled_kernels_bits(device, per_sm, flatten, epilogue,
+                                                      monkeypatch):
+    """A persistent config (a 1-D grid of PER_SM programs per SM walking the tiles, the
+    loops flattened or nested) computes each tile as the tiled kernel does: the same bits,
+    whether a program walks several tiles (PER_SM 1: 2 programs under the interpreter for
+    4-8 tiles) or the grid is cut to the tile count (PER_SM 3: 6 programs here, for 4 tiles
+    of a final layer)."""
     from recserve.kernels import linear as li
     from recserve.kernels import linear_configs as lc
 
@@ -211,7 +213,7 @@ def test_persistent_tiles_give_the_tiled_kernels_bits(device, per_sm, epilogue, 
                            torch.tensor([1, 0], dtype=torch.int32, device=device))
     base = lc.base_configs(n if epilogue == "final" else None, m, a.element_size())[0]
     runs = []
-    for config in (base, {**base, "PER_SM": per_sm}):
+    for config in (base, {**base, "PER_SM": per_sm, "FLATTEN": flatten}):
         monkeypatch.setattr(lc, "base_configs", lambda *args, c=config: [c])
         monkeypatch.setattr(li, "_tuner", li.SafeTuner("linear", [config]))
         runs.append(linear(a, w, bias, **kwargs))
@@ -222,7 +224,7 @@ def test_persistent_tiles_give_the_tiled_kernels_bits(device, per_sm, epilogue, 
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", range(4))
 def test_persistent_cross_configs_walk_many_tiles_on_the_card(index, monkeypatch):
     """Each persistent candidate as the card tunes it (bf16, K = 512 like DCNv2's V) on more
     tiles than its grid has programs, against the tiled kernel with the same tile: the same
