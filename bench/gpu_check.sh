@@ -15,12 +15,13 @@
 # Environment knobs: PYTHON (default python), PYTEST_PATHS (tests), KERNEL_BENCH_ARGS
 # (--budget-s 60: on the H100 that ended before torch.compile; a follow-up call with
 # STEPS="install kernels-bench" BENCH_TIMEOUT_S=240 KERNEL_BENCH_ARGS="--budget-s 200" has it),
-# VARIANTS_BENCH_ARGS (--sections int8,forward,graph_tuned --budget-s 60: the int8 and bf16
-# gathers, the forwards, then all of them tuned by their time in a graph; after the steps
+# VARIANTS_BENCH_ARGS (--sections int8,forward,graph_tuned --cross-configs --budget-s 60: the
+# int8 and bf16 gathers, the forwards (the cross layers also tuning the opt-in 16-warps-an-SM
+# configs, never measured yet), then all of them tuned by their time in a graph; after the steps
 # before, Triton's cache is warm, which is when the H200's graph-tuned int8 gather went wrong
 # (RESULTS.md, tenth session): a failed check prints its diagnosis. Others: "--sections
-# forward --cross-configs", "--sections row_size --budget-s 200": is a lookup's cost per row
-# or per byte?, "--sections configs": every gather config checked three ways),
+# row_size --budget-s 200": is a lookup's cost per row or per byte?, "--sections configs":
+# every gather config checked three ways),
 # ENGINE_BENCH_ARGS (--variants default,torch_calls,slots=6+pack_threads=4,via=ring,
 # pack_in=process,pack_in=process+torch_calls,default,torch_calls: in process, with the
 # issue's CUDA calls through torch instead of the driver (the default before the tenth
@@ -106,7 +107,7 @@ step kernels-bench bash -c "timeout ${BENCH_TIMEOUT_S:-120} $PY bench/kernels.py
 
 # Gather and forward variants side by side, each checked against the torch reference.
 step kernel-variants bash -c "timeout ${VARIANTS_TIMEOUT_S:-120} $PY bench/kernel_variants.py \
-    '$OUT' ${VARIANTS_BENCH_ARGS:---sections int8,forward,graph_tuned --budget-s 60} \
+    '$OUT' ${VARIANTS_BENCH_ARGS:---sections int8,forward,graph_tuned --cross-configs --budget-s 60} \
     >> '$OUT/bench.log' 2>&1; rc=\$?; \
     tail -n 18 '$OUT/bench.log'; exit \$rc"
 
