@@ -44,8 +44,13 @@ PERSISTENT_CROSS_CONFIGS = [
     {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4, "PER_SM": 2},
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "PER_SM": 1},
     {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3, "PER_SM": 2},
-    # the loops nested, not flattened: still a candidate if the card's Triton cannot flatten
+    # The loops nested, not flattened, at 2 programs an SM: the other program's main loop
+    # overlaps this one's epilogue (Triton's own Hopper persistent matmul kernels dropped
+    # flattening for a mixed-precision case because this ran faster on an H200); also a
+    # persistent candidate should the card's Triton fail to flatten.
     {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4, "PER_SM": 2,
+     "FLATTEN": False},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3, "PER_SM": 2,
      "FLATTEN": False},
 ]
 # Split-K with large tiles for few rows and a long K (DCNv2's U and the first top layer at

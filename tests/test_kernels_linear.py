@@ -224,7 +224,7 @@ def test_persistent_tiles_give_the_tiled_kernels_bits(device, per_sm, flatten, e
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("index", range(5))
 def test_persistent_cross_configs_walk_many_tiles_on_the_card(index, monkeypatch):
     """Each persistent candidate as the card tunes it (bf16, K = 512 like DCNv2's V) on more
     tiles than its grid has programs, against the tiled kernel with the same tile: the same
