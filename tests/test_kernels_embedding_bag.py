@@ -349,7 +349,7 @@ def test_l2_keep_hint_changes_no_bit(device, dtype, unroll, monkeypatch):
 
 def test_kept_tables_are_the_smallest_that_fit_the_budget():
     from recserve.kernels import embedding_bag as eb
-    from recserve.kernels.tables import kept_tables
+    from recserve.kernels.tables import kept_tables, launch_plan
 
     packed = PackedTables([torch.zeros(r, 8, dtype=torch.bfloat16) for r in (100, 10, 1000, 40)])
     feats = [BagFeature(t, 0) for t in (0, 1, 2, 3, 1)]  # (bytes: 1600, 160, 16000, 640)
@@ -357,6 +357,10 @@ def test_kept_tables_are_the_smallest_that_fit_the_budget():
     assert kept_tables(packed, feats, 2399) == {1, 3}
     assert kept_tables(packed, feats, 100) == frozenset()
     assert kept_tables(packed, feats[2:3], 10**9) == {2}  # only the launch's own tables
+    # the plan marks exactly the kept tables' features (flag 16: the kernel's hinted loads)
+    meta, _, _ = launch_plan(packed, tuple(feats), 4, 4, 16, 16, frozenset({1, 3}))
+    assert [bool(flags & 16) for flags in meta[:, 8].tolist()] == [False, True, False, True,
+                                                                   True]
     hinted = [c for c in eb._candidates(16, True) if c.get("L2_KEEP")]
     assert hinted and all(c["STAGES"] == 1 for c in hinted)
     assert not any(c.get("L2_KEEP") for c in eb._candidates(16, False))
