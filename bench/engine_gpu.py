@@ -126,6 +126,7 @@ async def engine_run(v: Variant, spec, weights, requests, repeats: int) -> dict:
         stats = executor.stats()
         packed_in_processes = stats.get("packed_in_processes", 0)
         issue_calls = stats["issue_calls"]  # (keep_gil: "driver" unless it fell back)
+        issue_call_us = stats["issue_call_us"]  # mean wall time a call, per kind
         model = engine.handle(spec.name, 1)  # the built GpuModel: its graphs, for timing
         slot = model.slots[0]
         graph = slot.graphs[settings.max_batch_rows][0]
@@ -139,6 +140,7 @@ async def engine_run(v: Variant, spec, weights, requests, repeats: int) -> dict:
         return {"rows": rows, "wall_s": wall, "samples_per_s": rows / wall,
                 "process_cores": process_cores,
                 "packed_in_processes": packed_in_processes, "issue_calls": issue_calls,
+                "issue_call_us": issue_call_us,
                 "gpu_busy_fraction": (executor.busy_ms - busy0) / 1e3 / wall,
                 "copy_overlap_fraction": overlap_fraction(executor.timeline),
                 "batches": len({t[0] for t in executor.timeline}),
@@ -214,7 +216,8 @@ def summarize(name: str, traffic: str, r: dict, pack_ms: dict) -> str:
             f"overlapped {r['copy_overlap_fraction']:.0%} over {r['batches']} batches; a pack "
             f"took {r['pack_in_engine_over_alone']:.1f}x its time alone; compute starts every "
             f"{r['compute_start_gap_ms']:.2f} ms; engine process {r['process_cores']:.1f} "
-            f"cores; issue calls {r.get('issue_calls', '?')}; stage ms {r['stage_mean_ms']}")
+            f"cores; issue calls {r.get('issue_calls', '?')} (us a call: "
+            f"{r.get('issue_call_us', {})}); stage ms {r['stage_mean_ms']}")
 
 
 def copy_in_rate(megabytes: int = 8) -> dict:

@@ -299,6 +299,7 @@ async def run(settings: EngineSettings, spec, requests: list, compute_ms: float,
             # (the GIL-bound process's budget: packing processes' CPU is not in it)
             "process_cpu_us_per_request": round(process_cpu / len(requests) * 1e6, 2),
             "packed_in_processes": executor.stats().get("packed_in_processes", 0),
+            "issue_call_us": executor.stats()["issue_call_us"],
             "host_stage_mean_ms": {k: round(float(np.mean(v)), 3) for k, v in spans.items()}}
 
 
@@ -405,7 +406,7 @@ def main() -> None:
                   f"{r['ratio_to_device']:.2f} of the simulated device; event loop "
                   f"{r['loop_cpu_us_per_request']:.1f} us CPU a request (all its threads "
                   f"{r['process_cpu_us_per_request']:.0f}); host stage ms "
-                  f"{r['host_stage_mean_ms']}", flush=True)
+                  f"{r['host_stage_mean_ms']}; us a call {r['issue_call_us']}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -43,7 +43,7 @@ import torch
 
 from . import shared_memory
 from .cores import default_pack_threads
-from .cuda_driver import TORCH_CALLS, TorchCalls, issue_calls
+from .cuda_driver import TORCH_CALLS, TimedCalls, TorchCalls, issue_calls
 from .demo import random_inputs
 from .executor import Done, Executor, Job, JobResult, slice_rows
 from .gpu_issue import issue_streams, issue_whole
@@ -115,7 +115,7 @@ class GpuExecutor(Executor):
         where the driver library does not load (``stats()["issue_calls"]`` says which).
         On by default: on the H200 (tenth session) it issued a batch in 0.22-0.26 ms
         against torch's 1.0-1.3 and kept the card busier in every paired run."""
-        self._calls: TorchCalls = TORCH_CALLS
+        self._calls = TimedCalls(TORCH_CALLS)
         self.pack_processes = pack_processes and shared_memory.supported()
         """Each launcher thread has a packing process (``packer``) for batches whose
         requests lie in shared memory; their slots' staging is shared memory, pinned."""
@@ -153,7 +153,7 @@ class GpuExecutor(Executor):
         if self._threads:
             return
         self._open_device()
-        self._calls = self._issue_calls()
+        self._calls = TimedCalls(self._issue_calls())
         self._host_origin = time.perf_counter()
         self._free = list(range(self.settings.slots))
         if self.pack_processes:
@@ -252,7 +252,7 @@ class GpuExecutor(Executor):
         stats = {"batches": self.batches, "gpu_busy_ms": self.busy_ms,
                  "bytes_in": self.bytes_in, "pack_ms": self.pack_ms,
                  "pack_threads": self.pack_threads, "compute_streams": self.compute_streams,
-                 "issue_calls": self._calls.name}
+                 "issue_calls": self._calls.name, "issue_call_us": self._calls.mean_us()}
         return {**stats, **self._packing.stats()}
 
     def _launcher(self, index: int) -> None:

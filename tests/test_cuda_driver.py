@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -172,6 +173,37 @@ def test_driver_calls_copy_bytes_record_wait_and_launch_with_torch_handles(monke
     calls.record(NewEvent(), stream)
     assert through_torch == ["copy", "copy", "copy", "replay", "replay", "record"]
     assert driver.calls == []
+
+
+def test_timed_calls_pass_every_call_through_and_time_each_kind():
+    """``TimedCalls`` makes the same calls (results and errors pass through) and keeps each
+    kind's mean wall time, failed calls included."""
+    made = []
+
+    class Slow(TorchCalls):
+        name = "slow"
+
+        def copy(self, dst, src, stream):
+            made.append(("copy", stream))
+            time.sleep(0.002)
+            return 64
+
+        def record(self, event, stream):
+            made.append(("record", event))
+
+        def replay(self, graph, stream):
+            raise RuntimeError("replay failed")
+
+    timed = cuda_driver.TimedCalls(Slow())
+    assert timed.name == "slow" and timed.mean_us() == {}
+    assert timed.copy("dst", "src", "s1") == 64 and timed.copy("dst", "src", "s2") == 64
+    timed.record("e", "s1")
+    with pytest.raises(RuntimeError, match="replay failed"):
+        timed.replay("g", "s1")
+    assert made == [("copy", "s1"), ("copy", "s2"), ("record", "e")]
+    means = timed.mean_us()
+    assert set(means) == {"copy", "record", "replay"}
+    assert means["copy"] >= 2000 > means["record"]
 
 
 def test_without_libcuda_keep_gil_falls_back_to_torch_calls_and_says_so(monkeypatch, caplog):

@@ -90,6 +90,10 @@ def test_the_simulated_device_runs_the_real_issue_path_and_counts_its_calls(grap
     per_batch = copies_in + (5 if graph_outputs else 9)
     assert executor.simulated_calls.calls == per_batch * executor.batches > 0
     assert executor.stats()["issue_calls"] == f"simulated {calls}"
+    # each kind of call timed on its way through (the simulated driver's take 3 us or more)
+    call_us = executor.stats()["issue_call_us"]
+    assert set(call_us) == {"copy", "record", "wait", "replay"}
+    assert calls == "torch" or min(call_us.values()) >= 3.0
     assert executor.bytes_in > 0  # the real copy-in sizes, counted
 
 
