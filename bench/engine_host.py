@@ -2,6 +2,7 @@
 
     python bench/engine_host.py [--compute-ms 0.72] [--slots 4] [--pack-threads N] [--sweep]
                                 [--pack-processes] [--issue-calls free|torch|driver]
+                                [--driver-call-us US]
                                 [--graph-outputs] [--traffic KIND ...] [--json FILE]
 
 On the H200 the engine reached 0.43 of its bare forward's samples/s because the host could
@@ -331,6 +332,7 @@ def demo_traffic(rng: np.random.Generator, batch: int) -> tuple:
 
 
 def main() -> None:
+    global DRIVER_CALL_S  # (set from --driver-call-us; each SimulatedCalls reads it)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--compute-ms", type=float, default=0.72,
                    help="simulated device time per batch (default: the H200's dlrmv2 "
@@ -350,8 +352,12 @@ def main() -> None:
     p.add_argument("--issue-calls", choices=ISSUE_CALLS, default="free",
                    help="what each CUDA call of the real issue path costs the host (about 10 "
                    "a batch, 6 with --graph-outputs): free (default), torch (a GIL hand-off "
-                   "each, as torch's calls make), driver (3 us each with the GIL kept, as "
-                   "GpuExecutor(keep_gil=True) makes them)")
+                   "each, as torch's calls make), driver (--driver-call-us each with the "
+                   "GIL kept, as GpuExecutor(keep_gil=True) makes them)")
+    p.add_argument("--driver-call-us", type=float, default=DRIVER_CALL_S * 1e6,
+                   help="a driver call's host time with --issue-calls driver (default 3: an "
+                   "asynchronous call's few microseconds; an H200's issue took 0.22-0.26 ms "
+                   "for 10 calls, which fits about 25)")
     p.add_argument("--graph-outputs", action="store_true",
                    help="GpuExecutor(graph_outputs=True): the graphs copy the scores out, "
                    "4 calls fewer a batch")
@@ -364,6 +370,7 @@ def main() -> None:
                    "model's small requests (a few ids a row, most features per request)")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args()
+    DRIVER_CALL_S = args.driver_call_us / 1e6
     rng = np.random.default_rng(0)
     if args.model == "dlrmv2":
         spec = wl.dlrmv2_spec(4_000_000)
@@ -393,6 +400,7 @@ def main() -> None:
     results = {"commit": provenance.commit(), "compute_ms": args.compute_ms,
                "busy_thread": args.busy_thread, "switch_interval_s": sys.getswitchinterval(),
                "issue_calls": args.issue_calls, "graph_outputs": args.graph_outputs,
+               "driver_call_us": args.driver_call_us,
                "cores": os.cpu_count(), "runs": []}
     for name, run_settings, threads, processes in variants:
         for kind, requests in traffic.items():
