@@ -356,8 +356,9 @@ def main() -> None:
                    "GIL kept, as GpuExecutor(keep_gil=True) makes them)")
     p.add_argument("--driver-call-us", type=float, default=DRIVER_CALL_S * 1e6,
                    help="a driver call's host time with --issue-calls driver (default 3: an "
-                   "asynchronous call's few microseconds; an H200's issue took 0.22-0.26 ms "
-                   "for 10 calls, which fits about 25)")
+                   "asynchronous call's few microseconds; an H200's issue stage took "
+                   "0.22-0.26 ms for its ~10 calls: 25 us a call if the calls were all of "
+                   "it)")
     p.add_argument("--graph-outputs", action="store_true",
                    help="GpuExecutor(graph_outputs=True): the graphs copy the scores out, "
                    "4 calls fewer a batch")

@@ -194,9 +194,9 @@ class TimedCalls(TorchCalls):
     """``calls`` (torch's or the driver's) with each kind's wall time summed, for the
     executor's stats: with torch's calls a call's time includes the wait to get the GIL
     back, with the driver's it is the call alone, so the two say whether a batch's issue
-    is slow in its calls or in its waits (a card's issue took 0.22-0.26 ms a batch with
-    the driver's calls; the simulated device's fit needs about 25 us a call, against the
-    few microseconds an asynchronous call should take). Two clock reads a call."""
+    is slow in its calls or in its waits (the H200's issue stage took 0.22-0.26 ms a batch
+    with the driver's calls: 25 us for each of its ~10 calls if the calls were all of it,
+    where an asynchronous call should take a few). Two clock reads a call."""
 
     def __init__(self, calls: TorchCalls) -> None:
         self.inner, self.name = calls, calls.name
