@@ -196,11 +196,11 @@ class TimedCalls(TorchCalls):
     back, with the driver's it is the call alone, so the two say whether a batch's issue
     is slow in its calls or in its waits (the H200's issue stage took 0.22-0.26 ms a batch
     with the driver's calls: 25 us for each of its ~10 calls if the calls were all of it,
-    where an asynchronous call should take a few). Two clock reads a call."""
+    where an asynchronous call should take a few). Two clock reads a call; one thread
+    issues at a time (the executor's launch lock), so the sums need no lock of their own."""
 
     def __init__(self, calls: TorchCalls) -> None:
         self.inner, self.name = calls, calls.name
-        self._lock = threading.Lock()
         self._totals: dict[str, list[int]] = {}  # kind: [calls, nanoseconds]
 
     def bind_thread(self, ordinal: int) -> None:
@@ -223,17 +223,16 @@ class TimedCalls(TorchCalls):
         try:
             return call(*args)
         finally:
-            spent = time.perf_counter_ns() - start
-            with self._lock:
-                totals = self._totals.setdefault(kind, [0, 0])
-                totals[0] += 1
-                totals[1] += spent
+            totals = self._totals.get(kind)
+            if totals is None:
+                totals = self._totals[kind] = [0, 0]
+            totals[0] += 1
+            totals[1] += time.perf_counter_ns() - start
 
     def mean_us(self) -> dict[str, float]:
         """Mean microseconds a call, per kind (copy, record, wait, replay) made so far."""
-        with self._lock:
-            return {kind: round(ns / count / 1e3, 2) for kind, (count, ns) in
-                    sorted(self._totals.items())}
+        return {kind: round(ns / count / 1e3, 2)
+                for kind, (count, ns) in sorted(list(self._totals.items()))}
 
 
 def issue_calls(keep_gil: bool) -> TorchCalls:
