@@ -397,9 +397,9 @@ def _is(config: dict, key: str) -> bool:
     return (value or 1) > 1 if key == "SPLIT_K" else value is not None and value is not False
 
 
-def config_kind(config: dict) -> list[str]:
-    """What kind of candidate a config is (empty: a plain tiled one)."""
-    return [name for key, name in _KINDS.items() if _is(config, key)]
+def _kinds(config: dict) -> list[str]:
+    """The ``_KINDS`` keys a config has (empty: a plain tiled one)."""
+    return [key for key in _KINDS if _is(config, key)]
 
 
 def config_label(config: dict) -> str:
@@ -410,8 +410,8 @@ def config_label(config: dict) -> str:
         shape = f"bags {config['BAGS']} lanes {config['LANES']} unroll {config['UNROLL']}"
     else:
         shape = f"rows {config.get('ROWS')}"
-    kinds = [f"{name} {config[key]}" if key in ("SPLIT_K", "PER_SM") else name
-             for key, name in _KINDS.items() if _is(config, key)]
+    kinds = [f"{_KINDS[key]} {config[key]}" if key in ("SPLIT_K", "PER_SM") else _KINDS[key]
+             for key in _kinds(config)]
     return " ".join([shape, f"w{config.get('num_warps')}"] + kinds)
 
 
@@ -425,8 +425,7 @@ def tuner_picks(record: dict) -> list[str]:
         if len(timings) < 2:
             continue
         (best_ms, best), rest = timings[0], timings[1:]
-        other = next(((ms, c) for ms, c in rest if config_kind(c) != config_kind(best)),
-                     rest[0])
+        other = next(((ms, c) for ms, c in rest if _kinds(c) != _kinds(best)), rest[0])
         out.append(f"{entry['key'][:60]}: {config_label(best)} {best_ms:.4f} ms; "
                    f"next of another kind {config_label(other[1])} {other[0]:.4f} ms")
     return out
