@@ -130,7 +130,7 @@ async def engine_run(v: Variant, spec, weights, requests, repeats: int) -> dict:
         model = engine.handle(spec.name, 1)  # the built GpuModel: its graphs, for timing
         slot = model.slots[0]
         graph = slot.graphs[settings.max_batch_rows][0]
-        if graph_copies or v.graph_outputs:  # its graphs hold copies: the bare forward is apart
+        if graph_copies or executor.graph_outputs:  # graphs with copies: the bare forward apart
             graph = capture(functools.partial(device_step, model, slot, settings.max_batch_rows),
                             torch.cuda.graph_pool_handle(), torch.device("cuda", 0))[0]
         bare_ms = triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
@@ -140,6 +140,7 @@ async def engine_run(v: Variant, spec, weights, requests, repeats: int) -> dict:
         return {"rows": rows, "wall_s": wall, "samples_per_s": rows / wall,
                 "process_cores": process_cores,
                 "packed_in_processes": packed_in_processes, "issue_calls": issue_calls,
+                "graph_outputs": executor.graph_outputs,  # (as resolved: None -> default)
                 "issue_call_us": issue_call_us,
                 "gpu_busy_fraction": (executor.busy_ms - busy0) / 1e3 / wall,
                 "copy_overlap_fraction": overlap_fraction(executor.timeline),
@@ -251,7 +252,7 @@ class Variant:
     pack_processes: bool = False
     slot_streams: bool = False
     graph_copies: bool = False
-    graph_outputs: bool = False
+    graph_outputs: bool | None = None  # None: the executor's default (on, with graphs)
     blocking_wait: bool = False  # the completion thread sleeps on its events, no spinning
     keep_gil: bool = True  # the issue's CUDA calls through the driver, the GIL kept
     pdl: bool = False  # RECSERVE_PDL=1 while the engine builds and runs
@@ -261,7 +262,8 @@ _CHANGES = {"via=ring": {"via_ring": True},
             "pack_in=process": {"via_ring": True, "pack_processes": True},  # (ring requests)
             "slot_streams": {"slot_streams": True},
             "graph_copies": {"slot_streams": True, "graph_copies": True},
-            "graph_outputs": {"graph_outputs": True},
+            "graph_outputs": {"graph_outputs": True},  # (the default since the twelfth session)
+            "copy_out_stream": {"graph_outputs": False},
             "blocking_wait": {"blocking_wait": True},
             "keep_gil": {"keep_gil": True},  # (the default since the tenth session)
             "torch_calls": {"keep_gil": False},
@@ -311,10 +313,12 @@ def main() -> None:
                    "compute on its own stream: fewer CUDA calls a batch), graph_copies (slot "
                    "streams, the copies captured in the graphs: a batch is one replay), "
                    "graph_outputs (the graphs copy the scores out, the copy in stays apart: "
-                   "6 CUDA calls a batch instead of 10), blocking_wait (the completion "
-                   "thread sleeps until a batch is done instead of spinning a core), torch_calls "
-                   "(the issue's copies, event records, waits and graph launches go through "
-                   "torch, which gives the GIL up at each, instead of to the CUDA driver: "
+                   "6 CUDA calls a batch instead of 10; the default), copy_out_stream (the "
+                   "scores copied out on a stream of their own: 10 calls), blocking_wait "
+                   "(the completion thread sleeps until a batch is done instead of "
+                   "spinning a core), torch_calls (the issue's copies, event records, "
+                   "waits and graph launches go through torch, which gives the GIL up at "
+                   "each, instead of to the CUDA driver: "
                    "the executor's default before the tenth session), pdl "
                    "(RECSERVE_PDL=1: kernels launch while the one before finishes) (e.g. "
                    "default,compute_streams=2+switch_ms=0.5,default: a name given twice is "

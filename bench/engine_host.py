@@ -3,7 +3,7 @@
     python bench/engine_host.py [--compute-ms 0.72] [--slots 4] [--pack-threads N] [--sweep]
                                 [--pack-processes] [--issue-calls free|torch|driver]
                                 [--driver-call-us US]
-                                [--graph-outputs] [--traffic KIND ...] [--json FILE]
+                                [--no-graph-outputs] [--traffic KIND ...] [--json FILE]
 
 On the H200 the engine reached 0.43 of its bare forward's samples/s because the host could
 not pack batches fast enough (bench/RESULTS.md). This measures that host side without a
@@ -130,7 +130,7 @@ class SimulatedGpuExecutor(GpuExecutor):
 
     def __init__(self, settings: EngineSettings, compute_ms: float,
                  pack_threads: int | None = None, pack_processes: bool = False,
-                 issue_calls: str = "free", graph_outputs: bool = False) -> None:
+                 issue_calls: str = "free", graph_outputs: bool = True) -> None:
         super().__init__(settings, "cpu", pack_threads=pack_threads,
                          pack_processes=pack_processes, graph_outputs=graph_outputs)
         self.compute_s = compute_ms / 1e3
@@ -255,7 +255,7 @@ async def through_hub(engine: Engine, requests: list, frames: tuple[dict, Shared
 async def run(settings: EngineSettings, spec, requests: list, compute_ms: float,
               pack_threads: int | None, via_hub: str | None = None,
               pack_processes: bool = False, busy_thread: bool = False,
-              issue_calls: str = "free", graph_outputs: bool = False) -> dict:
+              issue_calls: str = "free", graph_outputs: bool = True) -> dict:
     executors: list[SimulatedGpuExecutor] = []
 
     def factory(s: EngineSettings) -> SimulatedGpuExecutor:
@@ -350,18 +350,19 @@ def main() -> None:
                    help="run a thread that only runs Python beside the engine (a busy event "
                    "loop, as far as the GIL goes; bench/gil_handoff.py)")
     p.add_argument("--issue-calls", choices=ISSUE_CALLS, default="free",
-                   help="what each CUDA call of the real issue path costs the host (about 10 "
-                   "a batch, 6 with --graph-outputs): free (default), torch (a GIL hand-off "
+                   help="what each CUDA call of the real issue path costs the host (6 a "
+                   "batch; 10 with --no-graph-outputs): free (default), torch (a GIL hand-off "
                    "each, as torch's calls make), driver (--driver-call-us each with the "
                    "GIL kept, as GpuExecutor(keep_gil=True) makes them)")
     p.add_argument("--driver-call-us", type=float, default=DRIVER_CALL_S * 1e6,
                    help="a driver call's host time with --issue-calls driver (default 3: an "
                    "asynchronous call's few microseconds; an H200's issue stage took "
-                   "0.22-0.26 ms for its ~10 calls: 25 us a call if the calls were all of "
-                   "it)")
-    p.add_argument("--graph-outputs", action="store_true",
-                   help="GpuExecutor(graph_outputs=True): the graphs copy the scores out, "
-                   "4 calls fewer a batch")
+                   "0.22-0.26 ms for its ~10 calls, and timed 10-35 us a call (twelfth "
+                   "session): try 25)")
+    p.add_argument("--graph-outputs", action=argparse.BooleanOptionalAction, default=True,
+                   help="GpuExecutor(graph_outputs=True), the default: the graphs copy the "
+                   "scores out, 4 calls fewer a batch than --no-graph-outputs (the scores "
+                   "copied out on a stream of their own)")
     p.add_argument("--switch-ms", type=float,
                    help="the interpreter's switch interval for every run (default: 5 ms)")
     p.add_argument("--traffic", action="append", choices=TRAFFIC,

@@ -22,17 +22,16 @@
 # (RESULTS.md, tenth session): a failed check prints its diagnosis. Others: "--sections
 # row_size --budget-s 200": is a lookup's cost per row or per byte?, "--sections configs":
 # every gather config checked three ways),
-# ENGINE_BENCH_ARGS (--variants default,torch_calls,graph_outputs,blocking_wait,via=ring,
-# pack_in=process,default,graph_outputs: in process, with the issue's CUDA calls through
-# torch instead of the driver (the default before the tenth session), with the graphs
-# copying the outputs (6 calls a batch, not 10: on the simulated device that matters only
-# if a call costs tens of microseconds; each run now prints what a call took), with the
-# completion thread sleeping on its events instead of spinning in the driver (measured once,
-# with torch's calls, no gain; a spinning wait may slow the issuing thread's driver calls),
-# then the requests as workers' rings hand them over, packed in threads and in packing
-# processes, then the default and graph_outputs again (one machine's runs vary by up to 0.2:
-# a pair run twice shows it); slots=6+pack_threads=4 and pack_in=process+torch_calls stay
-# as names; --sweep: the older sweep of
+# ENGINE_BENCH_ARGS (--variants default,torch_calls,copy_out_stream,blocking_wait,via=ring,
+# pack_in=process,default,copy_out_stream: in process (the graphs copy the scores out: 6
+# CUDA calls a batch, the default since the H200 timed each call at 10-35 us), with the
+# issue's CUDA calls through torch instead of the driver (the default before the tenth
+# session), with the scores copied out on a stream of their own (10 calls a batch, the
+# default before the twelfth session), with the completion thread sleeping on its events
+# instead of spinning in the driver, then the requests as workers' rings hand them over,
+# packed in threads and in packing processes, then the default and copy_out_stream again
+# (one machine's runs vary by up to 0.2: a pair run twice shows it); --sweep: the older
+# sweep of
 # threads, slots, streams and switch interval), PYTEST_WORKERS (4, with pytest-xdist), and each step's time
 # limit in seconds:
 # PYTEST_TIMEOUT_S (240), BENCH_TIMEOUT_S (120), VARIANTS_TIMEOUT_S (120; the persistent,
@@ -119,7 +118,7 @@ step kernel-variants bash -c "timeout ${VARIANTS_TIMEOUT_S:-120} $PY bench/kerne
 # threads and in packing processes (serve --pack-in), with the issue's CUDA calls through torch
 # (torch_calls) against the driver (the default), and more slots than launcher threads.
 step engine-bench bash -c "timeout ${ENGINE_TIMEOUT_S:-200} $PY bench/engine_gpu.py '$OUT' \
-    ${ENGINE_BENCH_ARGS:---variants default,torch_calls,graph_outputs,blocking_wait,via=ring,pack_in=process,default,graph_outputs} \
+    ${ENGINE_BENCH_ARGS:---variants default,torch_calls,copy_out_stream,blocking_wait,via=ring,pack_in=process,default,copy_out_stream} \
     >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 10 '$OUT/bench.log'; exit \$rc"
 
 # Engine vs one forward per request, in process, same offered loads (bench/engine.py).

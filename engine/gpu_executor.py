@@ -14,21 +14,24 @@ also autotunes every kernel for that shape. A batch goes through three streams:
                    the GIL up (bench/notes-engine.md; ``keep_gil``: the issue's calls go to
                    the driver and keep it, ``cuda_driver``).
   copy-in stream:  the batch block up to its last id (+ weights) -> device  -> event h2d
-  compute stream:  (waits h2d) cast dense, replay the bucket's graph   -> event compute
+  compute stream:  (waits h2d) cast dense, replay the bucket's graph, which also copies
+                   the scores and bad-id flags out to pinned memory (``graph_outputs``,
+                   the default with graphs)                           -> event done
                    (``compute_streams`` > 1: batches take the compute streams in turn,
                    so one batch's gather, bound by memory, may run beside the previous
                    batch's GEMMs, bound by arithmetic; each slot has its own graphs and
                    buffers, so their replays share nothing but the weights)
-  copy-out stream: (waits compute) scores and bad-id flags -> pinned   -> event done
+  copy-out stream: (``graph_outputs=False`` or no graphs: waits compute) scores and
+                   bad-id flags -> pinned                             -> event done
   completion thread: waits ``done`` (off the launcher), resolves the pieces, frees the slot
   (``slot_streams``: copy-in, compute and copy-out of a batch on its slot's own stream
-  instead, without the events and waits between streams; ``graph_outputs``: the graphs
-  copy the scores and flags out themselves, on the compute stream)
+  instead, without the events and waits between streams)
 
 So while batch k computes, batch k+1 is being copied in and batch k-1's scores copied
-out; nothing on the hot path synchronizes the device. A request whose ids fall outside
-a table is flagged by the gather kernel and fails alone; an exception while launching
-(an out-of-memory, say) re-runs the batch's pieces one by one without graphs.
+out (at its graph's end, or on the copy-out stream); nothing on the hot path
+synchronizes the device. A request whose ids fall outside a table is flagged by the
+gather kernel and fails alone; an exception while launching (an out-of-memory, say)
+re-runs the batch's pieces one by one without graphs.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ class GpuExecutor(Executor):
                  use_graphs: bool = True, pack_threads: int | None = None,
                  compute_streams: int = 1, pack_processes: bool = False,
                  slot_streams: bool = False, graph_copies: bool = False,
-                 graph_outputs: bool = False, blocking_wait: bool = False,
+                 graph_outputs: bool | None = None, blocking_wait: bool = False,
                  keep_gil: bool = True) -> None:
         if pack_threads is not None and pack_threads < 1:
             raise ValueError(f"pack_threads is {pack_threads}; expected at least 1")
@@ -87,6 +90,8 @@ class GpuExecutor(Executor):
         if graph_copies and not (slot_streams and use_graphs):
             raise ValueError("graph_copies captures each batch's copies in its slot's graphs, "
                              "replayed on the slot's stream: it needs slot_streams and graphs")
+        if graph_outputs is None:  # the default wherever the graphs can hold the copy out
+            graph_outputs = use_graphs and not graph_copies
         if graph_outputs and (graph_copies or not use_graphs):
             raise ValueError("graph_outputs captures the copies out in the graphs: it needs "
                              "graphs, and graph_copies has them there already")
@@ -103,7 +108,11 @@ class GpuExecutor(Executor):
         """The graphs copy each batch's scores and flags out too (fixed sizes: the bucket's
         rows), on the compute stream; the copy-in stays apart, on its own stream, at the
         batch's size. 6 CUDA calls a batch instead of 10, each a GIL hand-off; the
-        timeline's ``compute`` span then includes the copy out, and there is no ``d2h``."""
+        timeline's ``compute`` span then includes the copy out, and there is no ``d2h``.
+        On by default with graphs: on the H200 (twelfth session) each call took 10-35 us
+        and the engine kept the card busier with 6 than with 10 in each of three paired
+        runs (bench/RESULTS.md); the scores are a few KB, so a stream of their own bought
+        nothing. ``graph_outputs=False`` copies them out on the copy-out stream."""
         self._device_end = "d2h_end" if graph_copies or graph_outputs else "compute_end"
         self.blocking_wait = blocking_wait
         """The completion thread sleeps until a batch is done instead of spinning a core

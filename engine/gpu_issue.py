@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .cuda_driver import TORCH_CALLS, TorchCalls
-from .gpu_slots import GpuModel, SlotState, copy_in, device_step
+from .gpu_slots import GpuModel, SlotState, copy_in, device_step, outputs_step
 from .staging_layout import PackedSizes
 
 
@@ -39,8 +39,9 @@ def issue_streams(model: GpuModel, slot: SlotState, sizes: PackedSizes,
         graph, scores, bad = slot.graphs[bucket]
         calls.replay(graph, compute)
     else:
+        step = outputs_step if outputs_in_graph else device_step  # (no graph: same work)
         with torch.cuda.stream(compute):
-            scores, bad = device_step(model, slot, bucket)
+            scores, bad = step(model, slot, bucket)
     if outputs_in_graph:
         calls.record(ev["d2h_end"], compute)
         return copied

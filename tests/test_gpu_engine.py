@@ -45,7 +45,8 @@ def requests_with_a_bad_id(spec, rng, bad: int) -> list:
 ENGINE_OPTIONS = [
     {}, {"use_graphs": False}, {"compute_streams": 2}, {"slot_streams": True},
     {"use_graphs": False, "slot_streams": True}, {"slot_streams": True, "graph_copies": True},
-    {"graph_outputs": True}, {"compute_streams": 2, "graph_outputs": True},
+    # the default copies the outputs in the graphs; these on the copy-out stream
+    {"graph_outputs": False}, {"compute_streams": 2, "graph_outputs": False},
     # the CUDA calls through torch (the default goes to the driver: cuda_driver)
     {"keep_gil": False}, {"keep_gil": False, "use_graphs": False},
     {"keep_gil": False, "compute_streams": 2, "graph_outputs": True},

@@ -319,3 +319,15 @@ def test_kernel_variants_configs_checks_every_gather_config_and_the_tuners_picks
         tuned = [(r["tuned_by"], r["round"], r["ok"]) for r in records
                  if r["tables"] == label and "tuned_by" in r]
         assert tuned == [(m, k, True) for m in ("eager", "graph") for k in range(3)]
+
+
+def test_the_graphs_copy_the_scores_out_by_default_wherever_they_can():
+    from recserve.engine.gpu_executor import GpuExecutor
+
+    # (constructing allocates nothing on a device: this runs on CPU)
+    assert GpuExecutor(SETTINGS, "cpu").graph_outputs  # 6 CUDA calls a batch, not 10
+    assert not GpuExecutor(SETTINGS, "cpu", graph_outputs=False).graph_outputs
+    assert not GpuExecutor(SETTINGS, "cpu", use_graphs=False).graph_outputs  # nothing to hold it
+    assert not GpuExecutor(SETTINGS, "cpu", slot_streams=True, graph_copies=True).graph_outputs
+    with pytest.raises(ValueError, match="it needs graphs"):
+        GpuExecutor(SETTINGS, "cpu", use_graphs=False, graph_outputs=True)

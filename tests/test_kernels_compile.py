@@ -24,6 +24,9 @@ def _ptxas_available() -> bool:
         torch.cuda.is_available(), reason="the gpu variant compiles for the card itself")),
     pytest.param("card", marks=pytest.mark.gpu),
 ])
+# Its own limit: gpu_check's 60 s a test cut the card's run short on the H200 (twelfth
+# session: every config of the eleventh session's candidates, beside 3 other test workers).
+@pytest.mark.timeout(400)
 def test_every_kernel_config_compiles(where):
     if not _ptxas_available():
         pytest.skip("this Triton install has no ptxas to compile with")
