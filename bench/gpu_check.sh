@@ -24,7 +24,7 @@
 # every gather config checked three ways),
 # ENGINE_BENCH_ARGS (--variants default,torch_calls,copy_out_stream,blocking_wait,via=ring,
 # pack_in=process,default,copy_out_stream: in process (the graphs copy the scores out: 6
-# CUDA calls a batch, the default since the H200 timed each call at 10-35 us), with the
+# CUDA calls a batch, the default since the H200 timed each call at 10-38 us), with the
 # issue's CUDA calls through torch instead of the driver (the default before the tenth
 # session), with the scores copied out on a stream of their own (10 calls a batch, the
 # default before the twelfth session), with the completion thread sleeping on its events

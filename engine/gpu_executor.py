@@ -109,10 +109,13 @@ class GpuExecutor(Executor):
         rows), on the compute stream; the copy-in stays apart, on its own stream, at the
         batch's size. 6 CUDA calls a batch instead of 10, each a GIL hand-off; the
         timeline's ``compute`` span then includes the copy out, and there is no ``d2h``.
-        On by default with graphs: on the H200 (twelfth session) each call took 10-35 us
-        and the engine kept the card busier with 6 than with 10 in each of three paired
-        runs (bench/RESULTS.md); the scores are a few KB, so a stream of their own bought
-        nothing. ``graph_outputs=False`` copies them out on the copy-out stream."""
+        On by default with graphs: on the H200 (twelfth session) each call took 10-38 us,
+        and issuing a batch took 0.19-0.22 ms with 6 against 0.27-0.33 with 10 in all five
+        pairs of runs; samples/s were equal within the runs' spread (0.70-0.88 of the bare
+        forward either way: packing bounds the engine there), and the simulated device
+        at 25 us a call gains 0.19-0.25 once the host has room (bench/RESULTS.md). The
+        scores are a few KB: a stream of their own buys nothing. ``graph_outputs=False``
+        copies them out on the copy-out stream."""
         self._device_end = "d2h_end" if graph_copies or graph_outputs else "compute_end"
         self.blocking_wait = blocking_wait
         """The completion thread sleeps until a batch is done instead of spinning a core
