@@ -113,7 +113,7 @@ class GpuExecutor(Executor):
         and issuing a batch took 0.19-0.22 ms with 6 against 0.27-0.33 with 10 in all five
         pairs of runs; samples/s were equal within the runs' spread (0.70-0.88 of the bare
         forward either way: packing bounds the engine there), and the simulated device
-        at 25 us a call gains 0.19-0.25 once the host has room (bench/RESULTS.md). The
+        at 25 us a call gains 0.18-0.25 once the host has room (bench/RESULTS.md). The
         scores are a few KB: a stream of their own buys nothing. ``graph_outputs=False``
         copies them out on the copy-out stream."""
         self._device_end = "d2h_end" if graph_copies or graph_outputs else "compute_end"
