@@ -22,8 +22,9 @@ Then the configs the tuners chose. Writes OUTDIR/kernel_variants.json after ever
 prints a table; exit status 1 when any correctness check failed (they print FAIL loudly).
 ``--untuned`` sets RECSERVE_AUTOTUNE=0 (first config of each kernel: far fewer compiles).
 ``--sections forward`` skips the gather and int8 sections (a short follow-up call);
-``--cross-configs`` also tunes the cross layers' opt-in candidates
-(``linear_configs.CROSS_CANDIDATES``).
+``--trial-configs`` also tunes the trial candidates (``RECSERVE_TRIAL_CONFIGS=1``: the cross
+layers' 16-warps-an-SM, small-M and persistent configs, split-K with 128x128 tiles, the L2
+hint for small tables; each lost on the H200, see ``kernels._common.trial_configs``).
 ``--sections row_size`` times the gather at embedding dims 32-256, bf16 and int8 (rows a
 second against bytes a row, and the sectors, bursts and lines a lookup touches:
 ``bench_row_sizes``, ``row_units``);
@@ -60,8 +61,7 @@ from recserve.engine.weights import (
 from recserve.kernels import embedding_bag as eb  # noqa: E402
 from recserve.kernels import interaction as it  # noqa: E402
 from recserve.kernels import linear as li  # noqa: E402
-from recserve.kernels import linear_configs as lc  # noqa: E402
-from recserve.kernels._common import PDL_ENV, TUNE_BY_ENV, forget_tuning  # noqa: E402
+from recserve.kernels._common import PDL_ENV, TRIAL_ENV, TUNE_BY_ENV, forget_tuning  # noqa: E402
 from recserve.kernels.model import TritonModel, capture_graph  # noqa: E402
 from recserve.kernels.tables import PackedTables, quantized_row_bytes  # noqa: E402
 
@@ -441,9 +441,10 @@ def main() -> int:
     ap.add_argument("--untuned", action="store_true", help="RECSERVE_AUTOTUNE=0")
     ap.add_argument("--all-variants", action="store_true",
                     help="also the 'aligned' gather (without the id prefetch)")
-    ap.add_argument("--cross-configs", action="store_true",
-                    help="also tune the DCNv2 cross layers' opt-in candidates "
-                    "(linear_configs.CROSS_CANDIDATES: more warps per SM for V's epilogue)")
+    ap.add_argument("--trial-configs", action="store_true",
+                    help="also tune the trial candidates, which serving leaves out "
+                    "(RECSERVE_TRIAL_CONFIGS=1: persistent, 16-warps-an-SM and small-M cross "
+                    "configs, 128x128 split-K, the L2 hint; each lost on the H200)")
     ap.add_argument("--sections", default="gather,int8,forward",
                     help="what to measure, comma-separated: gather, int8, forward (default: "
                     "these three; 'forward' alone suits a short follow-up call), row_size "
@@ -467,8 +468,8 @@ def main() -> int:
                            "configs"}:
         ap.error(f"--sections {args.sections!r}: expected gather, int8, forward, row_size, "
                  "graph_tuned and/or configs")
-    if args.cross_configs:
-        lc.EXTRA_CROSS_CONFIGS[:] = lc.CROSS_CANDIDATES
+    if args.trial_configs:
+        os.environ[TRIAL_ENV] = "1"
     if args.untuned:
         os.environ["RECSERVE_AUTOTUNE"] = "0"
     kb.DEV = args.device

@@ -42,6 +42,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+TRIAL_ENV = "RECSERVE_TRIAL_CONFIGS"
+"""Set to 1 to also tune the trial candidates (``trial_configs``)."""
+
+
+def trial_configs() -> bool:
+    """Whether the tuners also try the trial candidates: configs built for a measured gap
+    that lost on the H200 when it tuned them (bench/RESULTS.md, twelfth session), kept
+    for other cards and Triton versions to try (``RECSERVE_TRIAL_CONFIGS=1``, which
+    ``bench/kernel_variants.py --trial-configs`` sets) but not tuned at every server start,
+    where each would add its compiles and timings."""
+    return os.environ.get(TRIAL_ENV, "0") == "1"
+
+
 PDL_ENV = "RECSERVE_PDL"
 """Set to 1 for programmatic dependent launch (``pdl``); off until measured on a card."""
 

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._common import SafeTuner, check_tensor, l2_bytes, next_pow2, pdl_launch
+from ._common import SafeTuner, check_tensor, l2_bytes, next_pow2, pdl_launch, trial_configs
 from .pooling import _pool_long, _pool_short
 from .tables import (
     INDEX_DTYPES,
@@ -145,9 +145,10 @@ def _embedding_bag_kernel(
 _tuner = SafeTuner("embedding_bag", CONFIGS)
 def _candidates(align: int, l2_keep: bool) -> list[dict]:
     """Tuning candidates: every config with the switches' variant, with ``l2_keep`` (some
-    but not all of the launch's tables are kept in L2, see ``kept_tables``) each unpipelined
-    one also with the L2 hint, then the first H200 run's proven kernel, so a variant that
-    fails to compile on the card only loses speed."""
+    but not all of the launch's tables are kept in L2, see ``kept_tables``; only with the
+    trial candidates on, ``trial_configs``: on the H200 the hint was 8-30% slower) each
+    unpipelined one also with the L2 hint, then the first H200 run's proven kernel, so a
+    variant that fails to compile on the card only loses speed."""
     out = [{**c, "ALIGN": align, "PREFETCH": PREFETCH and c["STAGES"] == 1} for c in CONFIGS]
     if l2_keep:
         out += [{**c, "L2_KEEP": True} for c in out if c["STAGES"] == 1]
@@ -205,7 +206,8 @@ def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices:
     block_d = next_pow2(max(packed.dims[f.table] for f in features), 16)
     weighted = any(f.weighted for f in features)
     align = alignment(packed, features, out) if ALIGN_HINTS else 1
-    kept = kept_tables(packed, features, l2_bytes(packed.device) * L2_KEEP_SHARE)
+    kept = kept_tables(packed, features, l2_bytes(packed.device) * L2_KEEP_SHARE) \
+        if trial_configs() else frozenset()  # (the hint is a trial candidate)
 
     def launch(cfg: dict) -> None:
         meta, prog_feature, programs = launch_plan(packed, features, num_rows, num_requests,

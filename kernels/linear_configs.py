@@ -21,18 +21,21 @@ GPU_CONFIGS = [
     # 4x more programs than with 64x128 (split-K configs are added per call, see linear)
     {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
 ]
+# Trial candidates (``_common.trial_configs``, RECSERVE_TRIAL_CONFIGS=1): the four sets
+# below, each aimed at a gap the H200 measured, and each slower there than the tiled
+# configs when the H200 tuned them (twelfth session, bench/RESULTS.md): kept for another
+# card or Triton to try, not tuned at every server start.
+#
 # Cross layers at large M (DCNv2's V: K = 512, then an epilogue that reads x0 and x, as many
 # bytes as the output): on the H100 the best general config (64x128, 4 warps) ran V at 1.7x
 # its 59 us memory floor with 8 warps per SM (220 registers a thread: 2 programs). These keep
-# 16 warps per SM (compile_check: 8 warps at ~120 registers, or a 2-stage 64x64). Not yet
-# measured, so tuned only when a benchmark sets ``EXTRA_CROSS_CONFIGS`` (each adds compiles
-# to every server start): bench/kernel_variants.py --cross-configs.
+# 16 warps per SM (compile_check: 8 warps at ~120 registers, or a 2-stage 64x64). H200:
+# 101.6-122.2 us against 64x128 / 4 warps' 94.7.
 CROSS_CANDIDATES = [
     {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
     {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
     {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
 ]
-EXTRA_CROSS_CONFIGS: list[dict] = []
 # Persistent cross layers (``PER_SM`` programs per SM, each walking tiles in one flattened
 # loop, see linear._linear_kernel): the SASS of V showed a program's DRAM traffic only in
 # its epilogue, after its K loop; here the next tile's first operand copies are in flight
@@ -40,6 +43,7 @@ EXTRA_CROSS_CONFIGS: list[dict] = []
 # sit before the epilogue in the one loop). Tuned for cross layers above 1024 rows beside
 # the rest; the tiles and occupancy of the best tiled configs (compile_check: 64x128 / 4
 # warps 252 registers, 2 programs an SM; 128x128 / 8 warps 243, 1; 128x64 / 4 warps 246, 2).
+# H200: 101.2-108.4 us against the tiled 94.7 (flattened or nested alike).
 PERSISTENT_CROSS_CONFIGS = [
     {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4, "PER_SM": 2},
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "PER_SM": 1},
@@ -58,6 +62,7 @@ PERSISTENT_CROSS_CONFIGS = [
 # slabs from L2 for every 32-128 output columns or 64 rows (64x32 on U: 85 MB through
 # L2 for 7 MB of operands, 10.9 us on the H200); 128x128 tiles in 8 K slices keep 128
 # programs busy and move about 28 MB, plus 8 MB of fp32 slices written and read back.
+# H200: 16.4-19.9 us on U against 64x64's 11.7 (graph-tuned).
 SPLIT_K_TILES = [
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3,
      "SPLIT_K": 8},
@@ -67,7 +72,7 @@ SPLIT_K_TILES = [
 # A cross layer with few rows (DCNv2's V at B=512: M = 512, N = 3456, K = 512; 8.0 us on
 # the H200 with the small-batch tiles): 64x128 tiles re-read the 3.5 MB weight once per
 # 64 rows, about 53 MB through L2 with the operands of the epilogue; 128x128 tiles about
-# 38 MB, on 108 programs.
+# 38 MB, on 108 programs. H200: 8.1-8.4 us against 64x128's 7.7 (graph-tuned).
 SMALL_M_CROSS_TILES = [
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
 ]
@@ -113,21 +118,25 @@ def base_configs(final_n: int | None, m: int | None = None, elsize: int = 2) -> 
 def candidates(m: int, n: int, k: int, elsize: int, *, final: bool, cross: bool,
                plain: bool) -> list[dict]:
     """The configs ``linear`` tunes over for one call: the base set for its rows (a final
-    layer's with BLOCK_N covering its N); a cross layer's with ``SMALL_M_CROSS_TILES`` (up
-    to 1024 rows) or the opt-in ``EXTRA_CROSS_CONFIGS`` (above), in both epilogue orders,
-    then the persistent ones (above 1024 rows); a ``plain`` layer's (no final, cross, add
-    or gathered rows) with split-K copies and ``SPLIT_K_TILES`` too when it has few rows
-    and a long K."""
+    layer's with BLOCK_N covering its N); a cross layer's in both epilogue orders; a
+    ``plain`` layer's (no final, cross, add or gathered rows) with split-K copies too when
+    it has few rows and a long K. With the trial candidates on (``trial_configs``) also a
+    cross layer's ``CROSS_CANDIDATES`` (above 1024 rows) or ``SMALL_M_CROSS_TILES`` (up to
+    1024), in both orders, and ``PERSISTENT_CROSS_CONFIGS`` (above 1024), and a plain
+    layer's ``SPLIT_K_TILES``."""
     configs = base_configs(n if final else None, m, elsize)
+    trial = _common.trial_configs()
     if cross:  # both epilogue orders compete; the card's tuner keeps the faster
-        extra = EXTRA_CROSS_CONFIGS if m > 1024 else SMALL_M_CROSS_TILES
-        configs = configs + [c for c in extra if fits(c, elsize)]
+        if trial:
+            extra = CROSS_CANDIDATES if m > 1024 else SMALL_M_CROSS_TILES
+            configs = configs + [c for c in extra if fits(c, elsize)]
         configs = configs + [{**c, "EPILOGUE_FIRST": True} for c in configs]
-        if m > 1024:
+        if trial and m > 1024:
             configs = configs + [c for c in PERSISTENT_CROSS_CONFIGS if fits(c, elsize)]
     if plain and splits_k(m, k):
         # few rows, long K (at B=512 the 3456-wide layers ran on ~128 programs, each walking
         # all of K): slices of K on more programs, then an ordered sum
-        configs = (configs + [{**c, "SPLIT_K": 4} for c in configs]
-                   + [c for c in SPLIT_K_TILES if fits(c, elsize)])
+        configs = configs + [{**c, "SPLIT_K": 4} for c in configs]
+        if trial:
+            configs = configs + [c for c in SPLIT_K_TILES if fits(c, elsize)]
     return configs

@@ -324,8 +324,10 @@ def test_l2_keep_hint_changes_no_bit(device, dtype, unroll, monkeypatch):
     """With L2_KEEP the rows of the kept tables (here the two smallest) are loaded with an
     evict-last hint and the others without: the same values, so the same bits as without
     the hint, and the tuner offers the hinted variant only when some tables are kept."""
+    from recserve.kernels import _common
     from recserve.kernels import embedding_bag as eb
 
+    monkeypatch.setenv(_common.TRIAL_ENV, "1")  # (the hint is a trial candidate)
     dims, rows = [16, 32, 16], [50, 9, 300]
     tuner = eb.SafeTuner("embedding_bag", eb.CONFIGS)
     monkeypatch.setattr(eb, "_tuner", tuner)
@@ -341,6 +343,10 @@ def test_l2_keep_hint_changes_no_bit(device, dtype, unroll, monkeypatch):
         assert tuner.best[key].get("L2_KEEP") == keep and key[-1] == frozenset({0, 1})
         tuner.best.clear()
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    monkeypatch.setenv(_common.TRIAL_ENV, "0")  # serving's default: no table marked kept
+    monkeypatch.setattr(eb, "CONFIGS", [{**eb.CONFIGS[0], "L2_KEEP": False}])
+    _run(dtype, dims, rows, _features(dims), device, seed=6, pad=16)
+    assert list(tuner.best)[-1][-1] == frozenset()
     out, _, ref, _ = runs[1]
     for f, want in zip(_features(dims), ref, strict=True):
         got = out[:, f.out_col:f.out_col + want.shape[1]]

@@ -257,6 +257,7 @@ def test_large_split_k_tiles_join_plain_layers_with_few_rows_and_a_long_k(monkey
     from recserve.kernels import linear_configs as lc
 
     monkeypatch.setattr(_common, "interpreting", lambda: False)
+    monkeypatch.setenv(_common.TRIAL_ENV, "1")  # (a trial candidate)
 
     def large(m, k, **flags):
         got = lc.candidates(m, 512, k, 2, **{"final": False, "cross": False, "plain": True,
@@ -266,15 +267,19 @@ def test_large_split_k_tiles_join_plain_layers_with_few_rows_and_a_long_k(monkey
     assert large(512, 3456) == lc.SPLIT_K_TILES
     assert large(2048, 3456) == [] and large(512, 512) == []
     assert large(512, 3456, plain=False) == []
+    monkeypatch.setenv(_common.TRIAL_ENV, "0")
+    assert large(512, 3456) == []  # serving's default: not tried
 
 
 def test_persistent_candidates_join_cross_layers_above_1024_rows(monkeypatch):
-    """Cross layers above 1024 rows (DCNv2's V at the large buckets) tune the persistent
-    configs beside the tiled ones; other layers and smaller batches do not."""
+    """With the trial candidates on, cross layers above 1024 rows (DCNv2's V at the large
+    buckets) tune the persistent configs beside the tiled ones; other layers and smaller
+    batches do not, and serving's default tunes none."""
     from recserve.kernels import _common
     from recserve.kernels import linear_configs as lc
 
     monkeypatch.setattr(_common, "interpreting", lambda: False)
+    monkeypatch.setenv(_common.TRIAL_ENV, "1")
 
     def persistent(m, **flags):
         got = lc.candidates(m, 3456, 512, 2, **{"final": False, "cross": False, "plain": False,
@@ -284,6 +289,8 @@ def test_persistent_candidates_join_cross_layers_above_1024_rows(monkeypatch):
     assert persistent(8192, cross=True) == lc.PERSISTENT_CROSS_CONFIGS
     assert persistent(1024, cross=True) == []
     assert persistent(8192, plain=True) == []
+    monkeypatch.delenv(_common.TRIAL_ENV)
+    assert persistent(8192, cross=True) == []
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -341,14 +348,16 @@ def test_gpu_configs_fit_shared_memory_per_operand_size(monkeypatch):
     assert final and all(c["BLOCK_N"] == 256 and c["BLOCK_M"] <= 64 for c in final)
 
 
-def test_cross_layer_opt_in_candidates_join_only_when_asked_and_at_large_m(monkeypatch):
-    """``linear_configs.EXTRA_CROSS_CONFIGS`` (set by kernel_variants.py --cross-configs) adds
-    candidates to cross layers above 1024 rows only, in both epilogue orders; serving never
-    tunes them (each would add compiles to every start)."""
+def test_cross_layer_trial_candidates_join_only_when_asked(monkeypatch):
+    """With ``RECSERVE_TRIAL_CONFIGS=1`` (kernel_variants.py --trial-configs) cross layers
+    also tune ``CROSS_CANDIDATES`` above 1024 rows and ``SMALL_M_CROSS_TILES`` up to 1024,
+    each in both epilogue orders; serving's default tunes neither (each would add compiles
+    to every start, and neither won on the H200)."""
+    from recserve.kernels import _common
     from recserve.kernels import linear as li
     from recserve.kernels import linear_configs as lc
 
-    seen = []
+    seen = []  # (what the tuner was offered; nothing launches)
     monkeypatch.setattr(li._tuner, "run", lambda key, launch, candidates: seen.append(
         candidates))
     k, n = 32, 48
@@ -359,14 +368,14 @@ def test_cross_layer_opt_in_candidates_join_only_when_asked_and_at_large_m(monke
         li.linear(torch.randn(m, k), w, torch.randn(n), cross=(x0, x))
         return seen.pop()
 
-    assert lc.EXTRA_CROSS_CONFIGS == []  # off unless a benchmark turns it on
-    base = call(2048)
-    monkeypatch.setattr(lc, "EXTRA_CROSS_CONFIGS", list(lc.CROSS_CANDIDATES))
+    monkeypatch.delenv(_common.TRIAL_ENV, raising=False)
+    base, small_base = call(2048), call(1024)
+    monkeypatch.setenv(_common.TRIAL_ENV, "1")
     extended = call(2048)
-    extra = [c for c in extended if c not in base]
+    extra = [c for c in extended if c not in base and "PER_SM" not in c]
     assert len(extra) == 2 * len(lc.CROSS_CANDIDATES)  # each in both epilogue orders
     assert {c.get("EPILOGUE_FIRST", False) for c in extra} == {False, True}
     small = call(1024)  # small M: none of them, but the small-M cross tiles, both orders
     assert not any(c in small for c in extra)
-    assert [c for c in small if c["BLOCK_M"] == 128] == [
+    assert [c for c in small if c not in small_base] == [
         {**t, **order} for order in ({}, {"EPILOGUE_FIRST": True}) for t in lc.SMALL_M_CROSS_TILES]
