@@ -146,7 +146,7 @@ _tuner = SafeTuner("embedding_bag", CONFIGS)
 def _candidates(align: int, l2_keep: bool) -> list[dict]:
     """Tuning candidates: every config with the switches' variant, with ``l2_keep`` (some
     but not all of the launch's tables are kept in L2, see ``kept_tables``; only with the
-    trial candidates on, ``trial_configs``: on the H200 the hint was 8-30% slower) each
+    trial candidates on, ``trial_configs``: on the H200 the hint was 8-39% slower) each
     unpipelined one also with the L2 hint, then the first H200 run's proven kernel, so a
     variant that fails to compile on the card only loses speed."""
     out = [{**c, "ALIGN": align, "PREFETCH": PREFETCH and c["STAGES"] == 1} for c in CONFIGS]
