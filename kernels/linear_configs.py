@@ -62,7 +62,8 @@ PERSISTENT_CROSS_CONFIGS = [
 # slabs from L2 for every 32-128 output columns or 64 rows (64x32 on U: 85 MB through
 # L2 for 7 MB of operands, 10.9 us on the H200); 128x128 tiles in 8 K slices keep 128
 # programs busy and move about 28 MB, plus 8 MB of fp32 slices written and read back.
-# H200: 16.4-19.9 us on U against 64x64's 11.7 (graph-tuned).
+# H200 (graph-tuned): 16.4-19.9 us on the first top layer against 64x64's 11.7; on U
+# not among the ten fastest.
 SPLIT_K_TILES = [
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3,
      "SPLIT_K": 8},
