@@ -197,8 +197,12 @@ class SafeTuner:
             raise RuntimeError(f"{self.name}: every config failed for key {key}:\n  "
                                + "\n  ".join(errors))
         if errors:
+            why = (" (an output that differs is another summation order, such as a long bag's "
+                   "over another number of lanes with int8 or weighted rows, or a miscompile: "
+                   "either way dropped, so whichever config wins gives the same bits)"
+                   if any("its output differs" in e for e in errors) else "")
             warnings.warn(f"{self.name}: pruned {len(errors)} of {len(configs)} config(s) for "
-                          f"key {_brief(key)}: " + "; ".join(errors), stacklevel=2)
+                          f"key {_brief(key)}: " + "; ".join(errors) + why, stacklevel=2)
         timings.sort(key=lambda t: t[0])
         self.timings[key] = timings
         best = timings[0][1]
