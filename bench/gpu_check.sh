@@ -39,9 +39,11 @@
 # candidates add to its tuning: 56 s on the H200), ENGINE_TIMEOUT_S (200),
 # SINGLE_TIMEOUT_S (80), LOAD_TIMEOUT_S (60), WORKERS_TIMEOUT_S (120; the step runs only when
 # the check has taken under WORKERS_BUDGET_S, 330, so far); RECSERVE_COMMIT (default: git HEAD; the device
-# copy of the tree has no .git, so pass it in); STEPS (default: every step but startup; else
+# copy of the tree has no .git, so pass it in); STEPS (default: every step but startup and ncu; else
 # the names to run, e.g. "install pytest-gpu engine-bench": a short follow-up call, or
-# "install startup": model load times, STARTUP_ARGS, STARTUP_TIMEOUT_S 300).
+# "install startup": model load times, STARTUP_ARGS, STARTUP_TIMEOUT_S 300, or "install
+# ncu": each kernel of a tuned forward under Nsight Compute, NCU_BATCHES "8192 512",
+# NCU_TIMEOUT_S 240 a batch size).
 # The server step also runs the CPU engine on the same host (config ``cpu``): the demo model
 # is small enough that the host, not the device, decides its rate.
 set -u -o pipefail
@@ -161,6 +163,25 @@ if [[ " ${STEPS:-} " == *" startup "* ]]; then
     step startup bash -c "timeout ${STARTUP_TIMEOUT_S:-300} $PY bench/startup.py \
         '$OUT/startup' ${STARTUP_ARGS:-} >> '$OUT/bench.log' 2>&1; rc=\$?; \
         tail -n 4 '$OUT/bench.log'; exit \$rc"
+fi
+
+# Only when STEPS names it (e.g. STEPS="install ncu"): one tuned dlrmv2 forward per batch
+# size under Nsight Compute (bench/ncu_forward.py): per kernel its DRAM and L2 bytes, SM and
+# memory throughput, occupancy; the CSVs come back as ncu-B.csv, the tables go to bench.log.
+# ncu needs the hardware counters (seen on Firecracker machines, not on gVisor: KINDS.md).
+if [[ " ${STEPS:-} " == *" ncu "* ]]; then
+    NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
+    step ncu bash -c "[ -n '$NCU' ] || { echo 'ncu: not on this machine'; exit 3; }; rc=0; \
+        for b in ${NCU_BATCHES:-8192 512}; do \
+            timeout ${NCU_TIMEOUT_S:-240} '$NCU' --profile-from-start off --clock-control none \
+                --csv --print-units base --log-file '$OUT/ncu-'\$b.csv \
+                --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_bytes.sum \
+                --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+                --section LaunchStats --section WarpStateStats \
+                $PY bench/ncu_forward.py --batch \$b >> '$OUT/bench.log' 2>&1 || rc=\$?; \
+            $PY bench/ncu_forward.py --summarize '$OUT/ncu-'\$b.csv 2>&1 \
+                | tee -a '$OUT/bench.log' || rc=\$?; \
+        done; exit \$rc"
 fi
 
 echo "gpu_check done in $(( $(date +%s) - START )) s" | tee -a "$SUMMARY"
