@@ -21,17 +21,20 @@
 # tuned by their time in a graph; after the steps
 # before, Triton's cache is warm, which is when the H200's graph-tuned int8 gather went wrong
 # (RESULTS.md, tenth session): a failed check prints its diagnosis. Others: "--sections
-# row_size --budget-s 200": is a lookup's cost per row or per byte?, "--sections configs":
+# row_size --budget-s 200": a lookup's cost per row, byte or line (the H200: by the line), "--sections configs":
 # every gather config checked three ways),
-# ENGINE_BENCH_ARGS (--variants default,torch_calls,copy_out_stream,blocking_wait,via=ring,
-# pack_in=process,default,copy_out_stream: in process (the graphs copy the scores out: 6
-# CUDA calls a batch, the default since the H200 timed each call at 10-38 us), with the
-# issue's CUDA calls through torch instead of the driver (the default before the tenth
-# session), with the scores copied out on a stream of their own (10 calls a batch, the
-# default before the twelfth session), with the completion thread sleeping on its events
-# instead of spinning in the driver, then the requests as workers' rings hand them over,
-# packed in threads and in packing processes, then the default and copy_out_stream again
-# (one machine's runs vary by up to 0.2: a pair run twice shows it); --sweep: the older
+# ENGINE_BENCH_ARGS (--variants default,torch_calls,copy_out_stream,slots=6+pack_threads=4,
+# via=ring,pack_in=process,default,slots=6+pack_threads=4: in process (the graphs copy the
+# scores out: 6 CUDA calls a batch, the default since the H200 timed each call at 10-38
+# us), with the issue's CUDA calls through torch instead of the driver (the default before
+# the tenth session), with the scores copied out on a stream of their own (10 calls a
+# batch, the default before the twelfth session), with 6 slots on 4 packing threads (a slot
+# is held from its pack to its hand-back, about 4.3 ms on the twelfth session's H200, so 4
+# slots started a batch only every ~1 ms against 0.75 ms of compute), then the requests as
+# workers' rings hand them over, packed in threads and in packing processes, then the
+# default and 6 slots again (one machine's runs vary by up to 0.2: a pair run twice shows
+# it); blocking_wait (the completion thread sleeping on its events) stays a name; --sweep:
+# the older
 # sweep of
 # threads, slots, streams and switch interval), PYTEST_WORKERS (4, with pytest-xdist), and each step's time
 # limit in seconds:
@@ -121,7 +124,7 @@ step kernel-variants bash -c "timeout ${VARIANTS_TIMEOUT_S:-120} $PY bench/kerne
 # threads and in packing processes (serve --pack-in), with the issue's CUDA calls through torch
 # (torch_calls) against the driver (the default), and more slots than launcher threads.
 step engine-bench bash -c "timeout ${ENGINE_TIMEOUT_S:-200} $PY bench/engine_gpu.py '$OUT' \
-    ${ENGINE_BENCH_ARGS:---variants default,torch_calls,copy_out_stream,blocking_wait,via=ring,pack_in=process,default,copy_out_stream} \
+    ${ENGINE_BENCH_ARGS:---variants default,torch_calls,copy_out_stream,slots=6+pack_threads=4,via=ring,pack_in=process,default,slots=6+pack_threads=4} \
     >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 10 '$OUT/bench.log'; exit \$rc"
 
 # Engine vs one forward per request, in process, same offered loads (bench/engine.py).
