@@ -357,7 +357,7 @@ def main() -> None:
     p.add_argument("--driver-call-us", type=float, default=DRIVER_CALL_S * 1e6,
                    help="a driver call's host time with --issue-calls driver (default 3: an "
                    "asynchronous call's few microseconds; an H200's issue stage took "
-                   "0.22-0.26 ms for its ~10 calls, and timed 10-35 us a call (twelfth "
+                   "0.22-0.26 ms for its ~10 calls, and timed 10-39 us a call (twelfth "
                    "session): try 25)")
     p.add_argument("--graph-outputs", action=argparse.BooleanOptionalAction, default=True,
                    help="GpuExecutor(graph_outputs=True), the default: the graphs copy the "

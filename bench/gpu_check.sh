@@ -25,7 +25,7 @@
 # every gather config checked three ways),
 # ENGINE_BENCH_ARGS (--variants default,torch_calls,copy_out_stream,slots=6+pack_threads=4,
 # via=ring,pack_in=process,default,slots=6+pack_threads=4: in process (the graphs copy the
-# scores out: 6 CUDA calls a batch, the default since the H200 timed each call at 10-38
+# scores out: 6 CUDA calls a batch, the default since the H200 timed each call at 10-39
 # us), with the CUDA calls through torch instead of the driver (the default before
 # the tenth session), with the scores copied out on a stream of their own (10 calls a
 # batch, the default before the twelfth session), with 6 slots on 4 packing threads (a slot

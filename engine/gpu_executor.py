@@ -109,7 +109,7 @@ class GpuExecutor(Executor):
         rows), on the compute stream; the copy-in stays apart, on its own stream, at the
         batch's size. 6 CUDA calls a batch instead of 10, each a GIL hand-off; the
         timeline's ``compute`` span then includes the copy out, and there is no ``d2h``.
-        On by default with graphs: on the H200 (twelfth session) each call took 10-38 us,
+        On by default with graphs: on the H200 (twelfth session) each call took 10-39 us,
         and issuing a batch took 0.19-0.22 ms with 6 against 0.27-0.33 with 10 in all five
         pairs of runs; samples/s were equal within the runs' spread (0.70-0.88 of the bare
         forward either way: packing bounds the engine there), and the simulated device
