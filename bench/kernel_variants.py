@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import floors  # noqa: E402
 import kernel_profile as kp  # noqa: E402
 import workloads as wl  # noqa: E402
 from gather_diagnosis import beyond_bf16, diagnose  # noqa: E402
@@ -69,6 +70,7 @@ from recserve.kernels.tables import PackedTables, quantized_row_bytes  # noqa: E
 VARIANTS = {"first_run": (False, False), "aligned_prefetch": (True, True),
             "aligned": (True, False)}
 DEFAULT = "aligned_prefetch"
+SECTIONS = ("gather", "int8", "forward", "row_size", "graph_tuned", "configs", "floors")
 FAILURES: list[str] = []
 
 
@@ -245,6 +247,25 @@ def bench_row_sizes(rec, base: dict, max_rows: int, b: int,
             torch.cuda.empty_cache()
 
 
+def bench_floors(rec, base: dict, model: TritonModel, spec, sizes: list[int]) -> None:
+    """At each B: the bf16 gather against the same rows read by the simplest reader
+    (``floors.rows_floor``), and DCNv2's first V layer against its parts and floors
+    (``floors.cross_parts``); see bench/floors.py for what each says."""
+    packed, feats, names = model.groups[0]
+    by_name = {f.name: k for k, f in enumerate(spec.sparse)}
+    time_us = kp.graph_us if kb.DEV == "cuda" else (lambda fn: kb.timed_us([fn]))
+    for b in sizes:
+        gather_us = bench_gather(rec, base, model, spec, b, "bf16", variants=(DEFAULT,))
+        values = wl.fixed_hot_inputs(spec, b, False, kb.DEV, seed=0)["values"]  # as timed
+        rows = floors.gathered_rows(packed, feats, [values[by_name[n]] for n in names])
+        got = floors.rows_floor(packed, rows, time_us)
+        ours = gather_us.get(DEFAULT)
+        rec.add(section="rows_floor", B=b, rows=len(rows), gather_us=ours, **got,
+                gather_over_floor=round(ours / got["us"], 3) if ours and got["us"] else None)
+        rec.guarded(f"cross parts B={b}", lambda b=b: rec.add(
+            section="cross_parts", **floors.cross_parts(model, b, base, time_us)))
+
+
 def restore_env(name: str, value: str | None) -> None:
     """Set ``name`` back to ``value`` (None: unset)."""
     os.environ.pop(name, None)
@@ -375,6 +396,20 @@ def summary(records: list[dict]) -> str:
                          f"{r['bytes_read']} B, {r['sectors']} sectors, {r['bursts']} "
                          f"bursts, {r['lines']} lines")
             continue
+        elif sec == "rows_floor":
+            lines.append(f"{'gather vs the same rows read plainly':44} {r['B']:>6} "
+                         f"{r['gather_us'] or 0:>9.1f}  floor {r['us']} us "
+                         f"({r.get('M_rows_per_s')} M rows/s, ROWS, warps {r.get('shape')}): "
+                         f"gather {r['gather_over_floor']}x the floor")
+            continue
+        elif sec == "cross_parts":
+            lines.append(f"{'DCNv2 V: cross / plain / epilogue apart':44} {r['B']:>6} "
+                         f"{r['cross_us']:>9.1f}  plain {r['plain_us']}, apart "
+                         f"{r['epilogue_apart_us']}, U {r['u_us']}; floors: arithmetic "
+                         f"{r['arithmetic_floor_us']}, epilogue bytes "
+                         f"{r['epilogue_bytes_floor_us']}; one after the other "
+                         f"{r['one_after_the_other_us']}, overlapped {r['overlapped_us']}")
+            continue
         elif sec == "int8_speedup":
             tuned = "" if r.get("tuned_by", "eager") == "eager" else f", {r['tuned_by']}-tuned"
             lines.append(f"{'int8 / bf16 lookup rate' + tuned:44} {r['B']:>6} {'':>9}  "
@@ -456,7 +491,11 @@ def main() -> int:
                     "gathers so too; the older forward extras are then left out), configs "
                     "(every gather config, bf16 and int8, checked against the reference "
                     "eagerly, after a CUDA-graph timing and replayed from a graph, then the "
-                    "tuner's pick by each method, three rounds)")
+                    "tuner's pick by each method, three rounds), floors (before the "
+                    "forwards, at the first of --sizes: the gather against the same rows "
+                    "read by the simplest reader, DCNv2's V layer against its plain GEMM, "
+                    "its epilogue apart and this run's arithmetic and byte floors; "
+                    "bench/floors.py)")
     ap.add_argument("--row-size-rows", type=int, default=1_000_000,
                     help="rows per table in the row_size section (dim 256 bf16: 26 tables "
                     "of 512-byte rows, 13 GB at 1M)")
@@ -464,10 +503,8 @@ def main() -> int:
                     help="cpu: a smoke run under the interpreter (use tiny --sizes, --max-rows)")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
-    if not sections <= {"gather", "int8", "forward", "row_size", "graph_tuned",
-                           "configs"}:
-        ap.error(f"--sections {args.sections!r}: expected gather, int8, forward, row_size, "
-                 "graph_tuned and/or configs")
+    if not sections <= set(SECTIONS):
+        ap.error(f"--sections {args.sections!r}: expected some of {', '.join(SECTIONS)}")
     if args.trial_configs:
         os.environ[TRIAL_ENV] = "1"
     if args.untuned:
@@ -492,6 +529,8 @@ def main() -> int:
         rec.guarded("config check", check_configs, rec, base, model, spec, args.sizes)
     if "row_size" in sections:
         rec.guarded("row sizes", bench_row_sizes, rec, base, args.row_size_rows, args.sizes[0])
+    if "floors" in sections:
+        rec.guarded("floors", bench_floors, rec, base, model, spec, args.sizes[:1])
     if "forward" not in sections:
         return finish(rec)
     for b in args.sizes:

@@ -1,0 +1,132 @@
+"""What the card allows for the two kernels furthest from issue 6's targets, measured beside
+them in one process (``kernel_variants.py --sections floors``).
+
+- ``rows_floor``: the very rows a ``dlrmv2`` gather reads (each feature's ids as rows of
+  the packed table buffer, in the gather's order), read by the simplest reader there is:
+  ROWS independent rows a program, no bags, no sums in a fixed order, no bounds checks, one
+  [DIM] sum a program stored so that the loads stay. The best of a few shapes is what
+  reading those rows costs on this card; the gather against it says how much of the
+  gather's time is the reading and how much is ours. (The H200's gather, 155 us at B=8192,
+  already ran at the rate the row_size section measured for rows that all miss L2.)
+- ``cross_parts``: DCNv2's V layer as served (x0 * (V t + b) + x: a GEMM with K = 512, then
+  an epilogue that reads x0 and x and writes the output, as many bytes as the GEMM's
+  operands many times over) against the same GEMM with a plain epilogue, the epilogue done
+  apart (``torch.addcmul``), and the arithmetic and byte floors of this run's matmul and
+  copy rates. If the cross layer takes about plain + bytes, the main loop and the epilogue
+  run one after the other on every SM (the H200: 95 us against about 40 of bytes and 39 of
+  arithmetic); about max(plain, bytes) would mean they overlap and the time goes elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from recserve.kernels import linear as li
+from recserve.kernels.tables import BagFeature, PackedTables
+
+import triton  # isort: skip  (after recserve.kernels, which may switch on the interpreter)
+import triton.language as tl  # isort: skip
+
+READER_SHAPES = [(rows, warps) for rows in (8, 16, 32, 64) for warps in (4, 8)]
+"""(ROWS, num_warps) tried by ``rows_floor``; the fastest that compiles is the floor."""
+
+
+@triton.jit
+def _read_rows(table_ptr, rows_ptr, out_ptr, DIM: tl.constexpr, ROWS: tl.constexpr):
+    """Program p reads rows rows[p * ROWS:(p + 1) * ROWS] of a [rows, DIM] table and stores
+    their fp32 sum (so the compiler keeps every load); no masks: the caller pads."""
+    pid = tl.program_id(0)
+    rows = tl.load(rows_ptr + pid * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    cols = tl.arange(0, DIM)
+    tile = tl.load(table_ptr + rows[:, None] * DIM + cols[None, :])
+    tl.store(out_ptr + pid * DIM + cols, tl.sum(tile.to(tl.float32), axis=0))
+
+
+def gathered_rows(packed: PackedTables, feats: list[BagFeature], values: list[torch.Tensor]
+                  ) -> torch.Tensor:
+    """Every id of ``values`` (one tensor per feature of ``feats``) as a row of the packed
+    buffer seen as [rows, dim], feature after feature as the gather reads them (int64)."""
+    if packed.quantized or len(set(packed.dims)) != 1:
+        raise ValueError("rows_floor reads float tables of one dim (dlrmv2's bf16 tables)")
+    dim = packed.dims[0]
+    return torch.cat([v.to(torch.int64) + packed.elem_base[f.table] // dim
+                      for f, v in zip(feats, values, strict=True)])
+
+
+def reader(packed: PackedTables, rows: torch.Tensor, shape: tuple[int, int]
+           ) -> Callable[[], None]:
+    """One launch of ``_read_rows`` over ``rows`` with (ROWS, num_warps) ``shape``; the rows
+    are padded with their own first ids to a multiple of ROWS."""
+    per, warps = shape
+    pad = -len(rows) % per
+    rows = torch.cat([rows, rows[:pad]]) if pad else rows
+    dim = packed.dims[0]
+    out = torch.empty(len(rows) // per, dim, device=rows.device, dtype=torch.float32)
+    table = packed.data
+
+    def run() -> None:
+        _read_rows[(len(rows) // per,)](table, rows, out, DIM=dim, ROWS=per, num_warps=warps)
+
+    run.out = out  # (tests check the sums)
+    run.rows = rows
+    return run
+
+
+def rows_floor(packed: PackedTables, rows: torch.Tensor, time_us: Callable[[Callable], float],
+               shapes: list[tuple[int, int]] = READER_SHAPES) -> dict:
+    """The fastest reader of ``rows`` over ``shapes``, timed by ``time_us`` (a graph replay
+    on the card): {"us", "shape", "M_rows_per_s", "tried": [[ROWS, warps, us or error]]}."""
+    tried, best = [], None
+    for shape in shapes:
+        try:
+            run = reader(packed, rows, shape)
+            run()  # compiles; a shape the card's Triton cannot build is skipped
+            us = time_us(run)
+        except Exception as exc:  # noqa: BLE001 (a compile failure is a result here)
+            tried.append([*shape, f"{type(exc).__name__}: {exc}"[:160]])
+            continue
+        tried.append([*shape, round(us, 2)])
+        if best is None or us < best[0]:
+            best = (us, shape)
+    if best is None:
+        return {"us": None, "tried": tried}
+    return {"us": round(best[0], 2), "shape": list(best[1]),
+            "M_rows_per_s": round(len(rows) / best[0], 1), "tried": tried}
+
+
+def cross_parts(model, b: int, base: dict, time_us: Callable[[Callable], float],
+                seed: int = 0) -> dict:
+    """The model's first DCNv2 V layer at ``b`` rows as served, with a plain epilogue, and
+    its epilogue apart, against this run's floors (``base``: copy GB/s counting read and
+    write bytes, bf16 matmul TFLOP/s); the U layer beside them (a long-K GEMM)."""
+    u, v, bias = model.cross[0]
+    rank, width = u.shape[0], v.shape[0]
+    gen = torch.Generator(device=u.device).manual_seed(seed)
+
+    def rand(*shape) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=u.device).to(model.dtype)
+
+    x0, x = rand(b, width), rand(b, width)
+    t = li.linear(x, u)
+    y, z = torch.empty_like(x), torch.empty_like(x)
+    parts = {
+        "cross": lambda: li.linear(t, v, bias, cross=(x0, x), out=y),
+        "plain": lambda: li.linear(t, v, bias, out=y),
+        "epilogue_apart": lambda: torch.addcmul(x, x0, y, out=z),
+        "u": lambda: li.linear(x, u, out=t),
+    }
+    times = {}
+    for name, fn in parts.items():
+        fn()  # tunes (the linear tuner keeps one config per shape, as served)
+        times[name] = round(time_us(fn), 2)
+    size = x.element_size()
+    epilogue_bytes = 3 * b * width * size  # x0 and x read, the output written
+    arithmetic_us = 2 * b * width * rank / (base["matmul_tflops"] * 1e6)
+    bytes_us = epilogue_bytes / (base["copy_GBps"] * 1e3)
+    return {"B": b, "rank": rank, "width": width, **{f"{k}_us": t for k, t in times.items()},
+            "arithmetic_floor_us": round(arithmetic_us, 2),
+            "epilogue_bytes_floor_us": round(bytes_us, 2),
+            "one_after_the_other_us": round(times["plain"] + bytes_us, 2),
+            "overlapped_us": round(max(times["plain"], bytes_us, arithmetic_us), 2)}

@@ -1,0 +1,109 @@
+"""bench/floors.py under the interpreter: the simplest row reader sums exactly the rows a
+gather reads, and the cross layer's parts are the served layer and its pieces."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from recserve.engine.weights import init_weights
+from recserve.kernels.model import TritonModel
+from recserve.kernels.tables import BagFeature, PackedTables
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import floors  # noqa: E402
+import workloads as wl  # noqa: E402
+
+DIM = 16
+
+
+def _tables():
+    gen = torch.Generator().manual_seed(0)
+    tables = [torch.randn(rows, DIM, generator=gen) for rows in (7, 30, 12)]
+    return tables, PackedTables(tables)
+
+
+def test_gathered_rows_address_each_feature_in_its_own_table():
+    tables, packed = _tables()
+    feats = [BagFeature(2, 0, max_bag=2), BagFeature(0, DIM, max_bag=1)]
+    values = [torch.tensor([0, 11, 5, 3]), torch.tensor([6, 0])]
+    rows = floors.gathered_rows(packed, feats, values)
+    flat = packed.data.view(-1, DIM)
+    want = torch.cat([tables[2][values[0]], tables[0][values[1]]])
+    assert torch.equal(flat[rows], want)
+
+
+@pytest.mark.parametrize("shape", [(8, 4), (16, 4)])
+def test_reader_sums_every_row_padded_with_its_own_ids(shape):
+    tables, packed = _tables()
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.randint(0, sum(packed.rows), (21,), generator=gen)  # not a multiple of ROWS
+    run = floors.reader(packed, rows, shape)
+    run.out.fill_(float("nan"))
+    run()
+    per = shape[0]
+    assert len(run.rows) % per == 0 and torch.equal(run.rows[:21], rows)
+    flat = packed.data.view(-1, DIM)
+    want = flat[run.rows].view(-1, per, DIM).sum(1)
+    torch.testing.assert_close(run.out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_floor_keeps_the_fastest_shape_and_reports_failures():
+    _, packed = _tables()
+    rows = torch.arange(16)
+    fake_us = {(8, 4): 3.0, (16, 4): 2.0}
+
+    def time_us(run):
+        per = len(run.rows) // len(run.out)
+        if per == 32:
+            raise RuntimeError("out of resources")
+        return fake_us[(per, 4)]
+
+    got = floors.rows_floor(packed, rows, time_us, [(8, 4), (16, 4), (32, 4)])
+    assert got["us"] == 2.0 and got["shape"] == [16, 4]
+    assert got["M_rows_per_s"] == 8.0  # 16 rows in 2 us
+    assert got["tried"][2][:2] == [32, 4] and "out of resources" in got["tried"][2][2]
+
+
+def test_rows_floor_refuses_quantized_or_mixed_tables():
+    with pytest.raises(ValueError, match="one dim"):
+        floors.gathered_rows(PackedTables([torch.randn(4, 8), torch.randn(4, 16)]),
+                             [BagFeature(0, 0, 1)], [torch.tensor([1])])
+
+
+def test_cross_parts_times_the_served_layer_and_its_pieces():
+    spec = wl.dlrmv2_spec(50, "fp32", "dcnv2")
+    model = TritonModel(spec, init_weights(spec, 0), device="cpu")
+    timed = []
+
+    def time_us(fn):
+        timed.append(fn().clone())
+        return 10.0
+
+    base = {"matmul_tflops": 1.0, "copy_GBps": 100.0}
+    got = floors.cross_parts(model, 4, base, time_us)
+    u, v, _ = model.cross[0]
+    assert (got["rank"], got["width"]) == (u.shape[0], v.shape[0])
+    assert got["cross_us"] == got["plain_us"] == got["u_us"] == 10.0
+    cross, plain, apart, low = timed  # what each part returned
+    assert cross.shape == plain.shape == apart.shape == (4, v.shape[0])
+    assert low.shape == (4, u.shape[0])
+    assert not torch.equal(cross, plain)  # the cross epilogue ran, then the plain one
+    # 2 * B * width * rank flops at 1 TFLOP/s; x0, x and the output at 100 GB/s
+    assert got["arithmetic_floor_us"] == round(2 * 4 * v.shape[0] * u.shape[0] / 1e6, 2)
+    assert got["epilogue_bytes_floor_us"] == round(3 * 4 * v.shape[0] * 4 / 1e5, 2)
+    assert got["one_after_the_other_us"] == round(10.0 + 3 * 4 * v.shape[0] * 4 / 1e5, 2)
+
+
+def test_gpu_check_asks_kernel_variants_only_for_sections_it_has():
+    import re
+
+    import kernel_variants as kv
+
+    script = (Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh").read_text()
+    default = re.search(r"VARIANTS_BENCH_ARGS:---sections (\S+)", script).group(1)
+    assert "floors" in default.split(",")
+    assert set(default.split(",")) <= set(kv.SECTIONS)
