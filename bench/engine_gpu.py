@@ -17,7 +17,10 @@ times two slots' graphs replayed at once on two streams, the device's ceiling fo
 and with a 0.5 ms interpreter switch interval (a packing thread that gave up the GIL for a
 copy waits up to the interval, 5 ms by default, for a busy Python thread to return it), to
 find what bounds the engine; one thread's packing time alone (pinned and pageable buffers)
-is measured first, and each run says how much longer a pack took inside the engine.
+is measured first, then the full batches a second 1, 2, 4 and 6 threads pack together with
+nothing else running (the host's packing ceiling: against the bare forward's batches a
+second, whether this host can feed the card at all), and each run says how much longer a
+pack took inside the engine.
 Writes OUTDIR/engine_gpu.json.
 """
 
@@ -30,6 +33,7 @@ import json
 import os
 import platform
 import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -187,15 +191,59 @@ def pack_times(spec, full: RequestInputs, ranking: list[RequestInputs]) -> dict:
     return out
 
 
+def packing_ceiling(spec, requests: list[RequestInputs], threads=(1, 2, 4, 6),
+                    seconds: float = 0.6) -> dict:
+    """Full batches a second that ``threads`` packing threads sustain together, each into
+    its own staging buffers (pinned with a GPU), cycling through ``requests`` as the engine
+    runs do, with nothing else running: the host's ceiling for packing, whatever the
+    engine's pipeline. Against the bare forward's batches a second it says whether the
+    host can feed the card at all (memory bandwidth, cores) or the pipeline falls short."""
+    rows = requests[0].num_candidates
+    layout = staging_layout(spec, feature_groups(spec), rows, build_layout(spec).x_request)
+    return {str(n): _packed_together(layout, requests, n, seconds) for n in threads}
+
+
+def _packed_together(layout, requests: list[RequestInputs], n: int, seconds: float) -> dict:
+    """``n`` threads packing for ``seconds``: batches a second in all, ms a pack each."""
+    rows = requests[0].num_candidates
+    hosts = [pinned_host(layout) if torch.cuda.is_available() else host_buffers(layout)
+             for _ in range(n)]
+    for host in hosts:  # (first touch of the buffers out of the timing)
+        pack(layout, host, [requests[0]], rows)
+    counts, start, deadline = [0] * n, threading.Barrier(n + 1), [0.0]
+
+    def work(i: int) -> None:
+        start.wait()
+        k = 0
+        while time.perf_counter() < deadline[0]:
+            pack(layout, hosts[i], [requests[(i + k) % len(requests)]], rows)
+            k += 1
+        counts[i] = k
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for w in workers:
+        w.start()
+    began = time.perf_counter()
+    deadline[0] = began + seconds
+    start.wait()
+    for w in workers:
+        w.join()
+    elapsed = time.perf_counter() - began
+    return {"batches_per_s": round(sum(counts) / elapsed, 1),
+            "ms_a_pack": round(n * elapsed / max(1, sum(counts)) * 1e3, 3)}
+
+
 def pack_only(outdir: Path, spec, batch: int) -> None:
     """``--pack-only``: pack times of one thread, with the machine they ran on."""
     rng = np.random.default_rng(0)
-    full = wl.full_requests(spec, rng, batch, 1)
+    full = wl.full_requests(spec, rng, batch, 4)
     ranking = wl.ranking_slices(spec, full, rng, 40)
     results = {"host": platform.node(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
                "numpy": np.__version__, "commit": provenance.commit(), "batch": batch,
-               "pack_ms": pack_times(spec, full[0], ranking)}
+               "pack_ms": pack_times(spec, full[0], ranking),
+               "packing_ceiling": packing_ceiling(spec, full)}
     print(f"one thread packing one {batch}-row batch, ms: {results['pack_ms']}")
+    print(f"full batches a second, packed by 1-6 threads at once: {results['packing_ceiling']}")
     (outdir / "engine_pack.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
@@ -347,6 +395,9 @@ def main() -> None:
     repeats = max(1, args.batches * args.batch // sum(r.num_candidates for r in ranking))
     results["pack_ms"] = pack_times(spec, full[0], ranking)
     print(f"one thread packing one 8192-row batch, ms: {results['pack_ms']}")
+    results["packing_ceiling"] = packing_ceiling(spec, full)
+    print(f"full batches a second, packed by 1-6 threads at once (nothing else running): "
+          f"{results['packing_ceiling']}", flush=True)
     if args.variants:
         names = args.variants.split(",")
     else:
@@ -384,6 +435,13 @@ def main() -> None:
         results["runs"].append(run)
         if first_default:
             results.update({k: run[k] for k in ("full_batches", "ranking_requests") if k in run})
+            if "full_batches" in run:  # the host's packing ceiling against the card's rate
+                bare = run["full_batches"]["bare_samples_per_s"] / args.batch
+                results["packing_ceiling_over_bare"] = {
+                    n: round(c["batches_per_s"] / bare, 2)
+                    for n, c in results["packing_ceiling"].items()}
+                print(f"packing ceiling / bare forward's batches a second, by threads: "
+                      f"{results['packing_ceiling_over_bare']}", flush=True)
         # after every variant, so a timeout keeps what was measured
         (args.outdir / "engine_gpu.json").write_text(json.dumps(results, indent=2) + "\n")
 

@@ -161,6 +161,24 @@ def test_engine_gpu_variants_compose_from_their_names():
         variant(name, base)
 
 
+def test_engine_gpu_packing_ceiling_counts_every_thread_s_packs(monkeypatch):
+    import engine_gpu
+    import workloads as wl
+
+    spec = wl.dlrmv2_spec(1000)
+    full = wl.full_requests(spec, np.random.default_rng(0), 16, 2)
+    packed = []
+    real_pack = engine_gpu.pack
+    monkeypatch.setattr(engine_gpu, "pack", lambda layout, host, pieces, rows: packed.append(
+        (host, pieces[0].num_candidates)) or real_pack(layout, host, pieces, rows))
+    got = engine_gpu.packing_ceiling(spec, full, threads=(1, 3), seconds=0.05)
+    assert set(got) == {"1", "3"}
+    assert all(r["batches_per_s"] > 0 and r["ms_a_pack"] > 0 for r in got.values())
+    # each thread packs into its own buffers (plus one untimed pack each to touch them)
+    # (the buffers are kept alive in ``packed``, so their ids stay distinct)
+    assert len({id(host) for host, _ in packed}) == 4 and {rows for _, rows in packed} == {16}
+
+
 @pytest.mark.parametrize("via_hub", ["socket", "ring"])
 def test_engine_host_feeds_requests_through_the_hub(via_hub):
     """bench/engine_host.py's ``ranking_via_hub`` traffic: every request enters as a
@@ -178,8 +196,8 @@ def test_engine_host_feeds_requests_through_the_hub(via_hub):
 
 
 def test_kernel_variants_refuses_an_unknown_section(tmp_path):
-    """bench/kernel_variants.py --sections takes gather, int8, forward, row_size and
-    graph_tuned only, and says so before any measurement."""
+    """bench/kernel_variants.py --sections takes its SECTIONS only, and says so before any
+    measurement."""
     import subprocess
 
     script = Path(__file__).resolve().parents[1] / "bench" / "kernel_variants.py"
@@ -187,7 +205,7 @@ def test_kernel_variants_refuses_an_unknown_section(tmp_path):
                              "--sections", "forward,gemm"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2
-    assert ("expected gather, int8, forward, row_size, graph_tuned and/or configs"
+    assert ("expected some of gather, int8, forward, row_size, graph_tuned, configs, floors"
             in result.stderr)
     assert not (tmp_path / "kernel_variants.json").exists()
 
