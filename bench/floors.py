@@ -130,3 +130,45 @@ def cross_parts(model, b: int, base: dict, time_us: Callable[[Callable], float],
             "epilogue_bytes_floor_us": round(bytes_us, 2),
             "one_after_the_other_us": round(times["plain"] + bytes_us, 2),
             "overlapped_us": round(max(times["plain"], bytes_us, arithmetic_us), 2)}
+
+
+def forward_floors(model, b: int, base: dict) -> dict:
+    """Each kernel of ``model``'s forward at ``b`` candidate rows but the gather (see
+    ``rows_floor``), with its floor at this run's rates: its arithmetic at the bf16 matmul
+    rate or its bytes at the copy rate (each operand read once, the output written once),
+    whichever is longer. Bytes count at the HBM copy rate even where L2 holds them (the
+    weights and, at small B, the activations), so a floor may overstate; never less work.
+    The sum is what the forward cannot go under without fusing kernels, whatever each
+    kernel does, before any launch's own cost."""
+    size = 2 if model.dtype in (torch.bfloat16, torch.float16) else 4
+    kernels = []
+
+    def add(name: str, flops: float, elements: float) -> None:
+        arithmetic = flops / (base["matmul_tflops"] * 1e6)
+        memory = elements * size / (base["copy_GBps"] * 1e3)
+        kernels.append({"kernel": name, "GFLOP": round(flops / 1e9, 3),
+                        "MB": round(elements * size / 1e6, 2),
+                        "floor_us": round(max(arithmetic, memory), 2),
+                        "bound": "arithmetic" if arithmetic >= memory else "bytes"})
+
+    def gemm(name: str, w: torch.Tensor, extra_outputs: int = 0) -> None:
+        n, k = w.shape
+        add(name, 2.0 * b * n * k, b * k + n * k + b * n * (1 + extra_outputs))
+
+    for i, (w, _) in enumerate(model.bottom):
+        gemm(f"bottom {i}", w)
+    kind = model.spec.interaction.kind
+    if kind == "dcnv2":
+        for i, (u, v, _) in enumerate(model.cross):
+            gemm(f"cross {i} U", u)
+            gemm(f"cross {i} V (x0, x read too)", v, extra_outputs=2)
+    elif kind == "dot":
+        vectors, width = model.spec.num_vectors, model.spec.interaction_dim
+        dim = model.layout.e_width // vectors
+        add("dot interaction", 2.0 * b * vectors * vectors * dim,
+            b * (vectors * dim + width))
+    for i, (w, _) in enumerate(model.top):
+        gemm(f"top {i}" + (" + final" if i == len(model.top) - 1 and model.fuse_final
+                           else ""), w)
+    return {"B": b, "kernels": kernels, "launches": len(kernels) + 1,  # + the gather
+            "sum_floor_us": round(sum(k["floor_us"] for k in kernels), 2)}

@@ -247,13 +247,18 @@ def bench_row_sizes(rec, base: dict, max_rows: int, b: int,
             torch.cuda.empty_cache()
 
 
-def bench_floors(rec, base: dict, model: TritonModel, spec, sizes: list[int]) -> None:
-    """At each B: the bf16 gather against the same rows read by the simplest reader
-    (``floors.rows_floor``), and DCNv2's first V layer against its parts and floors
-    (``floors.cross_parts``); see bench/floors.py for what each says."""
+def bench_floors(rec, base: dict, model: TritonModel, spec, sizes: list[int],
+                 all_sizes: list[int]) -> None:
+    """At each of ``sizes``: the bf16 gather against the same rows read by the simplest
+    reader (``floors.rows_floor``), and DCNv2's first V layer against its parts and floors
+    (``floors.cross_parts``); at each of ``all_sizes`` the forward's kernels but the gather
+    with their floors at this run's rates (``floors.forward_floors``); see bench/floors.py."""
     packed, feats, names = model.groups[0]
     by_name = {f.name: k for k, f in enumerate(spec.sparse)}
     time_us = kp.graph_us if kb.DEV == "cuda" else (lambda fn: kb.timed_us([fn]))
+    for b in all_sizes:  # arithmetic only: every size
+        rec.add(section="forward_floors", workload="dlrmv2",
+                **floors.forward_floors(model, b, base))
     for b in sizes:
         gather_us = bench_gather(rec, base, model, spec, b, "bf16", variants=(DEFAULT,))
         values = wl.fixed_hot_inputs(spec, b, False, kb.DEV, seed=0)["values"]  # as timed
@@ -402,6 +407,11 @@ def summary(records: list[dict]) -> str:
                          f"({r.get('M_rows_per_s')} M rows/s, ROWS, warps {r.get('shape')}): "
                          f"gather {r['gather_over_floor']}x the floor")
             continue
+        elif sec == "forward_floors":
+            lines.append(f"{'forward ' + r['workload'] + ': sum of kernel floors':44} "
+                         f"{r['B']:>6} {r['sum_floor_us']:>9.1f}  {r['launches']} launches, "
+                         f"the gather not counted (see the gather's floor)")
+            continue
         elif sec == "cross_parts":
             lines.append(f"{'DCNv2 V: cross / plain / epilogue apart':44} {r['B']:>6} "
                          f"{r['cross_us']:>9.1f}  plain {r['plain_us']}, apart "
@@ -530,7 +540,7 @@ def main() -> int:
     if "row_size" in sections:
         rec.guarded("row sizes", bench_row_sizes, rec, base, args.row_size_rows, args.sizes[0])
     if "floors" in sections:
-        rec.guarded("floors", bench_floors, rec, base, model, spec, args.sizes[:1])
+        rec.guarded("floors", bench_floors, rec, base, model, spec, args.sizes[:1], args.sizes)
     if "forward" not in sections:
         return finish(rec)
     for b in args.sizes:

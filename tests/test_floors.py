@@ -107,3 +107,23 @@ def test_gpu_check_asks_kernel_variants_only_for_sections_it_has():
     default = re.search(r"VARIANTS_BENCH_ARGS:---sections (\S+)", script).group(1)
     assert "floors" in default.split(",")
     assert set(default.split(",")) <= set(kv.SECTIONS)
+
+
+def test_forward_floors_list_every_kernel_but_the_gather_with_its_floor():
+    spec = wl.dlrmv2_spec(50, "fp32", "dcnv2")
+    model = TritonModel(spec, init_weights(spec, 0), device="cpu")
+    base = {"matmul_tflops": 1.0, "copy_GBps": 1.0}  # 1 MFLOP or 1 KB a microsecond
+    got = floors.forward_floors(model, 8, base)
+    names = [k["kernel"] for k in got["kernels"]]
+    assert names[:3] == ["bottom 0", "bottom 1", "bottom 2"]
+    assert names[3:5] == ["cross 0 U", "cross 0 V (x0, x read too)"]
+    assert names[-1].endswith("+ final") and got["launches"] == len(names) + 1
+    u, v, _ = model.cross[0]
+    rank, width = u.shape
+    cross_u = got["kernels"][3]  # 2 * B * rank * width flops; A, W and the output's bytes
+    assert cross_u["GFLOP"] == round(2 * 8 * rank * width / 1e9, 3)
+    assert cross_u["MB"] == round((8 * width + rank * width + 8 * rank) * 4 / 1e6, 2)
+    flops_us, bytes_us = 2 * 8 * rank * width / 1e6, (8 * width + rank * width + 8 * rank) * 4 / 1e3
+    assert cross_u["floor_us"] == round(max(flops_us, bytes_us), 2)
+    assert got["kernels"][4]["MB"] > cross_u["MB"]  # V also reads x0 and x
+    assert got["sum_floor_us"] == round(sum(k["floor_us"] for k in got["kernels"]), 2)
