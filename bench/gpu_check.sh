@@ -41,6 +41,8 @@
 # sweep of
 # threads, slots, streams and switch interval), PYTEST_WORKERS (4, with pytest-xdist), and each step's time
 # limit in seconds:
+# PACK_TIMEOUT_S (60, each of the pack probe's two runs: as they run, and with glibc's
+# non-temporal copies from 1 MB, GLIBC_TUNABLES),
 # PYTEST_TIMEOUT_S (240), BENCH_TIMEOUT_S (120), VARIANTS_TIMEOUT_S (180; the trial
 # candidates add to its tuning: 56 s on the H200, the floors about 30 more), ENGINE_TIMEOUT_S (200),
 # SINGLE_TIMEOUT_S (80), LOAD_TIMEOUT_S (60), WORKERS_TIMEOUT_S (120; the step runs only when
@@ -121,6 +123,24 @@ step kernel-variants bash -c "timeout ${VARIANTS_TIMEOUT_S:-180} $PY bench/kerne
     '$OUT' ${VARIANTS_BENCH_ARGS:---sections int8,floors,forward,graph_tuned --trial-configs --budget-s 100} \
     >> '$OUT/bench.log' 2>&1; rc=\$?; \
     tail -n 18 '$OUT/bench.log'; exit \$rc"
+
+# The engine's bound on the card hosts is packing (a batch's ids copied into pinned staging:
+# 1.1 ms alone on the twelfth session's H200 host, 0.25 on the CI machine), and one H100 host
+# wrote pinned memory 3.3x slower than pageable. One thread's packs and the packing ceiling
+# of 1-6 threads (bench/engine_gpu.py --pack-only), as they run and with glibc told to copy
+# anything over 1 MB with non-temporal stores (GLIBC_TUNABLES, read at process start; a
+# pack's 7 MB ids are one memmove): if that is faster into pinned memory, serving can set it.
+pack_probe() {
+    local tmp; tmp=$(mktemp -d)
+    for tunables in "" "glibc.cpu.x86_non_temporal_threshold=0x100000"; do
+        echo "pack probe, GLIBC_TUNABLES='$tunables':"
+        GLIBC_TUNABLES=$tunables timeout ${PACK_TIMEOUT_S:-60} $PY bench/engine_gpu.py "$tmp" \
+            --pack-only || return $?
+    done
+    rm -rf "$tmp"
+}
+step pack-probe bash -c "$(declare -f pack_probe); PY='$PY' pack_probe >> '$OUT/bench.log' 2>&1; \
+    rc=\$?; tail -n 6 '$OUT/bench.log'; exit \$rc"
 
 # Engine at full load vs its own bare forward (dlrmv2, B=8192), copy/compute overlap, host
 # stages; in process, then as the rings of serve --workers hand requests over, packed in
