@@ -20,7 +20,9 @@ Scope and limits:
   and sets ``bad[request]`` to 1, so the caller can fail that request alone.
 - Long bags (features whose ``max_bag`` >= ``LANES``) take one bag per program and read
   ``LANES`` positions per step; their programs are ordered first so they never form the
-  tail. Short bags take ``BAGS`` bags per program, one position each per step. UNROLL 2
+  tail (then, as a tuning candidate, the rest by their table's bytes, the small tables'
+  programs last, so their rows meet again in L2: ``SMALL_LAST``, ``tables.program_order``).
+  Short bags take ``BAGS`` bags per program, one position each per step. UNROLL 2
   issues two steps' loads at once, and ids are prefetched a step ahead (``PREFETCH``);
   STAGES > 1 pipelines the loop instead, rows staged in shared memory a few steps ahead.
 - Row loads and stores are 16 bytes wide when every table base, dim and out column is a
@@ -143,13 +145,18 @@ def _embedding_bag_kernel(
 
 
 _tuner = SafeTuner("embedding_bag", CONFIGS)
-def _candidates(align: int, l2_keep: bool) -> list[dict]:
-    """Tuning candidates: every config with the switches' variant, with ``l2_keep`` (some
+def _candidates(align: int, l2_keep: bool, sizes_differ: bool = False) -> list[dict]:
+    """Tuning candidates: every config with the switches' variant, with ``sizes_differ``
+    (the launch's tables differ in bytes) each also with its programs ordered small tables
+    last (``SMALL_LAST``, ``tables.program_order``: the same compiled kernel, another grid
+    order, so no compile), with ``l2_keep`` (some
     but not all of the launch's tables are kept in L2, see ``kept_tables``; only with the
     trial candidates on, ``trial_configs``: on the H200 the hint was 8-39% slower) each
     unpipelined one also with the L2 hint, then the first H200 run's proven kernel, so a
     variant that fails to compile on the card only loses speed."""
     out = [{**c, "ALIGN": align, "PREFETCH": PREFETCH and c["STAGES"] == 1} for c in CONFIGS]
+    if sizes_differ:
+        out += [{**c, "SMALL_LAST": True} for c in out]
     if l2_keep:
         out += [{**c, "L2_KEEP": True} for c in out if c["STAGES"] == 1]
     if align > 1 or PREFETCH:
@@ -211,7 +218,8 @@ def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices:
 
     def launch(cfg: dict) -> None:
         meta, prog_feature, programs = launch_plan(packed, features, num_rows, num_requests,
-                                                   cfg["BAGS"], cfg["LANES"], kept)
+                                                   cfg["BAGS"], cfg["LANES"], kept,
+                                                   cfg.get("SMALL_LAST", False))
         _embedding_bag_kernel[(programs,)](
             packed.data, indices, offsets, ends,
             weights if weighted else indices, out, bad, row_request, request_offsets,
@@ -230,7 +238,8 @@ def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices:
     key = (packed.dtype, block_d, weighted, features, num_rows, num_requests, out.dtype,
            indices.dtype, align, PREFETCH, kept)
     some = 0 < len(kept) < len({f.table for f in features})
-    _tuner.run(key, launch, _candidates(align, some), outputs)
+    sizes = {packed.rows[f.table] * packed.row_stride[f.table] for f in features}
+    _tuner.run(key, launch, _candidates(align, some, len(sizes) > 1), outputs)
     return bad
 
 

@@ -181,11 +181,13 @@ def kept_tables(packed: PackedTables, features: Sequence[BagFeature],
 
 def launch_plan(packed: PackedTables, features: tuple[BagFeature, ...], num_rows: int,
                 num_requests: int, bags_per_prog: int, lanes: int,
-                kept: frozenset[int] = frozenset()) -> tuple[torch.Tensor, torch.Tensor, int]:
+                kept: frozenset[int] = frozenset(), small_last: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per-feature metadata and the program -> feature map, cached per shape bucket
-    (``kept``: tables whose rows the L2 hint keeps, see ``kept_tables``)."""
+    (``kept``: tables whose rows the L2 hint keeps, see ``kept_tables``; ``small_last``:
+    programs in order of their table's bytes, largest first, see ``program_order``)."""
     key = (tuple(packed.elem_base), tuple(packed.rows), tuple(packed.row_stride), features,
-           num_rows, num_requests, bags_per_prog, lanes, kept, str(packed.device))
+           num_rows, num_requests, bags_per_prog, lanes, kept, small_last, str(packed.device))
     if key in _plans:
         return _plans[key]
     counts = bag_counts(features, num_rows, num_requests)
@@ -193,8 +195,7 @@ def launch_plan(packed: PackedTables, features: tuple[BagFeature, ...], num_rows
     for c in counts[:-1]:
         bag_base.append(bag_base[-1] + c + 1)
     is_long = [f.max_bag >= lanes for f in features]
-    # Long-bag features first: their programs do the most work, so they must not start last.
-    order = sorted(range(len(features)), key=lambda i: not is_long[i])
+    order = program_order(packed, features, is_long, small_last)
     meta = [[0] * _META_COLS for _ in features]
     prog_feature: list[int] = []
     for i in order:
@@ -209,6 +210,25 @@ def launch_plan(packed: PackedTables, features: tuple[BagFeature, ...], num_rows
             torch.tensor(prog_feature, dtype=torch.int32, device=packed.device), len(prog_feature))
     _plans[key] = plan
     return plan
+
+
+def program_order(packed: PackedTables, features: Sequence[BagFeature], is_long: list[bool],
+                  small_last: bool) -> list[int]:
+    """The order of the features' programs in the grid (programs start about in grid
+    order). Long-bag features first: their programs do the most work, so they must not
+    start last. With ``small_last``, then the others by their table's bytes, largest first:
+    the small tables' lookups (dlrmv2: 44 of 214 a sample, 18 tables of 31 MB in bf16) run
+    together at the end, where their rows, read about 2.5 times a batch each, can stay in
+    L2 between reads instead of being pushed out by the large tables' rows streaming past
+    (1.4 M rows of 256 bytes at B=8192). Each bag is still pooled by one program in the
+    same order, so the bits do not change; only which programs run beside which."""
+    def table_bytes(i: int) -> int:
+        t = features[i].table
+        return packed.rows[t] * packed.row_stride[t]
+
+    if small_last:
+        return sorted(range(len(features)), key=lambda i: (not is_long[i], -table_bytes(i)))
+    return sorted(range(len(features)), key=lambda i: not is_long[i])
 
 
 def alignment(packed: PackedTables, features: Sequence[BagFeature], out: torch.Tensor) -> int:

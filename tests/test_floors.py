@@ -127,3 +127,17 @@ def test_forward_floors_list_every_kernel_but_the_gather_with_its_floor():
     assert cross_u["floor_us"] == round(max(flops_us, bytes_us), 2)
     assert got["kernels"][4]["MB"] > cross_u["MB"]  # V also reads x0 and x
     assert got["sum_floor_us"] == round(sum(k["floor_us"] for k in got["kernels"]), 2)
+
+
+def test_kernel_variants_names_each_candidate_kind_in_its_picks():
+    import kernel_variants as kv
+
+    gather = {"BAGS": 8, "LANES": 8, "UNROLL": 2, "num_warps": 2, "SMALL_LAST": True}
+    assert kv.config_label(gather) == "bags 8 lanes 8 unroll 2 w2 small tables last"
+    plain = {**gather, "SMALL_LAST": False}
+    record = {"configs": [{"key": "k", "timings_ms": [[0.15, gather], [0.16, gather],
+                                                       [0.17, plain]]}]}
+    # the winner, then the best of another kind (not the runner-up of the same kind)
+    assert kv.tuner_picks(record) == [
+        "k: bags 8 lanes 8 unroll 2 w2 small tables last 0.1500 ms; next of another kind "
+        "bags 8 lanes 8 unroll 2 w2 0.1700 ms"]

@@ -372,6 +372,51 @@ def test_kept_tables_are_the_smallest_that_fit_the_budget():
     assert not any(c.get("L2_KEEP") for c in eb._candidates(16, False))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.uint8])
+def test_small_tables_last_changes_no_bit(device, dtype, monkeypatch):
+    """SMALL_LAST orders the grid's programs by their table's bytes (long bags still
+    first): each bag is pooled by one program in the same order, so the same bits, and the
+    tuner offers it only when the launch's tables differ in size."""
+    from recserve.kernels import embedding_bag as eb
+
+    ordered = [c for c in eb._candidates(16, False, True) if c.get("SMALL_LAST")]
+    assert len(ordered) == len(eb.CONFIGS)  # every config also in this order
+    assert not any(c.get("SMALL_LAST") for c in eb._candidates(16, False, False))
+    dims, rows = [16, 32, 16], [50, 9, 300]
+    tuner = eb.SafeTuner("embedding_bag", eb.CONFIGS)
+    monkeypatch.setattr(eb, "_tuner", tuner)
+    runs = []
+    for small_last in (False, True):
+        monkeypatch.setattr(eb, "CONFIGS", [{**eb.CONFIGS[0], "SMALL_LAST": small_last}])
+        runs.append(_run(dtype, dims, rows, _features(dims), device, seed=8, pad=16))
+        assert tuner.best[list(tuner.best)[-1]].get("SMALL_LAST", False) == small_last
+        tuner.best.clear()
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    out, _, ref, _ = runs[1]
+    for f, want in zip(_features(dims), ref, strict=True):
+        got = out[:, f.out_col:f.out_col + want.shape[1]]
+        torch.testing.assert_close(got, want, atol=TOL[dtype][0], rtol=TOL[dtype][1])
+
+
+def test_program_order_puts_long_bags_first_then_the_largest_tables():
+    from recserve.kernels.tables import launch_plan, program_order
+
+    packed = PackedTables([torch.zeros(r, 8, dtype=torch.bfloat16) for r in (100, 10, 1000, 40)])
+    feats = [BagFeature(0, 0, max_bag=2), BagFeature(1, 0, max_bag=30),
+             BagFeature(2, 0, max_bag=1), BagFeature(3, 0, max_bag=4),
+             BagFeature(1, 0, max_bag=3)]
+    is_long = [f.max_bag >= 16 for f in feats]
+    assert program_order(packed, feats, is_long, False) == [1, 0, 2, 3, 4]  # as listed
+    # the long bag, then tables of 1000, 100, 40 and 10 rows (ties keep their order)
+    assert program_order(packed, feats, is_long, True) == [1, 2, 0, 3, 4]
+    _, prog_feature, programs = launch_plan(packed, tuple(feats), 4, 4, 2, 16,
+                                            small_last=True)
+    # one program a long bag (4), two bags a program for the others (2 each)
+    assert prog_feature.tolist() == [1] * 4 + [2] * 2 + [0] * 2 + [3] * 2 + [4] * 2
+    assert programs == 12
+
+
 def test_untuned_launch_falls_back_to_the_next_config(monkeypatch):
     """With tuning off on a GPU, a config that fails to compile gives way to the next one
     (the gather's proven kernel is last among its candidates); the last failure raises."""
