@@ -15,6 +15,8 @@ them in one process (``kernel_variants.py --sections floors``).
   copy rates. If the cross layer takes about plain + bytes, the main loop and the epilogue
   run one after the other on every SM (the H200: 95 us against about 40 of bytes and 39 of
   arithmetic); about max(plain, bytes) would mean they overlap and the time goes elsewhere.
+  When the tuner tried a staggered candidate (``linear_configs``, ``STAGGER``), how many of
+  its waiting programs found their partner not yet done (read the flag more than once).
 """
 
 from __future__ import annotations
@@ -121,6 +123,12 @@ def cross_parts(model, b: int, base: dict, time_us: Callable[[Callable], float],
     for name, fn in parts.items():
         fn()  # tunes (the linear tuner keeps one config per shape, as served)
         times[name] = round(time_us(fn), 2)
+    stagger = {}
+    flags = li._STAGGER_FLAGS.get(u.device)
+    if flags is not None:  # a staggered candidate was tuned: did its waiters wait?
+        spins = flags[li.STAGGER_SLOTS.value:].cpu()
+        stagger = {"stagger_waiters_that_waited": int((spins > 0).sum()),
+                   "stagger_max_extra_reads": int(spins.max())}
     size = x.element_size()
     epilogue_bytes = 3 * b * width * size  # x0 and x read, the output written
     arithmetic_us = 2 * b * width * rank / (base["matmul_tflops"] * 1e6)
@@ -129,7 +137,7 @@ def cross_parts(model, b: int, base: dict, time_us: Callable[[Callable], float],
             "arithmetic_floor_us": round(arithmetic_us, 2),
             "epilogue_bytes_floor_us": round(bytes_us, 2),
             "one_after_the_other_us": round(times["plain"] + bytes_us, 2),
-            "overlapped_us": round(max(times["plain"], bytes_us, arithmetic_us), 2)}
+            "overlapped_us": round(max(times["plain"], bytes_us, arithmetic_us), 2), **stagger}
 
 
 def forward_floors(model, b: int, base: dict) -> dict:

@@ -434,7 +434,8 @@ def summary(records: list[dict]) -> str:
 
 # The candidate kinds whose wins a short card call should see at a glance.
 _KINDS = {"PER_SM": "persistent", "SPLIT_K": "split-K", "EPILOGUE_FIRST": "epilogue first",
-          "L2_KEEP": "L2 keep", "BATCHED": "batched", "SMALL_LAST": "small tables last"}
+          "L2_KEEP": "L2 keep", "BATCHED": "batched", "SMALL_LAST": "small tables last",
+          "STAGGER": "staggered"}
 
 
 def _is(config: dict, key: str) -> bool:

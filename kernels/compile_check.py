@@ -147,7 +147,7 @@ def _linear_jobs(quick: bool):
                                  4 if dtype == "fp32" else 2) + extra:
                 sig = {n: _PTR[dtype] for n in li._linear_kernel.arg_names if n.endswith("_ptr")}
                 sig.update(a_rows_ptr="*i32", add_rows_ptr="*i32", fact_ptr="*i32",
-                           bf_ptr="*fp32", part_ptr="*fp32",
+                           bf_ptr="*fp32", part_ptr="*fp32", stagger_ptr="*i32",
                            out_ptr="*fp32" if flags["FINAL"] else _PTR[dtype])
                 sig.update({n: "i32" for n in li._linear_kernel.arg_names
                             if n in ("M", "N", "K", "H") or n.startswith("stride")})
@@ -168,7 +168,7 @@ def _linear_jobs(quick: bool):
                              "stride_ak": 1, "stride_wk": 1, "stride_on": 1,
                              "EVEN_K": even_k, "EPILOGUE_FIRST": first, "SPLIT_K": split,
                              "PERSISTENT": "PER_SM" in c, "FLATTEN": c.get("FLATTEN", True),
-                             **flags}
+                             "STAGGER": c.get("STAGGER", False), **flags}
                     div16 = ("N", "stride_am", "stride_wn", "stride_om", "stride_addm",
                              "stride_x0m", "stride_xm") + (("K",) if even_k else ())
                     yield li._linear_kernel, sig, const, {"num_warps": c["num_warps"],

@@ -39,7 +39,7 @@ _tuner = SafeTuner("linear", lc.GPU_CONFIGS)
 def _linear_kernel(
     # pointers
     a_ptr, w_ptr, bias_ptr, out_ptr, a_rows_ptr, add_ptr, add_rows_ptr, x0_ptr, x_ptr,
-    wf_ptr, bf_ptr, fact_ptr, part_ptr,
+    wf_ptr, bf_ptr, fact_ptr, part_ptr, stagger_ptr,
     # sizes
     M, N, K, H,
     # strides
@@ -51,7 +51,7 @@ def _linear_kernel(
     CROSS: tl.constexpr, FINAL: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
     EPILOGUE_FIRST: tl.constexpr = False, SPLIT_K: tl.constexpr = 1,
     USE_GDC: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
-    FLATTEN: tl.constexpr = True,
+    FLATTEN: tl.constexpr = True, STAGGER: tl.constexpr = False,
 ):
     """[BLOCK_M, BLOCK_N] tiles of act(A @ W^T + bias (+ add) (x0 * . + x)).
 
@@ -66,6 +66,12 @@ def _linear_kernel(
     still walks its tiles, its epilogue overlapped only by the SM's other programs).
     SPLIT_K > 1: program (m, n, s) sums K slice s only and stores the raw fp32 tile to
     part [SPLIT_K, M, N]; ``_split_k_reduce`` adds the slices in order and does the epilogue.
+    STAGGER (persistent only): program p of the grid's second half starts its first tile
+    when program p - programs/2 has finished its first tile's K loop (a flag in
+    ``stagger_ptr``, or after a bounded wait), so that about half the programs on the card
+    run their epilogues while the other half run their K loops: a test of whether V's K
+    loop and epilogue run one after the other because all programs start in step. Timing
+    only: no result depends on the flags.
     """
     if USE_GDC:  # launched early (PDL): nothing is read before the previous kernel is done
         tl.extra.cuda.gdc_wait()
@@ -73,14 +79,21 @@ def _linear_kernel(
     if PERSISTENT:
         tiles_n = tl.cdiv(N, BLOCK_N)
         tiles = tl.cdiv(M, BLOCK_M) * tiles_n
-        for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=FLATTEN):
+        pid, programs = tl.program_id(0), tl.num_programs(0)
+        half = programs // 2
+        if STAGGER:
+            if pid >= half:
+                partner = pid - half
+                _stagger_wait(stagger_ptr + partner, stagger_ptr + STAGGER_SLOTS + partner)
+        for tile in tl.range(pid, tiles, programs, flatten=FLATTEN):
             _linear_tile(
                 tile // tiles_n, tile % tiles_n, 0,
                 a_ptr, w_ptr, bias_ptr, out_ptr, a_rows_ptr, add_ptr, add_rows_ptr, x0_ptr,
                 x_ptr, wf_ptr, bf_ptr, fact_ptr, part_ptr, M, N, K, H, stride_am, stride_ak,
                 stride_wn, stride_wk, stride_om, stride_on, stride_addm, stride_x0m, stride_xm,
                 BLOCK_M, BLOCK_N, BLOCK_K, ACT, HAS_BIAS, A_ROWS, ADD_ROWS, CROSS, FINAL, IEEE,
-                EVEN_K, EPILOGUE_FIRST, SPLIT_K)
+                EVEN_K, EPILOGUE_FIRST, SPLIT_K,
+                stagger_ptr + pid, (tile == pid) & (pid < half), STAGGER)
     else:
         _linear_tile(
             tl.program_id(0), tl.program_id(1), tl.program_id(2),
@@ -88,7 +101,26 @@ def _linear_kernel(
             x_ptr, wf_ptr, bf_ptr, fact_ptr, part_ptr, M, N, K, H, stride_am, stride_ak,
             stride_wn, stride_wk, stride_om, stride_on, stride_addm, stride_x0m, stride_xm,
             BLOCK_M, BLOCK_N, BLOCK_K, ACT, HAS_BIAS, A_ROWS, ADD_ROWS, CROSS, FINAL, IEEE,
-            EVEN_K, EPILOGUE_FIRST, SPLIT_K)
+            EVEN_K, EPILOGUE_FIRST, SPLIT_K, stagger_ptr, False, False)
+
+
+STAGGER_SPINS = tl.constexpr(64)
+"""Flag reads a staggered program makes at most before it starts anyway (its partner may
+not be resident: then nothing waits long, and no launch can hang on a flag)."""
+STAGGER_SLOTS = tl.constexpr(1024)
+"""Flags for a grid's first half; the next as many slots hold each waiter's flag reads."""
+
+
+@triton.jit
+def _stagger_wait(flag_ptr, spins_ptr):
+    """Wait for the flag (bounded), clearing it for the next launch in the same exchange;
+    record how many more reads it took (0: the partner was done first)."""
+    seen = tl.atomic_xchg(flag_ptr, 0)
+    spins = 0
+    while (seen == 0) & (spins < STAGGER_SPINS):
+        seen = tl.atomic_xchg(flag_ptr, 0)
+        spins += 1
+    tl.store(spins_ptr, spins)
 
 
 @triton.jit
@@ -101,8 +133,10 @@ def _linear_tile(
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, A_ROWS: tl.constexpr, ADD_ROWS: tl.constexpr,
     CROSS: tl.constexpr, FINAL: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
     EPILOGUE_FIRST: tl.constexpr, SPLIT_K: tl.constexpr,
+    signal_ptr, signal, STAGGER: tl.constexpr,
 ):
-    """Tile (pid_m, pid_n) of ``_linear_kernel`` (K slice pid_k of SPLIT_K)."""
+    """Tile (pid_m, pid_n) of ``_linear_kernel`` (K slice pid_k of SPLIT_K); with STAGGER
+    and ``signal``, the flag at ``signal_ptr`` is set once the K loop is done."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -141,6 +175,9 @@ def _linear_tile(
             acc = tl.dot(a.to(w.dtype), w, acc)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
+    if STAGGER:
+        if signal:  # this program's partner in the grid's second half may start now
+            tl.atomic_xchg(signal_ptr, 1)
     mn_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K > 1:
         part = (part_ptr + pid_k.to(tl.int64) * M * N
@@ -297,10 +334,12 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         persistent = "PER_SM" in cfg
         if persistent:  # as many programs as fit the card at once (fewer if fewer tiles)
             grid = (min(grid[0] * grid[1], cfg["PER_SM"] * processors(a.device)), 1, 1)
+        stagger = persistent and cfg.get("STAGGER", False)
         _linear_kernel[grid](
             a, weight, bias if bias is not None else dummy, out,
             a_rows if a_rows is not None else dummy, add if add is not None else dummy,
             add_rows if add_rows is not None else dummy, x0, x, wf, bf, fact, part,
+            stagger_flags(a.device, grid[0]) if stagger else dummy,
             m, n, k, h,
             a.stride(0), a.stride(1), weight.stride(0), weight.stride(1),
             out.stride(0), out.stride(1), add.stride(0) if add is not None else 0,
@@ -310,7 +349,7 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             ADD_ROWS=add is not None, CROSS=cross is not None, FINAL=final is not None,
             IEEE=ieee_dot(a.dtype), EVEN_K=k % cfg["BLOCK_K"] == 0,
             EPILOGUE_FIRST=cfg.get("EPILOGUE_FIRST", False), SPLIT_K=split,
-            PERSISTENT=persistent, FLATTEN=cfg.get("FLATTEN", True),
+            PERSISTENT=persistent, FLATTEN=cfg.get("FLATTEN", True), STAGGER=stagger,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch())
         if split > 1:
             _split_k_reduce[(triton.cdiv(m, 32), triton.cdiv(n, 128))](
@@ -325,6 +364,26 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         m, n, k, a.element_size(), final=final is not None, cross=cross is not None,
         plain=final is None and cross is None and add is None and a_rows is None))
     return out
+
+
+_STAGGER_FLAGS: dict[torch.device, torch.Tensor] = {}
+
+
+def stagger_flags(device: torch.device, programs: int) -> torch.Tensor:
+    """The device's flags for STAGGER configs: zeros, one per program of a grid's first
+    half, cleared again by the programs that read them (so a CUDA graph replays them
+    as captured); then, from ``STAGGER_SLOTS``, each waiter's count of extra flag reads
+    (``_stagger_wait``: how long it waited, for a benchmark to look at). Allocated once,
+    at the first staggered launch (the tuner's, eager)."""
+    slots = STAGGER_SLOTS.value
+    if programs // 2 > slots:
+        raise ValueError(f"a staggered grid of {programs} programs needs more than {slots} "
+                         "flags; lower PER_SM")
+    flags = _STAGGER_FLAGS.get(device)
+    if flags is None:
+        flags = torch.zeros(2 * slots, dtype=torch.int32, device=device)
+        _STAGGER_FLAGS[device] = flags
+    return flags
 
 
 def linear_reference(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

@@ -56,6 +56,16 @@ PERSISTENT_CROSS_CONFIGS = [
      "FLATTEN": False},
     {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3, "PER_SM": 2,
      "FLATTEN": False},
+    # Staggered (fourteenth session, not yet on a card): the grid's second half starts when
+    # the first half is done with its first K loop, so half the programs on the card run
+    # epilogues while the rest run K loops. V took 95-109 us on the H200 against about 44
+    # of bytes and 39 of arithmetic, about their sum, as if every program's K loop and
+    # epilogue ran one after the other in step with all the others (bench/floors.py's
+    # cross_parts measures that); the tiled and persistent configs all start in step.
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4, "PER_SM": 2,
+     "FLATTEN": False, "STAGGER": True},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4, "PER_SM": 2,
+     "STAGGER": True},
 ]
 # Split-K with large tiles for few rows and a long K (DCNv2's U and the first top layer at
 # B=512: M = 512, K = 3456). With the small-batch tiles each program re-reads its A and W

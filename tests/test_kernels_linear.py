@@ -7,6 +7,7 @@ import torch
 from kernel_params import DEVICES
 
 from recserve.kernels import interaction
+from recserve.kernels import linear_configs as configs
 from recserve.kernels._common import forget_tuning
 from recserve.kernels.interaction import (
     cross_layer,
@@ -223,8 +224,39 @@ def test_persistent_tiles_give_the_tiled_kernels_bits(device, per_sm, flatten, e
     assert torch.equal(runs[0], runs[1])
 
 
+@pytest.mark.parametrize("flatten", [False, True])
+def test_staggered_persistent_tiles_give_the_tiled_kernels_bits(flatten, monkeypatch):
+    """STAGGER (the grid's second half waits for the first half's first K loops, through
+    flags) changes when tiles run, not what they compute: the tiled kernel's bits, and
+    every flag cleared again by the program that waited on it (a graph replays them as
+    captured)."""
+    from recserve.kernels import linear as li
+    from recserve.kernels import linear_configs as lc
+
+    gen = torch.Generator().manual_seed(11)
+    m, n, k = 100, 70, 50  # 4 x 2 tiles of 32 x 64 for the interpreter's 4 programs
+    a, w = _rand(m, k, gen=gen, device="cpu"), _rand(n, k, gen=gen, device="cpu")
+    bias, x0, x = (_rand(*shape, gen=gen, device="cpu") for shape in ((n,), (m, n), (m, n)))
+    base = lc.base_configs(None, m, a.element_size())[0]
+    runs = []
+    for config in (base, {**base, "PER_SM": 2, "FLATTEN": flatten, "STAGGER": True}):
+        monkeypatch.setattr(lc, "base_configs", lambda *args, c=config: [c])
+        monkeypatch.setattr(li, "_tuner", li.SafeTuner("linear", [config]))
+        runs.append(linear(a, w, bias, cross=(x0, x)))
+        assert li._tuner.best[next(iter(li._tuner.best))] == config
+    assert torch.equal(runs[0], runs[1])
+    flags = li.stagger_flags(a.device, 4)
+    slots = li.STAGGER_SLOTS.value
+    # every flag cleared, and each waiter found its partner done (the interpreter runs the
+    # programs in order), so it waited no extra read; a missing signal would read 64
+    assert not flags[:slots].any() and not flags[slots:].any()
+    flags[slots:slots + 2] = -1
+    linear(a, w, bias, cross=(x0, x))  # (tuned: launched once more)
+    assert flags[slots:slots + 2].tolist() == [0, 0]  # both waiters wrote their count
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(len(configs.PERSISTENT_CROSS_CONFIGS)))
 def test_persistent_cross_configs_walk_many_tiles_on_the_card(index, monkeypatch):
     """Each persistent candidate as the card tunes it (bf16, K = 512 like DCNv2's V) on more
     tiles than its grid has programs, against the tiled kernel with the same tile: the same
@@ -239,7 +271,7 @@ def test_persistent_cross_configs_walk_many_tiles_on_the_card(index, monkeypatch
     a, w = _rand(m, k, gen=gen, device=dev, dtype=bf), _rand(n, k, gen=gen, device=dev, dtype=bf)
     bias, x0, x = (_rand(*shape, gen=gen, device=dev, dtype=bf)
                    for shape in ((n,), (m, n), (m, n)))
-    tiled = {key: v for key, v in config.items() if key != "PER_SM"}
+    tiled = {key: v for key, v in config.items() if key not in ("PER_SM", "STAGGER")}
     runs = []
     for cfg in (tiled, config):
         monkeypatch.setattr(li, "_tuner", li.SafeTuner("linear", [cfg]))
