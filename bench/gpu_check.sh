@@ -15,7 +15,7 @@
 # Environment knobs: PYTHON (default python), PYTEST_PATHS (tests), KERNEL_BENCH_ARGS
 # (--budget-s 60: on the H100 that ended before torch.compile; a follow-up call with
 # STEPS="install kernels-bench" BENCH_TIMEOUT_S=240 KERNEL_BENCH_ARGS="--budget-s 200" has it),
-# VARIANTS_BENCH_ARGS (--sections int8,floors,forward,graph_tuned --trial-configs --budget-s 100:
+# VARIANTS_BENCH_ARGS (--sections int8,floors,forward,graph_tuned --trial-configs --budget-s 120:
 # the int8 and bf16 gathers; at B=8192 the gather against the same rows read by the simplest
 # reader and DCNv2's V layer against its plain GEMM, its epilogue apart and the run's floors
 # (bench/floors.py: how far each is from what the card allows); the forwards (also tuning the
@@ -43,7 +43,7 @@
 # limit in seconds:
 # PACK_TIMEOUT_S (60, each of the pack probe's two runs: as they run, and with glibc's
 # non-temporal copies from 1 MB, GLIBC_TUNABLES),
-# PYTEST_TIMEOUT_S (240), BENCH_TIMEOUT_S (120), VARIANTS_TIMEOUT_S (180; the trial
+# PYTEST_TIMEOUT_S (240), BENCH_TIMEOUT_S (120), VARIANTS_TIMEOUT_S (200; the trial
 # candidates add to its tuning: 56 s on the H200, the floors about 30 more), ENGINE_TIMEOUT_S (200),
 # SINGLE_TIMEOUT_S (80), LOAD_TIMEOUT_S (60), WORKERS_TIMEOUT_S (120; the step runs only when
 # the check has taken under WORKERS_BUDGET_S, 330, so far); RECSERVE_COMMIT (default: git HEAD; the device
@@ -119,8 +119,8 @@ step kernels-bench bash -c "timeout ${BENCH_TIMEOUT_S:-120} $PY bench/kernels.py
     tail -n 14 '$OUT/bench.log'; exit \$rc"
 
 # Gather and forward variants side by side, each checked against the torch reference.
-step kernel-variants bash -c "timeout ${VARIANTS_TIMEOUT_S:-180} $PY bench/kernel_variants.py \
-    '$OUT' ${VARIANTS_BENCH_ARGS:---sections int8,floors,forward,graph_tuned --trial-configs --budget-s 100} \
+step kernel-variants bash -c "timeout ${VARIANTS_TIMEOUT_S:-200} $PY bench/kernel_variants.py \
+    '$OUT' ${VARIANTS_BENCH_ARGS:---sections int8,floors,forward,graph_tuned --trial-configs --budget-s 120} \
     >> '$OUT/bench.log' 2>&1; rc=\$?; \
     tail -n 18 '$OUT/bench.log'; exit \$rc"
 
