@@ -67,6 +67,9 @@ ISSUE_CALLS = ("free", "torch", "driver")
 DRIVER_CALL_S = 3e-6
 """A driver call's host time (an asynchronous copy, event record or graph launch: a few
 microseconds; assumed, not measured here)."""
+PACK_MIN_S = 0.0
+"""``--pack-ms``: the least a pack takes (a slower host's memory, emulated by sleeping out
+the rest with the GIL released, as numpy's copies release it); 0: as this host packs."""
 
 
 def _hold_gil(seconds: float) -> None:
@@ -170,6 +173,14 @@ class SimulatedGpuExecutor(GpuExecutor):
                                        torch.zeros(bucket + 1, dtype=torch.bool))
             slots.append(slot)
         return GpuModel(spec, None, layout, slots)
+
+    def _pack(self, model, slot_index: int, job, packer):
+        started = time.perf_counter()
+        sizes = super()._pack(model, slot_index, job, packer)
+        rest = PACK_MIN_S - (time.perf_counter() - started)
+        if rest > 0:
+            time.sleep(rest)
+        return sizes
 
     def _wait_done(self, slot: SlotState) -> None:
         wait = self._due[id(slot)] - time.perf_counter()
@@ -332,7 +343,7 @@ def demo_traffic(rng: np.random.Generator, batch: int) -> tuple:
 
 
 def main() -> None:
-    global DRIVER_CALL_S  # (set from --driver-call-us; each SimulatedCalls reads it)
+    global DRIVER_CALL_S, PACK_MIN_S  # (from --driver-call-us and --pack-ms)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--compute-ms", type=float, default=0.72,
                    help="simulated device time per batch (default: the H200's dlrmv2 "
@@ -359,6 +370,11 @@ def main() -> None:
                    "asynchronous call's few microseconds; an H200's issue stage took "
                    "0.22-0.26 ms for its ~10 calls, and timed 10-39 us a call (twelfth "
                    "session): try 25)")
+    p.add_argument("--pack-ms", type=float, default=0.0,
+                   help="a pack takes at least this long (a slower host emulated: the H200 "
+                   "host of the twelfth session packed an 8192-row batch in 1.1 ms alone and "
+                   "1.9-2.4 ms inside the engine; try 2.2 with --compute-ms 0.72 to see what "
+                   "more slots than packing threads do there)")
     p.add_argument("--graph-outputs", action=argparse.BooleanOptionalAction, default=True,
                    help="GpuExecutor(graph_outputs=True), the default: the graphs copy the "
                    "scores out, 4 calls fewer a batch than --no-graph-outputs (the scores "
@@ -373,6 +389,7 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args()
     DRIVER_CALL_S = args.driver_call_us / 1e6
+    PACK_MIN_S = args.pack_ms / 1e3
     rng = np.random.default_rng(0)
     if args.model == "dlrmv2":
         spec = wl.dlrmv2_spec(4_000_000)
@@ -402,7 +419,7 @@ def main() -> None:
     results = {"commit": provenance.commit(), "compute_ms": args.compute_ms,
                "busy_thread": args.busy_thread, "switch_interval_s": sys.getswitchinterval(),
                "issue_calls": args.issue_calls, "graph_outputs": args.graph_outputs,
-               "driver_call_us": args.driver_call_us,
+               "driver_call_us": args.driver_call_us, "pack_ms": args.pack_ms,
                "cores": os.cpu_count(), "runs": []}
     for name, run_settings, threads, processes in variants:
         for kind, requests in traffic.items():

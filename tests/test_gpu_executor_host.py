@@ -349,3 +349,18 @@ def test_the_graphs_copy_the_scores_out_by_default_wherever_they_can():
     assert not GpuExecutor(SETTINGS, "cpu", slot_streams=True, graph_copies=True).graph_outputs
     with pytest.raises(ValueError, match="it needs graphs"):
         GpuExecutor(SETTINGS, "cpu", use_graphs=False, graph_outputs=True)
+
+
+def test_engine_host_emulates_a_slower_host_s_packs(monkeypatch):
+    """``--pack-ms``: every pack takes at least that long (the rest slept out, the GIL
+    released), so the simulated engine shows what a slower host's packing does to it."""
+    import engine_host
+    from engine_host import run
+
+    monkeypatch.setattr(engine_host, "PACK_MIN_S", 0.004)
+    spec = demo_spec()
+    rng = np.random.default_rng(3)
+    requests = [random_inputs(spec, rng, int(n)) for n in rng.integers(1, 150, 8)]
+    result = asyncio.run(asyncio.wait_for(
+        run(SETTINGS, spec, requests, compute_ms=0.05, pack_threads=1), 60))
+    assert result["host_stage_mean_ms"]["host_pack"] >= 4.0
