@@ -26,12 +26,11 @@
 # (RESULTS.md, tenth session): a failed check prints its diagnosis. Others: "--sections
 # row_size --budget-s 200": a lookup's cost per row, byte or line (the H200: by the line), "--sections configs":
 # every gather config checked three ways),
-# ENGINE_BENCH_ARGS (--variants default,torch_calls,copy_out_stream,slots=6+pack_threads=4,
-# via=ring,pack_in=process,default,slots=6+pack_threads=4: in process (the graphs copy the
-# scores out: 6 CUDA calls a batch, the default since the H200 timed each call at 10-39
-# us), with the issue's CUDA calls through torch instead of the driver (the default before
-# the tenth session), with the scores copied out on a stream of their own (10 calls a
-# batch, the default before the twelfth session), with 6 slots on 4 packing threads (a slot
+# ENGINE_BENCH_ARGS (--variants default,slots=6+pack_threads=4,via=ring,pack_in=process,
+# default,slots=6+pack_threads=4: in process (the graphs copy the scores out: 6 CUDA calls
+# a batch, the default since the H200 timed each call at 10-39 us; torch_calls and
+# copy_out_stream, the defaults before the tenth and twelfth sessions, left out now that
+# they are settled, to keep the check short), with 6 slots on 4 packing threads (a slot
 # is held from its pack to its hand-back, about 4.3 ms on the twelfth session's H200, so 4
 # slots started a batch only every ~1 ms against 0.75 ms of compute), then the requests as
 # workers' rings hand them over, packed in threads and in packing processes, then the
@@ -144,10 +143,11 @@ step pack-probe bash -c "$(declare -f pack_probe); PY='$PY' pack_probe >> '$OUT/
 
 # Engine at full load vs its own bare forward (dlrmv2, B=8192), copy/compute overlap, host
 # stages; in process, then as the rings of serve --workers hand requests over, packed in
-# threads and in packing processes (serve --pack-in), with the issue's CUDA calls through torch
-# (torch_calls) against the driver (the default), and more slots than launcher threads.
+# threads and in packing processes (serve --pack-in), and 6 slots on 4 packing threads
+# against the default's 4 on 4, twice (engine_host.py --pack-ms 2.2 predicts 0.93-0.95
+# against 0.77-0.81 on the twelfth session's H200 host).
 step engine-bench bash -c "timeout ${ENGINE_TIMEOUT_S:-200} $PY bench/engine_gpu.py '$OUT' \
-    ${ENGINE_BENCH_ARGS:---variants default,torch_calls,copy_out_stream,slots=6+pack_threads=4,via=ring,pack_in=process,default,slots=6+pack_threads=4} \
+    ${ENGINE_BENCH_ARGS:---variants default,slots=6+pack_threads=4,via=ring,pack_in=process,default,slots=6+pack_threads=4} \
     >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 10 '$OUT/bench.log'; exit \$rc"
 
 # Engine vs one forward per request, in process, same offered loads (bench/engine.py).
