@@ -168,13 +168,17 @@ def stage_means(timeline: list[tuple[int, str, float, float]]) -> dict:
     return {stage: round(float(np.mean(v)), 3) for stage, v in spans.items()}
 
 
+def host_layout(spec, rows: int):
+    """The staging layout the GPU executor packs ``spec``'s batches of ``rows`` into."""
+    return staging_layout(spec, feature_groups(spec), rows, build_layout(spec).x_request)
+
+
 def pack_times(spec, full: RequestInputs, ranking: list[RequestInputs]) -> dict:
     """Milliseconds one thread takes to pack a full batch and a batch of ranking requests,
     into pinned and into pageable host buffers (is writing pinned memory slow here?), with
     requests in the flat form (as worker processes send them) and per feature only (as a
     single-process server or an in-process caller hands them over)."""
-    layout = staging_layout(spec, feature_groups(spec), full.num_candidates,
-                            build_layout(spec).x_request)
+    layout = host_layout(spec, full.num_candidates)
     pieces = wl.one_batch(ranking, full.num_candidates)
     out = {}
     memories = ("pinned", "pageable") if torch.cuda.is_available() else ("pageable",)
@@ -199,7 +203,7 @@ def packing_ceiling(spec, requests: list[RequestInputs], threads=(1, 2, 4, 6),
     engine's pipeline. Against the bare forward's batches a second it says whether the
     host can feed the card at all (memory bandwidth, cores) or the pipeline falls short."""
     rows = requests[0].num_candidates
-    layout = staging_layout(spec, feature_groups(spec), rows, build_layout(spec).x_request)
+    layout = host_layout(spec, rows)
     return {str(n): _packed_together(layout, requests, n, seconds) for n in threads}
 
 
