@@ -297,7 +297,7 @@ class Variant:
 
     name: str
     settings: EngineSettings
-    pack_threads: int | None = None  # None: one per slot (default_pack_threads)
+    pack_threads: int | None = None  # None: one per slot, at most 4 (default_pack_threads)
     compute_streams: int = 1
     switch_s: float | None = None  # the interpreter's switch interval; None: unchanged
     via_ring: bool = False  # requests as workers' rings hand them over (Hub.score)

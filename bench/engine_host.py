@@ -352,7 +352,8 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=96, help="batches per run")
     p.add_argument("--slots", type=int, default=4)
     p.add_argument("--pack-threads", type=int,
-                   help="default: one per slot, leaving two cores (see default_pack_threads)")
+                   help="default: one per slot, at most 4, leaving two cores (see "
+                   "default_pack_threads)")
     p.add_argument("--sweep", action="store_true", help="also 1 packing thread and 2 slots")
     p.add_argument("--pack-processes", action="store_true",
                    help="also with packing processes (recserve.engine.packer): they take "

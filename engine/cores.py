@@ -72,11 +72,18 @@ def available_cores(root: Path | None = None) -> int:
     return cores
 
 
+MAX_PACK_THREADS = 4
+"""Packing threads by default at most: on an H100 host 8 of them took turns on the GIL
+(issuing a batch took 5.1 ms against 1.2-1.3 with 4; bench/RESULTS.md, eighth session), so
+more slots than this (batches in flight) share 4 threads."""
+
+
 def default_pack_threads(slots: int, cores: int | None = None) -> int:
     """One packing thread per slot, leaving a core each to the event loop and the completion
-    thread: on the 2-core CI machine one thread packed ranking batches fastest (0.72-0.74 of
-    the simulated device, 0.61-0.63 with two, 0.44-0.51 with four; bench/engine_host.py),
-    while the H200's 16-core host did best with one per slot (bench/RESULTS.md)."""
+    thread, and at most ``MAX_PACK_THREADS``: on the 2-core CI machine one thread packed
+    ranking batches fastest (0.72-0.74 of the simulated device, 0.61-0.63 with two,
+    0.44-0.51 with four; bench/engine_host.py), while the H200's 16-core host did best with
+    one per slot up to 4 (bench/RESULTS.md)."""
     if cores is None:
         cores = available_cores()  # (a container's CPU limit, not the machine's cores)
-    return max(1, min(slots, cores - 2))
+    return max(1, min(slots, cores - 2, MAX_PACK_THREADS))

@@ -134,8 +134,8 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
                    "count them (recserve_slow_requests_total); 0: off (default: %(default)g)")
     g.add_argument("--pack-threads", type=int, metavar="N",
                    help="host threads packing batches for the GPU (default: one per slot, "
-                   "leaving two of the cores the process may use to the event loop and "
-                   "completions; packing bounds "
+                   "at most 4, leaving two of the cores the process may use to the event "
+                   "loop and completions; packing bounds "
                    "the engine on a GPU, bench/RESULTS.md has the sweep)")
     g.add_argument("--pack-in", choices=PACK_IN, default="auto",
                    help="where the GPU executor packs batches of requests that lie in "

@@ -59,7 +59,8 @@ class ServeOptions:
     log_level: str = "INFO"
     """Log level of worker processes."""
     pack_threads: int | None = None
-    """Host threads packing batches for the GPU executor; None: one per slot."""
+    """Host threads packing batches for the GPU executor; None: one per slot, at most 4
+    (``cores.default_pack_threads``)."""
     compute_streams: int = 1
     """CUDA streams the GPU executor's batches take in turn (at most the slots; the CPU and
     null executors have none and ignore it)."""

@@ -234,6 +234,8 @@ def test_pack_threads_reach_the_gpu_executor(tmp_path, monkeypatch):
     assert executor_factory("cuda")(EngineSettings(slots=4)).pack_threads == 1
     # one per slot where cores allow, a core each left to the event loop and completions
     assert [default_pack_threads(4, c) for c in (1, 2, 4, 5, 16)] == [1, 1, 2, 3, 4]
+    # more slots than 4 share 4 threads (8 on an H100 host took turns on the GIL)
+    assert [default_pack_threads(s, 16) for s in (6, 8)] == [4, 4]
     with pytest.raises(ValueError, match="pack_threads is 0"):
         ServeOptions(tmp_path, "cpu", pack_threads=0)
 
