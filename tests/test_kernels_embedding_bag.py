@@ -97,6 +97,17 @@ def _run(dtype, dims, rows, features, device, seed, index_dtype=torch.int64, num
     return out.float().cpu(), bad.cpu(), ref, ref_bad
 
 
+def _same_bits_and_right(runs: list[tuple], dtype: torch.dtype, dims: list[int]) -> None:
+    """``_run`` results of one input under different switches: every run's output and bad
+    flags are the first's, bit for bit, and the first's match the reference."""
+    out, bad, ref, _ = runs[0]
+    for f, want in zip(_features(dims), ref, strict=True):
+        got = out[:, f.out_col:f.out_col + want.shape[1]]
+        torch.testing.assert_close(got, want, atol=TOL[dtype][0], rtol=TOL[dtype][1])
+    for other in runs[1:]:
+        assert torch.equal(other[0], out) and torch.equal(other[1], bad)
+
+
 def _features(dims: list[int]) -> list[BagFeature]:
     col = [0]
     for t in (0, 1, 2, 0, 1):
@@ -309,12 +320,7 @@ def test_switches_give_identical_bits(device, dtype, monkeypatch):
         assert best["UNROLL"] == unroll and best["STAGES"] == stages
         assert best["PREFETCH"] == (prefetch and stages == 1)  # pipelined: never both
         tuner.best.clear()
-    out, bad, ref, ref_bad = runs[0]
-    for f, want in zip(_features(dims), ref, strict=True):
-        got = out[:, f.out_col:f.out_col + want.shape[1]]
-        torch.testing.assert_close(got, want, atol=TOL[dtype][0], rtol=TOL[dtype][1])
-    for other in runs[1:]:
-        assert torch.equal(other[0], out) and torch.equal(other[1], bad)
+    _same_bits_and_right(runs, dtype, dims)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -342,15 +348,11 @@ def test_l2_keep_hint_changes_no_bit(device, dtype, unroll, monkeypatch):
         key = list(tuner.best)[-1]
         assert tuner.best[key].get("L2_KEEP") == keep and key[-1] == frozenset({0, 1})
         tuner.best.clear()
-    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    _same_bits_and_right(runs, dtype, dims)
     monkeypatch.setenv(_common.TRIAL_ENV, "0")  # serving's default: no table marked kept
     monkeypatch.setattr(eb, "CONFIGS", [{**eb.CONFIGS[0], "L2_KEEP": False}])
     _run(dtype, dims, rows, _features(dims), device, seed=6, pad=16)
     assert list(tuner.best)[-1][-1] == frozenset()
-    out, _, ref, _ = runs[1]
-    for f, want in zip(_features(dims), ref, strict=True):
-        got = out[:, f.out_col:f.out_col + want.shape[1]]
-        torch.testing.assert_close(got, want, atol=TOL[dtype][0], rtol=TOL[dtype][1])
 
 
 def test_kept_tables_are_the_smallest_that_fit_the_budget():
@@ -392,11 +394,7 @@ def test_small_tables_last_changes_no_bit(device, dtype, monkeypatch):
         runs.append(_run(dtype, dims, rows, _features(dims), device, seed=8, pad=16))
         assert tuner.best[list(tuner.best)[-1]].get("SMALL_LAST", False) == small_last
         tuner.best.clear()
-    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
-    out, _, ref, _ = runs[1]
-    for f, want in zip(_features(dims), ref, strict=True):
-        got = out[:, f.out_col:f.out_col + want.shape[1]]
-        torch.testing.assert_close(got, want, atol=TOL[dtype][0], rtol=TOL[dtype][1])
+    _same_bits_and_right(runs, dtype, dims)
 
 
 def test_program_order_puts_long_bags_first_then_the_largest_tables():
