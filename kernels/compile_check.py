@@ -109,7 +109,7 @@ def _embedding_jobs(quick: bool):
             sig = {n: "*i32" for n in eb._embedding_bag_kernel.arg_names if n.endswith("_ptr")}
             sig.update(table_ptr=_PTR[table], weights_ptr="*fp32",
                        out_ptr=_PTR[out], meta_ptr="*i64", out_stride="i32")
-            for cfg in eb.CONFIGS + [None]:
+            for cfg in eb.CONFIGS + eb.TRIAL_CONFIGS + [None]:
                 # (ALIGN, PREFETCH): the launcher's candidates for dim-128 tables, for odd
                 # dims (no alignment hint), and (None) the proven fallback of the first run
                 # (and the L2 hint of kept tables, on the unpipelined configs)

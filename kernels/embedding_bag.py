@@ -22,8 +22,8 @@ Scope and limits:
   ``LANES`` positions per step; their programs are ordered first so they never form the
   tail (then, as a tuning candidate, the rest by their table's bytes, the small tables'
   programs last, so their rows meet again in L2: ``SMALL_LAST``, ``tables.program_order``).
-  Short bags take ``BAGS`` bags per program, one position each per step. UNROLL 2
-  issues two steps' loads at once, and ids are prefetched a step ahead (``PREFETCH``);
+  Short bags take ``BAGS`` bags per program, one position each per step. UNROLL 2 (or 4)
+  issues two (four) steps' loads at once, and ids are prefetched a step ahead (``PREFETCH``);
   STAGES > 1 pipelines the loop instead, rows staged in shared memory a few steps ahead.
 - Row loads and stores are 16 bytes wide when every table base, dim and out column is a
   multiple of 16 elements (``ALIGN``, checked on the host).
@@ -75,6 +75,14 @@ CONFIGS = [
     {"BAGS": 16, "LANES": 16, "UNROLL": 1, "STAGES": 3, "num_warps": 4},
     {"BAGS": 16, "LANES": 16, "UNROLL": 1, "STAGES": 4, "num_warps": 4},
     {"BAGS": 8, "LANES": 8, "UNROLL": 1, "STAGES": 4, "num_warps": 2},
+]
+# Trial candidates (``trial_configs``; fourteenth session, not yet on a card): four tiles'
+# loads in flight per step (UNROLL 4: a short bag's 4 positions, a long bag's 4 x LANES),
+# each tile still at most 16 rows. For the gather being bound by rows in flight, should
+# ``bench/floors.py``'s plain reader of the same rows show it well under the gather's time.
+TRIAL_CONFIGS = [
+    {"BAGS": 8, "LANES": 16, "UNROLL": 4, "STAGES": 1, "num_warps": 4},
+    {"BAGS": 16, "LANES": 16, "UNROLL": 4, "STAGES": 1, "num_warps": 8},
 ]
 # Switches for ``bench/kernel_variants.py``: both False give the kernel of the first H200
 # run (one element per load instruction, ids and rows loaded back to back). Whatever they
@@ -146,7 +154,8 @@ def _embedding_bag_kernel(
 
 _tuner = SafeTuner("embedding_bag", CONFIGS)
 def _candidates(align: int, l2_keep: bool, sizes_differ: bool = False) -> list[dict]:
-    """Tuning candidates: every config with the switches' variant, with ``sizes_differ``
+    """Tuning candidates: every config (and ``TRIAL_CONFIGS`` with the trial candidates
+    on) with the switches' variant, with ``sizes_differ``
     (the launch's tables differ in bytes) each also with its programs ordered small tables
     last (``SMALL_LAST``, ``tables.program_order``: the same compiled kernel, another grid
     order, so no compile), with ``l2_keep`` (some
@@ -154,7 +163,8 @@ def _candidates(align: int, l2_keep: bool, sizes_differ: bool = False) -> list[d
     trial candidates on, ``trial_configs``: on the H200 the hint was 8-39% slower) each
     unpipelined one also with the L2 hint, then the first H200 run's proven kernel, so a
     variant that fails to compile on the card only loses speed."""
-    out = [{**c, "ALIGN": align, "PREFETCH": PREFETCH and c["STAGES"] == 1} for c in CONFIGS]
+    configs = CONFIGS + (TRIAL_CONFIGS if trial_configs() else [])
+    out = [{**c, "ALIGN": align, "PREFETCH": PREFETCH and c["STAGES"] == 1} for c in configs]
     if sizes_differ:
         out += [{**c, "SMALL_LAST": True} for c in out]
     if l2_keep:

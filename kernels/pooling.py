@@ -105,13 +105,21 @@ def _add_two(table_ptr, weights_ptr, ids, acc, bad, pos0, valid0, pos1, valid1,
              elem_base, row_stride, rows, dim, flags, d, dmask,
              QUANT: tl.constexpr, WEIGHTED: tl.constexpr, L2_KEEP: tl.constexpr):
     """acc + rows(ids[:, 0]) + rows(ids[:, 1]), in that order (the same sums as two single
-    steps, so UNROLL does not change a bit), with both tiles' loads in flight at once."""
+    steps, so UNROLL does not change a bit), with both tiles' loads in flight at once
+    (UNROLL 4 calls it twice: four tiles' loads in flight, the sums still one at a time)."""
     id0, id1 = tl.split(ids)
     v0, b0 = _gather(table_ptr, weights_ptr, id0, pos0, valid0, elem_base,
                      row_stride, rows, dim, flags, d, dmask, QUANT, WEIGHTED, L2_KEEP)
     v1, b1 = _gather(table_ptr, weights_ptr, id1, pos1, valid1, elem_base,
                      row_stride, rows, dim, flags, d, dmask, QUANT, WEIGHTED, L2_KEEP)
     return (acc + v0) + v1, bad | b0 | b1
+
+
+@triton.jit
+def _halves(ids, N: tl.constexpr):
+    """[N, 4] ids -> their columns 0-1 and 2-3, [N, 2] each (UNROLL 4: the first two
+    tiles' ids, then the last two's)."""
+    return tl.split(tl.permute(tl.reshape(ids, [N, 2, 2]), (0, 2, 1)))
 
 
 @triton.jit
@@ -162,16 +170,28 @@ def _pool_long(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
                                      rows, dim, flags, d, dmask, QUANT, WEIGHTED, PREFETCH,
                                      L2_KEEP)
     else:
-        # two [LANES, D] tiles per step (positions j + lanes and j + LANES + lanes)
-        pos2 = start + lanes[:, None] + LANES * tl.arange(0, 2)[None, :]
-        nxt = _first_ids(indices_ptr, pos2, pos2 < end, PREFETCH)
-        for j in range(0, tl.max(end - start, axis=0), 2 * LANES):
-            ids, nxt = _step_ids(indices_ptr, nxt, pos2 + j, pos2 + j < end, pos2 + j + 2 * LANES,
-                                 pos2 + j + 2 * LANES < end, PREFETCH)
+        # UNROLL (2 or 4) [LANES, D] tiles per step: positions j + lanes + LANES * u
+        tl.static_assert(UNROLL == 2 or UNROLL == 4)
+        posu = start + lanes[:, None] + LANES * tl.arange(0, UNROLL)[None, :]
+        nxt = _first_ids(indices_ptr, posu, posu < end, PREFETCH)
+        for j in range(0, tl.max(end - start, axis=0), UNROLL * LANES):
+            ids, nxt = _step_ids(indices_ptr, nxt, posu + j, posu + j < end,
+                                 posu + j + UNROLL * LANES, posu + j + UNROLL * LANES < end,
+                                 PREFETCH)
             pos = start + j + lanes
-            acc, bad = _add_two(table_ptr, weights_ptr, ids, acc, bad, pos,
-                                pos < end, pos + LANES, pos + LANES < end, elem_base, row_stride,
-                                rows, dim, flags, d, dmask, QUANT, WEIGHTED, L2_KEEP)
+            if UNROLL == 2:
+                acc, bad = _add_two(table_ptr, weights_ptr, ids, acc, bad, pos, pos < end,
+                                    pos + LANES, pos + LANES < end, elem_base, row_stride,
+                                    rows, dim, flags, d, dmask, QUANT, WEIGHTED, L2_KEEP)
+            else:
+                first, last = _halves(ids, LANES)
+                acc, bad = _add_two(table_ptr, weights_ptr, first, acc, bad, pos, pos < end,
+                                    pos + LANES, pos + LANES < end, elem_base, row_stride,
+                                    rows, dim, flags, d, dmask, QUANT, WEIGHTED, L2_KEEP)
+                pos += 2 * LANES
+                acc, bad = _add_two(table_ptr, weights_ptr, last, acc, bad, pos, pos < end,
+                                    pos + LANES, pos + LANES < end, elem_base, row_stride,
+                                    rows, dim, flags, d, dmask, QUANT, WEIGHTED, L2_KEEP)
     # The lanes' partial sums are added in a fixed pairwise tree, not by tl.sum, whose
     # order follows the register layout: that changes with the load width (int8 rows with
     # 16-byte loads), and int8 results differed in the last bits between variants.
@@ -223,15 +243,28 @@ def _pool_short(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
                                      rows, dim, flags, d, dmask, QUANT, WEIGHTED, PREFETCH,
                                      L2_KEEP)
     else:
-        # two positions of each bag per step
-        u = tl.arange(0, 2)[None, :]
+        # UNROLL (2 or 4) positions of each bag per step
+        tl.static_assert(UNROLL == 2 or UNROLL == 4)
+        u = tl.arange(0, UNROLL)[None, :]
         nxt = _first_ids(indices_ptr, start[:, None] + u, u < length[:, None], PREFETCH)
-        for j in range(0, tl.max(length, axis=0), 2):
+        for j in range(0, tl.max(length, axis=0), UNROLL):
             ids, nxt = _step_ids(indices_ptr, nxt, start[:, None] + j + u,
-                                 j + u < length[:, None], start[:, None] + j + 2 + u,
-                                 j + 2 + u < length[:, None], PREFETCH)
-            acc, bad = _add_two(table_ptr, weights_ptr, ids, acc, bad, start + j,
-                                j < length, start + j + 1, j + 1 < length, elem_base, row_stride,
-                                rows, dim, flags, d, dmask, QUANT, WEIGHTED, L2_KEEP)
+                                 j + u < length[:, None], start[:, None] + j + UNROLL + u,
+                                 j + UNROLL + u < length[:, None], PREFETCH)
+            if UNROLL == 2:
+                acc, bad = _add_two(table_ptr, weights_ptr, ids, acc, bad, start + j,
+                                    j < length, start + j + 1, j + 1 < length, elem_base,
+                                    row_stride, rows, dim, flags, d, dmask, QUANT, WEIGHTED,
+                                    L2_KEEP)
+            else:
+                first, last = _halves(ids, BAGS)
+                acc, bad = _add_two(table_ptr, weights_ptr, first, acc, bad, start + j,
+                                    j < length, start + j + 1, j + 1 < length, elem_base,
+                                    row_stride, rows, dim, flags, d, dmask, QUANT, WEIGHTED,
+                                    L2_KEEP)
+                acc, bad = _add_two(table_ptr, weights_ptr, last, acc, bad, start + j + 2,
+                                    j + 2 < length, start + j + 3, j + 3 < length, elem_base,
+                                    row_stride, rows, dim, flags, d, dmask, QUANT, WEIGHTED,
+                                    L2_KEEP)
     _finish(acc, length, bad, bags, bmask, out_ptr, bad_ptr, row_request_ptr,
             request_offsets_ptr, out_stride, out_col, dim, flags, d, dmask)

@@ -138,7 +138,7 @@ def test_pooling_matches_reference(device, dtype, dims, index_dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("unroll,stages", [(1, 1), (2, 1), (1, 3)])
+@pytest.mark.parametrize("unroll,stages", [(1, 1), (2, 1), (4, 1), (1, 3)])
 def test_out_of_range_ids_are_flagged_and_never_read(device, unroll, stages, monkeypatch):
     from recserve.kernels import embedding_bag as eb
 
@@ -295,9 +295,9 @@ def test_alignment_hint_is_the_largest_common_power_of_two():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.uint8])
 def test_switches_give_identical_bits(device, dtype, monkeypatch):
-    """Aligned dims (ALIGN 16), with and without the hints, the id prefetch, the 2-step
-    unroll and the pipelined loops (STAGES): the same sums in the same order, so the same
-    bits."""
+    """Aligned dims (ALIGN 16), with and without the hints, the id prefetch, the 2- and
+    4-step unrolls and the pipelined loops (STAGES): the same sums in the same order, so the
+    same bits."""
     from recserve.kernels import embedding_bag as eb
 
     dims = [16, 32, 16]
@@ -308,7 +308,8 @@ def test_switches_give_identical_bits(device, dtype, monkeypatch):
     for hints, prefetch, unroll, stages in ((True, True, 1, 1), (False, False, 1, 1),
                                             (True, False, 1, 1), (True, True, 2, 1),
                                             (True, False, 2, 1), (True, True, 1, 3),
-                                            (False, False, 1, 4)):
+                                            (False, False, 1, 4), (True, True, 4, 1),
+                                            (True, False, 4, 1)):
         monkeypatch.setattr(eb, "ALIGN_HINTS", hints)
         monkeypatch.setattr(eb, "PREFETCH", prefetch)
         monkeypatch.setattr(eb, "CONFIGS", [{**first, "UNROLL": unroll, "STAGES": stages}])
