@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 
 from recserve.kernels import linear as li
+from recserve.kernels.stagger import waits
 from recserve.kernels.tables import BagFeature, PackedTables
 
 import triton  # isort: skip  (after recserve.kernels, which may switch on the interpreter)
@@ -124,9 +125,8 @@ def cross_parts(model, b: int, base: dict, time_us: Callable[[Callable], float],
         fn()  # tunes (the linear tuner keeps one config per shape, as served)
         times[name] = round(time_us(fn), 2)
     stagger = {}
-    flags = li._STAGGER_FLAGS.get(u.device)
-    if flags is not None:  # a staggered candidate was tuned: did its waiters wait?
-        spins = flags[li.STAGGER_SLOTS.value:].cpu()
+    spins = waits(u.device)
+    if spins is not None:  # a staggered candidate was tuned: did its waiters wait?
         stagger = {"stagger_waiters_that_waited": int((spins > 0).sum()),
                    "stagger_max_extra_reads": int(spins.max())}
     size = x.element_size()

@@ -20,6 +20,7 @@ import torch
 
 from . import linear_configs as lc
 from ._common import SafeTuner, check_tensor, ieee_dot, pdl_launch, processors
+from .stagger import STAGGER_SLOTS, stagger_flags, stagger_wait
 
 import triton  # isort: skip  (after _common, which may switch on the interpreter)
 import triton.language as tl  # isort: skip
@@ -84,7 +85,7 @@ def _linear_kernel(
         if STAGGER:
             if pid >= half:
                 partner = pid - half
-                _stagger_wait(stagger_ptr + partner, stagger_ptr + STAGGER_SLOTS + partner)
+                stagger_wait(stagger_ptr + partner, stagger_ptr + STAGGER_SLOTS + partner)
         for tile in tl.range(pid, tiles, programs, flatten=FLATTEN):
             _linear_tile(
                 tile // tiles_n, tile % tiles_n, 0,
@@ -102,25 +103,6 @@ def _linear_kernel(
             stride_wn, stride_wk, stride_om, stride_on, stride_addm, stride_x0m, stride_xm,
             BLOCK_M, BLOCK_N, BLOCK_K, ACT, HAS_BIAS, A_ROWS, ADD_ROWS, CROSS, FINAL, IEEE,
             EVEN_K, EPILOGUE_FIRST, SPLIT_K, stagger_ptr, False, False)
-
-
-STAGGER_SPINS = tl.constexpr(64)
-"""Flag reads a staggered program makes at most before it starts anyway (its partner may
-not be resident: then nothing waits long, and no launch can hang on a flag)."""
-STAGGER_SLOTS = tl.constexpr(1024)
-"""Flags for a grid's first half; the next as many slots hold each waiter's flag reads."""
-
-
-@triton.jit
-def _stagger_wait(flag_ptr, spins_ptr):
-    """Wait for the flag (bounded), clearing it for the next launch in the same exchange;
-    record how many more reads it took (0: the partner was done first)."""
-    seen = tl.atomic_xchg(flag_ptr, 0)
-    spins = 0
-    while (seen == 0) & (spins < STAGGER_SPINS):
-        seen = tl.atomic_xchg(flag_ptr, 0)
-        spins += 1
-    tl.store(spins_ptr, spins)
 
 
 @triton.jit
@@ -364,26 +346,6 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         m, n, k, a.element_size(), final=final is not None, cross=cross is not None,
         plain=final is None and cross is None and add is None and a_rows is None))
     return out
-
-
-_STAGGER_FLAGS: dict[torch.device, torch.Tensor] = {}
-
-
-def stagger_flags(device: torch.device, programs: int) -> torch.Tensor:
-    """The device's flags for STAGGER configs: zeros, one per program of a grid's first
-    half, cleared again by the programs that read them (so a CUDA graph replays them
-    as captured); then, from ``STAGGER_SLOTS``, each waiter's count of extra flag reads
-    (``_stagger_wait``: how long it waited, for a benchmark to look at). Allocated once,
-    at the first staggered launch (the tuner's, eager)."""
-    slots = STAGGER_SLOTS.value
-    if programs // 2 > slots:
-        raise ValueError(f"a staggered grid of {programs} programs needs more than {slots} "
-                         "flags; lower PER_SM")
-    flags = _STAGGER_FLAGS.get(device)
-    if flags is None:
-        flags = torch.zeros(2 * slots, dtype=torch.int32, device=device)
-        _STAGGER_FLAGS[device] = flags
-    return flags
 
 
 def linear_reference(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

@@ -245,14 +245,17 @@ def test_staggered_persistent_tiles_give_the_tiled_kernels_bits(flatten, monkeyp
         runs.append(linear(a, w, bias, cross=(x0, x)))
         assert li._tuner.best[next(iter(li._tuner.best))] == config
     assert torch.equal(runs[0], runs[1])
-    flags = li.stagger_flags(a.device, 4)
-    slots = li.STAGGER_SLOTS.value
+    from recserve.kernels import stagger
+
+    flags = stagger.stagger_flags(a.device, 4)
+    slots = stagger.STAGGER_SLOTS.value
     # every flag cleared, and each waiter found its partner done (the interpreter runs the
     # programs in order), so it waited no extra read; a missing signal would read 64
     assert not flags[:slots].any() and not flags[slots:].any()
     flags[slots:slots + 2] = -1
     linear(a, w, bias, cross=(x0, x))  # (tuned: launched once more)
     assert flags[slots:slots + 2].tolist() == [0, 0]  # both waiters wrote their count
+    assert stagger.waits(a.device)[:2].tolist() == [0, 0]
 
 
 @pytest.mark.gpu
