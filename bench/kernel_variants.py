@@ -53,6 +53,7 @@ import kernel_profile as kp  # noqa: E402
 import workloads as wl  # noqa: E402
 from gather_diagnosis import beyond_bf16, diagnose  # noqa: E402
 from row_units import row_units  # noqa: E402
+from variants_report import summary  # noqa: E402
 
 import kernels as kb  # noqa: E402  (bench/kernels.py: Recorder, timed_us, env_info)
 from recserve.engine.weights import (
@@ -383,98 +384,6 @@ def bench_forward(rec, base: dict, name: str, spec, weights: dict, model: Triton
 
         rec.guarded(what, one)
     set_variant(DEFAULT)
-
-
-def summary(records: list[dict]) -> str:
-    lines = [f"{'what':44} {'B':>6} {'us':>9}  notes"]
-    for r in records:
-        sec = r.get("section")
-        if sec == "gather":
-            what = f"gather {r['tables']} {r['variant']}"
-            note = f"{r['GBps']} GB/s ok={r['ok']} (in a graph: {r.get('graph_us')} us)"
-        elif sec == "forward":
-            what = f"forward {r['workload']} {r['variant']}" + (" graph" if r["graph"] else "")
-            note = f"{r['TFLOPs']} TFLOP/s diff={r['max_diff_vs_eager']} ok={r['ok']}"
-        elif sec == "row_size":
-            lines.append(f"{'row_size ' + r['dtype'] + ' dim ' + str(r['dim']):44} "
-                         f"{r['B']:>6} {r['us']:>9.1f}  {r['M_rows_per_s']} M rows/s; a row: "
-                         f"{r['bytes_read']} B, {r['sectors']} sectors, {r['bursts']} "
-                         f"bursts, {r['lines']} lines")
-            continue
-        elif sec == "rows_floor":
-            lines.append(f"{'gather vs the same rows read plainly':44} {r['B']:>6} "
-                         f"{r['gather_us'] or 0:>9.1f}  floor {r['us']} us "
-                         f"({r.get('M_rows_per_s')} M rows/s, ROWS, warps {r.get('shape')}): "
-                         f"gather {r['gather_over_floor']}x the floor")
-            continue
-        elif sec == "forward_floors":
-            lines.append(f"{'forward ' + r['workload'] + ': sum of kernel floors':44} "
-                         f"{r['B']:>6} {r['sum_floor_us']:>9.1f}  {r['launches']} launches, "
-                         f"the gather not counted (see the gather's floor)")
-            continue
-        elif sec == "cross_parts":
-            lines.append(f"{'DCNv2 V: cross / plain / epilogue apart':44} {r['B']:>6} "
-                         f"{r['cross_us']:>9.1f}  plain {r['plain_us']}, apart "
-                         f"{r['epilogue_apart_us']}, U {r['u_us']}; floors: arithmetic "
-                         f"{r['arithmetic_floor_us']}, epilogue bytes "
-                         f"{r['epilogue_bytes_floor_us']}; one after the other "
-                         f"{r['one_after_the_other_us']}, overlapped {r['overlapped_us']}")
-            continue
-        elif sec == "int8_speedup":
-            tuned = "" if r.get("tuned_by", "eager") == "eager" else f", {r['tuned_by']}-tuned"
-            lines.append(f"{'int8 / bf16 lookup rate' + tuned:44} {r['B']:>6} {'':>9}  "
-                         f"{r['lookup_rate_ratio']}x (target 1.6x)")
-            continue
-        else:
-            continue
-        lines.append(f"{what:44} {r['B']:>6} {r['us']:>9.1f}  {note}")
-        lines += [f"    {pick}" for pick in tuner_picks(r)]
-    return "\n".join(lines)
-
-
-# The candidate kinds whose wins a short card call should see at a glance.
-_KINDS = {"PER_SM": "persistent", "SPLIT_K": "split-K", "EPILOGUE_FIRST": "epilogue first",
-          "L2_KEEP": "L2 keep", "BATCHED": "batched", "SMALL_LAST": "small tables last",
-          "STAGGER": "staggered"}
-
-
-def _is(config: dict, key: str) -> bool:
-    value = config.get(key)
-    return (value or 1) > 1 if key == "SPLIT_K" else value is not None and value is not False
-
-
-def _kinds(config: dict) -> list[str]:
-    """The ``_KINDS`` keys a config has (empty: a plain tiled one)."""
-    return [key for key in _KINDS if _is(config, key)]
-
-
-def config_label(config: dict) -> str:
-    """A tuning config in a few words: its tile (or bags / rows), warps and kind."""
-    if "BLOCK_M" in config:
-        shape = f"{config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']}"
-    elif "BAGS" in config:
-        shape = f"bags {config['BAGS']} lanes {config['LANES']} unroll {config['UNROLL']}"
-    else:
-        shape = f"rows {config.get('ROWS')}"
-    kinds = [f"{_KINDS[key]} {config[key]}" if key in ("SPLIT_K", "PER_SM") else _KINDS[key]
-             for key in _kinds(config)]
-    return " ".join([shape, f"w{config.get('num_warps')}"] + kinds)
-
-
-def tuner_picks(record: dict) -> list[str]:
-    """For each kernel shape a record's run tuned: the winner and the runner-up of another
-    kind (tiled vs persistent, split-K, hinted), with their tuning times."""
-    out = []
-    for entry in (record.get("linear_configs") or []) + (record.get("interaction_configs") or []) \
-            + (record.get("configs") or []):
-        timings = entry.get("timings_ms") or []
-        if len(timings) < 2:
-            continue
-        (best_ms, best), rest = timings[0], timings[1:]
-        other = next(((ms, c) for ms, c in rest if _kinds(c) != _kinds(best)), rest[0])
-        out.append(f"{entry['key'][:60]}: {config_label(best)} {best_ms:.4f} ms; "
-                   f"next of another kind {config_label(other[1])} {other[0]:.4f} ms")
-    return out
 
 
 def main() -> int:

@@ -130,7 +130,7 @@ def test_forward_floors_list_every_kernel_but_the_gather_with_its_floor():
 
 
 def test_kernel_variants_names_each_candidate_kind_in_its_picks():
-    import kernel_variants as kv
+    import variants_report as kv
 
     gather = {"BAGS": 8, "LANES": 8, "UNROLL": 2, "num_warps": 2, "SMALL_LAST": True}
     assert kv.config_label(gather) == "bags 8 lanes 8 unroll 2 w2 small tables last"
