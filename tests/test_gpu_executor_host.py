@@ -162,16 +162,16 @@ def test_engine_gpu_variants_compose_from_their_names():
 
 
 def test_engine_gpu_packing_ceiling_counts_every_thread_s_packs(monkeypatch):
-    import engine_gpu
+    import host_packing
     import workloads as wl
 
     spec = wl.dlrmv2_spec(1000)
     full = wl.full_requests(spec, np.random.default_rng(0), 16, 2)
     packed = []
-    real_pack = engine_gpu.pack
-    monkeypatch.setattr(engine_gpu, "pack", lambda layout, host, pieces, rows: packed.append(
+    real_pack = host_packing.pack
+    monkeypatch.setattr(host_packing, "pack", lambda layout, host, pieces, rows: packed.append(
         (host, pieces[0].num_candidates)) or real_pack(layout, host, pieces, rows))
-    got = engine_gpu.packing_ceiling(spec, full, threads=(1, 3), seconds=0.05)
+    got = host_packing.packing_ceiling(spec, full, threads=(1, 3), seconds=0.05)
     assert set(got) == {"1", "3"}
     assert all(r["batches_per_s"] > 0 and r["ms_a_pack"] > 0 for r in got.values())
     # each thread packs into its own buffers (plus one untimed pack each to touch them)
