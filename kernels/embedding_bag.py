@@ -248,7 +248,7 @@ def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices:
     key = (packed.dtype, block_d, weighted, features, num_rows, num_requests, out.dtype,
            indices.dtype, align, PREFETCH, kept)
     some = 0 < len(kept) < len({f.table for f in features})
-    sizes = {packed.rows[f.table] * packed.row_stride[f.table] for f in features}
+    sizes = {packed.table_bytes(f.table) for f in features}
     _tuner.run(key, launch, _candidates(align, some, len(sizes) > 1), outputs)
     return bad
 

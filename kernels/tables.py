@@ -87,6 +87,10 @@ class PackedTables:
         self.data = torch.cat([_quantized_rows(t, s, o)
                                for t, s, o in zip(tables, scales, shifts, strict=True)])
 
+    def table_bytes(self, t: int) -> int:
+        """Bytes table ``t`` takes in the buffer (int8 rows with their scale and offset)."""
+        return self.rows[t] * self.row_stride[t] * self.data.element_size()
+
     @property
     def dtype(self) -> torch.dtype:
         return self.data.dtype
@@ -168,8 +172,7 @@ def kept_tables(packed: PackedTables, features: Sequence[BagFeature],
     reads a row of every feature, so a small table's rows come back batch after batch and
     are worth keeping; a large table's (dlrmv2's 1 GB ones) are read about once and would
     otherwise push them out."""
-    sizes = sorted((packed.rows[t] * packed.row_stride[t] * packed.data.element_size(), t)
-                   for t in {f.table for f in features})
+    sizes = sorted((packed.table_bytes(t), t) for t in {f.table for f in features})
     kept, total = set(), 0
     for size, table in sizes:
         total += size
@@ -222,12 +225,9 @@ def program_order(packed: PackedTables, features: Sequence[BagFeature], is_long:
     L2 between reads instead of being pushed out by the large tables' rows streaming past
     (1.4 M rows of 256 bytes at B=8192). Each bag is still pooled by one program in the
     same order, so the bits do not change; only which programs run beside which."""
-    def table_bytes(i: int) -> int:
-        t = features[i].table
-        return packed.rows[t] * packed.row_stride[t]
-
     if small_last:
-        return sorted(range(len(features)), key=lambda i: (not is_long[i], -table_bytes(i)))
+        return sorted(range(len(features)),
+                      key=lambda i: (not is_long[i], -packed.table_bytes(features[i].table)))
     return sorted(range(len(features)), key=lambda i: not is_long[i])
 
 
