@@ -106,7 +106,8 @@ def _add_two(table_ptr, weights_ptr, ids, acc, bad, pos0, valid0, pos1, valid1,
              QUANT: tl.constexpr, WEIGHTED: tl.constexpr, L2_KEEP: tl.constexpr):
     """acc + rows(ids[:, 0]) + rows(ids[:, 1]), in that order (the same sums as two single
     steps, so UNROLL does not change a bit), with both tiles' loads in flight at once
-    (UNROLL 4 calls it twice: four tiles' loads in flight, the sums still one at a time)."""
+    (UNROLL 4 calls it twice, ``_add_four``: four tiles' loads in flight, the sums still one
+    at a time)."""
     id0, id1 = tl.split(ids)
     v0, b0 = _gather(table_ptr, weights_ptr, id0, pos0, valid0, elem_base,
                      row_stride, rows, dim, flags, d, dmask, QUANT, WEIGHTED, L2_KEEP)
@@ -116,10 +117,17 @@ def _add_two(table_ptr, weights_ptr, ids, acc, bad, pos0, valid0, pos1, valid1,
 
 
 @triton.jit
-def _halves(ids, N: tl.constexpr):
-    """[N, 4] ids -> their columns 0-1 and 2-3, [N, 2] each (UNROLL 4: the first two
-    tiles' ids, then the last two's)."""
-    return tl.split(tl.permute(tl.reshape(ids, [N, 2, 2]), (0, 2, 1)))
+def _add_four(table_ptr, weights_ptr, ids, acc, bad, pos0, valid0, pos1, valid1, pos2,
+              valid2, pos3, valid3, elem_base, row_stride, rows, dim, flags, d, dmask,
+              N: tl.constexpr, QUANT: tl.constexpr, WEIGHTED: tl.constexpr,
+              L2_KEEP: tl.constexpr):
+    """UNROLL 4: ``_add_two`` on ids [N, 4]'s columns 0-1, then on columns 2-3."""
+    first, last = tl.split(tl.permute(tl.reshape(ids, [N, 2, 2]), (0, 2, 1)))
+    acc, bad = _add_two(table_ptr, weights_ptr, first, acc, bad, pos0, valid0, pos1, valid1,
+                        elem_base, row_stride, rows, dim, flags, d, dmask, QUANT, WEIGHTED,
+                        L2_KEEP)
+    return _add_two(table_ptr, weights_ptr, last, acc, bad, pos2, valid2, pos3, valid3,
+                    elem_base, row_stride, rows, dim, flags, d, dmask, QUANT, WEIGHTED, L2_KEEP)
 
 
 @triton.jit
@@ -184,14 +192,11 @@ def _pool_long(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
                                     pos + LANES, pos + LANES < end, elem_base, row_stride,
                                     rows, dim, flags, d, dmask, QUANT, WEIGHTED, L2_KEEP)
             else:
-                first, last = _halves(ids, LANES)
-                acc, bad = _add_two(table_ptr, weights_ptr, first, acc, bad, pos, pos < end,
-                                    pos + LANES, pos + LANES < end, elem_base, row_stride,
-                                    rows, dim, flags, d, dmask, QUANT, WEIGHTED, L2_KEEP)
-                pos += 2 * LANES
-                acc, bad = _add_two(table_ptr, weights_ptr, last, acc, bad, pos, pos < end,
-                                    pos + LANES, pos + LANES < end, elem_base, row_stride,
-                                    rows, dim, flags, d, dmask, QUANT, WEIGHTED, L2_KEEP)
+                p2, p3 = pos + 2 * LANES, pos + 3 * LANES
+                acc, bad = _add_four(table_ptr, weights_ptr, ids, acc, bad, pos, pos < end,
+                                     pos + LANES, pos + LANES < end, p2, p2 < end, p3, p3 < end,
+                                     elem_base, row_stride, rows, dim, flags, d, dmask, LANES,
+                                     QUANT, WEIGHTED, L2_KEEP)
     # The lanes' partial sums are added in a fixed pairwise tree, not by tl.sum, whose
     # order follows the register layout: that changes with the load width (int8 rows with
     # 16-byte loads), and int8 results differed in the last bits between variants.
@@ -257,14 +262,10 @@ def _pool_short(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
                                     row_stride, rows, dim, flags, d, dmask, QUANT, WEIGHTED,
                                     L2_KEEP)
             else:
-                first, last = _halves(ids, BAGS)
-                acc, bad = _add_two(table_ptr, weights_ptr, first, acc, bad, start + j,
-                                    j < length, start + j + 1, j + 1 < length, elem_base,
-                                    row_stride, rows, dim, flags, d, dmask, QUANT, WEIGHTED,
-                                    L2_KEEP)
-                acc, bad = _add_two(table_ptr, weights_ptr, last, acc, bad, start + j + 2,
-                                    j + 2 < length, start + j + 3, j + 3 < length, elem_base,
-                                    row_stride, rows, dim, flags, d, dmask, QUANT, WEIGHTED,
-                                    L2_KEEP)
+                acc, bad = _add_four(table_ptr, weights_ptr, ids, acc, bad, start + j,
+                                     j < length, start + j + 1, j + 1 < length, start + j + 2,
+                                     j + 2 < length, start + j + 3, j + 3 < length, elem_base,
+                                     row_stride, rows, dim, flags, d, dmask, BAGS, QUANT,
+                                     WEIGHTED, L2_KEEP)
     _finish(acc, length, bad, bags, bmask, out_ptr, bad_ptr, row_request_ptr,
             request_offsets_ptr, out_stride, out_col, dim, flags, d, dmask)
