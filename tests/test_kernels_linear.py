@@ -256,6 +256,8 @@ def test_staggered_persistent_tiles_give_the_tiled_kernels_bits(flatten, monkeyp
     linear(a, w, bias, cross=(x0, x))  # (tuned: launched once more)
     assert flags[slots:slots + 2].tolist() == [0, 0]  # both waiters wrote their count
     assert stagger.waits(a.device)[:2].tolist() == [0, 0]
+    with pytest.raises(ValueError, match="a staggered grid of 4096 programs needs more"):
+        stagger.stagger_flags(a.device, 4096)  # more waiters than flags: refused, not wrapped
 
 
 @pytest.mark.gpu
