@@ -1,58 +1,62 @@
 #!/usr/bin/env bash
 # Every GPU check in one call (DESIGN.md, "GPU checks"): install, `pytest -m gpu`, the kernel
-# benchmark against the PyTorch peers, then the engine and server load runs.
+# benchmarks against the PyTorch peers, the host's packing probe, then the engine and server
+# load runs.
 #
-#   bash bench/gpu_check.sh OUTDIR
+#   RECSERVE_COMMIT=<hash> PYTHON=python3 bash bench/gpu_check.sh OUTDIR
 #
-# Runs on a machine whose Python already has torch, triton, numpy, msgpack, uvloop,
-# nvidia-ml-py and safetensors, with no package registry. Target: DESIGN.md's 5 minutes; the
-# H100's whole run took 6.5 with the server step, which runs only with time to spare.
-# Every step runs even if an earlier one failed; exit codes go to OUTDIR/summary.txt.
-# OUTDIR holds at most 8 files (the transfer limit); this script writes 8:
-#   summary.txt  card, versions, commit, pip tail, each step's exit code and seconds
-#   pytest-gpu.log, bench.log (every benchmark's output, in order), kernels.json,
-#   kernel_variants.json, engine_gpu.json, engine-cuda-<time>.json, load.json
-# Environment knobs: PYTHON (default python), PYTEST_PATHS (tests), KERNEL_BENCH_ARGS
-# (--budget-s 60: on the H100 that ended before torch.compile; a follow-up call with
-# STEPS="install kernels-bench" BENCH_TIMEOUT_S=240 KERNEL_BENCH_ARGS="--budget-s 200" has it),
-# VARIANTS_BENCH_ARGS (--sections int8,floors,forward,graph_tuned --trial-configs --budget-s 120:
-# the int8 and bf16 gathers; at B=8192 the gather against the same rows read by the simplest
-# reader and DCNv2's V layer against its plain GEMM, its epilogue apart and the run's floors
-# (bench/floors.py: how far each is from what the card allows); the forwards (also tuning the
-# trial candidates serving leaves out,
-# which lost on the H200: its summary lines show by how much on this card), then all of them
-# tuned by their time in a graph; after the steps
-# before, Triton's cache is warm, which is when the H200's graph-tuned int8 gather went wrong
-# (RESULTS.md, tenth session): a failed check prints its diagnosis. Others: "--sections
-# row_size --budget-s 200": a lookup's cost per row, byte or line (the H200: by the line), "--sections configs":
-# every gather config checked three ways),
-# ENGINE_BENCH_ARGS (--variants default,slots=6+pack_threads=4,via=ring,pack_in=process,
-# default,slots=6+pack_threads=4: in process (the graphs copy the scores out: 6 CUDA calls
-# a batch, the default since the H200 timed each call at 10-39 us; torch_calls and
-# copy_out_stream, the defaults before the tenth and twelfth sessions, left out now that
-# they are settled, to keep the check short), with 6 slots on 4 packing threads (a slot
-# is held from its pack to its hand-back, about 4.3 ms on the twelfth session's H200, so 4
-# slots started a batch only every ~1 ms against 0.75 ms of compute), then the requests as
-# workers' rings hand them over, packed in threads and in packing processes, then the
-# default and 6 slots again (one machine's runs vary by up to 0.2: a pair run twice shows
-# it); blocking_wait (the completion thread sleeping on its events) stays a name; --sweep:
-# the older
-# sweep of
-# threads, slots, streams and switch interval), PYTEST_WORKERS (4, with pytest-xdist), and each step's time
-# limit in seconds:
-# PACK_TIMEOUT_S (60, each of the pack probe's two runs: as they run, and with glibc's
-# non-temporal copies from 1 MB, GLIBC_TUNABLES),
-# PYTEST_TIMEOUT_S (240), BENCH_TIMEOUT_S (120), VARIANTS_TIMEOUT_S (200; the trial
-# candidates add to its tuning: 56 s on the H200, the floors about 30 more), ENGINE_TIMEOUT_S (200),
-# SINGLE_TIMEOUT_S (80), LOAD_TIMEOUT_S (60), WORKERS_TIMEOUT_S (120; the step runs only when
-# the check has taken under WORKERS_BUDGET_S, 330, so far); RECSERVE_COMMIT (default: git HEAD; the device
-# copy of the tree has no .git, so pass it in); STEPS (default: every step but startup and ncu; else
-# the names to run, e.g. "install pytest-gpu engine-bench": a short follow-up call, or
-# "install startup": model load times, STARTUP_ARGS, STARTUP_TIMEOUT_S 300, or "install
-# ncu": each kernel of a tuned forward under Nsight Compute, NCU_BATCHES "8192 512",
-# NCU_TIMEOUT_S 240 a batch size).
-# The server step also runs the CPU engine on the same host (config ``cpu``): the demo model
-# is small enough that the host, not the device, decides its rate.
+# For a machine whose Python already has torch, triton, numpy, msgpack, uvloop, nvidia-ml-py
+# and safetensors, and no package registry. The whole check took 450-480 s on the H200 of the
+# twelfth session: run it with a limit that leaves room for a rerun. Every step runs even if
+# one before it failed; each step's exit code and seconds go to OUTDIR/summary.txt.
+#
+# OUTDIR holds at most 8 files (the transfer limit); the default steps write 8:
+#   summary.txt    card, versions, commit, pip's tail, each step's exit code and seconds
+#   pytest-gpu.log
+#   bench.log      every benchmark's printed output, in order
+#   kernels.json, kernel_variants.json, engine_gpu.json, engine-cuda-<time>.json, load.json
+#
+# Steps (STEPS="install NAME ..." runs only those; default: all but startup and ncu):
+#   install           pip install -e . (or a PYTHONPATH shim when pip cannot)
+#   pytest-gpu        pytest -m gpu, no autotuning (PYTEST_PATHS, PYTEST_WORKERS 4 with xdist)
+#   kernels-bench     bench/kernels.py: recserve against eager, eager + graph, torch.compile
+#                     (KERNEL_BENCH_ARGS, default --budget-s 60; --budget-s 200 with
+#                     BENCH_TIMEOUT_S=240 also reaches torch.compile)
+#   kernel-variants   bench/kernel_variants.py (VARIANTS_BENCH_ARGS, default --sections
+#                     int8,floors,forward,graph_tuned --trial-configs --budget-s 120): the int8
+#                     and bf16 gathers; the floors (the gather against the same rows read by the
+#                     simplest reader, DCNv2's V against its plain GEMM and its epilogue apart,
+#                     every kernel against max(arithmetic, bytes) at the run's own rates:
+#                     bench/floors.py); the forwards with the trial candidates serving leaves
+#                     out; then all of them tuned by their time in a graph, in a warm process
+#                     (where the tenth session's graph-tuned int8 gather once went wrong: a
+#                     failed check prints its diagnosis). Other sections: row_size (a lookup's
+#                     cost by row, byte or line), configs (every gather config checked).
+#   pack-probe        bench/engine_gpu.py --pack-only: one thread's packs and the packing
+#                     ceiling of 1-6 threads, as they run and with glibc's non-temporal copies
+#                     from 1 MB (GLIBC_TUNABLES)
+#   engine-bench      bench/engine_gpu.py (ENGINE_BENCH_ARGS, default --variants default,
+#                     slots=6+pack_threads=4,via=ring,pack_in=process,default,
+#                     slots=6+pack_threads=4): dlrmv2 at B=8192 against its bare forward, in
+#                     process, then as the workers' rings hand requests over (packed in threads
+#                     and in packing processes); the default and 6 slots on 4 packing threads
+#                     twice each, since one machine's runs vary by up to 0.2. --sweep: the older
+#                     sweep of threads, slots, streams and switch interval.
+#   engine-vs-single  bench/engine.py --device cuda: the engine against one forward a request
+#   load-generator    bench/load.py over loopback, a GPU server against a one-at-a-time one
+#   server-workers    bench/server.py: the server in one process and with 4 front-end workers
+#                     (threads, packing processes, torch's CUDA calls) and the CPU engine on the
+#                     same host; runs only while the check has taken under WORKERS_BUDGET_S (330)
+#   startup           bench/startup.py: a model load cold, with the tuning cache, with both
+#                     caches (STARTUP_ARGS, e.g. --model dlrmv2; STARTUP_TIMEOUT_S 300)
+#   ncu               bench/ncu_forward.py: each kernel of a tuned forward under Nsight Compute
+#                     (NCU_BATCHES "8192 512", NCU_TIMEOUT_S 240 a size; needs the hardware
+#                     counters: Firecracker machines have them, gVisor ones do not)
+#
+# Other knobs: PYTHON (default python); RECSERVE_COMMIT (default git HEAD: the device's copy
+# of the tree has no .git, so pass it in); each step's limit in seconds: PYTEST_TIMEOUT_S
+# (240), BENCH_TIMEOUT_S (120), VARIANTS_TIMEOUT_S (200), PACK_TIMEOUT_S (60 a probe run),
+# ENGINE_TIMEOUT_S (200), SINGLE_TIMEOUT_S (80), LOAD_TIMEOUT_S (60), WORKERS_TIMEOUT_S (120).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 
