@@ -1,6 +1,6 @@
 """The table ``bench/kernel_variants.py`` prints from its records: one line a measurement,
 and under each the tuners' picks (the winner and the best of another kind, so a short card
-call shows at a glance whether a persistent, split-K, staggered or reordered candidate won).
+call shows at a glance whether a persistent, split-K, staggered, sliced or reordered candidate won).
 """
 
 from __future__ import annotations
@@ -56,12 +56,18 @@ def summary(records: list[dict]) -> str:
 # The candidate kinds whose wins a short card call should see at a glance.
 _KINDS = {"PER_SM": "persistent", "SPLIT_K": "split-K", "EPILOGUE_FIRST": "epilogue first",
           "L2_KEEP": "L2 keep", "BATCHED": "batched", "SMALL_LAST": "small tables last",
-          "STAGGER": "staggered"}
+          "STAGGER": "staggered", "SUBTILE": "sliced epilogue"}
+
+
+_COUNTED = ("SPLIT_K", "PER_SM", "SUBTILE")
+"""Kinds that carry a count (K slices, programs an SM, epilogue slices): 1 is plain."""
 
 
 def _is(config: dict, key: str) -> bool:
     value = config.get(key)
-    return (value or 1) > 1 if key == "SPLIT_K" else value is not None and value is not False
+    if key in _COUNTED:
+        return (value or 1) > 1
+    return value is not None and value is not False
 
 
 def _kinds(config: dict) -> list[str]:
@@ -77,7 +83,7 @@ def config_label(config: dict) -> str:
         shape = f"bags {config['BAGS']} lanes {config['LANES']} unroll {config['UNROLL']}"
     else:
         shape = f"rows {config.get('ROWS')}"
-    kinds = [f"{_KINDS[key]} {config[key]}" if key in ("SPLIT_K", "PER_SM") else _KINDS[key]
+    kinds = [f"{_KINDS[key]} {config[key]}" if key in _COUNTED else _KINDS[key]
              for key in _kinds(config)]
     return " ".join([shape, f"w{config.get('num_warps')}"] + kinds)
 

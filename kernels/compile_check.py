@@ -142,6 +142,7 @@ def _linear_jobs(quick: bool):
             # (a cross layer's opt-in candidates too, so a benchmark can turn them on, and
             # its persistent ones)
             extra = [c for c in lc.CROSS_CANDIDATES + lc.PERSISTENT_CROSS_CONFIGS
+                     + lc.SUBTILE_CROSS_CONFIGS
                      if lc.fits(c, 4 if dtype == "fp32" else 2)] if flags["CROSS"] else []
             for c in lc.base_configs(256 if flags["FINAL"] else None, None,
                                  4 if dtype == "fp32" else 2) + extra:
@@ -154,7 +155,8 @@ def _linear_jobs(quick: bool):
                 # as the card specializes dlrmv2's layers: unit strides are constants, the
                 # other sizes and strides multiples of 16; K = 13 (the first bottom layer)
                 # is the odd one, compiled with EVEN_K off.
-                orders = (False, True) if flags["CROSS"] and "PER_SM" not in c else (False,)
+                orders = (False, True) if flags["CROSS"] and "PER_SM" not in c \
+                    and "SUBTILE" not in c else (False,)
                 # split-K: the small-batch tiles of a plain layer (what linear() adds)
                 plain = not (flags["CROSS"] or flags["FINAL"] or flags["ADD_ROWS"])
                 splits = (1, 4) if plain and c["BLOCK_M"] <= 64 else (1,)
@@ -168,7 +170,8 @@ def _linear_jobs(quick: bool):
                              "stride_ak": 1, "stride_wk": 1, "stride_on": 1,
                              "EVEN_K": even_k, "EPILOGUE_FIRST": first, "SPLIT_K": split,
                              "PERSISTENT": "PER_SM" in c, "FLATTEN": c.get("FLATTEN", True),
-                             "STAGGER": c.get("STAGGER", False), **flags}
+                             "STAGGER": c.get("STAGGER", False),
+                             "SUBTILE": c.get("SUBTILE", 1), **flags}
                     div16 = ("N", "stride_am", "stride_wn", "stride_om", "stride_addm",
                              "stride_x0m", "stride_xm") + (("K",) if even_k else ())
                     yield li._linear_kernel, sig, const, {"num_warps": c["num_warps"],

@@ -52,7 +52,7 @@ def _linear_kernel(
     CROSS: tl.constexpr, FINAL: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
     EPILOGUE_FIRST: tl.constexpr = False, SPLIT_K: tl.constexpr = 1,
     USE_GDC: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
-    FLATTEN: tl.constexpr = True, STAGGER: tl.constexpr = False,
+    FLATTEN: tl.constexpr = True, STAGGER: tl.constexpr = False, SUBTILE: tl.constexpr = 1,
 ):
     """[BLOCK_M, BLOCK_N] tiles of act(A @ W^T + bias (+ add) (x0 * . + x)).
 
@@ -73,6 +73,11 @@ def _linear_kernel(
     run their epilogues while the other half run their K loops: a test of whether V's K
     loop and epilogue run one after the other because all programs start in step. Timing
     only: no result depends on the flags.
+    SUBTILE 2 or 4 (not with FINAL or EPILOGUE_FIRST): the epilogue walks the tile in that
+    many column slices, each loading its own x0 and x (CROSS), so no more than a slice of
+    them is live beside the accumulator: with 128x256 and 256x128 tiles the whole tile's x0
+    and x spilled (sm_90: ~200 local stores and loads a tile). The same arithmetic per
+    element, so the same bits.
     """
     if USE_GDC:  # launched early (PDL): nothing is read before the previous kernel is done
         tl.extra.cuda.gdc_wait()
@@ -94,7 +99,7 @@ def _linear_kernel(
                 stride_wn, stride_wk, stride_om, stride_on, stride_addm, stride_x0m, stride_xm,
                 BLOCK_M, BLOCK_N, BLOCK_K, ACT, HAS_BIAS, A_ROWS, ADD_ROWS, CROSS, FINAL, IEEE,
                 EVEN_K, EPILOGUE_FIRST, SPLIT_K,
-                stagger_ptr + pid, (tile == pid) & (pid < half), STAGGER)
+                stagger_ptr + pid, (tile == pid) & (pid < half), STAGGER, SUBTILE)
     else:
         _linear_tile(
             tl.program_id(0), tl.program_id(1), tl.program_id(2),
@@ -102,7 +107,7 @@ def _linear_kernel(
             x_ptr, wf_ptr, bf_ptr, fact_ptr, part_ptr, M, N, K, H, stride_am, stride_ak,
             stride_wn, stride_wk, stride_om, stride_on, stride_addm, stride_x0m, stride_xm,
             BLOCK_M, BLOCK_N, BLOCK_K, ACT, HAS_BIAS, A_ROWS, ADD_ROWS, CROSS, FINAL, IEEE,
-            EVEN_K, EPILOGUE_FIRST, SPLIT_K, stagger_ptr, False, False)
+            EVEN_K, EPILOGUE_FIRST, SPLIT_K, stagger_ptr, False, False, SUBTILE)
 
 
 @triton.jit
@@ -115,7 +120,7 @@ def _linear_tile(
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, A_ROWS: tl.constexpr, ADD_ROWS: tl.constexpr,
     CROSS: tl.constexpr, FINAL: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
     EPILOGUE_FIRST: tl.constexpr, SPLIT_K: tl.constexpr,
-    signal_ptr, signal, STAGGER: tl.constexpr,
+    signal_ptr, signal, STAGGER: tl.constexpr, SUBTILE: tl.constexpr,
 ):
     """Tile (pid_m, pid_n) of ``_linear_kernel`` (K slice pid_k of SPLIT_K); with STAGGER
     and ``signal``, the flag at ``signal_ptr`` is set once the K loop is done."""
@@ -165,6 +170,37 @@ def _linear_tile(
         part = (part_ptr + pid_k.to(tl.int64) * M * N
                 + offs_m[:, None].to(tl.int64) * N + offs_n[None, :])
         tl.store(part, acc, mask=mn_mask)
+    elif SUBTILE > 1:  # the whole K, the epilogue slice by slice
+        tl.static_assert(not FINAL and not EPILOGUE_FIRST, "SUBTILE: a plain epilogue only")
+        tl.static_assert(SUBTILE == 2 or SUBTILE == 4, "SUBTILE is 1, 2 or 4")
+        col = pid_n * BLOCK_N
+        left, right = _halves(acc, BLOCK_M, BLOCK_N)
+        if SUBTILE == 2:
+            _epilogue_slice(left, col, BLOCK_N // 2, offs_m, m_mask, N, bias_ptr, out_ptr,
+                            add_ptr, add_rows_ptr, x0_ptr, x_ptr, stride_om, stride_on,
+                            stride_addm, stride_x0m, stride_xm, ACT, HAS_BIAS, ADD_ROWS, CROSS)
+            _epilogue_slice(right, col + BLOCK_N // 2, BLOCK_N // 2, offs_m, m_mask, N,
+                            bias_ptr, out_ptr, add_ptr, add_rows_ptr, x0_ptr, x_ptr, stride_om,
+                            stride_on, stride_addm, stride_x0m, stride_xm, ACT, HAS_BIAS,
+                            ADD_ROWS, CROSS)
+        else:
+            q0, q1 = _halves(left, BLOCK_M, BLOCK_N // 2)
+            q2, q3 = _halves(right, BLOCK_M, BLOCK_N // 2)
+            _epilogue_slice(q0, col, BLOCK_N // 4, offs_m, m_mask, N, bias_ptr, out_ptr,
+                            add_ptr, add_rows_ptr, x0_ptr, x_ptr, stride_om, stride_on,
+                            stride_addm, stride_x0m, stride_xm, ACT, HAS_BIAS, ADD_ROWS, CROSS)
+            _epilogue_slice(q1, col + BLOCK_N // 4, BLOCK_N // 4, offs_m, m_mask, N,
+                            bias_ptr, out_ptr, add_ptr, add_rows_ptr, x0_ptr, x_ptr, stride_om,
+                            stride_on, stride_addm, stride_x0m, stride_xm, ACT, HAS_BIAS,
+                            ADD_ROWS, CROSS)
+            _epilogue_slice(q2, col + BLOCK_N // 2, BLOCK_N // 4, offs_m, m_mask, N,
+                            bias_ptr, out_ptr, add_ptr, add_rows_ptr, x0_ptr, x_ptr, stride_om,
+                            stride_on, stride_addm, stride_x0m, stride_xm, ACT, HAS_BIAS,
+                            ADD_ROWS, CROSS)
+            _epilogue_slice(q3, col + 3 * BLOCK_N // 4, BLOCK_N // 4, offs_m, m_mask, N,
+                            bias_ptr, out_ptr, add_ptr, add_rows_ptr, x0_ptr, x_ptr, stride_om,
+                            stride_on, stride_addm, stride_x0m, stride_xm, ACT, HAS_BIAS,
+                            ADD_ROWS, CROSS)
     else:  # the whole K: the epilogue here
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -231,6 +267,42 @@ def _cross_operands(x0_ptr, x_ptr, offs_m, offs_n, m_mask, n_mask, stride_x0m, s
     x0 = tl.load(x0_ptr + rows * stride_x0m + offs_n[None, :], mask=mask, other=0.0)
     x = tl.load(x_ptr + rows * stride_xm + offs_n[None, :], mask=mask, other=0.0)
     return x0, x
+
+
+@triton.jit
+def _halves(tile, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """The left and right [ROWS, COLS / 2] halves of a [ROWS, COLS] register tile."""
+    pairs = tl.permute(tl.reshape(tile, (ROWS, 2, COLS // 2)), (0, 2, 1))
+    return tl.split(pairs)
+
+
+@triton.jit
+def _epilogue_slice(acc, col, WIDTH: tl.constexpr, offs_m, m_mask, N, bias_ptr, out_ptr,
+                    add_ptr, add_rows_ptr, x0_ptr, x_ptr, stride_om, stride_on, stride_addm,
+                    stride_x0m, stride_xm, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    ADD_ROWS: tl.constexpr, CROSS: tl.constexpr):
+    """``_linear_tile``'s plain epilogue (bias, add, cross update, activation, store) for
+    the columns col .. col + WIDTH of its tile (``acc``: their fp32 sums), in the same
+    order per element as the whole tile's."""
+    offs_n = col + tl.arange(0, WIDTH)
+    n_mask = offs_n < N
+    mn_mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if ADD_ROWS:
+        owner = tl.load(add_rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+        acc += tl.load(add_ptr + owner[:, None] * stride_addm + offs_n[None, :], mask=mn_mask,
+                       other=0.0).to(tl.float32)
+    if CROSS:
+        x0, x = _cross_operands(x0_ptr, x_ptr, offs_m, offs_n, m_mask, n_mask, stride_x0m,
+                                stride_xm)
+        acc = tl.fma(x0.to(tl.float32), acc, x.to(tl.float32))
+    if ACT == 1:
+        acc = tl.maximum(acc, 0.0)
+    if ACT == 2:
+        acc = tl.sigmoid(acc)
+    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mn_mask)
 
 
 def _check(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -332,7 +404,8 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             IEEE=ieee_dot(a.dtype), EVEN_K=k % cfg["BLOCK_K"] == 0,
             EPILOGUE_FIRST=cfg.get("EPILOGUE_FIRST", False), SPLIT_K=split,
             PERSISTENT=persistent, FLATTEN=cfg.get("FLATTEN", True), STAGGER=stagger,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch())
+            SUBTILE=cfg.get("SUBTILE", 1), num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"], **pdl_launch())
         if split > 1:
             _split_k_reduce[(triton.cdiv(m, 32), triton.cdiv(n, 128))](
                 part, bias if bias is not None else dummy, out, m, n, out.stride(0),

@@ -67,6 +67,23 @@ PERSISTENT_CROSS_CONFIGS = [
     {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4, "PER_SM": 2,
      "STAGGER": True},
 ]
+# Cross layers at large M with the epilogue walked in column slices (``SUBTILE``, fifteenth
+# session, not yet on a card). Each program of V reads its A rows and W columns through L2:
+# 64x128 tiles move about 660 MB of operands for dlrmv2 at B=8192, 128x128 about 440 and
+# 128x256 about 330, where V's own bytes are 170 MB. The larger tiles lost on the H200, and
+# sm_90's compile says why: with the whole tile's x0 and x live beside the accumulator,
+# 128x256 and 256x128 spill (255 registers, ~200 local stores and loads a tile). Sliced,
+# none spill (sm_90, Triton 3.9: 128x256 in 4 slices 206 registers, 256x128 212), and
+# 128x128 on 8 warps takes 113 registers instead of 178 (2 slices: 126): two programs an
+# SM, so one's epilogue can overlap the other's K loop, as the 64x128 winner's do.
+SUBTILE_CROSS_CONFIGS = [
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3,
+     "SUBTILE": 4},
+    {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3,
+     "SUBTILE": 4},
+    {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3,
+     "SUBTILE": 4},
+]
 # Split-K with large tiles for few rows and a long K (DCNv2's U and the first top layer at
 # B=512: M = 512, K = 3456). With the small-batch tiles each program re-reads its A and W
 # slabs from L2 for every 32-128 output columns or 64 rows (64x32 on U: 85 MB through
@@ -133,8 +150,9 @@ def candidates(m: int, n: int, k: int, elsize: int, *, final: bool, cross: bool,
     ``plain`` layer's (no final, cross, add or gathered rows) with split-K copies too when
     it has few rows and a long K. With the trial candidates on (``trial_configs``) also a
     cross layer's ``CROSS_CANDIDATES`` (above 1024 rows) or ``SMALL_M_CROSS_TILES`` (up to
-    1024), in both orders, and ``PERSISTENT_CROSS_CONFIGS`` (above 1024), and a plain
-    layer's ``SPLIT_K_TILES``."""
+    1024), in both orders, and ``PERSISTENT_CROSS_CONFIGS`` and ``SUBTILE_CROSS_CONFIGS``
+    (above 1024; their epilogue after the loop only), and a plain layer's
+    ``SPLIT_K_TILES``."""
     configs = base_configs(n if final else None, m, elsize)
     trial = _common.trial_configs()
     if cross:  # both epilogue orders compete; the card's tuner keeps the faster
@@ -143,7 +161,8 @@ def candidates(m: int, n: int, k: int, elsize: int, *, final: bool, cross: bool,
             configs = configs + [c for c in extra if fits(c, elsize)]
         configs = configs + [{**c, "EPILOGUE_FIRST": True} for c in configs]
         if trial and m > 1024:
-            configs = configs + [c for c in PERSISTENT_CROSS_CONFIGS if fits(c, elsize)]
+            configs = configs + [c for c in PERSISTENT_CROSS_CONFIGS + SUBTILE_CROSS_CONFIGS
+                                 if fits(c, elsize)]
     if plain and splits_k(m, k):
         # few rows, long K (at B=512 the 3456-wide layers ran on ~128 programs, each walking
         # all of K): slices of K on more programs, then an ordered sum

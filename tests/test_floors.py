@@ -135,6 +135,9 @@ def test_kernel_variants_names_each_candidate_kind_in_its_picks():
     gather = {"BAGS": 8, "LANES": 8, "UNROLL": 2, "num_warps": 2, "SMALL_LAST": True}
     assert kv.config_label(gather) == "bags 8 lanes 8 unroll 2 w2 small tables last"
     plain = {**gather, "SMALL_LAST": False}
+    sliced = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "SUBTILE": 4}
+    assert kv.config_label(sliced) == "128x256x64 w8 sliced epilogue 4"
+    assert kv.config_label({**sliced, "SUBTILE": 1}) == "128x256x64 w8"  # (1: not sliced)
     record = {"configs": [{"key": "k", "timings_ms": [[0.15, gather], [0.16, gather],
                                                        [0.17, plain]]}]}
     # the winner, then the best of another kind (not the runner-up of the same kind)

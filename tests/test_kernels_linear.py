@@ -260,6 +260,66 @@ def test_staggered_persistent_tiles_give_the_tiled_kernels_bits(flatten, monkeyp
         stagger.stagger_flags(a.device, 4096)  # more waiters than flags: refused, not wrapped
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("subtile", [2, 4])
+@pytest.mark.parametrize("epilogue", ["cross", "relu", "add"])
+def test_sliced_epilogues_give_the_whole_tile_s_bits(device, subtile, epilogue, monkeypatch):
+    """SUBTILE walks a tile's epilogue in 2 or 4 column slices, each loading its own bias,
+    add rows and x0 / x: the same arithmetic per element, so the same bits as the whole
+    tile's epilogue, ragged edges (M, N not multiples of the tile) included."""
+    from recserve.kernels import linear as li
+    from recserve.kernels import linear_configs as lc
+
+    gen = torch.Generator().manual_seed(subtile)
+    m, n, k = 100, 70, 50  # 4 x 2 tiles of 32 x 64 under the interpreter: the right ragged
+    a, w = _rand(m, k, gen=gen, device=device), _rand(n, k, gen=gen, device=device)
+    bias, x0, x = (_rand(*shape, gen=gen, device=device) for shape in ((n,), (m, n), (m, n)))
+    kwargs = {"cross": (x0, x)} if epilogue == "cross" else {"activation": "relu"}
+    if epilogue == "add":  # the request-scope half of a split layer, broadcast to rows
+        kwargs["add"] = _rand(3, n, gen=gen, device=device)
+        kwargs["add_rows"] = torch.arange(m, device=device, dtype=torch.int32) % 3
+    base = lc.base_configs(None, m, a.element_size())[0]
+    runs = []
+    for config in (base, {**base, "SUBTILE": subtile}):
+        monkeypatch.setattr(lc, "candidates", lambda *args, c=config, **kw: [c])
+        monkeypatch.setattr(li, "_tuner", li.SafeTuner("linear", [config]))
+        out = torch.full((m, n), float("nan"), device=device)  # poisoned: all written
+        runs.append(linear(a, w, bias, out=out, **kwargs))
+        assert li._tuner.best[next(iter(li._tuner.best))] == config
+    want = linear_reference(a, w, bias, **kwargs)
+    torch.testing.assert_close(runs[1].cpu(), want.cpu(), atol=FP32_TOL[0], rtol=FP32_TOL[1])
+    assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("index", range(len(configs.SUBTILE_CROSS_CONFIGS)))
+def test_sliced_cross_configs_give_the_whole_tile_s_bits_on_the_card(index, monkeypatch):
+    """Each sliced cross candidate as the card tunes it (bf16, K = 512 like DCNv2's V) on
+    ragged shapes, against the same tile with the whole epilogue at once: the same bits,
+    and the reference's values within bf16's error."""
+    from recserve.kernels import linear as li
+    from recserve.kernels import linear_configs as lc
+
+    config = lc.SUBTILE_CROSS_CONFIGS[index]
+    gen = torch.Generator().manual_seed(index)
+    m, n, k = 4133, 1000, 512
+    dev, bf = "cuda", torch.bfloat16
+    a, w = _rand(m, k, gen=gen, device=dev, dtype=bf), _rand(n, k, gen=gen, device=dev, dtype=bf)
+    bias, x0, x = (_rand(*shape, gen=gen, device=dev, dtype=bf)
+                   for shape in ((n,), (m, n), (m, n)))
+    whole = {key: v for key, v in config.items() if key != "SUBTILE"}
+    runs = []
+    for cfg in (whole, config):
+        monkeypatch.setattr(li, "_tuner", li.SafeTuner("linear", [cfg]))
+        monkeypatch.setattr(lc, "candidates", lambda *args, c=cfg, **kw: [c])
+        runs.append(linear(a, w, bias, cross=(x0, x)))
+        assert li._tuner.best[next(iter(li._tuner.best))] == cfg
+    assert torch.equal(runs[0], runs[1])
+    want = linear_reference(a, w, bias, cross=(x0, x))
+    torch_bf16 = x0 * (a @ w.T + bias) + x
+    _assert_bf16_close(runs[1], want, torch_bf16)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("index", range(len(configs.PERSISTENT_CROSS_CONFIGS)))
 def test_persistent_cross_configs_walk_many_tiles_on_the_card(index, monkeypatch):
@@ -326,8 +386,16 @@ def test_persistent_candidates_join_cross_layers_above_1024_rows(monkeypatch):
     assert persistent(8192, cross=True) == lc.PERSISTENT_CROSS_CONFIGS
     assert persistent(1024, cross=True) == []
     assert persistent(8192, plain=True) == []
+
+    def sliced(m, **flags):  # (the sliced epilogue: never with the epilogue loaded first)
+        got = lc.candidates(m, 3456, 512, 2, **{"final": False, "cross": False, "plain": False,
+                                               **flags})
+        return [c for c in got if "SUBTILE" in c]
+
+    assert sliced(8192, cross=True) == lc.SUBTILE_CROSS_CONFIGS
+    assert sliced(1024, cross=True) == [] and sliced(8192, plain=True) == []
     monkeypatch.delenv(_common.TRIAL_ENV)
-    assert persistent(8192, cross=True) == []
+    assert persistent(8192, cross=True) == [] and sliced(8192, cross=True) == []
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -409,7 +477,7 @@ def test_cross_layer_trial_candidates_join_only_when_asked(monkeypatch):
     base, small_base = call(2048), call(1024)
     monkeypatch.setenv(_common.TRIAL_ENV, "1")
     extended = call(2048)
-    extra = [c for c in extended if c not in base and "PER_SM" not in c]
+    extra = [c for c in extended if c not in base and "PER_SM" not in c and "SUBTILE" not in c]
     assert len(extra) == 2 * len(lc.CROSS_CANDIDATES)  # each in both epilogue orders
     assert {c.get("EPILOGUE_FIRST", False) for c in extra} == {False, True}
     small = call(1024)  # small M: none of them, but the small-M cross tiles, both orders
