@@ -6,7 +6,7 @@ kernel, for the dtype and epilogue variants the model uses, down to a cubin, wit
 argument specialization the card's JIT applies (aligned pointers, unit strides as
 constants, 16-divisible sizes), and checks its shared memory against the target's:
 
-    TRITON_INTERPRET=0 python -m recserve.kernels.compile_check [--arch 90] [--quick]
+    TRITON_INTERPRET=0 python -m recserve.kernels.compile_check [--arch 90] [--quick] [--spills]
 
 It needs no CUDA device (Triton ships ptxas), but it uses this host's Triton version, which
 may differ from the card's; the GPU run (autotuning prunes configs that fail) is the proof.
@@ -19,6 +19,7 @@ import argparse
 import inspect
 import itertools
 import os
+import re
 import struct
 import sys
 import time
@@ -82,9 +83,33 @@ def register_count(cubin: bytes) -> int | None:
     return None
 
 
+def local_spills(cubin: bytes) -> int | None:
+    """Local-memory stores in the kernel's SASS (``STL``: registers spilled, or arrays too
+    big for them), by the ``nvdisasm`` Triton ships; None without it. A config at the
+    register limit that spills loses to one that does not (V's 128x256 tiles: ~200 a
+    tile, bench/notes-kernels.md)."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    if not nvdisasm.exists():
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([str(nvdisasm), f.name], capture_output=True, text=True)
+    if sass.returncode != 0:
+        return None
+    return len(re.findall(r"\bSTL(?:\.\w+)?\s", sass.stdout))
+
+
 def _compile(fn, signature: dict, constexprs: dict, options: dict, arch: int,
-             div16: tuple[str, ...] = ()) -> tuple[str | None, str]:
-    """(error or None, what the compile produced: registers and programs per SM)."""
+             div16: tuple[str, ...] = (), spills: bool = False) -> tuple[str | None, str]:
+    """(error or None, what the compile produced: registers and programs per SM, and with
+    ``spills`` its local stores)."""
     try:
         kernel = compile_kernel(fn, signature, constexprs, options, arch, div16)
     except Exception as exc:  # noqa: BLE001 - report every failure, keep going
@@ -97,7 +122,9 @@ def _compile(fn, signature: dict, constexprs: dict, options: dict, arch: int,
     threads = 32 * options["num_warps"]
     resident = min(65536 // (regs * threads) if regs else 32, 2048 // threads, 32,
                    _SMEM.get(arch, 101376) // shared if shared else 32)
-    return None, f"{regs} regs, {shared} B shared, {resident} programs/SM"
+    stores = local_spills(kernel.asm["cubin"]) if spills else None
+    spilled = "" if not stores else f", {stores} local stores (spilled registers)"
+    return None, f"{regs} regs, {shared} B shared, {resident} programs/SM{spilled}"
 
 
 def _embedding_jobs(quick: bool):
@@ -216,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200)")
     ap.add_argument("--quick", action="store_true", help="bf16 variants only")
+    ap.add_argument("--spills", action="store_true",
+                    help="also count each kernel's local stores in its SASS (registers "
+                    "spilled; nvdisasm, about 0.4 s a kernel)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("set TRITON_INTERPRET=0: the interpreter does not compile", file=sys.stderr)
@@ -224,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     for jobs in (_embedding_jobs, _linear_jobs, _split_k_jobs, _dot_jobs, _pdl_jobs):
         for fn, sig, const, options, div16 in jobs(args.quick):
             t0 = time.time()
-            error, produced = _compile(fn, sig, const, options, args.arch, div16)
+            error, produced = _compile(fn, sig, const, options, args.arch, div16, args.spills)
             failures += error is not None
             status = "OK  " if error is None else "FAIL"
             print(f"{status} {fn.__name__} {const} {options} {time.time() - t0:.1f}s"

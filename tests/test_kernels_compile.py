@@ -41,3 +41,39 @@ def test_every_kernel_config_compiles(where):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "0 failure(s)" in result.stdout
     assert result.stdout.count("OK ") >= 20
+
+
+def test_sliced_epilogue_keeps_the_large_cross_tile_off_local_memory():
+    """128x256 cross tiles with the whole tile's x0 and x live spill on sm_90 (why they
+    never won DCNv2's V); the epilogue in 4 column slices (``SUBTILE``) does not. Counted
+    in the SASS of V's shape, as compile_check reports it for every config."""
+    if not _ptxas_available():
+        pytest.skip("this Triton install has no ptxas to compile with")
+    code = """
+import os, sys
+os.environ["TRITON_INTERPRET"] = "0"
+from recserve.kernels import compile_check as cc, linear as li
+sig = {n: "*bf16" for n in li._linear_kernel.arg_names if n.endswith("_ptr")}
+sig.update(a_rows_ptr="*i32", add_rows_ptr="*i32", fact_ptr="*i32", bf_ptr="*fp32",
+           part_ptr="*fp32", stagger_ptr="*i32")
+sig.update({n: "i32" for n in li._linear_kernel.arg_names
+            if n in ("M", "N", "K", "H") or n.startswith("stride")})
+for subtile in (1, 4):
+    const = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, IEEE=False, stride_ak=1, stride_wk=1,
+                 stride_on=1, EVEN_K=True, SUBTILE=subtile, ACT=0, HAS_BIAS=True,
+                 A_ROWS=False, ADD_ROWS=False, CROSS=True, FINAL=False)
+    kernel = cc.compile_kernel(li._linear_kernel, sig, const,
+                               {"num_warps": 8, "num_stages": 3}, 90,
+                               ("N", "K", "stride_am", "stride_wn", "stride_om", "stride_x0m",
+                                "stride_xm"))
+    print(subtile, cc.local_spills(kernel.asm["cubin"]))
+"""
+    result = subprocess.run([sys.executable, "-c", code],
+                            env={**os.environ, "TRITON_INTERPRET": "0"},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    spills = dict(line.split() for line in result.stdout.split("\n") if line.strip())
+    if spills["1"] == "None":
+        pytest.skip("no nvdisasm in this Triton install")
+    assert int(spills["1"]) > 50  # the whole tile's epilogue: spilled
+    assert int(spills["4"]) == 0  # sliced: none
