@@ -75,8 +75,14 @@ PERSISTENT_CROSS_CONFIGS = [
 # 128x256 and 256x128 spill (255 registers, ~200 local stores and loads a tile). Sliced,
 # none spill (sm_90, Triton 3.9: 128x256 in 4 slices 206 registers, 256x128 212), and
 # 128x128 on 8 warps takes 113 registers instead of 178 (2 slices: 126): two programs an
-# SM, so one's epilogue can overlap the other's K loop, as the 64x128 winner's do.
+# SM, so one's epilogue can overlap the other's K loop, as the 64x128 winner's do. And the
+# winner itself (64x128, 4 warps: 202 registers and 96 KB of shared memory, 2 programs an
+# SM) takes 112 registers in 4 slices: with 3 or 2 pipeline stages, 3 or 4 programs an SM.
 SUBTILE_CROSS_CONFIGS = [
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3,
+     "SUBTILE": 4},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2,
+     "SUBTILE": 4},
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3,
      "SUBTILE": 4},
     {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3,
