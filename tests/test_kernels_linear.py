@@ -291,25 +291,22 @@ def test_sliced_epilogues_give_the_whole_tile_s_bits(device, subtile, epilogue, 
     assert torch.equal(runs[0], runs[1])
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("index", range(len(configs.SUBTILE_CROSS_CONFIGS)))
-def test_sliced_cross_configs_give_the_whole_tile_s_bits_on_the_card(index, monkeypatch):
-    """Each sliced cross candidate as the card tunes it (bf16, K = 512 like DCNv2's V) on
-    ragged shapes, against the same tile with the whole epilogue at once: the same bits,
-    and the reference's values within bf16's error."""
+def _same_bits_on_the_card_as(config: dict, plain: dict, seed: int, monkeypatch) -> None:
+    """``config`` and ``plain`` (the same tile without the candidate's feature) on a cross
+    layer as the card tunes it (bf16, K = 512 like DCNv2's V; 520 or more tiles of 64 or
+    128, ragged in M and N): the same bits, and the reference's values within bf16's
+    error."""
     from recserve.kernels import linear as li
     from recserve.kernels import linear_configs as lc
 
-    config = lc.SUBTILE_CROSS_CONFIGS[index]
-    gen = torch.Generator().manual_seed(index)
+    gen = torch.Generator().manual_seed(seed)
     m, n, k = 4133, 1000, 512
     dev, bf = "cuda", torch.bfloat16
     a, w = _rand(m, k, gen=gen, device=dev, dtype=bf), _rand(n, k, gen=gen, device=dev, dtype=bf)
     bias, x0, x = (_rand(*shape, gen=gen, device=dev, dtype=bf)
                    for shape in ((n,), (m, n), (m, n)))
-    whole = {key: v for key, v in config.items() if key != "SUBTILE"}
     runs = []
-    for cfg in (whole, config):
+    for cfg in (plain, config):
         monkeypatch.setattr(li, "_tuner", li.SafeTuner("linear", [cfg]))
         monkeypatch.setattr(lc, "candidates", lambda *args, c=cfg, **kw: [c])
         runs.append(linear(a, w, bias, cross=(x0, x)))
@@ -321,32 +318,22 @@ def test_sliced_cross_configs_give_the_whole_tile_s_bits_on_the_card(index, monk
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("index", range(len(configs.SUBTILE_CROSS_CONFIGS)))
+def test_sliced_cross_configs_give_the_whole_tile_s_bits_on_the_card(index, monkeypatch):
+    """Each sliced cross candidate against the same tile with its whole epilogue at once."""
+    config = configs.SUBTILE_CROSS_CONFIGS[index]
+    whole = {key: v for key, v in config.items() if key != "SUBTILE"}
+    _same_bits_on_the_card_as(config, whole, index, monkeypatch)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("index", range(len(configs.PERSISTENT_CROSS_CONFIGS)))
 def test_persistent_cross_configs_walk_many_tiles_on_the_card(index, monkeypatch):
-    """Each persistent candidate as the card tunes it (bf16, K = 512 like DCNv2's V) on more
-    tiles than its grid has programs, against the tiled kernel with the same tile: the same
-    bits, and the reference's values within bf16's error."""
-    from recserve.kernels import linear as li
-    from recserve.kernels import linear_configs as lc
-
-    config = lc.PERSISTENT_CROSS_CONFIGS[index]
-    gen = torch.Generator().manual_seed(index)
-    m, n, k = 4133, 1000, 512  # 520 or more tiles, ragged in M and N
-    dev, bf = "cuda", torch.bfloat16
-    a, w = _rand(m, k, gen=gen, device=dev, dtype=bf), _rand(n, k, gen=gen, device=dev, dtype=bf)
-    bias, x0, x = (_rand(*shape, gen=gen, device=dev, dtype=bf)
-                   for shape in ((n,), (m, n), (m, n)))
+    """Each persistent candidate, on more tiles than its grid has programs, against the
+    tiled kernel with the same tile."""
+    config = configs.PERSISTENT_CROSS_CONFIGS[index]
     tiled = {key: v for key, v in config.items() if key not in ("PER_SM", "STAGGER")}
-    runs = []
-    for cfg in (tiled, config):
-        monkeypatch.setattr(li, "_tuner", li.SafeTuner("linear", [cfg]))
-        monkeypatch.setattr(lc, "candidates", lambda *args, c=cfg, **kw: [c])
-        runs.append(linear(a, w, bias, cross=(x0, x)))
-        assert li._tuner.best[next(iter(li._tuner.best))] == cfg
-    assert torch.equal(runs[0], runs[1])
-    want = linear_reference(a, w, bias, cross=(x0, x))
-    torch_bf16 = x0 * (a @ w.T + bias) + x
-    _assert_bf16_close(runs[1], want, torch_bf16)
+    _same_bits_on_the_card_as(config, tiled, index, monkeypatch)
 
 
 def test_large_split_k_tiles_join_plain_layers_with_few_rows_and_a_long_k(monkeypatch):
