@@ -60,12 +60,15 @@ _KINDS = {"PER_SM": "persistent", "SPLIT_K": "split-K", "EPILOGUE_FIRST": "epilo
 
 
 _COUNTED = ("SPLIT_K", "PER_SM", "SUBTILE")
-"""Kinds that carry a count (K slices, programs an SM, epilogue slices): 1 is plain."""
+"""Kinds labelled with their count (K slices, programs an SM, epilogue slices)."""
+_ONE_IS_PLAIN = ("SPLIT_K", "SUBTILE")
+"""Kinds whose count 1 is the plain kernel (one K slice, the whole epilogue at once; one
+persistent program an SM is still persistent)."""
 
 
 def _is(config: dict, key: str) -> bool:
     value = config.get(key)
-    if key in _COUNTED:
+    if key in _ONE_IS_PLAIN:
         return (value or 1) > 1
     return value is not None and value is not False
 
