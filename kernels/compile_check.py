@@ -222,6 +222,8 @@ def _dot_jobs(quick: bool):
 
     for dtype in (["bf16"] if quick else ["bf16", "fp32"]):
         for (block_t, block_d), cfg in itertools.product(((32, 128), (16, 16)), it.CONFIGS):
+            if not it.fits(cfg, block_t, block_d, 4 if dtype == "fp32" else 2):
+                continue  # (the launcher never offers it)
             sig = {"v_ptr": _PTR[dtype], "out_ptr": _PTR[dtype], "dest_ptr": "*i32"}
             sig.update({n: "i32" for n in ("B", "T", "D", "x_dest", "stride_vm", "stride_om")})
             const = {"ROWS": cfg["ROWS"], "BLOCK_T": block_t, "BLOCK_D": block_d,

@@ -36,6 +36,16 @@ CONFIGS = [
     {"ROWS": 8, "BATCHED": True, "num_warps": 8},
 ]
 _tuner = SafeTuner("dot_interaction", CONFIGS)
+SHARED_MEMORY = 232448
+"""Bytes of shared memory a program may use on Hopper (sm_90). ``tl.dot`` stages both of
+its operands there: 2 x the rows' [BLOCK_T, BLOCK_D] tiles."""
+
+
+def fits(config: dict, block_t: int, block_d: int, elsize: int) -> bool:
+    """Whether ``config``'s Gram tiles fit Hopper's shared memory (compile_check: fp32 with
+    8 batched rows of 32 x 128 needs 262144 bytes and does not compile)."""
+    rows = config["ROWS"] if config["BATCHED"] else 1
+    return 2 * rows * block_t * block_d * elsize <= SHARED_MEMORY
 
 
 # D is specialized: it strides the contiguous loads (16-divisible keeps them wide).
@@ -176,8 +186,15 @@ def dot_interaction(v: torch.Tensor, num_vectors: int, dim: int, dest: torch.Ten
             IEEE=ieee_dot(v.dtype), BATCHED=cfg["BATCHED"], num_warps=cfg["num_warps"],
             **pdl_launch())
 
+    # (CONFIGS read here, so a test can pick one)
+    configs = [c for c in CONFIGS if fits(c, block_t, block_d, v.element_size())]
+    if not configs:
+        raise ValueError(f"dot interaction of T={num_vectors} vectors of D={dim} in {v.dtype}: "
+                         f"one row's Gram tiles need {2 * block_t * block_d * v.element_size()}"
+                         f" bytes of shared memory, over the {SHARED_MEMORY} a GPU program "
+                         "has; use bf16 or fp16 tables, or fewer or narrower vectors")
     key = (v.dtype, out.dtype, num_vectors, dim, v.shape[0], x_dest is not None)
-    _tuner.run(key, launch, CONFIGS)  # (CONFIGS read here, so a test can pick one)
+    _tuner.run(key, launch, configs)
     return out
 
 

@@ -140,6 +140,28 @@ def test_every_dot_interaction_config_matches_the_reference(device, config, t, d
     forget_tuning()
 
 
+def test_dot_interaction_offers_only_configs_whose_gram_tiles_fit(monkeypatch):
+    """The card stages both operands of a program's Gram dot in shared memory: fp32 rows of
+    32 x 128 in a batch of 8 need 262144 bytes (Hopper has 232448) and are not offered;
+    a shape no config fits is refused with what to do, not left to the compiler."""
+    offered = []  # (what the tuner was offered; nothing launches)
+    monkeypatch.setattr(interaction._tuner, "run", lambda key, launch, c: offered.append(c))
+    t, d, b = 27, 128, 4
+
+    def offer(dtype):
+        v, out = torch.zeros(b, t * d, dtype=dtype), torch.zeros(b, 400, dtype=dtype)
+        dot_interaction(v, t, d, dest_map(t, [], 400), out)
+        return offered.pop()
+
+    assert offer(torch.bfloat16) == interaction.CONFIGS
+    fp32 = offer(torch.float32)
+    assert {"ROWS": 8, "BATCHED": True, "num_warps": 8} not in fp32
+    assert fp32 == [c for c in interaction.CONFIGS if c["ROWS"] < 8 or not c["BATCHED"]]
+    with pytest.raises(ValueError, match="use bf16 or fp16 tables, or fewer or narrower"):
+        dot_interaction(torch.zeros(b, 128 * 512), 128, 512, dest_map(128, [], 8),
+                        torch.zeros(b, 8))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_dot_interaction_permuted_destinations(device):
     gen = torch.Generator().manual_seed(1)
