@@ -104,4 +104,17 @@ def tuner_picks(record: dict) -> list[str]:
         other = next(((ms, c) for ms, c in rest if _kinds(c) != _kinds(best)), rest[0])
         out.append(f"{entry['key'][:60]}: {config_label(best)} {best_ms:.4f} ms; "
                    f"next of another kind {config_label(other[1])} {other[0]:.4f} ms")
+        if any(c.get("EPILOGUE_FIRST") for _, c in timings):  # (only cross layers get those)
+            out.append(f"    by tile: {by_tile(timings)}")
     return out
+
+
+def by_tile(timings: list) -> str:
+    """The fastest time of each tile shape among a layer's candidates, fastest first: for
+    DCNv2's V, whether larger tiles (fewer operand bytes through L2) win once they no
+    longer spill (bench/notes-kernels.md, fifteenth session)."""
+    best: dict[str, tuple[float, dict]] = {}
+    for ms, c in timings:  # (fastest first)
+        best.setdefault(f"{c['BLOCK_M']}x{c['BLOCK_N']}", (ms, c))
+    return ", ".join(f"{tile} {ms:.4f} ({config_label(c).split(' ', 1)[1]})"
+                     for tile, (ms, c) in best.items())

@@ -138,6 +138,14 @@ def test_kernel_variants_names_each_candidate_kind_in_its_picks():
     sliced = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "SUBTILE": 4}
     assert kv.config_label(sliced) == "128x256x64 w8 sliced epilogue 4"
     assert kv.config_label({**sliced, "SUBTILE": 1}) == "128x256x64 w8"  # (1: not sliced)
+    # a cross layer (its candidates include the epilogue-first order): each tile's best too
+    pick = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4}
+    cross = {"linear_configs": [{"key": "V", "timings_ms": [
+        [0.09, sliced], [0.095, {**pick, "EPILOGUE_FIRST": True}], [0.097, pick],
+        [0.12, {**sliced, "SUBTILE": 1}]]}]}
+    assert kv.tuner_picks(cross)[1] == (
+        "    by tile: 128x256 0.0900 (w8 sliced epilogue 4), 64x128 0.0950 (w4 epilogue "
+        "first)")
     record = {"configs": [{"key": "k", "timings_ms": [[0.15, gather], [0.16, gather],
                                                        [0.17, plain]]}]}
     # the winner, then the best of another kind (not the runner-up of the same kind)
