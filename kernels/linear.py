@@ -141,6 +141,8 @@ def _linear_tile(
         # computes its masks and addresses after the loop, so nothing extra is live in it.
         x0, x = _cross_operands(x0_ptr, x_ptr, offs_m, offs_n, m_mask, n_mask, stride_x0m,
                                 stride_xm)
+    else:
+        x0, x = 0.0, 0.0  # (loaded in the epilogue, if at all)
     k_lo = 0
     k_hi = K
     if SPLIT_K > 1:  # this program's K slice: whole BLOCK_K steps, the last one shorter
@@ -202,22 +204,9 @@ def _linear_tile(
                             stride_on, stride_addm, stride_x0m, stride_xm, ACT, HAS_BIAS,
                             ADD_ROWS, CROSS)
     else:  # the whole K: the epilogue here
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        if ADD_ROWS:
-            owner = tl.load(add_rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
-            acc += tl.load(add_ptr + owner[:, None] * stride_addm + offs_n[None, :], mask=mn_mask,
-                           other=0.0).to(tl.float32)
-        if CROSS:
-            if not EPILOGUE_FIRST:
-                x0, x = _cross_operands(x0_ptr, x_ptr, offs_m, offs_n, m_mask, n_mask,
-                                        stride_x0m, stride_xm)
-            # one rounding whichever the order (the compiler may contract a * b + c or not)
-            acc = tl.fma(x0.to(tl.float32), acc, x.to(tl.float32))
-        if ACT == 1:
-            acc = tl.maximum(acc, 0.0)
-        if ACT == 2:
-            acc = tl.sigmoid(acc)
+        acc = _epilogue(acc, offs_m, offs_n, m_mask, n_mask, mn_mask, bias_ptr, add_ptr,
+                        add_rows_ptr, x0_ptr, x_ptr, stride_addm, stride_x0m, stride_xm, x0, x,
+                        ACT, HAS_BIAS, ADD_ROWS, CROSS, EPILOGUE_FIRST)
         if FINAL:
             # The whole row is in this program (grid has one N tile): reduce it to H scores.
             acc = tl.where(mn_mask, acc, 0.0)
@@ -228,9 +217,7 @@ def _linear_tile(
                 tl.store(out_ptr + offs_m.to(tl.int64) * stride_om + h * stride_on, score,
                          mask=m_mask)
         else:
-            out_ptrs = (out_ptr + offs_m[:, None].to(tl.int64) * stride_om
-                        + offs_n[None, :] * stride_on)
-            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mn_mask)
+            _store(acc, out_ptr, offs_m, offs_n, mn_mask, stride_om, stride_on)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -287,6 +274,19 @@ def _epilogue_slice(acc, col, WIDTH: tl.constexpr, offs_m, m_mask, N, bias_ptr, 
     offs_n = col + tl.arange(0, WIDTH)
     n_mask = offs_n < N
     mn_mask = m_mask[:, None] & n_mask[None, :]
+    acc = _epilogue(acc, offs_m, offs_n, m_mask, n_mask, mn_mask, bias_ptr, add_ptr,
+                    add_rows_ptr, x0_ptr, x_ptr, stride_addm, stride_x0m, stride_xm, 0.0, 0.0,
+                    ACT, HAS_BIAS, ADD_ROWS, CROSS, False)
+    _store(acc, out_ptr, offs_m, offs_n, mn_mask, stride_om, stride_on)
+
+
+@triton.jit
+def _epilogue(acc, offs_m, offs_n, m_mask, n_mask, mn_mask, bias_ptr, add_ptr, add_rows_ptr,
+              x0_ptr, x_ptr, stride_addm, stride_x0m, stride_xm, x0, x, ACT: tl.constexpr,
+              HAS_BIAS: tl.constexpr, ADD_ROWS: tl.constexpr, CROSS: tl.constexpr,
+              LOADED: tl.constexpr):
+    """acc (fp32 sums of the rows ``offs_m`` and columns ``offs_n``) + bias + add rows, the
+    cross update x0 * . + x (x0 and x given when LOADED, else loaded here), activated."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if ADD_ROWS:
@@ -294,15 +294,23 @@ def _epilogue_slice(acc, col, WIDTH: tl.constexpr, offs_m, m_mask, N, bias_ptr, 
         acc += tl.load(add_ptr + owner[:, None] * stride_addm + offs_n[None, :], mask=mn_mask,
                        other=0.0).to(tl.float32)
     if CROSS:
-        x0, x = _cross_operands(x0_ptr, x_ptr, offs_m, offs_n, m_mask, n_mask, stride_x0m,
-                                stride_xm)
+        if not LOADED:
+            x0, x = _cross_operands(x0_ptr, x_ptr, offs_m, offs_n, m_mask, n_mask, stride_x0m,
+                                    stride_xm)
+        # one rounding whichever the order (the compiler may contract a * b + c or not)
         acc = tl.fma(x0.to(tl.float32), acc, x.to(tl.float32))
     if ACT == 1:
         acc = tl.maximum(acc, 0.0)
     if ACT == 2:
         acc = tl.sigmoid(acc)
+    return acc
+
+
+@triton.jit
+def _store(acc, out_ptr, offs_m, offs_n, mask, stride_om, stride_on):
+    """The tile ``acc`` into ``out`` at rows ``offs_m`` and columns ``offs_n``, in out's type."""
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mn_mask)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _check(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
