@@ -17,6 +17,10 @@ them in one process (``kernel_variants.py --sections floors``).
   arithmetic); about max(plain, bytes) would mean they overlap and the time goes elsewhere.
   When the tuner tried a staggered candidate (``linear_configs``, ``STAGGER``), how many of
   its waiting programs found their partner not yet done (read the flag more than once).
+  And the bytes of V's operands its served tile reads through L2 (each program its A rows
+  and W columns, all of K), against a copy between two buffers that stay in L2: if V's
+  time follows those bytes at that rate, larger tiles are the way (bench/notes-kernels.md,
+  fifteenth session: V's large tiles spilled until their epilogue was sliced).
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ from recserve.kernels.tables import BagFeature, PackedTables
 import triton  # isort: skip  (after recserve.kernels, which may switch on the interpreter)
 import triton.language as tl  # isort: skip
 
+L2_BUFFER_MB = 8
+"""Each of the two buffers ``l2_copy_GBps`` copies between: together well inside the
+50-60 MB of L2 of an H100 or H200, so after the first copy both stay there."""
 READER_SHAPES = [(rows, warps) for rows in (8, 16, 32, 64) for warps in (4, 8)]
 """(ROWS, num_warps) tried by ``rows_floor``; the fastest that compiles is the floor."""
 
@@ -133,11 +140,47 @@ def cross_parts(model, b: int, base: dict, time_us: Callable[[Callable], float],
     epilogue_bytes = 3 * b * width * size  # x0 and x read, the output written
     arithmetic_us = 2 * b * width * rank / (base["matmul_tflops"] * 1e6)
     bytes_us = epilogue_bytes / (base["copy_GBps"] * 1e3)
+    l2 = {}
+    served = served_config(b, width, rank, cross=True)
+    if served is not None:
+        operand_bytes = l2_operand_bytes(b, width, rank, size, served)
+        rate = l2_copy_GBps(u.device, time_us)
+        l2 = {"served_tile": f"{served['BLOCK_M']}x{served['BLOCK_N']}",
+              "l2_operand_MB": round(operand_bytes / 1e6, 1), "l2_copy_GBps": rate,
+              "l2_operand_floor_us": round(operand_bytes / (rate * 1e3), 2)}
     return {"B": b, "rank": rank, "width": width, **{f"{k}_us": t for k, t in times.items()},
             "arithmetic_floor_us": round(arithmetic_us, 2),
             "epilogue_bytes_floor_us": round(bytes_us, 2),
             "one_after_the_other_us": round(times["plain"] + bytes_us, 2),
-            "overlapped_us": round(max(times["plain"], bytes_us, arithmetic_us), 2), **stagger}
+            "overlapped_us": round(max(times["plain"], bytes_us, arithmetic_us), 2), **l2,
+            **stagger}
+
+
+def l2_copy_GBps(device, time_us: Callable[[Callable], float], mb: int = L2_BUFFER_MB
+                 ) -> float:
+    """GB/s of a device copy between two ``mb`` MB buffers that stay in L2, counting the
+    bytes read and written (as the run's DRAM copy rate does)."""
+    src = torch.ones(mb << 20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    us = time_us(lambda: dst.copy_(src))
+    return round(2 * src.numel() / (us * 1e3), 1)
+
+
+def served_config(m: int, n: int, k: int, cross: bool) -> dict | None:
+    """The config the linear tuner serves [m, k] x [k, n] with (a cross layer or not);
+    None before it has tuned that shape."""
+    for key, config in li._tuner.best.items():
+        if key[:3] == (m, n, k) and key[9] == cross:  # (m, n, k, h, ..., cross, ...): linear()
+            return config
+    return None
+
+
+def l2_operand_bytes(m: int, n: int, k: int, size: int, config: dict) -> int:
+    """Bytes of A [m, k] and W [k, n] a tiled GEMM's programs read through L2: A once per
+    column of tiles, W once per row of tiles."""
+    tiles_m = -(-m // config["BLOCK_M"])
+    tiles_n = -(-n // config["BLOCK_N"])
+    return size * k * (m * tiles_n + n * tiles_m)
 
 
 def forward_floors(model, b: int, base: dict) -> dict:

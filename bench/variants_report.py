@@ -40,6 +40,11 @@ def summary(records: list[dict]) -> str:
                          f"{r['arithmetic_floor_us']}, epilogue bytes "
                          f"{r['epilogue_bytes_floor_us']}; one after the other "
                          f"{r['one_after_the_other_us']}, overlapped {r['overlapped_us']}")
+            if r.get("served_tile"):
+                lines.append(f"{'':44} {'':>6} {'':>9}  served tile {r['served_tile']}: "
+                             f"{r['l2_operand_MB']} MB of operands through L2, "
+                             f"{r['l2_operand_floor_us']} us at the L2 copy rate "
+                             f"({r['l2_copy_GBps']} GB/s)")
             continue
         elif sec == "int8_speedup":
             tuned = "" if r.get("tuned_by", "eager") == "eager" else f", {r['tuned_by']}-tuned"

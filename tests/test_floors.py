@@ -88,7 +88,8 @@ def test_cross_parts_times_the_served_layer_and_its_pieces():
     u, v, _ = model.cross[0]
     assert (got["rank"], got["width"]) == (u.shape[0], v.shape[0])
     assert got["cross_us"] == got["plain_us"] == got["u_us"] == 10.0
-    cross, plain, apart, low = timed  # what each part returned
+    cross, plain, apart, low, l2_copy = timed  # what each part returned
+    assert l2_copy.numel() == 8 << 20  # (the L2 copy last)
     assert cross.shape == plain.shape == apart.shape == (4, v.shape[0])
     assert low.shape == (4, u.shape[0])
     assert not torch.equal(cross, plain)  # the cross epilogue ran, then the plain one
@@ -96,6 +97,28 @@ def test_cross_parts_times_the_served_layer_and_its_pieces():
     assert got["arithmetic_floor_us"] == round(2 * 4 * v.shape[0] * u.shape[0] / 1e6, 2)
     assert got["epilogue_bytes_floor_us"] == round(3 * 4 * v.shape[0] * 4 / 1e5, 2)
     assert got["one_after_the_other_us"] == round(10.0 + 3 * 4 * v.shape[0] * 4 / 1e5, 2)
+    # the served tile's operand bytes through L2, and a copy between L2-sized buffers
+    # (timed here at 10 us: 2 x 8 MB in 10 us)
+    tile = floors.served_config(4, v.shape[0], u.shape[0], cross=True)
+    assert tile is not None and got["served_tile"] == f"{tile['BLOCK_M']}x{tile['BLOCK_N']}"
+    tiles_n = -(-v.shape[0] // tile["BLOCK_N"])
+    operands = 4 * u.shape[0] * (4 * tiles_n + v.shape[0] * 1)  # fp32; one row of tiles
+    assert got["l2_operand_MB"] == round(operands / 1e6, 1)
+    assert got["l2_copy_GBps"] == round(2 * (8 << 20) / 1e4, 1)
+    assert got["l2_operand_floor_us"] == round(operands / (got["l2_copy_GBps"] * 1e3), 2)
+
+
+def test_l2_operand_bytes_count_each_tile_s_rows_and_columns():
+    from recserve.kernels.linear_configs import SUBTILE_CROSS_CONFIGS
+
+    # dlrmv2's V at B=8192 (bf16, K = 512): A [8192, 512] read once per column of tiles
+    # (27 of 128), W [512, 3456] once per row of tiles (128 of 64 rows)
+    tile = {"BLOCK_M": 64, "BLOCK_N": 128}
+    assert floors.l2_operand_bytes(8192, 3456, 512, 2, tile) == 2 * 512 * (
+        8192 * 27 + 3456 * 128)  # 679 MB
+    sizes = {(c["BLOCK_M"], c["BLOCK_N"]): round(floors.l2_operand_bytes(
+        8192, 3456, 512, 2, c) / 1e6) for c in SUBTILE_CROSS_CONFIGS}
+    assert sizes == {(64, 128): 679, (128, 128): 453, (128, 256): 344, (256, 128): 340}
 
 
 def test_gpu_check_asks_kernel_variants_only_for_sections_it_has():
