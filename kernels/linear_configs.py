@@ -70,9 +70,10 @@ PERSISTENT_CROSS_CONFIGS = [
 # Cross layers at large M with the epilogue walked in column slices (``SUBTILE``, fifteenth
 # session, not yet on a card). Each program of V reads its A rows and W columns through L2:
 # 64x128 tiles move about 680 MB of operands for dlrmv2 at B=8192, 128x128 about 450 and
-# 128x256 about 340 (bench/floors.py, l2_operand_bytes), where V's own bytes are 170 MB. The larger tiles lost on the H200, and
-# sm_90's compile says why: with the whole tile's x0 and x live beside the accumulator,
-# 128x256 and 256x128 spill (255 registers, ~200 local stores and loads a tile). Sliced,
+# 128x256 about 340 (bench/floors.py, l2_operand_bytes), where V's own bytes are 170 MB.
+# The larger tiles lost on the H200, and sm_90's compile says why: with the whole tile's
+# x0 and x live beside the accumulator, 128x256 and 256x128 spill (255 registers, ~200
+# local stores and loads a tile). Sliced,
 # none spill (sm_90, Triton 3.9: 128x256 in 4 slices 206 registers, 256x128 212), and
 # 128x128 on 8 warps takes 113 registers instead of 178 (2 slices: 126): two programs an
 # SM, so one's epilogue can overlap the other's K loop, as the 64x128 winner's do. And the
