@@ -41,11 +41,16 @@ SHARED_MEMORY = 232448
 its operands there: 2 x the rows' [BLOCK_T, BLOCK_D] tiles."""
 
 
+def gram_bytes(rows: int, block_t: int, block_d: int, elsize: int) -> int:
+    """Shared memory the Gram dot of ``rows`` rows' [BLOCK_T, BLOCK_D] tiles stages."""
+    return 2 * rows * block_t * block_d * elsize
+
+
 def fits(config: dict, block_t: int, block_d: int, elsize: int) -> bool:
     """Whether ``config``'s Gram tiles fit Hopper's shared memory (compile_check: fp32 with
     8 batched rows of 32 x 128 needs 262144 bytes and does not compile)."""
     rows = config["ROWS"] if config["BATCHED"] else 1
-    return 2 * rows * block_t * block_d * elsize <= SHARED_MEMORY
+    return gram_bytes(rows, block_t, block_d, elsize) <= SHARED_MEMORY
 
 
 # D is specialized: it strides the contiguous loads (16-divisible keeps them wide).
@@ -190,8 +195,9 @@ def dot_interaction(v: torch.Tensor, num_vectors: int, dim: int, dest: torch.Ten
     configs = [c for c in CONFIGS if fits(c, block_t, block_d, v.element_size())]
     if not configs:
         raise ValueError(f"dot interaction of T={num_vectors} vectors of D={dim} in {v.dtype}: "
-                         f"one row's Gram tiles need {2 * block_t * block_d * v.element_size()}"
-                         f" bytes of shared memory, over the {SHARED_MEMORY} a GPU program "
+                         f"one row's Gram tiles need "
+                         f"{gram_bytes(1, block_t, block_d, v.element_size())} bytes of "
+                         f"shared memory, over the {SHARED_MEMORY} a GPU program "
                          "has; use bf16 or fp16 tables, or fewer or narrower vectors")
     key = (v.dtype, out.dtype, num_vectors, dim, v.shape[0], x_dest is not None)
     _tuner.run(key, launch, configs)

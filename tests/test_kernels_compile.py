@@ -46,27 +46,19 @@ def test_every_kernel_config_compiles(where):
 def test_sliced_epilogue_keeps_the_large_cross_tile_off_local_memory():
     """128x256 cross tiles with the whole tile's x0 and x live spill on sm_90 (why they
     never won DCNv2's V); the epilogue in 4 column slices (``SUBTILE``) does not. Counted
-    in the SASS of V's shape, as compile_check reports it for every config."""
+    in the SASS of the very jobs ``compile_check --spills`` reports (its cross variant)."""
     if not _ptxas_available():
         pytest.skip("this Triton install has no ptxas to compile with")
     code = """
-import os, sys
+import os
 os.environ["TRITON_INTERPRET"] = "0"
-from recserve.kernels import compile_check as cc, linear as li
-sig = {n: "*bf16" for n in li._linear_kernel.arg_names if n.endswith("_ptr")}
-sig.update(a_rows_ptr="*i32", add_rows_ptr="*i32", fact_ptr="*i32", bf_ptr="*fp32",
-           part_ptr="*fp32", stagger_ptr="*i32")
-sig.update({n: "i32" for n in li._linear_kernel.arg_names
-            if n in ("M", "N", "K", "H") or n.startswith("stride")})
-for subtile in (1, 4):
-    const = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, IEEE=False, stride_ak=1, stride_wk=1,
-                 stride_on=1, EVEN_K=True, SUBTILE=subtile, ACT=0, HAS_BIAS=True,
-                 A_ROWS=False, ADD_ROWS=False, CROSS=True, FINAL=False)
-    kernel = cc.compile_kernel(li._linear_kernel, sig, const,
-                               {"num_warps": 8, "num_stages": 3}, 90,
-                               ("N", "K", "stride_am", "stride_wn", "stride_om", "stride_x0m",
-                                "stride_xm"))
-    print(subtile, cc.local_spills(kernel.asm["cubin"]))
+from recserve.kernels import compile_check as cc
+for fn, sig, const, options, div16 in cc._linear_jobs(quick=True):
+    if (const["CROSS"] and (const["BLOCK_M"], const["BLOCK_N"]) == (128, 256)
+            and options["num_stages"] == 3 and not const["EPILOGUE_FIRST"]
+            and const["SUBTILE"] in (1, 4)):
+        kernel = cc.compile_kernel(fn, sig, const, options, 90, div16)
+        print(const["SUBTILE"], cc.local_spills(kernel.asm["cubin"]))
 """
     result = subprocess.run([sys.executable, "-c", code],
                             env={**os.environ, "TRITON_INTERPRET": "0"},
