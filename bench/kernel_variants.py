@@ -13,7 +13,9 @@ multi-hot), most important first, each measurement guarded so one failure loses 
    the default, as 20 calls replayed in one CUDA graph (``graph_us``: the device alone);
 2. int8 row-wise tables vs bf16 (default variant): time, lookup-rate ratio, and a check;
 3. ``dlrmv2`` and ``dlrm-dot`` forward replayed in a CUDA graph (defaults), scores checked
-   against the PyTorch eager peer, with the device time per kernel from the profiler; then
+   against the PyTorch eager peer, with the device time per kernel from the profiler;
+   ``dlrm-dot`` again with the dot interaction formed inside the gather's launch
+   (``TritonModel.set_fused_dot``, ``kernels.gather_dot``); then
    both again with programmatic dependent launch (``RECSERVE_PDL=1``: each kernel launches
    while the one before finishes; aimed at B=512, about 15 short kernels), ``dlrmv2`` with
    its bottom MLP on a side stream beside the gather
@@ -357,6 +359,7 @@ def bench_forward(rec, base: dict, name: str, spec, weights: dict, model: Triton
             set_variant(variant)
             before = set(li._tuner.best)
             dot_before = set(it._tuner.best)
+            fused_before = set(eb._dot_tuner.best)
             ours, bad = model.forward_prepared(prepared[0])
             theirs = peer.forward(sets[0]["dense"], sets[0]["values"], sets[0]["offsets"])
             diff = (ours.float() - theirs.float()).abs().max().item()
@@ -382,7 +385,8 @@ def bench_forward(rec, base: dict, name: str, spec, weights: dict, model: Triton
                     TFLOPs=round(tflops, 2), frac_matmul=round(tflops / base["matmul_tflops"], 4),
                     max_diff_vs_eager=round(diff, 5), ok=ok, kernels=kernels,
                     linear_configs=new_configs(li._tuner, before),
-                    interaction_configs=new_configs(it._tuner, dot_before))
+                    interaction_configs=new_configs(it._tuner, dot_before),
+                    gather_dot_configs=new_configs(eb._dot_tuner, fused_before))
 
         rec.guarded(what, one)
     set_variant(DEFAULT)
@@ -465,6 +469,11 @@ def main() -> int:
     dot_model = rec.guarded("dlrm-dot model", TritonModel, dot, dot_w, device=kb.DEV)
     for b in args.sizes if dot_model is not None else []:
         bench_forward(rec, base, "dlrm-dot", dot, dot_w, dot_model, b, (DEFAULT,))
+    if dot_model is not None and dot_model.set_fused_dot(True):  # (the gather forms Z)
+        for b in args.sizes:
+            bench_forward(rec, base, "dlrm-dot fused gather+dot", dot, dot_w, dot_model, b,
+                          (DEFAULT,))
+        dot_model.set_fused_dot(False)
     if "graph_tuned" in sections:  # before the older extras, so the time budget reaches it
         graph_tuned(rec, base, spec, weights, model, dot, dot_w, dot_model, args.sizes,
                     "int8" in sections)

@@ -61,11 +61,12 @@ def summary(records: list[dict]) -> str:
 # The candidate kinds whose wins a short card call should see at a glance.
 _KINDS = {"PER_SM": "persistent", "SPLIT_K": "split-K", "EPILOGUE_FIRST": "epilogue first",
           "L2_KEEP": "L2 keep", "BATCHED": "batched", "SMALL_LAST": "small tables last",
-          "STAGGER": "staggered", "SUBTILE": "sliced epilogue"}
+          "STAGGER": "staggered", "SUBTILE": "sliced epilogue", "maxnreg": "registers <="}
 
 
-_COUNTED = ("SPLIT_K", "PER_SM", "SUBTILE")
-"""Kinds labelled with their count (K slices, programs an SM, epilogue slices)."""
+_COUNTED = ("SPLIT_K", "PER_SM", "SUBTILE", "maxnreg")
+"""Kinds labelled with their count (K slices, programs an SM, epilogue slices, the
+register cap)."""
 _ONE_IS_PLAIN = ("SPLIT_K", "SUBTILE")
 """Kinds whose count 1 is the plain kernel (one K slice, the whole epilogue at once; one
 persistent program an SM is still persistent)."""
@@ -101,7 +102,7 @@ def tuner_picks(record: dict) -> list[str]:
     kind (tiled vs persistent, split-K, hinted), with their tuning times."""
     out = []
     for entry in (record.get("linear_configs") or []) + (record.get("interaction_configs") or []) \
-            + (record.get("configs") or []):
+            + (record.get("gather_dot_configs") or []) + (record.get("configs") or []):
         timings = entry.get("timings_ms") or []
         if len(timings) < 2:
             continue

@@ -154,6 +154,28 @@ def _embedding_jobs(quick: bool):
                            {"num_warps": cfg["num_warps"]}, ("out_stride",))
 
 
+def _gather_dot_jobs(quick: bool):
+    """The fused gather + dot (``gather_dot``): each gather job whose config it takes (with
+    ``quick``, bf16 tables without the L2 hint only), with dlrm-dot's interaction (27
+    vectors, BLOCK_T 32), and the aligned 4-warp ones also with their register cap."""
+    from . import gather_dot as gd
+
+    for _, sig, const, options, div16 in _embedding_jobs(quick):
+        if gd.GROUP % const["BAGS"] or (quick and (sig["table_ptr"] != "*bf16"
+                                                   or const["L2_KEEP"])):
+            continue
+        out = sig["out_ptr"]
+        sig = {**sig, "z_ptr": out, "dest_ptr": "*i32", "counts_ptr": "*i32",
+               **{n: "i32" for n in ("B", "F", "T", "D", "x_dest", "stride_z")}}
+        const = {**const, "FEATURE_SLOTS": gd.FEATURE_SLOTS, "GROUP": gd.GROUP,
+                 "BLOCK_T": 32, "HAS_X": True, "IEEE": out == "*fp32"}
+        capped = options["num_warps"] == 4 and const["ALIGN"] > 1  # (as ThenDot.candidates)
+        for cap in [None] + ([gd.MAXNREG] if capped else []):
+            yield (gd._gather_dot_kernel, sig, const,
+                   options if cap is None else {**options, "maxnreg": cap},
+                   div16 + ("D", "stride_z"))
+
+
 def _linear_jobs(quick: bool):
     from . import linear as li
     from . import linear_configs as lc
@@ -235,7 +257,7 @@ def _dot_jobs(quick: bool):
 def _pdl_jobs(quick: bool):
     """The first job of each kernel family again with programmatic dependent launch
     (``_common.pdl``): its ``griddepcontrol`` wait and trigger, and the launch option."""
-    for jobs in (_embedding_jobs, _linear_jobs, _split_k_jobs, _dot_jobs):
+    for jobs in (_embedding_jobs, _gather_dot_jobs, _linear_jobs, _split_k_jobs, _dot_jobs):
         fn, sig, const, options, div16 = next(iter(jobs(quick)))
         yield fn, sig, {**const, "USE_GDC": True}, {**options, "launch_pdl": True}, div16
 
@@ -253,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         print("set TRITON_INTERPRET=0: the interpreter does not compile", file=sys.stderr)
         return 1
     failures = 0
-    for jobs in (_embedding_jobs, _linear_jobs, _split_k_jobs, _dot_jobs, _pdl_jobs):
+    for jobs in (_embedding_jobs, _gather_dot_jobs, _linear_jobs, _split_k_jobs, _dot_jobs,
+                 _pdl_jobs):
         for fn, sig, const, options, div16 in jobs(args.quick):
             t0 = time.time()
             error, produced = _compile(fn, sig, const, options, args.arch, div16, args.spills)

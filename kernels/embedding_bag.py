@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from ._common import SafeTuner, check_tensor, l2_bytes, next_pow2, pdl_launch, trial_configs
-from .pooling import _pool_long, _pool_short
+from .gather_dot import GROUP, ThenDot
+from .pooling import _pool_program
 from .tables import (
     INDEX_DTYPES,
     BagFeature,
@@ -122,37 +123,16 @@ def _embedding_bag_kernel(
     if USE_GDC:  # launched early (PDL): nothing is read before the previous kernel is done
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    pid = tl.program_id(0)
-    f = tl.load(prog_feature_ptr + pid).to(tl.int64)
-    meta = meta_ptr + f * 9
-    # ALIGN (host-computed gcd, see ``alignment``) divides every table base, row stride, dim,
-    # out column and the out row stride: telling the compiler lets it issue 16-byte row loads and
-    # stores instead of one element per instruction (it cannot see values read from meta).
-    elem_base = tl.multiple_of(tl.load(meta + 0), ALIGN)
-    row_stride = tl.multiple_of(tl.load(meta + 1), ALIGN)
-    rows = tl.load(meta + 2)
-    dim = tl.multiple_of(tl.load(meta + 3), ALIGN)
-    bag_base = tl.load(meta + 4)
-    num_bags = tl.load(meta + 5)
-    out_col = tl.multiple_of(tl.load(meta + 6), ALIGN)
-    out_stride = out_stride // ALIGN * ALIGN  # a no-op that shows the divisibility
-    local = pid - tl.load(meta + 7)
-    flags = tl.load(meta + 8)
-    if (flags & 8) != 0:
-        _pool_long(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
-                   out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
-                   elem_base, row_stride, rows, dim, bag_base, num_bags, out_col, local, flags,
-                   out_stride, LANES, BLOCK_D, QUANT, WEIGHTED, PREFETCH, UNROLL, STAGES,
-                   L2_KEEP)
-    else:
-        _pool_short(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
-                    out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
-                    elem_base, row_stride, rows, dim, bag_base, num_bags, out_col, local, flags,
-                    out_stride, BAGS, BLOCK_D, QUANT, WEIGHTED, PREFETCH, UNROLL, STAGES,
-                    L2_KEEP)
+    _pool_program(tl.program_id(0), table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
+                  out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr, prog_feature_ptr,
+                  meta_ptr, out_stride, BAGS, LANES, BLOCK_D, QUANT, WEIGHTED, ALIGN, PREFETCH,
+                  UNROLL, STAGES, L2_KEEP)
 
 
 _tuner = SafeTuner("embedding_bag", CONFIGS)
+_dot_tuner = SafeTuner("gather_dot", CONFIGS)
+
+
 def _candidates(align: int, l2_keep: bool, sizes_differ: bool = False) -> list[dict]:
     """Tuning candidates: every config (and ``TRIAL_CONFIGS`` with the trial candidates
     on) with the switches' variant, with ``sizes_differ``
@@ -179,7 +159,8 @@ def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices:
                   weights: torch.Tensor | None = None, row_request: torch.Tensor | None = None,
                   request_offsets: torch.Tensor | None = None,
                   bad: torch.Tensor | None = None,
-                  ends: torch.Tensor | None = None) -> torch.Tensor:
+                  ends: torch.Tensor | None = None,
+                  then_dot: ThenDot | None = None) -> torch.Tensor:
     """Pool every feature's bags into its slice of ``out`` [B, W] in one launch.
 
     ``offsets`` holds, per feature in order, bags+1 absolute positions into ``indices``
@@ -192,6 +173,10 @@ def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices:
     int32: 1 where a request sent an index outside its table (those rows read nothing).
     CSR consistency (monotone offsets, or 0 <= start <= end <= nnz per bag, within
     [0, nnz]) is the caller's: see ``check_csr`` and ``check_bounds``.
+
+    ``then_dot``: the same launch also forms the dot interaction of ``out`` (E) into
+    ``then_dot.z``, each block of rows as soon as its last bag is pooled (``gather_dot``:
+    candidate-scope features only, the rest of E written before).
     """
     features = tuple(features)
     num_rows = out.shape[0]
@@ -205,6 +190,8 @@ def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices:
             raise ValueError(f"row_request is needed when R={num_requests} != B={num_rows}")
         row_request = request_offsets[:-1]
     check_launch(packed, features, indices, offsets, out, weights, num_requests)
+    if then_dot is not None:
+        then_dot.check(packed, features, out)
     if ends is None:
         ends = offsets[1:]  # CSR: a view, bag b's end is bag b + 1's start
     else:
@@ -227,29 +214,37 @@ def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices:
         if trial_configs() else frozenset()  # (the hint is a trial candidate)
 
     def launch(cfg: dict) -> None:
-        meta, prog_feature, programs = launch_plan(packed, features, num_rows, num_requests,
-                                                   cfg["BAGS"], cfg["LANES"], kept,
-                                                   cfg.get("SMALL_LAST", False))
-        _embedding_bag_kernel[(programs,)](
-            packed.data, indices, offsets, ends,
-            weights if weighted else indices, out, bad, row_request, request_offsets,
-            prog_feature, meta, out.stride(0),
-            BAGS=cfg["BAGS"], LANES=cfg["LANES"], BLOCK_D=block_d, QUANT=packed.quantized,
-            WEIGHTED=weighted, ALIGN=cfg["ALIGN"], PREFETCH=cfg["PREFETCH"],
-            UNROLL=cfg["UNROLL"], STAGES=cfg["STAGES"], L2_KEEP=cfg.get("L2_KEEP", False),
-            num_warps=cfg["num_warps"], **pdl_launch())
+        meta, prog_feature, programs = launch_plan(
+            packed, features, num_rows, num_requests, cfg["BAGS"], cfg["LANES"], kept,
+            cfg.get("SMALL_LAST", False), 0 if then_dot is None else GROUP)
+        args = (packed.data, indices, offsets, ends, weights if weighted else indices, out, bad,
+                row_request, request_offsets, prog_feature, meta)
+        params = dict(BAGS=cfg["BAGS"], LANES=cfg["LANES"], BLOCK_D=block_d,
+                      QUANT=packed.quantized, WEIGHTED=weighted, ALIGN=cfg["ALIGN"],
+                      PREFETCH=cfg["PREFETCH"], UNROLL=cfg["UNROLL"], STAGES=cfg["STAGES"],
+                      L2_KEEP=cfg.get("L2_KEEP", False), num_warps=cfg["num_warps"],
+                      **pdl_launch())
+        if then_dot is None:
+            _embedding_bag_kernel[(programs,)](*args, out.stride(0), **params)
+        else:
+            then_dot.launch(programs, args, out, len(features), params, cfg)
 
     def outputs() -> list[tuple[torch.Tensor, float]]:
         # What a launch writes: every config must give the same bits (same sums, same
         # order), so the tuner drops one that does not (a miscompile that still runs).
         cols = [out[:, f.out_col:f.out_col + packed.dims[f.table]] for f in features]
-        return [(c, float("nan")) for c in cols] + [(bad, 0.0)]
+        z = [] if then_dot is None else [(then_dot.z, float("nan"))]
+        return [(c, float("nan")) for c in cols] + [(bad, 0.0)] + z
 
     key = (packed.dtype, block_d, weighted, features, num_rows, num_requests, out.dtype,
            indices.dtype, align, PREFETCH, kept)
     some = 0 < len(kept) < len({f.table for f in features})
     sizes = {packed.table_bytes(f.table) for f in features}
-    _tuner.run(key, launch, _candidates(align, some, len(sizes) > 1), outputs)
+    candidates = _candidates(align, some, len(sizes) > 1)
+    if then_dot is None:
+        _tuner.run(key, launch, candidates, outputs)
+    else:
+        _dot_tuner.run(key + then_dot.key(), launch, then_dot.candidates(candidates), outputs)
     return bad
 
 

@@ -82,24 +82,66 @@ def _dot_interaction_kernel(
                           t, d, ROWS, HAS_X, IEEE)
         return
     for r in tl.static_range(ROWS):
-        row = pid * ROWS + r
-        # Row validity as tensors (t * 0 + row), not a scalar: masks must be tensors.
-        t_ok = (t < T) & ((t * 0 + row) < B)
-        d_ok = (d < D) & ((d * 0 + row) < B)
-        base = v_ptr + row.to(tl.int64) * stride_vm
-        v = tl.load(base + t[:, None] * D + d[None, :], mask=t_ok[:, None] & d_ok[None, :],
-                    other=0.0)
+        _dot_row(v_ptr, out_ptr, dest, pid * ROWS + r, B, T, D, x_dest, stride_vm, stride_om,
+                 t, d, HAS_X, IEEE)
+
+
+@triton.jit
+def _dot_row(v_ptr, out_ptr, dest, row, B, T, D, x_dest, stride_vm, stride_om, t, d,
+             HAS_X: tl.constexpr, IEEE: tl.constexpr, L2_ONLY: tl.constexpr = False,
+             CHUNK: tl.constexpr = 0):
+    """One row's Gram matrix into its wanted pairs (and vector 0 with HAS_X). L2_ONLY
+    reads v past the SM's L1 (``.cg``): the fused gather + dot reads rows that other
+    programs of its own launch wrote (``gather_dot``). CHUNK > 0 forms the Gram over
+    CHUNK columns of the vectors at a time: fewer registers (the fused kernel's count, and
+    so the gather's programs per SM), and on the interpreter the sums in another order."""
+    # Row validity as tensors (t * 0 + row), not a scalar: masks must be tensors.
+    t_ok = (t < T) & ((t * 0 + row) < B)
+    d_ok = (d < D) & ((d * 0 + row) < B)
+    base = v_ptr + row.to(tl.int64) * stride_vm
+    if CHUNK > 0:
+        gram = tl.zeros([t.shape[0], t.shape[0]], dtype=tl.float32)
+        for k in range(0, D, CHUNK):  # (a loop, not unrolled: one chunk's tile live at once)
+            c = k + tl.arange(0, CHUNK)
+            c_ok = (c < D) & ((c * 0 + row) < B)
+            v = _load_rows(base + t[:, None] * D + c[None, :], t_ok[:, None] & c_ok[None, :],
+                           L2_ONLY)
+            gram = _gram(v, gram, IEEE)
+    else:
+        v = _load_rows(base + t[:, None] * D + d[None, :], t_ok[:, None] & d_ok[None, :],
+                       L2_ONLY)
         if IEEE:
             v32 = v.to(tl.float32)
             gram = tl.dot(v32, tl.trans(v32), input_precision="ieee")
         else:
             gram = tl.dot(v, tl.trans(v))
-        out_row = out_ptr + row.to(tl.int64) * stride_om
-        tl.store(out_row + dest, gram.to(out_ptr.dtype.element_ty),
-                 mask=(dest >= 0) & t_ok[:, None])
-        if HAS_X:
-            x = tl.load(base + d, mask=d_ok, other=0.0)
-            tl.store(out_row + x_dest + d, x.to(out_ptr.dtype.element_ty), mask=d_ok)
+    out_row = out_ptr + row.to(tl.int64) * stride_om
+    tl.store(out_row + dest, gram.to(out_ptr.dtype.element_ty),
+             mask=(dest >= 0) & t_ok[:, None])
+    if HAS_X:
+        x = _load_rows(base + d, d_ok, L2_ONLY)
+        tl.store(out_row + x_dest + d, x.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit
+def _load_rows(ptrs, mask, L2_ONLY: tl.constexpr):
+    """A tile of v (0 where masked); with L2_ONLY past the SM's L1."""
+    if L2_ONLY:
+        v = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+    else:
+        v = tl.load(ptrs, mask=mask, other=0.0)
+    return v
+
+
+@triton.jit
+def _gram(v, acc, IEEE: tl.constexpr):
+    """acc + v v^T on the tensor cores (fp32 products and sums with IEEE)."""
+    if IEEE:
+        v32 = v.to(tl.float32)
+        acc = tl.dot(v32, tl.trans(v32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(v, tl.trans(v), acc)
+    return acc
 
 
 @triton.jit
@@ -156,17 +198,14 @@ def dest_map(num_vectors: int, pairs: list[tuple], width: int,
     return dest.to(device)
 
 
-def dot_interaction(v: torch.Tensor, num_vectors: int, dim: int, dest: torch.Tensor,
-                    out: torch.Tensor, x_dest: int | None = None) -> torch.Tensor:
-    """Pairwise dots of the ``num_vectors`` vectors in each row of ``v`` into ``out``.
-
-    v [B, >= T*D] (unit column stride), dest from ``dest_map``, out [B, K]; with ``x_dest``
-    vector 0 is copied to out[:, x_dest:x_dest+D] too. Returns ``out``.
-    """
+def check_dot_args(v: torch.Tensor, num_vectors: int, dim: int, dest: torch.Tensor,
+                   out: torch.Tensor, x_dest: int | None) -> None:
+    """Raise ValueError (showing the shapes) unless ``dot_interaction``'s arguments fit
+    together."""
     check_tensor("v", v, dtypes=FLOAT_DTYPES, ndim=2)
     check_tensor("out", out, dtypes=FLOAT_DTYPES, ndim=2, device=v.device)
     check_tensor("dest", dest, dtypes=[torch.int32], ndim=2, device=v.device)
-    block_t, block_d = next_pow2(num_vectors, 16), next_pow2(dim, 16)
+    block_t = next_pow2(num_vectors, 16)
     if not 1 <= num_vectors <= 128 or not 1 <= dim <= 512:
         raise ValueError(f"dot interaction supports T <= 128, D <= 512; got T={num_vectors}, "
                          f"D={dim}")
@@ -180,6 +219,17 @@ def dot_interaction(v: torch.Tensor, num_vectors: int, dim: int, dest: torch.Ten
         raise ValueError(f"dest has shape {list(dest.shape)}; expected [{block_t}, {block_t}]")
     if x_dest is not None and not 0 <= x_dest <= out.shape[1] - dim:
         raise ValueError(f"x_dest {x_dest} + D {dim} does not fit out {list(out.shape)}")
+
+
+def dot_interaction(v: torch.Tensor, num_vectors: int, dim: int, dest: torch.Tensor,
+                    out: torch.Tensor, x_dest: int | None = None) -> torch.Tensor:
+    """Pairwise dots of the ``num_vectors`` vectors in each row of ``v`` into ``out``.
+
+    v [B, >= T*D] (unit column stride), dest from ``dest_map``, out [B, K]; with ``x_dest``
+    vector 0 is copied to out[:, x_dest:x_dest+D] too. Returns ``out``.
+    """
+    check_dot_args(v, num_vectors, dim, dest, out, x_dest)
+    block_t, block_d = next_pow2(num_vectors, 16), next_pow2(dim, 16)
     if v.shape[0] == 0:
         return out
 

@@ -22,6 +22,7 @@ from recserve.engine.spec import ModelSpec
 from recserve.engine.weights import check_weights
 
 from .embedding_bag import BagFeature, PackedTables, embedding_bag
+from .gather_dot import ThenDot, counters
 from .interaction import cross_layer, dest_map, dot_interaction
 from .layout import build_layout
 from .linear import MAX_FINAL_H, MAX_FINAL_N, linear
@@ -69,6 +70,7 @@ class TritonModel:
         self._pack_tables(weights)
         self._load_layers(weights)
         self._side: torch.cuda.Stream | None = None
+        self._fused: int | None = None
 
     def set_bottom_beside_gather(self, on: bool) -> None:
         """Run the bottom MLP on a side stream while the gather runs on the caller's (CUDA
@@ -78,6 +80,20 @@ class TritonModel:
         bits; off by default until a card's ``bench/kernel_variants.py`` says it pays."""
         wanted = on and self.device.type == "cuda" and bool(self.spec.dense)
         self._side = torch.cuda.Stream(self.device) if wanted else None
+
+    def set_fused_dot(self, on: bool) -> bool:
+        """Form the dot interaction inside the gather's last launch (``gather_dot``) instead
+        of in a launch of its own; returns whether it is on. Only for dot models with a
+        candidate-scope feature; the fused launch takes the table group with the most
+        candidate-scope features (its request-scope ones go in a plain launch before it).
+        The same sums and the same one-row Gram code, so the same scores; off by default
+        until a card's ``bench/kernel_variants.py`` says it pays."""
+        self._fused = None
+        if on and self.spec.interaction.kind == "dot":
+            counts = [sum(not f.request_scope for f in feats) for _, feats, _ in self.groups]
+            if max(counts, default=0) > 0:
+                self._fused = counts.index(max(counts))
+        return self._fused is not None
 
     def _pack_tables(self, weights: dict[str, torch.Tensor]) -> None:
         spec, dev = self.spec, self.device
@@ -149,19 +165,46 @@ class TritonModel:
         elif spec.dense:
             self._bottom(p, e)
         bad = None
-        for (packed, feats, _), (indices, offsets, ends, weights) in zip(self.groups,
-                                                                           p.groups,
-                                                                           strict=True):
-            flags = embedding_bag(packed, feats, indices, offsets, e, weights=weights,
-                                  row_request=p.row_request, request_offsets=p.request_offsets,
-                                  ends=ends)
-            bad = flags if bad is None else bad | flags
-        if bad is None:
-            bad = torch.zeros(p.num_requests, dtype=torch.int32, device=self.device)
+        for k, ((packed, feats, _), (indices, offsets, ends, weights)) in enumerate(
+                zip(self.groups, p.groups, strict=True)):
+            if k != self._fused:
+                bad = _either(bad, embedding_bag(packed, feats, indices, offsets, e,
+                                                 weights=weights, row_request=p.row_request,
+                                                 request_offsets=p.request_offsets, ends=ends))
         if side is not None:
             main.wait_stream(side)  # the join: e's x slice is written
-        z = self._interact(e)
+        if self._fused is None:
+            z = self._interact(e)
+        else:
+            z, bad = self._gather_and_dot(p, e, bad)
+        if bad is None:
+            bad = torch.zeros(p.num_requests, dtype=torch.int32, device=self.device)
         return self._top(p, z), bad != 0
+
+    def _gather_and_dot(self, p: PreparedBatch, e: torch.Tensor, bad: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused group's request-scope features (a plain launch), then its
+        candidate-scope ones with the dot interaction (``gather_dot``). Returns (z, the
+        bad flags so far and these launches')."""
+        packed, feats, _ = self.groups[self._fused]
+        indices, offsets, ends, weights = p.groups[self._fused]
+        # feature_groups put a group's candidate-scope features first: their offsets are
+        # the first (B + 1) per feature, the request-scope ones' (R + 1) each follow
+        cand = sum(not f.request_scope for f in feats)
+        split = cand * (p.num_rows + 1)
+        common = dict(weights=weights, row_request=p.row_request,
+                      request_offsets=p.request_offsets)
+        if cand < len(feats):
+            bad = _either(bad, embedding_bag(packed, feats[cand:], indices, offsets[split:], e,
+                                             ends=None if ends is None else ends[split:],
+                                             **common))
+        z = self._z(e)
+        then = ThenDot(self.spec.num_vectors, self._vector_dim(), self.dest, z,
+                       self.layout.x_col_in_z, counters(p.num_rows, self.device))
+        flags = embedding_bag(packed, feats[:cand], indices, offsets[:split], e,
+                              ends=None if ends is None else ends[:split], then_dot=then,
+                              **common)
+        return z, _either(bad, flags)
 
     def _bottom(self, p: PreparedBatch, e: torch.Tensor) -> None:
         lay, spec = self.layout, self.spec
@@ -183,12 +226,20 @@ class TritonModel:
             for u, v, b in self.cross:
                 x = cross_layer(e, x, u, v, b)
             return x
-        # Rows padded to 16 bytes so the next GEMM's loads stay aligned (479 -> 480 columns).
-        width = spec.interaction_dim
-        z = torch.empty(e.shape[0], -(-width // 8) * 8, device=e.device,
-                        dtype=self.dtype)[:, :width]
-        d = spec.bottom_out_dim if spec.dense else spec.table(spec.sparse[0].table).dim
-        return dot_interaction(e, spec.num_vectors, d, self.dest, z, self.layout.x_col_in_z)
+        return dot_interaction(e, spec.num_vectors, self._vector_dim(), self.dest, self._z(e),
+                               self.layout.x_col_in_z)
+
+    def _vector_dim(self) -> int:
+        """D of the dot interaction's vectors."""
+        spec = self.spec
+        return spec.bottom_out_dim if spec.dense else spec.table(spec.sparse[0].table).dim
+
+    def _z(self, e: torch.Tensor) -> torch.Tensor:
+        """The dot interaction's output [B, K]: rows padded to 16 bytes so the next GEMM's
+        loads stay aligned (479 -> 480 columns)."""
+        width = self.spec.interaction_dim
+        return torch.empty(e.shape[0], -(-width // 8) * 8, device=e.device,
+                           dtype=self.dtype)[:, :width]
 
     def _top(self, p: PreparedBatch, z: torch.Tensor) -> torch.Tensor:
         ku = self.layout.ku
@@ -205,6 +256,12 @@ class TritonModel:
             h = linear(h, w, b, activation="none" if k == n - 1 else "relu", **kw)
         logits = h.float()
         return torch.where(self.sigmoid.bool()[None, :], torch.sigmoid(logits), logits)
+
+
+def _either(bad: torch.Tensor | None, flags: torch.Tensor) -> torch.Tensor:
+    """Bad-request flags of the launches so far OR one more launch's (no extra kernel for
+    the first)."""
+    return flags if bad is None else bad | flags
 
 
 def capture_graph(fn, *args, pool=None, device: torch.device | None = None):

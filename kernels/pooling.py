@@ -269,3 +269,57 @@ def _pool_short(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
                                      WEIGHTED, L2_KEEP)
     _finish(acc, length, bad, bags, bmask, out_ptr, bad_ptr, row_request_ptr,
             request_offsets_ptr, out_stride, out_col, dim, flags, d, dmask)
+
+
+@triton.jit
+def _pool_program(pid, table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
+                  out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr, prog_feature_ptr,
+                  meta_ptr, out_stride, BAGS: tl.constexpr, LANES: tl.constexpr,
+                  BLOCK_D: tl.constexpr, QUANT: tl.constexpr, WEIGHTED: tl.constexpr,
+                  ALIGN: tl.constexpr, PREFETCH: tl.constexpr, UNROLL: tl.constexpr,
+                  STAGES: tl.constexpr, L2_KEEP: tl.constexpr,
+                  BLOCK_MAJOR: tl.constexpr = 0):
+    """Program ``pid`` of a gather launch: its feature's metadata (``tables._META_COLS``),
+    then its bags pooled and stored. Returns (its first bag, the number of bags it pooled):
+    a plain gather ignores them, the fused gather + dot counts rows with them
+    (``gather_dot``). BLOCK_MAJOR > 0: the program map holds feature + BLOCK_MAJOR * the
+    program's index within its feature (``tables.launch_plan``'s ``block_rows``, with
+    ``tables.FEATURE_SLOTS``)."""
+    word = tl.load(prog_feature_ptr + pid).to(tl.int64)
+    if BLOCK_MAJOR > 0:
+        f = word % BLOCK_MAJOR
+    else:
+        f = word
+    meta = meta_ptr + f * 9
+    # ALIGN (host-computed gcd, see ``alignment``) divides every table base, row stride, dim,
+    # out column and the out row stride: telling the compiler lets it issue 16-byte row loads and
+    # stores instead of one element per instruction (it cannot see values read from meta).
+    elem_base = tl.multiple_of(tl.load(meta + 0), ALIGN)
+    row_stride = tl.multiple_of(tl.load(meta + 1), ALIGN)
+    rows = tl.load(meta + 2)
+    dim = tl.multiple_of(tl.load(meta + 3), ALIGN)
+    bag_base = tl.load(meta + 4)
+    num_bags = tl.load(meta + 5)
+    out_col = tl.multiple_of(tl.load(meta + 6), ALIGN)
+    out_stride = out_stride // ALIGN * ALIGN  # a no-op that shows the divisibility
+    if BLOCK_MAJOR > 0:
+        local = word // BLOCK_MAJOR
+    else:
+        local = pid - tl.load(meta + 7)
+    flags = tl.load(meta + 8)
+    if (flags & 8) != 0:
+        _pool_long(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
+                   out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
+                   elem_base, row_stride, rows, dim, bag_base, num_bags, out_col, local, flags,
+                   out_stride, LANES, BLOCK_D, QUANT, WEIGHTED, PREFETCH, UNROLL, STAGES,
+                   L2_KEEP)
+    else:
+        _pool_short(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
+                    out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
+                    elem_base, row_stride, rows, dim, bag_base, num_bags, out_col, local, flags,
+                    out_stride, BAGS, BLOCK_D, QUANT, WEIGHTED, PREFETCH, UNROLL, STAGES,
+                    L2_KEEP)
+    # a long-bag program pools bag ``local``, a short-bag one bags local*BAGS .. +BAGS
+    per_program = tl.where((flags & 8) != 0, 1, BAGS)
+    first = local * per_program
+    return first, tl.minimum(num_bags - first, per_program)

@@ -184,13 +184,20 @@ def kept_tables(packed: PackedTables, features: Sequence[BagFeature],
 
 def launch_plan(packed: PackedTables, features: tuple[BagFeature, ...], num_rows: int,
                 num_requests: int, bags_per_prog: int, lanes: int,
-                kept: frozenset[int] = frozenset(), small_last: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor, int]:
+                kept: frozenset[int] = frozenset(), small_last: bool = False,
+                block_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per-feature metadata and the program -> feature map, cached per shape bucket
     (``kept``: tables whose rows the L2 hint keeps, see ``kept_tables``; ``small_last``:
-    programs in order of their table's bytes, largest first, see ``program_order``)."""
+    programs in order of their table's bytes, largest first, see ``program_order``).
+
+    ``block_rows`` > 0 (candidate-scope features only): programs block by block of that
+    many rows, every feature's programs for rows 0.. first, then the next block's, so
+    blocks are complete one after another (the fused gather + dot forms each block's
+    interaction then). Each map entry is then feature + FEATURE_SLOTS * (its bag, or its
+    first bag / bags_per_prog), since a feature's programs no longer lie side by side."""
     key = (tuple(packed.elem_base), tuple(packed.rows), tuple(packed.row_stride), features,
-           num_rows, num_requests, bags_per_prog, lanes, kept, small_last, str(packed.device))
+           num_rows, num_requests, bags_per_prog, lanes, kept, small_last, block_rows,
+           str(packed.device))
     if key in _plans:
         return _plans[key]
     counts = bag_counts(features, num_rows, num_requests)
@@ -209,10 +216,36 @@ def launch_plan(packed: PackedTables, features: tuple[BagFeature, ...], num_rows
         meta[i] = [packed.elem_base[t], packed.row_stride[t], packed.rows[t], packed.dims[t],
                    bag_base[i], counts[i], f.out_col, len(prog_feature), flags]
         prog_feature.extend([i] * programs)
+    if block_rows:
+        prog_feature = _block_major(features, order, is_long, num_rows, bags_per_prog,
+                                    block_rows)
     plan = (torch.tensor(meta, dtype=torch.int64, device=packed.device),
             torch.tensor(prog_feature, dtype=torch.int32, device=packed.device), len(prog_feature))
     _plans[key] = plan
     return plan
+
+
+FEATURE_SLOTS = 256
+"""A block-major program map entry's feature is its value modulo this (``launch_plan``)."""
+
+
+def _block_major(features: tuple[BagFeature, ...], order: list[int], is_long: list[bool],
+                 num_rows: int, bags_per_prog: int, block_rows: int) -> list[int]:
+    """The block-major program map of ``launch_plan``."""
+    if block_rows % bags_per_prog or any(f.request_scope for f in features):
+        raise ValueError(f"block-major programs need candidate-scope features and blocks of "
+                         f"a multiple of {bags_per_prog} rows; got {block_rows}")
+    if len(features) > FEATURE_SLOTS or num_rows >= 2 ** 31 // FEATURE_SLOTS:
+        raise ValueError(f"block-major programs take at most {FEATURE_SLOTS} features and "
+                         f"{2 ** 31 // FEATURE_SLOTS - 1} rows; got {len(features)}, "
+                         f"{num_rows}")
+    out = []
+    for first in range(0, num_rows, block_rows):
+        last = min(first + block_rows, num_rows)
+        for i in order:
+            per = 1 if is_long[i] else bags_per_prog
+            out.extend(i + FEATURE_SLOTS * k for k in range(first // per, -(-last // per)))
+    return out
 
 
 def program_order(packed: PackedTables, features: Sequence[BagFeature], is_long: list[bool],

@@ -175,3 +175,9 @@ def test_kernel_variants_names_each_candidate_kind_in_its_picks():
     assert kv.tuner_picks(record) == [
         "k: bags 8 lanes 8 unroll 2 w2 small tables last 0.1500 ms; next of another kind "
         "bags 8 lanes 8 unroll 2 w2 0.1700 ms"]
+    # the fused gather + dot's picks, a register-capped one among them
+    capped = {**plain, "num_warps": 4, "maxnreg": 80}
+    fused = {"gather_dot_configs": [{"key": "g", "timings_ms": [[0.2, capped], [0.21, plain]]}]}
+    assert kv.tuner_picks(fused) == [
+        "g: bags 8 lanes 8 unroll 2 w4 registers <= 80 0.2000 ms; next of another kind "
+        "bags 8 lanes 8 unroll 2 w2 0.2100 ms"]

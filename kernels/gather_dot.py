@@ -1,0 +1,172 @@
+"""The fused scoring path: a gather launch that forms each row's dot interaction as soon as
+every feature of the row is pooled (issue 6, item 4).
+
+The plain path is two launches: the gather writes the pooled vectors into E, then the dot
+kernel reads all of E back (56 MB for ``dlrm-dot`` at B=8192) and writes Z. Here the
+gather's own programs finish the job. Each program, after storing its bags, adds the
+number of rows it pooled to its block's counter (a block is GROUP consecutive rows); the
+program whose addition completes a block (every feature of every row there pooled) forms
+that block's Gram matrices at once, from rows just written and still in L2, and writes Z.
+The interaction's arithmetic then runs beside other programs' row loads instead of in a
+launch of its own, and E is read back from L2, not from device memory.
+
+Why not one program per sample, gathering all of its features and dotting them: the
+gather would lose its per-feature programs, the split of long bags, its tuned configs and,
+at small B, its parallelism (a sample's 214 lookups one after another).
+
+Ordering: a program's threads all store, meet at a barrier, then one adds to the counter
+with an acquire-release atomic at GPU scope; the program that completes a block reads the
+block's rows past its L1 (``.cg``). That program also puts the counter back to 0, so the
+counters are zero after every complete launch: tuning launches and graph replays reuse
+them. Two launches that may run at once need their own counters (the model allocates them
+per forward).
+
+Limits: candidate-scope features only, since a request-scope bag is written to rows of
+many blocks (the model gathers those in a plain launch first); every other vector of E
+(x, request-scope features, other dtype groups) must be written before this launch (stream
+order); every feature's dim must be the interaction's D. The sums and the Gram are the same
+code as the two-launch path's, so the bits are the same as with the dot kernel's one-row
+configs (``interaction.CONFIGS``' first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ._common import ieee_dot, next_pow2
+from .interaction import SHARED_MEMORY, _dot_row, check_dot_args, gram_bytes
+from .pooling import _pool_program
+from .tables import FEATURE_SLOTS, BagFeature, PackedTables
+
+import triton  # isort: skip  (after _common, which may switch on the interpreter)
+import triton.language as tl  # isort: skip
+
+GROUP = 16
+"""Rows per counted block: a multiple of every config's BAGS, so a short-bag program's
+bags lie in one block."""
+MAXNREG = 80
+"""A register cap the 4-warp configs are also tuned with. Compiled for sm_90 here (Triton
+3.9), the Gram step takes them from the plain gather's 56-75 registers (6-9 programs an
+SM) to 88-93 (5); capped at 80 they take 77-80 and keep 6 programs an SM, with no spill
+(UNROLL 1, STAGES 3 and 4) or 2-3 local stores (UNROLL 2 and 4). The 2-warp configs
+would spill 46-100 at 80, so they are tuned as they are (152 registers: 6 programs an SM
+against 12-14 plain); the card decides which wins."""
+
+
+@triton.jit(do_not_specialize=["B", "x_dest"])
+def _gather_dot_kernel(
+    # pointers: the gather's, then the interaction's
+    table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
+    out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr, prog_feature_ptr, meta_ptr,
+    z_ptr, dest_ptr, counts_ptr,
+    # sizes and strides
+    out_stride, B, F, T, D, x_dest, stride_z,
+    # meta-parameters: the gather's, then the interaction's
+    BAGS: tl.constexpr, LANES: tl.constexpr, BLOCK_D: tl.constexpr,
+    QUANT: tl.constexpr, WEIGHTED: tl.constexpr, ALIGN: tl.constexpr,
+    PREFETCH: tl.constexpr, UNROLL: tl.constexpr, STAGES: tl.constexpr,
+    FEATURE_SLOTS: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_X: tl.constexpr, IEEE: tl.constexpr, CHUNK: tl.constexpr = 32,
+    USE_GDC: tl.constexpr = False, L2_KEEP: tl.constexpr = False,
+):
+    """The gather of ``embedding_bag._embedding_bag_kernel`` (out = E), then, in the
+    program that completes a block of GROUP rows, the dot interaction of those rows
+    (``interaction._dot_row``: E -> z). counts [cdiv(B, GROUP)] int32, zero at the start
+    and left zero; F: the launch's features (each pools one bag per row)."""
+    if USE_GDC:  # launched early (PDL): nothing is read before the previous kernel is done
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    first, pooled = _pool_program(tl.program_id(0), table_ptr, indices_ptr, offsets_ptr,
+                                  ends_ptr, weights_ptr, out_ptr, bad_ptr, row_request_ptr,
+                                  request_offsets_ptr, prog_feature_ptr, meta_ptr, out_stride,
+                                  BAGS, LANES, BLOCK_D, QUANT, WEIGHTED, ALIGN, PREFETCH,
+                                  UNROLL, STAGES, L2_KEEP, FEATURE_SLOTS)
+    tl.debug_barrier()  # every thread's rows are stored before the count says so
+    block = first // GROUP
+    row0 = block * GROUP
+    rows = tl.minimum(B - row0, GROUP)
+    before = tl.atomic_add(counts_ptr + block, pooled.to(tl.int32), sem="acq_rel", scope="gpu")
+    if before + pooled == F * rows:  # this program pooled the block's last bags
+        tl.atomic_xchg(counts_ptr + block, 0)  # for the next launch
+        t = tl.arange(0, BLOCK_T)
+        d = tl.arange(0, BLOCK_D)
+        dest = tl.load(dest_ptr + t[:, None] * BLOCK_T + t[None, :])
+        for r in range(0, rows):
+            _dot_row(out_ptr, z_ptr, dest, row0 + r, B, T, D, x_dest, out_stride, stride_z,
+                     t, d, HAS_X, IEEE, True, CHUNK)
+
+
+@dataclass(frozen=True)
+class ThenDot:
+    """The dot interaction a gather launch finishes with (``embedding_bag(then_dot=)``):
+    the arguments of ``interaction.dot_interaction`` (E is the gather's ``out``), plus the
+    launch's block counters."""
+
+    num_vectors: int
+    dim: int
+    dest: torch.Tensor
+    """``interaction.dest_map``'s [BLOCK_T, BLOCK_T] pair -> column map."""
+    z: torch.Tensor
+    """[B, K] interaction output."""
+    x_dest: int | None
+    """Where vector 0 goes in z (None: not copied)."""
+    counts: torch.Tensor
+    """[>= cdiv(B, GROUP)] int32, all zero (``counters``); left zero by each launch."""
+
+    def check(self, packed: PackedTables, features: Sequence[BagFeature],
+              e: torch.Tensor) -> None:
+        """Raise ValueError unless this launch can form the interaction (see the module's
+        limits)."""
+        check_dot_args(e, self.num_vectors, self.dim, self.dest, self.z, self.x_dest)
+        for i, f in enumerate(features):
+            if f.request_scope:
+                raise ValueError(f"feature {i} is request scope: the fused gather + dot "
+                                 "takes candidate-scope features only (gather the others "
+                                 "in a plain launch first)")
+            if packed.dims[f.table] != self.dim:
+                raise ValueError(f"feature {i} has dim {packed.dims[f.table]}; the dot "
+                                 f"interaction's vectors have {self.dim}")
+        block_t, block_d = next_pow2(self.num_vectors, 16), next_pow2(self.dim, 16)
+        need = gram_bytes(1, block_t, block_d, e.element_size())
+        if need > SHARED_MEMORY:
+            raise ValueError(f"a row's Gram tiles ({self.num_vectors} vectors of {self.dim} in "
+                             f"{e.dtype}) need {need} bytes of shared memory, over the "
+                             f"{SHARED_MEMORY} a GPU program has; use bf16 or fp16")
+        blocks = -(-e.shape[0] // GROUP)
+        if self.counts.dtype != torch.int32 or self.counts.device != e.device \
+                or self.counts.dim() != 1 or self.counts.shape[0] < blocks:
+            raise ValueError(f"counts must be int32 [>= {blocks}] on {e.device} (see "
+                             "gather_dot.counters)")
+
+    def key(self) -> tuple:
+        """What the tuning depends on besides the gather's own key."""
+        return (self.num_vectors, self.dim, self.z.dtype, self.x_dest is not None)
+
+    @staticmethod
+    def candidates(gather: list[dict]) -> list[dict]:
+        """The gather's candidate configs that can carry the interaction (their short-bag
+        programs lie in one block), then the 4-warp ones again with at most MAXNREG
+        registers (not the unaligned fallback: capped, it spills 176 local stores)."""
+        usable = [c for c in gather if GROUP % c["BAGS"] == 0]
+        return usable + [{**c, "maxnreg": MAXNREG} for c in usable
+                         if c["num_warps"] == 4 and c["ALIGN"] > 1]
+
+    def launch(self, programs: int, gather_args: tuple, e: torch.Tensor, num_features: int,
+               params: dict, config: dict) -> None:
+        """``_gather_dot_kernel`` over ``programs`` with the gather's pointer arguments and
+        meta-parameters (``params``) for ``config``."""
+        cap = {"maxnreg": config["maxnreg"]} if "maxnreg" in config else {}
+        _gather_dot_kernel[(programs,)](
+            *gather_args, self.z, self.dest, self.counts,
+            e.stride(0), e.shape[0], num_features, self.num_vectors, self.dim,
+            self.x_dest if self.x_dest is not None else 0, self.z.stride(0),
+            FEATURE_SLOTS=FEATURE_SLOTS, GROUP=GROUP, BLOCK_T=next_pow2(self.num_vectors, 16),
+            HAS_X=self.x_dest is not None, IEEE=ieee_dot(e.dtype), **params, **cap)
+
+
+def counters(num_rows: int, device: torch.device | str) -> torch.Tensor:
+    """Zeroed block counters for one fused launch of ``num_rows`` rows."""
+    return torch.zeros(-(-num_rows // GROUP), dtype=torch.int32, device=device)
