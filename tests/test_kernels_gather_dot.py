@@ -108,6 +108,16 @@ def test_fused_launch_matches_the_two_launches(monkeypatch, device, config):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.uint8])
+def test_fused_launch_reads_every_table_dtype(device, dtype):
+    """bf16 rows and int8 row-wise rows (dequantized inline) through the fused launch."""
+    (fused, plain), counts, want_z = _launch_both(device, dtype, GROUP + 1, seed=3)
+    assert torch.equal(fused[0], plain[0]) and not counts.any()
+    torch.testing.assert_close(fused[1], plain[1], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fused[1], want_z, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_fused_launch_flags_a_bad_id_and_still_forms_every_block(device):
     def corrupt(indices, offsets):
         # row 0's bag of feature 2 (max_bag long): its first id one past table 2's rows
