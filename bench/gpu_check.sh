@@ -28,7 +28,7 @@
 #                     simplest reader, DCNv2's V against its plain GEMM and its epilogue apart,
 #                     every kernel against max(arithmetic, bytes) at the run's own rates:
 #                     bench/floors.py); the forwards with the trial candidates serving leaves
-#                     out; then all of them tuned by their time in a graph, in a warm process
+#                     out, and dlrm-dot with its dot interaction fused into the gather; then all of them tuned by their time in a graph, in a warm process
 #                     (where the tenth session's graph-tuned int8 gather once went wrong: a
 #                     failed check prints its diagnosis). Other sections: row_size (a lookup's
 #                     cost by row, byte or line), configs (every gather config checked).

@@ -3,7 +3,8 @@
 Per forward (``forward_prepared``), with E the embedding buffer and Z the top MLP input:
 bottom MLP (fused bias+ReLU GEMMs; once per request when every dense input is request
 scope) -> E's x slice; one table-batched gather launch per table dtype -> E's slices
-(request-scope bags gathered once per request); interaction (dot kernel E -> Z, cat: Z = E,
+(request-scope bags gathered once per request); interaction (dot kernel E -> Z, or with
+``set_fused_dot`` formed inside the last gather launch, see ``gather_dot``; cat: Z = E;
 dcnv2: fused cross GEMMs); top MLP with the first layer split W_u·u (per request) +
 W_c·c (per row) and the last narrow layer fused into the one before it.
 
