@@ -467,6 +467,8 @@ def main() -> int:
     dot_w = init_weights(dot, 1, device=kb.DEV, tables={
         k: v for k, v in weights.items() if k.startswith("tables.")})
     dot_model = rec.guarded("dlrm-dot model", TritonModel, dot, dot_w, device=kb.DEV)
+    if dot_model is not None:
+        dot_model.set_fused_dot(False)  # (plain first, whatever RECSERVE_FUSED_DOT says)
     for b in args.sizes if dot_model is not None else []:
         bench_forward(rec, base, "dlrm-dot", dot, dot_w, dot_model, b, (DEFAULT,))
     if dot_model is not None and dot_model.set_fused_dot(True):  # (the gather forms Z)

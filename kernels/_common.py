@@ -77,6 +77,17 @@ def pdl_launch() -> dict:
     return {"USE_GDC": True, "launch_pdl": True} if pdl() else {}
 
 
+FUSED_DOT_ENV = "RECSERVE_FUSED_DOT"
+"""Set to 1 to form dot models' interaction inside the gather's launch (``fused_dot``)."""
+
+
+def fused_dot() -> bool:
+    """Whether a new ``TritonModel`` of a dot model forms its interaction inside the last
+    gather launch (``RECSERVE_FUSED_DOT=1``: the server's models too; see
+    ``TritonModel.set_fused_dot`` and ``gather_dot``); off until measured on a card."""
+    return os.environ.get(FUSED_DOT_ENV, "0") == "1"
+
+
 def processors(device: torch.device) -> int:
     """The device's streaming multiprocessors, which a persistent kernel's grid is sized by
     (under the interpreter 2, so a CPU test walks several tiles per program)."""

@@ -49,11 +49,12 @@ GROUP = 16
 bags lie in one block."""
 MAXNREG = 80
 """A register cap the aligned 4-warp configs are also tuned with. Compiled for sm_90 here
-(Triton 3.9, bench/RESULTS.md), the Gram step takes them to 88-93 registers, 5 programs an
-SM (plain, bags 16 or 8 with UNROLL 1: 56-75, 6-9 an SM); capped at 80 they take 77-80 and
-6 programs an SM, with no spill (UNROLL 1, STAGES 3 and 4) or 2-3 local stores (UNROLL 2
-and 4). The 2-warp configs would spill 57-77 local stores at 80, so they are tuned as
-they are (152 registers: 6 programs an SM against 12-14 plain); the card decides."""
+(Triton 3.9, bench/RESULTS.md), the Gram step takes those with UNROLL 2 or 4 or STAGES 3
+or 4 to 88-95 registers, 5 programs an SM; capped at 80 they keep 6 programs an SM with
+2-7 local stores (with UNROLL 1 and STAGES 1 the cap changes nothing: 78, 6 an SM, as the
+plain gather's bags-16 config). The 2-warp configs would spill 54-76 local stores at 80,
+so they are tuned as they are (113 registers: 9 programs an SM against 12-14 plain); the
+card decides."""
 
 
 @triton.jit(do_not_specialize=["B", "x_dest"])

@@ -101,7 +101,9 @@ def _dot_row(v_ptr, out_ptr, dest, row, B, T, D, x_dest, stride_vm, stride_om, t
     base = v_ptr + row.to(tl.int64) * stride_vm
     if CHUNK > 0:
         gram = tl.zeros([t.shape[0], t.shape[0]], dtype=tl.float32)
-        for k in range(0, D, CHUNK):  # (a loop, not unrolled: one chunk's tile live at once)
+        # a loop, not unrolled (all chunks' loads would be hoisted), and not pipelined
+        # (each stage's [BLOCK_T, CHUNK] pointers held at once): one chunk's tile live
+        for k in tl.range(0, D, CHUNK, num_stages=1):
             c = k + tl.arange(0, CHUNK)
             c_ok = (c < D) & ((c * 0 + row) < B)
             v = _load_rows(base + t[:, None] * D + c[None, :], t_ok[:, None] & c_ok[None, :],

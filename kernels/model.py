@@ -8,7 +8,8 @@ scope) -> E's x slice; one table-batched gather launch per table dtype -> E's sl
 dcnv2: fused cross GEMMs); top MLP with the first layer split W_u·u (per request) +
 W_c·c (per row) and the last narrow layer fused into the one before it.
 
-Deterministic for a given batch (no atomics, fixed reductions, cached kernel configs). On
+Deterministic for a given batch (no atomic sums, fixed reductions, cached kernel configs;
+the fused gather + dot counts rows with atomics, never adds values with them). On
 CPU the kernels run under Triton's interpreter in fp32 (for tests). ``prepare`` uploads a
 batch once (packed CSR per table dtype) so the forward alone can be timed or captured in a
 CUDA graph; call the forward once per shape bucket before capturing (it autotunes).
@@ -22,6 +23,7 @@ from recserve.engine.inputs import Batch
 from recserve.engine.spec import ModelSpec
 from recserve.engine.weights import check_weights
 
+from ._common import fused_dot
 from .embedding_bag import BagFeature, PackedTables, embedding_bag
 from .gather_dot import ThenDot, counters
 from .interaction import cross_layer, dest_map, dot_interaction
@@ -72,6 +74,7 @@ class TritonModel:
         self._load_layers(weights)
         self._side: torch.cuda.Stream | None = None
         self._fused: int | None = None
+        self.set_fused_dot(fused_dot())
 
     def set_bottom_beside_gather(self, on: bool) -> None:
         """Run the bottom MLP on a side stream while the gather runs on the caller's (CUDA
@@ -87,8 +90,9 @@ class TritonModel:
         of in a launch of its own; returns whether it is on. Only for dot models with a
         candidate-scope feature; the fused launch takes the table group with the most
         candidate-scope features (its request-scope ones go in a plain launch before it).
-        The same sums and the same one-row Gram code, so the same scores; off by default
-        until a card's ``bench/kernel_variants.py`` says it pays."""
+        The same sums (the Gram's 32 columns at a time), so the same scores up to rounding;
+        off by default until a card's ``bench/kernel_variants.py`` says it pays
+        (``RECSERVE_FUSED_DOT=1`` turns it on for every new model, a server's too)."""
         self._fused = None
         if on and self.spec.interaction.kind == "dot":
             counts = [sum(not f.request_scope for f in feats) for _, feats, _ in self.groups]

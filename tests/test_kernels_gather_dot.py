@@ -194,7 +194,7 @@ def test_model_fused_forward_gives_the_same_scores(device, dense):
     torch.testing.assert_close(fused.cpu()[keep], want, atol=2e-5, rtol=0)
 
 
-def test_model_fuses_only_dot_models_with_candidate_bags():
+def test_model_fuses_only_dot_models_with_candidate_bags(monkeypatch):
     spec = _mixed_spec()
     cat = replace(spec, interaction=Interaction("cat"))
     request_only = replace(spec, sparse=tuple(replace(f, scope="request")
@@ -203,7 +203,10 @@ def test_model_fuses_only_dot_models_with_candidate_bags():
         model = TritonModel(other, init_weights(other, 1), device="cpu")
         assert not model.set_fused_dot(True) and model._fused is None
     model = TritonModel(spec, init_weights(spec, 1), device="cpu")
+    assert model._fused is None  # off by default
     assert model.set_fused_dot(True) and not model.set_fused_dot(False)
+    monkeypatch.setenv("RECSERVE_FUSED_DOT", "1")  # on for every new model, a server's too
+    assert TritonModel(spec, init_weights(spec, 1), device="cpu")._fused == 0
 
 
 @pytest.mark.gpu

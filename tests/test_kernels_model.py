@@ -164,12 +164,15 @@ def test_models_without_dense_or_without_sparse(device, kind):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("beside", [False, True], ids=["serial", "bottom-beside-gather"])
-def test_cuda_graph_replay_matches_eager_forward(monkeypatch, beside):
+@pytest.mark.parametrize("beside, fused", [(False, False), (True, False), (False, True)],
+                         ids=["serial", "bottom-beside-gather", "fused-gather-dot"])
+def test_cuda_graph_replay_matches_eager_forward(monkeypatch, beside, fused):
     """The engine's path: batches packed into one slot's fixed bucket buffers (staging),
     autotuned, captured once, replayed after each new pack: the same bits as running the
     same step eagerly (on one stream), and the reference's scores; also with the bottom
-    MLP captured on a side stream beside the gather."""
+    MLP captured on a side stream beside the gather, and with the dot interaction formed
+    inside the gather's launch (``set_fused_dot``: the staging's bag bounds split by
+    scope, the block counters allocated inside the graph)."""
     import functools
 
     from recserve.engine.gpu_slots import GpuModel, capture, copy_in, device_step, new_slot
@@ -181,6 +184,7 @@ def test_cuda_graph_replay_matches_eager_forward(monkeypatch, beside):
     weights = init_weights(spec, 12)
     model = TritonModel(spec, weights, device="cuda")
     model.set_bottom_beside_gather(beside)
+    assert model.set_fused_dot(fused) == fused
     bucket, device = 256, torch.device("cuda", 0)
     layout = staging_layout(spec, [names for _, _, names in model.groups], bucket,
                             model.layout.x_request)
