@@ -150,8 +150,11 @@ class ThenDot:
     def candidates(gather: list[dict]) -> list[dict]:
         """The gather's candidate configs that can carry the interaction (their short-bag
         programs lie in one block), then the 4-warp ones again with at most MAXNREG
-        registers (not the unaligned fallback: capped, it spills 176 local stores)."""
-        usable = [c for c in gather if GROUP % c["BAGS"] == 0]
+        registers (not the unaligned fallback: capped, it spills 176 local stores). Not
+        the small-tables-last orders: block by block, every feature's programs of a block
+        run together whatever their order (and each candidate costs a card run's tuning
+        a compile)."""
+        usable = [c for c in gather if GROUP % c["BAGS"] == 0 and not c.get("SMALL_LAST")]
         return usable + [{**c, "maxnreg": MAXNREG} for c in usable
                          if c["num_warps"] == 4 and c["ALIGN"] > 1]
 

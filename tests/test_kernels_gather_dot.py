@@ -261,3 +261,16 @@ def test_block_major_plan_covers_every_program_once_block_by_block():
     with pytest.raises(ValueError, match="candidate-scope"):
         launch_plan(packed, (BagFeature(0, 0, request_scope=True),), rows, 3, bags, 16,
                     block_rows=GROUP)
+
+
+def test_fused_candidates_are_the_gathers_that_fit_a_block_and_their_capped_twins():
+    from recserve.kernels.gather_dot import MAXNREG
+
+    gather = eb._candidates(16, False, True)  # tables of several sizes: SMALL_LAST twins too
+    got = ThenDot.candidates(gather)
+    plain = [c for c in got if "maxnreg" not in c]
+    assert plain == [c for c in gather if not c.get("SMALL_LAST")]
+    capped = [c for c in got if "maxnreg" in c]
+    assert capped and all(c["maxnreg"] == MAXNREG and c["num_warps"] == 4 and c["ALIGN"] > 1
+                          for c in capped)
+    assert ThenDot.candidates([{**eb.CONFIGS[0], "BAGS": 32, "ALIGN": 16}]) == []
