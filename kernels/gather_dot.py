@@ -24,9 +24,12 @@ per forward).
 Limits: candidate-scope features only, since a request-scope bag is written to rows of
 many blocks (the model gathers those in a plain launch first); every other vector of E
 (x, request-scope features, other dtype groups) must be written before this launch (stream
-order); every feature's dim must be the interaction's D. The sums and the Gram are the same
-code as the two-launch path's, so the bits are the same as with the dot kernel's one-row
-configs (``interaction.CONFIGS``' first).
+order); every feature's dim must be the interaction's D.
+
+Bits: E and the bad flags are the plain gather's (the same pooling code). The Gram is the
+dot kernel's one-row code (``interaction._dot_row``) formed 32 columns at a time (fewer
+registers, so more gather programs an SM), so Z may differ from the dot kernel's in the
+last bits; the fused path is deterministic run to run.
 """
 
 from __future__ import annotations
