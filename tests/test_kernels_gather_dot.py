@@ -210,6 +210,9 @@ def test_model_fuses_only_dot_models_with_candidate_bags(monkeypatch):
 
 
 @pytest.mark.gpu
+# Its own limit: it compiles and times every gather config twice (plain and fused, about 20
+# each), beside gpu_check's other test workers, over the 60 s a GPU test gets.
+@pytest.mark.timeout(240)
 def test_fused_forward_on_the_card_is_deterministic_and_matches(monkeypatch):
     """On the card, where programs run at once and the counters' ordering matters: every
     gather config tuned (the tuner drops any whose bits differ from the first's), the

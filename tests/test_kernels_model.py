@@ -164,6 +164,7 @@ def test_models_without_dense_or_without_sparse(device, kind):
 
 
 @pytest.mark.gpu
+@pytest.mark.timeout(240)  # (the fused launch tunes its ~20 gather configs anew)
 @pytest.mark.parametrize("beside, fused", [(False, False), (True, False), (False, True)],
                          ids=["serial", "bottom-beside-gather", "fused-gather-dot"])
 def test_cuda_graph_replay_matches_eager_forward(monkeypatch, beside, fused):
