@@ -27,6 +27,12 @@ connections) on the GPU when torch sees one, else on the CPU; --one-at-a-time sc
 them one by one with the reference model instead (a baseline for benchmarks).
 Admin ops (load, unload, reload) are on when RECSERVE_ADMIN_TOKEN is set in the
 environment; their requests must carry that token.
+GPU kernel switches, also from the environment (off unless set; see bench/RESULTS.md for
+what each measured): RECSERVE_FUSED_DOT=1 forms a dot model's interaction inside its
+gather launch (not yet timed on a card); RECSERVE_PDL=1 launches each kernel while the one
+before it finishes (no gain on an H100); RECSERVE_TRIAL_CONFIGS=1 also tunes the trial
+kernel configs (slower start); RECSERVE_AUTOTUNE=0 takes each kernel's first config
+untimed (fast start, slower kernels).
 
 examples:
   recserve serve

@@ -40,6 +40,22 @@ def test_every_command_has_help(capsys, command):
         assert "example" in out
 
 
+def test_serve_help_names_only_environment_switches_the_code_reads(capsys):
+    """Each RECSERVE_* variable `serve --help` names is read by the package (docs that
+    match the code), and the kernel switches are among them."""
+    from pathlib import Path
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    named = set(re.findall(r"RECSERVE_[A-Z_]+", capsys.readouterr().out))
+    assert {"RECSERVE_FUSED_DOT", "RECSERVE_PDL", "RECSERVE_ADMIN_TOKEN"} <= named
+    root = Path(__file__).resolve().parent.parent
+    source = "".join(p.read_text() for folder in ("engine", "kernels", "server")
+                     for p in (root / folder).glob("*.py") if p.name != "cli_serve.py")
+    for name in named:
+        assert f'"{name}"' in source, f"{name} is in serve --help but no code reads it"
+
+
 def test_serve_defaults():
     args = build_parser().parse_args(["serve"])
     assert (args.host, args.port, args.model_repo) == ("127.0.0.1", 7700, None)
