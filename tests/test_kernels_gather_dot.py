@@ -46,8 +46,8 @@ T = 1 + len(FEATURES)
 
 
 def _launch_both(device: str, dtype: torch.dtype, num_rows: int, seed: int, corrupt=None):
-    """One input through the fused launch and through gather-then-dot; returns both (E, z,
-    bad), the counters after the fused launch and the fp32 references (pooled, z)."""
+    """One input through the fused launch and through gather-then-dot: returns both runs'
+    (E, z, bad), the counters after the fused launch, and z from the fp32 references."""
     gen = torch.Generator().manual_seed(seed)
     rows = [50, 20, 7]
     stored, scales, shifts, exact = _tables(dtype, [D] * 3, rows, gen)
