@@ -3,26 +3,30 @@ every feature of the row is pooled (issue 6, item 4).
 
 The plain path is two launches: the gather writes the pooled vectors into E, then the dot
 kernel reads all of E back (56 MB for ``dlrm-dot`` at B=8192) and writes Z. Here the
-gather's own programs finish the job. Each program, after storing its bags, adds the
-number of rows it pooled to its block's counter (a block is GROUP consecutive rows); the
-program whose addition completes a block (every feature of every row there pooled) forms
-that block's Gram matrices at once, from rows just written and still in L2, and writes Z.
-The interaction's arithmetic then runs beside other programs' row loads instead of in a
-launch of its own, and E is read back from L2, not from device memory.
+gather's own programs finish the job. Each program, after storing its bags, adds 1 to the
+counter of each row it pooled; a program that brings a row's count to F (every feature of
+the row pooled) forms that row's Gram matrix at once, from vectors just written and still
+in L2, and writes its Z row. The interaction's arithmetic then runs beside other
+programs' row loads instead of in a launch of its own, and E is read back from L2, not
+from device memory. Per row, not per block of rows: the last program to finish a row
+forms only the rows it finished (one for a long-bag program, at most BAGS), so the Gram
+steps left at the end of the launch are short and spread over many programs.
 
 Why not one program per sample, gathering all of its features and dotting them: the
 gather would lose its per-feature programs, the split of long bags, its tuned configs and,
 at small B, its parallelism (a sample's 214 lookups one after another).
 
-Ordering: a program's threads all store, meet at a barrier, then one adds to the counter
-with an acquire-release atomic at GPU scope; the program that completes a block reads the
-block's rows past its L1 (``.cg``). That program also puts the counter back to 0, so the
-counters are zero after every complete launch: tuning launches and graph replays reuse
-them. Two launches that may run at once need their own counters (the model allocates them
-per forward).
+Program order: block by block of GROUP rows (``tables.launch_plan``'s ``block_rows``), so
+rows complete throughout the launch instead of all when the last feature's programs run.
 
-Limits: candidate-scope features only, since a request-scope bag is written to rows of
-many blocks (the model gathers those in a plain launch first); every other vector of E
+Ordering: a program's threads all store, meet at a barrier, then add to the counters with
+acquire-release atomics at GPU scope; a program that completes rows reads them past its L1
+(``.cg``). It also puts those counters back to 0, so the counters are zero after every
+complete launch: tuning launches and graph replays reuse them. Two launches that may run
+at once need their own counters (the model allocates them per forward).
+
+Limits: candidate-scope features only, since a request-scope bag is written to all of its
+request's rows (the model gathers those in a plain launch first); every other vector of E
 (x, request-scope features, other dtype groups) must be written before this launch (stream
 order); every feature's dim must be the interaction's D.
 
@@ -48,16 +52,16 @@ import triton  # isort: skip  (after _common, which may switch on the interprete
 import triton.language as tl  # isort: skip
 
 GROUP = 16
-"""Rows per counted block: a multiple of every config's BAGS, so a short-bag program's
-bags lie in one block."""
+"""Rows per block of the program order (``tables.launch_plan``'s ``block_rows``): every
+feature's programs for one block's rows, then the next block's, so rows complete one block
+after another. A multiple of every config's BAGS."""
 MAXNREG = 80
 """A register cap the aligned 4-warp configs are also tuned with. Compiled for sm_90 here
 (Triton 3.9, bench/RESULTS.md), the Gram step takes those with UNROLL 2 or 4 or STAGES 3
-or 4 to 88-95 registers, 5 programs an SM; capped at 80 they keep 6 programs an SM with
-2-7 local stores (with UNROLL 1 and STAGES 1 the cap changes nothing: 78, 6 an SM, as the
-plain gather's bags-16 config). The 2-warp configs would spill 54-76 local stores at 80,
-so they are tuned as they are (113 registers: 9 programs an SM against 12-14 plain); the
-card decides."""
+to 91-96 registers, 5 programs an SM; capped at 80 they keep 6 programs an SM with 1-2
+local stores (with UNROLL 1 the cap changes little: 78-80 registers, 6 an SM either way).
+The 2-warp configs are tuned as they are (104-124 registers: 8-9 programs an SM against
+12-14 plain); the card decides."""
 
 
 @triton.jit(do_not_specialize=["B", "x_dest"])
@@ -76,10 +80,10 @@ def _gather_dot_kernel(
     HAS_X: tl.constexpr, IEEE: tl.constexpr, CHUNK: tl.constexpr = 32,
     USE_GDC: tl.constexpr = False, L2_KEEP: tl.constexpr = False,
 ):
-    """The gather of ``embedding_bag._embedding_bag_kernel`` (out = E), then, in the
-    program that completes a block of GROUP rows, the dot interaction of those rows
-    (``interaction._dot_row``: E -> z). counts [cdiv(B, GROUP)] int32, zero at the start
-    and left zero; F: the launch's features (each pools one bag per row)."""
+    """The gather of ``embedding_bag._embedding_bag_kernel`` (out = E), then, for each row
+    whose last bag this program pooled, the row's dot interaction (``interaction._dot_row``:
+    E -> z). counts [B] int32, zero at the start and left zero; F: the launch's features
+    (each pools one bag per row)."""
     if USE_GDC:  # launched early (PDL): nothing is read before the previous kernel is done
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -88,26 +92,29 @@ def _gather_dot_kernel(
                                   request_offsets_ptr, prog_feature_ptr, meta_ptr, out_stride,
                                   BAGS, LANES, BLOCK_D, QUANT, WEIGHTED, ALIGN, PREFETCH,
                                   UNROLL, STAGES, L2_KEEP, FEATURE_SLOTS)
-    tl.debug_barrier()  # every thread's rows are stored before the count says so
-    block = first // GROUP
-    row0 = block * GROUP
-    rows = tl.minimum(B - row0, GROUP)
-    before = tl.atomic_add(counts_ptr + block, pooled.to(tl.int32), sem="acq_rel", scope="gpu")
-    if before + pooled == F * rows:  # this program pooled the block's last bags
-        tl.atomic_xchg(counts_ptr + block, 0)  # for the next launch
+    tl.debug_barrier()  # every thread's rows are stored before the counts say so
+    k = tl.arange(0, BAGS)  # (a long-bag program pooled one row: k = 0)
+    mine = k < pooled
+    rows = first + k
+    before = tl.atomic_add(counts_ptr + rows, tl.full([BAGS], 1, tl.int32), mask=mine,
+                           sem="acq_rel", scope="gpu")
+    done = (mine & (before == F - 1)).to(tl.int32)  # rows whose last bag this program pooled
+    if tl.max(done, axis=0) > 0:
+        tl.atomic_xchg(counts_ptr + rows, tl.zeros([BAGS], tl.int32), mask=done != 0)
         t = tl.arange(0, BLOCK_T)
         d = tl.arange(0, BLOCK_D)
-        dest = tl.load(dest_ptr + t[:, None] * BLOCK_T + t[None, :])
-        for r in range(0, rows):
-            _dot_row(out_ptr, z_ptr, dest, row0 + r, B, T, D, x_dest, out_stride, stride_z,
-                     t, d, HAS_X, IEEE, True, CHUNK)
+        for j in range(0, pooled):
+            if tl.sum(tl.where(k == j, done, 0), axis=0) > 0:
+                dest = tl.load(dest_ptr + t[:, None] * BLOCK_T + t[None, :])
+                _dot_row(out_ptr, z_ptr, dest, first + j, B, T, D, x_dest, out_stride,
+                         stride_z, t, d, HAS_X, IEEE, True, CHUNK)
 
 
 @dataclass(frozen=True)
 class ThenDot:
     """The dot interaction a gather launch finishes with (``embedding_bag(then_dot=)``):
     the arguments of ``interaction.dot_interaction`` (E is the gather's ``out``), plus the
-    launch's block counters."""
+    launch's row counters."""
 
     num_vectors: int
     dim: int
@@ -118,7 +125,7 @@ class ThenDot:
     x_dest: int | None
     """Where vector 0 goes in z (None: not copied)."""
     counts: torch.Tensor
-    """[>= cdiv(B, GROUP)] int32, all zero (``counters``); left zero by each launch."""
+    """[>= B] int32, all zero (``counters``); left zero by each launch."""
 
     def check(self, packed: PackedTables, features: Sequence[BagFeature],
               e: torch.Tensor) -> None:
@@ -139,10 +146,9 @@ class ThenDot:
             raise ValueError(f"a row's Gram tiles ({self.num_vectors} vectors of {self.dim} in "
                              f"{e.dtype}) need {need} bytes of shared memory, over the "
                              f"{SHARED_MEMORY} a GPU program has; use bf16 or fp16")
-        blocks = -(-e.shape[0] // GROUP)
         if self.counts.dtype != torch.int32 or self.counts.device != e.device \
-                or self.counts.dim() != 1 or self.counts.shape[0] < blocks:
-            raise ValueError(f"counts must be int32 [>= {blocks}] on {e.device} (see "
+                or self.counts.dim() != 1 or self.counts.shape[0] < e.shape[0]:
+            raise ValueError(f"counts must be int32 [>= {e.shape[0]}] on {e.device} (see "
                              "gather_dot.counters)")
 
     def key(self) -> tuple:
@@ -151,8 +157,8 @@ class ThenDot:
 
     @staticmethod
     def candidates(gather: list[dict]) -> list[dict]:
-        """The gather's candidate configs that can carry the interaction (their short-bag
-        programs lie in one block), then the 4-warp ones again with at most MAXNREG
+        """The gather's candidate configs that fit the block-major order (a short-bag
+        program's bags lie in one block), then the 4-warp ones again with at most MAXNREG
         registers (not the unaligned fallback: capped, it spills 176 local stores). Not
         the small-tables-last orders: block by block, every feature's programs of a block
         run together whatever their order (and each candidate costs a card run's tuning
@@ -175,5 +181,5 @@ class ThenDot:
 
 
 def counters(num_rows: int, device: torch.device | str) -> torch.Tensor:
-    """Zeroed block counters for one fused launch of ``num_rows`` rows."""
-    return torch.zeros(-(-num_rows // GROUP), dtype=torch.int32, device=device)
+    """Zeroed row counters for one fused launch of ``num_rows`` rows."""
+    return torch.zeros(num_rows, dtype=torch.int32, device=device)

@@ -2,8 +2,8 @@
 (gather, then the dot kernel) and the references.
 
 On CPU the interpreter runs a launch's programs one after another in grid order, so the
-program that completes a block of rows is the last of them to run; a Gram formed before
-every bag of its block is pooled would read the NaN the output was poisoned with.
+program that completes a row is the last of the row's programs to run; a Gram formed
+before every bag of its row is pooled would read the NaN the output was poisoned with.
 """
 
 from __future__ import annotations
@@ -91,10 +91,11 @@ def _launch_both(device: str, dtype: torch.dtype, num_rows: int, seed: int, corr
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("config", [0, 3, 4, 5], ids=["bags16", "lanes8", "bags4", "unroll2"])
 def test_fused_launch_matches_the_two_launches(monkeypatch, device, config):
-    """Every block's Gram is formed once all of its rows are pooled, whatever the config's
+    """Every row's Gram is formed once all of its bags are pooled, whatever the config's
     bags per program and long-bag lanes: E and the bad flags equal the two launches' bit for
     bit, z theirs up to the sums' order (the fused Gram adds 32 columns at a time) and the
-    reference's, and the counters are back at zero (3 blocks, the last ragged)."""
+    reference's, and the counters are back at zero (3 blocks of the program order, the last
+    ragged)."""
     monkeypatch.setattr(eb, "CONFIGS", [eb.CONFIGS[config]])
     for name in ("_tuner", "_dot_tuner"):  # (tuned picks are kept per key, not per config)
         monkeypatch.setattr(eb, name, eb.SafeTuner(name, eb.CONFIGS))
@@ -104,7 +105,7 @@ def test_fused_launch_matches_the_two_launches(monkeypatch, device, config):
     assert not fused[1].isnan().any() and not fused[2].any()
     torch.testing.assert_close(fused[1], plain[1], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(fused[1], want_z, atol=1e-5, rtol=1e-5)
-    assert counts.shape == (3,) and not counts.any()
+    assert counts.shape == (num_rows,) and not counts.any()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -118,7 +119,7 @@ def test_fused_launch_reads_every_table_dtype(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_fused_launch_flags_a_bad_id_and_still_forms_every_block(device):
+def test_fused_launch_flags_a_bad_id_and_still_forms_every_row(device):
     def corrupt(indices, offsets):
         # row 0's bag of feature 2 (max_bag long): its first id one past table 2's rows
         indices[int(offsets[len(offsets) // 3 * 2])] = 7

@@ -173,7 +173,7 @@ def test_cuda_graph_replay_matches_eager_forward(monkeypatch, beside, fused):
     same step eagerly (on one stream), and the reference's scores; also with the bottom
     MLP captured on a side stream beside the gather, and with the dot interaction formed
     inside the gather's launch (``set_fused_dot``: the staging's bag bounds split by
-    scope, the block counters allocated inside the graph)."""
+    scope, the row counters allocated inside the graph)."""
     import functools
 
     from recserve.engine.gpu_slots import GpuModel, capture, copy_in, device_step, new_slot
