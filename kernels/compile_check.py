@@ -167,8 +167,8 @@ def _gather_dot_jobs(quick: bool):
         out = sig["out_ptr"]
         sig = {**sig, "z_ptr": out, "dest_ptr": "*i32", "counts_ptr": "*i32",
                **{n: "i32" for n in ("B", "F", "T", "D", "x_dest", "stride_z")}}
-        const = {**const, "FEATURE_SLOTS": gd.FEATURE_SLOTS, "GROUP": gd.GROUP,
-                 "BLOCK_T": 32, "HAS_X": True, "IEEE": out == "*fp32"}
+        const = {**const, "FEATURE_SLOTS": gd.FEATURE_SLOTS, "BLOCK_T": 32, "HAS_X": True,
+                 "IEEE": out == "*fp32"}
         capped = options["num_warps"] == 4 and const["ALIGN"] > 1  # (as ThenDot.candidates)
         for cap in [None] + ([gd.MAXNREG] if capped else []):
             yield (gd._gather_dot_kernel, sig, const,

@@ -76,7 +76,7 @@ def _gather_dot_kernel(
     BAGS: tl.constexpr, LANES: tl.constexpr, BLOCK_D: tl.constexpr,
     QUANT: tl.constexpr, WEIGHTED: tl.constexpr, ALIGN: tl.constexpr,
     PREFETCH: tl.constexpr, UNROLL: tl.constexpr, STAGES: tl.constexpr,
-    FEATURE_SLOTS: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr,
+    FEATURE_SLOTS: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_X: tl.constexpr, IEEE: tl.constexpr, CHUNK: tl.constexpr = 32,
     USE_GDC: tl.constexpr = False, L2_KEEP: tl.constexpr = False,
 ):
@@ -176,7 +176,7 @@ class ThenDot:
             *gather_args, self.z, self.dest, self.counts,
             e.stride(0), e.shape[0], num_features, self.num_vectors, self.dim,
             self.x_dest if self.x_dest is not None else 0, self.z.stride(0),
-            FEATURE_SLOTS=FEATURE_SLOTS, GROUP=GROUP, BLOCK_T=next_pow2(self.num_vectors, 16),
+            FEATURE_SLOTS=FEATURE_SLOTS, BLOCK_T=next_pow2(self.num_vectors, 16),
             HAS_X=self.x_dest is not None, IEEE=ieee_dot(e.dtype), **params, **cap)
 
 
