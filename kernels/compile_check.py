@@ -161,19 +161,19 @@ def _gather_dot_jobs(quick: bool):
     from . import gather_dot as gd
 
     for _, sig, const, options, div16 in _embedding_jobs(quick):
-        if gd.GROUP % const["BAGS"] or (quick and (sig["table_ptr"] != "*bf16"
-                                                   or const["L2_KEEP"])):
+        # the launcher's own rule: which gather configs it takes, which it also caps
+        config = {"BAGS": const["BAGS"], "ALIGN": const["ALIGN"], **options}
+        variants = gd.ThenDot.candidates([config])
+        if not variants or (quick and (sig["table_ptr"] != "*bf16" or const["L2_KEEP"])):
             continue
         out = sig["out_ptr"]
         sig = {**sig, "z_ptr": out, "dest_ptr": "*i32", "counts_ptr": "*i32",
                **{n: "i32" for n in ("B", "F", "T", "D", "x_dest", "stride_z")}}
         const = {**const, "FEATURE_SLOTS": gd.FEATURE_SLOTS, "BLOCK_T": 32, "HAS_X": True,
                  "IEEE": out == "*fp32"}
-        capped = options["num_warps"] == 4 and const["ALIGN"] > 1  # (as ThenDot.candidates)
-        for cap in [None] + ([gd.MAXNREG] if capped else []):
-            yield (gd._gather_dot_kernel, sig, const,
-                   options if cap is None else {**options, "maxnreg": cap},
-                   div16 + ("D", "stride_z"))
+        for variant in variants:
+            cap = {"maxnreg": variant["maxnreg"]} if "maxnreg" in variant else {}
+            yield gd._gather_dot_kernel, sig, const, {**options, **cap}, div16 + ("D", "stride_z")
 
 
 def _linear_jobs(quick: bool):
