@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from ._common import ieee_dot, next_pow2
-from .interaction import SHARED_MEMORY, _dot_row, check_dot_args, gram_bytes
+from .interaction import _dot_row, check_dot_args, check_row_fits
 from .pooling import _pool_program
 from .tables import FEATURE_SLOTS, BagFeature, PackedTables
 
@@ -140,12 +140,7 @@ class ThenDot:
             if packed.dims[f.table] != self.dim:
                 raise ValueError(f"feature {i} has dim {packed.dims[f.table]}; the dot "
                                  f"interaction's vectors have {self.dim}")
-        block_t, block_d = next_pow2(self.num_vectors, 16), next_pow2(self.dim, 16)
-        need = gram_bytes(1, block_t, block_d, e.element_size())
-        if need > SHARED_MEMORY:
-            raise ValueError(f"a row's Gram tiles ({self.num_vectors} vectors of {self.dim} in "
-                             f"{e.dtype}) need {need} bytes of shared memory, over the "
-                             f"{SHARED_MEMORY} a GPU program has; use bf16 or fp16")
+        check_row_fits(self.num_vectors, self.dim, e.dtype)
         if self.counts.dtype != torch.int32 or self.counts.device != e.device \
                 or self.counts.dim() != 1 or self.counts.shape[0] < e.shape[0]:
             raise ValueError(f"counts must be int32 [>= {e.shape[0]}] on {e.device} (see "

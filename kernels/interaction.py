@@ -200,6 +200,18 @@ def dest_map(num_vectors: int, pairs: list[tuple], width: int,
     return dest.to(device)
 
 
+def check_row_fits(num_vectors: int, dim: int, dtype: torch.dtype) -> None:
+    """Raise ValueError unless one row's Gram tiles fit a program's shared memory (a shape
+    no config can form; the one-row config is always among the candidates)."""
+    block_t, block_d = next_pow2(num_vectors, 16), next_pow2(dim, 16)
+    need = gram_bytes(1, block_t, block_d, torch.empty(0, dtype=dtype).element_size())
+    if need > SHARED_MEMORY:
+        raise ValueError(f"dot interaction of T={num_vectors} vectors of D={dim} in {dtype}: "
+                         f"one row's Gram tiles need {need} bytes of shared memory, over "
+                         f"the {SHARED_MEMORY} a GPU program has; use bf16 or fp16 tables, "
+                         "or fewer or narrower vectors")
+
+
 def check_dot_args(v: torch.Tensor, num_vectors: int, dim: int, dest: torch.Tensor,
                    out: torch.Tensor, x_dest: int | None) -> None:
     """Raise ValueError (showing the shapes) unless ``dot_interaction``'s arguments fit
@@ -243,14 +255,9 @@ def dot_interaction(v: torch.Tensor, num_vectors: int, dim: int, dest: torch.Ten
             IEEE=ieee_dot(v.dtype), BATCHED=cfg["BATCHED"], num_warps=cfg["num_warps"],
             **pdl_launch())
 
+    check_row_fits(num_vectors, dim, v.dtype)
     # (CONFIGS read here, so a test can pick one)
     configs = [c for c in CONFIGS if fits(c, block_t, block_d, v.element_size())]
-    if not configs:
-        raise ValueError(f"dot interaction of T={num_vectors} vectors of D={dim} in {v.dtype}: "
-                         f"one row's Gram tiles need "
-                         f"{gram_bytes(1, block_t, block_d, v.element_size())} bytes of "
-                         f"shared memory, over the {SHARED_MEMORY} a GPU program "
-                         "has; use bf16 or fp16 tables, or fewer or narrower vectors")
     key = (v.dtype, out.dtype, num_vectors, dim, v.shape[0], x_dest is not None)
     _tuner.run(key, launch, configs)
     return out
