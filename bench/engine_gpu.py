@@ -52,6 +52,7 @@ from recserve.engine.gpu_slots import capture, device_step  # noqa: E402
 from recserve.engine.settings import EngineSettings  # noqa: E402
 from recserve.engine.weights import init_weights  # noqa: E402
 from recserve.kernels._common import PDL_ENV  # noqa: E402
+from recserve.server.serve_options import DEVICE_DEFAULTS  # noqa: E402
 
 import triton  # noqa: E402  isort: skip
 
@@ -263,7 +264,8 @@ def main() -> None:
     p.add_argument("--max-rows", type=int, default=4_000_000, help="table row cap")
     p.add_argument("--batch", type=int, default=8192)
     p.add_argument("--batches", type=int, default=48, help="8192-row batches per run")
-    p.add_argument("--slots", type=int, default=4)
+    p.add_argument("--slots", type=int, default=DEVICE_DEFAULTS["cuda"].slots,
+                   help="slots of the default run (default: serve's on cuda, %(default)s)")
     p.add_argument("--sweep", action="store_true",
                    help="also one packing thread, 2 slots, 2 compute streams, and a 0.5 ms "
                    "switch interval")

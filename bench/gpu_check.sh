@@ -36,12 +36,12 @@
 #                     ceiling of 1-6 threads, as they run and with glibc's non-temporal copies
 #                     from 1 MB (GLIBC_TUNABLES)
 #   engine-bench      bench/engine_gpu.py (ENGINE_BENCH_ARGS, default --variants default,
-#                     slots=6+pack_threads=4,via=ring,pack_in=process,default,
-#                     slots=6+pack_threads=4): dlrmv2 at B=8192 against its bare forward, in
-#                     process, then as the workers' rings hand requests over (packed in threads
-#                     and in packing processes); the default and 6 slots on 4 packing threads
-#                     twice each, since one machine's runs vary by up to 0.2. --sweep: the older
-#                     sweep of threads, slots, streams and switch interval.
+#                     slots=4,via=ring,pack_in=process,default,slots=4): dlrmv2 at B=8192
+#                     against its bare forward, in process, then as the workers' rings hand
+#                     requests over (packed in threads and in packing processes); the default
+#                     (6 slots on 4 packing threads) and the old default's 4 slots twice each,
+#                     since one machine's runs vary by up to 0.2. --sweep: the older sweep of
+#                     threads, slots, streams and switch interval.
 #   engine-vs-single  bench/engine.py --device cuda: the engine against one forward a request
 #   load-generator    bench/load.py over loopback, a GPU server against a one-at-a-time one
 #   server-workers    bench/server.py: the server in one process and with 4 front-end workers
@@ -147,11 +147,11 @@ step pack-probe bash -c "$(declare -f pack_probe); PY='$PY' pack_probe >> '$OUT/
 
 # Engine at full load vs its own bare forward (dlrmv2, B=8192), copy/compute overlap, host
 # stages; in process, then as the rings of serve --workers hand requests over, packed in
-# threads and in packing processes (serve --pack-in), and 6 slots on 4 packing threads
-# against the default's 4 on 4, twice (engine_host.py --pack-ms 2.2 predicts 0.93-0.95
-# against 0.77-0.81 on the twelfth session's H200 host).
+# threads and in packing processes (serve --pack-in), and the default's 6 slots on 4 packing
+# threads against 4 on 4, twice (the seventeenth session's H200: 0.92 and 0.91 against 0.91
+# and 0.77 with 8192-row requests).
 step engine-bench bash -c "timeout ${ENGINE_TIMEOUT_S:-200} $PY bench/engine_gpu.py '$OUT' \
-    ${ENGINE_BENCH_ARGS:---variants default,slots=6+pack_threads=4,via=ring,pack_in=process,default,slots=6+pack_threads=4} \
+    ${ENGINE_BENCH_ARGS:---variants default,slots=4,via=ring,pack_in=process,default,slots=4} \
     >> '$OUT/bench.log' 2>&1; rc=\$?; tail -n 10 '$OUT/bench.log'; exit \$rc"
 
 # Engine vs one forward per request, in process, same offered loads (bench/engine.py).

@@ -15,13 +15,15 @@ DEVICES = ("auto", "cpu", "cuda", "null")
 PACK_IN = ("auto", "thread", "process")
 
 # Per-device engine defaults. cuda: the engine's own buckets (a CUDA graph per bucket and
-# slot), 4 slots: a slot is held from its pack to its scores' hand-back (2.5-4.5 ms on H100
-# hosts at 8192 rows), so 2 slots left the card idle between batches (0.57 of the bare
-# forward against 0.79-0.82 with 4, 0.82 with 6, 0.73 with 8; bench/RESULTS.md, eighth
-# session). cpu: measured on a 2-core machine with
+# slot), 6 slots (packed by 4 threads, cores.default_pack_threads): a slot is held from its
+# pack to its scores' hand-back (2.5-4.5 ms on H100 hosts at 8192 rows), so 2 slots left the
+# card idle between batches (0.57 of the bare forward, eighth session). On the seventeenth
+# session's H200, 8192-row requests, paired runs: 6 slots 0.92 and 0.91 of the bare forward,
+# 4 slots 0.91 and 0.77; ranking-sized requests 0.29 and 0.25 against 0.28 and 0.29, bound by
+# packing either way (bench/RESULTS.md). cpu: measured on a 2-core machine with
 # bench/server.py (demo model, ranking traffic over loopback); see DEFAULTS_NOTE.
 DEVICE_DEFAULTS = {
-    "cuda": EngineSettings(slots=4),
+    "cuda": EngineSettings(slots=6),
     "cpu": EngineSettings(max_batch_rows=2048, buckets=(256, 512, 1024, 2048), slots=1),
     "null": EngineSettings(max_batch_rows=2048, buckets=(256, 512, 1024, 2048), slots=1),
 }
