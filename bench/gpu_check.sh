@@ -28,10 +28,12 @@
 #                     simplest reader, DCNv2's V against its plain GEMM and its epilogue apart,
 #                     every kernel against max(arithmetic, bytes) at the run's own rates:
 #                     bench/floors.py); the forwards with the trial candidates serving leaves
-#                     out, and dlrm-dot with its dot interaction fused into the gather; then all of them tuned by their time in a graph, in a warm process
+#                     out; then all of them tuned by their time in a graph, in a warm process
 #                     (where the tenth session's graph-tuned int8 gather once went wrong: a
 #                     failed check prints its diagnosis). Other sections: row_size (a lookup's
-#                     cost by row, byte or line), configs (every gather config checked).
+#                     cost by row, byte or line), configs (every gather config checked),
+#                     fused_dot (dlrm-dot with its dot interaction formed in the gather's
+#                     launch: 395 us against 319 at B=8192 on the seventeenth session's H200).
 #   pack-probe        bench/engine_gpu.py --pack-only: one thread's packs and the packing
 #                     ceiling of 1-6 threads, as they run and with glibc's non-temporal copies
 #                     from 1 MB (GLIBC_TUNABLES)

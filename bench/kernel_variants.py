@@ -14,8 +14,9 @@ multi-hot), most important first, each measurement guarded so one failure loses 
 2. int8 row-wise tables vs bf16 (default variant): time, lookup-rate ratio, and a check;
 3. ``dlrmv2`` and ``dlrm-dot`` forward replayed in a CUDA graph (defaults), scores checked
    against the PyTorch eager peer, with the device time per kernel from the profiler;
-   ``dlrm-dot`` again with the dot interaction formed inside the gather's launch
-   (``TritonModel.set_fused_dot``, ``kernels.gather_dot``); then
+   with ``--sections forward,fused_dot``, ``dlrm-dot`` again with the dot interaction
+   formed inside the gather's launch (``TritonModel.set_fused_dot``, ``kernels.gather_dot``;
+   it lost on the H200 of the seventeenth session: 395 us against 319 at B=8192); then
    both again with programmatic dependent launch (``RECSERVE_PDL=1``: each kernel launches
    while the one before finishes; aimed at B=512, about 15 short kernels), ``dlrmv2`` with
    its bottom MLP on a side stream beside the gather
@@ -75,7 +76,8 @@ from recserve.kernels.tables import PackedTables, quantized_row_bytes  # noqa: E
 VARIANTS = {"first_run": (False, False), "aligned_prefetch": (True, True),
             "aligned": (True, False)}
 DEFAULT = "aligned_prefetch"
-SECTIONS = ("gather", "int8", "forward", "row_size", "graph_tuned", "configs", "floors")
+SECTIONS = ("gather", "int8", "forward", "row_size", "graph_tuned", "configs", "floors",
+            "fused_dot")
 FAILURES: list[str] = []
 
 
@@ -423,7 +425,9 @@ def main() -> int:
                     "forwards, at the first of --sizes: the gather against the same rows "
                     "read by the simplest reader, DCNv2's V layer against its plain GEMM, "
                     "its epilogue apart and this run's arithmetic and byte floors; "
-                    "bench/floors.py)")
+                    "bench/floors.py), fused_dot (with forward: dlrm-dot again with its dot "
+                    "interaction formed inside the gather's launch, RECSERVE_FUSED_DOT; it "
+                    "lost on the H200: 395 us against 319 at B=8192)")
     ap.add_argument("--row-size-rows", type=int, default=1_000_000,
                     help="rows per table in the row_size section (dim 256 bf16: 26 tables "
                     "of 512-byte rows, 13 GB at 1M)")
@@ -471,7 +475,7 @@ def main() -> int:
         dot_model.set_fused_dot(False)  # (plain first, whatever RECSERVE_FUSED_DOT says)
     for b in args.sizes if dot_model is not None else []:
         bench_forward(rec, base, "dlrm-dot", dot, dot_w, dot_model, b, (DEFAULT,))
-    if dot_model is not None and dot_model.set_fused_dot(True):  # (the gather forms Z)
+    if "fused_dot" in sections and dot_model is not None and dot_model.set_fused_dot(True):
         for b in args.sizes:
             bench_forward(rec, base, "dlrm-dot fused gather+dot", dot, dot_w, dot_model, b,
                           (DEFAULT,))

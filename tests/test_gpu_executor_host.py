@@ -156,7 +156,7 @@ def test_engine_gpu_variants_compose_from_their_names():
     # every run gpu_check.sh asks for by default is one engine_gpu.py knows
     script = (Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh").read_text()
     defaults = re.search(r"ENGINE_BENCH_ARGS:---variants ([^}]+)}", script).group(1)
-    assert {"default", "slots=6+pack_threads=4"} <= set(defaults.split(","))
+    assert {"default", "slots=4"} <= set(defaults.split(","))  # (the old default against it)
     for name in defaults.split(","):
         variant(name, base)
 
