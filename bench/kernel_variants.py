@@ -274,8 +274,10 @@ def bench_floors(rec, base: dict, model: TritonModel, spec, sizes: list[int],
         ours = gather_us.get(DEFAULT)
         rec.add(section="rows_floor", B=b, rows=len(rows), gather_us=ours, **got,
                 gather_over_floor=round(ours / got["us"], 3) if ours and got["us"] else None)
-        rec.guarded(f"cross parts B={b}", lambda b=b: rec.add(
-            section="cross_parts", **floors.cross_parts(model, b, base, time_us)))
+        before = set(li._tuner.best)  # (so the record names the kind of V's winner too)
+        rec.guarded(f"cross parts B={b}", lambda b=b, before=before: rec.add(
+            section="cross_parts", **floors.cross_parts(model, b, base, time_us),
+            linear_configs=new_configs(li._tuner, before)))
 
 
 def restore_env(name: str, value: str | None) -> None:

@@ -45,6 +45,7 @@ def summary(records: list[dict]) -> str:
                              f"{r['l2_operand_MB']} MB of operands through L2, "
                              f"{r['l2_operand_floor_us']} us at the L2 copy rate "
                              f"({r['l2_copy_GBps']} GB/s)")
+            lines += [f"    {pick}" for pick in tuner_picks(r)]  # (U, V plain, V cross)
             continue
         elif sec == "int8_speedup":
             tuned = "" if r.get("tuned_by", "eager") == "eager" else f", {r['tuned_by']}-tuned"

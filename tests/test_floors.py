@@ -181,3 +181,8 @@ def test_kernel_variants_names_each_candidate_kind_in_its_picks():
     assert kv.tuner_picks(fused) == [
         "g: bags 8 lanes 8 unroll 2 w4 registers <= 80 0.2000 ms; next of another kind "
         "bags 8 lanes 8 unroll 2 w2 0.2100 ms"]
+    # the floors' V record shows its picks too (which kind served the tile it measured)
+    parts = {"section": "cross_parts", "B": 8192, **{f"{k}_us": 1.0 for k in (
+        "cross", "plain", "epilogue_apart", "u", "arithmetic_floor", "epilogue_bytes_floor",
+        "one_after_the_other", "overlapped")}, **cross}
+    assert kv.summary([parts]).splitlines()[-2:] == [f"    {p}" for p in kv.tuner_picks(cross)]
