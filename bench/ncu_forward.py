@@ -36,20 +36,24 @@ from recserve.engine.weights import init_weights  # noqa: E402
 from recserve.kernels.model import TritonModel  # noqa: E402
 
 # ncu metric names (exact, all architectures) and section labels (as the sections print
-# them), in the summary's column order: (column, names it may appear under, scale)
+# them), in the summary's column order: (column, names it may appear under, scale). A name
+# with a unit in brackets matches only rows of that unit: the sections print "Memory
+# Throughput" twice, as % of peak (Speed Of Light) and as byte/s (Memory Workload Analysis).
 COLUMNS = (
     ("us", ("gpu__time_duration.sum", "Duration"), 1e-3),  # base unit: nanoseconds
     ("dram_read_MB", ("dram__bytes_read.sum",), 1e-6),
     ("dram_write_MB", ("dram__bytes_write.sum",), 1e-6),
     ("l2_MB", ("lts__t_bytes.sum",), 1e-6),
-    ("l2_hit_pct", ("L2 Hit Rate", "lts__t_sector_hit_rate.pct"), 1.0),
-    ("sm_pct", ("Compute (SM) Throughput",
+    ("l2_hit_pct", ("L2 Hit Rate [%]", "lts__t_sector_hit_rate.pct"), 1.0),
+    ("sm_pct", ("Compute (SM) Throughput [%]",
                 "sm__throughput.avg.pct_of_peak_sustained_elapsed"), 1.0),
-    ("mem_pct", ("Memory Throughput",
+    ("mem_pct", ("Memory Throughput [%]",
                  "gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed"), 1.0),
-    ("occupancy_pct", ("Achieved Occupancy",
+    ("occupancy_pct", ("Achieved Occupancy [%]",
                        "sm__warps_active.avg.pct_of_peak_sustained_active"), 1.0),
     ("registers", ("Registers Per Thread", "launch__registers_per_thread"), 1.0),
+    # register spills: a kernel whose tile spilled (255 registers) pays local memory traffic
+    ("spill_requests", ("Local Memory Spilling Requests",), 1.0),
 )
 
 
@@ -61,9 +65,18 @@ def _number(text: str) -> float | None:
         return None
 
 
+def _dims(text: str | None) -> str:
+    """'(32, 27, 1)' as '32x27' (trailing 1s dropped; which tile a GEMM ran, from its grid)."""
+    parts = [p.strip() for p in (text or "").strip("()").split(",") if p.strip()]
+    while len(parts) > 1 and parts[-1] == "1":
+        parts.pop()
+    return "x".join(parts) or "-"
+
+
 def read_ncu_csv(path: Path) -> list[dict]:
     """ncu's CSV (the rows after its header; ncu's own messages before it are skipped) as
-    one dict per profiled kernel, in launch order: id, kernel, and every metric by name."""
+    one dict per profiled kernel, in launch order: id, kernel, and every metric by name and
+    by "name [unit]"."""
     lines = path.read_text(errors="replace").splitlines()
     start = next((i for i, line in enumerate(lines)
                   if "Kernel Name" in line and "Metric Name" in line), None)
@@ -76,8 +89,12 @@ def read_ncu_csv(path: Path) -> list[dict]:
         if key is None or row.get("Metric Name") is None:
             continue  # (a message line after the table)
         kernel = kernels.setdefault(key, {"id": int(key), "kernel": row["Kernel Name"],
+                                          "grid": _dims(row.get("Grid Size")),
+                                          "block": _dims(row.get("Block Size")),
                                           "metrics": {}})
-        kernel["metrics"][row["Metric Name"]] = _number(row.get("Metric Value", ""))
+        value = _number(row.get("Metric Value", ""))
+        kernel["metrics"][row["Metric Name"]] = value
+        kernel["metrics"][f"{row['Metric Name']} [{row.get('Metric Unit', '')}]"] = value
     return sorted(kernels.values(), key=lambda k: k["id"])
 
 
@@ -85,7 +102,8 @@ def summarize(kernels: list[dict]) -> list[dict]:
     """Per kernel the ``COLUMNS`` found (None where ncu gave none) and DRAM GB/s."""
     out = []
     for k in kernels:
-        row = {"id": k["id"], "kernel": k["kernel"]}
+        row = {"id": k["id"], "kernel": k["kernel"], "grid": k.get("grid", "-"),
+               "block": k.get("block", "-")}
         for column, names, scale in COLUMNS:
             value = next((k["metrics"][n] for n in names if k["metrics"].get(n) is not None),
                          None)
@@ -100,11 +118,12 @@ def summarize(kernels: list[dict]) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     cols = ["us", "dram_read_MB", "dram_write_MB", "dram_GBps", "l2_MB", "l2_hit_pct",
-            "sm_pct", "mem_pct", "occupancy_pct", "registers"]
-    lines = [f"{'kernel':32} " + " ".join(f"{c:>13}" for c in cols)]
+            "sm_pct", "mem_pct", "occupancy_pct", "registers", "spill_requests"]
+    lines = [f"{'kernel':32} {'grid':>9} {'block':>5} " + " ".join(f"{c:>13}" for c in cols)]
     for r in rows:
         cells = " ".join(f"{r[c]:13.1f}" if r[c] is not None else f"{'-':>13}" for c in cols)
-        lines.append(f"{r['kernel'][:32]:32} {cells}")
+        lines.append(f"{r['kernel'][:32]:32} {r.get('grid', '-'):>9} {r.get('block', '-'):>5} "
+                     f"{cells}")
     total = sum(r["us"] or 0.0 for r in rows)
     lines.append(f"{len(rows)} kernels, {total:.1f} us in all (each timed alone by ncu: "
                  "no overlap, caches flushed between kernels unless --cache-control none)")

@@ -33,6 +33,13 @@ def test_the_summary_reads_ncus_csv_per_kernel_in_launch_order(tmp_path):
              _row(1, "_linear_kernel", "GPU Speed Of Light Throughput", "Compute (SM) Throughput",
                   "%", "61.5"),
              _row(1, "_linear_kernel", "Occupancy", "Achieved Occupancy", "%", "12.4"),
+             # the same name twice, in two units (as ncu prints it): the % one is the column
+             _row(1, "_linear_kernel", "GPU Speed Of Light Throughput", "Memory Throughput",
+                  "%", "40.26"),
+             _row(1, "_linear_kernel", "Memory Workload Analysis", "Memory Throughput",
+                  "byte/s", "1,230,266,845,158.40"),
+             _row(1, "_linear_kernel", "Memory Workload Analysis",
+                  "Local Memory Spilling Requests", "", "1,230,336"),
              _row(0, "_embedding_bag_kernel", metrics, "gpu__time_duration.sum", "nsecond",
                   "155,000"),
              _row(0, "_embedding_bag_kernel", "Memory Workload Analysis", "L2 Hit Rate", "%",
@@ -49,8 +56,10 @@ def test_the_summary_reads_ncus_csv_per_kernel_in_launch_order(tmp_path):
     assert v["dram_read_MB"] == pytest.approx(114.0) and v["dram_write_MB"] == pytest.approx(57.0)
     assert v["dram_GBps"] == pytest.approx(171.0 / 95.0 * 1e3)  # 1800 GB/s
     assert v["sm_pct"] == pytest.approx(61.5) and v["occupancy_pct"] == pytest.approx(12.4)
+    assert v["mem_pct"] == pytest.approx(40.26) and v["spill_requests"] == 1_230_336
     text = table([gather, v])
     assert "_linear_kernel" in text and "2 kernels, 250.0 us in all" in text
+    assert v["grid"] == "1024" and v["block"] == "128"  # (the tile a GEMM ran, by its grid)
 
 
 def test_a_file_without_ncus_table_says_what_is_missing(tmp_path):
