@@ -34,6 +34,12 @@ Bits: E and the bad flags are the plain gather's (the same pooling code). The Gr
 dot kernel's one-row code (``interaction._dot_row``) formed 32 columns at a time (fewer
 registers, so more gather programs an SM), so Z may differ from the dot kernel's in the
 last bits; the fused path is deterministic run to run.
+
+Measured (H200, seventeenth session, bench/RESULTS.md): it loses. The dlrm-dot forward took
+395 us against 319 at B=8192: this launch took 267 us where the plain gather took 158 and
+the dot kernel 35. A program forms its rows' Grams one row after another, each four L2
+round trips, while holding its SM slot; the dot kernel forms many rows' Grams in one
+tensor-core product. So it is off by default (``TritonModel.set_fused_dot``).
 """
 
 from __future__ import annotations
