@@ -1,6 +1,6 @@
 """The GPU engine's host side on any machine: the real executor with the device simulated.
 
-    python bench/engine_host.py [--compute-ms 0.72] [--slots 4] [--pack-threads N] [--sweep]
+    python bench/engine_host.py [--compute-ms 0.72] [--slots 6] [--pack-threads N] [--sweep]
                                 [--pack-processes] [--issue-calls free|torch|driver]
                                 [--driver-call-us US]
                                 [--no-graph-outputs] [--traffic KIND ...] [--json FILE]
@@ -58,6 +58,7 @@ from recserve.engine.staging import host_buffers, staging_layout  # noqa: E402
 from recserve.engine.tensor_buffers import allocate, as_tensors  # noqa: E402
 from recserve.kernels.layout import build_layout  # noqa: E402
 from recserve.kernels.model import feature_groups  # noqa: E402
+from recserve.server.serve_options import DEVICE_DEFAULTS  # noqa: E402
 
 TRAFFIC = ("full_batches", "ranking_requests", "ranking_per_feature", "ranking_via_hub",
            "ranking_via_hub_ring", "full_via_hub_ring")
@@ -350,7 +351,8 @@ def main() -> None:
                    "forward at B=8192)")
     p.add_argument("--batch", type=int, default=8192, help="rows per batch (one bucket)")
     p.add_argument("--batches", type=int, default=96, help="batches per run")
-    p.add_argument("--slots", type=int, default=4)
+    p.add_argument("--slots", type=int, default=DEVICE_DEFAULTS["cuda"].slots,
+                   help="default: serve's on cuda, %(default)s")
     p.add_argument("--pack-threads", type=int,
                    help="default: one per slot, at most 4, leaving two cores (see "
                    "default_pack_threads)")
