@@ -37,6 +37,7 @@ re-runs the batch's pieces one by one without graphs.
 from __future__ import annotations
 
 import functools
+import logging
 import queue
 import threading
 import time
@@ -67,6 +68,7 @@ from .settings import EngineSettings
 from .spec import ModelSpec
 from .staging import PackedSizes, pack, staging_layout
 
+log = logging.getLogger("recserve.engine")
 _STAGES = ("h2d", "compute", "d2h")
 
 
@@ -155,6 +157,9 @@ class GpuExecutor(Executor):
         self.bytes_in = 0
         self._lock = threading.Lock()
         self._launch_lock = threading.Lock()  # stream work is issued one batch at a time
+        # one model build at a time: its kernels tune without another build's launches on
+        # the card, and the device memory it reserves is its own (``build_model``)
+        self._build_lock = threading.Lock()
         self._free: list[int] = []
         self._launch_q: queue.SimpleQueue = queue.SimpleQueue()
         self._done_q: queue.SimpleQueue = queue.SimpleQueue()
@@ -201,11 +206,32 @@ class GpuExecutor(Executor):
         slot.events["d2h_end"].synchronize()
 
     def build_model(self, spec: ModelSpec, weights: dict[str, torch.Tensor]) -> GpuModel:
-        """Upload weights, allocate every slot's buffers, warm up and capture the graphs."""
+        """Upload weights, allocate every slot's buffers, warm up and capture the graphs;
+        log (and keep in ``device_bytes``) the device memory the weights and the slots took."""
+        with self._build_lock:
+            torch.cuda.set_device(self.device)  # runs on a loader thread
+            torch.cuda.empty_cache()  # (cached blocks nobody holds: not this model's)
+            start = torch.cuda.memory_reserved(self.device)
+            model, with_weights = self._build(spec, weights)
+            torch.cuda.empty_cache()  # (tuning's scratch: only what the model holds stays)
+            model.device_bytes = {"weights": with_weights - start,
+                                  "slots": torch.cuda.memory_reserved(self.device)
+                                  - with_weights}
+        mib, slots = model.device_bytes, len(model.slots)
+        log.info("%s on %s: %.0f MiB of device memory for weights, %.0f MiB for %d slots "
+                 "(%.0f MiB a slot: staging, activations and a CUDA graph per bucket; "
+                 "--slots sets how many)", spec.name, self.device, mib["weights"] / 2**20,
+                 mib["slots"] / 2**20, slots, mib["slots"] / 2**20 / slots)
+        return model
+
+    def _build(self, spec: ModelSpec, weights: dict[str, torch.Tensor]
+               ) -> tuple[GpuModel, int]:
+        """The model (see ``build_model``) and the device memory reserved once its weights
+        were uploaded."""
         from recserve.kernels.model import TritonModel
 
-        torch.cuda.set_device(self.device)  # runs on a loader thread
         triton_model = TritonModel(spec, weights, self.device)
+        weights_reserved = torch.cuda.memory_reserved(self.device)
         layout = staging_layout(spec, [names for _, _, names in triton_model.groups],
                                 self.settings.max_batch_rows, triton_model.layout.x_request)
         slots = [new_slot(triton_model, layout, self.device, _STAGES, self.pack_processes,
@@ -228,7 +254,7 @@ class GpuExecutor(Executor):
                     device_step(model, slot, bucket)
                 progress.step(f"slot {index + 1}, bucket {bucket}")
         torch.cuda.synchronize(self.device)
-        return model
+        return model, weights_reserved
 
     def free_slots(self) -> int:
         """Slots not holding a job."""

@@ -57,6 +57,8 @@ class GpuModel:
     slots: list[SlotState]
     packed: PackedModel | None = None
     """What packing processes need of it; None when its slots' staging is not shared."""
+    device_bytes: dict[str, int] = field(default_factory=dict)
+    """Device memory it took: "weights", and "slots" (every slot's buffers and graphs)."""
 
     def __post_init__(self) -> None:
         if self.packed is None and self.slots and all(s.shared for s in self.slots):

@@ -67,10 +67,13 @@ def test_engine_on_gpu_matches_reference_and_isolates_bad_ids(options):
     async def run():
         async with engine:
             await engine.load("demo", 1, spec, weights)
-            return await asyncio.gather(*(engine.score("demo", r) for r in requests),
-                                        return_exceptions=True)
+            footprint = engine.handle("demo", 1).device_bytes
+            return footprint, await asyncio.gather(*(engine.score("demo", r) for r in requests),
+                                                   return_exceptions=True)
 
-    results = asyncio.run(run())
+    footprint, results = asyncio.run(run())
+    # the slots' graphs live in private pools: new device memory, counted (and logged)
+    assert footprint.keys() == {"weights", "slots"} and footprint["slots"] > 0
     # keep_gil (the default) must not have fallen back to torch's calls (libcuda is on
     # every GPU host)
     assert executors[0].stats()["issue_calls"] == ("driver" if options.get("keep_gil", True)
