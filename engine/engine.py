@@ -220,10 +220,16 @@ class Engine:
         and the executor's own ``stats()`` (GPU busy time, bytes copied) when it has one.
         Cheap: no device call. Call it on the event loop."""
         executor_stats = getattr(self._executor, "stats", None)
+        # device memory of each model the executor measured (the GPU's: weights, slots)
+        footprints = {f"{name}/{version}": dict(footprint)
+                      for name, version in self._models.models()
+                      if (footprint := getattr(self._models[(name, version)], "device_bytes",
+                                               None))}
         return {"counters": dict(self.counters), "queued_rows": self.queued_rows,
                 "pending_requests": self.pending_requests,
                 "max_batch_rows": self.settings.max_batch_rows, **self.metrics.to_dict(),
-                "executor": executor_stats() if executor_stats is not None else {}}
+                "executor": executor_stats() if executor_stats is not None else {},
+                "model_device_bytes": footprints}
 
     def _pump(self) -> None:
         """Fill every free slot with a batch; re-arm the deadline/fill timer."""

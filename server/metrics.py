@@ -175,6 +175,15 @@ def engine_metrics(engine: dict) -> Iterator[Metric]:
                               value=float(executor.get("pack_ms", 0.0)) / 1e3)
     yield GaugeMetricFamily("recserve_pack_threads", "Host threads packing batches for the GPU",
                             value=float(executor.get("pack_threads", 0)))
+    memory = GaugeMetricFamily("recserve_model_device_bytes", "Device memory a loaded model "
+                               "took when it was built: its weights, and its slots (staging, "
+                               "activations and a CUDA graph per bucket; --slots)",
+                               labels=["model", "version", "part"])
+    for key, parts in sorted(engine.get("model_device_bytes", {}).items()):
+        name, _, version = key.rpartition("/")
+        for part, value in sorted(parts.items()):
+            memory.add_metric([name, version, part], float(value))
+    yield memory
     if "packed_in_processes" in executor:  # (serve --pack-in process)
         yield CounterMetricFamily("recserve_batches_packed_in_processes", "Batches packed by "
                                   "packing processes (the rest: in the packing threads)",

@@ -249,3 +249,37 @@ def test_batches_packed_in_processes_are_counted_only_with_packing_processes():
     assert families["recserve_packing_process_restarts"].samples[0].value == 1
     del executor["packed_in_processes"], executor["packing_process_restarts"]
     assert "packing_process" not in render(lambda: stats).decode()
+
+
+def test_a_models_device_memory_goes_from_the_engine_stats_to_a_gauge():
+    from recserve.server.metrics import render
+
+    model = loaded(small_spec())
+
+    class MeasuringExecutor(CpuExecutor):  # as the GPU executor measures what a build took
+        def build_model(self, spec, weights):
+            return types.SimpleNamespace(built=super().build_model(spec, weights), spec=spec,
+                                         device_bytes={"weights": 3 << 20, "slots": 40 << 20})
+
+    async def run():
+        async with Engine(SETTINGS, lambda s: MeasuringExecutor(s, torch_threads=1)) as engine:
+            await engine.load("small", 2, model.spec, model.weights)
+            return engine.stats()
+
+    engine_stats = asyncio.run(run())
+    assert engine_stats["model_device_bytes"] == {"small/2": {"weights": 3 << 20,
+                                                               "slots": 40 << 20}}
+    stats = {"server": {}, "engine": engine_stats, "gpu": {"available": False, "gpus": []}}
+    families = {f.name: f for f in parser.text_string_to_metric_families(
+        render(lambda: stats).decode())}
+    samples = {(s.labels["model"], s.labels["version"], s.labels["part"]): s.value
+               for s in families["recserve_model_device_bytes"].samples}
+    assert samples == {("small", "2", "weights"): 3 << 20, ("small", "2", "slots"): 40 << 20}
+    # a CPU model measures nothing: no samples
+    assert asyncio.run(_cpu_engine_stats(model))["model_device_bytes"] == {}
+
+
+async def _cpu_engine_stats(model) -> dict:
+    async with make_engine() as engine:
+        await engine.load("small", 1, model.spec, model.weights)
+        return engine.stats()
