@@ -231,6 +231,7 @@ class GpuExecutor(Executor):
         from recserve.kernels.model import TritonModel
 
         triton_model = TritonModel(spec, weights, self.device)
+        torch.cuda.empty_cache()  # (the upload's temporaries: only the weights stay)
         weights_reserved = torch.cuda.memory_reserved(self.device)
         layout = staging_layout(spec, [names for _, _, names in triton_model.groups],
                                 self.settings.max_batch_rows, triton_model.layout.x_request)
