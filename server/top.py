@@ -95,6 +95,8 @@ def summarize(now: dict, before: dict | None) -> dict:
         "in_processes": (in_processes / batches if "packed_in_processes" in executor
                          and batches else nan),
         "packing_restarts": executor.get("packing_process_restarts", 0),
+        # device memory each GPU model took at load ("name/version" -> weights, slots)
+        "model_memory": engine.get("model_device_bytes", {}),
     }
 
 
@@ -153,6 +155,11 @@ def render(now: dict, before: dict | None, title: str = "recserve"):
         table.add_row("packing processes", _num(s["in_processes"] * 100, ".0f", "%")
                       + " of batches (below 100%: requests outside the rings, or processes "
                         f"that failed; restarts since start: {s['packing_restarts']})")
+    if s["model_memory"]:
+        table.add_row("model memory", "; ".join(
+            f"{key}: weights {parts.get('weights', 0) / 2**20:.0f} MiB, slots "
+            f"{parts.get('slots', 0) / 2**20:.0f} MiB"
+            for key, parts in sorted(s["model_memory"].items())))
     if s["workers"]:
         table.add_row("front end", f"{s['workers']} worker processes, "
                       f"{_num(s['via_socket'] * 100, '.0f', '%')} of requests through the "

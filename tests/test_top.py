@@ -93,6 +93,19 @@ def test_the_packing_processes_line_gives_their_share_of_batches():
     console.print(top.render(now, before))
     text = console.export_text()
     assert "80% of batches" in text and "restarts since start: 1" in text
+    assert "model memory" not in text  # (no GPU model measured: no line)
+
+
+def test_the_model_memory_line_gives_each_gpu_models_weights_and_slots():
+    from rich.console import Console
+
+    now = snapshot(102.0, 50, 0, 10_000, 14, [], 0.0)
+    now["engine"]["model_device_bytes"] = {"ctr/2": {"weights": 3 << 30, "slots": 900 << 20},
+                                           "demo/1": {"weights": 1 << 20, "slots": 60 << 20}}
+    console = Console(width=200, record=True)
+    console.print(top.render(now, None))
+    assert ("ctr/2: weights 3072 MiB, slots 900 MiB; demo/1: weights 1 MiB, slots 60 MiB"
+            in console.export_text())
 
 
 def _top_once_against_a_live_server(monkeypatch, capsys, *flags: str) -> str:
