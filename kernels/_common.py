@@ -48,11 +48,11 @@ TRIAL_ENV = "RECSERVE_TRIAL_CONFIGS"
 
 def trial_configs() -> bool:
     """Whether the tuners also try the trial candidates: configs built for a measured gap
-    that lost on the H200 when it tuned them (bench/RESULTS.md, twelfth session), kept
-    for other cards and Triton versions to try, or not yet run on a card at all
-    (``RECSERVE_TRIAL_CONFIGS=1``, which ``bench/kernel_variants.py --trial-configs``
-    sets), but not tuned at every server start, where each would add its compiles and
-    timings."""
+    that lost on the H200 when it tuned them, or whose result there was not recorded
+    (bench/RESULTS.md, twelfth and seventeenth sessions), kept for other cards and Triton
+    versions to try (``RECSERVE_TRIAL_CONFIGS=1``, which ``bench/kernel_variants.py
+    --trial-configs`` sets), but not tuned at every server start, where each would add its
+    compiles and timings."""
     return os.environ.get(TRIAL_ENV, "0") == "1"
 
 

@@ -56,19 +56,21 @@ PERSISTENT_CROSS_CONFIGS = [
      "FLATTEN": False},
     {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3, "PER_SM": 2,
      "FLATTEN": False},
-    # Staggered (fourteenth session, not yet on a card): the grid's second half starts when
-    # the first half is done with its first K loop, so half the programs on the card run
-    # epilogues while the rest run K loops. V took 95-109 us on the H200 against about 44
-    # of bytes and 39 of arithmetic, about their sum, as if every program's K loop and
-    # epilogue ran one after the other in step with all the others (bench/floors.py's
-    # cross_parts measures that); the tiled and persistent configs all start in step.
+    # Staggered (fourteenth session; on the seventeenth's H200 they gave the tiled kernel's bits and
+    # every waiter waited, but which config won V was not recorded): the grid's second half starts
+    # when the first half is done with its first K loop, so half the programs on the card run
+    # epilogues while the rest run K loops. V took 95-109 us on the H200 against about 44 of bytes
+    # and 39 of arithmetic, about their sum, as if every program's K loop and epilogue ran one after
+    # the other in step with all the others (bench/floors.py's cross_parts measures that); the tiled
+    # and persistent configs all start in step.
     {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4, "PER_SM": 2,
      "FLATTEN": False, "STAGGER": True},
     {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4, "PER_SM": 2,
      "STAGGER": True},
 ]
 # Cross layers at large M with the epilogue walked in column slices (``SUBTILE``, fifteenth
-# session, not yet on a card). Each program of V reads its A rows and W columns through L2:
+# session; on the seventeenth's H200 they gave the whole tile's bits, their tuning not yet
+# recorded). Each program of V reads its A rows and W columns through L2:
 # 64x128 tiles move about 680 MB of operands for dlrmv2 at B=8192, 128x128 about 450 and
 # 128x256 about 340 (bench/floors.py, l2_operand_bytes), where V's own bytes are 170 MB.
 # The larger tiles lost on the H200, and sm_90's compile says why: with the whole tile's
