@@ -176,7 +176,7 @@ def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices:
     [0, nnz]) is the caller's: see ``check_csr`` and ``check_bounds``.
 
     ``then_dot``: the same launch also forms the dot interaction of ``out`` (E) into
-    ``then_dot.z``, each block of rows as soon as its last bag is pooled (``gather_dot``:
+    ``then_dot.z``, each row as soon as its last bag is pooled (``gather_dot``:
     candidate-scope features only, the rest of E written before).
     """
     features = tuple(features)

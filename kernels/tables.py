@@ -192,9 +192,10 @@ def launch_plan(packed: PackedTables, features: tuple[BagFeature, ...], num_rows
 
     ``block_rows`` > 0 (candidate-scope features only): programs block by block of that
     many rows, every feature's programs for rows 0.. first, then the next block's, so
-    blocks are complete one after another (the fused gather + dot forms each block's
-    interaction then). Each map entry is then feature + FEATURE_SLOTS * (its bag, or its
-    first bag / bags_per_prog), since a feature's programs no longer lie side by side."""
+    rows complete throughout the launch (the fused gather + dot forms each row's
+    interaction as its last bag is pooled). Each map entry is then feature +
+    FEATURE_SLOTS * (its bag, or its first bag / bags_per_prog), since a feature's programs
+    no longer lie side by side."""
     key = (tuple(packed.elem_base), tuple(packed.rows), tuple(packed.row_stride), features,
            num_rows, num_requests, bags_per_prog, lanes, kept, small_last, block_rows,
            str(packed.device))
