@@ -62,15 +62,16 @@ def summary(records: list[dict]) -> str:
 # The candidate kinds whose wins a short card call should see at a glance.
 _KINDS = {"PER_SM": "persistent", "SPLIT_K": "split-K", "EPILOGUE_FIRST": "epilogue first",
           "L2_KEEP": "L2 keep", "BATCHED": "batched", "SMALL_LAST": "small tables last",
-          "STAGGER": "staggered", "SUBTILE": "sliced epilogue", "maxnreg": "registers <="}
+          "STAGGER": "staggered", "SUBTILE": "sliced epilogue", "maxnreg": "registers <=",
+          "GRAM_ROWS": "Grams of rows together:"}
 
 
-_COUNTED = ("SPLIT_K", "PER_SM", "SUBTILE", "maxnreg")
+_COUNTED = ("SPLIT_K", "PER_SM", "SUBTILE", "maxnreg", "GRAM_ROWS")
 """Kinds labelled with their count (K slices, programs an SM, epilogue slices, the
-register cap)."""
-_ONE_IS_PLAIN = ("SPLIT_K", "SUBTILE")
-"""Kinds whose count 1 is the plain kernel (one K slice, the whole epilogue at once; one
-persistent program an SM is still persistent)."""
+register cap, rows a Gram product)."""
+_ONE_IS_PLAIN = ("SPLIT_K", "SUBTILE", "GRAM_ROWS")
+"""Kinds whose count 1 is the plain kernel (one K slice, the whole epilogue at once, one
+row's Gram a product; one persistent program an SM is still persistent)."""
 
 
 def _is(config: dict, key: str) -> bool:

@@ -157,7 +157,8 @@ def _embedding_jobs(quick: bool):
 def _gather_dot_jobs(quick: bool):
     """The fused gather + dot (``gather_dot``): each gather job whose config it takes (with
     ``quick``, bf16 tables without the L2 hint only), with dlrm-dot's interaction (27
-    vectors, BLOCK_T 32), and the aligned 4-warp ones also with their register cap."""
+    vectors, BLOCK_T 32), the aligned 4-warp ones also with their register cap, and the
+    aligned ones forming GRAM_ROWS rows' Grams together."""
     from . import gather_dot as gd
 
     for _, sig, const, options, div16 in _embedding_jobs(quick):
@@ -173,7 +174,8 @@ def _gather_dot_jobs(quick: bool):
                  "IEEE": out == "*fp32"}
         for variant in variants:
             cap = {"maxnreg": variant["maxnreg"]} if "maxnreg" in variant else {}
-            yield gd._gather_dot_kernel, sig, const, {**options, **cap}, div16 + ("D", "stride_z")
+            yield (gd._gather_dot_kernel, sig, {**const, "GRAM_ROWS": variant.get("GRAM_ROWS", 1)},
+                   {**options, **cap}, div16 + ("D", "stride_z"))
 
 
 def _linear_jobs(quick: bool):

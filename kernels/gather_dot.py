@@ -39,7 +39,9 @@ Measured (H200, seventeenth session, bench/RESULTS.md): it loses. The dlrm-dot f
 395 us against 319 at B=8192: this launch took 267 us where the plain gather took 158 and
 the dot kernel 35. A program forms its rows' Grams one row after another, each four L2
 round trips, while holding its SM slot; the dot kernel forms many rows' Grams in one
-tensor-core product. So it is off by default (``TritonModel.set_fused_dot``).
+tensor-core product. So it is off by default (``TritonModel.set_fused_dot``). Its
+candidates now also form a program's completed rows GRAM_ROWS at a time, one batched
+product a chunk (not yet on a card).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from dataclasses import dataclass
 import torch
 
 from ._common import ieee_dot, next_pow2
-from .interaction import _dot_row, check_dot_args, check_row_fits
+from .interaction import _dot_row, _dot_rows_chunked, check_dot_args, check_row_fits
 from .pooling import _pool_program
 from .tables import FEATURE_SLOTS, BagFeature, PackedTables
 
@@ -68,6 +70,13 @@ to 91-96 registers, 5 programs an SM; capped at 80 they keep 6 programs an SM wi
 local stores (with UNROLL 1 the cap changes little: 78-80 registers, 6 an SM either way).
 The 2-warp configs are tuned as they are (104-124 registers: 8-9 programs an SM against
 12-14 plain); the card decides."""
+GRAM_ROWS = 4
+"""Rows whose Grams the GRAM_ROWS candidates form together (``_dot_rows_chunked``). On the
+H200 the row-by-row Gram step cost the launch about 105 us at B=8192 (bench/RESULTS.md,
+seventeenth session): each row's four chunks are four L2 round trips, one after another.
+Four rows a product share them; the accumulator, 4 x 32 x 32 fp32, is 32 registers a
+thread on 4 warps. A trial for the next card: the path pays only if the Gram step costs
+less than the dot kernel's 35 us and E's read back it saves."""
 
 
 @triton.jit(do_not_specialize=["B", "x_dest"])
@@ -84,12 +93,14 @@ def _gather_dot_kernel(
     PREFETCH: tl.constexpr, UNROLL: tl.constexpr, STAGES: tl.constexpr,
     FEATURE_SLOTS: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_X: tl.constexpr, IEEE: tl.constexpr, CHUNK: tl.constexpr = 32,
+    GRAM_ROWS: tl.constexpr = 1,
     USE_GDC: tl.constexpr = False, L2_KEEP: tl.constexpr = False,
 ):
     """The gather of ``embedding_bag._embedding_bag_kernel`` (out = E), then, for each row
     whose last bag this program pooled, the row's dot interaction (``interaction._dot_row``:
     E -> z). counts [B] int32, zero at the start and left zero; F: the launch's features
-    (each pools one bag per row)."""
+    (each pools one bag per row). GRAM_ROWS > 1: the rows this program completed are formed
+    GRAM_ROWS at a time (``interaction._dot_rows_chunked``), one batched product a chunk."""
     if USE_GDC:  # launched early (PDL): nothing is read before the previous kernel is done
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -109,11 +120,23 @@ def _gather_dot_kernel(
         tl.atomic_xchg(counts_ptr + rows, tl.zeros([BAGS], tl.int32), mask=done != 0)
         t = tl.arange(0, BLOCK_T)
         d = tl.arange(0, BLOCK_D)
-        for j in range(0, pooled):
-            if tl.sum(tl.where(k == j, done, 0), axis=0) > 0:
-                dest = tl.load(dest_ptr + t[:, None] * BLOCK_T + t[None, :])
-                _dot_row(out_ptr, z_ptr, dest, first + j, B, T, D, x_dest, out_stride,
-                         stride_z, t, d, HAS_X, IEEE, True, CHUNK)
+        if GRAM_ROWS == 1:
+            for j in range(0, pooled):
+                if tl.sum(tl.where(k == j, done, 0), axis=0) > 0:
+                    dest = tl.load(dest_ptr + t[:, None] * BLOCK_T + t[None, :])
+                    _dot_row(out_ptr, z_ptr, dest, first + j, B, T, D, x_dest, out_stride,
+                             stride_z, t, d, HAS_X, IEEE, True, CHUNK)
+        else:
+            g = tl.arange(0, GRAM_ROWS)
+            for j in range(0, pooled, GRAM_ROWS):
+                # done of rows first + j .. first + j + GRAM_ROWS - 1 (0 past pooled)
+                done_here = tl.sum(tl.where(k[None, :] == (j + g)[:, None], done[None, :], 0),
+                                   axis=1)
+                if tl.max(done_here, axis=0) > 0:
+                    dest = tl.load(dest_ptr + t[:, None] * BLOCK_T + t[None, :])
+                    _dot_rows_chunked(out_ptr, z_ptr, dest, first + j + g, done_here != 0, B,
+                                      T, D, x_dest, out_stride, stride_z, t, d, HAS_X, IEEE,
+                                      CHUNK)
 
 
 @dataclass(frozen=True)
@@ -160,19 +183,22 @@ class ThenDot:
     def candidates(gather: list[dict]) -> list[dict]:
         """The gather's candidate configs that fit the block-major order (a short-bag
         program's bags lie in one block), then the 4-warp ones again with at most MAXNREG
-        registers (not the unaligned fallback: capped, it spills 176 local stores). Not
-        the small-tables-last orders: block by block, every feature's programs of a block
-        run together whatever their order (and each candidate costs a card run's tuning
-        a compile)."""
+        registers (not the unaligned fallback: capped, it spills 176 local stores), then
+        each aligned one again forming its rows GRAM_ROWS at a time. Not the
+        small-tables-last orders: block by block, every feature's programs of a block run
+        together whatever their order (and each candidate costs a card run's tuning a
+        compile)."""
         usable = [c for c in gather if GROUP % c["BAGS"] == 0 and not c.get("SMALL_LAST")]
-        return usable + [{**c, "maxnreg": MAXNREG} for c in usable
-                         if c["num_warps"] == 4 and c["ALIGN"] > 1]
+        out = usable + [{**c, "maxnreg": MAXNREG} for c in usable
+                        if c["num_warps"] == 4 and c["ALIGN"] > 1]
+        return out + [{**c, "GRAM_ROWS": GRAM_ROWS} for c in out if c["ALIGN"] > 1]
 
     def launch(self, programs: int, gather_args: tuple, e: torch.Tensor, num_features: int,
                params: dict, config: dict) -> None:
         """``_gather_dot_kernel`` over ``programs`` with the gather's pointer arguments and
         meta-parameters (``params``) for ``config``."""
         cap = {"maxnreg": config["maxnreg"]} if "maxnreg" in config else {}
+        params = {**params, "GRAM_ROWS": config.get("GRAM_ROWS", 1)}
         _gather_dot_kernel[(programs,)](
             *gather_args, self.z, self.dest, self.counts,
             e.stride(0), e.shape[0], num_features, self.num_vectors, self.dim,

@@ -126,6 +126,40 @@ def _dot_row(v_ptr, out_ptr, dest, row, B, T, D, x_dest, stride_vm, stride_om, t
 
 
 @triton.jit
+def _dot_rows_chunked(v_ptr, out_ptr, dest, rows, rows_ok, B, T, D, x_dest, stride_vm,
+                      stride_om, t, d, HAS_X: tl.constexpr, IEEE: tl.constexpr,
+                      CHUNK: tl.constexpr):
+    """``_dot_row`` with CHUNK columns at a time and L2_ONLY, for several rows together
+    (``rows`` [R], those with ``rows_ok``): each chunk is one [R, T, CHUNK] load and one
+    batched product, so a row's L2 round trips are shared by R rows. Per element the same
+    chunks are added in the same order as ``_dot_row``'s."""
+    r_ok = rows_ok & (rows < B)
+    t_ok = t < T
+    base = v_ptr + rows.to(tl.int64) * stride_vm
+    gram = tl.zeros([rows.shape[0], t.shape[0], t.shape[0]], dtype=tl.float32)
+    # as in _dot_row: a loop neither unrolled nor pipelined, one chunk's tile live
+    for k in tl.range(0, D, CHUNK, num_stages=1):
+        c = k + tl.arange(0, CHUNK)
+        tile = (t[:, None] * D + c[None, :])[None, :, :]
+        ok = r_ok[:, None, None] & (t_ok[:, None] & (c < D)[None, :])[None, :, :]
+        v = _load_rows(base[:, None, None] + tile, ok, True)
+        if IEEE:
+            v32 = v.to(tl.float32)
+            gram = tl.dot(v32, tl.permute(v32, (0, 2, 1)), gram, input_precision="ieee")
+        else:
+            gram = tl.dot(v, tl.permute(v, (0, 2, 1)), gram)
+    out_rows = out_ptr + rows.to(tl.int64) * stride_om
+    keep = (dest >= 0) & t_ok[:, None]
+    tl.store(out_rows[:, None, None] + dest[None, :, :], gram.to(out_ptr.dtype.element_ty),
+             mask=r_ok[:, None, None] & keep[None, :, :])
+    if HAS_X:
+        d_ok = r_ok[:, None] & (d < D)[None, :]
+        x = _load_rows(base[:, None] + d[None, :], d_ok, True)
+        tl.store(out_rows[:, None] + x_dest + d[None, :], x.to(out_ptr.dtype.element_ty),
+                 mask=d_ok)
+
+
+@triton.jit
 def _load_rows(ptrs, mask, L2_ONLY: tl.constexpr):
     """A tile of v (0 where masked); with L2_ONLY past the SM's L1."""
     if L2_ONLY:

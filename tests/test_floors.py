@@ -161,6 +161,11 @@ def test_kernel_variants_names_each_candidate_kind_in_its_picks():
     sliced = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "SUBTILE": 4}
     assert kv.config_label(sliced) == "128x256x64 w8 sliced epilogue 4"
     assert kv.config_label({**sliced, "SUBTILE": 1}) == "128x256x64 w8"  # (1: not sliced)
+    fused = {**gather, "SMALL_LAST": False, "GRAM_ROWS": 4, "maxnreg": 80}
+    assert kv.config_label(fused) == \
+        "bags 8 lanes 8 unroll 2 w2 registers <= 80 Grams of rows together: 4"
+    assert kv.config_label({**gather, "SMALL_LAST": False, "GRAM_ROWS": 1}) == \
+        "bags 8 lanes 8 unroll 2 w2"
     # a cross layer (its candidates include the epilogue-first order): each tile's best too
     pick = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4}
     cross = {"linear_configs": [{"key": "V", "timings_ms": [

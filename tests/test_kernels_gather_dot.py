@@ -88,17 +88,28 @@ def _launch_both(device: str, dtype: torch.dtype, num_rows: int, seed: int, corr
     return runs, counts.cpu(), want_z
 
 
+def _only_gram_rows(monkeypatch, gram_rows: int) -> None:
+    """Make the fused launch's first candidate (the one the interpreter runs) form its rows'
+    Grams ``gram_rows`` at a time (1: row by row), with no pick kept from another test."""
+    monkeypatch.setattr(eb, "_dot_tuner", eb.SafeTuner("_dot_tuner", eb.CONFIGS))
+    if gram_rows > 1:
+        monkeypatch.setattr(ThenDot, "candidates", staticmethod(
+            lambda gather: [{**c, "GRAM_ROWS": gram_rows} for c in gather]))
+
+
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gram_rows", [1, 4], ids=["row-by-row", "4-rows-a-product"])
 @pytest.mark.parametrize("config", [0, 3, 4, 5], ids=["bags16", "lanes8", "bags4", "unroll2"])
-def test_fused_launch_matches_the_two_launches(monkeypatch, device, config):
+def test_fused_launch_matches_the_two_launches(monkeypatch, device, config, gram_rows):
     """Every row's Gram is formed once all of its bags are pooled, whatever the config's
-    bags per program and long-bag lanes: E and the bad flags equal the two launches' bit for
-    bit, z theirs up to the sums' order (the fused Gram adds 32 columns at a time) and the
-    reference's, and the counters are back at zero (3 blocks of the program order, the last
-    ragged)."""
+    bags per program and long-bag lanes, row by row or 4 rows a product: E and the bad flags
+    equal the two launches' bit for bit, z theirs up to the sums' order (the fused Gram adds
+    32 columns at a time) and the reference's, and the counters are back at zero (3 blocks
+    of the program order, the last ragged)."""
     monkeypatch.setattr(eb, "CONFIGS", [eb.CONFIGS[config]])
     for name in ("_tuner", "_dot_tuner"):  # (tuned picks are kept per key, not per config)
         monkeypatch.setattr(eb, name, eb.SafeTuner(name, eb.CONFIGS))
+    _only_gram_rows(monkeypatch, gram_rows)
     num_rows = 2 * GROUP + 5
     (fused, plain), counts, want_z = _launch_both(device, torch.float32, num_rows, seed=config)
     assert torch.equal(fused[0], plain[0]) and torch.equal(fused[2], plain[2])
@@ -109,9 +120,11 @@ def test_fused_launch_matches_the_two_launches(monkeypatch, device, config):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gram_rows", [1, 4], ids=["row-by-row", "4-rows-a-product"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.uint8])
-def test_fused_launch_reads_every_table_dtype(device, dtype):
+def test_fused_launch_reads_every_table_dtype(monkeypatch, device, dtype, gram_rows):
     """bf16 rows and int8 row-wise rows (dequantized inline) through the fused launch."""
+    _only_gram_rows(monkeypatch, gram_rows)
     (fused, plain), counts, want_z = _launch_both(device, dtype, GROUP + 1, seed=3)
     assert torch.equal(fused[0], plain[0]) and not counts.any()
     torch.testing.assert_close(fused[1], plain[1], atol=1e-6, rtol=1e-6)
@@ -119,7 +132,11 @@ def test_fused_launch_reads_every_table_dtype(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_fused_launch_flags_a_bad_id_and_still_forms_every_row(device):
+@pytest.mark.parametrize("gram_rows", [1, 4], ids=["row-by-row", "4-rows-a-product"])
+def test_fused_launch_flags_a_bad_id_and_still_forms_every_row(monkeypatch, device,
+                                                               gram_rows):
+    _only_gram_rows(monkeypatch, gram_rows)
+
     def corrupt(indices, offsets):
         # row 0's bag of feature 2 (max_bag long): its first id one past table 2's rows
         indices[int(offsets[len(offsets) // 3 * 2])] = 7
@@ -267,14 +284,18 @@ def test_block_major_plan_covers_every_program_once_block_by_block():
                     block_rows=GROUP)
 
 
-def test_fused_candidates_are_the_gathers_that_fit_a_block_and_their_capped_twins():
-    from recserve.kernels.gather_dot import MAXNREG
+def test_fused_candidates_are_the_gathers_that_fit_a_block_and_their_twins():
+    from recserve.kernels.gather_dot import GRAM_ROWS, MAXNREG
 
     gather = eb._candidates(16, False, True)  # tables of several sizes: SMALL_LAST twins too
     got = ThenDot.candidates(gather)
-    plain = [c for c in got if "maxnreg" not in c]
+    row_by_row = [c for c in got if "GRAM_ROWS" not in c]
+    plain = [c for c in row_by_row if "maxnreg" not in c]
     assert plain == [c for c in gather if not c.get("SMALL_LAST")]
-    capped = [c for c in got if "maxnreg" in c]
+    capped = [c for c in row_by_row if "maxnreg" in c]
     assert capped and all(c["maxnreg"] == MAXNREG and c["num_warps"] == 4 and c["ALIGN"] > 1
                           for c in capped)
+    # each aligned one again with its rows' Grams formed GRAM_ROWS at a time
+    together = [c for c in got if "GRAM_ROWS" in c]
+    assert together == [{**c, "GRAM_ROWS": GRAM_ROWS} for c in row_by_row if c["ALIGN"] > 1]
     assert ThenDot.candidates([{**eb.CONFIGS[0], "BAGS": 32, "ALIGN": 16}]) == []
