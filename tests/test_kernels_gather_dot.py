@@ -185,13 +185,16 @@ def _mixed_spec(dense_scopes: tuple[str, ...] = ("request", "candidate")) -> Mod
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dense", [("request", "candidate"), ("request", "request")],
-                         ids=["x-per-row", "x-per-request"])
-def test_model_fused_forward_gives_the_same_scores(device, dense):
+@pytest.mark.parametrize("dense,gram_rows", [(("request", "candidate"), 1),
+                                             (("request", "request"), 1),
+                                             (("request", "candidate"), 4)],
+                         ids=["x-per-row", "x-per-request", "x-per-row-4-rows-a-product"])
+def test_model_fused_forward_gives_the_same_scores(monkeypatch, device, dense, gram_rows):
     """The fused table group's request-scope features go in a plain launch first, then its
     candidate-scope ones with the interaction; the scores are the two-launch path's (up to
     the Gram's order of sums) and the reference's, and a bad id still fails its request
     alone."""
+    _only_gram_rows(monkeypatch, gram_rows)
     spec = _mixed_spec(dense)
     rng = np.random.default_rng(5)
     weights = init_weights(spec, 5)
