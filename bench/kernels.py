@@ -1,6 +1,7 @@
 """Kernel benchmark: recserve's Triton path vs PyTorch peers, side by side on one card.
 
     python bench/kernels.py OUTDIR [--quick] [--max-rows N] [--sizes 512 8192] [--budget-s S]
+                                   [--plot kernels.png]
 
 Workloads ``dlrmv2`` and ``dlrm-dot`` (bench/workloads.py), uniform and Zipf(1.15) ids, per
 batch size B: recserve gather (one launch), forward, forward in a CUDA graph; PyTorch
@@ -32,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernel_profile as kp  # noqa: E402
+import kernels_plot  # noqa: E402
 import provenance  # noqa: E402
 import workloads as wl  # noqa: E402
 
@@ -333,7 +335,13 @@ def main() -> None:
                     help="stop starting new measurements after this many seconds")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cpu: a smoke run of this script under the interpreter (tiny shapes)")
+    ap.add_argument("--plot", type=Path, default=None, metavar="PNG",
+                    help="also draw time against batch size, recserve and its peers, with "
+                    "issue 6's targets (bench/kernels_plot.py; needs matplotlib; the same "
+                    "figure can be drawn later from kernels.json on any machine)")
     args = ap.parse_args()
+    if args.plot is not None:
+        kernels_plot.require_matplotlib()  # (before minutes of measuring, not after)
     global DEV
     DEV = args.device
     sizes = [8192, 512] if args.quick else args.sizes
@@ -373,6 +381,9 @@ def main() -> None:
             torch.cuda.empty_cache()
     rec.add(section="done")
     print(summary(rec.records), flush=True)
+    if args.plot is not None:
+        kernels_plot.plot(rec.records, args.plot)
+        print(f"wrote {args.plot}", flush=True)
 
 
 if __name__ == "__main__":
