@@ -45,9 +45,11 @@ FEATURES = (BagFeature(0, 1 * D, max_bag=40), BagFeature(1, 2 * D, weighted=True
 T = 1 + len(FEATURES)
 
 
-def _launch_both(device: str, dtype: torch.dtype, num_rows: int, seed: int, corrupt=None):
+def _launch_both(device: str, dtype: torch.dtype, num_rows: int, seed: int, corrupt=None,
+                 e_dtype: torch.dtype = torch.float32):
     """One input through the fused launch and through gather-then-dot: returns both runs'
-    (E, z, bad), the counters after the fused launch, and z from the fp32 references."""
+    (E, z, bad), the counters after the fused launch, and z from the fp32 references.
+    ``e_dtype``: E's and z's (the model's compute dtype)."""
     gen = torch.Generator().manual_seed(seed)
     rows = [50, 20, 7]
     stored, scales, shifts, exact = _tables(dtype, [D] * 3, rows, gen)
@@ -68,9 +70,9 @@ def _launch_both(device: str, dtype: torch.dtype, num_rows: int, seed: int, corr
     dest = dest_map(T, pairs, width, device)
     runs, counts = [], counters(num_rows, device)
     for fused in (True, False):
-        e = torch.full((num_rows, T * D), float("nan"), device=device)
+        e = torch.full((num_rows, T * D), float("nan"), device=device, dtype=e_dtype)
         e[:, :D] = x.to(device)
-        z = torch.full((num_rows, width), float("nan"), device=device)
+        z = torch.full((num_rows, width), float("nan"), device=device, dtype=e_dtype)
         then = ThenDot(T, D, dest, z, len(pairs), counts) if fused else None
         bad = embedding_bag(packed, FEATURES, indices.to(device), offsets.to(device), e,
                             weights=weights.to(device), row_request=row_request.to(device),
@@ -261,6 +263,23 @@ def test_fused_forward_on_the_card_is_deterministic_and_matches(monkeypatch):
         scores.zero_()
         graph.replay()
         assert torch.equal(scores, first) and torch.equal(flags, bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("e_dtype", [torch.bfloat16, torch.float32])
+def test_four_rows_a_product_give_the_row_by_row_bits_on_the_card(monkeypatch, e_dtype):
+    """The 4-rows candidates add the same 32-column chunks in the same order as row by row;
+    on the card their batched product must give the same bits too, or the tuner (which
+    keeps every served config's bits equal) drops them as "its output differs"."""
+    zs = []
+    for gram_rows in (1, 4):
+        _only_gram_rows(monkeypatch, gram_rows)
+        (fused, plain), counts, _ = _launch_both("cuda", torch.bfloat16, 3 * GROUP + 5,
+                                                 seed=21, e_dtype=e_dtype)
+        assert torch.equal(fused[0], plain[0]) and not counts.any()
+        assert not fused[1].isnan().any()
+        zs.append(fused[1])
+    assert torch.equal(zs[0], zs[1])
 
 
 def test_block_major_plan_covers_every_program_once_block_by_block():
