@@ -74,9 +74,11 @@ GRAM_ROWS = 4
 """Rows whose Grams the GRAM_ROWS candidates form together (``_dot_rows_chunked``). On the
 H200 the row-by-row Gram step cost the launch about 105 us at B=8192 (bench/RESULTS.md,
 seventeenth session): each row's four chunks are four L2 round trips, one after another.
-Four rows a product share them; the accumulator, 4 x 32 x 32 fp32, is 32 registers a
-thread on 4 warps. A trial for the next card: the path pays only if the Gram step costs
-less than the dot kernel's 35 us and E's read back it saves."""
+Four rows a product share them. The rows' accumulators and operands cost registers:
+compiled for sm_90 (Triton 3.9, 27 vectors) the 4-warp configs take 138-142 (3 programs an
+SM against 5-6 row by row), so their capped twins (MAXNREG, 29-44 local stores) are tuned
+too. A trial for the next card: the path pays only if the fused launch takes less than
+the plain gather and the dot kernel together (158 + 35 us at B=8192 on the H200)."""
 
 
 @triton.jit(do_not_specialize=["B", "x_dest"])
