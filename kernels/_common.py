@@ -57,7 +57,8 @@ def trial_configs() -> bool:
 
 
 PDL_ENV = "RECSERVE_PDL"
-"""Set to 1 for programmatic dependent launch (``pdl``); off until measured on a card."""
+"""Set to 1 for programmatic dependent launch (``pdl``); off: measured on the H100 and the
+H200 it does not pay (bench/RESULTS.md; within 2.5% either way on the H200)."""
 
 
 def pdl() -> bool:
