@@ -249,7 +249,8 @@ class SafeTuner:
                     # the launch above) finish first. The one unordered access found after
                     # a warm process (nothing compiling to slow the host) gave a wrong int8
                     # gather tuned this way on the H200 (bench/RESULTS.md, tenth session);
-                    # whether it was the cause is not known yet (not run on a card).
+                    # with this wait the H200 tuned it right in the one warm process tried
+                    # since (twelfth session): too few runs to call the cause found.
                     torch.cuda.current_stream().synchronize()
                     ms = triton.testing.do_bench_cudagraph(lambda c=config: launch(c), rep=10,
                                                            return_mode="median")
