@@ -16,6 +16,10 @@ def summary(records: list[dict]) -> str:
         elif sec == "forward":
             what = f"forward {r['workload']} {r['variant']}" + (" graph" if r["graph"] else "")
             note = f"{r['TFLOPs']} TFLOP/s diff={r['max_diff_vs_eager']} ok={r['ok']}"
+            chain = chain_floor(r)
+            if chain is not None:
+                note += (f"; {chain['ours']} kernels of ours, the shortest {chain['shortest_us']}"
+                         f" us: {chain['floor_us']} us if each took that long")
         elif sec == "row_size":
             lines.append(f"{'row_size ' + r['dtype'] + ' dim ' + str(r['dim']):44} "
                          f"{r['B']:>6} {r['us']:>9.1f}  {r['M_rows_per_s']} M rows/s; a row: "
@@ -57,6 +61,22 @@ def summary(records: list[dict]) -> str:
         lines.append(f"{what:44} {r['B']:>6} {r['us']:>9.1f}  {note}")
         lines += [f"    {pick}" for pick in tuner_picks(r)]
     return "\n".join(lines)
+
+
+def chain_floor(record: dict) -> dict | None:
+    """What a forward's chain of launches costs by itself: if each of recserve's kernels in
+    one call (``kernels.one_call``, in a graph) took as long as the shortest of them, plus the
+    other kernels' own times. At B=512 the shortest is a near-empty layer (the first bottom
+    layer, K = 13), so this is the floor any one-kernel-a-layer forward sits on, however fast
+    its big kernels get. None without a per-kernel profile."""
+    calls = (record.get("kernels") or {}).get("one_call") or []
+    ours = [c["us"] for c in calls if c["kernel"].startswith("_")]  # Triton kernels: _name
+    if not ours:
+        return None
+    others = sum(c["us"] for c in calls if not c["kernel"].startswith("_"))
+    shortest = min(ours)
+    return {"ours": len(ours), "shortest_us": shortest,
+            "floor_us": round(len(ours) * shortest + others, 1)}
 
 
 # The candidate kinds whose wins a short card call should see at a glance.

@@ -152,6 +152,22 @@ def test_forward_floors_list_every_kernel_but_the_gather_with_its_floor():
     assert got["sum_floor_us"] == round(sum(k["floor_us"] for k in got["kernels"]), 2)
 
 
+def test_a_forwards_chain_floor_is_its_kernels_at_the_shortest_ones_time():
+    import variants_report as kv
+
+    one_call = [{"kernel": "_linear_kernel", "us": 3.0},
+                {"kernel": "void at::native::fill", "us": 0.8},
+                {"kernel": "_embedding_bag_kernel", "us": 14.7},
+                {"kernel": "_linear_kernel", "us": 11.4}]
+    record = {"section": "forward", "workload": "dlrmv2", "variant": "v", "graph": True,
+              "B": 512, "us": 40.0, "TFLOPs": 1.0, "max_diff_vs_eager": 0.0, "ok": True,
+              "kernels": {"one_call": one_call}}
+    assert kv.chain_floor(record) == {"ours": 3, "shortest_us": 3.0, "floor_us": 9.8}
+    assert "3 kernels of ours, the shortest 3.0 us: 9.8 us if each took that long" \
+        in kv.summary([record])
+    assert kv.chain_floor({**record, "kernels": {}}) is None  # no profile: nothing said
+
+
 def test_kernel_variants_names_each_candidate_kind_in_its_picks():
     import variants_report as kv
 
