@@ -110,6 +110,8 @@ def config_label(config: dict) -> str:
     """A tuning config in a few words: its tile (or bags / rows), warps and kind."""
     if "BLOCK_M" in config:
         shape = f"{config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']}"
+        if "num_stages" in config:  # (the deep-pipeline candidates differ by it alone)
+            shape += f" s{config['num_stages']}"
     elif "BAGS" in config:
         shape = f"bags {config['BAGS']} lanes {config['LANES']} unroll {config['UNROLL']}"
     else:

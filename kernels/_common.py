@@ -48,8 +48,9 @@ TRIAL_ENV = "RECSERVE_TRIAL_CONFIGS"
 
 def trial_configs() -> bool:
     """Whether the tuners also try the trial candidates: configs built for a measured gap
-    that lost on the H200 when it tuned them, or whose result there was not recorded
-    (bench/RESULTS.md, twelfth and seventeenth sessions), kept for other cards and Triton
+    that lost on the H200 when it tuned them, whose result there was not recorded
+    (bench/RESULTS.md, twelfth and seventeenth sessions), or not yet run on a card (the
+    eighteenth session's deep pipelines), kept for other cards and Triton
     versions to try (``RECSERVE_TRIAL_CONFIGS=1``, which ``bench/kernel_variants.py
     --trial-configs`` sets), but not tuned at every server start, where each would add its
     compiles and timings."""

@@ -195,6 +195,9 @@ def _linear_jobs(quick: bool):
             extra = [c for c in lc.CROSS_CANDIDATES + lc.PERSISTENT_CROSS_CONFIGS
                      + lc.SUBTILE_CROSS_CONFIGS
                      if lc.fits(c, 4 if dtype == "fp32" else 2)] if flags["CROSS"] else []
+            if not (flags["CROSS"] or flags["FINAL"]):  # (a long-K layer's deep pipelines)
+                extra = [c for c in lc.DEEP_PIPELINE_CONFIGS
+                         if lc.fits(c, 4 if dtype == "fp32" else 2)]
             for c in lc.base_configs(256 if flags["FINAL"] else None, None,
                                  4 if dtype == "fp32" else 2) + extra:
                 sig = {n: _PTR[dtype] for n in li._linear_kernel.arg_names if n.endswith("_ptr")}
@@ -210,7 +213,8 @@ def _linear_jobs(quick: bool):
                     and "SUBTILE" not in c else (False,)
                 # split-K: the small-batch tiles of a plain layer (what linear() adds)
                 plain = not (flags["CROSS"] or flags["FINAL"] or flags["ADD_ROWS"])
-                splits = (1, 4) if plain and c["BLOCK_M"] <= 64 else (1,)
+                deep = c in lc.DEEP_PIPELINE_CONFIGS  # (tuned unsplit only)
+                splits = (1, 4) if plain and c["BLOCK_M"] <= 64 and not deep else (1,)
                 if plain:  # and the large split-K tiles where this is their tile
                     splits += tuple(t["SPLIT_K"] for t in lc.SPLIT_K_TILES
                                     if t == {**c, "SPLIT_K": t["SPLIT_K"]})

@@ -106,6 +106,20 @@ SPLIT_K_TILES = [
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3,
      "SPLIT_K": 4},
 ]
+# Deeper pipelines for few rows and a long K (eighteenth session; not yet on a card). At
+# B=512 the four K = 3456 layers (DCNv2's U, the first top layer) take 10.9-16.3 us on the
+# H200 where their operands are 7-10 MB: the small-batch tiles put about one program on
+# each SM, each walking 27-54 K steps, and 4 stages keep 3 steps' loads in flight while
+# the step in use waits on L2. The same tiles with 6-8 stages keep 5-7 in flight (stages
+# change when loads are issued, not the tile or the order of the sums: the same bits).
+# Compiled for sm_90 (Triton 3.9, bf16, K a multiple of BLOCK_K): 123-172 KB of shared
+# memory and 56-80 registers, one program an SM, where the small-batch layers already run
+# about one.
+DEEP_PIPELINE_CONFIGS = [
+    {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 7},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 8},
+    {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 6},
+]
 # A cross layer with few rows (DCNv2's V at B=512: M = 512, N = 3456, K = 512; 8.0 us on
 # the H200 with the small-batch tiles): 64x128 tiles re-read the 3.5 MB weight once per
 # 64 rows, about 53 MB through L2 with the operands of the epilogue; 128x128 tiles about
@@ -160,8 +174,9 @@ def candidates(m: int, n: int, k: int, elsize: int, *, final: bool, cross: bool,
     it has few rows and a long K. With the trial candidates on (``trial_configs``) also a
     cross layer's ``CROSS_CANDIDATES`` (above 1024 rows) or ``SMALL_M_CROSS_TILES`` (up to
     1024), in both orders, and ``PERSISTENT_CROSS_CONFIGS`` and ``SUBTILE_CROSS_CONFIGS``
-    (above 1024; their epilogue after the loop only), and a plain layer's
-    ``SPLIT_K_TILES``."""
+    (above 1024; their epilogue after the loop only), a plain layer's ``SPLIT_K_TILES``,
+    and any non-final layer's ``DEEP_PIPELINE_CONFIGS`` where split-K would be tried
+    (few rows, a long K)."""
     configs = base_configs(n if final else None, m, elsize)
     trial = _common.trial_configs()
     if cross:  # both epilogue orders compete; the card's tuner keeps the faster
@@ -178,4 +193,6 @@ def candidates(m: int, n: int, k: int, elsize: int, *, final: bool, cross: bool,
         configs = configs + [{**c, "SPLIT_K": 4} for c in configs]
         if trial:
             configs = configs + [c for c in SPLIT_K_TILES if fits(c, elsize)]
+    if trial and not final and not cross and splits_k(m, k):  # (no split-K copies of them)
+        configs = configs + [c for c in DEEP_PIPELINE_CONFIGS if fits(c, elsize)]
     return configs

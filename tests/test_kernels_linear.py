@@ -340,6 +340,31 @@ def _same_bits_on_the_card_as(config: dict, plain: dict, seed: int, monkeypatch)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("index", range(len(configs.DEEP_PIPELINE_CONFIGS)))
+def test_deep_pipelines_give_the_4_stage_bits_on_the_card(index, monkeypatch):
+    """Each deep-pipeline candidate on a layer it is tuned for (few rows, K = 3456 like
+    DCNv2's U at B=512, ragged in M and N) against the same tile with 4 stages: the same
+    bits, and the reference's values within bf16's error."""
+    from recserve.kernels import linear as li
+
+    config = configs.DEEP_PIPELINE_CONFIGS[index]
+    gen = torch.Generator().manual_seed(index)
+    m, n, k = 517, 1000, 3456
+    dev, bf = "cuda", torch.bfloat16
+    a, w = _rand(m, k, gen=gen, device=dev, dtype=bf), _rand(n, k, gen=gen, device=dev, dtype=bf)
+    bias = _rand(n, gen=gen, device=dev, dtype=bf)
+    runs = []
+    for cfg in ({**config, "num_stages": 4}, config):
+        monkeypatch.setattr(li, "_tuner", li.SafeTuner("linear", [cfg]))
+        monkeypatch.setattr(configs, "candidates", lambda *args, c=cfg, **kw: [c])
+        runs.append(linear(a, w, bias, activation="relu"))
+        assert li._tuner.best[next(iter(li._tuner.best))] == cfg
+    assert torch.equal(runs[0], runs[1])
+    want = linear_reference(a, w, bias, activation="relu")
+    _assert_bf16_close(runs[1], want, torch.relu(a @ w.T + bias))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("index", range(len(configs.SUBTILE_CROSS_CONFIGS)))
 def test_sliced_cross_configs_give_the_whole_tile_s_bits_on_the_card(index, monkeypatch):
     """Each sliced cross candidate against the same tile with its whole epilogue at once."""
@@ -375,6 +400,29 @@ def test_large_split_k_tiles_join_plain_layers_with_few_rows_and_a_long_k(monkey
     assert large(512, 3456, plain=False) == []
     monkeypatch.setenv(_common.TRIAL_ENV, "0")
     assert large(512, 3456) == []  # serving's default: not tried
+
+
+def test_deep_pipelines_join_long_k_layers_with_few_rows_when_asked(monkeypatch):
+    from recserve.kernels import _common
+    from recserve.kernels import linear_configs as lc
+
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    monkeypatch.setenv(_common.TRIAL_ENV, "1")  # (a trial candidate)
+
+    def deep(m, k, elsize=2, **flags):
+        got = lc.candidates(m, 512, k, elsize, **{"final": False, "cross": False,
+                                                   "plain": True, **flags})
+        return [c for c in got if c["num_stages"] > 4]
+
+    assert deep(512, 3456) == lc.DEEP_PIPELINE_CONFIGS  # unsplit: no split-K copies
+    assert deep(512, 3456, plain=False) == lc.DEEP_PIPELINE_CONFIGS  # (an added half too)
+    assert deep(2048, 3456) == [] and deep(512, 512) == []
+    assert deep(512, 3456, final=True) == []
+    # fp32 operands: only the one whose buffers still fit Hopper's shared memory
+    assert deep(512, 3456, elsize=4) == [c for c in lc.DEEP_PIPELINE_CONFIGS if lc.fits(c, 4)]
+    assert 0 < len(deep(512, 3456, elsize=4)) < len(lc.DEEP_PIPELINE_CONFIGS)
+    monkeypatch.setenv(_common.TRIAL_ENV, "0")
+    assert deep(512, 3456) == []  # serving's default: not tried
 
 
 def test_persistent_candidates_join_cross_layers_above_1024_rows(monkeypatch):
