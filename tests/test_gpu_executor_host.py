@@ -229,8 +229,8 @@ def test_kernel_variants_summary_names_each_winner_and_the_best_of_another_kind(
                   {"key": "(bf16)", "timings_ms": [[0.015, {**bags, "L2_KEEP": True}],
                                                    [0.016, bags]]}]}
     text = kv.summary([forward, gather])
-    assert ("(8192, 3456, 512): 64x128x64 w4 persistent 2 0.0900 ms; next of another kind "
-            "64x128x64 w4 0.1000 ms") in text
+    assert ("(8192, 3456, 512): 64x128x64 s4 w4 persistent 2 0.0900 ms; next of another "
+            "kind 64x128x64 s4 w4 0.1000 ms") in text
     assert "(512, 512, 3456)" not in text  # one candidate: nothing to compare
     assert "bags 8 lanes 8 unroll 1 w2 L2 keep 0.0150 ms; next of another kind bags 8 " \
            "lanes 8 unroll 1 w2 0.0160 ms" in text
