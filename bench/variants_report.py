@@ -67,8 +67,9 @@ def chain_floor(record: dict) -> dict | None:
     """What a forward's chain of launches costs by itself: if each of recserve's kernels in
     one call (``kernels.one_call``, in a graph) took as long as the shortest of them, plus the
     other kernels' own times. At B=512 the shortest is a near-empty layer (the first bottom
-    layer, K = 13), so this is the floor any one-kernel-a-layer forward sits on, however fast
-    its big kernels get. None without a per-kernel profile."""
+    layer, K = 13), so this is about what a one-kernel-a-layer forward costs if every layer
+    ran that fast: a count, not a hard floor (an empty kernel takes less). None without a
+    per-kernel profile."""
     calls = (record.get("kernels") or {}).get("one_call") or []
     ours = [c["us"] for c in calls if c["kernel"].startswith("_")]  # Triton kernels: _name
     if not ours:
