@@ -28,7 +28,8 @@ prints a table; exit status 1 when any correctness check failed (they print FAIL
 ``--trial-configs`` also tunes the trial candidates (``RECSERVE_TRIAL_CONFIGS=1``: the cross
 layers' 16-warps-an-SM, small-M and persistent configs, split-K with 128x128 tiles, the L2
 hint for small tables, and the gather's UNROLL 4, each of which lost on the H200; the cross
-layers' staggered and sliced-epilogue configs, tuned there once, their picks not recorded; see
+layers' staggered and sliced-epilogue configs, tuned there once, their picks not recorded;
+deeper pipelines for long-K layers with few rows, not yet run on a card; see
 ``kernels._common.trial_configs``).
 ``--sections row_size`` times the gather at embedding dims 32-256, bf16 and int8 (rows a
 second against bytes a row, and the sectors, bursts and lines a lookup touches:
@@ -411,7 +412,8 @@ def main() -> int:
                     "(RECSERVE_TRIAL_CONFIGS=1: persistent, 16-warps-an-SM and small-M cross "
                     "configs, 128x128 split-K, the L2 hint, unroll 4 gathers, each of which "
                     "lost on the H200; staggered and sliced-epilogue cross configs, tuned "
-                    "there once, their picks not yet recorded)")
+                    "there once, their picks not yet recorded; deep pipelines for long-K "
+                    "layers with few rows, not yet run on a card)")
     ap.add_argument("--sections", default="gather,int8,forward",
                     help="what to measure, comma-separated: gather, int8, forward (default: "
                     "these three; 'forward' alone suits a short follow-up call), row_size "

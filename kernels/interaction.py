@@ -238,7 +238,7 @@ def check_row_fits(num_vectors: int, dim: int, dtype: torch.dtype) -> None:
     """Raise ValueError unless one row's Gram tiles fit a program's shared memory (a shape
     no config can form; the one-row config is always among the candidates)."""
     block_t, block_d = next_pow2(num_vectors, 16), next_pow2(dim, 16)
-    need = gram_bytes(1, block_t, block_d, torch.empty(0, dtype=dtype).element_size())
+    need = gram_bytes(1, block_t, block_d, dtype.itemsize)
     if need > SHARED_MEMORY:
         raise ValueError(f"dot interaction of T={num_vectors} vectors of D={dim} in {dtype}: "
                          f"one row's Gram tiles need {need} bytes of shared memory, over "
