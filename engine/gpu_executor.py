@@ -37,6 +37,7 @@ re-runs the batch's pieces one by one without graphs.
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import queue
 import threading
@@ -207,9 +208,17 @@ class GpuExecutor(Executor):
 
     def build_model(self, spec: ModelSpec, weights: dict[str, torch.Tensor]) -> GpuModel:
         """Upload weights, allocate every slot's buffers, warm up and capture the graphs;
-        log (and keep in ``device_bytes``) the device memory the weights and the slots took."""
+        log (and keep in ``device_bytes``) the device memory the weights and the slots took.
+        The count is of the device's reserved memory before and after, so another model
+        running batches without graphs (``use_graphs=False``: its activations come from the
+        shared pool) while this one loads can move it by that batch's activations."""
         with self._build_lock:
             torch.cuda.set_device(self.device)  # runs on a loader thread
+            # Unreachable objects still holding device memory (a closed engine's slots and
+            # graphs, in reference cycles) would otherwise be freed by a collection during
+            # the build and count against this model (the likely cause of the -16 MiB of
+            # slots the H200's GPU test once counted, right after another engine's test).
+            gc.collect()
             torch.cuda.empty_cache()  # (cached blocks nobody holds: not this model's)
             start = torch.cuda.memory_reserved(self.device)
             model, with_weights = self._build(spec, weights)
