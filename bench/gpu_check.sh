@@ -37,9 +37,9 @@
 #                     failed check prints its diagnosis). Other sections: row_size (a lookup's
 #                     cost by row, byte or line), configs (every gather config checked),
 #                     fused_dot (dlrm-dot with its dot interaction formed in the gather's
-#                     launch: 395 us against 319 at B=8192 on the seventeenth session's H200;
-#                     since the eighteenth its candidates also form a program's rows 4 at a
-#                     time: VARIANTS_BENCH_ARGS="--sections forward,fused_dot --budget-s 150").
+#                     launch: 385 us against 320 at B=8192 on the nineteenth session's H200,
+#                     with its candidates that form a program's rows 4 at a time:
+#                     VARIANTS_BENCH_ARGS="--sections forward,fused_dot --budget-s 150").
 #   pack-probe        bench/engine_gpu.py --pack-only: one thread's packs and the packing
 #                     ceiling of 1-6 threads, as they run and with glibc's non-temporal copies
 #                     from 1 MB (GLIBC_TUNABLES)

@@ -16,7 +16,7 @@ multi-hot), most important first, each measurement guarded so one failure loses 
    against the PyTorch eager peer, with the device time per kernel from the profiler;
    with ``--sections forward,fused_dot``, ``dlrm-dot`` again with the dot interaction
    formed inside the gather's launch (``TritonModel.set_fused_dot``, ``kernels.gather_dot``;
-   it lost on the H200 of the seventeenth session: 395 us against 319 at B=8192); then
+   it lost on the H200 of the nineteenth session: 385 us against 320 at B=8192); then
    both again with programmatic dependent launch (``RECSERVE_PDL=1``: each kernel launches
    while the one before finishes; aimed at B=512, about 15 short kernels), ``dlrmv2`` with
    its bottom MLP on a side stream beside the gather
@@ -29,7 +29,7 @@ prints a table; exit status 1 when any correctness check failed (they print FAIL
 layers' 16-warps-an-SM, small-M and persistent configs, split-K with 128x128 tiles, the L2
 hint for small tables, and the gather's UNROLL 4, each of which lost on the H200; the cross
 layers' staggered and sliced-epilogue configs, tuned there once, their picks not recorded;
-deeper pipelines for long-K layers with few rows, not yet run on a card; see
+deeper pipelines for long-K layers with few rows, which lost on the H200 too; see
 ``kernels._common.trial_configs``).
 ``--sections row_size`` times the gather at embedding dims 32-256, bf16 and int8 (rows a
 second against bytes a row, and the sectors, bursts and lines a lookup touches:
@@ -413,7 +413,7 @@ def main() -> int:
                     "configs, 128x128 split-K, the L2 hint, unroll 4 gathers, each of which "
                     "lost on the H200; staggered and sliced-epilogue cross configs, tuned "
                     "there once, their picks not yet recorded; deep pipelines for long-K "
-                    "layers with few rows, not yet run on a card)")
+                    "layers with few rows, which lost there too)")
     ap.add_argument("--sections", default="gather,int8,forward",
                     help="what to measure, comma-separated: gather, int8, forward (default: "
                     "these three; 'forward' alone suits a short follow-up call), row_size "
@@ -431,7 +431,7 @@ def main() -> int:
                     "its epilogue apart and this run's arithmetic and byte floors; "
                     "bench/floors.py), fused_dot (with forward: dlrm-dot again with its dot "
                     "interaction formed inside the gather's launch, RECSERVE_FUSED_DOT; it "
-                    "lost on the H200: 395 us against 319 at B=8192)")
+                    "lost on the H200: 385 us against 320 at B=8192)")
     ap.add_argument("--row-size-rows", type=int, default=1_000_000,
                     help="rows per table in the row_size section (dim 256 bf16: 26 tables "
                     "of 512-byte rows, 13 GB at 1M)")

@@ -49,11 +49,10 @@ TRIAL_ENV = "RECSERVE_TRIAL_CONFIGS"
 def trial_configs() -> bool:
     """Whether the tuners also try the trial candidates: configs built for a measured gap
     that lost on the H200 when it tuned them, whose result there was not recorded
-    (bench/RESULTS.md, twelfth and seventeenth sessions), or not yet run on a card (the
-    eighteenth session's deep pipelines), kept for other cards and Triton
-    versions to try (``RECSERVE_TRIAL_CONFIGS=1``, which ``bench/kernel_variants.py
-    --trial-configs`` sets), but not tuned at every server start, where each would add its
-    compiles and timings."""
+    (bench/RESULTS.md, twelfth, seventeenth and nineteenth sessions, the last for the
+    deep pipelines), kept for other cards and Triton versions to try
+    (``RECSERVE_TRIAL_CONFIGS=1``, which ``bench/kernel_variants.py --trial-configs`` sets),
+    but not tuned at every server start, where each would add its compiles and timings."""
     return os.environ.get(TRIAL_ENV, "0") == "1"
 
 
@@ -86,8 +85,8 @@ FUSED_DOT_ENV = "RECSERVE_FUSED_DOT"
 def fused_dot() -> bool:
     """Whether a new ``TritonModel`` of a dot model forms its interaction inside the last
     gather launch (``RECSERVE_FUSED_DOT=1``: the server's models too; see
-    ``TritonModel.set_fused_dot`` and ``gather_dot``); off: slower on the H200 (395 us
-    against 319 for the dlrm-dot forward at B=8192)."""
+    ``TritonModel.set_fused_dot`` and ``gather_dot``); off: slower on the H200 (385 us
+    against 320 for the dlrm-dot forward at B=8192)."""
     return os.environ.get(FUSED_DOT_ENV, "0") == "1"
 
 

@@ -41,7 +41,9 @@ the dot kernel 35. A program forms its rows' Grams one row after another, each f
 round trips, while holding its SM slot; the dot kernel forms many rows' Grams in one
 tensor-core product. So it is off by default (``TritonModel.set_fused_dot``). Its
 candidates now also form a program's completed rows GRAM_ROWS at a time, one batched
-product a chunk (not yet on a card).
+product a chunk: on the H200 (nineteenth session) such a candidate won the launch's tuning
+(255 us against 263 row by row, the same bits) and the forward still took 385 us against
+320.
 """
 
 from __future__ import annotations

@@ -91,9 +91,9 @@ class TritonModel:
         candidate-scope feature; the fused launch takes the table group with the most
         candidate-scope features (its request-scope ones go in a plain launch before it).
         The same sums (the Gram's 32 columns at a time), so the same scores up to rounding;
-        off by default: on the H200 it lost (the dlrm-dot forward 395 us against 319 at
-        B=8192, bench/RESULTS.md; ``RECSERVE_FUSED_DOT=1`` turns it on for every new model,
-        a server's too)."""
+        off by default: on the H200 it lost (the dlrm-dot forward 385 us against 320 at
+        B=8192, bench/RESULTS.md, nineteenth session; ``RECSERVE_FUSED_DOT=1`` turns it on
+        for every new model, a server's too)."""
         self._fused = None
         if on and self.spec.interaction.kind == "dot":
             counts = [sum(not f.request_scope for f in feats) for _, feats, _ in self.groups]
