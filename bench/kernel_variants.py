@@ -36,7 +36,9 @@ second against bytes a row, and the sectors, bursts and lines a lookup touches:
 ``bench_row_sizes``, ``row_units``);
 ``--sections forward,graph_tuned`` ends with both forwards tuned again by device time in a
 CUDA graph (``RECSERVE_TUNE_BY=graph``) instead of eager launches (with ``int8``, the
-gathers too); ``--sections configs`` checks every gather config against the reference
+gathers too), and ``auto_tuned`` (before it) with ``RECSERVE_TUNE_BY=auto``: in a graph
+only where a key's eager timing is mostly the launch's (``retuned``);
+``--sections configs`` checks every gather config against the reference
 eagerly, after a graph timing and replayed from a graph (``check_configs``). A failed
 gather check prints a diagnosis (``gather_diagnosis``).
 Cost on a cold card: tuning compiles ~15 gather and ~50 GEMM configs (1-2 s each), so
@@ -77,8 +79,8 @@ from recserve.kernels.tables import PackedTables, quantized_row_bytes  # noqa: E
 VARIANTS = {"first_run": (False, False), "aligned_prefetch": (True, True),
             "aligned": (True, False)}
 DEFAULT = "aligned_prefetch"
-SECTIONS = ("gather", "int8", "forward", "row_size", "graph_tuned", "configs", "floors",
-            "fused_dot")
+SECTIONS = ("gather", "int8", "forward", "row_size", "graph_tuned", "auto_tuned", "configs",
+            "floors", "fused_dot")
 FAILURES: list[str] = []
 
 
@@ -422,7 +424,10 @@ def main() -> int:
                     "or per byte?), graph_tuned (with forward: right after the default "
                     "forwards, both again with every kernel tuned anew by its time in a "
                     "CUDA graph, RECSERVE_TUNE_BY=graph, and with int8 the bf16 and int8 "
-                    "gathers so too; the older forward extras are then left out), configs "
+                    "gathers so too; the older forward extras are then left out), auto_tuned "
+                    "(the same with RECSERVE_TUNE_BY=auto, before graph_tuned: a key's "
+                    "candidates timed in a graph where its eager timing is mostly the "
+                    "launch's, else eagerly; not yet run on a card), configs "
                     "(every gather config, bf16 and int8, checked against the reference "
                     "eagerly, after a CUDA-graph timing and replayed from a graph, then the "
                     "tuner's pick by each method, three rounds), floors (before the "
@@ -484,11 +489,13 @@ def main() -> int:
             bench_forward(rec, base, "dlrm-dot fused gather+dot", dot, dot_w, dot_model, b,
                           (DEFAULT,))
         dot_model.set_fused_dot(False)
-    if "graph_tuned" in sections:  # before the older extras, so the time budget reaches it
-        graph_tuned(rec, base, spec, weights, model, dot, dot_w, dot_model, args.sizes,
-                    "int8" in sections)
-        print("(graph_tuned: PDL, the bottom MLP beside the gather and the first-run gather "
-              "are left out; the eighth session measured them)", flush=True)
+    retunes = [m for m in ("auto", "graph") if f"{m}_tuned" in sections]
+    for method in retunes:  # before the older extras, so the time budget reaches them
+        retuned(rec, base, spec, weights, model, dot, dot_w, dot_model, args.sizes,
+                "int8" in sections, method)
+    if retunes:
+        print("(graph_tuned, auto_tuned: PDL, the bottom MLP beside the gather and the "
+              "first-run gather are left out; the eighth session measured them)", flush=True)
         return finish(rec)
     os.environ[PDL_ENV] = "1"  # programmatic dependent launch: kernels overlap launches
     for b in args.sizes:
@@ -506,20 +513,24 @@ def main() -> int:
     return finish(rec)
 
 
-def graph_tuned(rec, base: dict, spec, weights: dict, model: TritonModel, dot, dot_w: dict,
-                dot_model: TritonModel | None, sizes: list[int], int8: bool) -> None:
-    """Every kernel tuned anew by its time in a CUDA graph (RECSERVE_TUNE_BY=graph), as the
-    engine replays them: both forwards, and (``int8``) the bf16 and int8 gathers, against
-    the eager-tuned figures measured before. At B=512 an eagerly timed candidate may take
-    no less than its Python launch, so eager timing cannot rank them there."""
-    os.environ[TUNE_BY_ENV] = "graph"
+def retuned(rec, base: dict, spec, weights: dict, model: TritonModel, dot, dot_w: dict,
+            dot_model: TritonModel | None, sizes: list[int], int8: bool, method: str) -> None:
+    """Every kernel tuned anew with RECSERVE_TUNE_BY=``method``: "graph", by its time in a
+    CUDA graph, as the engine replays them (at B=512 an eagerly timed candidate may take no
+    less than its Python launch, so eager timing cannot rank them there), or "auto", in a
+    graph only where the eager timing is the launch's (``kernels._common.LAUNCH_BOUND``):
+    both forwards, and (``int8``) the bf16 and int8 gathers, against the eager-tuned
+    figures measured before."""
+    os.environ[TUNE_BY_ENV] = method
     forget_tuning()
     for b in sizes:
-        bench_forward(rec, base, "dlrmv2 graph-tuned", spec, weights, model, b, (DEFAULT,))
+        bench_forward(rec, base, f"dlrmv2 {method}-tuned", spec, weights, model, b,
+                      (DEFAULT,))
     for b in sizes if dot_model is not None else []:
-        bench_forward(rec, base, "dlrm-dot graph-tuned", dot, dot_w, dot_model, b, (DEFAULT,))
+        bench_forward(rec, base, f"dlrm-dot {method}-tuned", dot, dot_w, dot_model, b,
+                      (DEFAULT,))
     if int8:
-        rec.guarded("int8 graph-tuned", bench_int8, rec, base, model, spec, sizes, "graph")
+        rec.guarded(f"int8 {method}-tuned", bench_int8, rec, base, model, spec, sizes, method)
 
 
 def finish(rec) -> int:

@@ -17,7 +17,8 @@ then compared bit for bit with the first one's before it is timed, and a config 
 differs (a miscompile that still runs) is dropped like one that fails to compile.
 With ``RECSERVE_TUNING_CACHE`` set, picks persist across processes (``tuning_cache``).
 ``RECSERVE_TUNE_BY=graph`` times candidates as the engine runs them, replayed in a CUDA
-graph (``tune_by``); the default times eager launches.
+graph, and ``auto`` in a graph only where an eager launch is too short to time
+(``tune_by``); the default times eager launches.
 """
 
 from __future__ import annotations
@@ -128,7 +129,17 @@ def ieee_dot(dtype: torch.dtype) -> bool:
 
 
 TUNE_BY_ENV = "RECSERVE_TUNE_BY"
-TUNE_BY = ("eager", "graph")
+TUNE_BY = ("eager", "graph", "auto")
+LAUNCH_BOUND = 1.5
+"""``RECSERVE_TUNE_BY=auto`` times a key's candidates in a CUDA graph when its first
+candidate's eager timing is over this many times its graph timing: the eager one then
+times mostly the host's launch. On the H200 (nineteenth session) the best candidates of the
+dlrmv2 layers at B=512 timed 1.6-16x longer eagerly than in a graph (12.9-47 us against
+2.9-11), and the graph-tuned forward was the faster in three runs of three (up to 5%); at
+B=8192 every layer's timed 0.9-1.5x (those over 1.2x picked the same config or one within
+2% either way), and the eager-tuned forward was the faster in one run of three (4%): a
+graph timing keeps a layer's operands in the L2, which the forward does
+not (V tuned at 91.7 us in a graph took 108.7 in the forward; bench/RESULTS.md)."""
 
 
 def tune_by() -> str:
@@ -141,11 +152,30 @@ def tune_by() -> str:
     can disagree where a launch is short: on the H100 at B=512 the tuner's eager timings
     put split-K configs (two launches) behind single-kernel ones, while the chosen configs
     of the cross layers' U products took 11.5 us of device time each in the graph for
-    3.5 MB of weights (bench/RESULTS.md, kernel_variants.json's per-kernel times)."""
+    3.5 MB of weights (bench/RESULTS.md, kernel_variants.json's per-kernel times).
+    ``auto`` (not yet measured on a card) times each key's first candidate both ways, then
+    all of them in a graph where the eager timing was over ``LAUNCH_BOUND`` times the
+    graph's, else eagerly: the graph where an eager timing sees only the launch, eager
+    launches where the L2's state matters."""
     value = os.environ.get(TUNE_BY_ENV, "eager")
     if value not in TUNE_BY:
         raise ValueError(f"{TUNE_BY_ENV}={value!r}; expected one of {TUNE_BY}")
     return value
+
+
+def _auto_method(first: dict, launch: Callable[[dict], None]) -> str:
+    """``RECSERVE_TUNE_BY=auto``'s choice for one key: "graph" when ``first``'s eager
+    timing is over ``LAUNCH_BOUND`` times its timing in a CUDA graph, else "eager" (also
+    when ``first`` fails either way: timing every candidate then reports why)."""
+    try:
+        eager = triton.testing.do_bench(lambda: launch(first), warmup=5, rep=20,
+                                        return_mode="median")
+        torch.cuda.current_stream().synchronize()  # (see _time_each)
+        graph = triton.testing.do_bench_cudagraph(lambda: launch(first), rep=10,
+                                                  return_mode="median")
+    except Exception:  # noqa: BLE001 - _time_each prunes it and reports the error
+        return "eager"
+    return "graph" if eager > LAUNCH_BOUND * graph else "eager"
 
 
 _TUNERS: list[SafeTuner] = []
@@ -190,7 +220,7 @@ class SafeTuner:
             return self._first_that_runs(key, launch, configs)
         method = tune_by()
         cache, cache_name = shared_cache(), self.name if method == "eager" else \
-            f"{self.name}@{method}"  # (picks by one method do not stand for the other)
+            f"{self.name}@{method}"  # (picks by one method do not stand for another)
         cached = cache.get(cache_name, key) if cache is not None else None
         if cached is not None and cached in configs:
             try:  # tuned by an earlier process for this card, compiler and kernel source
@@ -202,6 +232,8 @@ class SafeTuner:
             else:
                 self.best[key] = cached
                 return cached
+        if method == "auto":
+            method = _auto_method(configs[0], launch)
         timings, errors = self._time_each(configs, launch, outputs, method)
         if not timings and method == "graph":  # (a launch that cannot be captured)
             warnings.warn(f"{self.name}: no config could be timed in a CUDA graph for key "

@@ -32,7 +32,11 @@ what each measured): RECSERVE_FUSED_DOT=1 forms a dot model's interaction inside
 gather launch (slower on an H200: 385 us against 320 at B=8192); RECSERVE_PDL=1 launches
 each kernel while the one before it finishes (no gain on an H100 or an H200);
 RECSERVE_TRIAL_CONFIGS=1 also tunes the trial kernel configs (slower start);
-RECSERVE_AUTOTUNE=0 takes each kernel's first config untimed (fast start, slower kernels).
+RECSERVE_AUTOTUNE=0 takes each kernel's first config untimed (fast start, slower kernels);
+RECSERVE_TUNE_BY=graph times the candidates in a CUDA graph instead of eager launches, and
+RECSERVE_TUNE_BY=auto only where a launch is too short to time eagerly (small buckets;
+graph tuning ran the dlrmv2 forward up to 5% faster at B=512 on an H200, and up to 4%
+slower at 8192; auto is not yet measured).
 
 examples:
   recserve serve

@@ -205,7 +205,7 @@ def test_kernel_variants_refuses_an_unknown_section(tmp_path):
                              "--sections", "forward,gemm"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2
-    assert ("expected some of gather, int8, forward, row_size, graph_tuned, configs, floors"
+    assert ("expected some of gather, int8, forward, row_size, graph_tuned, auto_tuned, configs"
             in result.stderr)
     assert not (tmp_path / "kernel_variants.json").exists()
 
@@ -236,10 +236,12 @@ def test_kernel_variants_summary_names_each_winner_and_the_best_of_another_kind(
            "lanes 8 unroll 1 w2 0.0160 ms" in text
 
 
-def test_kernel_variants_graph_tuned_retunes_by_graph_time_then_measures(monkeypatch):
-    """The graph_tuned section (what a card call compares with the eager-tuned figures):
-    RECSERVE_TUNE_BY=graph, every tuner's picks forgotten first, then both forwards at each
-    size and, with int8, the bf16 and int8 gathers labelled graph-tuned."""
+@pytest.mark.parametrize("method", ["graph", "auto"])
+def test_kernel_variants_retunes_by_graph_or_auto_then_measures(monkeypatch, method):
+    """The graph_tuned and auto_tuned sections (what a card call compares with the
+    eager-tuned figures): RECSERVE_TUNE_BY=graph or auto, every tuner's picks forgotten
+    first, then both forwards at each size and, with int8, the bf16 and int8 gathers,
+    labelled by the method."""
     import kernel_variants as kv
 
     calls = []
@@ -254,14 +256,15 @@ def test_kernel_variants_graph_tuned_retunes_by_graph_time_then_measures(monkeyp
         def guarded(what, fn, *args):
             return fn(*args)
 
-    monkeypatch.setenv(kv.TUNE_BY_ENV, "eager")  # (restored after: graph_tuned sets it)
-    kv.graph_tuned(Rec(), {}, "spec", {}, "model", "dot", {}, "dot_model", [8192, 512], True)
+    monkeypatch.setenv(kv.TUNE_BY_ENV, "eager")  # (restored after: retuned sets it)
+    kv.retuned(Rec(), {}, "spec", {}, "model", "dot", {}, "dot_model", [8192, 512], True,
+               method)
     assert calls == [("forget",),
-                     ("forward", "dlrmv2 graph-tuned", 8192, "graph"),
-                     ("forward", "dlrmv2 graph-tuned", 512, "graph"),
-                     ("forward", "dlrm-dot graph-tuned", 8192, "graph"),
-                     ("forward", "dlrm-dot graph-tuned", 512, "graph"),
-                     ("int8", (8192, 512), "graph")]
+                     ("forward", f"dlrmv2 {method}-tuned", 8192, method),
+                     ("forward", f"dlrmv2 {method}-tuned", 512, method),
+                     ("forward", f"dlrm-dot {method}-tuned", 8192, method),
+                     ("forward", f"dlrm-dot {method}-tuned", 512, method),
+                     ("int8", (8192, 512), method)]
 
 
 def test_kernel_variants_row_sizes_check_every_dim_and_dtype(tmp_path):

@@ -6,6 +6,8 @@ CPU runs use Triton's interpreter (set by recserve.kernels on hosts without CUDA
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from kernel_params import DEVICES
@@ -572,3 +574,44 @@ def test_tuning_by_graph_times_in_a_cuda_graph_and_falls_back_to_eager(monkeypat
     monkeypatch.setenv("RECSERVE_TUNE_BY", "fastest")
     with pytest.raises(ValueError, match="RECSERVE_TUNE_BY='fastest'"):
         tuner.run(("d",), launch)
+
+
+@pytest.mark.parametrize("first_eager,first_graph,graph_fails,expected", [
+    (1.0, 0.3, False, "graph"),   # eager over 1.5x the graph's: it timed the launch
+    (1.0, 0.8, False, "eager"),   # close: the L2's state decides, as in the forward
+    (1.0, 0.3, True, "eager"),    # cannot be captured: eager launches
+])
+def test_tuning_auto_times_in_a_graph_only_where_the_eager_timing_is_the_launch(
+        monkeypatch, first_eager, first_graph, graph_fails, expected):
+    """``RECSERVE_TUNE_BY=auto`` times a key's first candidate eagerly and in a graph, then
+    every candidate in a graph where the eager timing was over ``LAUNCH_BOUND`` times the
+    graph's, else every candidate eagerly."""
+    from recserve.kernels import _common
+
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    monkeypatch.delenv("RECSERVE_AUTOTUNE", raising=False)
+    monkeypatch.setenv("RECSERVE_TUNE_BY", "auto")
+    eager_ms = {0: first_eager, 1: 0.5, 2: 2.0}  # eagerly, 1 is the fastest
+    graph_ms = {0: first_graph, 1: 0.4, 2: 0.1}  # in a graph, 2 is
+    chosen, timed = {}, []
+    monkeypatch.setattr(_common.torch.cuda, "current_stream",
+                        lambda: type("Stream", (), {"synchronize": lambda self: None})())
+
+    def bench(table, how):
+        def run(fn, **_):
+            fn()
+            if how == "graph" and graph_fails:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            timed.append((how, chosen["v"]))
+            return table[chosen["v"]]
+        return run
+
+    monkeypatch.setattr(_common.triton.testing, "do_bench", bench(eager_ms, "eager"))
+    monkeypatch.setattr(_common.triton.testing, "do_bench_cudagraph", bench(graph_ms, "graph"))
+    tuner = _common.SafeTuner("t", [{"v": 0}, {"v": 1}, {"v": 2}])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no fallback warning: auto chose eager outright)
+        best = tuner.run(("k",), lambda cfg: chosen.update(cfg))
+    probe = [("eager", 0)] + ([] if graph_fails else [("graph", 0)])
+    assert timed == probe + [(expected, v) for v in (0, 1, 2)]
+    assert best == ({"v": 2} if expected == "graph" else {"v": 1})
