@@ -27,22 +27,22 @@
 #                     (KERNEL_BENCH_ARGS, default --budget-s 60; --budget-s 200 with
 #                     BENCH_TIMEOUT_S=240 also reaches torch.compile)
 #   kernel-variants   bench/kernel_variants.py (VARIANTS_BENCH_ARGS, default --sections
-#                     forward,auto_tuned,graph_tuned --budget-s 150): both forwards tuned as
-#                     serving tunes them (eager launches), then with every kernel tuned anew
-#                     by RECSERVE_TUNE_BY=auto (in a graph only where the eager timing is
-#                     the launch's: not yet run on a card), then by its time in a graph, in a
-#                     warm process (where the tenth session's graph-tuned int8 gather once
-#                     went wrong: a failed check prints its diagnosis). Other sections: int8
-#                     (the int8 and bf16 gathers), floors (the gather against the same rows
-#                     read by the simplest reader, DCNv2's V against its plain GEMM and its
-#                     epilogue apart, every kernel against max(arithmetic, bytes) at the
-#                     run's own rates: bench/floors.py), both in the default until the
-#                     nineteenth session, as was --trial-configs (bench/RESULTS.md says how
-#                     each trial candidate did); row_size (a lookup's cost by row, byte or
-#                     line), configs (every gather config checked), fused_dot (dlrm-dot with
-#                     its dot interaction formed in the gather's launch: 385 us against 320
-#                     at B=8192 on the nineteenth session's H200, with its candidates that
-#                     form a program's rows 4 at a time: VARIANTS_BENCH_ARGS="--sections
+#                     floors,forward,auto_tuned,graph_tuned --budget-s 170): the floors (the
+#                     gather against the same rows read by the simplest reader, DCNv2's V
+#                     against its plain GEMM and its epilogue apart, every kernel against
+#                     max(arithmetic, bytes) at the run's own rates: bench/floors.py); both
+#                     forwards tuned as serving tunes them (eager launches), then with every
+#                     kernel tuned anew by RECSERVE_TUNE_BY=auto (in a graph only where the
+#                     eager timing is the launch's: not yet run on a card), then by its time
+#                     in a graph, in a warm process (where the tenth session's graph-tuned
+#                     int8 gather once went wrong: a failed check prints its diagnosis).
+#                     Other sections: int8 (the int8 and bf16 gathers: in the default until
+#                     the nineteenth session, as was --trial-configs; bench/RESULTS.md says
+#                     how each trial candidate did), row_size (a lookup's cost by row, byte
+#                     or line), configs (every gather config checked), fused_dot (dlrm-dot
+#                     with its dot interaction formed in the gather's launch: 385 us against
+#                     320 at B=8192 on the nineteenth session's H200, with its candidates
+#                     that form a program's rows 4 at a time: VARIANTS_BENCH_ARGS="--sections
 #                     forward,fused_dot --budget-s 150").
 #   pack-probe        bench/engine_gpu.py --pack-only: one thread's packs and the packing
 #                     ceiling of 1-6 threads, as they run and with glibc's non-temporal copies
@@ -136,7 +136,7 @@ step kernels-bench bash -c "timeout ${BENCH_TIMEOUT_S:-120} $PY bench/kernels.py
 
 # Gather and forward variants side by side, each checked against the torch reference.
 step kernel-variants bash -c "timeout ${VARIANTS_TIMEOUT_S:-200} $PY bench/kernel_variants.py \
-    '$OUT' ${VARIANTS_BENCH_ARGS:---sections forward,auto_tuned,graph_tuned --budget-s 150} \
+    '$OUT' ${VARIANTS_BENCH_ARGS:---sections floors,forward,auto_tuned,graph_tuned --budget-s 170} \
     >> '$OUT/bench.log' 2>&1; rc=\$?; \
     tail -n 18 '$OUT/bench.log'; exit \$rc"
 
