@@ -375,7 +375,7 @@ class GpuExecutor(Executor):
             self._wait_done(slot)  # this thread's only wait: the batch is done
             synced = self._host_stage(job.plan.seq, "host_wait", waiting)
             scores = slot.scores_out[:sizes.rows].numpy().copy()
-            bad = slot.bad_out[:sizes.requests].numpy().copy()
+            bad = slot.bad_out[:sizes.requests].numpy() != 0  # (a new array)
             self._account(job.plan.seq, slot)
             self._release(slot_index)
             done(JobResult(job, piece_results(job, scores, bad)))

@@ -35,6 +35,7 @@ class SlotState:
     dense_compute: torch.Tensor | None
     scores_out: torch.Tensor
     bad_out: torch.Tensor
+    """Each request's bad-id flag as the forward leaves it (int32, nonzero: bad)."""
     pool: object
     graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = field(
         default_factory=dict)
@@ -110,7 +111,7 @@ def new_slot(triton_model, layout: StagingLayout, device: torch.device,
               for s in stages for edge in ("start", "end")}
     return SlotState(host, on_device, dense_compute,
                      torch.zeros(rows, outputs, pin_memory=True),
-                     torch.zeros(rows + 1, dtype=torch.bool, pin_memory=True),
+                     torch.zeros(rows + 1, dtype=torch.int32, pin_memory=True),
                      torch.cuda.graph_pool_handle(), events=events, shared=memory,
                      host_tensors=as_tensors(host))
 

@@ -233,7 +233,7 @@ def test_programmatic_dependent_launch_gives_the_same_bits(monkeypatch, kind):
     prepared = model.prepare(batch)
     graph, (scores, flags) = capture_graph(model.forward_prepared, prepared)
     graph.replay()
-    assert torch.equal(scores, want) and torch.equal(flags, want_bad)
+    assert torch.equal(scores, want) and torch.equal(flags != 0, want_bad)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path")
