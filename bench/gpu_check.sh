@@ -27,14 +27,16 @@
 #                     (KERNEL_BENCH_ARGS, default --budget-s 60; --budget-s 200 with
 #                     BENCH_TIMEOUT_S=240 also reaches torch.compile)
 #   kernel-variants   bench/kernel_variants.py (VARIANTS_BENCH_ARGS, default --sections
-#                     floors,forward,auto_tuned,graph_tuned --budget-s 170): the floors (the
-#                     gather against the same rows read by the simplest reader, DCNv2's V
-#                     against its plain GEMM and its epilogue apart, every kernel against
-#                     max(arithmetic, bytes) at the run's own rates: bench/floors.py); both
-#                     forwards tuned as serving tunes them (eager launches), then with every
-#                     kernel tuned anew by RECSERVE_TUNE_BY=auto (in a graph only where the
-#                     eager timing is the launch's: not yet run on a card), then by its time
-#                     in a graph, in a warm process (where the tenth session's graph-tuned
+#                     floors,forward,fused_bottom,auto_tuned,graph_tuned --budget-s 180): the
+#                     floors (the gather against the same rows read by the simplest reader,
+#                     DCNv2's V against its plain GEMM and its epilogue apart, every kernel
+#                     against max(arithmetic, bytes) at the run's own rates:
+#                     bench/floors.py); both forwards tuned as serving tunes them (eager
+#                     launches), then with the bottom MLP in one launch (kernels/mlp.py: not
+#                     yet run on a card), then with every kernel tuned anew by
+#                     RECSERVE_TUNE_BY=auto (in a graph only where the eager timing is the
+#                     launch's: not yet run on a card), then by its time in a graph, in a
+#                     warm process (where the tenth session's graph-tuned
 #                     int8 gather once went wrong: a failed check prints its diagnosis).
 #                     Other sections: int8 (the int8 and bf16 gathers: in the default until
 #                     the nineteenth session, as was --trial-configs; bench/RESULTS.md says
@@ -68,7 +70,7 @@
 #
 # Other knobs: PYTHON (default python); RECSERVE_COMMIT (default git HEAD: the device's copy
 # of the tree has no .git, so pass it in); each step's limit in seconds: PYTEST_TIMEOUT_S
-# (240), BENCH_TIMEOUT_S (120), VARIANTS_TIMEOUT_S (200), PACK_TIMEOUT_S (60 a probe run),
+# (240), BENCH_TIMEOUT_S (120), VARIANTS_TIMEOUT_S (210), PACK_TIMEOUT_S (60 a probe run),
 # ENGINE_TIMEOUT_S (200), SINGLE_TIMEOUT_S (80), LOAD_TIMEOUT_S (60), WORKERS_TIMEOUT_S (120).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -135,8 +137,8 @@ step kernels-bench bash -c "timeout ${BENCH_TIMEOUT_S:-120} $PY bench/kernels.py
     tail -n 14 '$OUT/bench.log'; exit \$rc"
 
 # Gather and forward variants side by side, each checked against the torch reference.
-step kernel-variants bash -c "timeout ${VARIANTS_TIMEOUT_S:-200} $PY bench/kernel_variants.py \
-    '$OUT' ${VARIANTS_BENCH_ARGS:---sections floors,forward,auto_tuned,graph_tuned --budget-s 170} \
+step kernel-variants bash -c "timeout ${VARIANTS_TIMEOUT_S:-210} $PY bench/kernel_variants.py \
+    '$OUT' ${VARIANTS_BENCH_ARGS:---sections floors,forward,fused_bottom,auto_tuned,graph_tuned --budget-s 180} \
     >> '$OUT/bench.log' 2>&1; rc=\$?; \
     tail -n 18 '$OUT/bench.log'; exit \$rc"
 

@@ -16,7 +16,9 @@ multi-hot), most important first, each measurement guarded so one failure loses 
    against the PyTorch eager peer, with the device time per kernel from the profiler;
    with ``--sections forward,fused_dot``, ``dlrm-dot`` again with the dot interaction
    formed inside the gather's launch (``TritonModel.set_fused_dot``, ``kernels.gather_dot``;
-   it lost on the H200 of the nineteenth session: 385 us against 320 at B=8192); then
+   it lost on the H200 of the nineteenth session: 385 us against 320 at B=8192); with
+   ``fused_bottom``, both forwards with the bottom MLP in one launch
+   (``TritonModel.set_fused_bottom``, ``kernels.mlp``; not yet run on a card); then
    both again with programmatic dependent launch (``RECSERVE_PDL=1``: each kernel launches
    while the one before finishes; aimed at B=512, about 15 short kernels), ``dlrmv2`` with
    its bottom MLP on a side stream beside the gather
@@ -80,7 +82,7 @@ VARIANTS = {"first_run": (False, False), "aligned_prefetch": (True, True),
             "aligned": (True, False)}
 DEFAULT = "aligned_prefetch"
 SECTIONS = ("gather", "int8", "forward", "row_size", "graph_tuned", "auto_tuned", "configs",
-            "floors", "fused_dot")
+            "floors", "fused_dot", "fused_bottom")
 FAILURES: list[str] = []
 
 
@@ -436,7 +438,9 @@ def main() -> int:
                     "its epilogue apart and this run's arithmetic and byte floors; "
                     "bench/floors.py), fused_dot (with forward: dlrm-dot again with its dot "
                     "interaction formed inside the gather's launch, RECSERVE_FUSED_DOT; it "
-                    "lost on the H200: 385 us against 320 at B=8192)")
+                    "lost on the H200: 385 us against 320 at B=8192), fused_bottom (with forward: "
+                    "both forwards again with the bottom MLP in one launch, "
+                    "RECSERVE_FUSED_BOTTOM; not yet run on a card)")
     ap.add_argument("--row-size-rows", type=int, default=1_000_000,
                     help="rows per table in the row_size section (dim 256 bf16: 26 tables "
                     "of 512-byte rows, 13 GB at 1M)")
@@ -489,6 +493,14 @@ def main() -> int:
             bench_forward(rec, base, "dlrm-dot fused gather+dot", dot, dot_w, dot_model, b,
                           (DEFAULT,))
         dot_model.set_fused_dot(False)
+    if "fused_bottom" in sections:
+        for name, m, s, w in [("dlrmv2", model, spec, weights),
+                              ("dlrm-dot", dot_model, dot, dot_w)]:
+            if m is not None and m.set_fused_bottom(True):  # (kernels.mlp)
+                for b in args.sizes:
+                    bench_forward(rec, base, f"{name} bottom in one launch", s, w, m, b,
+                                  (DEFAULT,))
+                m.set_fused_bottom(False)
     retunes = [m for m in ("auto", "graph") if f"{m}_tuned" in sections]
     for method in retunes:  # before the older extras, so the time budget reaches them
         retuned(rec, base, spec, weights, model, dot, dot_w, dot_model, args.sizes,

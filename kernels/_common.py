@@ -79,6 +79,17 @@ def pdl_launch() -> dict:
     return {"USE_GDC": True, "launch_pdl": True} if pdl() else {}
 
 
+FUSED_BOTTOM_ENV = "RECSERVE_FUSED_BOTTOM"
+"""Set to 1 to run a model's bottom MLP in one launch (``fused_bottom``)."""
+
+
+def fused_bottom() -> bool:
+    """Whether a new ``TritonModel`` runs its bottom MLP (2 or 3 ReLU layers) in one launch
+    (``RECSERVE_FUSED_BOTTOM=1``: the server's models too; see ``TritonModel.
+    set_fused_bottom`` and ``mlp``); off: not yet measured on a card."""
+    return os.environ.get(FUSED_BOTTOM_ENV, "0") == "1"
+
+
 FUSED_DOT_ENV = "RECSERVE_FUSED_DOT"
 """Set to 1 to form dot models' interaction inside the gather's launch (``fused_dot``)."""
 

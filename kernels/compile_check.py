@@ -264,6 +264,25 @@ def _dot_jobs(quick: bool):
             yield it._dot_interaction_kernel, sig, const, {"num_warps": cfg["num_warps"]}, div16
 
 
+def _mlp_jobs(quick: bool):
+    """The bottom MLP in one launch (``mlp``) at dlrmv2's widths, 13 -> 512 -> 256 -> 128,
+    writing into E's x slice (row stride a multiple of 16), every config."""
+    from . import mlp
+
+    for dtype in (["bf16"] if quick else ["bf16", "fp32"]):
+        sig = {n: _PTR[dtype] for n in mlp._mlp_kernel.arg_names if n.endswith("_ptr")}
+        sig.update({n: "i32" for n in ("M", "K0", "N1", "N2", "N3", "stride_xm",
+                                        "stride_om", "stride_w1k", "stride_w2k",
+                                        "stride_w3k")})
+        for cfg in mlp.CONFIGS:
+            const = {"stride_xk": 1, "stride_on": 1, "stride_w1n": 1, "stride_w2n": 1,
+                     "stride_w3n": 1, "BLOCK_M": cfg["BLOCK_M"], "K0P": 16,
+                     "CHUNK": cfg["CHUNK"], "N2P": 256, "N_CHUNK": cfg["N_CHUNK"],
+                     "THREE": True, "IEEE": dtype == "fp32"}
+            yield (mlp._mlp_kernel, sig, const, {"num_warps": cfg["num_warps"]},
+                   ("N1", "N2", "N3", "stride_om", "stride_w1k", "stride_w2k", "stride_w3k"))
+
+
 def _pdl_jobs(quick: bool):
     """The first job of each kernel family again with programmatic dependent launch
     (``_common.pdl``): its ``griddepcontrol`` wait and trigger, and the launch option."""
@@ -286,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     failures = 0
     for jobs in (_embedding_jobs, _gather_dot_jobs, _linear_jobs, _split_k_jobs, _dot_jobs,
-                 _pdl_jobs):
+                 _mlp_jobs, _pdl_jobs):
         for fn, sig, const, options, div16 in jobs(args.quick):
             t0 = time.time()
             error, produced = _compile(fn, sig, const, options, args.arch, div16, args.spills)

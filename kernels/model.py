@@ -1,8 +1,9 @@
 """TritonModel: a whole spec'd model's forward on the recserve kernels.
 
 Per forward (``forward_prepared``), with E the embedding buffer and Z the top MLP input:
-bottom MLP (fused bias+ReLU GEMMs; once per request when every dense input is request
-scope) -> E's x slice; one table-batched gather launch per table dtype -> E's slices
+bottom MLP (fused bias+ReLU GEMMs, or with ``set_fused_bottom`` all its layers in one
+launch, see ``mlp``; once per request when every dense input is request scope) -> E's x
+slice; one table-batched gather launch per table dtype -> E's slices
 (request-scope bags gathered once per request); interaction (dot kernel E -> Z, or with
 ``set_fused_dot`` formed inside the last gather launch, see ``gather_dot``; cat: Z = E;
 dcnv2: fused cross GEMMs); top MLP with the first layer split W_u·u (per request) +
@@ -23,12 +24,13 @@ from recserve.engine.inputs import Batch
 from recserve.engine.spec import ModelSpec
 from recserve.engine.weights import check_weights
 
-from ._common import fused_dot
+from ._common import fused_bottom, fused_dot
 from .embedding_bag import BagFeature, PackedTables, embedding_bag
 from .gather_dot import ThenDot, counters
 from .interaction import cross_layer, dest_map, dot_interaction
 from .layout import build_layout
 from .linear import MAX_FINAL_H, MAX_FINAL_N, linear
+from .mlp import fits, fused_mlp
 from .prepare import PreparedBatch, prepare_batch
 
 
@@ -75,6 +77,8 @@ class TritonModel:
         self._side: torch.cuda.Stream | None = None
         self._fused: int | None = None
         self.set_fused_dot(fused_dot())
+        self._fused_bottom = False
+        self.set_fused_bottom(fused_bottom())
 
     def set_bottom_beside_gather(self, on: bool) -> None:
         """Run the bottom MLP on a side stream while the gather runs on the caller's (CUDA
@@ -84,6 +88,15 @@ class TritonModel:
         bits; off by default until a card's ``bench/kernel_variants.py`` says it pays."""
         wanted = on and self.device.type == "cuda" and bool(self.spec.dense)
         self._side = torch.cuda.Stream(self.device) if wanted else None
+
+    def set_fused_bottom(self, on: bool) -> bool:
+        """Run the bottom MLP in one launch (``mlp.fused_mlp``) instead of one a layer;
+        returns whether it is on: only for 2 or 3 layers that ``mlp.fits``. The same
+        rounding points, another summation order inside the second layer: the same scores
+        within the dtype's tolerance. Off by default (``RECSERVE_FUSED_BOTTOM=1`` turns it
+        on for every new model): not yet measured on a card."""
+        self._fused_bottom = on and fits(self.bottom) is None
+        return self._fused_bottom
 
     def set_fused_dot(self, on: bool) -> bool:
         """Form the dot interaction inside the gather's last launch (``gather_dot``) instead
@@ -221,9 +234,12 @@ class TritonModel:
         lay, spec = self.layout, self.spec
         x_cols = slice(lay.vector_cols[0], lay.vector_cols[0] + spec.bottom_out_dim)
         x = p.dense
-        for k, (w, b) in enumerate(self.bottom):
-            last = k == len(self.bottom) - 1 and not lay.x_request
-            x = linear(x, w, b, activation="relu", out=e[:, x_cols] if last else None)
+        if self._fused_bottom:
+            x = fused_mlp(x, self.bottom, out=None if lay.x_request else e[:, x_cols])
+        else:
+            for k, (w, b) in enumerate(self.bottom):
+                last = k == len(self.bottom) - 1 and not lay.x_request
+                x = linear(x, w, b, activation="relu", out=e[:, x_cols] if last else None)
         if lay.x_request or not self.bottom:
             e[:, x_cols] = x[p.row_request] if lay.x_request else x
 
