@@ -56,6 +56,19 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
     return tl.dot(a, b, acc)
 
 
+@triton.jit
+def _relu_layer(a, w_ptr, b_ptr, cols, n, k, kmask, stride_wn, stride_wk,
+                ROWS: tl.constexpr, WIDTH: tl.constexpr, IEEE: tl.constexpr):
+    """relu(a @ W[cols]^T + b[cols]) [ROWS, WIDTH] fp32: columns ``cols`` (those below
+    ``n``) of a layer whose inputs ``k`` (those in ``kmask``) are a's columns."""
+    cmask = cols < n
+    w = tl.load(w_ptr + cols[None, :] * stride_wn + k[:, None] * stride_wk,
+                mask=kmask[:, None] & cmask[None, :], other=0)  # [K, WIDTH]
+    b = tl.load(b_ptr + cols, mask=cmask, other=0).to(tl.float32)
+    return tl.maximum(_dot(a, w, tl.zeros([ROWS, WIDTH], dtype=tl.float32), IEEE) + b[None, :],
+                      0.0)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _mlp_kernel(
     x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, out_ptr,
@@ -81,14 +94,10 @@ def _mlp_kernel(
     acc2 = tl.zeros([BLOCK_M, N2P], dtype=tl.float32)
     for start in range(0, N1, CHUNK):
         n1 = start + c
-        n1mask = n1 < N1
-        w1 = tl.load(w1_ptr + n1[None, :] * stride_w1n + k0[:, None] * stride_w1k,
-                     mask=k0mask[:, None] & n1mask[None, :], other=0)  # [K0P, CHUNK]
-        b1 = tl.load(b1_ptr + n1, mask=n1mask, other=0).to(tl.float32)
-        h1 = _dot(x, w1, tl.zeros([BLOCK_M, CHUNK], dtype=tl.float32), IEEE) + b1[None, :]
-        h1 = tl.maximum(h1, 0.0).to(x_ptr.dtype.element_ty)  # (as layer 1 would store it)
+        h1 = _relu_layer(x, w1_ptr, b1_ptr, n1, N1, k0, k0mask, stride_w1n, stride_w1k,
+                         BLOCK_M, CHUNK, IEEE).to(x_ptr.dtype.element_ty)  # (as stored)
         w2 = tl.load(w2_ptr + n2[None, :] * stride_w2n + n1[:, None] * stride_w2k,
-                     mask=n1mask[:, None] & n2mask[None, :], other=0)  # [CHUNK, N2P]
+                     mask=(n1 < N1)[:, None] & n2mask[None, :], other=0)  # [CHUNK, N2P]
         acc2 = _dot(h1, w2, acc2, IEEE)
     b2 = tl.load(b2_ptr + n2, mask=n2mask, other=0).to(tl.float32)
     h2 = tl.maximum(acc2 + b2[None, :], 0.0).to(out_ptr.dtype.element_ty)
@@ -96,14 +105,10 @@ def _mlp_kernel(
         nc = tl.arange(0, N_CHUNK)
         for start in range(0, N3, N_CHUNK):
             n3 = start + nc
-            n3mask = n3 < N3
-            w3 = tl.load(w3_ptr + n3[None, :] * stride_w3n + n2[:, None] * stride_w3k,
-                         mask=n2mask[:, None] & n3mask[None, :], other=0)  # [N2P, N_CHUNK]
-            b3 = tl.load(b3_ptr + n3, mask=n3mask, other=0).to(tl.float32)
-            y = _dot(h2, w3, tl.zeros([BLOCK_M, N_CHUNK], dtype=tl.float32), IEEE)
-            y = tl.maximum(y + b3[None, :], 0.0)
+            y = _relu_layer(h2, w3_ptr, b3_ptr, n3, N3, n2, n2mask, stride_w3n, stride_w3k,
+                            BLOCK_M, N_CHUNK, IEEE)
             tl.store(out_ptr + rows64[:, None] * stride_om + n3[None, :] * stride_on,
-                     y.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & n3mask[None, :])
+                     y.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & (n3 < N3)[None, :])
     else:
         tl.store(out_ptr + rows64[:, None] * stride_om + n2[None, :] * stride_on, h2,
                  mask=rmask[:, None] & n2mask[None, :])
