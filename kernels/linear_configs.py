@@ -109,8 +109,8 @@ SPLIT_K_TILES = [
 # Deeper pipelines for few rows and a long K (eighteenth session). They lost on the H200
 # (nineteenth session, graph-tuned at B=512): 64x32x128 s7 10.1 us against s4's 9.8 for U,
 # 64x64x64 s8 11.5 against s4's 11.1 for the first top layer, so the K loop does not wait
-# on L2 as guessed below; trial candidates only. At
-# B=512 the four K = 3456 layers (DCNv2's U, the first top layer) take 10.9-16.3 us on the
+# on L2 as the eighteenth session guessed; trial candidates only. The guess: at B=512 the
+# four K = 3456 layers (DCNv2's U, the first top layer) take 10.9-16.3 us on the
 # H200 where their operands are 7-10 MB: the small-batch tiles put about one program on
 # each SM, each walking 27-54 K steps, and 4 stages keep 3 steps' loads in flight while
 # the step in use waits on L2. The same tiles with 6-8 stages keep 5-7 in flight (stages

@@ -77,7 +77,6 @@ class TritonModel:
         self._side: torch.cuda.Stream | None = None
         self._fused: int | None = None
         self.set_fused_dot(fused_dot())
-        self._fused_bottom = False
         self.set_fused_bottom(fused_bottom())
 
     def set_bottom_beside_gather(self, on: bool) -> None:

@@ -30,8 +30,9 @@ environment; their requests must carry that token.
 GPU kernel switches, also from the environment (off unless set; see bench/RESULTS.md for
 what each measured): RECSERVE_FUSED_DOT=1 forms a dot model's interaction inside its
 gather launch (slower on an H200: 385 us against 320 at B=8192); RECSERVE_FUSED_BOTTOM=1
-runs a model's bottom MLP (2 or 3 layers) in one launch (not yet measured); RECSERVE_PDL=1 launches
-each kernel while the one before it finishes (no gain on an H100 or an H200);
+runs a model's bottom MLP (2 or 3 layers) in one launch (not yet measured);
+RECSERVE_PDL=1 launches each kernel while the one before it finishes (no gain on an H100
+or an H200);
 RECSERVE_TRIAL_CONFIGS=1 also tunes the trial kernel configs (slower start);
 RECSERVE_AUTOTUNE=0 takes each kernel's first config untimed (fast start, slower kernels);
 RECSERVE_TUNE_BY=graph times the candidates in a CUDA graph instead of eager launches, and

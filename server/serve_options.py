@@ -20,8 +20,10 @@ PACK_IN = ("auto", "thread", "process")
 # card idle between batches (0.57 of the bare forward, eighth session). On the seventeenth
 # session's H200, 8192-row requests, paired runs: 6 slots 0.92 and 0.91 of the bare forward,
 # 4 slots 0.91 and 0.77; ranking-sized requests 0.29 and 0.25 against 0.28 and 0.29, bound by
-# packing either way (bench/RESULTS.md). cpu: measured on a 2-core machine with
-# bench/server.py (demo model, ranking traffic over loopback); see DEFAULTS_NOTE.
+# packing either way; on the nineteenth's H200 host, which packed slower, 6 slots 0.70
+# against 0.72 and 0.77 with 4: no clear winner yet (bench/RESULTS.md). cpu: measured on
+# a 2-core machine with bench/server.py (demo model, ranking traffic over loopback); see
+# DEFAULTS_NOTE.
 DEVICE_DEFAULTS = {
     "cuda": EngineSettings(slots=6),
     "cpu": EngineSettings(max_batch_rows=2048, buckets=(256, 512, 1024, 2048), slots=1),
