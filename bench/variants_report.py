@@ -84,12 +84,12 @@ def chain_floor(record: dict) -> dict | None:
 _KINDS = {"PER_SM": "persistent", "SPLIT_K": "split-K", "EPILOGUE_FIRST": "epilogue first",
           "L2_KEEP": "L2 keep", "BATCHED": "batched", "SMALL_LAST": "small tables last",
           "STAGGER": "staggered", "SUBTILE": "sliced epilogue", "maxnreg": "registers <=",
-          "GRAM_ROWS": "Grams of rows together:"}
+          "GRAM_ROWS": "Grams of rows together:", "PROGRAM_ROWS": "rows a program"}
 
 
-_COUNTED = ("SPLIT_K", "PER_SM", "SUBTILE", "maxnreg", "GRAM_ROWS")
+_COUNTED = ("SPLIT_K", "PER_SM", "SUBTILE", "maxnreg", "GRAM_ROWS", "PROGRAM_ROWS")
 """Kinds labelled with their count (K slices, programs an SM, epilogue slices, the
-register cap, rows a Gram product)."""
+register cap, rows a Gram product, a gather program's rows)."""
 _ONE_IS_PLAIN = ("SPLIT_K", "SUBTILE", "GRAM_ROWS")
 """Kinds whose count 1 is the plain kernel (one K slice, the whole epilogue at once, one
 row's Gram a product; one persistent program an SM is still persistent)."""

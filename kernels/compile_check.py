@@ -140,7 +140,13 @@ def _embedding_jobs(quick: bool):
             sig = {n: "*i32" for n in eb._embedding_bag_kernel.arg_names if n.endswith("_ptr")}
             sig.update(table_ptr=_PTR[table], weights_ptr="*fp32",
                        out_ptr=_PTR[out], meta_ptr="*i64", out_stride="i32")
+            seen = set()  # (configs differing only in ROWS, host-side, compile once)
             for cfg in eb.CONFIGS + eb.TRIAL_CONFIGS + [None]:
+                if cfg is not None and "PROGRAM_ROWS" in cfg:
+                    kernel = tuple(sorted((k, v) for k, v in cfg.items() if k != "PROGRAM_ROWS"))
+                    if kernel in seen:
+                        continue
+                    seen.add(kernel)
                 # (ALIGN, PREFETCH): the launcher's candidates for dim-128 tables, for odd
                 # dims (no alignment hint), and (None) the proven fallback of the first run
                 # (and the L2 hint of kept tables, on the unpipelined configs)
@@ -153,7 +159,8 @@ def _embedding_jobs(quick: bool):
                     const = {"BAGS": cfg["BAGS"], "LANES": cfg["LANES"], "BLOCK_D": 128,
                              "QUANT": table == "u8", "WEIGHTED": table != "fp32",
                              "ALIGN": align, "PREFETCH": prefetch and cfg["STAGES"] == 1,
-                             "UNROLL": cfg["UNROLL"], "STAGES": cfg["STAGES"], "L2_KEEP": keep}
+                             "UNROLL": cfg["UNROLL"], "STAGES": cfg["STAGES"], "L2_KEEP": keep,
+                             "MULTI_TILE": cfg.get("PROGRAM_ROWS", 0) > 0}
                     yield (eb._embedding_bag_kernel, sig, const,
                            {"num_warps": cfg["num_warps"]}, ("out_stride",))
 
@@ -169,6 +176,8 @@ def _gather_dot_jobs(quick: bool):
         # the launcher's own rule: which gather configs it takes, which it also caps
         config = {"BAGS": const["BAGS"], "ALIGN": const["ALIGN"], **options}
         variants = gd.ThenDot.candidates([config])
+        if const.pop("MULTI_TILE"):  # (the fused launch takes one tile a program)
+            continue
         if not variants or (quick and (sig["table_ptr"] != "*bf16" or const["L2_KEEP"])):
             continue
         out = sig["out_ptr"]

@@ -22,7 +22,10 @@ Scope and limits:
   ``LANES`` positions per step; their programs are ordered first so they never form the
   tail (then, as a tuning candidate, the rest by their table's bytes, the small tables'
   programs last, so their rows meet again in L2: ``SMALL_LAST``, ``tables.program_order``).
-  Short bags take ``BAGS`` bags per program, one position each per step. UNROLL 2 (or 4)
+  Short bags take ``BAGS`` bags per program, one position each per step. With
+  ``PROGRAM_ROWS`` a program pools several such tiles (or several long bags) one after
+  another, about that many rows by each feature's ``max_bag``, fetching the next tile's
+  bounds and first ids while this tile's rows load (``tables.feature_tiles``). UNROLL 2 (or 4)
   issues two (four) steps' loads at once, and ids are prefetched a step ahead (``PREFETCH``);
   STAGES > 1 pipelines the loop instead, rows staged in shared memory a few steps ahead.
 - Row loads and stores are 16 bytes wide when every table base, dim and out column is a
@@ -76,6 +79,18 @@ CONFIGS = [
     {"BAGS": 16, "LANES": 16, "UNROLL": 1, "STAGES": 3, "num_warps": 4},
     {"BAGS": 16, "LANES": 16, "UNROLL": 1, "STAGES": 4, "num_warps": 4},
     {"BAGS": 8, "LANES": 8, "UNROLL": 1, "STAGES": 4, "num_warps": 2},
+    # Several tiles a program (PROGRAM_ROWS: about that many rows a program, by each
+    # feature's max_bag, ``tables.feature_tiles``; host-side, so a base config compiles once
+    # for all of them), the next tile's bounds and first ids fetched during this tile's
+    # rows. At B=8192 the H200's pick (8 bags, 8 lanes, 2 warps) runs ~70k programs for
+    # dlrmv2, most of them a few rows after a chain of four dependent loads (program map,
+    # metadata, bag bounds, ids); the plain reader of the same rows fell from 286 to 106 us
+    # as its programs went from 32 to 256 rows (bench/notes-kernels.md, twentieth session).
+    {"BAGS": 8, "LANES": 8, "UNROLL": 1, "STAGES": 1, "num_warps": 2, "PROGRAM_ROWS": 32},
+    {"BAGS": 8, "LANES": 8, "UNROLL": 1, "STAGES": 1, "num_warps": 2, "PROGRAM_ROWS": 64},
+    {"BAGS": 8, "LANES": 8, "UNROLL": 1, "STAGES": 1, "num_warps": 2, "PROGRAM_ROWS": 128},
+    {"BAGS": 16, "LANES": 16, "UNROLL": 1, "STAGES": 1, "num_warps": 4, "PROGRAM_ROWS": 64},
+    {"BAGS": 16, "LANES": 16, "UNROLL": 1, "STAGES": 1, "num_warps": 4, "PROGRAM_ROWS": 256},
 ]
 # Trial candidates (``trial_configs``; fourteenth session; they lost on the seventeenth's
 # H200 at B=8192: bf16 0.182 ms against 0.158, int8 0.219 against 0.171): four tiles'
@@ -109,8 +124,10 @@ def _embedding_bag_kernel(
     QUANT: tl.constexpr, WEIGHTED: tl.constexpr, ALIGN: tl.constexpr,
     PREFETCH: tl.constexpr, UNROLL: tl.constexpr, STAGES: tl.constexpr,
     USE_GDC: tl.constexpr = False, L2_KEEP: tl.constexpr = False,
+    MULTI_TILE: tl.constexpr = False,
 ):
-    """One program pools BAGS short bags, or one long bag LANES positions at a time.
+    """One program pools BAGS short bags, or one long bag LANES positions at a time; with
+    MULTI_TILE, its feature's ``tiles`` (meta) such tiles or long bags, one after another.
 
     table [sum rows * row_stride] flat (QUANT: uint8 rows with their fp32 scale and offset
     inline, see ``PackedTables``),
@@ -119,7 +136,7 @@ def _embedding_bag_kernel(
     (CSR: offsets shifted by one), weights [nnz] fp32 (WEIGHTED),
     out [B, out_stride] (columns out_col .. out_col+dim per feature), bad [R] int32,
     row_request [B], request_offsets [R + 1], prog_feature [programs] int32,
-    meta [F, 9] int64 (see ``_META_COLS``).
+    meta [F, 10] int64 (see ``_META_COLS``).
     """
     if USE_GDC:  # launched early (PDL): nothing is read before the previous kernel is done
         tl.extra.cuda.gdc_wait()
@@ -127,7 +144,7 @@ def _embedding_bag_kernel(
     _pool_program(tl.program_id(0), table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
                   out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr, prog_feature_ptr,
                   meta_ptr, out_stride, BAGS, LANES, BLOCK_D, QUANT, WEIGHTED, ALIGN, PREFETCH,
-                  UNROLL, STAGES, L2_KEEP)
+                  UNROLL, STAGES, L2_KEEP, 0, MULTI_TILE)
 
 
 _tuner = SafeTuner("embedding_bag", CONFIGS)
@@ -217,7 +234,8 @@ def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices:
     def launch(cfg: dict) -> None:
         meta, prog_feature, programs = launch_plan(
             packed, features, num_rows, num_requests, cfg["BAGS"], cfg["LANES"], kept,
-            cfg.get("SMALL_LAST", False), 0 if then_dot is None else GROUP)
+            cfg.get("SMALL_LAST", False), 0 if then_dot is None else GROUP,
+            cfg.get("PROGRAM_ROWS", 0))
         args = (packed.data, indices, offsets, ends, weights if weighted else indices, out, bad,
                 row_request, request_offsets, prog_feature, meta)
         params = dict(BAGS=cfg["BAGS"], LANES=cfg["LANES"], BLOCK_D=block_d,
@@ -226,7 +244,8 @@ def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices:
                       L2_KEEP=cfg.get("L2_KEEP", False), num_warps=cfg["num_warps"],
                       **pdl_launch())
         if then_dot is None:
-            _embedding_bag_kernel[(programs,)](*args, out.stride(0), **params)
+            multi = cfg.get("PROGRAM_ROWS", 0) > 0
+            _embedding_bag_kernel[(programs,)](*args, out.stride(0), MULTI_TILE=multi, **params)
         else:
             then_dot.launch(programs, args, out, len(features), params, cfg)
 
@@ -245,7 +264,9 @@ def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices:
     if then_dot is None:
         _tuner.run(key, launch, candidates, outputs)
     else:
-        _dot_tuner.run(key + then_dot.key(), launch, then_dot.candidates(candidates), outputs)
+        # (the fused launch counts a program's rows as one tile's: no multi-tile programs)
+        single = [c for c in candidates if not c.get("PROGRAM_ROWS")]
+        _dot_tuner.run(key + then_dot.key(), launch, then_dot.candidates(single), outputs)
     return bad
 
 

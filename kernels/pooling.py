@@ -87,17 +87,40 @@ def _step_ids(indices_ptr, nxt, pos, valid, pos_next, valid_next, PREFETCH: tl.c
 
 
 @triton.jit
-def _add_one(table_ptr, indices_ptr, weights_ptr, acc, bad, nxt, pos, end, STEP: tl.constexpr,
-             elem_base, row_stride, rows, dim, flags, d, dmask,
+def _add_one(table_ptr, indices_ptr, weights_ptr, acc, bad, nxt, pos, valid, pos_next,
+             valid_next, elem_base, row_stride, rows, dim, flags, d, dmask,
              QUANT: tl.constexpr, WEIGHTED: tl.constexpr, PREFETCH: tl.constexpr,
              L2_KEEP: tl.constexpr):
-    """One step of a pooling loop: acc + the rows at positions ``pos`` (those before
-    ``end``); the next step's ids are ``pos + STEP`` (loaded now when prefetching)."""
-    idx, nxt = _step_ids(indices_ptr, nxt, pos, pos < end, pos + STEP, pos + STEP < end,
-                         PREFETCH)
-    vals, b = _gather(table_ptr, weights_ptr, idx, pos, pos < end, elem_base, row_stride,
+    """One step of a pooling loop: acc + the rows at positions ``pos`` (where ``valid``);
+    the next step's ids are at ``pos_next`` (loaded now when prefetching)."""
+    idx, nxt = _step_ids(indices_ptr, nxt, pos, valid, pos_next, valid_next, PREFETCH)
+    vals, b = _gather(table_ptr, weights_ptr, idx, pos, valid, elem_base, row_stride,
                       rows, dim, flags, d, dmask, QUANT, WEIGHTED, L2_KEEP)
     return acc + vals, bad | b, nxt
+
+
+@triton.jit
+def _ahead(last, pos_here, valid_here, pos_there, valid_there, MULTI_TILE: tl.constexpr):
+    """The positions (and their validity) whose ids a step prefetches: the next step's of
+    this bag (or tile), or, with MULTI_TILE on its ``last`` step, the first step's of the
+    program's next bag (or tile, none past the program's last: ``valid_there`` is then
+    False), so a program's bags follow one another without waiting on ids."""
+    if MULTI_TILE:
+        pos, valid = tl.where(last, pos_there, pos_here), tl.where(last, valid_there, valid_here)
+    else:
+        pos, valid = pos_here, valid_here
+    return pos, valid
+
+
+@triton.jit
+def _steps(length, MULTI_TILE: tl.constexpr):
+    """A bag's (or a tile's) loop steps: its longest bag's positions; with MULTI_TILE at
+    least one (a masked step, adding zeros), so the next bag's ids are fetched even past an
+    empty one."""
+    steps = tl.max(length, axis=0)
+    if MULTI_TILE:
+        steps = tl.maximum(steps, 1)
+    return steps
 
 
 @triton.jit
@@ -158,48 +181,75 @@ def _pool_long(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
                elem_base, row_stride, rows, dim, bag_base, num_bags, out_col, local, flags,
                out_stride, LANES: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr,
                WEIGHTED: tl.constexpr, PREFETCH: tl.constexpr, UNROLL: tl.constexpr,
-               STAGES: tl.constexpr, L2_KEEP: tl.constexpr):
-    """Bag ``local`` of a long-bag feature, LANES positions per step, one [LANES, D] tile."""
+               STAGES: tl.constexpr, L2_KEEP: tl.constexpr, tiles, MULTI_TILE: tl.constexpr):
+    """Bags local*tiles .. +tiles of a long-bag feature, one after another, each LANES
+    positions per step in one [LANES, D] tile (UNROLL such tiles per step)."""
     d = tl.arange(0, BLOCK_D)
     dmask = d < dim
-    bags = local + tl.arange(0, 1)
+    bags = local * tiles + tl.arange(0, 1)
     bmask = bags < num_bags
     start = tl.load(offsets_ptr + bag_base + bags, mask=bmask, other=0).to(tl.int64)
     end = tl.load(ends_ptr + bag_base + bags, mask=bmask, other=0).to(tl.int64)
     lanes = tl.arange(0, LANES)
-    acc = tl.zeros([LANES, BLOCK_D], dtype=tl.float32)
-    bad = tl.zeros([LANES], dtype=tl.int32)
+    tl.static_assert(UNROLL == 1 or UNROLL == 2 or UNROLL == 4)
     if UNROLL == 1:
         nxt = _first_ids(indices_ptr, start + lanes, start + lanes < end, PREFETCH)
-        # STAGES > 1: rows staged through shared memory, STAGES - 1 steps ahead
-        for j in tl.range(0, tl.max(end - start, axis=0), LANES, num_stages=STAGES):
-            acc, bad, nxt = _add_one(table_ptr, indices_ptr, weights_ptr, acc, bad, nxt,
-                                     start + j + lanes, end, LANES, elem_base, row_stride,
-                                     rows, dim, flags, d, dmask, QUANT, WEIGHTED, PREFETCH,
-                                     L2_KEEP)
-    else:
-        # UNROLL (2 or 4) [LANES, D] tiles per step: positions j + lanes + LANES * u
-        tl.static_assert(UNROLL == 2 or UNROLL == 4)
+    else:  # UNROLL [LANES, D] tiles per step: positions j + lanes + LANES * u
         posu = start + lanes[:, None] + LANES * tl.arange(0, UNROLL)[None, :]
         nxt = _first_ids(indices_ptr, posu, posu < end, PREFETCH)
-        for j in range(0, tl.max(end - start, axis=0), UNROLL * LANES):
-            ids, nxt = _step_ids(indices_ptr, nxt, posu + j, posu + j < end,
-                                 posu + j + UNROLL * LANES, posu + j + UNROLL * LANES < end,
-                                 PREFETCH)
-            pos = start + j + lanes
-            if UNROLL == 2:
-                acc, bad = _add_two(table_ptr, weights_ptr, ids, acc, bad, pos, pos < end,
-                                    pos + LANES, pos + LANES < end, elem_base, row_stride,
-                                    rows, dim, flags, d, dmask, QUANT, WEIGHTED, L2_KEEP)
-            else:
-                p2, p3 = pos + 2 * LANES, pos + 3 * LANES
-                acc, bad = _add_four(table_ptr, weights_ptr, ids, acc, bad, pos, pos < end,
-                                     pos + LANES, pos + LANES < end, p2, p2 < end, p3, p3 < end,
-                                     elem_base, row_stride, rows, dim, flags, d, dmask, LANES,
-                                     QUANT, WEIGHTED, L2_KEEP)
-    # The lanes' partial sums are added in a fixed pairwise tree, not by tl.sum, whose
-    # order follows the register layout: that changes with the load width (int8 rows with
-    # 16-byte loads), and int8 results differed in the last bits between variants.
+    for _ in range(tiles):
+        bags_n = bags + 1
+        if MULTI_TILE:  # the program's next bag's bounds, loaded before this bag's rows
+            bmask_n = bags_n < tl.minimum(num_bags, (local + 1) * tiles)
+            start_n = tl.load(offsets_ptr + bag_base + bags_n, mask=bmask_n, other=0).to(tl.int64)
+            end_n = tl.load(ends_ptr + bag_base + bags_n, mask=bmask_n, other=0).to(tl.int64)
+        else:  # (one bag a program: no next one)
+            bmask_n, start_n, end_n = bmask, start, end
+        steps = _steps(end - start, MULTI_TILE)
+        acc = tl.zeros([LANES, BLOCK_D], dtype=tl.float32)
+        bad = tl.zeros([LANES], dtype=tl.int32)
+        if UNROLL == 1:
+            # STAGES > 1: rows staged through shared memory, STAGES - 1 steps ahead
+            for j in tl.range(0, steps, LANES, num_stages=STAGES):
+                pos = start + j + lanes
+                pos_next, valid_next = _ahead(j + LANES >= steps, pos + LANES, pos + LANES < end,
+                                              start_n + lanes, start_n + lanes < end_n,
+                                              MULTI_TILE)
+                acc, bad, nxt = _add_one(table_ptr, indices_ptr, weights_ptr, acc, bad, nxt,
+                                         pos, pos < end, pos_next, valid_next, elem_base,
+                                         row_stride, rows, dim, flags, d, dmask, QUANT,
+                                         WEIGHTED, PREFETCH, L2_KEEP)
+        else:
+            posu = start + lanes[:, None] + LANES * tl.arange(0, UNROLL)[None, :]
+            posu_n = start_n + lanes[:, None] + LANES * tl.arange(0, UNROLL)[None, :]
+            for j in range(0, steps, UNROLL * LANES):
+                later = posu + j + UNROLL * LANES
+                pos_next, valid_next = _ahead(j + UNROLL * LANES >= steps, later, later < end,
+                                              posu_n, posu_n < end_n, MULTI_TILE)
+                ids, nxt = _step_ids(indices_ptr, nxt, posu + j, posu + j < end, pos_next,
+                                     valid_next, PREFETCH)
+                pos = start + j + lanes
+                if UNROLL == 2:
+                    acc, bad = _add_two(table_ptr, weights_ptr, ids, acc, bad, pos, pos < end,
+                                        pos + LANES, pos + LANES < end, elem_base, row_stride,
+                                        rows, dim, flags, d, dmask, QUANT, WEIGHTED, L2_KEEP)
+                else:
+                    p2, p3 = pos + 2 * LANES, pos + 3 * LANES
+                    acc, bad = _add_four(table_ptr, weights_ptr, ids, acc, bad, pos, pos < end,
+                                         pos + LANES, pos + LANES < end, p2, p2 < end, p3,
+                                         p3 < end, elem_base, row_stride, rows, dim, flags, d,
+                                         dmask, LANES, QUANT, WEIGHTED, L2_KEEP)
+        _finish(_lanes_sum(acc, LANES, BLOCK_D), end - start,
+                tl.expand_dims(tl.max(bad, axis=0), 0), bags, bmask, out_ptr, bad_ptr,
+                row_request_ptr, request_offsets_ptr, out_stride, out_col, dim, flags, d, dmask)
+        bags, bmask, start, end = bags_n, bmask_n, start_n, end_n
+
+
+@triton.jit
+def _lanes_sum(acc, LANES: tl.constexpr, BLOCK_D: tl.constexpr):
+    """[LANES, D] -> [1, D]: the lanes' partial sums added in a fixed pairwise tree, not by
+    tl.sum, whose order follows the register layout: that changes with the load width (int8
+    rows with 16-byte loads), and int8 results differed in the last bits between variants."""
     tl.static_assert(LANES >= 2 and LANES <= 32)
     if LANES >= 32:
         acc = _halve(acc, 32, BLOCK_D)
@@ -209,10 +259,7 @@ def _pool_long(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
         acc = _halve(acc, 8, BLOCK_D)
     if LANES >= 4:
         acc = _halve(acc, 4, BLOCK_D)
-    pooled = _halve(acc, 2, BLOCK_D)
-    _finish(pooled, end - start, tl.expand_dims(tl.max(bad, axis=0), 0), bags, bmask, out_ptr,
-            bad_ptr, row_request_ptr, request_offsets_ptr, out_stride, out_col, dim, flags, d,
-            dmask)
+    return _halve(acc, 2, BLOCK_D)
 
 
 @triton.jit
@@ -229,46 +276,64 @@ def _pool_short(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
                 elem_base, row_stride, rows, dim, bag_base, num_bags, out_col, local, flags,
                 out_stride, BAGS: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr,
                 WEIGHTED: tl.constexpr, PREFETCH: tl.constexpr, UNROLL: tl.constexpr,
-                STAGES: tl.constexpr, L2_KEEP: tl.constexpr):
-    """Bags local*BAGS .. +BAGS of a short-bag feature, one position of each per step."""
+                STAGES: tl.constexpr, L2_KEEP: tl.constexpr, tiles, MULTI_TILE: tl.constexpr):
+    """``tiles`` tiles of BAGS bags of a short-bag feature (bags local*BAGS*tiles ..
+    +BAGS*tiles), one tile after another, one position of each bag per step."""
     d = tl.arange(0, BLOCK_D)
     dmask = d < dim
-    bags = local * BAGS + tl.arange(0, BAGS)
+    bags = local * (BAGS * tiles) + tl.arange(0, BAGS)
     bmask = bags < num_bags
     start = tl.load(offsets_ptr + bag_base + bags, mask=bmask, other=0).to(tl.int64)
     length = tl.load(ends_ptr + bag_base + bags, mask=bmask, other=0) - start
-    acc = tl.zeros([BAGS, BLOCK_D], dtype=tl.float32)
-    bad = tl.zeros([BAGS], dtype=tl.int32)
+    tl.static_assert(UNROLL == 1 or UNROLL == 2 or UNROLL == 4)
+    u = tl.arange(0, UNROLL)[None, :]  # (UNROLL > 1: positions j + u of each bag per step)
     if UNROLL == 1:
         nxt = _first_ids(indices_ptr, start, length > 0, PREFETCH)
-        # STAGES > 1: rows staged through shared memory, STAGES - 1 steps ahead
-        for j in tl.range(0, tl.max(length, axis=0), num_stages=STAGES):
-            acc, bad, nxt = _add_one(table_ptr, indices_ptr, weights_ptr, acc, bad, nxt,
-                                     start + j, start + length, 1, elem_base, row_stride,
-                                     rows, dim, flags, d, dmask, QUANT, WEIGHTED, PREFETCH,
-                                     L2_KEEP)
     else:
-        # UNROLL (2 or 4) positions of each bag per step
-        tl.static_assert(UNROLL == 2 or UNROLL == 4)
-        u = tl.arange(0, UNROLL)[None, :]
         nxt = _first_ids(indices_ptr, start[:, None] + u, u < length[:, None], PREFETCH)
-        for j in range(0, tl.max(length, axis=0), UNROLL):
-            ids, nxt = _step_ids(indices_ptr, nxt, start[:, None] + j + u,
-                                 j + u < length[:, None], start[:, None] + j + UNROLL + u,
-                                 j + UNROLL + u < length[:, None], PREFETCH)
-            if UNROLL == 2:
-                acc, bad = _add_two(table_ptr, weights_ptr, ids, acc, bad, start + j,
-                                    j < length, start + j + 1, j + 1 < length, elem_base,
-                                    row_stride, rows, dim, flags, d, dmask, QUANT, WEIGHTED,
-                                    L2_KEEP)
-            else:
-                acc, bad = _add_four(table_ptr, weights_ptr, ids, acc, bad, start + j,
-                                     j < length, start + j + 1, j + 1 < length, start + j + 2,
-                                     j + 2 < length, start + j + 3, j + 3 < length, elem_base,
-                                     row_stride, rows, dim, flags, d, dmask, BAGS, QUANT,
-                                     WEIGHTED, L2_KEEP)
-    _finish(acc, length, bad, bags, bmask, out_ptr, bad_ptr, row_request_ptr,
-            request_offsets_ptr, out_stride, out_col, dim, flags, d, dmask)
+    for _ in range(tiles):
+        bags_n = bags + BAGS
+        if MULTI_TILE:  # the program's next tile's bounds, loaded before this tile's rows
+            bmask_n = bags_n < tl.minimum(num_bags, (local + 1) * (BAGS * tiles))
+            start_n = tl.load(offsets_ptr + bag_base + bags_n, mask=bmask_n, other=0).to(tl.int64)
+            length_n = tl.load(ends_ptr + bag_base + bags_n, mask=bmask_n, other=0) - start_n
+        else:  # (one tile a program: no next one)
+            bmask_n, start_n, length_n = bmask, start, length
+        steps = _steps(length, MULTI_TILE)
+        acc = tl.zeros([BAGS, BLOCK_D], dtype=tl.float32)
+        bad = tl.zeros([BAGS], dtype=tl.int32)
+        if UNROLL == 1:
+            # STAGES > 1: rows staged through shared memory, STAGES - 1 steps ahead
+            for j in tl.range(0, steps, num_stages=STAGES):
+                pos, end = start + j, start + length
+                pos_next, valid_next = _ahead(j + 1 >= steps, pos + 1, pos + 1 < end, start_n,
+                                              length_n > 0, MULTI_TILE)
+                acc, bad, nxt = _add_one(table_ptr, indices_ptr, weights_ptr, acc, bad, nxt,
+                                         pos, pos < end, pos_next, valid_next, elem_base,
+                                         row_stride, rows, dim, flags, d, dmask, QUANT,
+                                         WEIGHTED, PREFETCH, L2_KEEP)
+        else:
+            for j in range(0, steps, UNROLL):
+                pos_next, valid_next = _ahead(j + UNROLL >= steps, start[:, None] + j + UNROLL + u,
+                                              j + UNROLL + u < length[:, None],
+                                              start_n[:, None] + u, u < length_n[:, None],
+                                              MULTI_TILE)
+                ids, nxt = _step_ids(indices_ptr, nxt, start[:, None] + j + u,
+                                     j + u < length[:, None], pos_next, valid_next, PREFETCH)
+                if UNROLL == 2:
+                    acc, bad = _add_two(table_ptr, weights_ptr, ids, acc, bad, start + j,
+                                        j < length, start + j + 1, j + 1 < length, elem_base,
+                                        row_stride, rows, dim, flags, d, dmask, QUANT,
+                                        WEIGHTED, L2_KEEP)
+                else:
+                    acc, bad = _add_four(table_ptr, weights_ptr, ids, acc, bad, start + j,
+                                         j < length, start + j + 1, j + 1 < length,
+                                         start + j + 2, j + 2 < length, start + j + 3,
+                                         j + 3 < length, elem_base, row_stride, rows, dim,
+                                         flags, d, dmask, BAGS, QUANT, WEIGHTED, L2_KEEP)
+        _finish(acc, length, bad, bags, bmask, out_ptr, bad_ptr, row_request_ptr,
+                request_offsets_ptr, out_stride, out_col, dim, flags, d, dmask)
+        bags, bmask, start, length = bags_n, bmask_n, start_n, length_n
 
 
 @triton.jit
@@ -278,19 +343,21 @@ def _pool_program(pid, table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_pt
                   BLOCK_D: tl.constexpr, QUANT: tl.constexpr, WEIGHTED: tl.constexpr,
                   ALIGN: tl.constexpr, PREFETCH: tl.constexpr, UNROLL: tl.constexpr,
                   STAGES: tl.constexpr, L2_KEEP: tl.constexpr,
-                  BLOCK_MAJOR: tl.constexpr = 0):
+                  BLOCK_MAJOR: tl.constexpr = 0, MULTI_TILE: tl.constexpr = False):
     """Program ``pid`` of a gather launch: its feature's metadata (``tables._META_COLS``),
     then its bags pooled and stored. Returns (its first bag, the number of bags it pooled):
     a plain gather ignores them, the fused gather + dot counts rows with them
     (``gather_dot``). BLOCK_MAJOR > 0: the program map holds feature + BLOCK_MAJOR * the
     program's index within its feature (``tables.launch_plan``'s ``block_rows``, with
-    ``tables.FEATURE_SLOTS``)."""
+    ``tables.FEATURE_SLOTS``). MULTI_TILE: the program pools its feature's ``tiles`` (meta)
+    tiles of bags one after another, each tile's first ids fetched during the previous
+    tile's last rows; otherwise one tile (the same code as before there were tiles)."""
     word = tl.load(prog_feature_ptr + pid).to(tl.int64)
     if BLOCK_MAJOR > 0:
         f = word % BLOCK_MAJOR
     else:
         f = word
-    meta = meta_ptr + f * 9
+    meta = meta_ptr + f * 10
     # ALIGN (host-computed gcd, see ``alignment``) divides every table base, row stride, dim,
     # out column and the out row stride: telling the compiler lets it issue 16-byte row loads and
     # stores instead of one element per instruction (it cannot see values read from meta).
@@ -307,19 +374,23 @@ def _pool_program(pid, table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_pt
     else:
         local = pid - tl.load(meta + 7)
     flags = tl.load(meta + 8)
+    if MULTI_TILE:
+        tiles = tl.load(meta + 9).to(tl.int32)
+    else:
+        tiles = 1
     if (flags & 8) != 0:
         _pool_long(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
                    out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
                    elem_base, row_stride, rows, dim, bag_base, num_bags, out_col, local, flags,
                    out_stride, LANES, BLOCK_D, QUANT, WEIGHTED, PREFETCH, UNROLL, STAGES,
-                   L2_KEEP)
+                   L2_KEEP, tiles, MULTI_TILE)
     else:
         _pool_short(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
                     out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
                     elem_base, row_stride, rows, dim, bag_base, num_bags, out_col, local, flags,
                     out_stride, BAGS, BLOCK_D, QUANT, WEIGHTED, PREFETCH, UNROLL, STAGES,
-                    L2_KEEP)
-    # a long-bag program pools bag ``local``, a short-bag one bags local*BAGS .. +BAGS
-    per_program = tl.where((flags & 8) != 0, 1, BAGS)
+                    L2_KEEP, tiles, MULTI_TILE)
+    # a long-bag program pools bags local*tiles .. +tiles, a short-bag one tiles tiles of BAGS
+    per_program = tl.where((flags & 8) != 0, 1, BAGS) * tiles
     first = local * per_program
     return first, tl.minimum(num_bags - first, per_program)

@@ -13,7 +13,8 @@ from ._common import check_tensor
 
 TABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.uint8)
 INDEX_DTYPES = (torch.int32, torch.int64)
-_META_COLS = 9  # elem_base, row_stride, rows, dim, bag_base, num_bags, out_col, first_prog, flags
+_META_COLS = 10  # elem_base, row_stride, rows, dim, bag_base, num_bags, out_col, first_prog,
+#                  flags, tiles (a program's, see launch_plan's rows_per_prog)
 _REQUEST, _MEAN, _WEIGHTED, _LONG, _KEEP = 1, 2, 4, 8, 16
 
 
@@ -185,7 +186,8 @@ def kept_tables(packed: PackedTables, features: Sequence[BagFeature],
 def launch_plan(packed: PackedTables, features: tuple[BagFeature, ...], num_rows: int,
                 num_requests: int, bags_per_prog: int, lanes: int,
                 kept: frozenset[int] = frozenset(), small_last: bool = False,
-                block_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+                block_rows: int = 0, rows_per_prog: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per-feature metadata and the program -> feature map, cached per shape bucket
     (``kept``: tables whose rows the L2 hint keeps, see ``kept_tables``; ``small_last``:
     programs in order of their table's bytes, largest first, see ``program_order``).
@@ -195,9 +197,16 @@ def launch_plan(packed: PackedTables, features: tuple[BagFeature, ...], num_rows
     rows complete throughout the launch (the fused gather + dot forms each row's
     interaction as its last bag is pooled). Each map entry is then feature +
     FEATURE_SLOTS * (its bag, or its first bag / bags_per_prog), since a feature's programs
-    no longer lie side by side."""
+    no longer lie side by side.
+
+    ``rows_per_prog`` > 0: a program pools several tiles of ``bags_per_prog`` short bags (or
+    several long bags), one after another, as many as keep it within about that many rows
+    by the feature's ``max_bag`` (at least one), so a program's fixed costs (its metadata
+    and bag bounds, each a load waiting on the one before) are paid once for many rows
+    (``feature_tiles``)."""
     key = (tuple(packed.elem_base), tuple(packed.rows), tuple(packed.row_stride), features,
            num_rows, num_requests, bags_per_prog, lanes, kept, small_last, block_rows,
+           rows_per_prog,
            str(packed.device))
     if key in _plans:
         return _plans[key]
@@ -211,19 +220,30 @@ def launch_plan(packed: PackedTables, features: tuple[BagFeature, ...], num_rows
     prog_feature: list[int] = []
     for i in order:
         f, t = features[i], features[i].table
-        programs = counts[i] if is_long[i] else -(-counts[i] // bags_per_prog)
+        tiles = feature_tiles(f, is_long[i], bags_per_prog, rows_per_prog)
+        programs = -(-counts[i] // (tiles * (1 if is_long[i] else bags_per_prog)))
         flags = (_REQUEST * f.request_scope) | (_MEAN * f.mean) | (_WEIGHTED * f.weighted) \
             | (_LONG * is_long[i]) | (_KEEP * (t in kept))
         meta[i] = [packed.elem_base[t], packed.row_stride[t], packed.rows[t], packed.dims[t],
-                   bag_base[i], counts[i], f.out_col, len(prog_feature), flags]
+                   bag_base[i], counts[i], f.out_col, len(prog_feature), flags, tiles]
         prog_feature.extend([i] * programs)
     if block_rows:
+        if rows_per_prog:
+            raise ValueError("block-major programs pool one tile each (rows_per_prog 0)")
         prog_feature = _block_major(features, order, is_long, num_rows, bags_per_prog,
                                     block_rows)
     plan = (torch.tensor(meta, dtype=torch.int64, device=packed.device),
             torch.tensor(prog_feature, dtype=torch.int32, device=packed.device), len(prog_feature))
     _plans[key] = plan
     return plan
+
+
+def feature_tiles(feature: BagFeature, long: bool, bags_per_prog: int, rows_per_prog: int
+                  ) -> int:
+    """Tiles a program of ``feature`` pools (``launch_plan``): as many as fit
+    ``rows_per_prog`` rows when every bag is ``max_bag`` long, at least one (0: one)."""
+    tile_rows = max(feature.max_bag, 1) * (1 if long else bags_per_prog)
+    return max(1, rows_per_prog // tile_rows)
 
 
 FEATURE_SLOTS = 256

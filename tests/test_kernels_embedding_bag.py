@@ -140,11 +140,15 @@ def test_pooling_matches_reference(device, dtype, dims, index_dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("unroll,stages", [(1, 1), (2, 1), (4, 1), (1, 3)])
-def test_out_of_range_ids_are_flagged_and_never_read(device, unroll, stages, monkeypatch):
+@pytest.mark.parametrize("unroll,stages,rows", [(1, 1, 0), (2, 1, 0), (4, 1, 0), (1, 3, 0),
+                                                (1, 1, 40), (2, 1, 40)])
+def test_out_of_range_ids_are_flagged_and_never_read(device, unroll, stages, rows, monkeypatch):
+    """(rows > 0: several tiles a program, PROGRAM_ROWS, so a bad id meets the next tile's
+    prefetch)"""
     from recserve.kernels import embedding_bag as eb
 
-    monkeypatch.setattr(eb, "CONFIGS", [{**eb.CONFIGS[0], "UNROLL": unroll, "STAGES": stages}])
+    config = {**eb.CONFIGS[0], "BAGS": 4, "UNROLL": unroll, "STAGES": stages}
+    monkeypatch.setattr(eb, "CONFIGS", [{**config, "PROGRAM_ROWS": rows} if rows else config])
     dims, rows = [8, 8, 8], [5, 40, 5]
     # Tables 0 and 2 surround table 1 in the packed buffer and hold huge values: a read past
     # either end of table 1 would show up in its pooled sums.
@@ -324,6 +328,88 @@ def test_switches_give_identical_bits(device, dtype, monkeypatch):
         assert best["PREFETCH"] == (prefetch and stages == 1)  # pipelined: never both
         tuner.best.clear()
     _same_bits_and_right(runs, dtype, dims)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.uint8])
+@pytest.mark.parametrize("unroll", [1, 2, 4])
+def test_several_tiles_a_program_give_identical_bits(device, dtype, unroll, monkeypatch):
+    """Programs pooling several tiles (PROGRAM_ROWS; 4 bags a tile, 16 lanes), with and without the
+    id prefetch: the same sums in the same order as one tile a program, so the same bits;
+    29 rows, so the last program of each feature holds a partial tile."""
+    from recserve.kernels import embedding_bag as eb
+    from recserve.kernels.tables import feature_tiles
+
+    dims = [16, 32, 16]
+    features = _features(dims)
+    base = {"BAGS": 4, "LANES": 16, "UNROLL": unroll, "STAGES": 1, "num_warps": 2}
+    # PROGRAM_ROWS 24: short tiles 2, 3 and 6 a program; 250: the 120-hot bags 2 a program
+    assert [feature_tiles(f, f.max_bag >= 16, 4, 24) for f in features] == [2, 1, 1, 3, 6]
+    assert [feature_tiles(f, f.max_bag >= 16, 4, 250) for f in features] == [20, 2, 6, 31, 62]
+    monkeypatch.setattr(eb, "_tuner", eb.SafeTuner("embedding_bag", eb.CONFIGS))
+    runs = []
+    for rows, prefetch in ((0, True), (24, True), (250, True), (24, False)):
+        monkeypatch.setattr(eb, "PREFETCH", prefetch)
+        monkeypatch.setattr(eb, "CONFIGS", [{**base, "PROGRAM_ROWS": rows} if rows else base])
+        runs.append(_run(dtype, dims, [50, 9, 300], features, device, seed=11, num_rows=29,
+                         pad=16))
+        eb._tuner.best.clear()
+    _same_bits_and_right(runs, dtype, dims)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_several_tiles_a_program_step_past_empty_tiles(device, monkeypatch):
+    """Whole tiles of empty bags between full ones, and empty long bags between long ones:
+    each program still fetches its next tile's ids and pools every bag right."""
+    from recserve.kernels import embedding_bag as eb
+
+    lengths = {0: [0, 0, 0, 0, 2, 1, 0, 2, 0, 0, 0, 0, 1],  # short, 4 bags a tile
+               1: [0, 20, 0, 0, 17, 0, 0, 0, 3, 0, 0, 0, 16]}  # long (16 lanes)
+    features = [BagFeature(0, 0, max_bag=2), BagFeature(1, 8, max_bag=20)]
+    gen = torch.Generator().manual_seed(3)
+    tables = [torch.rand(30, 8, generator=gen), torch.rand(40, 8, generator=gen)]
+    values, offsets, pos = [], [], 0
+    for k, f in enumerate(features):
+        offsets.append(pos)
+        for n in lengths[k]:
+            values.append(torch.randint(0, tables[f.table].shape[0], (n,), generator=gen))
+            pos += n
+            offsets.append(pos)
+    indices, offsets = torch.cat(values), torch.tensor(offsets)
+    ref, _ = embedding_bag_reference(tables, features, indices, offsets, 13)
+    packed = PackedTables([t.to(device) for t in tables])
+    monkeypatch.setattr(eb, "_tuner", eb.SafeTuner("embedding_bag", eb.CONFIGS))
+    results = []
+    for rows in (0, 16, 40, 1000):  # long bags 1, 2 or 50 a program; short tiles 2-125
+        config = {"BAGS": 4, "LANES": 16, "UNROLL": 1, "STAGES": 1, "num_warps": 2}
+        monkeypatch.setattr(eb, "CONFIGS", [{**config, "PROGRAM_ROWS": rows} if rows else config])
+        out = torch.full((13, 16), float("nan"), device=device)
+        bad = embedding_bag(packed, features, indices.to(device), offsets.to(device), out)
+        assert not bad.any()
+        results.append(out.cpu())
+        eb._tuner.best.clear()
+    torch.testing.assert_close(results[0], torch.cat(ref, dim=1), atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(r, results[0]) for r in results[1:])
+
+
+def test_tiles_a_program_follow_each_features_max_bag():
+    """launch_plan with rows_per_prog: each feature's programs and tiles by its max_bag (long
+    bags one a tile), recorded in its metadata; the block-major order refuses it."""
+    from recserve.kernels.tables import launch_plan
+
+    packed = PackedTables([torch.zeros(10, 16), torch.zeros(5, 16)])
+    feats = (BagFeature(0, 0, max_bag=1), BagFeature(1, 16, max_bag=3),
+             BagFeature(0, 32, max_bag=100), BagFeature(1, 48, max_bag=20))
+    meta, prog_feature, programs = launch_plan(packed, feats, 100, 100, 8, 16,
+                                               rows_per_prog=64)
+    # tiles: 64 // 8, 64 // 24, 1 (100 > 64), 64 // 20; bags a program 64, 16, 1, 3
+    assert meta[:, 9].tolist() == [8, 2, 1, 3]
+    assert programs == 2 + 7 + 100 + 34
+    assert sorted(prog_feature.tolist()) == [0] * 2 + [1] * 7 + [2] * 100 + [3] * 34
+    plain, _, count = launch_plan(packed, feats, 100, 100, 8, 16)
+    assert plain[:, 9].tolist() == [1, 1, 1, 1] and count == 13 + 13 + 100 + 100
+    with pytest.raises(ValueError, match="one tile each"):
+        launch_plan(packed, feats[:2], 32, 32, 8, 16, block_rows=16, rows_per_prog=64)
 
 
 @pytest.mark.parametrize("device", DEVICES)
