@@ -84,7 +84,8 @@ def chain_floor(record: dict) -> dict | None:
 _KINDS = {"PER_SM": "persistent", "SPLIT_K": "split-K", "EPILOGUE_FIRST": "epilogue first",
           "L2_KEEP": "L2 keep", "BATCHED": "batched", "SMALL_LAST": "small tables last",
           "STAGGER": "staggered", "SUBTILE": "sliced epilogue", "maxnreg": "registers <=",
-          "GRAM_ROWS": "Grams of rows together:", "PROGRAM_ROWS": "rows a program"}
+          "GRAM_ROWS": "Grams of rows together:", "PROGRAM_ROWS": "rows a program",
+          "LONG_ONLY": "(long bags)"}
 
 
 _COUNTED = ("SPLIT_K", "PER_SM", "SUBTILE", "maxnreg", "GRAM_ROWS", "PROGRAM_ROWS")

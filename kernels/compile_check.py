@@ -160,7 +160,7 @@ def _embedding_jobs(quick: bool):
                              "QUANT": table == "u8", "WEIGHTED": table != "fp32",
                              "ALIGN": align, "PREFETCH": prefetch and cfg["STAGES"] == 1,
                              "UNROLL": cfg["UNROLL"], "STAGES": cfg["STAGES"], "L2_KEEP": keep,
-                             "MULTI_TILE": cfg.get("PROGRAM_ROWS", 0) > 0}
+                             "MULTI_TILE": eb.multi_tile(cfg)}
                     yield (eb._embedding_bag_kernel, sig, const,
                            {"num_warps": cfg["num_warps"]}, ("out_stride",))
 

@@ -91,6 +91,14 @@ CONFIGS = [
     {"BAGS": 8, "LANES": 8, "UNROLL": 1, "STAGES": 1, "num_warps": 2, "PROGRAM_ROWS": 128},
     {"BAGS": 16, "LANES": 16, "UNROLL": 1, "STAGES": 1, "num_warps": 4, "PROGRAM_ROWS": 64},
     {"BAGS": 16, "LANES": 16, "UNROLL": 1, "STAGES": 1, "num_warps": 4, "PROGRAM_ROWS": 256},
+    # The same for the long-bag features only (LONG_ONLY): at LANES 8, dlrmv2's 8- to 27-hot
+    # features pool one bag a program in 1-4 steps, 40k of the 70k programs at B=8192.
+    # Several tiles cost the short-bag path 26 registers (75 to 101, sm_90, Triton 3.6),
+    # the long-bag path 8 (56 to 64): this keeps the short path's code and registers.
+    {"BAGS": 8, "LANES": 8, "UNROLL": 1, "STAGES": 1, "num_warps": 2, "PROGRAM_ROWS": 32,
+     "LONG_ONLY": True},
+    {"BAGS": 8, "LANES": 8, "UNROLL": 1, "STAGES": 1, "num_warps": 2, "PROGRAM_ROWS": 64,
+     "LONG_ONLY": True},
 ]
 # Trial candidates (``trial_configs``; fourteenth session; they lost on the seventeenth's
 # H200 at B=8192: bf16 0.182 ms against 0.158, int8 0.219 against 0.171): four tiles'
@@ -124,10 +132,11 @@ def _embedding_bag_kernel(
     QUANT: tl.constexpr, WEIGHTED: tl.constexpr, ALIGN: tl.constexpr,
     PREFETCH: tl.constexpr, UNROLL: tl.constexpr, STAGES: tl.constexpr,
     USE_GDC: tl.constexpr = False, L2_KEEP: tl.constexpr = False,
-    MULTI_TILE: tl.constexpr = False,
+    MULTI_TILE: tl.constexpr = 0,
 ):
     """One program pools BAGS short bags, or one long bag LANES positions at a time; with
-    MULTI_TILE, its feature's ``tiles`` (meta) such tiles or long bags, one after another.
+    MULTI_TILE (``multi_tile``), its feature's ``tiles`` (meta) such tiles or long bags, one
+    after another.
 
     table [sum rows * row_stride] flat (QUANT: uint8 rows with their fp32 scale and offset
     inline, see ``PackedTables``),
@@ -145,6 +154,14 @@ def _embedding_bag_kernel(
                   out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr, prog_feature_ptr,
                   meta_ptr, out_stride, BAGS, LANES, BLOCK_D, QUANT, WEIGHTED, ALIGN, PREFETCH,
                   UNROLL, STAGES, L2_KEEP, 0, MULTI_TILE)
+
+
+def multi_tile(config: dict) -> int:
+    """The kernel's MULTI_TILE for a config: 0 one tile a program, 1 several long bags a
+    program (``LONG_ONLY``), 2 several tiles of either kind (``PROGRAM_ROWS``)."""
+    if not config.get("PROGRAM_ROWS"):
+        return 0
+    return 1 if config.get("LONG_ONLY") else 2
 
 
 _tuner = SafeTuner("embedding_bag", CONFIGS)
@@ -235,7 +252,7 @@ def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices:
         meta, prog_feature, programs = launch_plan(
             packed, features, num_rows, num_requests, cfg["BAGS"], cfg["LANES"], kept,
             cfg.get("SMALL_LAST", False), 0 if then_dot is None else GROUP,
-            cfg.get("PROGRAM_ROWS", 0))
+            cfg.get("PROGRAM_ROWS", 0), cfg.get("LONG_ONLY", False))
         args = (packed.data, indices, offsets, ends, weights if weighted else indices, out, bad,
                 row_request, request_offsets, prog_feature, meta)
         params = dict(BAGS=cfg["BAGS"], LANES=cfg["LANES"], BLOCK_D=block_d,
@@ -244,8 +261,8 @@ def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices:
                       L2_KEEP=cfg.get("L2_KEEP", False), num_warps=cfg["num_warps"],
                       **pdl_launch())
         if then_dot is None:
-            multi = cfg.get("PROGRAM_ROWS", 0) > 0
-            _embedding_bag_kernel[(programs,)](*args, out.stride(0), MULTI_TILE=multi, **params)
+            _embedding_bag_kernel[(programs,)](*args, out.stride(0), MULTI_TILE=multi_tile(cfg),
+                                               **params)
         else:
             then_dot.launch(programs, args, out, len(features), params, cfg)
 

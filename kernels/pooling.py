@@ -343,15 +343,16 @@ def _pool_program(pid, table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_pt
                   BLOCK_D: tl.constexpr, QUANT: tl.constexpr, WEIGHTED: tl.constexpr,
                   ALIGN: tl.constexpr, PREFETCH: tl.constexpr, UNROLL: tl.constexpr,
                   STAGES: tl.constexpr, L2_KEEP: tl.constexpr,
-                  BLOCK_MAJOR: tl.constexpr = 0, MULTI_TILE: tl.constexpr = False):
+                  BLOCK_MAJOR: tl.constexpr = 0, MULTI_TILE: tl.constexpr = 0):
     """Program ``pid`` of a gather launch: its feature's metadata (``tables._META_COLS``),
     then its bags pooled and stored. Returns (its first bag, the number of bags it pooled):
     a plain gather ignores them, the fused gather + dot counts rows with them
     (``gather_dot``). BLOCK_MAJOR > 0: the program map holds feature + BLOCK_MAJOR * the
     program's index within its feature (``tables.launch_plan``'s ``block_rows``, with
-    ``tables.FEATURE_SLOTS``). MULTI_TILE: the program pools its feature's ``tiles`` (meta)
-    tiles of bags one after another, each tile's first ids fetched during the previous
-    tile's last rows; otherwise one tile (the same code as before there were tiles)."""
+    ``tables.FEATURE_SLOTS``). MULTI_TILE 1 (long bags) or 2 (long and short): the program
+    pools its feature's ``tiles`` (meta) tiles of bags one after another, each tile's first
+    ids fetched during the previous tile's last rows; 0: one tile (the same code as before
+    there were tiles)."""
     word = tl.load(prog_feature_ptr + pid).to(tl.int64)
     if BLOCK_MAJOR > 0:
         f = word % BLOCK_MAJOR
@@ -374,22 +375,26 @@ def _pool_program(pid, table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_pt
     else:
         local = pid - tl.load(meta + 7)
     flags = tl.load(meta + 8)
-    if MULTI_TILE:
+    if MULTI_TILE > 0:
         tiles = tl.load(meta + 9).to(tl.int32)
     else:
         tiles = 1
+    if MULTI_TILE == 2:
+        short_tiles = tiles
+    else:  # one tile a short-bag program, in the one-tile code (the host's tiles are 1)
+        short_tiles = 1
     if (flags & 8) != 0:
         _pool_long(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
                    out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
                    elem_base, row_stride, rows, dim, bag_base, num_bags, out_col, local, flags,
                    out_stride, LANES, BLOCK_D, QUANT, WEIGHTED, PREFETCH, UNROLL, STAGES,
-                   L2_KEEP, tiles, MULTI_TILE)
+                   L2_KEEP, tiles, MULTI_TILE > 0)
     else:
         _pool_short(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
                     out_ptr, bad_ptr, row_request_ptr, request_offsets_ptr,
                     elem_base, row_stride, rows, dim, bag_base, num_bags, out_col, local, flags,
                     out_stride, BAGS, BLOCK_D, QUANT, WEIGHTED, PREFETCH, UNROLL, STAGES,
-                    L2_KEEP, tiles, MULTI_TILE)
+                    L2_KEEP, short_tiles, MULTI_TILE == 2)
     # a long-bag program pools bags local*tiles .. +tiles, a short-bag one tiles tiles of BAGS
     per_program = tl.where((flags & 8) != 0, 1, BAGS) * tiles
     first = local * per_program

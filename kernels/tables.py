@@ -186,7 +186,7 @@ def kept_tables(packed: PackedTables, features: Sequence[BagFeature],
 def launch_plan(packed: PackedTables, features: tuple[BagFeature, ...], num_rows: int,
                 num_requests: int, bags_per_prog: int, lanes: int,
                 kept: frozenset[int] = frozenset(), small_last: bool = False,
-                block_rows: int = 0, rows_per_prog: int = 0
+                block_rows: int = 0, rows_per_prog: int = 0, long_only: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per-feature metadata and the program -> feature map, cached per shape bucket
     (``kept``: tables whose rows the L2 hint keeps, see ``kept_tables``; ``small_last``:
@@ -203,10 +203,10 @@ def launch_plan(packed: PackedTables, features: tuple[BagFeature, ...], num_rows
     several long bags), one after another, as many as keep it within about that many rows
     by the feature's ``max_bag`` (at least one), so a program's fixed costs (its metadata
     and bag bounds, each a load waiting on the one before) are paid once for many rows
-    (``feature_tiles``)."""
+    (``feature_tiles``); with ``long_only`` the long-bag features only."""
     key = (tuple(packed.elem_base), tuple(packed.rows), tuple(packed.row_stride), features,
            num_rows, num_requests, bags_per_prog, lanes, kept, small_last, block_rows,
-           rows_per_prog,
+           rows_per_prog, long_only,
            str(packed.device))
     if key in _plans:
         return _plans[key]
@@ -220,7 +220,8 @@ def launch_plan(packed: PackedTables, features: tuple[BagFeature, ...], num_rows
     prog_feature: list[int] = []
     for i in order:
         f, t = features[i], features[i].table
-        tiles = feature_tiles(f, is_long[i], bags_per_prog, rows_per_prog)
+        tiles = feature_tiles(f, is_long[i], bags_per_prog,
+                              rows_per_prog if is_long[i] or not long_only else 0)
         programs = -(-counts[i] // (tiles * (1 if is_long[i] else bags_per_prog)))
         flags = (_REQUEST * f.request_scope) | (_MEAN * f.mean) | (_WEIGHTED * f.weighted) \
             | (_LONG * is_long[i]) | (_KEEP * (t in kept))

@@ -185,6 +185,8 @@ def test_kernel_variants_names_each_candidate_kind_in_its_picks():
         "bags 8 lanes 8 unroll 2 w2"
     assert kv.config_label({**gather, "PROGRAM_ROWS": 64}) == \
         "bags 8 lanes 8 unroll 2 w2 small tables last rows a program 64"
+    assert kv.config_label({**plain, "PROGRAM_ROWS": 32, "LONG_ONLY": True}) == \
+        "bags 8 lanes 8 unroll 2 w2 rows a program 32 (long bags)"
     # a cross layer (its candidates include the epilogue-first order): each tile's best too
     pick = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4}
     cross = {"linear_configs": [{"key": "V", "timings_ms": [

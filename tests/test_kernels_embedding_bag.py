@@ -334,9 +334,10 @@ def test_switches_give_identical_bits(device, dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.uint8])
 @pytest.mark.parametrize("unroll", [1, 2, 4])
 def test_several_tiles_a_program_give_identical_bits(device, dtype, unroll, monkeypatch):
-    """Programs pooling several tiles (PROGRAM_ROWS; 4 bags a tile, 16 lanes), with and without the
-    id prefetch: the same sums in the same order as one tile a program, so the same bits;
-    29 rows, so the last program of each feature holds a partial tile."""
+    """Programs pooling several tiles (PROGRAM_ROWS; 4 bags a tile, 16 lanes), with and
+    without the id prefetch, and several long bags only (LONG_ONLY): the same sums in the
+    same order as one tile a program, so the same bits; 29 rows, so the last program of
+    each feature holds a partial tile."""
     from recserve.kernels import embedding_bag as eb
     from recserve.kernels.tables import feature_tiles
 
@@ -348,9 +349,11 @@ def test_several_tiles_a_program_give_identical_bits(device, dtype, unroll, monk
     assert [feature_tiles(f, f.max_bag >= 16, 4, 250) for f in features] == [20, 2, 6, 31, 62]
     monkeypatch.setattr(eb, "_tuner", eb.SafeTuner("embedding_bag", eb.CONFIGS))
     runs = []
-    for rows, prefetch in ((0, True), (24, True), (250, True), (24, False)):
+    for rows, prefetch, long_only in ((0, True, False), (24, True, False), (250, True, False),
+                                      (24, False, False), (250, True, True)):
         monkeypatch.setattr(eb, "PREFETCH", prefetch)
-        monkeypatch.setattr(eb, "CONFIGS", [{**base, "PROGRAM_ROWS": rows} if rows else base])
+        config = {**base, "PROGRAM_ROWS": rows, "LONG_ONLY": long_only} if rows else base
+        monkeypatch.setattr(eb, "CONFIGS", [config])
         runs.append(_run(dtype, dims, [50, 9, 300], features, device, seed=11, num_rows=29,
                          pad=16))
         eb._tuner.best.clear()
@@ -408,6 +411,9 @@ def test_tiles_a_program_follow_each_features_max_bag():
     assert sorted(prog_feature.tolist()) == [0] * 2 + [1] * 7 + [2] * 100 + [3] * 34
     plain, _, count = launch_plan(packed, feats, 100, 100, 8, 16)
     assert plain[:, 9].tolist() == [1, 1, 1, 1] and count == 13 + 13 + 100 + 100
+    long_only, _, count = launch_plan(packed, feats, 100, 100, 8, 16, rows_per_prog=64,
+                                      long_only=True)
+    assert long_only[:, 9].tolist() == [1, 1, 1, 3] and count == 13 + 13 + 100 + 34
     with pytest.raises(ValueError, match="one tile each"):
         launch_plan(packed, feats[:2], 32, 32, 8, 16, block_rows=16, rows_per_prog=64)
 
