@@ -186,7 +186,8 @@ def _pool_long(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
     positions per step in one [LANES, D] tile (UNROLL such tiles per step)."""
     d = tl.arange(0, BLOCK_D)
     dmask = d < dim
-    bags = local * tiles + tl.arange(0, 1)
+    first = local * tiles
+    bags = first + tl.arange(0, 1)
     bmask = bags < num_bags
     start = tl.load(offsets_ptr + bag_base + bags, mask=bmask, other=0).to(tl.int64)
     end = tl.load(ends_ptr + bag_base + bags, mask=bmask, other=0).to(tl.int64)
@@ -197,14 +198,16 @@ def _pool_long(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
     else:  # UNROLL [LANES, D] tiles per step: positions j + lanes + LANES * u
         posu = start + lanes[:, None] + LANES * tl.arange(0, UNROLL)[None, :]
         nxt = _first_ids(indices_ptr, posu, posu < end, PREFETCH)
-    for _ in range(tiles):
-        bags_n = bags + 1
+    for t in range(tiles):
+        bags = first + t + tl.arange(0, 1)  # (from a scalar, as in _pool_short)
+        bmask = bags < num_bags
         if MULTI_TILE:  # the program's next bag's bounds, loaded before this bag's rows
-            bmask_n = bags_n < tl.minimum(num_bags, (local + 1) * tiles)
+            bags_n = bags + 1
+            bmask_n = bags_n < tl.minimum(num_bags, first + tiles)
             start_n = tl.load(offsets_ptr + bag_base + bags_n, mask=bmask_n, other=0).to(tl.int64)
             end_n = tl.load(ends_ptr + bag_base + bags_n, mask=bmask_n, other=0).to(tl.int64)
         else:  # (one bag a program: no next one)
-            bmask_n, start_n, end_n = bmask, start, end
+            start_n, end_n = start, end
         steps = _steps(end - start, MULTI_TILE)
         acc = tl.zeros([LANES, BLOCK_D], dtype=tl.float32)
         bad = tl.zeros([LANES], dtype=tl.int32)
@@ -242,7 +245,7 @@ def _pool_long(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
         _finish(_lanes_sum(acc, LANES, BLOCK_D), end - start,
                 tl.expand_dims(tl.max(bad, axis=0), 0), bags, bmask, out_ptr, bad_ptr,
                 row_request_ptr, request_offsets_ptr, out_stride, out_col, dim, flags, d, dmask)
-        bags, bmask, start, end = bags_n, bmask_n, start_n, end_n
+        start, end = start_n, end_n
 
 
 @triton.jit
@@ -281,7 +284,8 @@ def _pool_short(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
     +BAGS*tiles), one tile after another, one position of each bag per step."""
     d = tl.arange(0, BLOCK_D)
     dmask = d < dim
-    bags = local * (BAGS * tiles) + tl.arange(0, BAGS)
+    first = local * (BAGS * tiles)
+    bags = first + tl.arange(0, BAGS)
     bmask = bags < num_bags
     start = tl.load(offsets_ptr + bag_base + bags, mask=bmask, other=0).to(tl.int64)
     length = tl.load(ends_ptr + bag_base + bags, mask=bmask, other=0) - start
@@ -291,14 +295,18 @@ def _pool_short(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
         nxt = _first_ids(indices_ptr, start, length > 0, PREFETCH)
     else:
         nxt = _first_ids(indices_ptr, start[:, None] + u, u < length[:, None], PREFETCH)
-    for _ in range(tiles):
-        bags_n = bags + BAGS
+    for t in range(tiles):
+        # (the tile's bags from a scalar: carried as vectors they took registers twice, in
+        # the layouts of the row tiles and of the id loads)
+        bags = first + t * BAGS + tl.arange(0, BAGS)
+        bmask = bags < num_bags
         if MULTI_TILE:  # the program's next tile's bounds, loaded before this tile's rows
-            bmask_n = bags_n < tl.minimum(num_bags, (local + 1) * (BAGS * tiles))
+            bags_n = bags + BAGS
+            bmask_n = bags_n < tl.minimum(num_bags, first + BAGS * tiles)
             start_n = tl.load(offsets_ptr + bag_base + bags_n, mask=bmask_n, other=0).to(tl.int64)
             length_n = tl.load(ends_ptr + bag_base + bags_n, mask=bmask_n, other=0) - start_n
         else:  # (one tile a program: no next one)
-            bmask_n, start_n, length_n = bmask, start, length
+            start_n, length_n = start, length
         steps = _steps(length, MULTI_TILE)
         acc = tl.zeros([BAGS, BLOCK_D], dtype=tl.float32)
         bad = tl.zeros([BAGS], dtype=tl.int32)
@@ -333,7 +341,7 @@ def _pool_short(table_ptr, indices_ptr, offsets_ptr, ends_ptr, weights_ptr,
                                          flags, d, dmask, BAGS, QUANT, WEIGHTED, L2_KEEP)
         _finish(acc, length, bad, bags, bmask, out_ptr, bad_ptr, row_request_ptr,
                 request_offsets_ptr, out_stride, out_col, dim, flags, d, dmask)
-        bags, bmask, start, length = bags_n, bmask_n, start_n, length_n
+        start, length = start_n, length_n
 
 
 @triton.jit
