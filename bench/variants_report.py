@@ -85,7 +85,7 @@ _KINDS = {"PER_SM": "persistent", "SPLIT_K": "split-K", "EPILOGUE_FIRST": "epilo
           "L2_KEEP": "L2 keep", "BATCHED": "batched", "SMALL_LAST": "small tables last",
           "STAGGER": "staggered", "SUBTILE": "sliced epilogue", "maxnreg": "registers <=",
           "GRAM_ROWS": "Grams of rows together:", "PROGRAM_ROWS": "rows a program",
-          "LONG_ONLY": "(long bags)"}
+          "LONG_ONLY": "(long bags)", "CUBLAS": "cuBLAS"}
 
 
 _COUNTED = ("SPLIT_K", "PER_SM", "SUBTILE", "maxnreg", "GRAM_ROWS", "PROGRAM_ROWS")
@@ -110,6 +110,8 @@ def _kinds(config: dict) -> list[str]:
 
 def config_label(config: dict) -> str:
     """A tuning config in a few words: its tile (or bags / rows), warps and kind."""
+    if config.get("CUBLAS"):  # (torch's addmm: no tile of ours)
+        return "cuBLAS"
     if "BLOCK_M" in config:
         shape = f"{config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']}"
         if "num_stages" in config:  # (the deep-pipeline candidates differ by it alone)

@@ -12,6 +12,10 @@ Scope and limits:
   program holds the whole activated row (N <= 256) and writes only the H scores (fp32).
 - Deterministic: a fixed reduction order per config. Split-K configs (tuned for few rows and
   a long K) store each K slice's fp32 tile and add the slices in order in a second kernel.
+- Where candidates are timed in a CUDA graph, plain layers with few rows and a long K also
+  try cuBLAS through torch (``linear_configs.CUBLAS``): the same bits run to run on one
+  card (cuBLAS's promise for a given GPU model and SM count; torch gives each stream its
+  own workspace).
 """
 
 from __future__ import annotations
@@ -388,6 +392,9 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     wf, bf, fact = final if final is not None else (dummy, dummy, dummy)
 
     def launch(cfg: dict) -> None:
+        if cfg.get("CUBLAS"):
+            _cublas(a, weight, bias, activation, out)
+            return
         split = cfg.get("SPLIT_K", 1)
         part = dummy
         if split > 1:  # fp32 partial tiles, one [M, N] slab per K slice
@@ -423,10 +430,27 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     key = (m, n, k, h, a.dtype, activation, bias is not None, a_rows is not None,
            add is not None, cross is not None, a.stride(), weight.stride(), out.stride())
+    plain = final is None and cross is None and add is None and a_rows is None
     _tuner.run(key, launch, lc.candidates(
         m, n, k, a.element_size(), final=final is not None, cross=cross is not None,
-        plain=final is None and cross is None and add is None and a_rows is None))
+        plain=plain, library=plain and (bias is None or bias.dtype == a.dtype)))
     return out
+
+
+def _cublas(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            activation: str, out: torch.Tensor) -> None:
+    """A plain layer through torch (cuBLAS on a card; ``linear_configs.CUBLAS``): the bias
+    and a ReLU in cuBLASLt's epilogue where torch fuses them, a sigmoid after."""
+    if bias is None:
+        torch.mm(a, weight.t(), out=out)
+        if activation == "relu":
+            out.relu_()
+    elif activation == "relu":
+        torch._addmm_activation(bias, a, weight.t(), out=out)
+    else:
+        torch.addmm(bias, a, weight.t(), out=out)
+    if activation == "sigmoid":
+        out.sigmoid_()
 
 
 def linear_reference(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

@@ -130,6 +130,14 @@ DEEP_PIPELINE_CONFIGS = [
 SMALL_M_CROSS_TILES = [
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
 ]
+# cuBLAS as a candidate (``CUBLAS``: torch's addmm, its bias and ReLU in cuBLASLt's
+# epilogue) for plain layers with few rows and a long K, where the Triton tiles run
+# furthest from their floors: at B=512 DCNv2's U and the first top layer took 10-16 us
+# in the H200's forward against 2.5-5 us of arithmetic, and neither split-K nor deeper
+# pipelines helped (bench/notes-kernels.md). Tried only where candidates are timed in a
+# CUDA graph (``RECSERVE_TUNE_BY`` graph or auto): an eager timing at B=512 is the host's
+# launch, and torch's is shorter than Triton's, so it would win on the host's time.
+CUBLAS = {"CUBLAS": True}
 CPU_CONFIGS = [{"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}]
 
 
@@ -170,7 +178,7 @@ def base_configs(final_n: int | None, m: int | None = None, elsize: int = 2) -> 
 
 
 def candidates(m: int, n: int, k: int, elsize: int, *, final: bool, cross: bool,
-               plain: bool) -> list[dict]:
+               plain: bool, library: bool = False) -> list[dict]:
     """The configs ``linear`` tunes over for one call: the base set for its rows (a final
     layer's with BLOCK_N covering its N); a cross layer's in both epilogue orders; a
     ``plain`` layer's (no final, cross, add or gathered rows) with split-K copies too when
@@ -179,7 +187,8 @@ def candidates(m: int, n: int, k: int, elsize: int, *, final: bool, cross: bool,
     1024), in both orders, and ``PERSISTENT_CROSS_CONFIGS`` and ``SUBTILE_CROSS_CONFIGS``
     (above 1024; their epilogue after the loop only), a plain layer's ``SPLIT_K_TILES``,
     and any non-final layer's ``DEEP_PIPELINE_CONFIGS`` where split-K would be tried
-    (few rows, a long K)."""
+    (few rows, a long K). ``library`` (a plain layer torch's addmm can take: no bias, or
+    one of A's dtype) adds ``CUBLAS`` there too when candidates are timed in a graph."""
     configs = base_configs(n if final else None, m, elsize)
     trial = _common.trial_configs()
     if cross:  # both epilogue orders compete; the card's tuner keeps the faster
@@ -198,4 +207,6 @@ def candidates(m: int, n: int, k: int, elsize: int, *, final: bool, cross: bool,
             configs = configs + [c for c in SPLIT_K_TILES if fits(c, elsize)]
     if trial and not final and not cross and splits_k(m, k):  # (no split-K copies of them)
         configs = configs + [c for c in DEEP_PIPELINE_CONFIGS if fits(c, elsize)]
+    if plain and library and splits_k(m, k) and _common.tune_by() != "eager":
+        configs = configs + [CUBLAS]
     return configs

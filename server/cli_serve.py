@@ -38,7 +38,8 @@ RECSERVE_AUTOTUNE=0 takes each kernel's first config untimed (fast start, slower
 RECSERVE_TUNE_BY=graph times the candidates in a CUDA graph instead of eager launches, and
 RECSERVE_TUNE_BY=auto only where a launch is too short to time eagerly (small buckets;
 graph tuning ran the dlrmv2 forward up to 5% faster at B=512 on an H200, and up to 4%
-slower at 8192; auto is not yet measured).
+slower at 8192; auto is not yet measured); both also try cuBLAS for plain layers of few
+rows and a long K (not yet measured).
 
 examples:
   recserve serve

@@ -207,11 +207,20 @@ def _scattered(features, offsets, num_rows, num_requests, gen):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype,index_dtype", [(torch.bfloat16, torch.int32),
-                                               (torch.uint8, torch.int64)])
-def test_bags_anywhere_with_ends_give_the_same_bits_as_csr(device, dtype, index_dtype):
+@pytest.mark.parametrize("dtype,index_dtype,program_rows", [(torch.bfloat16, torch.int32, 0),
+                                                            (torch.uint8, torch.int64, 0),
+                                                            (torch.bfloat16, torch.int64, 24)])
+def test_bags_anywhere_with_ends_give_the_same_bits_as_csr(device, dtype, index_dtype,
+                                                           program_rows, monkeypatch):
     """``ends``: bags in any order and with gaps (how the engine lays out a batch, request by
-    request) pool to exactly what the same bags give as CSR."""
+    request) pool to exactly what the same bags give as CSR (``program_rows``: with several
+    tiles a program, whose next tile's bounds come from ``ends`` too)."""
+    from recserve.kernels import embedding_bag as eb
+
+    config = {"BAGS": 4, "LANES": 16, "UNROLL": 1, "STAGES": 1, "num_warps": 2}
+    monkeypatch.setattr(eb, "_tuner", eb.SafeTuner("embedding_bag", eb.CONFIGS))
+    monkeypatch.setattr(eb, "CONFIGS", [{**config, "PROGRAM_ROWS": program_rows}
+                                        if program_rows else config])
     gen = torch.Generator().manual_seed(21)
     dims, rows, num_rows = [8, 24, 16], [50, 9, 300], 11
     features = _features(dims)

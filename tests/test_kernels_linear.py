@@ -541,3 +541,57 @@ def test_cross_layer_trial_candidates_join_only_when_asked(monkeypatch):
     assert not any(c in small for c in extra)
     assert [c for c in small if c not in small_base] == [
         {**t, **order} for order in ({}, {"EPILOGUE_FIRST": True}) for t in lc.SMALL_M_CROSS_TILES]
+
+
+def test_cublas_joins_plain_long_k_layers_with_few_rows_only_when_timed_in_a_graph(monkeypatch):
+    """The cuBLAS candidate: plain layers torch's addmm takes, few rows, a long K, and only
+    where candidates are timed in a CUDA graph (an eager timing at B=512 is the launch,
+    which torch makes shorter than Triton)."""
+    from recserve.kernels import _common
+
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+
+    def library(m, k, method, **flags):
+        monkeypatch.setenv(_common.TUNE_BY_ENV, method)
+        got = configs.candidates(m, 512, k, 2, **{"final": False, "cross": False,
+                                                   "plain": True, "library": True, **flags})
+        return [c for c in got if c.get("CUBLAS")]
+
+    assert library(512, 3456, "graph") == [configs.CUBLAS]
+    assert library(512, 3456, "auto") == [configs.CUBLAS]
+    assert library(512, 3456, "eager") == []
+    assert library(2048, 3456, "graph") == [] and library(512, 512, "graph") == []
+    assert library(512, 3456, "graph", plain=False) == []
+    assert library(512, 3456, "graph", library=False) == []
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation,with_bias", [("relu", True), ("none", True),
+                                                  ("relu", False), ("sigmoid", True)])
+def test_cublas_candidate_computes_the_layer(device, dtype, activation, with_bias, monkeypatch):
+    """The cuBLAS launch (torch's CPU GEMM on the interpreter's hosts) writes the layer into
+    a strided ``out``: bias, activation and all; a second call gives the same bits."""
+    from recserve.kernels import _common
+    from recserve.kernels import linear as li
+
+    monkeypatch.setattr(li, "_tuner", _common.SafeTuner("linear", configs.GPU_CONFIGS))
+    monkeypatch.setattr(configs, "candidates", lambda *args, **kw: [configs.CUBLAS])
+    gen = torch.Generator().manual_seed(9)
+    m, n, k = 37, 70, 130
+    a, w = _rand(m, k, gen=gen, device=device, dtype=dtype), _rand(n, k, gen=gen, device=device)
+    w = w.to(dtype).t().contiguous().t()  # (torch's Linear layout, as the model stores it)
+    b = _rand(n, gen=gen, device=device, dtype=dtype) if with_bias else None
+    out, again = (torch.full((m, n + 3), float("nan"), dtype=dtype, device=device)[:, 1:1 + n]
+                  for _ in range(2))
+    got = linear(a, w, b, activation=activation, out=out)
+    assert got.data_ptr() == out.data_ptr() and torch.isfinite(out).all()
+    assert li._tuner.best[next(iter(li._tuner.best))] == configs.CUBLAS
+    assert torch.equal(linear(a, w, b, activation=activation, out=again), got)
+    a, w, b, got = (t.cpu() if t is not None else None for t in (a, w, b, got))
+    ref = linear_reference(a, w, b, activation=activation)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, ref, atol=FP32_TOL[0], rtol=FP32_TOL[1])
+    else:
+        torch_bf16 = linear_reference(a, w, b, activation=activation).to(torch.bfloat16)
+        _assert_bf16_close(got, ref, torch_bf16)
