@@ -79,27 +79,23 @@ CONFIGS = [
     {"BAGS": 16, "LANES": 16, "UNROLL": 1, "STAGES": 3, "num_warps": 4},
     {"BAGS": 16, "LANES": 16, "UNROLL": 1, "STAGES": 4, "num_warps": 4},
     {"BAGS": 8, "LANES": 8, "UNROLL": 1, "STAGES": 4, "num_warps": 2},
-    # Several tiles a program (PROGRAM_ROWS: about that many rows a program, by each
-    # feature's max_bag, ``tables.feature_tiles``; host-side, so a base config compiles once
-    # for all of them), the next tile's bounds and first ids fetched during this tile's
-    # rows. At B=8192 the H200's pick (8 bags, 8 lanes, 2 warps) runs ~70k programs for
-    # dlrmv2, most of them a few rows after a chain of four dependent loads (program map,
-    # metadata, bag bounds, ids); the plain reader of the same rows fell from 286 to 106 us
-    # as its programs went from 32 to 256 rows (bench/notes-kernels.md, twentieth session).
-    {"BAGS": 8, "LANES": 8, "UNROLL": 1, "STAGES": 1, "num_warps": 2, "PROGRAM_ROWS": 32},
-    {"BAGS": 8, "LANES": 8, "UNROLL": 1, "STAGES": 1, "num_warps": 2, "PROGRAM_ROWS": 64},
-    {"BAGS": 8, "LANES": 8, "UNROLL": 1, "STAGES": 1, "num_warps": 2, "PROGRAM_ROWS": 128},
-    {"BAGS": 16, "LANES": 16, "UNROLL": 1, "STAGES": 1, "num_warps": 4, "PROGRAM_ROWS": 64},
-    {"BAGS": 16, "LANES": 16, "UNROLL": 1, "STAGES": 1, "num_warps": 4, "PROGRAM_ROWS": 256},
-    # The same for the long-bag features only (LONG_ONLY): at LANES 8, dlrmv2's 8- to 27-hot
-    # features pool one bag a program in 1-4 steps, 40k of the 70k programs at B=8192.
-    # Several tiles cost the 8-bag config 22 registers (71 to 93, sm_90, Triton 3.6), most
-    # of them in the short-bag path: this keeps that path's code (78 registers in all).
-    {"BAGS": 8, "LANES": 8, "UNROLL": 1, "STAGES": 1, "num_warps": 2, "PROGRAM_ROWS": 32,
-     "LONG_ONLY": True},
-    {"BAGS": 8, "LANES": 8, "UNROLL": 1, "STAGES": 1, "num_warps": 2, "PROGRAM_ROWS": 64,
-     "LONG_ONLY": True},
 ]
+# Several tiles a program (PROGRAM_ROWS: about that many rows a program, by each feature's
+# max_bag, ``tables.feature_tiles``; host-side, so a base config compiles once for all of
+# them), the next tile's bounds and first ids fetched during this tile's rows. At B=8192
+# the H200's pick (8 bags, 8 lanes, 2 warps) runs ~70k programs for dlrmv2, most of them a
+# few rows after a chain of four dependent loads (program map, metadata, bag bounds, ids);
+# the plain reader of the same rows fell from 286 to 106 us as its programs went from 32 to
+# 256 rows (bench/notes-kernels.md, twentieth session). LONG_ONLY: the long-bag features
+# only (at LANES 8 dlrmv2's 8- to 27-hot ones pool one bag a program in 1-4 steps, 40k of
+# the 70k programs at B=8192). Several tiles cost the 8-bag config 22 registers (71 to 93,
+# sm_90, Triton 3.6), most of them in the short-bag path, whose one-tile code LONG_ONLY
+# keeps (78 registers in all).
+_EIGHT = {"BAGS": 8, "LANES": 8, "UNROLL": 1, "STAGES": 1, "num_warps": 2}
+_SIXTEEN = {"BAGS": 16, "LANES": 16, "UNROLL": 1, "STAGES": 1, "num_warps": 4}
+CONFIGS += [{**_EIGHT, "PROGRAM_ROWS": rows} for rows in (32, 64, 128)] \
+    + [{**_SIXTEEN, "PROGRAM_ROWS": rows} for rows in (64, 256)] \
+    + [{**_EIGHT, "PROGRAM_ROWS": rows, "LONG_ONLY": True} for rows in (32, 64)]
 # Trial candidates (``trial_configs``; fourteenth session; they lost on the seventeenth's
 # H200 at B=8192: bf16 0.182 ms against 0.158, int8 0.219 against 0.171): four tiles'
 # loads in flight per step (UNROLL 4: a short bag's 4 positions, a long bag's 4 x LANES),
