@@ -17,8 +17,9 @@ multi-hot), most important first, each measurement guarded so one failure loses 
    with ``--sections forward,fused_dot``, ``dlrm-dot`` again with the dot interaction
    formed inside the gather's launch (``TritonModel.set_fused_dot``, ``kernels.gather_dot``;
    it lost on the H200 of the nineteenth session: 385 us against 320 at B=8192); with
-   ``fused_bottom``, both forwards with the bottom MLP in one launch
-   (``TritonModel.set_fused_bottom``, ``kernels.mlp``; not yet run on a card); then
+   ``fused_bottom``, ``dlrmv2`` with the bottom MLP in one launch
+   (``TritonModel.set_fused_bottom``, ``kernels.mlp``; not yet run on a card; dlrm-dot's
+   bottom MLP is the same); then
    both again with programmatic dependent launch (``RECSERVE_PDL=1``: each kernel launches
    while the one before finishes; aimed at B=512, about 15 short kernels), ``dlrmv2`` with
    its bottom MLP on a side stream beside the gather
@@ -39,11 +40,12 @@ second against bytes a row, and the sectors, bursts and lines a lookup touches:
 ``--sections forward,graph_tuned`` ends with both forwards tuned again by device time in a
 CUDA graph (``RECSERVE_TUNE_BY=graph``) instead of eager launches (with ``int8``, the
 gathers too), and ``auto_tuned`` (before it) with ``RECSERVE_TUNE_BY=auto``: in a graph
-only where a key's eager timing is mostly the launch's (``retuned``);
+only where a key's eager timing is mostly the launch's (``retuned``; the smallest batch
+first; plain layers with few rows and a long K also try cuBLAS there);
 ``--sections configs`` checks every gather config against the reference
 eagerly, after a graph timing and replayed from a graph (``check_configs``). A failed
 gather check prints a diagnosis (``gather_diagnosis``).
-Cost on a cold card: tuning compiles ~15 gather and ~50 GEMM configs (1-2 s each), so
+Cost on a cold card: tuning compiles ~18 gather and ~50 GEMM configs (1-2 s each), so
 expect about 2-3 minutes tuned, under a minute with ``--untuned``; measurements stop
 starting after ``--budget-s``, and the JSON holds everything measured until then.
 """
@@ -439,7 +441,7 @@ def main() -> int:
                     "bench/floors.py), fused_dot (with forward: dlrm-dot again with its dot "
                     "interaction formed inside the gather's launch, RECSERVE_FUSED_DOT; it "
                     "lost on the H200: 385 us against 320 at B=8192), fused_bottom (with forward: "
-                    "both forwards again with the bottom MLP in one launch, "
+                    "dlrmv2 again with the bottom MLP in one launch, "
                     "RECSERVE_FUSED_BOTTOM; not yet run on a card)")
     ap.add_argument("--row-size-rows", type=int, default=1_000_000,
                     help="rows per table in the row_size section (dim 256 bf16: 26 tables "
@@ -493,14 +495,12 @@ def main() -> int:
             bench_forward(rec, base, "dlrm-dot fused gather+dot", dot, dot_w, dot_model, b,
                           (DEFAULT,))
         dot_model.set_fused_dot(False)
-    if "fused_bottom" in sections:
-        for name, m, s, w in [("dlrmv2", model, spec, weights),
-                              ("dlrm-dot", dot_model, dot, dot_w)]:
-            if m is not None and m.set_fused_bottom(True):  # (kernels.mlp)
-                for b in args.sizes:
-                    bench_forward(rec, base, f"{name} bottom in one launch", s, w, m, b,
-                                  (DEFAULT,))
-                m.set_fused_bottom(False)
+    # (dlrmv2 only: dlrm-dot's bottom MLP is the same 13-512-256-128, the same kernels)
+    if "fused_bottom" in sections and model.set_fused_bottom(True):  # (kernels.mlp)
+        for b in args.sizes:
+            bench_forward(rec, base, "dlrmv2 bottom in one launch", spec, weights, model, b,
+                          (DEFAULT,))
+        model.set_fused_bottom(False)
     retunes = [m for m in ("auto", "graph") if f"{m}_tuned" in sections]
     for method in retunes:  # before the older extras, so the time budget reaches them
         retuned(rec, base, spec, weights, model, dot, dot_w, dot_model, args.sizes,
@@ -535,6 +535,9 @@ def retuned(rec, base: dict, spec, weights: dict, model: TritonModel, dot, dot_w
     figures measured before."""
     os.environ[TUNE_BY_ENV] = method
     forget_tuning()
+    # (the smallest batch first: where graph timing and cuBLAS may pay, and so reached
+    # before a time budget cuts the section)
+    sizes = sorted(sizes)
     for b in sizes:
         bench_forward(rec, base, f"dlrmv2 {method}-tuned", spec, weights, model, b,
                       (DEFAULT,))

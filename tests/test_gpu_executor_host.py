@@ -259,12 +259,12 @@ def test_kernel_variants_retunes_by_graph_or_auto_then_measures(monkeypatch, met
     monkeypatch.setenv(kv.TUNE_BY_ENV, "eager")  # (restored after: retuned sets it)
     kv.retuned(Rec(), {}, "spec", {}, "model", "dot", {}, "dot_model", [8192, 512], True,
                method)
-    assert calls == [("forget",),
-                     ("forward", f"dlrmv2 {method}-tuned", 8192, method),
+    assert calls == [("forget",),  # (the smallest batch first)
                      ("forward", f"dlrmv2 {method}-tuned", 512, method),
-                     ("forward", f"dlrm-dot {method}-tuned", 8192, method),
+                     ("forward", f"dlrmv2 {method}-tuned", 8192, method),
                      ("forward", f"dlrm-dot {method}-tuned", 512, method),
-                     ("int8", (8192, 512), method)]
+                     ("forward", f"dlrm-dot {method}-tuned", 8192, method),
+                     ("int8", (512, 8192), method)]
 
 
 def test_kernel_variants_row_sizes_check_every_dim_and_dtype(tmp_path):
