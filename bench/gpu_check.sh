@@ -219,21 +219,41 @@ fi
 
 # Only when STEPS names it (e.g. STEPS="install ncu"): one tuned dlrmv2 forward per batch
 # size under Nsight Compute (bench/ncu_forward.py): per kernel its DRAM and L2 bytes, SM and
-# memory throughput, occupancy; the CSVs come back as ncu-B.csv, the tables go to bench.log.
+# memory throughput, occupancy and largest stall reasons; the CSVs come back as ncu-B.csv,
+# the tables go to bench.log.
 # ncu needs the hardware counters (seen on Firecracker machines, not on gVisor: KINDS.md).
 if [[ " ${STEPS:-} " == *" ncu "* ]]; then
     NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
-    step ncu bash -c "[ -n '$NCU' ] || { echo 'ncu: not on this machine'; exit 3; }; rc=0; \
-        for b in ${NCU_BATCHES:-8192 512}; do \
-            timeout ${NCU_TIMEOUT_S:-240} '$NCU' --profile-from-start off --clock-control none \
-                --csv --print-units base --log-file '$OUT/ncu-'\$b.csv \
-                --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_bytes.sum \
-                --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
-                --section LaunchStats --section WarpStateStats \
-                $PY bench/ncu_forward.py --batch \$b >> '$OUT/bench.log' 2>&1 || rc=\$?; \
-            $PY bench/ncu_forward.py --summarize '$OUT/ncu-'\$b.csv 2>&1 \
-                | tee -a '$OUT/bench.log' || rc=\$?; \
-        done; exit \$rc"
+    NCU_BASE=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_bytes.sum
+    # the stall reasons ncu_forward.py's summary lists (its STALL_REASONS, by metric name)
+    NCU_STALLS=$($PY -c "import sys; sys.path.insert(0, 'bench'); import ncu_forward as n; \
+print(','.join(n.STALL_METRIC.format(r) for r in n.STALL_REASONS))")
+    ncu_forward() {  # ncu_forward B METRICS: one profiled forward at B rows into ncu-B.csv
+        timeout "${NCU_TIMEOUT_S:-240}" "$NCU" --profile-from-start off --clock-control none \
+            --csv --print-units base --log-file "$OUT/ncu-$1.csv" --metrics "$2" \
+            --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+            --section LaunchStats --section WarpStateStats \
+            $PY bench/ncu_forward.py --batch "$1" >> "$OUT/bench.log" 2>&1
+    }
+    ncu_all() {
+        [ -n "$NCU" ] || { echo "ncu: not on this machine"; return 3; }
+        local rc=0 b
+        for b in ${NCU_BATCHES:-8192 512}; do
+            ncu_forward "$b" "$NCU_BASE,$NCU_STALLS" || rc=$?
+            if ! grep -q '"Metric Name"' "$OUT/ncu-$b.csv" 2>/dev/null; then
+                # (an ncu that knows a stall metric by another name profiles nothing: again
+                # without them)
+                echo "ncu at B=$b: no table with the stall metrics; again without" \
+                    | tee -a "$OUT/bench.log"
+                rc=0
+                ncu_forward "$b" "$NCU_BASE" || rc=$?
+            fi
+            $PY bench/ncu_forward.py --summarize "$OUT/ncu-$b.csv" 2>&1 \
+                | tee -a "$OUT/bench.log" || rc=$?
+        done
+        return $rc
+    }
+    step ncu ncu_all
 fi
 
 echo "gpu_check done in $(( $(date +%s) - START )) s" | tee -a "$SUMMARY"

@@ -14,7 +14,8 @@ just runs (``--device cpu``: under the interpreter, a smoke test).
 
 ``--summarize`` reads ncu's CSV (one row per kernel and metric) and prints per kernel in
 launch order: time, DRAM bytes read and written and their rate, L2 bytes and hit rate, SM
-and memory throughput as a share of peak, achieved occupancy, registers. The question it
+and memory throughput as a share of peak, achieved occupancy, registers, and then its
+largest stall reasons (``STALL_REASONS``). The question it
 answers (bench/notes-kernels.md, twelfth session): DCNv2's V moves ~170 MB and does ~29
 GFLOP at B=8192 yet takes 95-109 us; the gather takes 155 us where 120 is the target.
 """
@@ -55,6 +56,26 @@ COLUMNS = (
     # register spills: a kernel whose tile spilled (255 registers) pays local memory traffic
     ("spill_requests", ("Local Memory Spilling Requests",), 1.0),
 )
+
+
+# Why a kernel's warps wait (ncu's "Warp State Statistics": warps stalled for each reason
+# per issued instruction), asked for by name (gpu_check.sh's ncu step); the summary prints
+# each kernel's largest ones. The question they answer: does the gather wait on its chain
+# of dependent loads (long_scoreboard: a global load's data), on the memory system taking
+# requests (lg_throttle), or on neither (bench/notes-kernels.md, twentieth session)?
+STALL_REASONS = ("long_scoreboard", "lg_throttle", "wait", "short_scoreboard", "mio_throttle",
+                 "math_pipe_throttle", "barrier", "membar", "not_selected", "no_instruction",
+                 "gmma", "drain", "imc_miss", "branch_resolving", "dispatch_stall")
+STALL_METRIC = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
+TOP_STALLS = 3
+
+
+def stalls(kernel: dict, top: int = TOP_STALLS) -> list[tuple[str, float]]:
+    """A profiled kernel's ``top`` stall reasons with their warps per issued instruction,
+    largest first (those ncu gave)."""
+    found = [(reason, kernel["metrics"].get(STALL_METRIC.format(reason)))
+             for reason in STALL_REASONS]
+    return sorted(((r, v) for r, v in found if v is not None), key=lambda rv: -rv[1])[:top]
 
 
 def _number(text: str) -> float | None:
@@ -112,6 +133,7 @@ def summarize(kernels: list[dict]) -> list[dict]:
         moved = sum(p for p in parts if p is not None)
         row["dram_GBps"] = (moved / row["us"] * 1e3  # (MB per us: TB/s)
                             if row["us"] and parts != [None, None] else None)
+        row["stalls"] = stalls(k)
         out.append(row)
     return out
 
@@ -127,6 +149,11 @@ def table(rows: list[dict]) -> str:
     total = sum(r["us"] or 0.0 for r in rows)
     lines.append(f"{len(rows)} kernels, {total:.1f} us in all (each timed alone by ncu: "
                  "no overlap, caches flushed between kernels unless --cache-control none)")
+    if any(r.get("stalls") for r in rows):
+        lines.append("where warps wait (warps stalled per issued instruction, largest first):")
+        for r in rows:
+            said = ", ".join(f"{reason} {value:.1f}" for reason, value in r.get("stalls", []))
+            lines.append(f"  {r['kernel'][:32]:32} {said or '-'}")
     return "\n".join(lines)
 
 

@@ -76,3 +76,61 @@ def test_the_profiled_forward_runs_under_the_interpreter():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "profiled one dlrm-dot forward at B=4 (4 scores)" in done.stdout
+
+
+FAKE_NCU = '''#!{python}
+"""A stand-in ncu: writes a one-kernel CSV to --log-file; with STALLS_UNKNOWN set, fails
+as an ncu does on a metric name it does not know."""
+import os, sys
+args = sys.argv[1:]
+log, metrics = args[args.index("--log-file") + 1], args[args.index("--metrics") + 1]
+if os.environ.get("STALLS_UNKNOWN") and "stalled" in metrics:
+    print("==ERROR== Failed to find metric smsp__average_warps_issue_stalled_gmma")
+    sys.exit(1)
+rows = [{header!r}]
+def row(name, unit, value):
+    rows.append(f'"0","1","python3","h","_embedding_bag_kernel","1","7","(64, 1, 1)",'
+                f'"(25040, 1, 1)","0","9.0","Command line profiler metrics","{{name}}",'
+                f'"{{unit}}","{{value}}"')
+row("gpu__time_duration.sum", "nsecond", "150,000")
+for name in metrics.split(","):
+    if "stalled_long_scoreboard" in name:
+        row(name, "inst", "21.5")
+    elif "stalled_lg_throttle" in name:
+        row(name, "inst", "3.25")
+    elif "stalled" in name:
+        row(name, "inst", "0.5")
+open(log, "w").write("\\n".join(rows) + "\\n")
+'''
+
+
+@pytest.mark.parametrize("stalls_known", [True, False])
+def test_gpu_checks_ncu_step_lists_stall_reasons_or_runs_again_without(tmp_path, stalls_known):
+    """gpu_check.sh's ncu step against a stand-in ncu: each kernel's largest stall reasons
+    in the summary; an ncu that does not know a stall metric profiles the forward again
+    without them, and the step still gives its table."""
+    import os
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    ncu = bin_dir / "ncu"
+    ncu.write_text(FAKE_NCU.format(python=sys.executable, header=HEADER))
+    ncu.chmod(0o755)
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "STEPS": "ncu",
+           "PYTHON": sys.executable, "NCU_BATCHES": "512", "RECSERVE_COMMIT": "test"}
+    if not stalls_known:
+        env["STALLS_UNKNOWN"] = "1"
+    done = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "step ncu rc=0" in (out / "summary.txt").read_text()
+    log = (out / "bench.log").read_text()
+    assert "1 kernels, 150.0 us in all" in log
+    if stalls_known:
+        assert "_embedding_bag_kernel" in log
+        assert "long_scoreboard 21.5, lg_throttle 3.2, " in log  # (largest first)
+    else:
+        assert "no table with the stall metrics; again without" in log
+        assert "where warps wait" not in log
