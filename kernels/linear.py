@@ -428,8 +428,10 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                 ACT=ACTIVATIONS[activation], HAS_BIAS=bias is not None, num_warps=4,
                 **pdl_launch())
 
-    key = (m, n, k, h, a.dtype, activation, bias is not None, a_rows is not None,
-           add is not None, cross is not None, a.stride(), weight.stride(), out.stride())
+    # (the bias's dtype, not only whether there is one: it decides the cuBLAS candidate)
+    key = (m, n, k, h, a.dtype, activation, None if bias is None else bias.dtype,
+           a_rows is not None, add is not None, cross is not None, a.stride(), weight.stride(),
+           out.stride())
     plain = final is None and cross is None and add is None and a_rows is None
     _tuner.run(key, launch, lc.candidates(
         m, n, k, a.element_size(), final=final is not None, cross=cross is not None,

@@ -595,3 +595,26 @@ def test_cublas_candidate_computes_the_layer(device, dtype, activation, with_bia
     else:
         torch_bf16 = linear_reference(a, w, b, activation=activation).to(torch.bfloat16)
         _assert_bf16_close(got, ref, torch_bf16)
+
+
+def test_a_cublas_pick_is_not_shared_with_a_bias_of_another_dtype(monkeypatch):
+    """The same layer with a bias of A's dtype (cuBLAS may take it) and with an fp32 one
+    (torch's addmm would refuse it): two tuning keys, so the second call never launches the
+    first's cuBLAS pick."""
+    from recserve.kernels import _common
+    from recserve.kernels import linear as li
+
+    monkeypatch.setattr(li, "_tuner", _common.SafeTuner("linear", configs.GPU_CONFIGS))
+    monkeypatch.setattr(configs, "candidates", lambda *args, library, **kw: (
+        [configs.CUBLAS] if library else configs.CPU_CONFIGS))
+    gen = torch.Generator().manual_seed(4)
+    a = _rand(9, 40, gen=gen, device="cpu", dtype=torch.bfloat16)
+    w = _rand(24, 40, gen=gen, device="cpu", dtype=torch.bfloat16).t().contiguous().t()
+    bias = _rand(24, gen=gen, device="cpu")
+    first = linear(a, w, bias.to(torch.bfloat16), activation="relu")
+    second = linear(a, w, bias, activation="relu")
+    assert sorted(map(str, li._tuner.best.values())) == sorted(
+        map(str, [configs.CUBLAS, configs.CPU_CONFIGS[0]]))
+    ref = linear_reference(a, w, bias, activation="relu")
+    _assert_bf16_close(first, ref, ref.to(torch.bfloat16))
+    _assert_bf16_close(second, ref, ref.to(torch.bfloat16))
