@@ -141,7 +141,7 @@ def _embedding_jobs(quick: bool):
             sig = {n: "*i32" for n in eb._embedding_bag_kernel.arg_names if n.endswith("_ptr")}
             sig.update(table_ptr=_PTR[table], weights_ptr="*fp32",
                        out_ptr=_PTR[out], meta_ptr="*i64", out_stride="i32")
-            seen = set()  # (configs differing only in ROWS, host-side, compile once)
+            seen = set()  # (configs differing only in PROGRAM_ROWS, host-side: one compile)
             for cfg in eb.CONFIGS + eb.TRIAL_CONFIGS + [None]:
                 if cfg is not None and "PROGRAM_ROWS" in cfg:
                     kernel = tuple(sorted((k, v) for k, v in cfg.items() if k != "PROGRAM_ROWS"))
@@ -175,10 +175,10 @@ def _gather_dot_jobs(quick: bool):
 
     for _, sig, const, options, div16 in _embedding_jobs(quick):
         # the launcher's own rule: which gather configs it takes, which it also caps
-        config = {"BAGS": const["BAGS"], "ALIGN": const["ALIGN"], **options}
-        variants = gd.ThenDot.candidates([config])
         if const.pop("MULTI_TILE"):  # (the fused launch takes one tile a program)
             continue
+        config = {"BAGS": const["BAGS"], "ALIGN": const["ALIGN"], **options}
+        variants = gd.ThenDot.candidates([config])
         if not variants or (quick and (sig["table_ptr"] != "*bf16" or const["L2_KEEP"])):
             continue
         out = sig["out_ptr"]

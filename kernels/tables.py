@@ -204,6 +204,8 @@ def launch_plan(packed: PackedTables, features: tuple[BagFeature, ...], num_rows
     by the feature's ``max_bag`` (at least one), so a program's fixed costs (its metadata
     and bag bounds, each a load waiting on the one before) are paid once for many rows
     (``feature_tiles``); with ``long_only`` the long-bag features only."""
+    if block_rows and rows_per_prog:
+        raise ValueError("block-major programs pool one tile each (rows_per_prog 0)")
     key = (tuple(packed.elem_base), tuple(packed.rows), tuple(packed.row_stride), features,
            num_rows, num_requests, bags_per_prog, lanes, kept, small_last, block_rows,
            rows_per_prog, long_only,
@@ -229,8 +231,6 @@ def launch_plan(packed: PackedTables, features: tuple[BagFeature, ...], num_rows
                    bag_base[i], counts[i], f.out_col, len(prog_feature), flags, tiles]
         prog_feature.extend([i] * programs)
     if block_rows:
-        if rows_per_prog:
-            raise ValueError("block-major programs pool one tile each (rows_per_prog 0)")
         prog_feature = _block_major(features, order, is_long, num_rows, bags_per_prog,
                                     block_rows)
     plan = (torch.tensor(meta, dtype=torch.int64, device=packed.device),
