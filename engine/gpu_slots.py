@@ -143,7 +143,7 @@ def device_step(model: GpuModel, slot: SlotState, bucket: int) -> tuple[torch.Te
     weights = None if dev.weights is None else dev.weights[:views.ids.shape[0]]  # (as long)
     groups = [(views.ids, starts, ends, weights) for starts, ends in views.groups]
     prepared = PreparedBatch(bucket, r_cap, views.row_request, views.request_offsets,
-                             views.first_rows, dense, tuple(groups))
+                             views.first_rows, dense, tuple(groups), views.bad_flags)
     return model.triton.forward_prepared(prepared)
 
 

@@ -57,6 +57,7 @@ def pack(layout: StagingLayout, host: HostBuffers, pieces: list[RequestInputs],
     np.cumsum(counts, out=offsets[1:real + 1], dtype=np.int32)
     offsets[real + 1:] = bucket
     np.minimum(offsets[:-1], bucket - 1, out=views.first_rows)
+    views.bad_flags.fill(0)  # (what the forward flags: cleared with the batch's copy-in)
     if views.dense is not None:
         _pack_dense(spec, views.dense, pieces, counts, bucket, r_cap,
                     layout.dense_per_request)

@@ -8,9 +8,12 @@ and ``rows`` rows is padded to its bucket B with one extra "padding request" own
 padding rows, so every bucket has fixed tensor shapes (a static input for a CUDA graph):
 
   batch block (one copy, up to the batch's last id), each array where bucket B puts it:
-    row_request [B], request_offsets [B + 2], first_rows [B + 1] (R_cap = B + 1); per
-    table group its bags' starts and ends [sum over its features of bags + 1] (the
-    kernel's bag bounds); dense fp32 [B or R_cap, dense_in_dim]; ids [room for B rows]
+    row_request [B], request_offsets [B + 2], first_rows [B + 1] (R_cap = B + 1);
+    bad_flags [R_cap], zeros (what the forward's gathers flag: they arrive zeroed with
+    the batch, so a graph needs no kernel to clear them); per table group its bags'
+    starts and ends [sum over its features of bags + 1] (the kernel's bag bounds); dense
+    fp32 [B or R_cap, dense_in_dim] (read as fp32 by the first bottom layer); ids [room
+    for B rows]
   weights [cap] (when a feature is weighted), copied on their own
 
 Each bag's (start, end) says where its ids are, so ids can lie in whatever order copies
@@ -126,13 +129,14 @@ ALIGN = 64
 def block_parts(layout: StagingLayout, bucket: int
                 ) -> tuple[tuple[int, tuple[int, ...], np.dtype], ...]:
     """(byte offset, shape, dtype) of ``bucket``'s arrays in a batch block, back to back:
-    row_request [B], request_offsets [B + 2], first_rows [B + 1], each group's bag starts
-    and ends [bounds_used(B)], dense [B or R_cap, dense_in_dim] (when the model has dense
-    inputs), then the ids, last, with room for any batch of B rows (``ids_room``). A batch's
-    copy to the device is the block up to the end of its ids: one copy for all but the
-    weights (each CUDA call of a batch's copy-in is a GIL hand-off in the engine process;
-    these were 5 + 2 per table group of them)."""
-    shapes = [((bucket,), _INT32), ((bucket + 2,), _INT32), ((bucket + 1,), _INT32)]
+    row_request [B], request_offsets [B + 2], first_rows [B + 1], bad_flags [B + 1], each
+    group's bag starts and ends [bounds_used(B)], dense [B or R_cap, dense_in_dim] (when
+    the model has dense inputs), then the ids, last, with room for any batch of B rows
+    (``ids_room``). A batch's copy to the device is the block up to the end of its ids:
+    one copy for all but the weights (each CUDA call of a batch's copy-in is a GIL
+    hand-off in the engine process; these were 5 + 2 per table group of them)."""
+    shapes = [((bucket,), _INT32), ((bucket + 2,), _INT32), ((bucket + 1,), _INT32),
+              ((bucket + 1,), _INT32)]
     for group in layout.groups:
         shapes += [((group.bounds_used(bucket),), layout.index_dtype)] * 2
     if layout.dense_width:
@@ -183,6 +187,9 @@ class BucketArrays:
     """int32 [B + 2]: each request's first row, then the end."""
     first_rows: np.ndarray
     """int32 [B + 1]: each request's first row, clamped into the bucket."""
+    bad_flags: np.ndarray
+    """int32 [B + 1], zeros: each request's bad-id flag, which the forward sets (packing
+    writes the zeros every batch, and they travel with the block)."""
     groups: tuple[tuple[np.ndarray, np.ndarray], ...]
     """Per group: (starts, ends) of its bags [bounds_used(B)], its kernel's offsets layout."""
     dense: np.ndarray | None
@@ -204,8 +211,8 @@ def bucket_arrays(layout: StagingLayout, block, bucket: int, dtype_of=None) -> B
     arrays = [block[o:o + int(np.prod(shape)) * t.itemsize].view(
         dtype_of(t) if dtype_of else t).reshape(shape) for o, shape, t in parts]
     dense = arrays[-2] if layout.dense_width else None
-    bounds = arrays[3:len(arrays) - (2 if layout.dense_width else 1)]
-    return BucketArrays(*arrays[:3], tuple(zip(bounds[::2], bounds[1::2], strict=True)), dense,
+    bounds = arrays[4:len(arrays) - (2 if layout.dense_width else 1)]
+    return BucketArrays(*arrays[:4], tuple(zip(bounds[::2], bounds[1::2], strict=True)), dense,
                         arrays[-1], parts[-1][0])
 
 

@@ -190,6 +190,8 @@ def _auto_method(first: dict, launch: Callable[[dict], None]) -> str:
 
 
 _TUNERS: list[SafeTuner] = []
+Outputs = Callable[[], Sequence[tuple[torch.Tensor, float | torch.Tensor]]]
+"""What a launch writes, each tensor with what to fill it with first (``SafeTuner.run``)."""
 
 
 def forget_tuning() -> None:
@@ -215,12 +217,13 @@ class SafeTuner:
 
     def run(self, key: tuple, launch: Callable[[dict], None],
             candidates: Sequence[dict] | None = None,
-            outputs: Callable[[], Sequence[tuple[torch.Tensor, float]]] | None = None) -> dict:
+            outputs: Outputs | None = None) -> dict:
         """Launch with the cached best config for ``key``, tuning on first sight.
 
         ``outputs`` (for kernels whose configs must agree bit for bit): the tensors a launch
         writes, each with a value to fill it with first (so a config that writes nothing
-        cannot pass for one that writes the right thing)."""
+        cannot pass for one that writes the right thing), or a tensor to copy in (for an
+        output a launch adds to, such as flags earlier launches set)."""
         configs = list(candidates) if candidates is not None else self.configs
         if key in self.best:
             launch(self.best[key])
@@ -271,7 +274,7 @@ class SafeTuner:
 
     @staticmethod
     def _time_each(configs: list[dict], launch: Callable[[dict], None],
-                   outputs: Callable[[], Sequence[tuple[torch.Tensor, float]]] | None,
+                   outputs: Outputs | None,
                    method: str) -> tuple[list[tuple[float, dict]], list[str]]:
         """(median ms, config) for each config that runs (and, with ``outputs``, gives the
         first one's bits), and why each other one was dropped."""
@@ -331,11 +334,15 @@ def _brief(key: tuple, limit: int = 160) -> str:
 
 
 def _bits_of(launch: Callable[[dict], None], config: dict,
-             outputs: Callable[[], Sequence[tuple[torch.Tensor, float]]]) -> list[torch.Tensor]:
-    """Fill ``outputs``, launch ``config``, and return the outputs' bytes (NaN-proof)."""
+             outputs: Outputs) -> list[torch.Tensor]:
+    """Fill ``outputs`` (each with its value, or a copy of its tensor), launch ``config``,
+    and return the outputs' bytes (NaN-proof)."""
     written = outputs()
     for tensor, fill in written:
-        tensor.fill_(fill)
+        if isinstance(fill, torch.Tensor):
+            tensor.copy_(fill)
+        else:
+            tensor.fill_(fill)
     launch(config)
     return [t.contiguous().view(torch.uint8).clone() for t, _ in written]
 

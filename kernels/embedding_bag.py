@@ -202,6 +202,10 @@ def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices:
     requests and ``request_offsets`` [R + 1] gives each request's rows (needed with
     request-scope features; both default to one request per row). Returns ``bad`` [R]
     int32: 1 where a request sent an index outside its table (those rows read nothing).
+    A ``bad`` given is only ever set, never cleared: pass zeros, or the flags of the same
+    forward's earlier launches (one buffer for every launch of a forward, so no kernel
+    ORs them, and one the engine's staging zeroes with each batch's copy-in). Without it,
+    a new zeroed one.
     CSR consistency (monotone offsets, or 0 <= start <= end <= nnz per bag, within
     [0, nnz]) is the caller's: see ``check_csr`` and ``check_bounds``.
 
@@ -235,7 +239,9 @@ def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices:
         bad = torch.zeros(num_requests, dtype=torch.int32, device=out.device)
     else:
         check_tensor("bad", bad, dtypes=[torch.int32], ndim=1, device=packed.device)
-        bad.zero_()
+        if bad.shape[0] != num_requests or bad.stride(0) != 1:
+            raise ValueError(f"bad has shape {list(bad.shape)}, stride {bad.stride()}; "
+                             f"expected contiguous [{num_requests}] (one flag per request)")
     if not features or num_rows == 0:
         return bad
     block_d = next_pow2(max(packed.dims[f.table] for f in features), 16)
@@ -262,12 +268,18 @@ def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices:
         else:
             then_dot.launch(programs, args, out, len(features), params, cfg)
 
-    def outputs() -> list[tuple[torch.Tensor, float]]:
+    flags_before: list[torch.Tensor] = []
+
+    def outputs() -> list[tuple[torch.Tensor, float | torch.Tensor]]:
         # What a launch writes: every config must give the same bits (same sums, same
         # order), so the tuner drops one that does not (a miscompile that still runs).
+        # The flags start each candidate as they were before tuning (the tuner calls this
+        # before its first launch): earlier launches of the forward may have set some.
+        if not flags_before:
+            flags_before.append(bad.clone())
         cols = [out[:, f.out_col:f.out_col + packed.dims[f.table]] for f in features]
         z = [] if then_dot is None else [(then_dot.z, float("nan"))]
-        return [(c, float("nan")) for c in cols] + [(bad, 0.0)] + z
+        return [(c, float("nan")) for c in cols] + [(bad, flags_before[0])] + z
 
     key = (packed.dtype, block_d, weighted, features, num_rows, num_requests, out.dtype,
            indices.dtype, align, PREFETCH, kept)

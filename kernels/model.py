@@ -174,9 +174,10 @@ class TritonModel:
     def forward_prepared(self, p: PreparedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The forward on an already uploaded batch: kernel launches only, no host sync.
         Scores [B, H] fp32 and each request's bad-id flag [R] int32, nonzero where one of
-        its ids was outside its table: the gathers' own flags, not turned into bools here,
-        which would take one more kernel (1.3 us of the 128 at B=512 on the H200) where
-        the engine copies the flags out and reads them on the host anyway."""
+        its ids was outside its table: the gathers' own flags (``p.bad_flags`` when the
+        caller brings them zeroed), not turned into bools here, which would take one more
+        kernel (1.3 us of the 128 at B=512 on the H200) where the engine copies the flags
+        out and reads them on the host anyway."""
         spec, lay = self.spec, self.layout
         e = torch.empty(p.num_rows, lay.e_width, device=self.device, dtype=self.dtype)
         side = self._side
@@ -187,28 +188,27 @@ class TritonModel:
                 self._bottom(p, e)
         elif spec.dense:
             self._bottom(p, e)
-        bad = None
+        # One set of flags for every gather launch (each only sets flags), zeroed by the
+        # caller (the engine's staging) or here
+        bad = p.bad_flags
+        if bad is None:
+            bad = torch.zeros(p.num_requests, dtype=torch.int32, device=self.device)
         for k, ((packed, feats, _), (indices, offsets, ends, weights)) in enumerate(
                 zip(self.groups, p.groups, strict=True)):
             if k != self._fused:
-                bad = _either(bad, embedding_bag(packed, feats, indices, offsets, e,
-                                                 weights=weights, row_request=p.row_request,
-                                                 request_offsets=p.request_offsets, ends=ends))
+                embedding_bag(packed, feats, indices, offsets, e, weights=weights,
+                              row_request=p.row_request, request_offsets=p.request_offsets,
+                              ends=ends, bad=bad)
         if side is not None:
             main.wait_stream(side)  # the join: e's x slice is written
-        if self._fused is None:
-            z = self._interact(e)
-        else:
-            z, bad = self._gather_and_dot(p, e, bad)
-        if bad is None:
-            bad = torch.zeros(p.num_requests, dtype=torch.int32, device=self.device)
+        z = self._interact(e) if self._fused is None else self._gather_and_dot(p, e, bad)
         return self._top(p, z), bad
 
-    def _gather_and_dot(self, p: PreparedBatch, e: torch.Tensor, bad: torch.Tensor | None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather_and_dot(self, p: PreparedBatch, e: torch.Tensor, bad: torch.Tensor
+                        ) -> torch.Tensor:
         """The fused group's request-scope features (a plain launch), then its
-        candidate-scope ones with the dot interaction (``gather_dot``). Returns (z, the
-        bad flags so far and these launches')."""
+        candidate-scope ones with the dot interaction (``gather_dot``), flagging into
+        ``bad``. Returns z."""
         packed, feats, _ = self.groups[self._fused]
         indices, offsets, ends, weights = p.groups[self._fused]
         # feature_groups put a group's candidate-scope features first: their offsets are
@@ -216,18 +216,16 @@ class TritonModel:
         cand = sum(not f.request_scope for f in feats)
         split = cand * (p.num_rows + 1)
         common = dict(weights=weights, row_request=p.row_request,
-                      request_offsets=p.request_offsets)
+                      request_offsets=p.request_offsets, bad=bad)
         if cand < len(feats):
-            bad = _either(bad, embedding_bag(packed, feats[cand:], indices, offsets[split:], e,
-                                             ends=None if ends is None else ends[split:],
-                                             **common))
+            embedding_bag(packed, feats[cand:], indices, offsets[split:], e,
+                          ends=None if ends is None else ends[split:], **common)
         z = self._z(e)
         then = ThenDot(self.spec.num_vectors, self._vector_dim(), self.dest, z,
                        self.layout.x_col_in_z, counters(p.num_rows, self.device))
-        flags = embedding_bag(packed, feats[:cand], indices, offsets[:split], e,
-                              ends=None if ends is None else ends[:split], then_dot=then,
-                              **common)
-        return z, _either(bad, flags)
+        embedding_bag(packed, feats[:cand], indices, offsets[:split], e,
+                      ends=None if ends is None else ends[:split], then_dot=then, **common)
+        return z
 
     def _bottom(self, p: PreparedBatch, e: torch.Tensor) -> None:
         lay, spec = self.layout, self.spec
@@ -282,12 +280,6 @@ class TritonModel:
             h = linear(h, w, b, activation="none" if k == n - 1 else "relu", **kw)
         logits = h.float()
         return torch.where(self.sigmoid.bool()[None, :], torch.sigmoid(logits), logits)
-
-
-def _either(bad: torch.Tensor | None, flags: torch.Tensor) -> torch.Tensor:
-    """Bad-request flags of the launches so far OR one more launch's (no extra kernel for
-    the first)."""
-    return flags if bad is None else bad | flags
 
 
 def capture_graph(fn, *args, pool=None, device: torch.device | None = None):

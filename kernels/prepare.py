@@ -43,11 +43,17 @@ class PreparedBatch:
     first_rows: torch.Tensor
     """int32 [R]: one row of each request (clamped into [0, B))."""
     dense: torch.Tensor | None
-    """[B or R, dense_in_dim] in the compute dtype (R when x is request-only)."""
+    """[B or R, dense_in_dim] in the compute dtype or fp32 (R when x is request-only; the
+    first bottom layer rounds fp32 inputs to the compute dtype as it loads them)."""
     groups: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
                         torch.Tensor | None], ...]
     """Per table-dtype group: (indices, offsets, ends or None, weights or None): CSR
     offsets when ends is None, else bag starts and ends (see ``embedding_bag``)."""
+    bad_flags: torch.Tensor | None = None
+    """int32 [R], zeros: where the forward's gathers flag each request that sent an id
+    outside its table (every gather launch sets flags in it, none clears them). None: the
+    forward allocates zeroed flags itself (one fill kernel); the engine's staging brings
+    them zeroed with each batch's copy-in, so its graphs have no such kernel."""
 
 
 def _group_csr(batch: Batch, names: tuple[str, ...], wide: bool, validate: bool

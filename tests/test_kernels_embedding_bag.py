@@ -716,3 +716,49 @@ def test_tuning_auto_times_in_a_graph_only_where_the_eager_timing_is_the_launch(
     probe = [("eager", 0)] + ([] if graph_fails else [("graph", 0)])
     assert timed == probe + [(expected, v) for v in (0, 1, 2)]
     assert best == ({"v": 2} if expected == "graph" else {"v": 1})
+
+
+def test_flags_given_are_only_set_even_while_a_launch_tunes(monkeypatch):
+    """Every gather launch of a forward flags into one buffer (no kernel clears it or ORs
+    launches' flags): a launch sets its own requests' flags and keeps the ones an earlier
+    launch set, also while it tunes, when the tuner resets each output before each
+    candidate (to what it held before tuning, not to zero)."""
+    from recserve.kernels import _common
+    from recserve.kernels import embedding_bag as eb
+
+    monkeypatch.setattr(_common, "interpreting", lambda: False)  # tune: two candidates
+    monkeypatch.delenv("RECSERVE_AUTOTUNE", raising=False)
+    monkeypatch.delenv(_common.TUNE_BY_ENV, raising=False)
+    monkeypatch.setattr(eb, "_tuner", eb.SafeTuner("embedding_bag", eb.CONFIGS))
+    tried = []
+
+    def fake_bench(fn, **_):
+        fn()
+        tried.append(1)
+        return float(len(tried))
+
+    monkeypatch.setattr(_common.triton.testing, "do_bench", fake_bench)
+    gen = torch.Generator().manual_seed(31)
+    dims, rows, num_rows = [8, 8, 8], [20, 20, 20], 6
+    features = [BagFeature(0, 0, max_bag=2), BagFeature(1, 8, max_bag=2)]
+    stored, _, _, _ = _tables(torch.float32, dims, rows, gen)
+    packed = PackedTables(stored)
+    out = torch.zeros(num_rows, 16)
+    bad = torch.zeros(num_rows, dtype=torch.int32)
+
+    def launch(feature: BagFeature, bad_row: int) -> None:
+        ids = torch.arange(num_rows, dtype=torch.int64) % 20
+        ids[bad_row] = 99  # out of its table: flags request (row) bad_row
+        offsets = torch.arange(num_rows + 1, dtype=torch.int64)
+        embedding_bag(packed, [feature], ids, offsets, out, bad=bad)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (configs that differ in bits are pruned: fine)
+        launch(features[0], 1)
+        launch(features[1], 4)
+    assert len(tried) > 2  # both launches tuned, over several candidates
+    assert bad.tolist() == [0, 1, 0, 0, 1, 0]
+    with pytest.raises(ValueError, match=r"expected contiguous \[6\]"):
+        embedding_bag(packed, features[:1], torch.zeros(6, dtype=torch.int64),
+                      torch.arange(7, dtype=torch.int64), out,
+                      bad=torch.zeros(7, dtype=torch.int32))

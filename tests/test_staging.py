@@ -128,6 +128,39 @@ def test_an_out_of_range_id_flags_only_its_request():
     torch.testing.assert_close(scores[:2], want, rtol=1e-4, atol=1e-5)
 
 
+def test_a_slot_reused_after_a_bad_id_flags_nothing_in_the_next_batch():
+    """The forward flags into the slot's staged flags (no fill kernel of its own): the
+    next batch through the same host and device sets must arrive with them cleared, by
+    its own copy-in, whatever the previous batch flagged."""
+    from recserve.engine.gpu_slots import GpuModel, copy_in
+
+    spec = small_spec()
+    weights = init_weights(spec, seed=16)
+    rng = np.random.default_rng(16)
+    model = TritonModel(spec, weights, "cpu")
+    layout = staging_layout(spec, [names for _, _, names in model.groups], 16,
+                            model.layout.x_request)
+    host, device = host_buffers(layout), allocate(layout, "cpu")
+    slot = SlotState(host, device, torch.zeros_like(device.bucket(16).dense), torch.zeros(0),
+                     torch.zeros(0), None, host_tensors=as_tensors(host))
+    gpu = GpuModel(spec, model, layout, [slot])
+    first = [random_inputs(spec, rng, n) for n in (2, 3, 2)]
+    hist = first[2].sparse["hist"]
+    first[2].sparse["hist"] = SparseInput(np.array([-1, *hist.values[1:]]))
+    sizes = pack(layout, host, first, bucket=12)
+    copy_in(slot, sizes.bucket, sizes.nnz, None)
+    _, bad = device_step(gpu, slot, 12)
+    assert (bad[:sizes.requests] != 0).tolist() == [False, False, True]
+    assert bad.data_ptr() == device.bucket(12).bad_flags.data_ptr()  # the staged flags
+    second = [random_inputs(spec, rng, n) for n in (4, 1, 2)]
+    sizes = pack(layout, host, second, bucket=12)
+    copy_in(slot, sizes.bucket, sizes.nnz, None)
+    scores, bad = device_step(gpu, slot, 12)
+    assert not bool(bad.any())
+    want = ReferenceModel(spec, weights).forward(collate(spec, second))
+    torch.testing.assert_close(scores[:sizes.rows], want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("huge", [(1 << 32) + 3, -(1 << 32) + 3, 1 << 62])
 @pytest.mark.parametrize("pieces_before", [0, 1])
 def test_huge_ids_cannot_wrap_into_range_in_int32_staging(huge, pieces_before):
@@ -248,10 +281,10 @@ def test_copy_in_moves_everything_the_device_step_reads(flat):
     gpu = GpuModel(spec, model, layout, [slot])
     copied = copy_in(slot, sizes.bucket, sizes.nnz, None)
     views = host.bucket(12)  # one block, each part 64-byte aligned, the ids last
-    parts = [views.row_request, views.request_offsets, views.first_rows,
+    parts = [views.row_request, views.request_offsets, views.first_rows, views.bad_flags,
              *(t for pair in views.groups for t in pair), views.dense]
-    assert [t.size for t in parts[:3]] == [12, 14, 13]
-    assert [t.size for t in parts[3:-1]] == [u for u in sizes.bounds for _ in (0, 1)]
+    assert [t.size for t in parts[:4]] == [12, 14, 13, 13]
+    assert [t.size for t in parts[4:-1]] == [u for u in sizes.bounds for _ in (0, 1)]
     assert views.dense.shape == (12, layout.dense_width)
     assert views.ids_at == sum(-(-t.nbytes // 64) * 64 for t in parts)
     assert copied == views.ids_at + views.ids.itemsize * sizes.nnz + 4 * sizes.nnz
