@@ -163,7 +163,7 @@ class SimulatedGpuExecutor(GpuExecutor):
         for _ in range(self.settings.slots):
             host, memory = shared_host(layout) if self.pack_processes \
                 else (host_buffers(layout), None)
-            slot = SlotState(host, allocate(layout, "cpu"), None, torch.zeros(rows, outputs),
+            slot = SlotState(host, allocate(layout, "cpu"), torch.zeros(rows, outputs),
                              torch.zeros(rows + 1, dtype=torch.bool), None, shared=memory,
                              host_tensors=as_tensors(host),
                              events={f"{s}_{e}": f"{s}_{e}" for s in ("h2d", "compute", "d2h")

@@ -244,7 +244,7 @@ class GpuExecutor(Executor):
         weights_reserved = torch.cuda.memory_reserved(self.device)
         layout = staging_layout(spec, [names for _, _, names in triton_model.groups],
                                 self.settings.max_batch_rows, triton_model.layout.x_request)
-        slots = [new_slot(triton_model, layout, self.device, _STAGES, self.pack_processes,
+        slots = [new_slot(layout, self.device, _STAGES, self.pack_processes,
                           self.blocking_wait) for _ in range(self.settings.slots)]
         model = GpuModel(spec, triton_model, layout, slots)
         rng = np.random.default_rng(0)

@@ -32,7 +32,6 @@ class SlotState:
     host: HostBuffers
     """What packing writes (numpy; pinned, or shared memory CUDA pinned)."""
     device: TensorBuffers
-    dense_compute: torch.Tensor | None
     scores_out: torch.Tensor
     bad_out: torch.Tensor
     """Each request's bad-id flag as the forward leaves it (int32, nonzero: bad)."""
@@ -88,14 +87,13 @@ def pin_shared(memory: SharedMemory) -> bool:
     return True
 
 
-def new_slot(triton_model, layout: StagingLayout, device: torch.device,
+def new_slot(layout: StagingLayout, device: torch.device,
              stages: tuple[str, ...], shared: bool = False,
              blocking: bool = False) -> SlotState:
     """Allocate one slot's pinned host set (in shared memory when ``shared``, and CUDA
     pins it), device set, outputs and stage events (``blocking``: a host thread waiting
     on one sleeps instead of spinning a core, ``cudaEventBlockingSync``)."""
     rows, outputs = layout.max_rows, len(layout.spec.outputs)
-    dense_compute = None
     memory = None
     if shared:
         host, memory = shared_host(layout)
@@ -104,12 +102,9 @@ def new_slot(triton_model, layout: StagingLayout, device: torch.device,
     if memory is None:
         host = pinned_host(layout)
     on_device = allocate(layout, device)
-    if layout.dense_width:  # (the largest bucket's rows: smaller ones use a prefix)
-        dense_compute = torch.zeros_like(on_device.bucket(layout.max_rows).dense,
-                                         dtype=triton_model.dtype)
     events = {f"{s}_{edge}": torch.cuda.Event(enable_timing=True, blocking=blocking)
               for s in stages for edge in ("start", "end")}
-    return SlotState(host, on_device, dense_compute,
+    return SlotState(host, on_device,
                      torch.zeros(rows, outputs, pin_memory=True),
                      torch.zeros(rows + 1, dtype=torch.int32, pin_memory=True),
                      torch.cuda.graph_pool_handle(), events=events, shared=memory,
@@ -136,14 +131,10 @@ def device_step(model: GpuModel, slot: SlotState, bucket: int) -> tuple[torch.Te
 
     dev, r_cap = slot.device, bucket + 1
     views = dev.bucket(bucket)
-    dense = None
-    if slot.dense_compute is not None:
-        dense = slot.dense_compute[:views.dense.shape[0]]
-        dense.copy_(views.dense)  # fp32 staging -> compute dtype, on the device
     weights = None if dev.weights is None else dev.weights[:views.ids.shape[0]]  # (as long)
     groups = [(views.ids, starts, ends, weights) for starts, ends in views.groups]
     prepared = PreparedBatch(bucket, r_cap, views.row_request, views.request_offsets,
-                             views.first_rows, dense, tuple(groups), views.bad_flags)
+                             views.first_rows, views.dense, tuple(groups), views.bad_flags)
     return model.triton.forward_prepared(prepared)
 
 

@@ -214,12 +214,7 @@ def _linear_jobs(quick: bool):
                          if lc.fits(c, 4 if dtype == "fp32" else 2)]
             for c in lc.base_configs(256 if flags["FINAL"] else None, None,
                                  4 if dtype == "fp32" else 2) + extra:
-                sig = {n: _PTR[dtype] for n in li._linear_kernel.arg_names if n.endswith("_ptr")}
-                sig.update(a_rows_ptr="*i32", add_rows_ptr="*i32", fact_ptr="*i32",
-                           bf_ptr="*fp32", part_ptr="*fp32", stagger_ptr="*i32",
-                           out_ptr="*fp32" if flags["FINAL"] else _PTR[dtype])
-                sig.update({n: "i32" for n in li._linear_kernel.arg_names
-                            if n in ("M", "N", "K", "H") or n.startswith("stride")})
+                sig = _linear_signature(dtype, flags["FINAL"])
                 # as the card specializes dlrmv2's layers: unit strides are constants, the
                 # other sizes and strides multiples of 16; K = 13 (the first bottom layer)
                 # is the odd one, compiled with EVEN_K off.
@@ -245,6 +240,39 @@ def _linear_jobs(quick: bool):
                              "stride_x0m", "stride_xm") + (("K",) if even_k else ())
                     yield li._linear_kernel, sig, const, {"num_warps": c["num_warps"],
                                                           "num_stages": c["num_stages"]}, div16
+
+
+def _linear_signature(dtype: str, final: bool, a_dtype: str | None = None) -> dict:
+    """``linear``'s pointer and size types: operands in ``dtype`` (A in ``a_dtype``)."""
+    from . import linear as li
+
+    sig = {n: _PTR[dtype] for n in li._linear_kernel.arg_names if n.endswith("_ptr")}
+    sig.update(a_ptr=_PTR[a_dtype or dtype], a_rows_ptr="*i32", add_rows_ptr="*i32",
+               fact_ptr="*i32", bf_ptr="*fp32", part_ptr="*fp32", stagger_ptr="*i32",
+               out_ptr="*fp32" if final else _PTR[dtype])
+    sig.update({n: "i32" for n in li._linear_kernel.arg_names
+                if n in ("M", "N", "K", "H") or n.startswith("stride")})
+    return sig
+
+
+def _fp32_input_jobs(quick: bool):
+    """The first bottom layer as the engine runs it: fp32 dense inputs with bf16 weights,
+    each rounded as it loads (``linear``'s A with every config it offers an fp32 A, K = 13
+    so EVEN_K off; ``mlp``'s x with every config)."""
+    from . import linear as li
+    from . import linear_configs as lc
+
+    flags = dict(ACT=1, HAS_BIAS=True, A_ROWS=False, ADD_ROWS=False, CROSS=False, FINAL=False)
+    for c in lc.base_configs(None, None, 4):
+        const = {"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"], "BLOCK_K": c["BLOCK_K"],
+                 "IEEE": False, "stride_ak": 1, "stride_wk": 1, "stride_on": 1,
+                 "EVEN_K": False, "EPILOGUE_FIRST": False, "SPLIT_K": 1, "PERSISTENT": False,
+                 "FLATTEN": True, "STAGGER": False, "SUBTILE": 1, **flags}
+        yield (li._linear_kernel, _linear_signature("bf16", False, "fp32"), const,
+               {"num_warps": c["num_warps"], "num_stages": c["num_stages"]},
+               ("N", "stride_wn", "stride_om"))
+    for fn, sig, const, options, div16 in _mlp_jobs(True):
+        yield fn, {**sig, "x_ptr": "*fp32"}, const, options, div16
 
 
 def _split_k_jobs(quick: bool):
@@ -315,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     failures = 0
     for jobs in (_embedding_jobs, _gather_dot_jobs, _linear_jobs, _split_k_jobs, _dot_jobs,
-                 _mlp_jobs, _pdl_jobs):
+                 _mlp_jobs, _fp32_input_jobs, _pdl_jobs):
         for fn, sig, const, options, div16 in jobs(args.quick):
             t0 = time.time()
             error, produced = _compile(fn, sig, const, options, args.arch, div16, args.spills)

@@ -162,8 +162,9 @@ def _linear_tile(
         k_mask = (k + offs_k) < K if not EVEN_K else offs_k < BLOCK_K
         a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        if IEEE:  # (an fp32 A of a lower-precision W is rounded to W's dtype first)
+            acc = tl.dot(a.to(w.dtype).to(tl.float32), w.to(tl.float32), acc,
+                         input_precision="ieee")
         else:
             acc = tl.dot(a.to(w.dtype), w, acc)
         a_ptrs += BLOCK_K * stride_ak
@@ -321,7 +322,10 @@ def _check(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            a_rows: torch.Tensor | None, add: torch.Tensor | None, add_rows: torch.Tensor | None,
            cross: tuple[torch.Tensor, torch.Tensor] | None, m: int) -> None:
     check_tensor("a", a, dtypes=FLOAT_DTYPES, ndim=2)
-    check_tensor("weight", weight, dtypes=[a.dtype], ndim=2, device=a.device)
+    # W's dtype, or fp32 rounded to it as it loads (the same products as rounding A first:
+    # the engine's dense inputs arrive fp32, and the first bottom layer takes them so)
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES if a.dtype == torch.float32
+                 else [a.dtype], ndim=2, device=a.device)
     n, k = weight.shape
     if a.shape[1] != k:
         raise ValueError(f"a has shape {list(a.shape)} but weight has {list(weight.shape)}: "
@@ -359,8 +363,10 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """act(A[a_rows] @ W^T + bias + add[add_rows]), optionally x0 * (.) + x before act.
 
     ``final`` = (wf [H, N], bf [H], sigmoid [H] int32) fuses the next, narrow layer and
-    returns fp32 scores [M, H]; otherwise returns ``out`` [M, N] (allocated in A's dtype
+    returns fp32 scores [M, H]; otherwise returns ``out`` [M, N] (allocated in W's dtype
     when not given; it may be a strided view, e.g. a column slice of a wider buffer).
+    A is in W's dtype, or fp32 with a bf16 or fp16 W: each element rounded to W's dtype
+    as it loads, the same products as rounding A first, without a kernel to do it.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation is {activation!r}; expected one of {list(ACTIVATIONS)}")
@@ -379,7 +385,7 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                              f"{fact.dtype} must be [{h}] (flags int32)")
         width, out_dtype = h, torch.float32
     else:
-        width, out_dtype = n, a.dtype
+        width, out_dtype = n, weight.dtype
     if out is None:
         out = torch.empty(m, width, device=a.device, dtype=out_dtype)
     check_tensor("out", out, dtypes=[out_dtype], ndim=2, device=a.device)
@@ -416,7 +422,7 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
             ACT=ACTIVATIONS[activation], HAS_BIAS=bias is not None, A_ROWS=a_rows is not None,
             ADD_ROWS=add is not None, CROSS=cross is not None, FINAL=final is not None,
-            IEEE=ieee_dot(a.dtype), EVEN_K=k % cfg["BLOCK_K"] == 0,
+            IEEE=ieee_dot(weight.dtype), EVEN_K=k % cfg["BLOCK_K"] == 0,
             EPILOGUE_FIRST=cfg.get("EPILOGUE_FIRST", False), SPLIT_K=split,
             PERSISTENT=persistent, FLATTEN=cfg.get("FLATTEN", True), STAGGER=stagger,
             SUBTILE=cfg.get("SUBTILE", 1), num_warps=cfg["num_warps"],
@@ -431,11 +437,12 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     # (the bias's dtype, not only whether there is one: it decides the cuBLAS candidate)
     key = (m, n, k, h, a.dtype, activation, None if bias is None else bias.dtype,
            a_rows is not None, add is not None, cross is not None, a.stride(), weight.stride(),
-           out.stride())
+           out.stride(), weight.dtype)
     plain = final is None and cross is None and add is None and a_rows is None
     _tuner.run(key, launch, lc.candidates(
         m, n, k, a.element_size(), final=final is not None, cross=cross is not None,
-        plain=plain, library=plain and (bias is None or bias.dtype == a.dtype)))
+        plain=plain, library=plain and weight.dtype == a.dtype
+        and (bias is None or bias.dtype == a.dtype)))
     return out
 
 

@@ -87,7 +87,7 @@ def _mlp_kernel(
     k0 = tl.arange(0, K0P)
     k0mask = k0 < K0
     x = tl.load(x_ptr + rows64[:, None] * stride_xm + k0[None, :] * stride_xk,
-                mask=rmask[:, None] & k0mask[None, :], other=0)
+                mask=rmask[:, None] & k0mask[None, :], other=0).to(w1_ptr.dtype.element_ty)
     n2 = tl.arange(0, N2P)
     n2mask = n2 < N2
     c = tl.arange(0, CHUNK)
@@ -95,7 +95,7 @@ def _mlp_kernel(
     for start in range(0, N1, CHUNK):
         n1 = start + c
         h1 = _relu_layer(x, w1_ptr, b1_ptr, n1, N1, k0, k0mask, stride_w1n, stride_w1k,
-                         BLOCK_M, CHUNK, IEEE).to(x_ptr.dtype.element_ty)  # (as stored)
+                         BLOCK_M, CHUNK, IEEE).to(w2_ptr.dtype.element_ty)  # (as stored)
         w2 = tl.load(w2_ptr + n2[None, :] * stride_w2n + n1[:, None] * stride_w2k,
                      mask=(n1 < N1)[:, None] & n2mask[None, :], other=0)  # [CHUNK, N2P]
         acc2 = _dot(h1, w2, acc2, IEEE)
@@ -137,14 +137,19 @@ def fits(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> str | None:
 def fused_mlp(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
               out: torch.Tensor | None = None) -> torch.Tensor:
     """relu(... relu(x @ W1^T + b1) ...) for 2 or 3 ``layers`` in one launch; ``out``
-    [M, N_last] (allocated in x's dtype when not given; any strides, e.g. a column slice of
-    a wider buffer)."""
+    [M, N_last] (allocated in the weights' dtype when not given; any strides, e.g. a column
+    slice of a wider buffer). x is in the weights' dtype, or fp32, rounded to it as it
+    loads (as ``linear`` does)."""
     check_tensor("x", x, dtypes=[torch.float32, torch.float16, torch.bfloat16], ndim=2)
     why = fits(layers)
     if why is not None:
         raise ValueError(why)
+    dtype = layers[0][0].dtype
+    check_tensor("layer 0 weight", layers[0][0],
+                 dtypes=[torch.float32, torch.float16, torch.bfloat16]
+                 if x.dtype == torch.float32 else [x.dtype], ndim=2, device=x.device)
     for i, (w, b) in enumerate(layers):
-        check_tensor(f"layer {i} weight", w, dtypes=[x.dtype], ndim=2, device=x.device)
+        check_tensor(f"layer {i} weight", w, dtypes=[dtype], ndim=2, device=x.device)
         check_tensor(f"layer {i} bias", b, ndim=1, device=x.device)
         if b.stride(0) != 1:
             raise ValueError(f"layer {i} bias must be contiguous")
@@ -153,8 +158,8 @@ def fused_mlp(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor
                          f"{layers[0][0].shape[1]}")
     m, width = x.shape[0], layers[-1][0].shape[0]
     if out is None:
-        out = torch.empty(m, width, device=x.device, dtype=x.dtype)
-    check_tensor("out", out, dtypes=[x.dtype], ndim=2, device=x.device)
+        out = torch.empty(m, width, device=x.device, dtype=dtype)
+    check_tensor("out", out, dtypes=[dtype], ndim=2, device=x.device)
     if list(out.shape) != [m, width]:
         raise ValueError(f"out has shape {list(out.shape)}; expected [{m}, {width}]")
     if m == 0:
@@ -170,18 +175,20 @@ def fused_mlp(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor
             w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1), w3.stride(0), w3.stride(1),
             BLOCK_M=cfg["BLOCK_M"], K0P=next_pow2(x.shape[1], 16), CHUNK=cfg["CHUNK"],
             N2P=next_pow2(w2.shape[0], 16), N_CHUNK=cfg["N_CHUNK"], THREE=len(layers) == 3,
-            IEEE=ieee_dot(x.dtype), num_warps=cfg["num_warps"])
+            IEEE=ieee_dot(dtype), num_warps=cfg["num_warps"])
 
-    key = (m, tuple(tuple(w.shape) for w, _ in layers), x.dtype, x.stride(), out.stride())
+    key = (m, tuple(tuple(w.shape) for w, _ in layers), x.dtype, x.stride(), out.stride(),
+           dtype)
     _tuner.run(key, launch)
     return out
 
 
 def fused_mlp_reference(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor]]
                         ) -> torch.Tensor:
-    """The same layers in plain torch, fp32, each layer's output rounded to x's dtype as the
-    layer-by-layer forward stores it."""
-    h = x
+    """The same layers in plain torch, fp32, x and each layer's output rounded to the
+    weights' dtype as the layer-by-layer forward stores it."""
+    dtype = layers[0][0].dtype
+    h = x.to(dtype)
     for w, b in layers:
-        h = torch.relu(h.float() @ w.float().T + b.float()).to(x.dtype)
+        h = torch.relu(h.float() @ w.float().T + b.float()).to(dtype)
     return h

@@ -290,9 +290,8 @@ def test_issue_streams_makes_every_call_through_its_calls_in_stream_order(
     layout = staging_layout(spec, [names for _, _, names in model.groups], 16,
                             model.layout.x_request)
     host, device = host_buffers(layout), allocate(layout, "cpu")
-    slot = SlotState(host, device, torch.zeros_like(device.bucket(16).dense),
-                     torch.full((16, 1), float("nan")), torch.ones(17, dtype=torch.bool), None,
-                     host_tensors=as_tensors(host),
+    slot = SlotState(host, device, torch.full((16, 1), float("nan")),
+                     torch.ones(17, dtype=torch.bool), None, host_tensors=as_tensors(host),
                      events={f"{s}_{e}": f"{s}_{e}" for s in ("h2d", "compute", "d2h")
                              for e in ("start", "end")},
                      timed=timed)

@@ -88,6 +88,26 @@ def test_linear_bf16_within_torch_bf16_error(device, m, n, k):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,k", [(37, 13), (64, 130)])
+def test_an_fp32_a_is_rounded_to_the_weights_dtype_as_it_loads(device, m, k, monkeypatch):
+    """The engine's dense inputs arrive fp32 and the first bottom layer takes them so (no
+    kernel to round them first): with the same config, the same bits as rounding A to W's
+    dtype beforehand, the output in W's dtype."""
+    pinned = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
+    monkeypatch.setattr(configs, "candidates", lambda *_, **__: [pinned])
+    forget_tuning()
+    gen = torch.Generator().manual_seed(m + k)
+    # bf16 values a little off (under half a bf16 step, away from zero): any rounding to
+    # bf16 (the card's nearest-even, the interpreter's own) gives them back exactly
+    rounded = _rand(m, k, gen=gen, device=device).bfloat16()
+    a = rounded.float() * (1 + 2 ** -12)
+    w, b = _rand(40, k, gen=gen, device=device).bfloat16(), _rand(40, gen=gen, device=device)
+    got = linear(a, w, b.bfloat16(), activation="relu")
+    want = linear(rounded, w, b.bfloat16(), activation="relu")
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_dot_interaction_bf16_within_torch_bf16_error(device):
     gen = torch.Generator().manual_seed(3)
     b, t, d = 7, 27, 64
@@ -485,7 +505,9 @@ def test_launchers_reject_bad_arguments():
     with pytest.raises(ValueError, match="activation is 'gelu'"):
         linear(a, torch.zeros(5, 6), activation="gelu")
     with pytest.raises(ValueError, match="weight has dtype torch.float16"):
-        linear(a, torch.zeros(5, 6, dtype=torch.float16))
+        linear(a.bfloat16(), torch.zeros(5, 6, dtype=torch.float16))
+    with pytest.raises(ValueError, match="weight has dtype torch.float32"):
+        linear(a.half(), torch.zeros(5, 6))  # (only an fp32 A is rounded as it loads)
     with pytest.raises(ValueError, match=r"out has shape \[4, 4\]; expected \[4, 5\]"):
         linear(a, torch.zeros(5, 6), out=torch.zeros(4, 4))
     with pytest.raises(ValueError, match="outside T=3"):

@@ -54,6 +54,23 @@ def test_fused_mlp_matches_the_reference_and_the_layer_by_layer_path(device, dty
     assert torch.equal(again, got)  # deterministic
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_mlp_rounds_an_fp32_x_to_the_weights_dtype_as_it_loads(device):
+    """fp32 dense inputs with bf16 layers (the engine's staging): the same bits as x
+    rounded to bf16 first, the output in bf16."""
+    layers = _layers((13, 40, 24, 20), torch.bfloat16, device, seed=3)
+    # bf16 values a little off (under half a bf16 step): any rounding gives them back
+    rounded = torch.randn(37, 13, generator=torch.Generator().manual_seed(3)).bfloat16()
+    x = (rounded.float() * (1 + 2 ** -12)).to(device)
+    got = fused_mlp(x, layers)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, fused_mlp(rounded.to(device), layers))
+    torch.testing.assert_close(got.float(), fused_mlp_reference(x, layers).float(),
+                               atol=3e-2, rtol=2e-2)
+    with pytest.raises(ValueError, match="layer 0 weight has dtype torch.bfloat16"):
+        fused_mlp(x.half(), layers)
+
+
 def test_fused_mlp_says_why_it_cannot_take_the_layers():
     f32 = torch.float32
     assert fits(_layers((13, 16, 8), f32, "cpu", 0)) is None

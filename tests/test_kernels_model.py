@@ -189,7 +189,7 @@ def test_cuda_graph_replay_matches_eager_forward(monkeypatch, beside, fused):
     bucket, device = 256, torch.device("cuda", 0)
     layout = staging_layout(spec, [names for _, _, names in model.groups], bucket,
                             model.layout.x_request)
-    slot = new_slot(model, layout, device, ("h2d",))
+    slot = new_slot(layout, device, ("h2d",))
     gpu = GpuModel(spec, model, layout, [slot])
     stream = torch.cuda.current_stream(device)
     sizes = pack(layout, slot.host, [_request(spec, rng, n) for n in (100, 50)], bucket)

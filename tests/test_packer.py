@@ -53,7 +53,7 @@ def model_with_shared_slots(spec, slots=2, max_rows=64):
     states = []
     for _ in range(slots):
         host, memory = shared_host(layout)
-        states.append(SlotState(host, None, None, None, None, None, shared=memory))
+        states.append(SlotState(host, None, None, None, None, shared=memory))
     return GpuModel(spec, None, layout, states)
 
 

@@ -47,8 +47,7 @@ def packed_scores(spec, weights, pieces, bucket, max_rows=16):
     host.block.fill(0xF9)  # poison: pack must write every entry the step reads
     sizes = pack(layout, host, pieces, bucket)
     device = as_tensors(host)  # (the step reads the host set itself: no copy on CPU)
-    dense = torch.zeros_like(device.bucket(max_rows).dense) if layout.dense_width else None
-    slot = SlotState(host, device, dense, torch.zeros(0), torch.zeros(0), None)
+    slot = SlotState(host, device, torch.zeros(0), torch.zeros(0), None)
     from recserve.engine.gpu_slots import GpuModel
 
     scores, bad = device_step(GpuModel(spec, model, layout, [slot]), slot, bucket)
@@ -72,6 +71,43 @@ def test_packed_bucket_matches_reference(dense_scope, flat):
     assert host.bucket(12).row_request.tolist() == [0, 0, 0, 1, 2, 2, 2, 2, 3, 3, 3, 3]
     assert host.bucket(12).request_offsets.tolist() == [0, 3, 4, 8] + [12] * 10
     assert sizes.nnz == sum(len(s.values) for p in pieces for s in p.sparse.values())
+
+
+@pytest.mark.parametrize("dense_scope", ["candidate", "request"])
+def test_a_bf16_model_takes_the_staged_fp32_dense_inputs_as_they_are(dense_scope):
+    """The engine's staging holds dense inputs in fp32 and the step hands them to the
+    first bottom layer as they are (it rounds them to bf16 as it loads them: no kernel of
+    the graph casts them first): the same bits as the same batch with its dense inputs
+    rounded beforehand. (Values a little off bf16 ones, under half a step, so that any
+    rounding, the card's or the interpreter's, gives the bf16 values back.)"""
+    from recserve.engine.gpu_slots import GpuModel
+    from recserve.kernels.prepare import PreparedBatch
+
+    spec = small_spec(dense_scope)
+    model = TritonModel(spec, init_weights(spec, seed=17), "cpu",
+                        compute_dtype=torch.bfloat16)
+    rng = np.random.default_rng(17)
+    pieces = [random_inputs(spec, rng, n) for n in (3, 1, 4)]
+    for p in pieces:
+        for name, values in p.dense.items():
+            rounded = torch.from_numpy(values).bfloat16().float()
+            p.dense[name] = (rounded * (1 + 2 ** -12)).numpy()
+    layout = staging_layout(spec, [names for _, _, names in model.groups], 16,
+                            model.layout.x_request)
+    host = host_buffers(layout)
+    sizes = pack(layout, host, pieces, bucket=12)
+    device = as_tensors(host)
+    slot = SlotState(host, device, torch.zeros(0), torch.zeros(0), None)
+    views = device.bucket(12)
+    assert views.dense.dtype == torch.float32
+    scores, bad = device_step(GpuModel(spec, model, layout, [slot]), slot, 12)
+    weights = device.weights[:views.ids.shape[0]]
+    rounded = PreparedBatch(12, 13, views.row_request, views.request_offsets,
+                            views.first_rows, views.dense.bfloat16(),
+                            tuple((views.ids, s, e, weights) for s, e in views.groups))
+    want, _ = model.forward_prepared(rounded)
+    assert torch.equal(scores[:sizes.rows], want[:sizes.rows])
+    assert not bool(bad.any())
 
 
 def test_groups_with_features_in_any_spec_order_stage_right():
@@ -141,8 +177,8 @@ def test_a_slot_reused_after_a_bad_id_flags_nothing_in_the_next_batch():
     layout = staging_layout(spec, [names for _, _, names in model.groups], 16,
                             model.layout.x_request)
     host, device = host_buffers(layout), allocate(layout, "cpu")
-    slot = SlotState(host, device, torch.zeros_like(device.bucket(16).dense), torch.zeros(0),
-                     torch.zeros(0), None, host_tensors=as_tensors(host))
+    slot = SlotState(host, device, torch.zeros(0), torch.zeros(0), None,
+                     host_tensors=as_tensors(host))
     gpu = GpuModel(spec, model, layout, [slot])
     first = [random_inputs(spec, rng, n) for n in (2, 3, 2)]
     hist = first[2].sparse["hist"]
@@ -276,8 +312,8 @@ def test_copy_in_moves_everything_the_device_step_reads(flat):
     device.bucket(12).dense.fill_(float("nan"))
     device.weights.fill_(float("nan"))
     sizes = pack(layout, host, staged, bucket=12)
-    slot = SlotState(host, device, torch.zeros_like(device.bucket(16).dense), torch.zeros(0),
-                     torch.zeros(0), None, host_tensors=as_tensors(host))
+    slot = SlotState(host, device, torch.zeros(0), torch.zeros(0), None,
+                     host_tensors=as_tensors(host))
     gpu = GpuModel(spec, model, layout, [slot])
     copied = copy_in(slot, sizes.bucket, sizes.nnz, None)
     views = host.bucket(12)  # one block, each part 64-byte aligned, the ids last
@@ -311,9 +347,8 @@ def test_the_whole_batch_step_copies_at_fixed_sizes_scores_and_copies_out():
     device.block.fill_(0xF9)
     device.weights.fill_(float("nan"))
     sizes = pack(layout, host, pieces, bucket=12)
-    slot = SlotState(host, device, torch.zeros_like(device.bucket(16).dense),
-                     torch.full((16, 1), float("nan")), torch.ones(17, dtype=torch.bool), None,
-                     host_tensors=as_tensors(host))
+    slot = SlotState(host, device, torch.full((16, 1), float("nan")),
+                     torch.ones(17, dtype=torch.bool), None, host_tensors=as_tensors(host))
     batch_step(GpuModel(spec, model, layout, [slot]), slot, 12)
     want = ReferenceModel(spec, weights).forward(collate(spec, pieces))
     torch.testing.assert_close(slot.scores_out[:sizes.rows], want, rtol=1e-4, atol=1e-5)
