@@ -13,7 +13,9 @@ multi-hot), most important first, each measurement guarded so one failure loses 
    the default, as 20 calls replayed in one CUDA graph (``graph_us``: the device alone);
 2. int8 row-wise tables vs bf16 (default variant): time, lookup-rate ratio, and a check;
 3. ``dlrmv2`` and ``dlrm-dot`` forward replayed in a CUDA graph (defaults), scores checked
-   against the PyTorch eager peer, with the device time per kernel from the profiler;
+   against the PyTorch eager peer, with the device time per kernel from the profiler
+   (``dlrmv2`` also fed as the engine feeds it: fp32 dense inputs, flags zeroed by the
+   copy-in, so without the cast and the fill kernels);
    with ``--sections forward,fused_dot``, ``dlrm-dot`` again with the dot interaction
    formed inside the gather's launch (``TritonModel.set_fused_dot``, ``kernels.gather_dot``;
    it lost on the H200 of the nineteenth session: 385 us against 320 at B=8192); with
@@ -53,6 +55,7 @@ starting after ``--budget-s``, and the JSON holds everything measured until then
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -358,10 +361,17 @@ def check_configs(rec, base: dict, model: TritonModel, spec, sizes: list[int],
 
 
 def bench_forward(rec, base: dict, name: str, spec, weights: dict, model: TritonModel,
-                  b: int, variants: tuple[str, ...]) -> None:
-    """Forward in a CUDA graph (eager on cpu), scores checked against the eager peer."""
+                  b: int, variants: tuple[str, ...], engine_inputs: bool = False) -> None:
+    """Forward in a CUDA graph (eager on cpu), scores checked against the eager peer.
+    ``engine_inputs``: fed as the engine's staging feeds it, dense inputs in fp32 (the
+    first bottom layer rounds them as it loads) and bad-id flags zeroed beforehand (the
+    engine's copy-in zeroes them; none is set here, so they stay zero between replays):
+    neither the cast nor the flags' fill is a kernel of the forward then."""
     sets = [wl.fixed_hot_inputs(spec, b, False, kb.DEV, seed=s) for s in range(kb.SETS)]
     prepared = [wl.to_prepared(model, s) for s in sets]
+    if engine_inputs:
+        prepared = [dataclasses.replace(p, dense=s["dense"].float(), bad_flags=torch.zeros(
+            p.num_requests, dtype=torch.int32, device=kb.DEV)) for p, s in zip(prepared, sets)]
     peer = wl.TorchPeer(spec, weights, model.dtype)
     for variant in variants:
         what = f"forward {name} B={b} {variant}"
@@ -482,6 +492,9 @@ def main() -> int:
         return finish(rec)
     for b in args.sizes:
         bench_forward(rec, base, "dlrmv2", spec, weights, model, b, (DEFAULT,))
+    for b in args.sizes:  # (what the engine's graphs run: two small kernels fewer)
+        bench_forward(rec, base, "dlrmv2 engine inputs", spec, weights, model, b, (DEFAULT,),
+                      engine_inputs=True)
     dot = wl.dlrmv2_spec(args.max_rows, spec.tables[0].dtype, "dot")
     dot_w = init_weights(dot, 1, device=kb.DEV, tables={
         k: v for k, v in weights.items() if k.startswith("tables.")})
