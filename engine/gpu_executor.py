@@ -14,7 +14,9 @@ also autotunes every kernel for that shape. A batch goes through three streams:
                    the GIL up (bench/notes-engine.md; ``keep_gil``: the issue's calls go to
                    the driver and keep it, ``cuda_driver``).
   copy-in stream:  the batch block up to its last id (+ weights) -> device  -> event h2d
-  compute stream:  (waits h2d) cast dense, replay the bucket's graph, which also copies
+                   (the block holds the bad-id flags, zeroed: no kernel clears them)
+  compute stream:  (waits h2d) replay the bucket's graph (fp32 dense inputs go straight
+                   into the first bottom layer, which rounds them as it loads), which also copies
                    the scores and bad-id flags out to pinned memory (``graph_outputs``,
                    the default with graphs)                           -> event done
                    (``compute_streams`` > 1: batches take the compute streams in turn,
