@@ -268,30 +268,28 @@ def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices:
         else:
             then_dot.launch(programs, args, out, len(features), params, cfg)
 
-    flags_before: list[torch.Tensor] = []
-
-    def outputs() -> list[tuple[torch.Tensor, float | torch.Tensor]]:
-        # What a launch writes: every config must give the same bits (same sums, same
-        # order), so the tuner drops one that does not (a miscompile that still runs).
-        # The flags start each candidate as they were before tuning (the tuner calls this
-        # before its first launch): earlier launches of the forward may have set some.
-        if not flags_before:
-            flags_before.append(bad.clone())
-        cols = [out[:, f.out_col:f.out_col + packed.dims[f.table]] for f in features]
-        z = [] if then_dot is None else [(then_dot.z, float("nan"))]
-        return [(c, float("nan")) for c in cols] + [(bad, flags_before[0])] + z
-
     key = (packed.dtype, block_d, weighted, features, num_rows, num_requests, out.dtype,
            indices.dtype, align, PREFETCH, kept)
     some = 0 < len(kept) < len({f.table for f in features})
     sizes = {packed.table_bytes(f.table) for f in features}
     candidates = _candidates(align, some, len(sizes) > 1)
     if then_dot is None:
-        _tuner.run(key, launch, candidates, outputs)
-    else:
-        # (the fused launch counts a program's rows as one tile's: no multi-tile programs)
-        single = [c for c in candidates if not c.get("PROGRAM_ROWS")]
-        _dot_tuner.run(key + then_dot.key(), launch, then_dot.candidates(single), outputs)
+        tuner = _tuner
+    else:  # (the fused launch counts a program's rows as one tile's: no multi-tile programs)
+        tuner, key = _dot_tuner, key + then_dot.key()
+        candidates = then_dot.candidates([c for c in candidates if not c.get("PROGRAM_ROWS")])
+    # The flags as they are before this key tunes (earlier launches of the forward may
+    # have set some): each candidate starts from them. A copy on a key's first sight only.
+    flags_before = bad.clone() if key not in tuner.best else None
+
+    def outputs() -> list[tuple[torch.Tensor, float | torch.Tensor]]:
+        # What a launch writes: every config must give the same bits (same sums, same
+        # order), so the tuner drops one that does not (a miscompile that still runs).
+        cols = [out[:, f.out_col:f.out_col + packed.dims[f.table]] for f in features]
+        z = [] if then_dot is None else [(then_dot.z, float("nan"))]
+        return [(c, float("nan")) for c in cols] + [(bad, flags_before)] + z
+
+    tuner.run(key, launch, candidates, outputs)
     return bad
 
 
