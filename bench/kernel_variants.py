@@ -371,7 +371,8 @@ def bench_forward(rec, base: dict, name: str, spec, weights: dict, model: Triton
     prepared = [wl.to_prepared(model, s) for s in sets]
     if engine_inputs:
         prepared = [dataclasses.replace(p, dense=s["dense"].float(), bad_flags=torch.zeros(
-            p.num_requests, dtype=torch.int32, device=kb.DEV)) for p, s in zip(prepared, sets)]
+            p.num_requests, dtype=torch.int32, device=kb.DEV))
+            for p, s in zip(prepared, sets, strict=True)]
     peer = wl.TorchPeer(spec, weights, model.dtype)
     for variant in variants:
         what = f"forward {name} B={b} {variant}"
