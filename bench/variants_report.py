@@ -85,15 +85,17 @@ _KINDS = {"PER_SM": "persistent", "SPLIT_K": "split-K", "EPILOGUE_FIRST": "epilo
           "L2_KEEP": "L2 keep", "BATCHED": "batched", "SMALL_LAST": "small tables last",
           "STAGGER": "staggered", "SUBTILE": "sliced epilogue", "maxnreg": "registers <=",
           "GRAM_ROWS": "Grams of rows together:", "PROGRAM_ROWS": "rows a program",
-          "LONG_ONLY": "(long bags)", "CUBLAS": "cuBLAS"}
+          "LONG_ONLY": "(long bags)", "CUBLAS": "cuBLAS", "GROUP_M": "M tiles a group"}
 
 
-_COUNTED = ("SPLIT_K", "PER_SM", "SUBTILE", "maxnreg", "GRAM_ROWS", "PROGRAM_ROWS")
+_COUNTED = ("SPLIT_K", "PER_SM", "SUBTILE", "maxnreg", "GRAM_ROWS", "PROGRAM_ROWS",
+            "GROUP_M")
 """Kinds labelled with their count (K slices, programs an SM, epilogue slices, the
-register cap, rows a Gram product, a gather program's rows)."""
-_ONE_IS_PLAIN = ("SPLIT_K", "SUBTILE", "GRAM_ROWS")
-"""Kinds whose count 1 is the plain kernel (one K slice, the whole epilogue at once, one
-row's Gram a product; one persistent program an SM is still persistent)."""
+register cap, rows a Gram product, a gather program's rows, M tiles a program group)."""
+_ONE_IS_PLAIN = ("SPLIT_K", "SUBTILE", "GRAM_ROWS", "GROUP_M")
+"""Kinds whose count 1 (or 0) is the plain kernel (one K slice, the whole epilogue at once,
+one row's Gram a product, launch order; one persistent program an SM is still
+persistent)."""
 
 
 def _is(config: dict, key: str) -> bool:

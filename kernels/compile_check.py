@@ -275,6 +275,24 @@ def _fp32_input_jobs(quick: bool):
         yield fn, {**sig, "x_ptr": "*fp32"}, const, options, div16
 
 
+def _grouped_jobs(quick: bool):
+    """The plain large-batch layers' configs with their programs in groups of M tiles
+    (``linear_configs.GROUP_M``; bias and ReLU, K a multiple of the tile's)."""
+    from . import linear as li
+    from . import linear_configs as lc
+
+    flags = dict(ACT=1, HAS_BIAS=True, A_ROWS=False, ADD_ROWS=False, CROSS=False, FINAL=False)
+    for c in lc.base_configs(None, 8192, 2):
+        const = {"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"], "BLOCK_K": c["BLOCK_K"],
+                 "IEEE": False, "stride_ak": 1, "stride_wk": 1, "stride_on": 1,
+                 "EVEN_K": True, "EPILOGUE_FIRST": False, "SPLIT_K": 1, "PERSISTENT": False,
+                 "FLATTEN": True, "STAGGER": False, "SUBTILE": 1, "GROUP_M": lc.GROUP_M,
+                 **flags}
+        yield (li._linear_kernel, _linear_signature("bf16", False), const,
+               {"num_warps": c["num_warps"], "num_stages": c["num_stages"]},
+               ("N", "K", "stride_am", "stride_wn", "stride_om"))
+
+
 def _split_k_jobs(quick: bool):
     from . import linear as li
 
@@ -343,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     failures = 0
     for jobs in (_embedding_jobs, _gather_dot_jobs, _linear_jobs, _split_k_jobs, _dot_jobs,
-                 _mlp_jobs, _fp32_input_jobs, _pdl_jobs):
+                 _mlp_jobs, _fp32_input_jobs, _grouped_jobs, _pdl_jobs):
         for fn, sig, const, options, div16 in jobs(args.quick):
             t0 = time.time()
             error, produced = _compile(fn, sig, const, options, args.arch, div16, args.spills)

@@ -57,6 +57,7 @@ def _linear_kernel(
     EPILOGUE_FIRST: tl.constexpr = False, SPLIT_K: tl.constexpr = 1,
     USE_GDC: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
     FLATTEN: tl.constexpr = True, STAGGER: tl.constexpr = False, SUBTILE: tl.constexpr = 1,
+    GROUP_M: tl.constexpr = 0,
 ):
     """[BLOCK_M, BLOCK_N] tiles of act(A @ W^T + bias (+ add) (x0 * . + x)).
 
@@ -82,6 +83,10 @@ def _linear_kernel(
     them is live beside the accumulator: with 128x256 and 256x128 tiles the whole tile's x0
     and x spilled (sm_90: ~200 local stores and loads a tile). The same arithmetic per
     element, so the same bits.
+    GROUP_M > 0 (not persistent): the grid's programs, started in launch order, take
+    GROUP_M M tiles across every N tile before the next GROUP_M (``_grouped``), so the
+    programs on the card at once share A's rows instead of streaming all of A once per N
+    tile: for large-M layers whose A does not fit the L2. The same tiles, so the same bits.
     """
     if USE_GDC:  # launched early (PDL): nothing is read before the previous kernel is done
         tl.extra.cuda.gdc_wait()
@@ -105,13 +110,30 @@ def _linear_kernel(
                 EVEN_K, EPILOGUE_FIRST, SPLIT_K,
                 stagger_ptr + pid, (tile == pid) & (pid < half), STAGGER, SUBTILE)
     else:
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        if GROUP_M > 0:
+            pid_m, pid_n = _grouped(pid_m, pid_n, tl.num_programs(0), tl.num_programs(1),
+                                    GROUP_M)
         _linear_tile(
-            tl.program_id(0), tl.program_id(1), tl.program_id(2),
+            pid_m, pid_n, tl.program_id(2),
             a_ptr, w_ptr, bias_ptr, out_ptr, a_rows_ptr, add_ptr, add_rows_ptr, x0_ptr,
             x_ptr, wf_ptr, bf_ptr, fact_ptr, part_ptr, M, N, K, H, stride_am, stride_ak,
             stride_wn, stride_wk, stride_om, stride_on, stride_addm, stride_x0m, stride_xm,
             BLOCK_M, BLOCK_N, BLOCK_K, ACT, HAS_BIAS, A_ROWS, ADD_ROWS, CROSS, FINAL, IEEE,
             EVEN_K, EPILOGUE_FIRST, SPLIT_K, stagger_ptr, False, False, SUBTILE)
+
+
+@triton.jit
+def _grouped(x, y, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    """The (M tile, N tile) of the program at (x, y) of a [tiles_m, tiles_n] grid, so that
+    in launch order (x fastest) each GROUP_M consecutive M tiles (fewer in the last group)
+    take every N tile before the next group starts."""
+    order = y * tiles_m + x
+    per_group = GROUP_M * tiles_n
+    first_m = (order // per_group) * GROUP_M
+    rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    within = order % per_group
+    return first_m + within % rows, within // rows
 
 
 @triton.jit
@@ -425,7 +447,8 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             IEEE=ieee_dot(weight.dtype), EVEN_K=k % cfg["BLOCK_K"] == 0,
             EPILOGUE_FIRST=cfg.get("EPILOGUE_FIRST", False), SPLIT_K=split,
             PERSISTENT=persistent, FLATTEN=cfg.get("FLATTEN", True), STAGGER=stagger,
-            SUBTILE=cfg.get("SUBTILE", 1), num_warps=cfg["num_warps"],
+            SUBTILE=cfg.get("SUBTILE", 1), GROUP_M=cfg.get("GROUP_M", 0),
+            num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"], **pdl_launch())
         if split > 1:
             _split_k_reduce[(triton.cdiv(m, 32), triton.cdiv(n, 128))](

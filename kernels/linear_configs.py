@@ -138,6 +138,15 @@ SMALL_M_CROSS_TILES = [
 # CUDA graph (``RECSERVE_TUNE_BY`` graph or auto): an eager timing at B=512 is the host's
 # launch, and torch's is shorter than Triton's, so it would win on the host's time.
 CUBLAS = {"CUBLAS": True}
+# Programs in groups of M tiles (``GROUP_M``, twenty-first session): for plain layers with
+# many rows and a long K (DCNv2's U and the first two top layers at B >= 2048), each tiled
+# config again with GROUP_M M tiles taking every N tile before the next group. Launched
+# M tile fastest, the programs on the card at once cover one or two N tiles of every M
+# tile, so A ([B, 3456] bf16: 56 MB at B=8192, more than the L2) is read from DRAM about
+# once per N tile; grouped, a group's 8 x 128 rows (7 MB) stay in L2 while every N tile
+# reads them. The H200 ran U at 41-47 us and the first top layer at 77-89 against
+# arithmetic floors of 37-39 and 73-77 (bench/RESULTS.md): a few us a layer at most.
+GROUP_M = 8
 CPU_CONFIGS = [{"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}]
 
 
@@ -188,7 +197,9 @@ def candidates(m: int, n: int, k: int, elsize: int, *, final: bool, cross: bool,
     (above 1024; their epilogue after the loop only), a plain layer's ``SPLIT_K_TILES``,
     and any non-final layer's ``DEEP_PIPELINE_CONFIGS`` where split-K would be tried
     (few rows, a long K). ``library`` (a plain layer torch's addmm can take: no bias, or
-    one of A's dtype) adds ``CUBLAS`` there too when candidates are timed in a graph."""
+    one of A's dtype) adds ``CUBLAS`` there too when candidates are timed in a graph. A
+    plain layer with many rows and a long K also tries each config with its programs in
+    ``GROUP_M`` groups of M tiles."""
     configs = base_configs(n if final else None, m, elsize)
     trial = _common.trial_configs()
     if cross:  # both epilogue orders compete; the card's tuner keeps the faster
@@ -209,4 +220,13 @@ def candidates(m: int, n: int, k: int, elsize: int, *, final: bool, cross: bool,
         configs = configs + [c for c in DEEP_PIPELINE_CONFIGS if fits(c, elsize)]
     if plain and library and splits_k(m, k) and _common.tune_by() != "eager":
         configs = configs + [CUBLAS]
+    if plain and groups_m(m, k):  # (a group of M tiles only matters with 2+ N tiles)
+        configs = configs + [{**c, "GROUP_M": GROUP_M} for c in configs
+                             if "SPLIT_K" not in c and c.get("BLOCK_N", n) < n]
     return configs
+
+
+def groups_m(m: int, k: int) -> bool:
+    """Whether grouped configs are worth tuning for an [m, k] input: many rows and a long
+    K (not on the interpreter, which runs the first config; tests force them)."""
+    return not _common.interpreting() and m > 1024 and k >= 1024

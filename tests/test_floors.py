@@ -178,6 +178,9 @@ def test_kernel_variants_names_each_candidate_kind_in_its_picks():
     assert kv.config_label(sliced) == "128x256x64 w8 sliced epilogue 4"
     assert kv.config_label({**sliced, "SUBTILE": 1}) == "128x256x64 w8"  # (1: not sliced)
     assert kv.config_label({**sliced, "SUBTILE": 1, "num_stages": 7}) == "128x256x64 s7 w8"
+    assert kv.config_label({**sliced, "SUBTILE": 1, "GROUP_M": 8}) == \
+        "128x256x64 w8 M tiles a group 8"
+    assert kv.config_label({**sliced, "SUBTILE": 1, "GROUP_M": 0}) == "128x256x64 w8"
     fused = {**gather, "SMALL_LAST": False, "GRAM_ROWS": 4, "maxnreg": 80}
     assert kv.config_label(fused) == \
         "bags 8 lanes 8 unroll 2 w2 registers <= 80 Grams of rows together: 4"

@@ -498,6 +498,54 @@ def test_split_k_matches_the_reference_and_repeats_its_bits(device, split, monke
     assert torch.equal(linear(a, w, bias, activation="relu"), got)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("group", [2, 3, 8])
+def test_grouped_programs_cover_every_tile_once_with_the_same_bits(device, group,
+                                                                    monkeypatch):
+    """Programs renumbered in groups of M tiles (``GROUP_M``): 5 M tiles (groups of 2 or
+    3 leave a short last group; 8 is larger than the grid) by 3 N tiles, each written once
+    (a poisoned output), with the bits of the same config in launch order."""
+    from recserve.kernels import linear as li
+    from recserve.kernels import linear_configs as lc
+
+    gen = torch.Generator().manual_seed(group)
+    base = lc.base_configs(None, 153, 4)[0]
+    m, n, k = 4 * base["BLOCK_M"] + 7, 2 * base["BLOCK_N"] + 9, 50  # 5 x 3 tiles
+    a, w = _rand(m, k, gen=gen, device=device), _rand(n, k, gen=gen, device=device)
+    bias = _rand(n, gen=gen, device=device)
+    results = []
+    for config in (base, {**base, "GROUP_M": group}):
+        monkeypatch.setattr(lc, "base_configs", lambda *args, c=config: [c])
+        monkeypatch.setattr(li, "_tuner", li.SafeTuner("linear", [config]))
+        out = torch.full((m, n), float("nan"), device=device)
+        results.append(linear(a, w, bias, activation="relu", out=out))
+    assert not results[1].isnan().any()
+    assert torch.equal(results[0], results[1])
+
+
+def test_grouped_configs_join_plain_layers_with_many_rows_and_a_long_k(monkeypatch):
+    """GROUP_M copies of each config whose tile leaves 2+ N tiles, for plain layers above
+    1024 rows with K >= 1024 (U and the first top layers at large batches) only."""
+    from recserve.kernels import _common
+
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+
+    def grouped(m, n, k, **flags):
+        got = configs.candidates(m, n, k, 2, **{"final": False, "cross": False,
+                                                 "plain": True, **flags})
+        return [c for c in got if "GROUP_M" in c]
+
+    some = grouped(8192, 512, 3456)
+    assert some and all(c["BLOCK_N"] < 512 and c["GROUP_M"] == configs.GROUP_M for c in some)
+    plain = {tuple(sorted(c.items())) for c in configs.base_configs(None, 8192, 2)
+             if c["BLOCK_N"] < 512}
+    assert {tuple(sorted((k, v) for k, v in c.items() if k != "GROUP_M")) for c in some} \
+        == plain
+    assert grouped(512, 512, 3456) == [] and grouped(8192, 3456, 512) == []
+    assert grouped(8192, 512, 3456, plain=False) == []
+    assert grouped(8192, 64, 3456) == []  # (one N tile: nothing to group)
+
+
 def test_launchers_reject_bad_arguments():
     a, w = torch.zeros(4, 6), torch.zeros(5, 7)
     with pytest.raises(ValueError, match=r"a has shape \[4, 6\] but weight has \[5, 7\]"):
