@@ -139,7 +139,7 @@ SMALL_M_CROSS_TILES = [
 # launch, and torch's is shorter than Triton's, so it would win on the host's time.
 CUBLAS = {"CUBLAS": True}
 # Programs in groups of M tiles (``GROUP_M``, twenty-first session): for plain layers with
-# many rows and a long K (DCNv2's U and the first two top layers at B >= 2048), each tiled
+# many rows and a long K (DCNv2's U, the first three top layers at B >= 2048), each tiled
 # config again with GROUP_M M tiles taking every N tile before the next group. Launched
 # M tile fastest, the programs on the card at once cover one or two N tiles of every M
 # tile, so A ([B, 3456] bf16: 56 MB at B=8192, more than the L2) is read from DRAM about
