@@ -33,7 +33,7 @@ prints a table; exit status 1 when any correctness check failed (they print FAIL
 ``--trial-configs`` also tunes the trial candidates (``RECSERVE_TRIAL_CONFIGS=1``: the cross
 layers' 16-warps-an-SM, small-M and persistent configs, split-K with 128x128 tiles, the L2
 hint for small tables, and the gather's UNROLL 4, each of which lost on the H200; the cross
-layers' staggered and sliced-epilogue configs, tuned there once, their picks not recorded;
+layers' staggered configs, tuned there once, their picks not recorded;
 deeper pipelines for long-K layers with few rows, which lost on the H200 too; see
 ``kernels._common.trial_configs``).
 ``--sections row_size`` times the gather at embedding dims 32-256, bf16 and int8 (rows a
@@ -136,9 +136,11 @@ def check_pooled(rec, what: str, e: torch.Tensor, feats, want: list, bad: torch.
 
 def new_configs(tuner, before: set) -> list:
     """The configs the tuner chose for keys it tuned since ``before``, each with every
-    candidate's tuning time (median ms, fastest first, timed as ``tune_by`` says)."""
+    candidate's tuning time (median ms, fastest first, timed as ``tune_by`` says; those
+    whose registers spilled after the rest) and which of them spilled."""
     return [{"key": str(k)[:160], "config": v,
-             "timings_ms": [[round(ms, 4), c] for ms, c in tuner.timings.get(k, [])]}
+             "timings_ms": [[round(ms, 4), c] for ms, c in tuner.timings.get(k, [])],
+             "spilled": tuner.spilled.get(k, [])}
             for k, v in tuner.best.items() if k not in before]
 
 
@@ -428,7 +430,7 @@ def main() -> int:
                     help="also tune the trial candidates, which serving leaves out "
                     "(RECSERVE_TRIAL_CONFIGS=1: persistent, 16-warps-an-SM and small-M cross "
                     "configs, 128x128 split-K, the L2 hint, unroll 4 gathers, each of which "
-                    "lost on the H200; staggered and sliced-epilogue cross configs, tuned "
+                    "lost on the H200; staggered cross configs, tuned "
                     "there once, their picks not yet recorded; deep pipelines for long-K "
                     "layers with few rows, which lost there too)")
     ap.add_argument("--sections", default="gather,int8,forward",

@@ -136,10 +136,15 @@ def tuner_picks(record: dict) -> list[str]:
         timings = entry.get("timings_ms") or []
         if len(timings) < 2:
             continue
+        spilled = entry.get("spilled") or []
+
+        def label(c: dict, spilled=spilled) -> str:  # (the tuner picks these last)
+            return config_label(c) + (" (spills)" if c in spilled else "")
+
         (best_ms, best), rest = timings[0], timings[1:]
         other = next(((ms, c) for ms, c in rest if _kinds(c) != _kinds(best)), rest[0])
-        out.append(f"{entry['key'][:60]}: {config_label(best)} {best_ms:.4f} ms; "
-                   f"next of another kind {config_label(other[1])} {other[0]:.4f} ms")
+        out.append(f"{entry['key'][:60]}: {label(best)} {best_ms:.4f} ms; "
+                   f"next of another kind {label(other[1])} {other[0]:.4f} ms")
         if any(c.get("EPILOGUE_FIRST") for _, c in timings):  # (only cross layers get those)
             out.append(f"    by tile: {by_tile(timings)}")
     return out

@@ -174,7 +174,7 @@ def tune_by() -> str:
     return value
 
 
-def _auto_method(first: dict, launch: Callable[[dict], None]) -> str:
+def _auto_method(first: dict, launch: Launch) -> str:
     """``RECSERVE_TUNE_BY=auto``'s choice for one key: "graph" when ``first``'s eager
     timing is over ``LAUNCH_BOUND`` times its timing in a CUDA graph, else "eager" (also
     when ``first`` fails either way: timing every candidate then reports why)."""
@@ -192,6 +192,16 @@ def _auto_method(first: dict, launch: Callable[[dict], None]) -> str:
 _TUNERS: list[SafeTuner] = []
 Outputs = Callable[[], Sequence[tuple[torch.Tensor, float | torch.Tensor]]]
 """What a launch writes, each tensor with what to fill it with first (``SafeTuner.run``)."""
+Launch = Callable[[dict], object]
+"""Launches a kernel with one config; may return the compiled kernel it launched (Triton's
+launch does), whose register spills the tuner reads (``spills``)."""
+
+
+def spills(launched: object) -> int:
+    """Local memory a launched Triton kernel uses (ptxas spills, in 4-byte words), or 0
+    when unknown (another launch's return, the interpreter, cuBLAS)."""
+    n = getattr(launched, "n_spills", 0)
+    return n if isinstance(n, int) else 0
 
 
 def forget_tuning() -> None:
@@ -212,10 +222,14 @@ class SafeTuner:
         self.configs = list(configs)
         self.best: dict[tuple, dict] = {}
         self.timings: dict[tuple, list[tuple[float, dict]]] = {}
-        """Per tuned key, every config that ran and its median ms, fastest first (for the
-        benchmarks' reports: which variant won, and by how much)."""
+        """Per tuned key, every config that ran and its median ms, fastest first, those
+        that spill registers after those that do not (for the benchmarks' reports: which
+        variant won, and by how much)."""
+        self.spilled: dict[tuple, list[dict]] = {}
+        """Per tuned key, the configs whose kernels spilled registers (never the pick while
+        one that does not spill runs)."""
 
-    def run(self, key: tuple, launch: Callable[[dict], None],
+    def run(self, key: tuple, launch: Launch,
             candidates: Sequence[dict] | None = None,
             outputs: Outputs | None = None) -> dict:
         """Launch with the cached best config for ``key``, tuning on first sight.
@@ -248,11 +262,11 @@ class SafeTuner:
                 return cached
         if method == "auto":
             method = _auto_method(configs[0], launch)
-        timings, errors = self._time_each(configs, launch, outputs, method)
+        timings, errors, spilled = self._time_each(configs, launch, outputs, method)
         if not timings and method == "graph":  # (a launch that cannot be captured)
             warnings.warn(f"{self.name}: no config could be timed in a CUDA graph for key "
                           f"{_brief(key)}; timing eager launches", stacklevel=2)
-            timings, errors = self._time_each(configs, launch, outputs, "eager")
+            timings, errors, spilled = self._time_each(configs, launch, outputs, "eager")
         if not timings:
             raise RuntimeError(f"{self.name}: every config failed for key {key}:\n  "
                                + "\n  ".join(errors))
@@ -263,8 +277,14 @@ class SafeTuner:
                    if any("its output differs" in e for e in errors) else "")
             warnings.warn(f"{self.name}: pruned {len(errors)} of {len(configs)} config(s) for "
                           f"key {_brief(key)}: " + "; ".join(errors) + why, stacklevel=2)
-        timings.sort(key=lambda t: t[0])
+        # A config whose registers spill to local memory is picked only when every one
+        # does: timed alone its spills may stay in L1, in the forward they did not (the
+        # H200 under ncu: DCNv2's V on a spilling 256x128 tile, 143-157 us, against 104.5
+        # on 64x128; the first bottom layer 18.5 us); an eager timing of a small layer is
+        # mostly the launch, which cannot tell them apart.
+        timings.sort(key=lambda t: (any(t[1] is c for c in spilled), t[0]))
         self.timings[key] = timings
+        self.spilled[key] = spilled
         best = timings[0][1]
         self.best[key] = best
         if cache is not None:
@@ -273,22 +293,26 @@ class SafeTuner:
         return best
 
     @staticmethod
-    def _time_each(configs: list[dict], launch: Callable[[dict], None],
+    def _time_each(configs: list[dict], launch: Launch,
                    outputs: Outputs | None,
-                   method: str) -> tuple[list[tuple[float, dict]], list[str]]:
+                   method: str) -> tuple[list[tuple[float, dict]], list[str], list[dict]]:
         """(median ms, config) for each config that runs (and, with ``outputs``, gives the
-        first one's bits), and why each other one was dropped."""
-        timings, errors, reference = [], [], None
+        first one's bits), why each other one was dropped, and which of them spill."""
+        timings, errors, spilled, reference = [], [], [], None
         for config in configs:
             try:
                 if outputs is not None:
-                    result = _bits_of(launch, config, outputs)
+                    result, launched = _bits_of(launch, config, outputs)
                     if reference is None:
                         reference = (config, result)
                     elif not all(torch.equal(a, b) for a, b in zip(reference[1], result,
                                                                     strict=True)):
                         errors.append(f"{config}: its output differs from {reference[0]}'s")
                         continue
+                else:
+                    launched = launch(config)  # (compiles it, and says whether it spills)
+                if spills(launched):
+                    spilled.append(config)
                 if method == "graph":
                     # do_bench_cudagraph first launches on a new stream that does not wait
                     # for ours: let what ours still has queued (the inputs' producers,
@@ -306,9 +330,9 @@ class SafeTuner:
                 timings.append((ms, config))
             except Exception as exc:  # noqa: BLE001 - any compile or launch failure prunes
                 errors.append(f"{config}: {type(exc).__name__}: {str(exc)[:200]}")
-        return timings, errors
+        return timings, errors, spilled
 
-    def _first_that_runs(self, key: tuple, launch: Callable[[dict], None],
+    def _first_that_runs(self, key: tuple, launch: Launch,
                          configs: list[dict]) -> dict:
         """Untimed: the first config that compiles and launches (later ones are fallbacks)."""
         for i, config in enumerate(configs):
@@ -333,18 +357,18 @@ def _brief(key: tuple, limit: int = 160) -> str:
     return text if len(text) <= limit else text[:limit - 15] + f"... ({len(text)} chars)"
 
 
-def _bits_of(launch: Callable[[dict], None], config: dict,
-             outputs: Outputs) -> list[torch.Tensor]:
+def _bits_of(launch: Launch, config: dict,
+             outputs: Outputs) -> tuple[list[torch.Tensor], object]:
     """Fill ``outputs`` (each with its value, or a copy of its tensor), launch ``config``,
-    and return the outputs' bytes (NaN-proof)."""
+    and return the outputs' bytes (NaN-proof) and what the launch returned."""
     written = outputs()
     for tensor, fill in written:
         if isinstance(fill, torch.Tensor):
             tensor.copy_(fill)
         else:
             tensor.fill_(fill)
-    launch(config)
-    return [t.contiguous().view(torch.uint8).clone() for t, _ in written]
+    launched = launch(config)
+    return [t.contiguous().view(torch.uint8).clone() for t, _ in written], launched
 
 
 def check_tensor(what: str, t: torch.Tensor, *, dtypes: Sequence[torch.dtype] | None = None,

@@ -250,7 +250,7 @@ def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices:
     kept = kept_tables(packed, features, l2_bytes(packed.device) * L2_KEEP_SHARE) \
         if trial_configs() else frozenset()  # (the hint is a trial candidate)
 
-    def launch(cfg: dict) -> None:
+    def launch(cfg: dict) -> object:  # (the compiled kernel: the tuner reads its spills)
         meta, prog_feature, programs = launch_plan(
             packed, features, num_rows, num_requests, cfg["BAGS"], cfg["LANES"], kept,
             cfg.get("SMALL_LAST", False), 0 if then_dot is None else GROUP,
@@ -263,10 +263,9 @@ def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices:
                       L2_KEEP=cfg.get("L2_KEEP", False), num_warps=cfg["num_warps"],
                       **pdl_launch())
         if then_dot is None:
-            _embedding_bag_kernel[(programs,)](*args, out.stride(0), MULTI_TILE=multi_tile(cfg),
-                                               **params)
-        else:
-            then_dot.launch(programs, args, out, len(features), params, cfg)
+            return _embedding_bag_kernel[(programs,)](*args, out.stride(0),
+                                                      MULTI_TILE=multi_tile(cfg), **params)
+        return then_dot.launch(programs, args, out, len(features), params, cfg)
 
     key = (packed.dtype, block_d, weighted, features, num_rows, num_requests, out.dtype,
            indices.dtype, align, PREFETCH, kept)

@@ -281,8 +281,8 @@ def dot_interaction(v: torch.Tensor, num_vectors: int, dim: int, dest: torch.Ten
     if v.shape[0] == 0:
         return out
 
-    def launch(cfg: dict) -> None:
-        _dot_interaction_kernel[(triton.cdiv(v.shape[0], cfg["ROWS"]),)](
+    def launch(cfg: dict) -> object:  # (the compiled kernel: the tuner reads its spills)
+        return _dot_interaction_kernel[(triton.cdiv(v.shape[0], cfg["ROWS"]),)](
             v, out, dest, v.shape[0], num_vectors, dim, x_dest if x_dest is not None else 0,
             v.stride(0), out.stride(0),
             ROWS=cfg["ROWS"], BLOCK_T=block_t, BLOCK_D=block_d, HAS_X=x_dest is not None,

@@ -419,10 +419,10 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     x0, x = cross if cross is not None else (dummy, dummy)
     wf, bf, fact = final if final is not None else (dummy, dummy, dummy)
 
-    def launch(cfg: dict) -> None:
+    def launch(cfg: dict) -> object:  # (the compiled kernel: the tuner reads its spills)
         if cfg.get("CUBLAS"):
             _cublas(a, weight, bias, activation, out)
-            return
+            return None
         split = cfg.get("SPLIT_K", 1)
         part = dummy
         if split > 1:  # fp32 partial tiles, one [M, N] slab per K slice
@@ -432,7 +432,7 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if persistent:  # as many programs as fit the card at once (fewer if fewer tiles)
             grid = (min(grid[0] * grid[1], cfg["PER_SM"] * processors(a.device)), 1, 1)
         stagger = persistent and cfg.get("STAGGER", False)
-        _linear_kernel[grid](
+        kernel = _linear_kernel[grid](
             a, weight, bias if bias is not None else dummy, out,
             a_rows if a_rows is not None else dummy, add if add is not None else dummy,
             add_rows if add_rows is not None else dummy, x0, x, wf, bf, fact, part,
@@ -456,6 +456,7 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                 out.stride(1), SPLIT_K=split, BLOCK_M=32, BLOCK_N=128,
                 ACT=ACTIVATIONS[activation], HAS_BIAS=bias is not None, num_warps=4,
                 **pdl_launch())
+        return kernel
 
     # (the bias's dtype, not only whether there is one: it decides the cuBLAS candidate)
     key = (m, n, k, h, a.dtype, activation, None if bias is None else bias.dtype,

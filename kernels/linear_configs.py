@@ -70,7 +70,11 @@ PERSISTENT_CROSS_CONFIGS = [
 ]
 # Cross layers at large M with the epilogue walked in column slices (``SUBTILE``, fifteenth
 # session; on the seventeenth's H200 they gave the whole tile's bits, their tuning not yet
-# recorded). Each program of V reads its A rows and W columns through L2:
+# recorded). In serving's tuning since the twenty-first session, when the tuner began to
+# pass over configs that spill (``_common.SafeTuner``): the whole-tile 128x256 and 256x128
+# cross configs spill (Triton 3.6, sm_90: 94-144 local stores a tile), which leaves these
+# as the large tiles' only form that can win. Each program of V reads its A rows and W
+# columns through L2:
 # 64x128 tiles move about 680 MB of operands for dlrmv2 at B=8192, 128x128 about 450 and
 # 128x256 about 340 (bench/floors.py, l2_operand_bytes), where V's own bytes are 170 MB.
 # The larger tiles lost on the H200, and sm_90's compile says why: with the whole tile's
@@ -193,10 +197,11 @@ def candidates(m: int, n: int, k: int, elsize: int, *, final: bool, cross: bool,
     ``plain`` layer's (no final, cross, add or gathered rows) with split-K copies too when
     it has few rows and a long K. With the trial candidates on (``trial_configs``) also a
     cross layer's ``CROSS_CANDIDATES`` (above 1024 rows) or ``SMALL_M_CROSS_TILES`` (up to
-    1024), in both orders, and ``PERSISTENT_CROSS_CONFIGS`` and ``SUBTILE_CROSS_CONFIGS``
-    (above 1024; their epilogue after the loop only), a plain layer's ``SPLIT_K_TILES``,
+    1024), in both orders, and ``PERSISTENT_CROSS_CONFIGS`` (above 1024; the epilogue
+    after the loop only), a plain layer's ``SPLIT_K_TILES``,
     and any non-final layer's ``DEEP_PIPELINE_CONFIGS`` where split-K would be tried
-    (few rows, a long K). ``library`` (a plain layer torch's addmm can take: no bias, or
+    (few rows, a long K). A cross layer above 1024 rows always tunes
+    ``SUBTILE_CROSS_CONFIGS`` too. ``library`` (a plain layer torch's addmm can take: no bias, or
     one of A's dtype) adds ``CUBLAS`` there too when candidates are timed in a graph. A
     plain layer with many rows and a long K also tries each config with its programs in
     ``GROUP_M`` groups of M tiles."""
@@ -207,9 +212,10 @@ def candidates(m: int, n: int, k: int, elsize: int, *, final: bool, cross: bool,
             extra = CROSS_CANDIDATES if m > 1024 else SMALL_M_CROSS_TILES
             configs = configs + [c for c in extra if fits(c, elsize)]
         configs = configs + [{**c, "EPILOGUE_FIRST": True} for c in configs]
+        if m > 1024:  # (the large tiles' form that does not spill: see SUBTILE_CROSS_CONFIGS)
+            configs = configs + [c for c in SUBTILE_CROSS_CONFIGS if fits(c, elsize)]
         if trial and m > 1024:
-            configs = configs + [c for c in PERSISTENT_CROSS_CONFIGS + SUBTILE_CROSS_CONFIGS
-                                 if fits(c, elsize)]
+            configs = configs + [c for c in PERSISTENT_CROSS_CONFIGS if fits(c, elsize)]
     if plain and splits_k(m, k):
         # few rows, long K (at B=512 the 3456-wide layers ran on ~128 programs, each walking
         # all of K): slices of K on more programs, then an ordered sum

@@ -204,6 +204,12 @@ def test_kernel_variants_names_each_candidate_kind_in_its_picks():
     assert kv.tuner_picks(record) == [
         "k: bags 8 lanes 8 unroll 2 w2 small tables last 0.1500 ms; next of another kind "
         "bags 8 lanes 8 unroll 2 w2 0.1700 ms"]
+    # a config whose registers spilled is named so (the tuner ranks it after the rest)
+    big = {**sliced, "SUBTILE": 1}
+    spilling = {"linear_configs": [{"key": "V", "timings_ms": [[0.1, pick], [0.09, big]],
+                                    "spilled": [big]}]}
+    assert kv.tuner_picks(spilling) == [
+        "V: 64x128x64 w4 0.1000 ms; next of another kind 128x256x64 w8 (spills) 0.0900 ms"]
     # the fused gather + dot's picks, a register-capped one among them
     capped = {**plain, "num_warps": 4, "maxnreg": 80}
     fused = {"gather_dot_configs": [{"key": "g", "timings_ms": [[0.2, capped], [0.21, plain]]}]}
