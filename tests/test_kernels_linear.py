@@ -385,6 +385,36 @@ def test_deep_pipelines_give_the_4_stage_bits_on_the_card(index, monkeypatch):
 
 
 @pytest.mark.gpu
+def test_tuning_reads_each_candidate_s_register_spills_on_the_card(monkeypatch):
+    """The tuner passes over configs that spill by reading ``n_spills`` off what a launch
+    returns: on the card each timed candidate's launch must return Triton's compiled
+    kernel with it (or the rule would be silently off), and a large-tile cross layer's
+    whole 256x128 tile is among those that spill (Triton 3.6, sm_90), so it is not the pick."""
+    from recserve.kernels import _common
+    from recserve.kernels import linear as li
+
+    monkeypatch.setenv("RECSERVE_AUTOTUNE", "1")
+    monkeypatch.delenv(_common.TUNE_BY_ENV, raising=False)
+    monkeypatch.setattr(li, "_tuner", li.SafeTuner("linear", configs.GPU_CONFIGS))
+    whole = {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+    small = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}
+    monkeypatch.setattr(configs, "candidates", lambda *args, **kw: [whole, small])  # 2 compiles
+    seen = []
+    real = _common.spills
+    monkeypatch.setattr(_common, "spills", lambda launched: seen.append(launched)
+                        or real(launched))
+    gen = torch.Generator().manual_seed(7)
+    m, n, k, dev, bf = 2048, 3456, 512, "cuda", torch.bfloat16
+    h, v = _rand(m, k, gen=gen, device=dev, dtype=bf), _rand(n, k, gen=gen, device=dev, dtype=bf)
+    bias = _rand(n, gen=gen, device=dev, dtype=bf)
+    x0, x = (_rand(m, n, gen=gen, device=dev, dtype=bf) for _ in range(2))
+    linear(h, v, bias, cross=(x0, x))
+    assert len(seen) == 2 and all(isinstance(s.n_spills, int) for s in seen)
+    key = next(iter(li._tuner.best))
+    assert li._tuner.spilled[key] == [whole] and li._tuner.best[key] == small
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("index", range(len(configs.SUBTILE_CROSS_CONFIGS)))
 def test_sliced_cross_configs_give_the_whole_tile_s_bits_on_the_card(index, monkeypatch):
     """Each sliced cross candidate against the same tile with its whole epilogue at once."""
