@@ -278,10 +278,10 @@ class SafeTuner:
             warnings.warn(f"{self.name}: pruned {len(errors)} of {len(configs)} config(s) for "
                           f"key {_brief(key)}: " + "; ".join(errors) + why, stacklevel=2)
         # A config whose registers spill to local memory is picked only when every one
-        # does: timed alone its spills may stay in L1, in the forward they did not (the
-        # H200 under ncu: DCNv2's V on a spilling 256x128 tile, 143-157 us, against 104.5
-        # on 64x128; the first bottom layer 18.5 us); an eager timing of a small layer is
-        # mostly the launch, which cannot tell them apart.
+        # does: a tuning run times a layer alone, where spills may cost less than in the
+        # forward, and an eager timing of a small layer is mostly its launch. (The H200's
+        # ncu run found serving's tuning had put DCNv2's V on a 256x128 tile that spills,
+        # and the first bottom layer on one too: bench/notes-kernels.md.)
         timings.sort(key=lambda t: (any(t[1] is c for c in spilled), t[0]))
         self.timings[key] = timings
         self.spilled[key] = spilled
