@@ -371,6 +371,30 @@ def _bits_of(launch: Launch, config: dict,
     return [t.contiguous().view(torch.uint8).clone() for t, _ in written], launched
 
 
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+"""The dtypes the GEMM and interaction kernels take."""
+
+
+def weight_dtypes(input_dtype: torch.dtype) -> Sequence[torch.dtype]:
+    """The weight dtypes a GEMM kernel (``linear``, ``mlp``) takes with inputs of
+    ``input_dtype``: the same, or any float one for fp32 inputs, each rounded to the
+    weights' dtype as it loads (the same products as rounding first: the engine stages
+    dense inputs in fp32 and the first bottom layer takes them so)."""
+    return FLOAT_DTYPES if input_dtype == torch.float32 else (input_dtype,)
+
+
+def output(out: torch.Tensor | None, rows: int, cols: int, dtype: torch.dtype,
+           device: torch.device) -> torch.Tensor:
+    """A launcher's output: ``out`` checked to be [rows, cols] of ``dtype`` on ``device``
+    (any strides), or a new one."""
+    if out is None:
+        return torch.empty(rows, cols, device=device, dtype=dtype)
+    check_tensor("out", out, dtypes=[dtype], ndim=2, device=device)
+    if list(out.shape) != [rows, cols]:
+        raise ValueError(f"out has shape {list(out.shape)}; expected [{rows}, {cols}]")
+    return out
+
+
 def check_tensor(what: str, t: torch.Tensor, *, dtypes: Sequence[torch.dtype] | None = None,
                  ndim: int | None = None, device: torch.device | None = None) -> None:
     """Raise ValueError naming ``what`` when ``t`` has the wrong dtype, rank or device."""

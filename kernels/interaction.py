@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import torch
 
-from ._common import SafeTuner, check_tensor, ieee_dot, next_pow2, pdl_launch
+from ._common import FLOAT_DTYPES, SafeTuner, check_tensor, ieee_dot, next_pow2, pdl_launch
 from .linear import linear
 
 import triton  # isort: skip  (after _common, which may switch on the interpreter)
 import triton.language as tl  # isort: skip
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Tuning candidates. The first is the proven one (the H200 ran it at 48.8 us for dlrm-dot at
 # B=8192, about 3x the time its 65 MB take to move): ROWS rows one after another, each
 # load waiting on the previous row's store. BATCHED loads all ROWS rows' [T, D] tiles at

@@ -23,14 +23,22 @@ from __future__ import annotations
 import torch
 
 from . import linear_configs as lc
-from ._common import SafeTuner, check_tensor, ieee_dot, pdl_launch, processors
+from ._common import (
+    FLOAT_DTYPES,
+    SafeTuner,
+    check_tensor,
+    ieee_dot,
+    output,
+    pdl_launch,
+    processors,
+    weight_dtypes,
+)
 from .stagger import STAGGER_SLOTS, stagger_flags, stagger_wait
 
 import triton  # isort: skip  (after _common, which may switch on the interpreter)
 import triton.language as tl  # isort: skip
 
 ACTIVATIONS = {"none": 0, "relu": 1, "sigmoid": 2}
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_FINAL_N = 256
 MAX_FINAL_H = 8
 _tuner = SafeTuner("linear", lc.GPU_CONFIGS)
@@ -344,10 +352,7 @@ def _check(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            a_rows: torch.Tensor | None, add: torch.Tensor | None, add_rows: torch.Tensor | None,
            cross: tuple[torch.Tensor, torch.Tensor] | None, m: int) -> None:
     check_tensor("a", a, dtypes=FLOAT_DTYPES, ndim=2)
-    # W's dtype, or fp32 rounded to it as it loads (the same products as rounding A first:
-    # the engine's dense inputs arrive fp32, and the first bottom layer takes them so)
-    check_tensor("weight", weight, dtypes=FLOAT_DTYPES if a.dtype == torch.float32
-                 else [a.dtype], ndim=2, device=a.device)
+    check_tensor("weight", weight, dtypes=weight_dtypes(a.dtype), ndim=2, device=a.device)
     n, k = weight.shape
     if a.shape[1] != k:
         raise ValueError(f"a has shape {list(a.shape)} but weight has {list(weight.shape)}: "
@@ -408,11 +413,7 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         width, out_dtype = h, torch.float32
     else:
         width, out_dtype = n, weight.dtype
-    if out is None:
-        out = torch.empty(m, width, device=a.device, dtype=out_dtype)
-    check_tensor("out", out, dtypes=[out_dtype], ndim=2, device=a.device)
-    if list(out.shape) != [m, width]:
-        raise ValueError(f"out has shape {list(out.shape)}; expected [{m}, {width}]")
+    out = output(out, m, width, out_dtype, a.device)
     if m == 0:
         return out
     dummy = weight

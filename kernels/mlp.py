@@ -27,7 +27,15 @@ from collections.abc import Sequence
 
 import torch
 
-from ._common import SafeTuner, check_tensor, ieee_dot, next_pow2
+from ._common import (
+    FLOAT_DTYPES,
+    SafeTuner,
+    check_tensor,
+    ieee_dot,
+    next_pow2,
+    output,
+    weight_dtypes,
+)
 
 import triton  # isort: skip  (after _common, which may switch on the interpreter)
 import triton.language as tl  # isort: skip
@@ -140,14 +148,13 @@ def fused_mlp(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor
     [M, N_last] (allocated in the weights' dtype when not given; any strides, e.g. a column
     slice of a wider buffer). x is in the weights' dtype, or fp32, rounded to it as it
     loads (as ``linear`` does)."""
-    check_tensor("x", x, dtypes=[torch.float32, torch.float16, torch.bfloat16], ndim=2)
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
     why = fits(layers)
     if why is not None:
         raise ValueError(why)
     dtype = layers[0][0].dtype
-    check_tensor("layer 0 weight", layers[0][0],
-                 dtypes=[torch.float32, torch.float16, torch.bfloat16]
-                 if x.dtype == torch.float32 else [x.dtype], ndim=2, device=x.device)
+    check_tensor("layer 0 weight", layers[0][0], dtypes=weight_dtypes(x.dtype), ndim=2,
+                 device=x.device)
     for i, (w, b) in enumerate(layers):
         check_tensor(f"layer {i} weight", w, dtypes=[dtype], ndim=2, device=x.device)
         check_tensor(f"layer {i} bias", b, ndim=1, device=x.device)
@@ -157,11 +164,7 @@ def fused_mlp(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor
         raise ValueError(f"x has {x.shape[1]} columns; the first layer takes "
                          f"{layers[0][0].shape[1]}")
     m, width = x.shape[0], layers[-1][0].shape[0]
-    if out is None:
-        out = torch.empty(m, width, device=x.device, dtype=dtype)
-    check_tensor("out", out, dtypes=[dtype], ndim=2, device=x.device)
-    if list(out.shape) != [m, width]:
-        raise ValueError(f"out has shape {list(out.shape)}; expected [{m}, {width}]")
+    out = output(out, m, width, dtype, x.device)
     if m == 0:
         return out
     (w1, b1), (w2, b2) = layers[:2]
