@@ -196,8 +196,7 @@ def _linear_jobs(quick: bool):
     from . import linear as li
     from . import linear_configs as lc
 
-    variants = [dict(ACT=1, HAS_BIAS=True, A_ROWS=False, ADD_ROWS=False, CROSS=False,
-                     FINAL=False),
+    variants = [_PLAIN,
                 dict(ACT=0, HAS_BIAS=True, A_ROWS=True, ADD_ROWS=True, CROSS=True, FINAL=False),
                 dict(ACT=1, HAS_BIAS=True, A_ROWS=False, ADD_ROWS=True, CROSS=False,
                      FINAL=True)]
@@ -229,17 +228,28 @@ def _linear_jobs(quick: bool):
                                     if t == {**c, "SPLIT_K": t["SPLIT_K"]})
                 for even_k, first, split in itertools.product(
                         (True,) if quick else (True, False), orders, splits):
-                    const = {"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"],
-                             "BLOCK_K": c["BLOCK_K"], "IEEE": dtype == "fp32",
-                             "stride_ak": 1, "stride_wk": 1, "stride_on": 1,
-                             "EVEN_K": even_k, "EPILOGUE_FIRST": first, "SPLIT_K": split,
-                             "PERSISTENT": "PER_SM" in c, "FLATTEN": c.get("FLATTEN", True),
-                             "STAGGER": c.get("STAGGER", False),
-                             "SUBTILE": c.get("SUBTILE", 1), **flags}
+                    const = _linear_constants(c, flags, dtype == "fp32", even_k, first, split)
                     div16 = ("N", "stride_am", "stride_wn", "stride_om", "stride_addm",
                              "stride_x0m", "stride_xm") + (("K",) if even_k else ())
                     yield li._linear_kernel, sig, const, {"num_warps": c["num_warps"],
                                                           "num_stages": c["num_stages"]}, div16
+
+
+_PLAIN = dict(ACT=1, HAS_BIAS=True, A_ROWS=False, ADD_ROWS=False, CROSS=False, FINAL=False)
+"""``linear``'s flags for a plain layer: bias and ReLU."""
+
+
+def _linear_constants(config: dict, flags: dict, ieee: bool, even_k: bool,
+                      first: bool = False, split: int = 1) -> dict:
+    """``linear``'s constexprs for one candidate ``config`` with the epilogue ``flags``, as
+    the launcher passes them (unit strides constant)."""
+    group = {"GROUP_M": config["GROUP_M"]} if "GROUP_M" in config else {}
+    return {"BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"],
+            "BLOCK_K": config["BLOCK_K"], "IEEE": ieee, "stride_ak": 1, "stride_wk": 1,
+            "stride_on": 1, "EVEN_K": even_k, "EPILOGUE_FIRST": first, "SPLIT_K": split,
+            "PERSISTENT": "PER_SM" in config, "FLATTEN": config.get("FLATTEN", True),
+            "STAGGER": config.get("STAGGER", False), "SUBTILE": config.get("SUBTILE", 1),
+            **group, **flags}
 
 
 def _linear_signature(dtype: str, final: bool, a_dtype: str | None = None) -> dict:
@@ -262,12 +272,8 @@ def _fp32_input_jobs(quick: bool):
     from . import linear as li
     from . import linear_configs as lc
 
-    flags = dict(ACT=1, HAS_BIAS=True, A_ROWS=False, ADD_ROWS=False, CROSS=False, FINAL=False)
     for c in lc.base_configs(None, None, 4):
-        const = {"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"], "BLOCK_K": c["BLOCK_K"],
-                 "IEEE": False, "stride_ak": 1, "stride_wk": 1, "stride_on": 1,
-                 "EVEN_K": False, "EPILOGUE_FIRST": False, "SPLIT_K": 1, "PERSISTENT": False,
-                 "FLATTEN": True, "STAGGER": False, "SUBTILE": 1, **flags}
+        const = _linear_constants(c, _PLAIN, False, False)
         yield (li._linear_kernel, _linear_signature("bf16", False, "fp32"), const,
                {"num_warps": c["num_warps"], "num_stages": c["num_stages"]},
                ("N", "stride_wn", "stride_om"))
@@ -281,13 +287,8 @@ def _grouped_jobs(quick: bool):
     from . import linear as li
     from . import linear_configs as lc
 
-    flags = dict(ACT=1, HAS_BIAS=True, A_ROWS=False, ADD_ROWS=False, CROSS=False, FINAL=False)
     for c in lc.base_configs(None, 8192, 2):
-        const = {"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"], "BLOCK_K": c["BLOCK_K"],
-                 "IEEE": False, "stride_ak": 1, "stride_wk": 1, "stride_on": 1,
-                 "EVEN_K": True, "EPILOGUE_FIRST": False, "SPLIT_K": 1, "PERSISTENT": False,
-                 "FLATTEN": True, "STAGGER": False, "SUBTILE": 1, "GROUP_M": lc.GROUP_M,
-                 **flags}
+        const = _linear_constants({**c, "GROUP_M": lc.GROUP_M}, _PLAIN, False, True)
         yield (li._linear_kernel, _linear_signature("bf16", False), const,
                {"num_warps": c["num_warps"], "num_stages": c["num_stages"]},
                ("N", "K", "stride_am", "stride_wn", "stride_om"))
