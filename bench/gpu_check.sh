@@ -20,7 +20,8 @@
 #   bench.log      every benchmark's printed output, in order
 #   kernels.json, kernel_variants.json, engine_gpu.json, engine-cuda-<time>.json, load.json
 #
-# Steps (STEPS="install NAME ..." runs only those; default: all but startup and ncu):
+# Steps (STEPS="install NAME ..." runs only those; default: all but startup, ncu and
+# save-cache):
 #   install           pip install -e . (or a PYTHONPATH shim when pip cannot)
 #   pytest-gpu        pytest -m gpu, no autotuning (PYTEST_PATHS, PYTEST_WORKERS 4 with xdist)
 #   kernels-bench     bench/kernels.py: recserve against eager, eager + graph, torch.compile
@@ -67,6 +68,16 @@
 #   ncu               bench/ncu_forward.py: each kernel of a tuned forward under Nsight Compute
 #                     (NCU_BATCHES "8192 512", NCU_TIMEOUT_S 240 a size; needs the hardware
 #                     counters: Firecracker machines have them, gVisor ones do not)
+#   save-cache        bench/triton_cache.py pack: every kernel this call compiled (cubins and
+#                     launchers) into OUTDIR/triton-cache.tar.xz, at most 15 MiB (about 2 MiB
+#                     for compile_check's 186 kernels). Copy it into .gpu-cache/ here and name
+#                     .gpu-cache in the next call's carry: that call starts with the kernels
+#                     compiled (a bare machine compiles them all again: pytest-gpu over 180 s
+#                     cold, 38 s warm on the seventeenth session's H200).
+#
+# Before any step, a packed cache is restored into TRITON_CACHE_DIR (default ~/.triton/cache)
+# from TRITON_CACHE_IN (default .gpu-cache/triton-cache.tar.xz, when there); the summary says
+# how many kernels. Kernels of another Triton, Python or source are never looked up.
 #
 # Other knobs: PYTHON (default python); RECSERVE_COMMIT (default git HEAD: the device's copy
 # of the tree has no .git, so pass it in); each step's limit in seconds: PYTEST_TIMEOUT_S
@@ -102,6 +113,14 @@ step() {  # step NAME CMD...: run, log exit code and wall seconds, never abort t
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
     "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" 2>&1
 } > "$SUMMARY"
+
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
+CACHE_IN=${TRITON_CACHE_IN:-.gpu-cache/triton-cache.tar.xz}
+if [ -f "$CACHE_IN" ]; then
+    "$PY" bench/triton_cache.py unpack "$CACHE_IN" "$TRITON_CACHE_DIR" >> "$SUMMARY" 2>&1
+elif [ -n "${TRITON_CACHE_IN:-}" ]; then
+    echo "TRITON_CACHE_IN=$TRITON_CACHE_IN: no such file; every kernel compiles" >> "$SUMMARY"
+fi
 
 install() {
     "$PY" -m pip install --no-deps --no-build-isolation -e . > "$OUT/pip.tmp" 2>&1
@@ -254,6 +273,13 @@ print(','.join(n.STALL_METRIC.format(r) for r in n.STALL_REASONS))")
         return $rc
     }
     step ncu ncu_all
+fi
+
+# Only when STEPS names it (e.g. STEPS="install pytest-gpu kernel-variants save-cache"): the
+# kernels this call compiled, for the next call to carry (see the header).
+if [[ " ${STEPS:-} " == *" save-cache "* ]]; then
+    step save-cache bash -c "set -o pipefail; '$PY' bench/triton_cache.py pack '$TRITON_CACHE_DIR' \
+        '$OUT/triton-cache.tar.xz' --limit-mib 15 2>&1 | tee -a '$SUMMARY'"
 fi
 
 echo "gpu_check done in $(( $(date +%s) - START )) s" | tee -a "$SUMMARY"
