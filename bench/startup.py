@@ -10,7 +10,11 @@ a fresh process, with ``recserve serve``'s cuda engine settings:
 1. cold: an empty Triton compile cache and an empty tuning cache (a new pod);
 2. tuned: an empty compile cache, the tuning cache run 1 wrote (only the picked configs
    compile: a pod on a new node with the picks on a shared volume);
-3. warm: both caches from run 1 (a restarted container: deploy/README.md's ``emptyDir``).
+3. warm: both caches from run 1 (a restarted container: deploy/README.md's ``emptyDir``);
+4. cold, one by one: as run 1, with each kernel's candidates compiled one by one as they
+   are timed (``RECSERVE_COMPILE_THREADS=1``), what a load cost before the tuner compiled
+   them on several threads at once (``kernels/precompile.py``). Last, so that a step's
+   time limit cuts this comparison before the three above.
 
 Prints a table and writes OUTDIR/startup.json (the card, versions, commit, seconds).
 """
@@ -27,6 +31,8 @@ import time
 from pathlib import Path
 
 import provenance  # bench/ is on sys.path: this file runs as a script
+
+THREADS_ENV = "RECSERVE_COMPILE_THREADS"  # (kernels/precompile.py; read without torch)
 
 # One load in a fresh process: the seconds build_model took, as JSON on the last line.
 CHILD = """
@@ -50,13 +56,17 @@ executor.close()
 """
 
 def load_once(model: str, max_rows: int, triton_cache: Path, tuning_file: Path,
-              timeout_s: float) -> dict:
-    """One model load in a fresh process with these caches: its build seconds and wall."""
+              timeout_s: float, threads: str | None = None) -> dict:
+    """One model load in a fresh process with these caches (and ``threads`` compile
+    threads, else the default): its build seconds and wall."""
     code = CHILD.format(bench=str(Path(__file__).resolve().parent), model=model,
                         max_rows=max_rows)
     env = {**os.environ, "TRITON_CACHE_DIR": str(triton_cache),
            "RECSERVE_TUNING_CACHE": str(tuning_file)}
     env.pop("RECSERVE_AUTOTUNE", None)  # (the serving default: tune)
+    env.pop(THREADS_ENV, None)
+    if threads is not None:
+        env[THREADS_ENV] = threads
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=timeout_s)
@@ -87,10 +97,12 @@ def main() -> None:
                "commit": provenance.commit(), "model": args.model, "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         compiled, picks = Path(tmp, "triton"), Path(tmp, "tuning.json")  # run 1 fills them
-        for name, compile_dir in (("cold", compiled), ("tuned", Path(tmp, "triton-empty")),
-                                  ("warm", compiled)):
-            run = {"run": name, **load_once(args.model, args.max_rows, compile_dir, picks,
-                                            args.timeout_s)}
+        runs = (("cold", compiled, picks, None), ("tuned", Path(tmp, "triton-empty"), picks, None),
+                ("warm", compiled, picks, None),
+                ("cold-1", Path(tmp, "triton-1"), Path(tmp, "tuning-1.json"), "1"))
+        for name, compile_dir, tuning_file, threads in runs:
+            run = {"run": name, **load_once(args.model, args.max_rows, compile_dir, tuning_file,
+                                            args.timeout_s, threads)}
             results["runs"].append(run)
             print(f"{args.model:7s} {name:6s} build {run['build_s']:7.1f} s "
                   f"(process {run['process_s']:.1f} s)", flush=True)

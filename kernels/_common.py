@@ -16,6 +16,8 @@ bits (the gather: same sums, same order) passes ``outputs``: every config's resu
 then compared bit for bit with the first one's before it is timed, and a config that
 differs (a miscompile that still runs) is dropped like one that fails to compile.
 With ``RECSERVE_TUNING_CACHE`` set, picks persist across processes (``tuning_cache``).
+Before timing a key's candidates, the tuner compiles them all at once on several threads
+(``precompile``, ``RECSERVE_COMPILE_THREADS``).
 ``RECSERVE_TUNE_BY=graph`` times candidates as the engine runs them, replayed in a CUDA
 graph, and ``auto`` in a graph only where an eager launch is too short to time
 (``tune_by``); the default times eager launches.
@@ -260,6 +262,9 @@ class SafeTuner:
             else:
                 self.best[key] = cached
                 return cached
+        from .precompile import compile_all  # (here: precompile imports this module)
+
+        compile_all(configs, launch)  # every candidate compiled at once, then timed one by one
         if method == "auto":
             method = _auto_method(configs[0], launch)
         timings, errors, spilled = self._time_each(configs, launch, outputs, method)

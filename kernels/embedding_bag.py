@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from ._common import SafeTuner, check_tensor, l2_bytes, next_pow2, pdl_launch, trial_configs
 from .gather_dot import GROUP, ThenDot
 from .pooling import _pool_program
+from .precompile import launcher
 from .tables import (
     INDEX_DTYPES,
     BagFeature,
@@ -263,8 +264,8 @@ def embedding_bag(packed: PackedTables, features: Sequence[BagFeature], indices:
                       L2_KEEP=cfg.get("L2_KEEP", False), num_warps=cfg["num_warps"],
                       **pdl_launch())
         if then_dot is None:
-            return _embedding_bag_kernel[(programs,)](*args, out.stride(0),
-                                                      MULTI_TILE=multi_tile(cfg), **params)
+            return launcher(_embedding_bag_kernel, (programs,))(*args, out.stride(0),
+                                                            MULTI_TILE=multi_tile(cfg), **params)
         return then_dot.launch(programs, args, out, len(features), params, cfg)
 
     key = (packed.dtype, block_d, weighted, features, num_rows, num_requests, out.dtype,

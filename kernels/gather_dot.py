@@ -56,6 +56,7 @@ import torch
 from ._common import ieee_dot, next_pow2
 from .interaction import _dot_row, _dot_rows_chunked, check_dot_args, check_row_fits
 from .pooling import _pool_program
+from .precompile import launcher
 from .tables import FEATURE_SLOTS, BagFeature, PackedTables
 
 import triton  # isort: skip  (after _common, which may switch on the interpreter)
@@ -204,7 +205,7 @@ class ThenDot:
         meta-parameters (``params``) for ``config``."""
         cap = {"maxnreg": config["maxnreg"]} if "maxnreg" in config else {}
         params = {**params, "GRAM_ROWS": config.get("GRAM_ROWS", 1)}
-        _gather_dot_kernel[(programs,)](
+        launcher(_gather_dot_kernel, (programs,))(
             *gather_args, self.z, self.dest, self.counts,
             e.stride(0), e.shape[0], num_features, self.num_vectors, self.dim,
             self.x_dest if self.x_dest is not None else 0, self.z.stride(0),

@@ -19,6 +19,7 @@ import torch
 
 from ._common import FLOAT_DTYPES, SafeTuner, check_tensor, ieee_dot, next_pow2, pdl_launch
 from .linear import linear
+from .precompile import launcher
 
 import triton  # isort: skip  (after _common, which may switch on the interpreter)
 import triton.language as tl  # isort: skip
@@ -281,7 +282,7 @@ def dot_interaction(v: torch.Tensor, num_vectors: int, dim: int, dest: torch.Ten
         return out
 
     def launch(cfg: dict) -> object:  # (the compiled kernel: the tuner reads its spills)
-        return _dot_interaction_kernel[(triton.cdiv(v.shape[0], cfg["ROWS"]),)](
+        return launcher(_dot_interaction_kernel, (triton.cdiv(v.shape[0], cfg["ROWS"]),))(
             v, out, dest, v.shape[0], num_vectors, dim, x_dest if x_dest is not None else 0,
             v.stride(0), out.stride(0),
             ROWS=cfg["ROWS"], BLOCK_T=block_t, BLOCK_D=block_d, HAS_X=x_dest is not None,

@@ -33,6 +33,7 @@ from ._common import (
     processors,
     weight_dtypes,
 )
+from .precompile import compiling, launcher
 from .stagger import STAGGER_SLOTS, stagger_flags, stagger_wait
 
 import triton  # isort: skip  (after _common, which may switch on the interpreter)
@@ -422,7 +423,8 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     def launch(cfg: dict) -> object:  # (the compiled kernel: the tuner reads its spills)
         if cfg.get("CUBLAS"):
-            _cublas(a, weight, bias, activation, out)
+            if not compiling():  # (nothing to compile: the library's kernels are built)
+                _cublas(a, weight, bias, activation, out)
             return None
         split = cfg.get("SPLIT_K", 1)
         part = dummy
@@ -433,7 +435,7 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if persistent:  # as many programs as fit the card at once (fewer if fewer tiles)
             grid = (min(grid[0] * grid[1], cfg["PER_SM"] * processors(a.device)), 1, 1)
         stagger = persistent and cfg.get("STAGGER", False)
-        kernel = _linear_kernel[grid](
+        kernel = launcher(_linear_kernel, grid)(
             a, weight, bias if bias is not None else dummy, out,
             a_rows if a_rows is not None else dummy, add if add is not None else dummy,
             add_rows if add_rows is not None else dummy, x0, x, wf, bf, fact, part,
@@ -452,7 +454,7 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"], **pdl_launch())
         if split > 1:
-            _split_k_reduce[(triton.cdiv(m, 32), triton.cdiv(n, 128))](
+            launcher(_split_k_reduce, (triton.cdiv(m, 32), triton.cdiv(n, 128)))(
                 part, bias if bias is not None else dummy, out, m, n, out.stride(0),
                 out.stride(1), SPLIT_K=split, BLOCK_M=32, BLOCK_N=128,
                 ACT=ACTIVATIONS[activation], HAS_BIAS=bias is not None, num_warps=4,

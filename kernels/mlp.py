@@ -36,6 +36,7 @@ from ._common import (
     output,
     weight_dtypes,
 )
+from .precompile import launcher
 
 import triton  # isort: skip  (after _common, which may switch on the interpreter)
 import triton.language as tl  # isort: skip
@@ -171,7 +172,7 @@ def fused_mlp(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor
     w3, b3 = layers[2] if len(layers) == 3 else (w2, b2)  # (unused with two layers)
 
     def launch(cfg: dict) -> object:  # (the compiled kernel: the tuner reads its spills)
-        return _mlp_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
+        return launcher(_mlp_kernel, (triton.cdiv(m, cfg["BLOCK_M"]),))(
             x, w1, b1, w2, b2, w3, b3, out,
             m, x.shape[1], w1.shape[0], w2.shape[0], w3.shape[0],
             x.stride(0), x.stride(1), out.stride(0), out.stride(1),

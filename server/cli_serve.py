@@ -35,6 +35,8 @@ RECSERVE_PDL=1 launches each kernel while the one before it finishes (no gain on
 or an H200);
 RECSERVE_TRIAL_CONFIGS=1 also tunes the trial kernel configs (slower start);
 RECSERVE_AUTOTUNE=0 takes each kernel's first config untimed (fast start, slower kernels);
+RECSERVE_COMPILE_THREADS=N compiles a kernel's tuning candidates on N threads at once
+before timing them (default: half the cores, at most 8; 1 compiles them one by one);
 RECSERVE_TUNE_BY=graph times the candidates in a CUDA graph instead of eager launches, and
 RECSERVE_TUNE_BY=auto only where a launch is too short to time eagerly (small buckets;
 graph tuning ran the dlrmv2 forward up to 5% faster at B=512 on an H200, and up to 4%

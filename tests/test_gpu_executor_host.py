@@ -314,6 +314,30 @@ def test_startup_bench_explains_itself_and_needs_a_gpu(tmp_path):
     assert not (tmp_path / "startup.json").exists()
 
 
+def test_startup_bench_compiles_one_by_one_only_in_its_cold_1_run(tmp_path, monkeypatch):
+    """Each load's child gets its caches, and the compile threads only when asked: the
+    cold-1 run's 1, never a value left in the caller's environment."""
+    import json
+    import subprocess
+
+    import startup
+
+    seen = []
+
+    def run(argv, env, **kwargs):
+        seen.append(env)
+        return subprocess.CompletedProcess(argv, 0, json.dumps({"build_s": 1.5}) + "\n", "")
+
+    monkeypatch.setattr(startup.subprocess, "run", run)
+    monkeypatch.setenv("RECSERVE_COMPILE_THREADS", "5")
+    assert startup.load_once("demo", 10, tmp_path / "t", tmp_path / "p.json", 9)["build_s"] == 1.5
+    startup.load_once("demo", 10, tmp_path / "t1", tmp_path / "p1.json", 9, threads="1")
+    assert "RECSERVE_COMPILE_THREADS" not in seen[0]
+    assert seen[1]["RECSERVE_COMPILE_THREADS"] == "1"
+    assert seen[1]["TRITON_CACHE_DIR"] == str(tmp_path / "t1")
+    assert seen[1]["RECSERVE_TUNING_CACHE"] == str(tmp_path / "p1.json")
+
+
 def test_kernel_variants_configs_checks_every_gather_config_and_the_tuners_picks(tmp_path):
     """The configs section (the card's test for the tenth session's wrong int8 gather):
     each candidate config, bf16 and int8, against the reference, then the tuner's pick by

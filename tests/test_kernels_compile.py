@@ -6,17 +6,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-
-def _ptxas_available() -> bool:
-    import triton
-
-    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    return bundled.exists() or bool(os.environ.get("TRITON_PTXAS_PATH"))
+from kernel_params import ptxas_available
 
 
 @pytest.mark.parametrize("where", [
@@ -28,7 +21,7 @@ def _ptxas_available() -> bool:
 # session: every config of the eleventh session's candidates, beside 3 other test workers).
 @pytest.mark.timeout(400)
 def test_every_kernel_config_compiles(where):
-    if not _ptxas_available():
+    if not ptxas_available():
         pytest.skip("this Triton install has no ptxas to compile with")
     arch = 90
     if where == "card":
@@ -47,7 +40,7 @@ def test_sliced_epilogue_keeps_the_large_cross_tile_off_local_memory():
     """128x256 cross tiles with the whole tile's x0 and x live spill on sm_90 (why they
     never won DCNv2's V); the epilogue in 4 column slices (``SUBTILE``) does not. Counted
     in the SASS of the very jobs ``compile_check --spills`` reports (its cross variant)."""
-    if not _ptxas_available():
+    if not ptxas_available():
         pytest.skip("this Triton install has no ptxas to compile with")
     code = """
 import os

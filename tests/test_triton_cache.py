@@ -14,6 +14,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from kernel_params import ptxas_available
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -95,10 +96,7 @@ def test_triton_finds_a_restored_kernel_in_the_new_place_without_compiling(tmp_p
     """The real thing: a kernel compiled for sm_90 into one cache dir, packed, restored
     into another, compiled again there: Triton's lookup hits (no IR stage is written
     again) and loads the same cubin."""
-    import triton
-
-    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not (bundled.exists() or os.environ.get("TRITON_PTXAS_PATH")):
+    if not ptxas_available():
         pytest.skip("this Triton install has no ptxas to compile with")
     code = """
 import os, sys
