@@ -137,3 +137,39 @@ def test_the_tuners_timing_pass_finds_every_candidate_compiled_by_the_threads(th
     else:
         assert all(n.startswith("recserve-compile") for n in names.split()), names
         assert lines["at_once"] == "2"  # (a launch that waits for its compile gives 1)
+
+
+@pytest.mark.gpu
+def test_on_the_card_tuning_compiles_on_the_threads_and_runs_every_candidate(monkeypatch):
+    """The card's own Triton and driver: a layer shape no other test tunes compiles its
+    candidates on the compile threads only, each is then launched and timed, and the
+    pick computes the layer."""
+    import threading
+
+    import torch
+
+    from recserve.kernels import linear as li
+
+    monkeypatch.setenv("RECSERVE_AUTOTUNE", "1")
+    monkeypatch.setenv("RECSERVE_TUNE_BY", "eager")
+    monkeypatch.setenv(THREADS_ENV, "4")
+    kernel = li._linear_kernel
+    # (binds its compile, wrapped below; and forgets what it compiled before, so that each
+    # candidate compiles here: from Triton's disk cache if an earlier test compiled it)
+    kernel.device_caches[torch.cuda.current_device()][0].clear()
+    real, threads = kernel.compile, []
+
+    def compile(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "compile", compile)
+    a = torch.randn(72, 200, device="cuda").to(torch.bfloat16)  # (K = 200: an odd K)
+    w = torch.randn(96, 200, device="cuda").to(torch.bfloat16)
+    bias = torch.randn(96, device="cuda").to(torch.bfloat16)
+    out = li.linear(a, w, bias, activation="relu")
+    key = next(k for k in li._tuner.timings if k[:3] == (72, 96, 200))
+    assert len(li._tuner.timings[key]) >= 2
+    assert threads and all(n.startswith("recserve-compile") for n in threads), threads
+    expected = torch.relu(a.float() @ w.float().T + bias.float())
+    torch.testing.assert_close(out.float(), expected, atol=0.1, rtol=0.02)
