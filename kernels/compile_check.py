@@ -357,8 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spills", action="store_true",
                     help="also count each kernel's local stores in its SASS (registers "
                     "spilled; nvdisasm, about 0.4 s a kernel)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                    help="kernels compiled at once (default: the host's cores; Triton's "
+    ap.add_argument("--threads", type=int, default=None,
+                    help="kernels compiled at once (default: the usable cores; Triton's "
                     "compile leaves the GIL: with Triton 3.6, --quick's 186 kernels took "
                     "116.6 s one by one and 64.1 s on 4 threads of a 2-core host, the "
                     "same cubins)")
@@ -366,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("set TRITON_INTERPRET=0: the interpreter does not compile", file=sys.stderr)
         return 1
+    from .precompile import usable_cores  # (after the check: it imports the kernels)
+
+    threads = args.threads if args.threads is not None else usable_cores()
     jobs = [job for make in (_embedding_jobs, _gather_dot_jobs, _linear_jobs, _split_k_jobs,
                              _dot_jobs, _mlp_jobs, _fp32_input_jobs, _grouped_jobs, _pdl_jobs)
             for job in make(args.quick)]
@@ -377,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                 time.time() - t0)
 
     failures = 0
-    with ThreadPoolExecutor(max(1, args.threads)) as pool:  # (results in the jobs' order)
+    with ThreadPoolExecutor(max(1, threads)) as pool:  # (results in the jobs' order)
         for (fn, _, const, options, _), (error, produced, seconds) in zip(
                 jobs, pool.map(timed, jobs), strict=True):
             failures += error is not None

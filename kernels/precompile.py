@@ -31,9 +31,17 @@ THREADS_ENV = "RECSERVE_COMPILE_THREADS"
 _compile_only: ContextVar[bool] = ContextVar("recserve_compile_only", default=False)
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity: a container's cpuset, not the
+    node's count where the platform says so)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 def compile_threads() -> int:
     """Threads that compile a key's candidates: ``RECSERVE_COMPILE_THREADS``, else half the
-    host's cores up to 8 (a server tunes while it may be serving other models)."""
+    usable cores up to 8 (a server tunes while it may be serving other models)."""
     given = os.environ.get(THREADS_ENV, "").strip()
     if given:
         try:
@@ -44,7 +52,7 @@ def compile_threads() -> int:
         if threads < 1:
             raise ValueError(f"{THREADS_ENV}={threads}: expected 1 or more")
         return threads
-    return max(1, min(8, (os.cpu_count() or 1) // 2))
+    return max(1, min(8, usable_cores() // 2))
 
 
 def compiling() -> bool:

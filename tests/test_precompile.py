@@ -18,7 +18,10 @@ def test_the_thread_count_comes_from_the_environment_or_the_cores(monkeypatch):
     monkeypatch.setenv(THREADS_ENV, "3")
     assert compile_threads() == 3
     monkeypatch.delenv(THREADS_ENV)
-    assert 1 <= compile_threads() <= 8
+    for cores, threads in ((1, 1), (4, 2), (16, 8), (64, 8)):  # half the cores, up to 8
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)),
+                            raising=False)
+        assert compile_threads() == threads
     for bad, says in (("many", "expected a whole number"), ("0", "expected 1 or more")):
         monkeypatch.setenv(THREADS_ENV, bad)
         with pytest.raises(ValueError, match=says):
