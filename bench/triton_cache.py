@@ -105,14 +105,11 @@ def unpack(archive: Path, cache_dir: Path) -> tuple[int, int, int]:
     before anything is written, and a group is written last, so a group never names a
     missing file."""
     with tarfile.open(fileobj=io.BytesIO(lzma.decompress(archive.read_bytes()))) as tar:
-        members = tar.getmembers()
-        for m in members:
-            _member_path(m.name)
+        by_key: dict[str, dict[str, bytes]] = {}  # (read whole before any write)
+        for m in tar.getmembers():
+            key, name = _member_path(m.name)
             if not m.isfile():
                 raise CacheArchiveError(f"cache archive member {m.name!r} is not a file")
-        by_key: dict[str, dict[str, bytes]] = {}
-        for m in members:
-            key, name = _member_path(m.name)
             by_key.setdefault(key, {})[name] = tar.extractfile(m).read()
     restored = modules = skipped = 0
     for key, files in by_key.items():
